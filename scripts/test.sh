@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, builds, and runs every test.
+#   scripts/test.sh
+# Needs: the Rust toolchain, and root (or sudo) the first time to apt-get redis-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+# The distro package starts a system redis on 6379; the tests start their own servers.
+
+echo "== format"
+cargo fmt --all --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build (binaries the cross-process tests spawn)"
+cargo build --workspace --bins --locked
+echo "== checks beyond cargo test (scripts/checks/*.sh)"
+for check in scripts/checks/*.sh; do
+  [ -e "$check" ] || continue
+  echo "== $check"
+  bash "$check"
+done
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"

@@ -1,0 +1,228 @@
+//! A throwaway `redis-server` for tests and benchmarks.
+//!
+//! Each [`RedisServer`] runs in its own temporary directory, with persistence off, and is
+//! killed when dropped (through its child handle, never `pkill`). Two shapes:
+//! - [`RedisServer::unix`]: listens only on a unix socket (no port to race for);
+//! - [`RedisServer::tcp`]: listens on a loopback port, which can be stopped and restarted
+//!   on the same port ([`RedisServer::stop`] / [`RedisServer::restart`]) to test outages.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a test reaches the server.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp(u16),
+}
+
+/// A running `redis-server` child process.
+#[derive(Debug)]
+pub struct RedisServer {
+    dir: PathBuf,
+    endpoint: Endpoint,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// The `redis-server` binary: `REDIS_SERVER_BIN`, else the one on `PATH`.
+pub fn redis_server_bin() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// A fresh temporary directory under the system temp dir.
+pub fn temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl RedisServer {
+    /// Starts a server listening only on a unix socket in a temp dir.
+    pub fn unix() -> std::io::Result<Self> {
+        let dir = temp_dir("cb-redis")?;
+        let sock = dir.join("redis.sock");
+        Self::start(dir, Endpoint::Unix(sock), Vec::new())
+    }
+
+    /// Starts a server on a free loopback TCP port.
+    pub fn tcp() -> std::io::Result<Self> {
+        Self::tcp_with_args(Vec::new())
+    }
+
+    /// Starts a server on a free loopback TCP port with extra `redis-server` arguments
+    /// (e.g. `--cluster-enabled yes`).
+    pub fn tcp_with_args(extra_args: Vec<String>) -> std::io::Result<Self> {
+        let dir = temp_dir("cb-redis")?;
+        let port = free_port()?;
+        Self::start(dir, Endpoint::Tcp(port), extra_args)
+    }
+
+    fn start(dir: PathBuf, endpoint: Endpoint, extra_args: Vec<String>) -> std::io::Result<Self> {
+        let mut server = Self {
+            dir,
+            endpoint,
+            extra_args,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let mut cmd = Command::new(redis_server_bin());
+        cmd.current_dir(&self.dir)
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--dir", &self.dir.to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match &self.endpoint {
+            Endpoint::Unix(sock) => {
+                cmd.args(["--port", "0", "--unixsocket", &sock.to_string_lossy()]);
+                cmd.args(["--unixsocketperm", "700"]);
+            }
+            Endpoint::Tcp(port) => {
+                cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+            }
+        }
+        cmd.args(&self.extra_args);
+        let child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot start {} ({e}); install it (apt-get install redis-server) \
+                     or set REDIS_SERVER_BIN",
+                    redis_server_bin()
+                ),
+            )
+        })?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(10))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                return Err(std::io::Error::other(format!(
+                    "redis-server exited early: {status}"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("redis-server did not become ready"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        fn exchange(mut s: impl Read + Write) -> bool {
+            let mut buf = [0u8; 16];
+            s.write_all(b"PING\r\n").is_ok()
+                && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+        }
+        match &self.endpoint {
+            Endpoint::Unix(sock) => std::os::unix::net::UnixStream::connect(sock)
+                .map(exchange)
+                .unwrap_or(false),
+            Endpoint::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port))
+                .map(exchange)
+                .unwrap_or(false),
+        }
+    }
+
+    /// The URL to give `REDIS_URL` (`redis+unix://…` or `redis://127.0.0.1:port`).
+    pub fn url(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(sock) => format!("redis+unix://{}", sock.display()),
+            Endpoint::Tcp(port) => format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The TCP port, for TCP servers.
+    pub fn port(&self) -> Option<u16> {
+        match self.endpoint {
+            Endpoint::Tcp(port) => Some(port),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills the server (an outage). The data is gone; [`restart`](Self::restart) brings
+    /// up an empty server on the same endpoint.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same endpoint.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        if let Endpoint::Unix(sock) = &self.endpoint {
+            let _ = std::fs::remove_file(sock);
+        }
+        self.spawn()
+    }
+
+    /// Whether the child is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_server_answers_ping_and_stops_on_drop() {
+        let server = RedisServer::unix().expect("redis-server starts");
+        assert!(server.url().starts_with("redis+unix://"));
+        assert!(server.ping());
+        let dir = server.dir().to_owned();
+        drop(server);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn tcp_server_restarts_on_same_port() {
+        let mut server = RedisServer::tcp().expect("redis-server starts");
+        let port = server.port().expect("tcp");
+        server.stop();
+        assert!(!server.ping());
+        server.restart().expect("restarts");
+        assert_eq!(server.port(), Some(port));
+        assert!(server.ping());
+    }
+}
