@@ -1,0 +1,1100 @@
+#!/usr/bin/env python3
+"""Checks deploy/ against the Kubernetes schemas and against the code it deploys.
+
+Run by scripts/checks/deploy.sh inside target/deploy-venv (PyYAML, kubernetes-validate).
+Exits 1 on any failure, listing every one of them.
+
+What it checks:
+  render    every kustomize overlay renders with the real kustomize (`kubectl kustomize`)
+  schema    every rendered object validates, strictly, against the Kubernetes JSON
+            schemas of the oldest version we support (1.30: the preStop `sleep` action)
+            and the newest one kubernetes-validate ships
+  policy    no Secret objects; every pod non-root, read-only root, no capabilities,
+            RuntimeDefault seccomp, requests set, no service-account token; relay probes,
+            preStop and terminationGracePeriodSeconds vs RELAY_DRAIN_GRACE_SECS; control
+            replicas and gRPC probes; Services, Ingress, HPA, PDB and NetworkPolicy
+            selectors and ports resolve to real pods and ports; Ingress host ==
+            RELAY_PUBLIC_URL host; every referenced Secret is documented in
+            docs/operations.md with its `kubectl create secret` command
+  code      every env var a manifest or compose file sets is read by the binary it is
+            given to (string literals in relay/src, control/src, tests/testkit/src);
+            probe and ingress paths are routes in relay/src; ports match the listen
+            addresses; metric names in the dashboard, HPA, adapter rule and
+            docs/metrics.md exist in the code; binaries the Dockerfile copies are bin
+            targets of the workspace (cargo metadata)
+  docker    Dockerfile targets, distroless runtime, numeric non-root USER, EXPOSE,
+            every workspace member's manifest in the dependency-caching layer
+  compose   build targets exist, env names, depends_on, Redis AOF
+  live      when the debug binaries exist: starts control (on a throwaway
+            redis-server) and relay on 127.0.0.1:0 with the dev overlay's ConfigMap
+            values, and checks /healthz, /readyz and /metrics answer as the probes and
+            the dashboard expect
+
+A crate whose src/ is still a placeholder is skipped (reported as SKIP), so the check can
+land before the code it checks; once the code lands the skip turns into a real check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+RENDER_DIR = ROOT / "target" / "deploy-rendered"
+
+# The oldest Kubernetes we support (lifecycle.preStop.sleep is on by default from 1.30)
+# and the newest schema set kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+
+# Which crate reads the environment of which container / compose service, keyed by the
+# image name the manifests use.
+IMAGE_CRATE = {
+    "callbridge-relay": "relay",
+    "callbridge-control": "control",
+    "callbridge-testkit": "testkit",
+}
+BINARY_PACKAGE = {
+    "callbridge-relay": "callbridge-relay",
+    "callbridge-control": "callbridge-control",
+    "fake-realtime": "callbridge-testkit",
+    "sim-caller": "callbridge-testkit",
+}
+# Probe and routing paths the relay must serve (design.md "Surfaces").
+RELAY_PROBE_PATHS = {"readiness": "/readyz", "liveness": "/healthz"}
+# Metrics every operator view relies on (task list; docs/metrics.md documents them).
+REQUIRED_DASHBOARD_METRICS = {
+    "callbridge_relay_active_calls",
+    "callbridge_relay_frames_total",
+    "callbridge_relay_frames_dropped_total",
+    "callbridge_relay_barge_ins_total",
+    "callbridge_relay_model_errors_total",
+    "callbridge_relay_time_to_first_audio_seconds",
+    "callbridge_relay_event_queue_depth",
+    "callbridge_control_redis_latency_seconds",
+}
+SECRET_DOC = ROOT / "docs" / "operations.md"
+METRICS_DOC = ROOT / "docs" / "metrics.md"
+
+
+# === report ===
+
+
+@dataclass
+class Report:
+    failures: list[str] = field(default_factory=list)
+    skips: list[str] = field(default_factory=list)
+    passed: int = 0
+
+    def check(self, cond: bool, what: str) -> bool:
+        if cond:
+            self.passed += 1
+        else:
+            self.failures.append(what)
+        return cond
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+
+    def skip(self, what: str) -> None:
+        if what not in self.skips:
+            self.skips.append(what)
+
+
+R = Report()
+
+
+# === the code being deployed ===
+
+
+@dataclass
+class Crate:
+    name: str
+    path: Path
+    literals: set[str]
+    text: str
+    landed: bool
+
+
+def load_crate(name: str, rel: str) -> Crate:
+    src = ROOT / rel / "src"
+    files = sorted(src.rglob("*.rs")) if src.is_dir() else []
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    code_lines = [
+        line for line in text.splitlines() if line.strip() and not line.strip().startswith("//")
+    ]
+    # The workspace skeleton ships `fn main() {}` placeholders: not yet the real thing.
+    landed = len(code_lines) >= 30
+    literals = set(re.findall(r'"((?:[^"\\\n]|\\.)*)"', text))
+    return Crate(name, ROOT / rel, literals, text, landed)
+
+
+CRATES = {
+    "relay": load_crate("callbridge-relay", "relay"),
+    "control": load_crate("callbridge-control", "control"),
+    "testkit": load_crate("callbridge-testkit", "tests/testkit"),
+}
+
+
+def crate_reads_env(crate: Crate, name: str, where: str) -> None:
+    if not crate.landed:
+        R.skip(f"env names for {crate.name}: its src/ is still a placeholder")
+        return
+    R.check(
+        name in crate.literals,
+        f"{where}: sets {name}, but {crate.name} never mentions \"{name}\" in {crate.path.name}/src",
+    )
+
+
+def crate_serves_path(crate: Crate, path: str, where: str) -> None:
+    if not crate.landed or "warp::" not in crate.text:
+        R.skip(f"route paths for {crate.name}: its src/ has no warp routes yet")
+        return
+    if path in crate.literals:
+        R.passed += 1
+        return
+    segments = [s for s in path.strip("/").split("/") if s and not s.startswith("{")]
+    missing = [s for s in segments if s not in crate.literals]
+    R.check(
+        not missing,
+        f"{where}: path {path} is not a route of {crate.name} (no literal {missing} in src)",
+    )
+
+
+def metric_candidates(metric: str) -> set[str]:
+    """The literals a prometheus-client registration of `metric` could use."""
+    base = metric[: -len("_total")] if metric.endswith("_total") else metric
+    out = {metric, base}
+    for prefix in ("callbridge_relay_", "callbridge_control_"):
+        if base.startswith(prefix):
+            out.add(base[len(prefix) :])
+    for name in list(out):
+        if name.endswith("_seconds"):
+            out.add(name[: -len("_seconds")])
+    return out
+
+
+def crate_for_metric(metric: str) -> Crate | None:
+    if metric.startswith("callbridge_relay_"):
+        return CRATES["relay"]
+    if metric.startswith("callbridge_control_"):
+        return CRATES["control"]
+    return None
+
+
+def crate_exports_metric(metric: str, where: str) -> None:
+    crate = crate_for_metric(metric)
+    if crate is None:
+        R.fail(f"{where}: {metric} is not a callbridge metric name")
+        return
+    if not crate.landed or "prometheus_client" not in crate.text:
+        R.skip(f"metric names for {crate.name}: its src/ registers no metrics yet")
+        return
+    R.check(
+        bool(metric_candidates(metric) & crate.literals),
+        f"{where}: metric {metric} is not registered anywhere in {crate.name}",
+    )
+
+
+def workspace_bins() -> dict[str, set[str]] | None:
+    try:
+        out = subprocess.run(
+            ["cargo", "metadata", "--no-deps", "--offline", "--format-version", "1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        R.fail(f"cargo metadata failed: {err}")
+        return None
+    meta = json.loads(out)
+    return {
+        pkg["name"]: {t["name"] for t in pkg["targets"] if "bin" in t["kind"]}
+        for pkg in meta["packages"]
+    }
+
+
+# === rendering ===
+
+
+def kustomize_cmd() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    cmd = kustomize_cmd()
+    if cmd is None:
+        R.fail("neither kubectl nor kustomize is installed: cannot render the overlays")
+        return []
+    proc = subprocess.run(
+        [*cmd, str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
+    rel = directory.relative_to(ROOT)
+    if not R.check(proc.returncode == 0, f"render {rel}: {proc.stderr.strip()}"):
+        return []
+    RENDER_DIR.mkdir(parents=True, exist_ok=True)
+    (RENDER_DIR / (str(rel).replace("/", "_") + ".yaml")).write_text(proc.stdout)
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def validate_schemas(name: str, objs: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    for version in K8S_VERSIONS:
+        for obj in objs:
+            label = f"{name}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')} (k8s {version})"
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+                R.passed += 1
+            except kubernetes_validate.ValidationError as err:
+                path = "/".join(str(p) for p in err.path)
+                R.fail(f"{label}: schema: {err.message} at {path}")
+            except Exception as err:  # noqa: BLE001 - unknown kind or schema: report it
+                R.fail(f"{label}: schema: {type(err).__name__}: {err}")
+
+
+# === manifest model ===
+
+
+def by_kind(objs: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o.get("kind") == kind]
+
+
+def find(objs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    for o in objs:
+        if o.get("kind") == kind and o["metadata"]["name"] == name:
+            return o
+    return None
+
+
+def workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objs if o.get("kind") in ("Deployment", "StatefulSet", "DaemonSet")]
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    match = selector.get("matchLabels", {})
+    if any(labels.get(k) != v for k, v in match.items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        val = labels.get(expr["key"])
+        op = expr["operator"]
+        if op == "In" and val not in expr["values"]:
+            return False
+        if op == "NotIn" and val in expr["values"]:
+            return False
+        if op == "Exists" and val is None:
+            return False
+        if op == "DoesNotExist" and val is not None:
+            return False
+    return True
+
+
+def pod_labels(w: dict[str, Any]) -> dict[str, str]:
+    return w["spec"]["template"]["metadata"].get("labels", {})
+
+
+def container_ports(w: dict[str, Any]) -> dict[str | int, int]:
+    out: dict[str | int, int] = {}
+    for c in w["spec"]["template"]["spec"]["containers"]:
+        for p in c.get("ports", []):
+            out[p["containerPort"]] = p["containerPort"]
+            if "name" in p:
+                out[p["name"]] = p["containerPort"]
+    return out
+
+
+def image_name(image: str) -> str:
+    """registry.example.com/callbridge/relay:0.1.0 -> the base image name it came from."""
+    last = image.rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+    return {"relay": "callbridge-relay", "control": "callbridge-control"}.get(last, last)
+
+
+def container_env(
+    objs: list[dict[str, Any]], container: dict[str, Any]
+) -> dict[str, str | None]:
+    """Every env var a container gets (envFrom ConfigMaps included); secret values are None."""
+    env: dict[str, str | None] = {}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef")
+        if ref:
+            cm = find(objs, "ConfigMap", ref["name"])
+            if R.check(cm is not None, f"envFrom: ConfigMap {ref['name']} is not in the render"):
+                env.update(cm.get("data", {}))
+        if src.get("secretRef"):
+            R.fail(f"container {container['name']}: envFrom secretRef hides which names are set")
+    for e in container.get("env", []):
+        env[e["name"]] = e.get("value")
+    return env
+
+
+def listen_port(addr: str | None) -> int | None:
+    if not addr:
+        return None
+    try:
+        return int(addr.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+# === checks on one rendered overlay ===
+
+
+def check_pod_security(name: str, w: dict[str, Any]) -> None:
+    where = f"{name}: {w['kind']}/{w['metadata']['name']}"
+    spec = w["spec"]["template"]["spec"]
+    psc = spec.get("securityContext", {})
+    R.check(psc.get("runAsNonRoot") is True, f"{where}: pod securityContext.runAsNonRoot")
+    R.check(
+        psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+        f"{where}: seccompProfile RuntimeDefault",
+    )
+    R.check(spec.get("automountServiceAccountToken") is False, f"{where}: token not mounted")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        csc = c.get("securityContext", {})
+        cw = f"{where} container {c['name']}"
+        R.check(csc.get("readOnlyRootFilesystem") is True, f"{cw}: readOnlyRootFilesystem")
+        R.check(csc.get("allowPrivilegeEscalation") is False, f"{cw}: allowPrivilegeEscalation")
+        R.check("ALL" in csc.get("capabilities", {}).get("drop", []), f"{cw}: drop ALL caps")
+        req = c.get("resources", {}).get("requests", {})
+        R.check("cpu" in req and "memory" in req, f"{cw}: cpu and memory requests")
+        R.check("memory" in c.get("resources", {}).get("limits", {}), f"{cw}: memory limit")
+        image = c.get("image", "")
+        R.check(
+            ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"),
+            f"{cw}: image {image!r} must carry a pinned tag",
+        )
+
+
+def check_env_vs_code(name: str, objs: list[dict[str, Any]], w: dict[str, Any]) -> None:
+    for c in w["spec"]["template"]["spec"]["containers"]:
+        crate_key = IMAGE_CRATE.get(image_name(c["image"]))
+        if crate_key is None:
+            continue
+        for var in container_env(objs, c):
+            crate_reads_env(CRATES[crate_key], var, f"{name}: container {c['name']}")
+
+
+def probe_of(c: dict[str, Any], kind: str) -> dict[str, Any]:
+    return c.get(f"{kind}Probe") or {}
+
+
+def check_relay(name: str, objs: list[dict[str, Any]]) -> None:
+    dep = find(objs, "Deployment", "relay")
+    if not R.check(dep is not None, f"{name}: Deployment/relay missing"):
+        return
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    env = container_env(objs, c)
+    ports = container_ports(dep)
+    port = listen_port(env.get("RELAY_LISTEN")) or 8080
+    R.check(port in ports.values(), f"{name}: relay containerPort != RELAY_LISTEN port {port}")
+    for kind, path in RELAY_PROBE_PATHS.items():
+        get = probe_of(c, kind).get("httpGet", {})
+        R.check(get.get("path") == path, f"{name}: relay {kind}Probe must GET {path}")
+        R.check(ports.get(get.get("port")) == port, f"{name}: relay {kind}Probe port")
+        crate_serves_path(CRATES["relay"], path, f"{name}: relay {kind}Probe")
+    ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    R.check(
+        ann.get("prometheus.io/port") == str(port) and ann.get("prometheus.io/path") == "/metrics",
+        f"{name}: relay scrape annotations must point at {port}/metrics",
+    )
+    crate_serves_path(CRATES["relay"], "/metrics", f"{name}: relay scrape annotation")
+
+    # Drain: the kubelet's clock covers preStop and the whole drain.
+    grace = int(env.get("RELAY_DRAIN_GRACE_SECS") or 30)
+    pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    tgps = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    R.check(
+        tgps >= pre + grace + 10,
+        f"{name}: relay terminationGracePeriodSeconds {tgps} < preStop {pre} + "
+        f"RELAY_DRAIN_GRACE_SECS {grace} + 10 s margin",
+    )
+    R.check(
+        "exec" not in c.get("lifecycle", {}).get("preStop", {}),
+        f"{name}: relay preStop exec cannot run in a distroless image",
+    )
+
+    # Where the relay finds control.
+    control_url = env.get("CONTROL_URL")
+    if R.check(bool(control_url), f"{name}: relay has no CONTROL_URL"):
+        u = urlparse(control_url)
+        svc = find(objs, "Service", u.hostname or "")
+        if R.check(svc is not None, f"{name}: CONTROL_URL host {u.hostname} is not a Service"):
+            R.check(
+                any(p["port"] == u.port for p in svc["spec"]["ports"]),
+                f"{name}: CONTROL_URL port {u.port} is not a port of Service/{u.hostname}",
+            )
+
+    # Ingress: TLS, WebSocket timeouts, host == RELAY_PUBLIC_URL, paths are relay routes.
+    public = urlparse(env.get("RELAY_PUBLIC_URL") or "")
+    R.check(public.scheme == "https", f"{name}: RELAY_PUBLIC_URL must be https")
+    ing = find(objs, "Ingress", "relay")
+    if not R.check(ing is not None, f"{name}: Ingress/relay missing"):
+        return
+    ann = ing["metadata"].get("annotations", {})
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        val = ann.get(f"nginx.ingress.kubernetes.io/{key}", "0")
+        R.check(val.isdigit() and int(val) >= 3600, f"{name}: Ingress {key} must be >= 3600")
+    tls = ing["spec"].get("tls", [])
+    R.check(bool(tls) and all(t.get("secretName") for t in tls), f"{name}: Ingress TLS secret")
+    tls_hosts = {h for t in tls for h in t.get("hosts", [])}
+    for rule in ing["spec"]["rules"]:
+        R.check(
+            rule.get("host") == public.hostname,
+            f"{name}: Ingress host {rule.get('host')} != RELAY_PUBLIC_URL host {public.hostname}"
+            " (Twilio signatures are computed over the public URL)",
+        )
+        R.check(rule.get("host") in tls_hosts, f"{name}: Ingress host {rule.get('host')} has no TLS")
+        for p in rule["http"]["paths"]:
+            R.check(
+                p["path"].startswith("/api/twilio"),
+                f"{name}: Ingress publishes {p['path']}; only /api/twilio/ should be public",
+            )
+            crate_serves_path(CRATES["relay"], p["path"], f"{name}: Ingress path")
+            check_backend(name, objs, p["backend"]["service"])
+
+
+def check_backend(name: str, objs: list[dict[str, Any]], backend: dict[str, Any]) -> None:
+    svc = find(objs, "Service", backend["name"])
+    if not R.check(svc is not None, f"{name}: Ingress backend Service/{backend['name']}"):
+        return
+    port = backend["port"]
+    R.check(
+        any(p.get("name") == port.get("name") or p["port"] == port.get("number")
+            for p in svc["spec"]["ports"]),
+        f"{name}: Ingress backend port {port} not on Service/{backend['name']}",
+    )
+
+
+def check_control(name: str, objs: list[dict[str, Any]]) -> None:
+    dep = find(objs, "Deployment", "control")
+    if not R.check(dep is not None, f"{name}: Deployment/control missing"):
+        return
+    R.check(dep["spec"].get("replicas", 1) >= 2, f"{name}: control needs >= 2 replicas")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    env = container_env(objs, c)
+    ports = container_ports(dep)
+    grpc_port = listen_port(env.get("CONTROL_LISTEN")) or 50051
+    metrics_port = listen_port(env.get("CONTROL_METRICS_LISTEN")) or 9090
+    R.check(grpc_port in ports.values(), f"{name}: control containerPort for CONTROL_LISTEN")
+    R.check(metrics_port in ports.values(), f"{name}: control port for CONTROL_METRICS_LISTEN")
+    for kind in ("readiness", "liveness"):
+        grpc = probe_of(c, kind).get("grpc")
+        R.check(
+            bool(grpc) and grpc.get("port") == grpc_port,
+            f"{name}: control {kind}Probe must be grpc on {grpc_port}",
+        )
+    ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    R.check(
+        ann.get("prometheus.io/port") == str(metrics_port),
+        f"{name}: control scrape annotation must point at {metrics_port}",
+    )
+    redis = [v for v in ("REDIS_URL", "REDIS_CLUSTER_NODES") if v in env]
+    R.check(bool(redis), f"{name}: control has neither REDIS_URL nor REDIS_CLUSTER_NODES")
+    url = env.get("REDIS_URL")
+    if url:
+        # A plain value must be password-free (a password belongs in a Secret) and, when it
+        # names an in-cluster host, that Service must exist in the render.
+        u = urlparse(url)
+        R.check(u.password is None, f"{name}: REDIS_URL with a password must come from a Secret")
+        if u.hostname and "." not in u.hostname:
+            svc = find(objs, "Service", u.hostname)
+            if R.check(svc is not None, f"{name}: REDIS_URL host {u.hostname} is not a Service"):
+                sel = {"matchLabels": svc["spec"]["selector"]}
+                target = [w for w in workloads(objs) if selects(sel, pod_labels(w))]
+                for w in target:
+                    args = " ".join(w["spec"]["template"]["spec"]["containers"][0].get("args", []))
+                    R.check(
+                        "--appendonly yes" in args,
+                        f"{name}: {w['kind']}/{w['metadata']['name']} Redis must run with AOF",
+                    )
+
+
+def check_wiring(name: str, objs: list[dict[str, Any]]) -> None:
+    ws = workloads(objs)
+    for svc in by_kind(objs, "Service"):
+        where = f"{name}: Service/{svc['metadata']['name']}"
+        # A Service selector is a plain label map, not a LabelSelector.
+        sel = {"matchLabels": svc["spec"].get("selector", {})}
+        targets = [w for w in ws if selects(sel, pod_labels(w))]
+        if not R.check(bool(targets), f"{where}: selects no pods"):
+            continue
+        for p in svc["spec"]["ports"]:
+            tp = p.get("targetPort", p["port"])
+            R.check(
+                all(tp in container_ports(w) for w in targets),
+                f"{where}: targetPort {tp} is not a container port of its pods",
+            )
+    for pdb in by_kind(objs, "PodDisruptionBudget"):
+        R.check(
+            any(selects(pdb["spec"]["selector"], pod_labels(w)) for w in ws),
+            f"{name}: PodDisruptionBudget/{pdb['metadata']['name']} selects no pods",
+        )
+    for hpa in by_kind(objs, "HorizontalPodAutoscaler"):
+        where = f"{name}: HPA/{hpa['metadata']['name']}"
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = find(objs, ref["kind"], ref["name"])
+        if not R.check(target is not None, f"{where}: scaleTargetRef {ref['name']} missing"):
+            continue
+        kinds = {m["type"] for m in hpa["spec"]["metrics"]}
+        R.check({"Pods", "Resource"} <= kinds, f"{where}: needs a Pods metric and a CPU fallback")
+        for m in hpa["spec"]["metrics"]:
+            if m["type"] == "Pods":
+                metric = m["pods"]["metric"]["name"]
+                crate_exports_metric(metric, where)
+                R.check(metric in adapter_metric_names(), f"{where}: {metric} has no adapter rule")
+            if m["type"] == "Resource":
+                R.check(
+                    all("cpu" in c.get("resources", {}).get("requests", {})
+                        for c in target["spec"]["template"]["spec"]["containers"]),
+                    f"{where}: CPU utilization needs cpu requests on every container",
+                )
+    for np in by_kind(objs, "NetworkPolicy"):
+        check_network_policy(name, objs, np)
+
+
+def check_network_policy(name: str, objs: list[dict[str, Any]], np: dict[str, Any]) -> None:
+    where = f"{name}: NetworkPolicy/{np['metadata']['name']}"
+    ws = workloads(objs)
+    selected = [w for w in ws if selects(np["spec"]["podSelector"], pod_labels(w))]
+    R.check(bool(selected), f"{where}: podSelector selects no pods")
+    # Ingress ports must be ports the selected pods listen on.
+    if np["spec"]["podSelector"]:
+        for rule in np["spec"].get("ingress", []):
+            for p in rule.get("ports", []):
+                R.check(
+                    all(p["port"] in container_ports(w) for w in selected),
+                    f"{where}: ingress port {p['port']} is not a port of the selected pods",
+                )
+    # Egress to in-namespace pods must reach a port those pods listen on.
+    for rule in np["spec"].get("egress", []):
+        for peer in rule.get("to", []):
+            if "podSelector" in peer and "namespaceSelector" not in peer:
+                peers = [w for w in ws if selects(peer["podSelector"], pod_labels(w))]
+                if R.check(bool(peers), f"{where}: egress peer selects no pods"):
+                    for p in rule.get("ports", []):
+                        R.check(
+                            all(p["port"] in container_ports(w) for w in peers),
+                            f"{where}: egress port {p['port']} is not a port of the peer pods",
+                        )
+
+
+def check_secrets(name: str, objs: list[dict[str, Any]], docs: str) -> None:
+    R.check(not by_kind(objs, "Secret"), f"{name}: a Secret object is in the manifests")
+    refs: set[tuple[str, str | None]] = set()
+    for w in workloads(objs):
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+    for ing in by_kind(objs, "Ingress"):
+        for t in ing["spec"].get("tls", []):
+            refs.add((t["secretName"], None))
+    for secret, key in sorted(refs, key=lambda r: (r[0], r[1] or "")):
+        if key is None:
+            R.check(
+                re.search(rf"kubectl\b[^\n]*create secret tls {re.escape(secret)}\b", docs)
+                is not None or f"secretName: {secret}" in docs,
+                f"{name}: TLS Secret {secret} has no creation command in docs/operations.md",
+            )
+            continue
+        cmd = re.search(
+            rf"kubectl\b[^\n]*create secret generic {re.escape(secret)}\b((?:[^\n]*\\\n)*[^\n]*)",
+            docs,
+        )
+        R.check(
+            cmd is not None and re.search(rf"--from-(literal|file)={re.escape(key)}=", cmd.group(0)),
+            f"{name}: Secret {secret} key {key} is not created by a command in docs/operations.md",
+        )
+
+
+def check_no_example_secrets(path: Path) -> None:
+    """Nothing that looks like a real credential is committed under deploy/."""
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        for pat in (r"sk-[A-Za-z0-9]{20,}", r"-----BEGIN [A-Z ]*PRIVATE KEY-----", r"AC[0-9a-f]{32}"):
+            R.check(
+                re.search(pat, text) is None,
+                f"{f.relative_to(ROOT)}: looks like a committed credential ({pat})",
+            )
+
+
+_ADAPTER: set[str] | None = None
+
+
+def adapter_metric_names() -> set[str]:
+    global _ADAPTER
+    if _ADAPTER is None:
+        cm = yaml.safe_load((K8S / "prometheus-adapter" / "adapter-config.yaml").read_text())
+        rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+        _ADAPTER = {r["name"]["as"] for r in rules}
+        for r in rules:
+            series = r["seriesQuery"].split("{", 1)[0]
+            crate_exports_metric(series, "prometheus-adapter seriesQuery")
+    return _ADAPTER
+
+
+# === Dockerfile ===
+
+
+def check_dockerfile(bins: dict[str, set[str]] | None) -> dict[str, str]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    # Join continuation lines so each instruction is one line.
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", s, re.I)
+        if m:
+            current = (m.group(2) or f"stage{len(stages)}").lower()
+            stages[current] = [s]
+        elif current:
+            stages[current].append(s)
+    for target, (binaries, ports) in {
+        "relay": (["callbridge-relay"], {8080}),
+        "control": (["callbridge-control"], {50051, 9090}),
+        "testkit": (["fake-realtime", "sim-caller"], set()),
+    }.items():
+        where = f"deploy/Dockerfile target {target}"
+        body = stages.get(target)
+        if not R.check(body is not None, f"{where}: missing"):
+            continue
+        R.check(
+            "RUNTIME_IMAGE" in body[0] and "distroless/cc-debian12:nonroot" in text,
+            f"{where}: runtime must be distroless cc nonroot",
+        )
+        users = [line.split(None, 1)[1] for line in body if line.upper().startswith("USER ")]
+        R.check(users == ["65532:65532"], f"{where}: USER 65532:65532 (distroless nonroot)")
+        exposed = {
+            int(p.split("/")[0])
+            for line in body
+            if line.upper().startswith("EXPOSE ")
+            for p in line.split()[1:]
+        }
+        R.check(exposed == ports, f"{where}: EXPOSE {sorted(exposed)} != {sorted(ports)}")
+        R.check(
+            any(line.upper().startswith("HEALTHCHECK NONE") for line in body),
+            f"{where}: says HEALTHCHECK NONE (no shell to run one)",
+        )
+        for binary in binaries:
+            R.check(binary in " ".join(body), f"{where}: does not copy {binary}")
+            check_binary(binary, bins)
+    builder = " ".join(stages.get("builder", []))
+    R.check("--locked" in builder and "--release" in builder, "Dockerfile: cargo build --release --locked")
+    members = re.search(r"members\s*=\s*\[([^\]]*)\]", (ROOT / "Cargo.toml").read_text())
+    if R.check(members is not None, "Cargo.toml: no workspace members"):
+        for m in re.findall(r'"([^"]+)"', members.group(1)):
+            R.check(
+                re.search(rf"COPY {re.escape(m)}/Cargo.toml ", builder) is not None,
+                f"Dockerfile: dependency layer does not copy {m}/Cargo.toml (workspace member)",
+            )
+    return {t: " ".join(b) for t, b in stages.items()}
+
+
+def check_binary(binary: str, bins: dict[str, set[str]] | None) -> None:
+    if bins is None:
+        return
+    pkg = BINARY_PACKAGE[binary]
+    have = bins.get(pkg)
+    if have is None:
+        R.fail(f"Dockerfile: package {pkg} (for {binary}) is not in the workspace")
+    elif not have:
+        R.skip(f"binary {binary}: package {pkg} has no bin targets yet")
+    else:
+        R.check(binary in have, f"Dockerfile: {binary} is not a bin target of {pkg} ({sorted(have)})")
+
+
+# === compose ===
+
+
+def check_compose(stages: dict[str, str]) -> None:
+    path = DEPLOY / "compose.yaml"
+    doc = yaml.safe_load(path.read_text())
+    services = doc.get("services", {})
+    for svc_name, svc in services.items():
+        where = f"compose service {svc_name}"
+        for dep in svc.get("depends_on", {}) or {}:
+            R.check(dep in services, f"{where}: depends_on unknown service {dep}")
+        build = svc.get("build")
+        crate_key = None
+        if build:
+            target = build.get("target")
+            R.check(target in stages, f"{where}: build target {target} is not a Dockerfile stage")
+            R.check(
+                (path.parent / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve()
+                == (DEPLOY / "Dockerfile").resolve(),
+                f"{where}: build must use deploy/Dockerfile",
+            )
+            crate_key = {"relay": "relay", "control": "control", "testkit": "testkit"}.get(target)
+        env = svc.get("environment", {}) or {}
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
+        if crate_key:
+            for var in env:
+                crate_reads_env(CRATES[crate_key], var, where)
+            for arg in svc.get("command", []) or []:
+                if isinstance(arg, str) and arg.startswith("--"):
+                    flag = arg.split("=", 1)[0][2:]
+                    if not CRATES[crate_key].landed:
+                        R.skip(f"CLI flags for {CRATES[crate_key].name}: src/ is a placeholder")
+                    else:
+                        R.check(
+                            flag in CRATES[crate_key].text
+                            or flag.replace("-", "_") in CRATES[crate_key].text,
+                            f"{where}: flag --{flag} is not defined in {CRATES[crate_key].name}",
+                        )
+        if crate_key == "relay":
+            port = listen_port(env.get("RELAY_LISTEN")) or 8080
+            published = [str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])]
+            R.check(all(p == str(port) for p in published), f"{where}: ports vs RELAY_LISTEN")
+    redis = services.get("redis", {})
+    cmd = " ".join(str(c) for c in redis.get("command", []))
+    R.check("--appendonly yes" in cmd, "compose redis: AOF must be on (--appendonly yes)")
+
+
+# === dashboard and metric docs ===
+
+
+def documented_metrics() -> dict[str, str]:
+    """name -> type, from the table in docs/metrics.md."""
+    out: dict[str, str] = {}
+    if not R.check(METRICS_DOC.exists(), "docs/metrics.md missing"):
+        return out
+    for line in METRICS_DOC.read_text().splitlines():
+        m = re.match(r"\|\s*`(callbridge_[a-z0-9_]+)`\s*\|\s*([a-z]+)\s*\|", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def check_metrics_docs_and_dashboard() -> set[str]:
+    docs = documented_metrics()
+    R.check(len(docs) >= 19, f"docs/metrics.md documents {len(docs)} metrics, expected all 19")
+    for metric, kind in docs.items():
+        crate_exports_metric(metric, "docs/metrics.md")
+        if kind == "counter":
+            R.check(metric.endswith("_total"), f"docs/metrics.md: counter {metric} must end _total")
+    dash = json.loads((DEPLOY / "grafana" / "callbridge-dashboard.json").read_text())
+    used: set[str] = set()
+    for panel in dash.get("panels", []):
+        for t in panel.get("targets", []):
+            for name in re.findall(r"\b(callbridge_[a-z0-9_]+)", t.get("expr", "")):
+                series = re.sub(r"_(bucket|sum|count)$", "", name)
+                used.add(series)
+                R.check(series in docs, f"grafana: {name} is not documented in docs/metrics.md")
+    missing = REQUIRED_DASHBOARD_METRICS - used
+    R.check(not missing, f"grafana: no panel for {sorted(missing)}")
+    R.check(
+        any(v.get("name") == "datasource" for v in dash.get("templating", {}).get("list", [])),
+        "grafana: needs a datasource variable so it imports into any Grafana",
+    )
+    return set(docs)
+
+
+# === live: the real binaries answer what the manifests probe ===
+
+
+def listening_ports(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_ports(proc: subprocess.Popen[bytes], count: int, what: str) -> set[int]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            R.fail(f"live: {what} exited with {proc.returncode} during startup")
+            return set()
+        ports = listening_ports(proc.pid)
+        if len(ports) >= count:
+            return ports
+        time.sleep(0.1)
+    R.fail(f"live: {what} did not listen on {count} port(s) within 20 s")
+    return set()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace")
+    except (OSError, urllib.error.URLError) as err:
+        return 0, str(err)
+
+
+def grpc_health(port: int) -> str | None:
+    """grpc.health.v1.Health/Check for service "" over h2c, as the kubelet's grpc probe does."""
+    try:
+        import h2.config
+        import h2.connection
+        import h2.events
+    except ImportError:
+        R.skip("live gRPC health: python h2 not installed")
+        return None
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(conn.data_to_send())
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(
+            sid,
+            [(":method", "POST"), (":scheme", "http"), (":path", "/grpc.health.v1.Health/Check"),
+             (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+             ("te", "trailers")],
+        )
+        conn.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)  # empty HealthCheckRequest
+        sock.sendall(conn.data_to_send())
+        body, status, done = b"", None, False
+        deadline = time.monotonic() + 5
+        while not done and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived):
+                    body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    hdrs = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                            for k, v in ev.headers}
+                    status = hdrs.get("grpc-status", status)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    done = True
+            sock.sendall(conn.data_to_send())
+    if status != "0":
+        return f"grpc-status {status}"
+    # HealthCheckResponse{status = 1 SERVING}: field 1 varint -> 08 01 after the 5-byte prefix.
+    return "SERVING" if body[5:7] == b"\x08\x01" else f"NOT_SERVING ({body[5:].hex()})"
+
+
+def check_live(dev: list[dict[str, Any]]) -> None:
+    relay_bin = ROOT / "target" / "debug" / "callbridge-relay"
+    control_bin = ROOT / "target" / "debug" / "callbridge-control"
+    if not (CRATES["relay"].landed and CRATES["control"].landed):
+        R.skip("live: relay or control src/ is still a placeholder")
+        return
+    if not (relay_bin.exists() and control_bin.exists()):
+        R.skip("live: target/debug binaries not built (scripts/test.sh builds them first)")
+        return
+    redis_bin = shutil.which("redis-server")
+    relay_cm = next((c for c in by_kind(dev, "ConfigMap") if c["metadata"]["name"].startswith("relay-config")), None)
+    control_cm = next((c for c in by_kind(dev, "ConfigMap") if c["metadata"]["name"].startswith("control-config")), None)
+    if relay_cm is None or control_cm is None:
+        R.fail("live: dev overlay has no relay-config/control-config")
+        return
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = tempfile.mkdtemp(prefix="callbridge-deploy-check-")
+    logs: dict[str, Path] = {}
+
+    def start(what: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        logs[what] = Path(tmp) / f"{what}.log"
+        base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+        proc = subprocess.Popen(
+            argv, env={**base, **env}, stdin=subprocess.DEVNULL,
+            stdout=logs[what].open("wb"), stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        control_env = dict(control_cm["data"])
+        control_env.update({
+            "CONTROL_LISTEN": "127.0.0.1:0",
+            "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
+            "CONTROL_APP_TOKENS": "deploy-check-app-token",
+            "CONTROL_RELAY_TOKENS": "deploy-check-relay-token",
+            "CONTROL_ID": "deploy-check-control",
+        })
+        control_env.pop("REDIS_URL", None)
+        if redis_bin:
+            sock = Path(tmp) / "redis.sock"
+            start("redis", [redis_bin, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                            "--appendonly", "no"], {})
+            deadline = time.monotonic() + 10
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            control_env["REDIS_URL"] = f"redis+unix://{sock}"
+        else:
+            R.skip("live: redis-server not installed, control runs on its in-memory store")
+        control = start("control", [str(control_bin)], control_env)
+        cports = wait_ports(control, 2, "callbridge-control")
+        metrics_port = grpc_port = None
+        for p in sorted(cports):
+            status, body = http_get(p, "/metrics")
+            if status == 200:
+                metrics_port = p
+            else:
+                grpc_port = p
+        if R.check(metrics_port is not None and grpc_port is not None,
+                   f"live: control should serve gRPC and /metrics on two ports (saw {sorted(cports)})"):
+            status, body = http_get(metrics_port, "/metrics")
+            R.check("callbridge_control_" in body, "live: control /metrics has no callbridge_control_ series")
+            for line in body.splitlines():
+                m = re.match(r"# TYPE (callbridge_[a-z0-9_]+) (\w+)", line)
+                if m:
+                    exported = m.group(1) + ("_total" if m.group(2) == "counter" else "")
+                    R.check(exported in documented_metrics(), f"live: control exports undocumented {exported}")
+            health = grpc_health(grpc_port)
+            if health is not None:
+                R.check(health == "SERVING", f"live: control grpc.health.v1 Check(\"\") -> {health} (readinessProbe)")
+
+        relay_env = dict(relay_cm["data"])
+        relay_env.update({
+            "RELAY_LISTEN": "127.0.0.1:0",
+            "CONTROL_URL": f"http://127.0.0.1:{grpc_port or 1}",
+            "RELAY_CONTROL_TOKEN": "deploy-check-relay-token",
+            "OPENAI_API_KEY": "sk-deploy-check",
+            "TWILIO_AUTH_TOKEN": "deploy-check-twilio-token",
+            "RELAY_ID": "deploy-check-relay",
+            "RELAY_DRAIN_GRACE_SECS": "5",
+        })
+        relay = start("relay", [str(relay_bin)], relay_env)
+        rports = wait_ports(relay, 1, "callbridge-relay")
+        if rports:
+            port = min(rports)
+            for path in ("/healthz", "/readyz"):
+                status, _ = http_get(port, path)
+                R.check(status == 200, f"live: relay GET {path} -> {status}, probes expect 200")
+            status, body = http_get(port, "/metrics")
+            R.check(status == 200 and "callbridge_relay_" in body, f"live: relay GET /metrics -> {status}")
+            for line in body.splitlines():
+                m = re.match(r"# TYPE (callbridge_[a-z0-9_]+) (\w+)", line)
+                if m:
+                    exported = m.group(1) + ("_total" if m.group(2) == "counter" else "")
+                    R.check(exported in documented_metrics(), f"live: relay exports undocumented {exported}")
+            status, _ = http_get(port, "/no-such-path")
+            R.check(status == 404, f"live: relay GET /no-such-path -> {status}, expected 404")
+            # SIGTERM: readiness must flip to 503 (or the listener close) while liveness holds.
+            relay.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            flipped = False
+            while time.monotonic() < deadline and relay.poll() is None:
+                status, _ = http_get(port, "/readyz")
+                if status in (503, 0):
+                    flipped = True
+                    break
+                time.sleep(0.05)
+            R.check(flipped or relay.poll() is not None, "live: relay /readyz stayed 200 after SIGTERM")
+            try:
+                code = relay.wait(timeout=15)
+                R.check(code == 0, f"live: relay exited {code} after SIGTERM with no calls")
+            except subprocess.TimeoutExpired:
+                R.fail("live: relay did not exit within 15 s of SIGTERM with no live calls")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        failed = [f for f in R.failures if f.startswith("live:")]
+        if failed:
+            for what, log in logs.items():
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                print(f"--- {what} log (last lines) ---\n" + "\n".join(tail), file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# === main ===
+
+
+def main() -> int:
+    started = time.monotonic()
+    docs = SECRET_DOC.read_text() if SECRET_DOC.exists() else ""
+    R.check(bool(docs), "docs/operations.md missing")
+    bins = workspace_bins()
+
+    rendered: dict[str, list[dict[str, Any]]] = {}
+    overlays = sorted(p for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+    R.check({"dev", "prod"} <= {p.name for p in overlays}, "overlays dev and prod must exist")
+    for ov in overlays:
+        rendered[ov.name] = render(ov)
+    adapter = render(K8S / "prometheus-adapter")
+    validate_schemas("prometheus-adapter", adapter)
+    adapter_metric_names()
+
+    for name, objs in rendered.items():
+        if not objs:
+            continue
+        validate_schemas(name, objs)
+        for w in workloads(objs):
+            check_pod_security(name, w)
+            check_env_vs_code(name, objs, w)
+        check_relay(name, objs)
+        check_control(name, objs)
+        check_wiring(name, objs)
+        check_secrets(name, objs, docs)
+
+    stages = check_dockerfile(bins)
+    check_compose(stages)
+    check_metrics_docs_and_dashboard()
+    check_no_example_secrets(DEPLOY)
+    if "--no-live" not in sys.argv and rendered.get("dev"):
+        check_live(rendered["dev"])
+
+    for s in R.skips:
+        print(f"SKIP {s}")
+    for f in R.failures:
+        print(f"FAIL {f}")
+    print(
+        f"deploy checks: {R.passed} passed, {len(R.failures)} failed, {len(R.skips)} skipped "
+        f"({time.monotonic() - started:.1f} s; rendered manifests in {RENDER_DIR.relative_to(ROOT)})"
+    )
+    return 1 if R.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
