@@ -1,0 +1,1025 @@
+//! Control-plane benchmark: how many relay events one `callbridge-control` process stores
+//! and acknowledges per second, and how soon a `WatchCall` watcher sees them.
+//!
+//! Run it through `scripts/bench-control.sh` (release build). It starts its own
+//! `redis-server` on a unix socket and one control process (the real binary, found next
+//! to this one or in `CALLBRIDGE_BIN_DIR`), then:
+//! 1. **Throughput**, for each level of concurrent calls (default 1, 10, 100): every call is
+//!    admitted, then one `Relay.Attach` stream per call pipelines its events (`started`,
+//!    speech turns, `ended`) with at most `--window` unacknowledged. Figure: acknowledged
+//!    events per second over the wall time of the level.
+//! 2. **Watch latency** at `--watch-calls` calls: every call has a `WatchCall` watcher open
+//!    before its relay stream starts; each stream sends `--watch-rate` events per second.
+//!    For every event: send time, ack time, watcher receive time → p50/p99.
+//! 3. **Redis alone**: `redis-benchmark` XADD against the same server, for comparison.
+//!
+//! Alongside each figure it reads the CPU the control process and Redis used and the Redis
+//! commands per event (`INFO commandstats`), which is where a slow path shows.
+//! Prints a table and writes a JSON file (`--out`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use callbridge_proto::pb;
+use callbridge_testkit::redis_server::{RedisServer, free_port};
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, timeout};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+const APP_TOKEN: &str = "bench-app-token";
+const RELAY_TOKEN: &str = "bench-relay-token";
+/// Bound on any single wait for the server (an ack, a watch event, an RPC).
+const STEP: Duration = Duration::from_secs(15);
+
+/// Control-plane benchmark (see the module docs). Loopback only.
+#[derive(Debug, Parser)]
+#[command(name = "bench_control")]
+struct Args {
+    /// Events per throughput level, split evenly over its calls.
+    #[arg(long, env = "BENCH_EVENTS", default_value_t = 60_000)]
+    events: u64,
+    /// Concurrent calls of each throughput level.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    levels: Vec<u64>,
+    /// Unacknowledged events a relay stream may have in flight.
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// HTTP/2 connections the calls are spread over (a relay pod holds one).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls of the watch-latency run.
+    #[arg(long, default_value_t = 100)]
+    watch_calls: u64,
+    /// Events per second each call sends in the watch-latency run.
+    #[arg(long, default_value_t = 20)]
+    watch_rate: u64,
+    /// Length of the watch-latency run, seconds.
+    #[arg(long, default_value_t = 10)]
+    watch_secs: u64,
+    /// Give up on one run after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    run_timeout_secs: u64,
+    /// Requests of each `redis-benchmark` comparison run.
+    #[arg(long, default_value_t = 200_000)]
+    redis_requests: u64,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "bench-results/control.json")]
+    out: PathBuf,
+    /// Directory holding `callbridge-control` (default: this binary's directory).
+    #[arg(long, env = "CALLBRIDGE_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    fn new(token: &str) -> anyhow::Result<Self> {
+        Ok(Self(format!("Bearer {token}").parse()?))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+type RelayClient = pb::relay_client::RelayClient<Authed>;
+type CallsClient = pb::calls_client::CallsClient<Authed>;
+
+/// The system under test: one control process on its own Redis.
+struct Bench {
+    redis: RedisServer,
+    redis_sock: PathBuf,
+    control: Child,
+    control_pid: u32,
+    channels: Vec<Channel>,
+    app: Bearer,
+    relay: Bearer,
+    clk_tck: f64,
+}
+
+impl Bench {
+    async fn start(args: &Args) -> anyhow::Result<Self> {
+        let redis = RedisServer::unix().context("starting redis-server")?;
+        let redis_sock = redis.dir().join("redis.sock");
+        let bin_dir = match &args.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("binary has a directory")?
+                .to_owned(),
+        };
+        let bin = bin_dir.join("callbridge-control");
+        ensure!(
+            bin.exists(),
+            "{} not found: build it (scripts/bench-control.sh does) or set CALLBRIDGE_BIN_DIR",
+            bin.display()
+        );
+        // The binary binds the port itself; a port free a moment ago is the best a
+        // separate process can be given.
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let control = Command::new(&bin)
+            .env("CONTROL_LISTEN", &addr)
+            .env("REDIS_URL", redis.url())
+            .env("CONTROL_APP_TOKENS", APP_TOKEN)
+            .env("CONTROL_RELAY_TOKENS", RELAY_TOKEN)
+            .env("RELAY_PUBLIC_URL", "https://relay.bench.example")
+            .env("CONTROL_LOG", "warn")
+            // The metrics listener defaults to a fixed port; parallel runs would clash.
+            .env("CONTROL_METRICS_LISTEN", "")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let control_pid = control.id().context("control has a pid")?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let channels = (0..args.connections.max(1))
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        let mut bench = Self {
+            redis,
+            redis_sock,
+            control,
+            control_pid,
+            channels,
+            app: Bearer::new(APP_TOKEN)?,
+            relay: Bearer::new(RELAY_TOKEN)?,
+            clk_tck: clock_ticks_per_sec().await,
+        };
+        bench.wait_ready(&addr).await?;
+        Ok(bench)
+    }
+
+    async fn wait_ready(&mut self, addr: &str) -> anyhow::Result<()> {
+        let mut agents = pb::agents_client::AgentsClient::with_interceptor(
+            self.channels[0].clone(),
+            self.app.clone(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.control.try_wait()? {
+                bail!("callbridge-control exited before it was ready: {status}");
+            }
+            let req = pb::ListAgentsRequest {
+                page_size: 1,
+                page_token: String::new(),
+            };
+            match timeout(Duration::from_secs(2), agents.list_agents(req)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status)) if status.code() != Code::Unavailable => {
+                    bail!("control answered the readiness probe with {status:?}")
+                }
+                _ => {}
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "control not ready on {addr} after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn relay(&self, i: usize) -> RelayClient {
+        let ch = self.channels[i % self.channels.len()].clone();
+        pb::relay_client::RelayClient::with_interceptor(ch, self.relay.clone())
+    }
+
+    fn calls(&self, i: usize) -> CallsClient {
+        let ch = self.channels[i % self.channels.len()].clone();
+        pb::calls_client::CallsClient::with_interceptor(ch, self.app.clone())
+    }
+
+    async fn create_agent(&self) -> anyhow::Result<String> {
+        let mut agents = pb::agents_client::AgentsClient::with_interceptor(
+            self.channels[0].clone(),
+            self.app.clone(),
+        );
+        let req = pb::CreateAgentRequest {
+            agent_id: String::new(),
+            settings: Some(pb::AgentSettings {
+                name: "bench agent".to_owned(),
+                instructions: "You are a benchmark. Be brief.".to_owned(),
+                ..Default::default()
+            }),
+        };
+        let agent = timeout(STEP, agents.create_agent(req)).await??.into_inner();
+        Ok(agent.agent_id)
+    }
+
+    /// Creates and admits `n` calls (as a relay would at webhook time); returns their ids.
+    async fn prepare_calls(
+        &self,
+        agent_id: &str,
+        n: u64,
+        campaign: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        let mut calls = self.calls(0);
+        let all: Vec<u64> = (0..n).collect();
+        for chunk in all.chunks(500) {
+            let req = pb::CreateCallsRequest {
+                campaign_id: campaign.to_owned(),
+                calls: chunk
+                    .iter()
+                    .map(|i| pb::CreateCallRequest {
+                        agent_id: agent_id.to_owned(),
+                        direction: pb::Direction::Outbound as i32,
+                        from: "+14155550100".to_owned(),
+                        to: format!("+1415556{:04}", i % 10_000),
+                        campaign_id: campaign.to_owned(),
+                        metadata: Default::default(),
+                    })
+                    .collect(),
+            };
+            let created = timeout(STEP, calls.create_calls(req)).await??.into_inner();
+            ids.extend(
+                created
+                    .calls
+                    .into_iter()
+                    .filter_map(|c| c.call.map(|c| c.call_id)),
+            );
+        }
+        ensure!(
+            ids.len() as u64 == n,
+            "CreateCalls returned {} calls for {n}",
+            ids.len()
+        );
+        let mut relay = self.relay(0);
+        for (i, id) in ids.iter().enumerate() {
+            let req = pb::AdmitRequest {
+                call_id: id.clone(),
+                twilio_call_sid: format!("CAbench{campaign}{i:06}"),
+                from: "+14155550100".to_owned(),
+                to: "+14155550199".to_owned(),
+                twilio_direction: "outbound-api".to_owned(),
+                account_sid: "ACbench".to_owned(),
+            };
+            timeout(STEP, relay.admit(req)).await??;
+        }
+        Ok(ids)
+    }
+
+    /// CPU seconds (user + system) the control process has used so far.
+    fn control_cpu_secs(&self) -> anyhow::Result<f64> {
+        proc_cpu_secs(&format!("/proc/{}/stat", self.control_pid), self.clk_tck)
+    }
+
+    async fn redis_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = timeout(
+            STEP,
+            Command::new("redis-cli")
+                .arg("-s")
+                .arg(&self.redis_sock)
+                .args(args)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await?
+        .context("running redis-cli")?;
+        ensure!(
+            out.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Redis-side figures between two calls: command counts and CPU.
+    async fn redis_snapshot(&self) -> anyhow::Result<RedisSnapshot> {
+        let stats = self.redis_cli(&["INFO", "commandstats"]).await?;
+        let cpu = self.redis_cli(&["INFO", "cpu"]).await?;
+        Ok(RedisSnapshot::parse(&stats, &cpu))
+    }
+}
+
+/// `INFO commandstats` (per command: calls, usec) and `INFO cpu` at one moment.
+#[derive(Debug, Default)]
+struct RedisSnapshot {
+    commands: BTreeMap<String, (u64, u64)>,
+    cpu_secs: f64,
+}
+
+impl RedisSnapshot {
+    fn parse(stats: &str, cpu: &str) -> Self {
+        let mut commands = BTreeMap::new();
+        for line in stats.lines() {
+            let Some((name, rest)) = line
+                .trim()
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |key: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            commands.insert(name.to_owned(), (field("calls"), field("usec")));
+        }
+        let cpu_secs = cpu
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.trim().split_once(':')?;
+                matches!(k, "used_cpu_sys" | "used_cpu_user").then(|| v.parse::<f64>().ok())?
+            })
+            .sum();
+        Self { commands, cpu_secs }
+    }
+
+    /// What happened between `before` and `self`: (command, calls, usec), busiest first.
+    fn since(&self, before: &Self) -> Vec<(String, u64, u64)> {
+        let mut out: Vec<_> = self
+            .commands
+            .iter()
+            .filter_map(|(name, &(calls, usec))| {
+                let (c0, u0) = before.commands.get(name).copied().unwrap_or((0, 0));
+                let calls = calls.saturating_sub(c0);
+                (calls > 0 && name != "info")
+                    .then(|| (name.clone(), calls, usec.saturating_sub(u0)))
+            })
+            .collect();
+        out.sort_by_key(|c| std::cmp::Reverse(c.1));
+        out
+    }
+}
+
+fn proc_cpu_secs(stat_path: &str, clk_tck: f64) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    // Fields after the `(comm)` field, which may itself hold spaces: state is field 3,
+    // utime field 14, stime field 15.
+    let after = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clk_tck)
+}
+
+async fn clock_ticks_per_sec() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().await;
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        // Linux has used 100 on every mainstream architecture for decades.
+        .unwrap_or(100.0)
+}
+
+/// How one relay stream sends its events.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Events including the first `started` and the last `ended`.
+    events: u64,
+    window: u64,
+    /// `None`: as fast as the window allows; `Some(p)`: one event every `p`.
+    pace: Option<Duration>,
+}
+
+/// Per-event times of one stream, micros since the run's base instant, index = seq - 1.
+struct StreamTrace {
+    call_id: String,
+    sent_us: Vec<u64>,
+    acked_us: Vec<u64>,
+}
+
+fn micros_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+fn event(call_id: &str, seq: u64, last: u64) -> pb::AttachRequest {
+    use pb::call_event::Kind;
+    let kind = if seq == 1 {
+        Kind::Started(pb::Started {
+            twilio_call_sid: format!("CAbench{call_id}"),
+            stream_sid: format!("MZbench{call_id}"),
+            relay_id: "relay-bench".to_owned(),
+            resumed: false,
+        })
+    } else if seq == last {
+        Kind::Ended(pb::Ended {
+            reason: pb::EndReason::CallerHangup as i32,
+            detail: String::new(),
+            transfer_to: String::new(),
+        })
+    } else if seq.is_multiple_of(2) {
+        Kind::Caller(pb::CallerSpeech {
+            item_id: format!("item_{seq}"),
+            text: "Hi, I would like to move my appointment to Thursday afternoon.".to_owned(),
+        })
+    } else {
+        Kind::Assistant(pb::AssistantSpeech {
+            item_id: format!("item_{seq}"),
+            text: "Of course. I have three o'clock or four thirty on Thursday.".to_owned(),
+            interrupted: false,
+            heard_ms: 2400,
+            audio_ms: 2400,
+        })
+    };
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    pb::AttachRequest {
+        msg: Some(pb::attach_request::Msg::Event(pb::CallEvent {
+            call_id: call_id.to_owned(),
+            seq,
+            at_ms,
+            kind: Some(kind),
+        })),
+    }
+}
+
+/// Plays the relay of one call: open, then send the plan's events with a bounded window
+/// of unacknowledged ones, until `ended` is acknowledged.
+async fn drive_call(
+    mut relay: RelayClient,
+    call_id: String,
+    plan: Plan,
+    base: Instant,
+) -> anyhow::Result<StreamTrace> {
+    let total = plan.events.max(2);
+    let window = plan.window.max(1);
+    // Never more than `window` events are unacknowledged, so the channel never holds more.
+    let (tx, rx) = mpsc::channel(usize::try_from(window)? + 1);
+    let open = pb::AttachRequest {
+        msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
+            call_id: call_id.clone(),
+            relay_id: "relay-bench".to_owned(),
+            reconnect: false,
+        })),
+    };
+    tx.send(open).await?;
+    let mut down = timeout(STEP, relay.attach(ReceiverStream::new(rx)))
+        .await
+        .context("attach: no response headers")??
+        .into_inner();
+    match timeout(STEP, down.message())
+        .await
+        .context("attach: no context")??
+        .and_then(|m| m.msg)
+    {
+        Some(pb::attach_response::Msg::Context(ctx)) => {
+            ensure!(
+                ctx.last_seq == 0,
+                "call {call_id} already has {} events",
+                ctx.last_seq
+            )
+        }
+        other => bail!("attach {call_id}: first reply is not the context: {other:?}"),
+    }
+
+    let mut trace = StreamTrace {
+        call_id: call_id.clone(),
+        sent_us: vec![0; usize::try_from(total)?],
+        acked_us: vec![0; usize::try_from(total)?],
+    };
+    let mut ticker = plan.pace.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    });
+    let (mut next, mut acked) = (1u64, 0u64);
+    while acked < total {
+        let can_send = next <= total && next - 1 - acked < window;
+        tokio::select! {
+            biased;
+            // Acks first, so the window opens as soon as the server allows.
+            reply = timeout(STEP, down.message()) => {
+                let reply = reply.with_context(|| format!("call {call_id}: no ack for {STEP:?} (acked {acked}, sent {})", next - 1))??;
+                match reply.and_then(|m| m.msg) {
+                    Some(pb::attach_response::Msg::AckedSeq(seq)) => {
+                        ensure!(seq < next, "call {call_id}: ack {seq} for an event not sent yet");
+                        let now = micros_since(base);
+                        for s in acked + 1..=seq {
+                            trace.acked_us[usize::try_from(s - 1)?] = now;
+                        }
+                        acked = acked.max(seq);
+                    }
+                    Some(pb::attach_response::Msg::Command(_)) => {}
+                    Some(pb::attach_response::Msg::Context(_)) => bail!("call {call_id}: second context"),
+                    None => bail!("call {call_id}: stream closed at ack {acked} of {total}"),
+                }
+            }
+            // The next event, when the window has room (and, paced, when its time comes).
+            () = next_tick(&mut ticker), if can_send => {
+                trace.sent_us[usize::try_from(next - 1)?] = micros_since(base);
+                tx.send(event(&call_id, next, total)).await.context("attach stream closed")?;
+                next += 1;
+            }
+        }
+    }
+    Ok(trace)
+}
+
+async fn next_tick(ticker: &mut Option<tokio::time::Interval>) {
+    if let Some(t) = ticker {
+        t.tick().await;
+    }
+}
+
+/// Collects a call's events from `WatchCall` until the stream ends: receive time per seq.
+async fn drain_watch(
+    mut stream: tonic::Streaming<pb::CallEvent>,
+    call_id: String,
+    expected: u64,
+    base: Instant,
+) -> anyhow::Result<(String, Vec<u64>)> {
+    let mut seen = vec![0u64; usize::try_from(expected)?];
+    let mut count = 0u64;
+    while let Some(ev) = timeout(STEP, stream.message())
+        .await
+        .with_context(|| format!("watch {call_id}: nothing for {STEP:?} after {count} events"))??
+    {
+        let now = micros_since(base);
+        ensure!(
+            ev.call_id == call_id,
+            "watch {call_id}: event of {}",
+            ev.call_id
+        );
+        ensure!(
+            ev.seq >= 1 && ev.seq <= expected,
+            "watch {call_id}: unexpected seq {}",
+            ev.seq
+        );
+        let slot = &mut seen[usize::try_from(ev.seq - 1)?];
+        ensure!(
+            *slot == 0,
+            "watch {call_id}: seq {} delivered twice",
+            ev.seq
+        );
+        *slot = now;
+        count += 1;
+    }
+    ensure!(
+        count == expected,
+        "watch {call_id}: stream ended after {count} of {expected} events"
+    );
+    Ok((call_id, seen))
+}
+
+/// p-th percentile (0..=100) of sorted values, nearest-rank.
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[derive(Debug)]
+struct Quantiles {
+    p50_us: i64,
+    p99_us: i64,
+    max_us: i64,
+    n: usize,
+}
+
+fn quantiles(mut v: Vec<i64>) -> Quantiles {
+    v.sort_unstable();
+    Quantiles {
+        p50_us: percentile(&v, 50.0).unwrap_or(0),
+        p99_us: percentile(&v, 99.0).unwrap_or(0),
+        max_us: v.last().copied().unwrap_or(0),
+        n: v.len(),
+    }
+}
+
+impl Quantiles {
+    fn json(&self) -> Value {
+        json!({"p50_us": self.p50_us, "p99_us": self.p99_us, "max_us": self.max_us, "samples": self.n})
+    }
+}
+
+fn ms(us: i64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+/// One throughput level: `calls` attach streams pipelining `events_per_call` each.
+async fn throughput_level(
+    bench: &Bench,
+    args: &Args,
+    agent: &str,
+    calls: u64,
+) -> anyhow::Result<Value> {
+    let per_call = (args.events / calls).max(2);
+    let ids = bench
+        .prepare_calls(agent, calls, &format!("tp{calls}"))
+        .await?;
+    let redis_before = bench.redis_snapshot().await?;
+    let cpu_before = bench.control_cpu_secs()?;
+    let base = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, id) in ids.into_iter().enumerate() {
+        let plan = Plan {
+            events: per_call,
+            window: args.window,
+            pace: None,
+        };
+        set.spawn(drive_call(bench.relay(i), id, plan, base));
+    }
+    let traces = timeout(
+        Duration::from_secs(args.run_timeout_secs),
+        join_all(&mut set),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "{calls}-call level did not finish in {} s",
+            args.run_timeout_secs
+        )
+    })??;
+    let secs = base.elapsed().as_secs_f64();
+    let control_cpu = bench.control_cpu_secs()? - cpu_before;
+    let redis_after = bench.redis_snapshot().await?;
+
+    let events: u64 = traces.iter().map(|t| t.acked_us.len() as u64).sum();
+    let ack = quantiles(
+        traces
+            .iter()
+            .flat_map(|t| {
+                t.sent_us
+                    .iter()
+                    .zip(&t.acked_us)
+                    .map(|(s, a)| *a as i64 - *s as i64)
+            })
+            .collect(),
+    );
+    let redis_cmds = redis_after.since(&redis_before);
+    let redis_calls: u64 = redis_cmds.iter().map(|c| c.1).sum();
+    let rate = events as f64 / secs;
+    Ok(json!({
+        "calls": calls,
+        "events": events,
+        "window": args.window,
+        "seconds": secs,
+        "events_per_sec": rate,
+        "send_to_ack_under_load": ack.json(),
+        "control_cpu_percent": 100.0 * control_cpu / secs,
+        "redis_cpu_percent": 100.0 * (redis_after.cpu_secs - redis_before.cpu_secs) / secs,
+        "redis_commands_per_event": redis_calls as f64 / events as f64,
+        "redis_commands": redis_cmds.iter().map(|(n, c, u)| json!({"command": n, "calls": c, "usec": u})).collect::<Vec<_>>(),
+    }))
+}
+
+async fn join_all<T: 'static>(set: &mut JoinSet<anyhow::Result<T>>) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(set.len());
+    while let Some(res) = set.join_next().await {
+        out.push(res.context("bench task panicked")??);
+    }
+    Ok(out)
+}
+
+/// The watch-latency run: watchers first, then paced relay streams.
+async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Value> {
+    let calls = args.watch_calls.max(1);
+    let rate = args.watch_rate.max(1);
+    let per_call = (rate * args.watch_secs).max(2);
+    let pace = Duration::from_micros(1_000_000 / rate);
+    let ids = bench.prepare_calls(agent, calls, "watch").await?;
+
+    // Every watcher is open (response headers received) before any event is sent, so each
+    // event is a live one for its watcher.
+    let base = Instant::now();
+    let mut watchers = JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut client = bench.calls(i);
+        let req = pb::WatchCallRequest {
+            call_id: id.clone(),
+            after_seq: 0,
+        };
+        let stream = timeout(STEP, client.watch_call(req))
+            .await
+            .context("WatchCall: no response headers")??
+            .into_inner();
+        watchers.spawn(drain_watch(stream, id.clone(), per_call, base));
+    }
+    let redis_before = bench.redis_snapshot().await?;
+    let cpu_before = bench.control_cpu_secs()?;
+    let started = Instant::now();
+    let mut relays = JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let plan = Plan {
+            events: per_call,
+            window: args.window,
+            pace: Some(pace),
+        };
+        relays.spawn(drive_call(bench.relay(i), id.clone(), plan, base));
+    }
+    let limit = Duration::from_secs(args.run_timeout_secs);
+    let traces = timeout(limit, join_all(&mut relays))
+        .await
+        .context("watch run: relays did not finish")??;
+    let secs = started.elapsed().as_secs_f64();
+    let control_cpu = bench.control_cpu_secs()? - cpu_before;
+    let redis_after = bench.redis_snapshot().await?;
+    // Watcher traces come back in completion order; key them by call to pair with sends.
+    let mut seen: std::collections::HashMap<String, Vec<u64>> =
+        timeout(STEP, join_all(&mut watchers))
+            .await
+            .context("watch run: watchers did not finish")??
+            .into_iter()
+            .collect();
+
+    let mut send_ack = Vec::new();
+    let mut send_watch = Vec::new();
+    let mut ack_watch = Vec::new();
+    for t in &traces {
+        let w = seen
+            .remove(&t.call_id)
+            .with_context(|| format!("no watcher trace for call {}", t.call_id))?;
+        for ((s, a), r) in t.sent_us.iter().zip(&t.acked_us).zip(&w) {
+            let (s, a, r) = (*s as i64, *a as i64, *r as i64);
+            send_ack.push(a - s);
+            send_watch.push(r - s);
+            ack_watch.push(r - a);
+        }
+    }
+    let events = send_ack.len() as u64;
+    let (send_ack, send_watch, ack_watch) = (
+        quantiles(send_ack),
+        quantiles(send_watch),
+        quantiles(ack_watch),
+    );
+    let redis_cmds = redis_after.since(&redis_before);
+    Ok(json!({
+        "calls": calls,
+        "events": events,
+        "events_per_call_per_sec": rate,
+        "offered_events_per_sec": calls * rate,
+        "seconds": secs,
+        "send_to_ack": send_ack.json(),
+        "send_to_watch": send_watch.json(),
+        "ack_to_watch": ack_watch.json(),
+        "control_cpu_percent": 100.0 * control_cpu / secs,
+        "redis_cpu_percent": 100.0 * (redis_after.cpu_secs - redis_before.cpu_secs) / secs,
+        "redis_commands_per_event": redis_cmds.iter().map(|c| c.1).sum::<u64>() as f64 / events as f64,
+        "redis_commands": redis_cmds.iter().map(|(n, c, u)| json!({"command": n, "calls": c, "usec": u})).collect::<Vec<_>>(),
+    }))
+}
+
+/// `redis-benchmark` XADD against the same server: the floor control stands on.
+async fn redis_benchmark(
+    sock: &Path,
+    requests: u64,
+    clients: u32,
+    pipeline: u32,
+) -> anyhow::Result<Value> {
+    let out = timeout(
+        Duration::from_secs(120),
+        Command::new("redis-benchmark")
+            .arg("-s")
+            .arg(sock)
+            .args(["-n", &requests.to_string(), "-c", &clients.to_string()])
+            .args(["-P", &pipeline.to_string(), "-q"])
+            .args(["XADD", "redisbench", "*", "f", "v"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("redis-benchmark took over 120 s")?
+    .context("running redis-benchmark (apt-get install redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // -q prints progress lines separated by '\r' and ends with
+    // `XADD …: 123456.79 requests per second, p50=0.183 msec`.
+    let rps = text
+        .split(['\r', '\n'])
+        .filter_map(|l| {
+            l.split_once(" requests per second")?
+                .0
+                .rsplit(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .next_back()
+        .ok_or_else(|| anyhow!("no rate in redis-benchmark output: {text:?}"))?;
+    Ok(json!({"clients": clients, "pipeline": pipeline, "requests": requests, "xadd_per_sec": rps}))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    json!({"cpu": cpu, "cores": cores, "note": "bench client, control and redis share these cores"})
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+fn print_report(report: &Value) {
+    println!();
+    println!(
+        "control-plane benchmark ({} cores: {})",
+        report["machine"]["cores"], report["machine"]["cpu"]
+    );
+    println!();
+    println!(
+        "throughput (attach streams, window {} unacked, {} connections)",
+        report["window"], report["connections"]
+    );
+    println!(
+        "{:>6} {:>9} {:>8} {:>11} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "calls",
+        "events",
+        "secs",
+        "events/s",
+        "ack p50ms",
+        "ack p99ms",
+        "ctl cpu%",
+        "rds cpu%",
+        "rds cmd/ev"
+    );
+    for lvl in report["throughput"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:>9} {:>8.2} {:>11.0} {:>10} {:>10} {:>9.0} {:>9.0} {:>10.2}",
+            lvl["calls"],
+            lvl["events"],
+            f(lvl, &["seconds"]),
+            f(lvl, &["events_per_sec"]),
+            ms(lvl["send_to_ack_under_load"]["p50_us"]
+                .as_i64()
+                .unwrap_or(0)),
+            ms(lvl["send_to_ack_under_load"]["p99_us"]
+                .as_i64()
+                .unwrap_or(0)),
+            f(lvl, &["control_cpu_percent"]),
+            f(lvl, &["redis_cpu_percent"]),
+            f(lvl, &["redis_commands_per_event"]),
+        );
+    }
+    let w = &report["watch"];
+    if w.is_object() {
+        println!();
+        println!(
+            "watch latency: {} calls × {} events/s = {} events/s offered, {} events",
+            w["calls"], w["events_per_call_per_sec"], w["offered_events_per_sec"], w["events"]
+        );
+        println!("{:>16} {:>9} {:>9} {:>9}", "", "p50 ms", "p99 ms", "max ms");
+        for (label, key) in [
+            ("send → ack", "send_to_ack"),
+            ("send → watcher", "send_to_watch"),
+            ("ack → watcher", "ack_to_watch"),
+        ] {
+            let q = &w[key];
+            println!(
+                "{:>16} {:>9} {:>9} {:>9}",
+                label,
+                ms(q["p50_us"].as_i64().unwrap_or(0)),
+                ms(q["p99_us"].as_i64().unwrap_or(0)),
+                ms(q["max_us"].as_i64().unwrap_or(0))
+            );
+        }
+        println!(
+            "  control cpu {:.0}%, redis cpu {:.0}%, redis commands/event {:.2}",
+            f(w, &["control_cpu_percent"]),
+            f(w, &["redis_cpu_percent"]),
+            f(w, &["redis_commands_per_event"])
+        );
+    }
+    println!();
+    println!("redis-benchmark XADD on the same server (unix socket)");
+    for r in report["redis_benchmark"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>3} clients, pipeline {:>2}: {:>10.0} XADD/s",
+            r["clients"],
+            r["pipeline"],
+            f(r, &["xadd_per_sec"])
+        );
+    }
+    println!();
+    println!("redis commands in the busiest throughput level (calls, usec per call):");
+    if let Some(last) = report["throughput"].as_array().and_then(|a| a.last()) {
+        let events = f(last, &["events"]);
+        for c in last["redis_commands"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(12)
+        {
+            let calls = f(c, &["calls"]);
+            println!(
+                "  {:<20} {:>10} ({:.2}/event, {:.1} usec each)",
+                c["command"].as_str().unwrap_or("?"),
+                calls,
+                calls / events,
+                f(c, &["usec"]) / calls.max(1.0)
+            );
+        }
+    }
+    println!();
+    for t in report["targets"].as_array().into_iter().flatten() {
+        println!(
+            "target {}: {}",
+            t["target"].as_str().unwrap_or("?"),
+            if t["met"].as_bool() == Some(true) {
+                "MET"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        !args.levels.is_empty() && args.levels.iter().all(|l| *l > 0),
+        "--levels must be positive numbers"
+    );
+    let bench = Bench::start(&args).await?;
+    let agent = bench.create_agent().await?;
+    eprintln!(
+        "bench: control pid {} ready; redis at {}",
+        bench.control_pid,
+        bench.redis.url()
+    );
+
+    let mut throughput = Vec::new();
+    for &calls in &args.levels {
+        eprintln!("bench: throughput with {calls} calls …");
+        throughput.push(throughput_level(&bench, &args, &agent, calls).await?);
+    }
+    eprintln!("bench: watch latency with {} calls …", args.watch_calls);
+    let watch = watch_run(&bench, &args, &agent).await?;
+    eprintln!("bench: redis-benchmark …");
+    let mut redis_bench = Vec::new();
+    for (clients, pipeline) in [(50, 1), (50, 16)] {
+        redis_bench.push(
+            redis_benchmark(&bench.redis_sock, args.redis_requests, clients, pipeline).await?,
+        );
+    }
+
+    let best_rate = throughput
+        .iter()
+        .map(|l| f(l, &["events_per_sec"]))
+        .fold(0.0, f64::max);
+    let rate_at_100 = throughput
+        .iter()
+        .find(|l| l["calls"] == 100)
+        .map(|l| f(l, &["events_per_sec"]));
+    let watch_p99_ms = w_p99_ms(&watch);
+    let report = json!({
+        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "machine": machine(),
+        "window": args.window,
+        "connections": args.connections,
+        "throughput": throughput,
+        "watch": watch,
+        "redis_benchmark": redis_bench,
+        "targets": [
+            {"target": ">= 50000 events/s acked (best level)", "value": best_rate, "met": best_rate >= 50_000.0},
+            {"target": ">= 50000 events/s acked at 100 calls", "value": rate_at_100, "met": rate_at_100.is_some_and(|r| r >= 50_000.0)},
+            {"target": "watch p99 < 5 ms at 100 calls (send → watcher)", "value_ms": watch_p99_ms, "met": watch_p99_ms < 5.0},
+        ],
+    });
+    print_report(&report);
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("\nwrote {}", args.out.display());
+    Ok(())
+}
+
+fn w_p99_ms(watch: &Value) -> f64 {
+    watch["send_to_watch"]["p99_us"]
+        .as_f64()
+        .map_or(f64::INFINITY, |us| us / 1000.0)
+}
