@@ -135,7 +135,9 @@ impl RedisServer {
         fn exchange(mut s: impl Read + Write) -> bool {
             let mut buf = [0u8; 16];
             s.write_all(b"PING\r\n").is_ok()
-                && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+                && s.read(&mut buf)
+                    .map(|n| buf[..n].starts_with(b"+PONG"))
+                    .unwrap_or(false)
         }
         match &self.endpoint {
             Endpoint::Unix(sock) => std::os::unix::net::UnixStream::connect(sock)
