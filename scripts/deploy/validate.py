@@ -164,7 +164,7 @@ def crate_reads_env(crate: Crate, name: str, where: str) -> None:
 
 
 def crate_serves_path(crate: Crate, path: str, where: str) -> None:
-    if not crate.landed or "warp::" not in crate.text:
+    if not crate.landed or not re.search(r"warp::path|path!\(", crate.text):
         R.skip(f"route paths for {crate.name}: its src/ has no warp routes yet")
         return
     if path in crate.literals:
@@ -623,12 +623,15 @@ def check_secrets(name: str, objs: list[dict[str, Any]], docs: str) -> None:
                 f"{name}: TLS Secret {secret} has no creation command in docs/operations.md",
             )
             continue
-        cmd = re.search(
-            rf"kubectl\b[^\n]*create secret generic {re.escape(secret)}\b((?:[^\n]*\\\n)*[^\n]*)",
-            docs,
-        )
+        commands = [
+            m.group(0)
+            for m in re.finditer(
+                rf"kubectl\b[^\n]*create secret generic {re.escape(secret)}\b(?:[^\n]*\\\n)*[^\n]*",
+                docs,
+            )
+        ]
         R.check(
-            cmd is not None and re.search(rf"--from-(literal|file)={re.escape(key)}=", cmd.group(0)),
+            any(re.search(rf"--from-(literal|file)={re.escape(key)}=", c) for c in commands),
             f"{name}: Secret {secret} key {key} is not created by a command in docs/operations.md",
         )
 
