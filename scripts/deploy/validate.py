@@ -740,43 +740,73 @@ def check_binary(binary: str, bins: dict[str, set[str]] | None) -> None:
 # === compose ===
 
 
-def check_compose(stages: dict[str, str]) -> None:
-    path = DEPLOY / "compose.yaml"
-    doc = yaml.safe_load(path.read_text())
+def load_compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def bin_source(binary: str) -> str | None:
+    """The source of a testkit binary, or None while it is still a placeholder."""
+    for f in (ROOT / "tests" / "testkit" / "src" / "bin").glob("*.rs"):
+        if f.stem.replace("_", "-") == binary:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            return text if len(text.strip().splitlines()) > 3 else None
+    return None
+
+
+def defines_flag(text: str, flag: str) -> bool:
+    """clap derive (`#[arg(long)] field`, `long = "flag"`) or hand-rolled (`"--flag"`)."""
+    field_name = flag.replace("-", "_")
+    return (
+        f'"--{flag}"' in text
+        or f'long = "{flag}"' in text
+        or ("long" in text and re.search(rf"\b(pub\s+)?{field_name}\s*:", text) is not None)
+    )
+
+
+def check_compose(stages: dict[str, str], doc: dict[str, Any]) -> None:
     services = doc.get("services", {})
+    images = {svc.get("image"): svc.get("build", {}).get("target")
+              for svc in services.values() if svc.get("build")}
     for svc_name, svc in services.items():
         where = f"compose service {svc_name}"
         for dep in svc.get("depends_on", {}) or {}:
             R.check(dep in services, f"{where}: depends_on unknown service {dep}")
         build = svc.get("build")
-        crate_key = None
+        target = None
         if build:
             target = build.get("target")
             R.check(target in stages, f"{where}: build target {target} is not a Dockerfile stage")
             R.check(
-                (path.parent / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve()
+                (DEPLOY / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).resolve()
                 == (DEPLOY / "Dockerfile").resolve(),
                 f"{where}: build must use deploy/Dockerfile",
             )
-            crate_key = {"relay": "relay", "control": "control", "testkit": "testkit"}.get(target)
+        elif svc.get("image") in images:
+            target = images[svc["image"]]
+        elif str(svc.get("image", "")).startswith("callbridge"):
+            R.fail(f"{where}: image {svc.get('image')} is built by no service")
         env = svc.get("environment", {}) or {}
         if isinstance(env, list):
             env = dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
-        if crate_key:
+        if target in ("relay", "control"):
             for var in env:
-                crate_reads_env(CRATES[crate_key], var, where)
-            for arg in svc.get("command", []) or []:
-                if isinstance(arg, str) and arg.startswith("--"):
-                    flag = arg.split("=", 1)[0][2:]
-                    if not CRATES[crate_key].landed:
-                        R.skip(f"CLI flags for {CRATES[crate_key].name}: src/ is a placeholder")
-                    else:
-                        R.check(
-                            flag in CRATES[crate_key].text
-                            or flag.replace("-", "_") in CRATES[crate_key].text,
-                            f"{where}: flag --{flag} is not defined in {CRATES[crate_key].name}",
-                        )
-        if crate_key == "relay":
+                crate_reads_env(CRATES[target], var, where)
+        if target == "testkit":
+            entry = svc.get("entrypoint") or []
+            binary = Path(entry[0]).name if entry else "fake-realtime"
+            R.check(binary in ("fake-realtime", "sim-caller"), f"{where}: runs unknown {binary}")
+            text = bin_source(binary)
+            if text is None:
+                R.skip(f"compose flags and env of {binary}: its source is still a placeholder")
+            else:
+                text = text + CRATES["testkit"].text
+                for arg in svc.get("command", []) or []:
+                    if isinstance(arg, str) and arg.startswith("--"):
+                        flag = arg.split("=", 1)[0][2:]
+                        R.check(defines_flag(text, flag), f"{where}: {binary} has no flag --{flag}")
+                for var in env:
+                    R.check(f'"{var}"' in text, f"{where}: {binary} never reads {var}")
+        if target == "relay":
             port = listen_port(env.get("RELAY_LISTEN")) or 8080
             published = [str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])]
             R.check(all(p == str(port) for p in published), f"{where}: ports vs RELAY_LISTEN")
@@ -1051,6 +1081,108 @@ def check_live(dev: list[dict[str, Any]]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# === self-test: every mutation must trip its check ===
+
+
+def self_test(dev: list[dict[str, Any]], stages: dict[str, str]) -> None:
+    """Proves the checks bite: each broken copy of the dev render must fail as expected."""
+    import copy
+
+    global R
+
+    def relay(objs: list[dict[str, Any]]) -> dict[str, Any]:
+        return find(objs, "Deployment", "relay")["spec"]["template"]["spec"]
+
+    def control(objs: list[dict[str, Any]]) -> dict[str, Any]:
+        return find(objs, "Deployment", "control")
+
+    def cm(objs: list[dict[str, Any]], prefix: str) -> dict[str, str]:
+        return next(c for c in by_kind(objs, "ConfigMap")
+                    if c["metadata"]["name"].startswith(prefix))["data"]
+
+    def set_(d: dict[str, Any], key: str, value: Any) -> None:
+        d[key] = value
+
+    cases: list[tuple[str, Any, Any, str]] = [
+        ("env var the relay does not read",
+         lambda o: relay(o)["containers"][0]["env"].append({"name": "RELAY_NOT_A_SETTING", "value": "1"}),
+         lambda o: [check_env_vs_code("t", o, w) for w in workloads(o)], "RELAY_NOT_A_SETTING"),
+        ("grace shorter than the drain",
+         lambda o: set_(relay(o), "terminationGracePeriodSeconds", 20),
+         lambda o: check_relay("t", o), "terminationGracePeriodSeconds"),
+        ("readiness on the wrong path",
+         lambda o: set_(relay(o)["containers"][0]["readinessProbe"]["httpGet"], "path", "/ready"),
+         lambda o: check_relay("t", o), "readinessProbe must GET /readyz"),
+        ("ingress host != RELAY_PUBLIC_URL",
+         lambda o: set_(find(o, "Ingress", "relay")["spec"]["rules"][0], "host", "other.example.com"),
+         lambda o: check_relay("t", o), "Ingress host other.example.com"),
+        ("a Secret in the manifests",
+         lambda o: o.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}),
+         lambda o: check_secrets("t", o, SECRET_DOC.read_text()), "a Secret object"),
+        ("secret key nobody creates",
+         lambda o: set_(relay(o)["containers"][0]["env"][1]["valueFrom"]["secretKeyRef"], "key", "other-key"),
+         lambda o: check_secrets("t", o, SECRET_DOC.read_text()), "key other-key"),
+        ("container port != RELAY_LISTEN",
+         lambda o: set_(relay(o)["containers"][0]["ports"][0], "containerPort", 9999),
+         lambda o: check_relay("t", o), "relay containerPort"),
+        ("writable root filesystem",
+         lambda o: set_(relay(o)["containers"][0]["securityContext"], "readOnlyRootFilesystem", False),
+         lambda o: [check_pod_security("t", w) for w in workloads(o)], "readOnlyRootFilesystem"),
+        ("one control replica",
+         lambda o: set_(control(o)["spec"], "replicas", 1),
+         lambda o: check_control("t", o), ">= 2 replicas"),
+        ("network policy on a port nobody listens on",
+         lambda o: set_(find(o, "NetworkPolicy", "relay")["spec"]["ingress"][0]["ports"][0], "port", 8081),
+         lambda o: check_wiring("t", o), "ingress port 8081"),
+        ("Redis without AOF",
+         lambda o: set_(find(o, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0],
+                        "args", ["--appendonly", "no"]),
+         lambda o: check_control("t", o), "AOF"),
+        ("HPA metric without an adapter rule",
+         lambda o: set_(find(o, "HorizontalPodAutoscaler", "relay")["spec"]["metrics"][0]["pods"]["metric"],
+                        "name", "callbridge_relay_no_such_metric"),
+         lambda o: check_wiring("t", o), "has no adapter rule"),
+        ("CONTROL_URL on a port the Service lacks",
+         lambda o: set_(cm(o, "relay-config"), "CONTROL_URL", "http://control:50052"),
+         lambda o: check_relay("t", o), "CONTROL_URL port 50052"),
+        ("Service selecting no pods",
+         lambda o: set_(find(o, "Service", "control")["spec"], "selector", {"app": "nobody"}),
+         lambda o: check_wiring("t", o), "selects no pods"),
+    ]
+    compose = load_compose()
+    bad_compose = copy.deepcopy(compose)
+    bad_compose["services"]["relay"]["environment"]["RELAY_NOT_A_SETTING"] = "1"
+    bad_aof = copy.deepcopy(compose)
+    bad_aof["services"]["redis"]["command"] = ["redis-server"]
+
+    saved = R
+    results: list[tuple[str, bool, list[str]]] = []
+    try:
+        for what, mutate, run, expect in cases:
+            R = Report()
+            objs = copy.deepcopy(dev)
+            mutate(objs)
+            run(objs)
+            if what.startswith("env var") and not CRATES["relay"].landed:
+                results.append((what, True, ["skipped: relay not landed"]))
+                continue
+            results.append((what, any(expect in f for f in R.failures), R.failures))
+        for what, doc, expect in (
+            ("compose env var the relay does not read", bad_compose, "RELAY_NOT_A_SETTING"),
+            ("compose Redis without AOF", bad_aof, "AOF must be on"),
+        ):
+            R = Report()
+            check_compose(stages, doc)
+            if "RELAY_NOT" in expect and not CRATES["relay"].landed:
+                results.append((what, True, []))
+                continue
+            results.append((what, any(expect in f for f in R.failures), R.failures))
+    finally:
+        R = saved
+    for what, caught, failures in results:
+        R.check(caught, f"self-test: breaking '{what}' was not caught (failures: {failures[:3]})")
+
+
 # === main ===
 
 
@@ -1082,9 +1214,11 @@ def main() -> int:
         check_secrets(name, objs, docs)
 
     stages = check_dockerfile(bins)
-    check_compose(stages)
+    check_compose(stages, load_compose())
     check_metrics_docs_and_dashboard()
     check_no_example_secrets(DEPLOY)
+    if rendered.get("dev"):
+        self_test(rendered["dev"], stages)
     if "--no-live" not in sys.argv and rendered.get("dev"):
         check_live(rendered["dev"])
 
