@@ -815,6 +815,22 @@ def check_compose(stages: dict[str, str], doc: dict[str, Any]) -> None:
     R.check("--appendonly yes" in cmd, "compose redis: AOF must be on (--appendonly yes)")
 
 
+def check_env_examples() -> None:
+    secrets = {"OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", "RELAY_CONTROL_TOKEN",
+               "CONTROL_APP_TOKENS", "CONTROL_RELAY_TOKENS"}
+    for crate_key in ("relay", "control"):
+        path = DEPLOY / "env" / f"{crate_key}.env.example"
+        if not R.check(path.exists(), f"{path.relative_to(ROOT)} missing"):
+            continue
+        for line in path.read_text().splitlines():
+            m = re.match(r"#?([A-Z][A-Z0-9_]+)=(.*)$", line.strip())
+            if not m:
+                continue
+            crate_reads_env(CRATES[crate_key], m.group(1), str(path.relative_to(ROOT)))
+            if m.group(1) in secrets:
+                R.check(m.group(2) == "", f"{path.relative_to(ROOT)}: {m.group(1)} must be left empty")
+
+
 # === dashboard and metric docs ===
 
 
@@ -1215,6 +1231,7 @@ def main() -> int:
 
     stages = check_dockerfile(bins)
     check_compose(stages, load_compose())
+    check_env_examples()
     check_metrics_docs_and_dashboard()
     check_no_example_secrets(DEPLOY)
     if rendered.get("dev"):
