@@ -724,6 +724,40 @@ def check_dockerfile(bins: dict[str, set[str]] | None) -> dict[str, str]:
     return {t: " ".join(b) for t, b in stages.items()}
 
 
+def check_stub_layer() -> None:
+    """Replays the Dockerfile's dependency layer (its COPYs and stub loop) in a temp dir and
+    has cargo load the result with --locked: the layer would build the same dependency
+    graph as the real sources, so it is a real cache and not a different build."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    builder = text.split("FROM ${RUST_IMAGE} AS builder", 1)[1].split("\nFROM ", 1)[0]
+    before_sources = builder.split("COPY proto proto", 1)[0]
+    copies = [line.split()[1:] for line in before_sources.splitlines() if line.startswith("COPY ")]
+    run = re.search(r"^RUN (for manifest in .*?) && cargo build", before_sources, re.M | re.S)
+    if not R.check(bool(copies) and run is not None, "Dockerfile: dependency layer not found"):
+        return
+    with tempfile.TemporaryDirectory(prefix="callbridge-stub-") as tmp:
+        for *sources, dst in copies:
+            for src in sources:
+                into_dir = dst.endswith("/")
+                target = Path(tmp) / dst / Path(src).name if into_dir else Path(tmp) / dst
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / src, target)
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", run.group(1)], cwd=tmp,
+                              capture_output=True, text=True, timeout=30, check=False)
+        if not R.check(proc.returncode == 0, f"Dockerfile stub loop failed: {proc.stderr.strip()}"):
+            return
+        proc = subprocess.run(
+            ["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
+            cwd=tmp, capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "CARGO_TARGET_DIR": str(Path(tmp) / "target")},
+        )
+        R.check(
+            proc.returncode == 0,
+            f"Dockerfile dependency layer: cargo cannot load the stubbed workspace --locked: "
+            f"{proc.stderr.strip()[-400:]}",
+        )
+
+
 def check_binary(binary: str, bins: dict[str, set[str]] | None) -> None:
     if bins is None:
         return
@@ -1230,6 +1264,7 @@ def main() -> int:
         check_secrets(name, objs, docs)
 
     stages = check_dockerfile(bins)
+    check_stub_layer()
     check_compose(stages, load_compose())
     check_env_examples()
     check_metrics_docs_and_dashboard()
