@@ -428,10 +428,15 @@ def check_relay(name: str, objs: list[dict[str, Any]]) -> None:
     grace = int(env.get("RELAY_DRAIN_GRACE_SECS") or 30)
     pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     tgps = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    # After the grace the relay cuts the remaining calls and waits HARD_STOP_WAIT for them,
+    # then up to HARD_STOP_WAIT again for the server (relay/src/lib.rs); plus 2 s of slack.
+    m = re.search(r"HARD_STOP_WAIT: Duration = Duration::from_secs\((\d+)\)", CRATES["relay"].text)
+    hard_stop = int(m.group(1)) if m else 5
+    need = pre + grace + 2 * hard_stop + 2
     R.check(
-        tgps >= pre + grace + 10,
-        f"{name}: relay terminationGracePeriodSeconds {tgps} < preStop {pre} + "
-        f"RELAY_DRAIN_GRACE_SECS {grace} + 10 s margin",
+        tgps >= need,
+        f"{name}: relay terminationGracePeriodSeconds {tgps} < {need} = preStop {pre} + "
+        f"RELAY_DRAIN_GRACE_SECS {grace} + 2 x HARD_STOP_WAIT {hard_stop} + 2 s",
     )
     R.check(
         "exec" not in c.get("lifecycle", {}).get("preStop", {}),
