@@ -170,7 +170,10 @@ function checkAgentSettings(what, got, want) {
   expectEq(`${what}.turn_detection.type`, got.turn_detection?.type, want.turn_detection.type);
   expectEq(`${what}.tools`, got.tools.map((t) => [t.name, t.description, t.parameters_json]),
     want.tools.map((t) => [t.name, t.description, t.parameters_json]));
-  expectEq(`${what}.builtin_tools`, got.builtin_tools, want.builtin_tools);
+  // Compared field by field: decoded objects list repeated fields first.
+  for (const field of ['end_call', 'transfer_call', 'transfer_numbers']) {
+    expectEq(`${what}.builtin_tools.${field}`, got.builtin_tools?.[field], want.builtin_tools[field]);
+  }
   expectEq(`${what}.fallback.action`, got.fallback?.action, 'say');
   expectEq(`${what}.fallback.say.text`, got.fallback?.say?.text, want.fallback.say.text);
 }
