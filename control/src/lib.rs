@@ -1,1 +1,369 @@
-//! placeholder
+//! callbridge control plane: agents, calls, events, transcripts, usage and the routing
+//! of live commands, over gRPC (tonic), with state in Redis.
+//!
+//! Layout:
+//! - [`config`]: environment variables (one table), parsed and validated before any socket opens.
+//! - [`serve`]: runs the gRPC server on a bound listener until a shutdown future fires.
+//! - `service/`: the `Agents`, `Calls` and `Relay` services; proto ⇄ domain only.
+//! - [`calls`]: lifecycle rules (status order, event effects, transcripts, after-stream decision).
+//! - [`validate`]: input checks, each naming the offending field.
+//! - [`store`]: the [`store::CallStore`] trait, its Redis and in-memory implementations, key names.
+//! - [`hub`]: replica-local fan-out of events to watchers and of commands to attach streams.
+//! - [`auth`]: bearer tokens per API, compared in constant time.
+//! - [`metrics`]: Prometheus metrics and `/metrics`.
+//! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
+//!
+//! Background work on every replica: a Redis health probe (1 s; drives `grpc.health.v1`),
+//! the `RELAY_LOST` sweeper, and the pub/sub listener of the bus.
+
+pub mod auth;
+pub mod calls;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+mod service;
+pub mod store;
+pub mod telemetry;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
+
+use crate::auth::{Api, Auth};
+use crate::config::{Config, StoreConfig};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::service::Shared;
+use crate::store::CallStore;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisStore, RedisTarget};
+
+/// Largest accepted gRPC message.
+const MAX_MESSAGE: usize = 1024 * 1024;
+/// How often Redis is probed for the health service.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long a probe may take before Redis counts as down.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long startup keeps trying to reach Redis.
+const STARTUP_REDIS_WAIT: Duration = Duration::from_secs(30);
+/// Full gRPC names of our services, as the health service knows them.
+const SERVICE_NAMES: [&str; 4] = [
+    "",
+    "callbridge.v1.Agents",
+    "callbridge.v1.Calls",
+    "callbridge.v1.Relay",
+];
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Redis could not be reached at start.
+    #[error("cannot connect to Redis: {0}")]
+    Redis(#[from] error::StoreError),
+    /// The metrics listener could not be bound.
+    #[error("cannot bind metrics listener {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs the control plane on `listener` until `shutdown` completes, then drains: health
+/// goes NOT_SERVING, accepts stop, streams end, all within the configured grace.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let hub = Arc::new(Hub::new());
+    let metrics = Arc::new(Metrics::new());
+    let config = Arc::new(config);
+    {
+        let token = token.clone();
+        // Detached on purpose: it only turns the caller's future into our token.
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => token.cancel(),
+                () = token.cancelled() => {}
+            }
+        });
+    }
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| ServeError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let result = match &config.store {
+        StoreConfig::Memory => {
+            tracing::warn!(
+                "REDIS_URL is not set: using the IN-MEMORY store. Nothing survives a restart and \
+                 only this one process sees the calls. Do not run this in production."
+            );
+            let store = MemoryStore::new(hub.clone(), config.control_id.clone());
+            run(
+                Shared {
+                    store,
+                    hub,
+                    metrics,
+                    config,
+                    shutdown: token.clone(),
+                    tracker: tracker.clone(),
+                },
+                listener,
+                metrics_listener,
+            )
+            .await
+        }
+        StoreConfig::Redis(_) | StoreConfig::Cluster(_) => {
+            let target = match &config.store {
+                StoreConfig::Cluster(nodes) => RedisTarget::Cluster(nodes.clone()),
+                StoreConfig::Redis(url) => RedisTarget::Single(url.clone()),
+                StoreConfig::Memory => unreachable!("matched above"),
+            };
+            let store = connect_redis(&target, &config, &hub, &tracker, &token).await?;
+            run(
+                Shared {
+                    store,
+                    hub,
+                    metrics,
+                    config,
+                    shutdown: token.clone(),
+                    tracker: tracker.clone(),
+                },
+                listener,
+                metrics_listener,
+            )
+            .await
+        }
+    };
+    token.cancel();
+    result
+}
+
+async fn connect_redis(
+    target: &RedisTarget,
+    config: &Config,
+    hub: &Arc<Hub>,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> Result<RedisStore, ServeError> {
+    let deadline = tokio::time::Instant::now() + STARTUP_REDIS_WAIT;
+    loop {
+        match RedisStore::connect(
+            target,
+            config.retention,
+            hub.clone(),
+            &config.control_id,
+            tracker,
+            token.clone(),
+        )
+        .await
+        {
+            Ok(store) => return Ok(store),
+            Err(err) if tokio::time::Instant::now() < deadline && !token.is_cancelled() => {
+                tracing::warn!(error = %err, "Redis not reachable yet; retrying.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+async fn run<S: CallStore>(
+    shared: Shared<S>,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), ServeError> {
+    let shared = Arc::new(shared);
+    let config = shared.config.clone();
+    let token = shared.shutdown.clone();
+    let tracker = shared.tracker.clone();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(callbridge_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| {
+            // The descriptor set is generated at build time; failing here is a build bug.
+            tracing::error!(error = %e, "Reflection descriptor set is invalid.");
+            e
+        })
+        .ok();
+
+    tracker.spawn(probe_redis(shared.clone(), health.clone()));
+    tracker.spawn(sweep(shared.clone()));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "Metrics listening.");
+        let token = token.clone();
+        tracker.spawn(metrics::serve_metrics(
+            shared.metrics.clone(),
+            listener,
+            token.cancelled_owned(),
+        ));
+    }
+
+    let open =
+        config.insecure_no_auth && config.app_tokens.is_empty() && config.relay_tokens.is_empty();
+    if open {
+        tracing::warn!("CONTROL_INSECURE_NO_AUTH=true and no tokens: every caller is accepted.");
+    }
+    let app_auth = Auth::new(
+        Api::Public,
+        config.app_tokens.clone(),
+        config.relay_tokens.clone(),
+        open,
+    );
+    let relay_auth = Auth::new(
+        Api::Relay,
+        config.relay_tokens.clone(),
+        config.app_tokens.clone(),
+        open,
+    );
+
+    let agents = pb::agents_server::AgentsServer::new(service::agents::AgentsApi(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let calls = pb::calls_server::CallsServer::new(service::calls::CallsApi(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+    let relay = pb::relay_server::RelayServer::new(service::relay::RelayApi(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE);
+
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, control_id = %config.control_id, lease_secs = config.lease.as_secs(), "Control plane listening.");
+    let mut router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(InterceptedService::new(agents, app_auth.clone()))
+        .add_service(InterceptedService::new(calls, app_auth))
+        .add_service(InterceptedService::new(relay, relay_auth));
+    if let Some(reflection) = reflection {
+        router = router.add_service(reflection);
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let server_token = token.clone();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        server_token.cancelled().await;
+        for name in SERVICE_NAMES {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    });
+    let mut server = std::pin::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = token.cancelled() => {
+            // Streams select on the token and end; the server then finishes its connections.
+            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("Shutdown grace ran out with connections still open.");
+                    Ok(())
+                }
+            }
+        }
+    };
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Background tasks still running after the shutdown grace.");
+    }
+    tracing::info!("Control plane stopped.");
+    result.map_err(ServeError::from)
+}
+
+/// Probes the store every second; drives health, `redis_up` and the latency histogram.
+async fn probe_redis<S: CallStore>(
+    shared: Arc<Shared<S>>,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving: Option<bool> = None;
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let up = match tokio::time::timeout(PROBE_TIMEOUT, shared.store.ping()).await {
+            Ok(Ok(latency)) => {
+                shared.metrics.redis_latency.observe(latency.as_secs_f64());
+                true
+            }
+            Ok(Err(err)) => {
+                if serving != Some(false) {
+                    tracing::warn!(error = %err, "Redis is unreachable; health NOT_SERVING.");
+                }
+                false
+            }
+            Err(_) => {
+                if serving != Some(false) {
+                    tracing::warn!("Redis probe timed out; health NOT_SERVING.");
+                }
+                false
+            }
+        };
+        shared.metrics.redis_up.set(i64::from(up));
+        if serving != Some(up) && !shared.shutdown.is_cancelled() {
+            if up && serving.is_some() {
+                tracing::info!("Redis is back; health SERVING.");
+            }
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in SERVICE_NAMES {
+                health.set_service_status(name, status).await;
+            }
+            serving = Some(up);
+        }
+    }
+}
+
+/// Ends `RELAY_LOST` calls and trims the call index, on every replica.
+async fn sweep<S: CallStore>(shared: Arc<Shared<S>>) {
+    let every = (shared.config.lease / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_trim = tokio::time::Instant::now();
+    let retention_ms = i64::try_from(shared.config.retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(err) = shared.sweep_relay_lost().await {
+            tracing::debug!(error = %err, "Sweep failed; retrying next tick.");
+        }
+        if last_trim.elapsed() > Duration::from_secs(60) {
+            last_trim = tokio::time::Instant::now();
+            // A day of slack beyond retention: calls live on after their last event.
+            let cutoff = calls::now_ms().saturating_sub(retention_ms.saturating_add(86_400_000));
+            if let Err(err) = shared.store.trim_index(cutoff).await {
+                tracing::debug!(error = %err, "Index trim failed.");
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Bearer-token checks for the public and relay services (constant-time comparison).
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Status};
+
+use crate::config::Secret;
+
+/// Which API a token list guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `Agents` and `Calls`.
+    Public,
+    /// `Relay`.
+    Relay,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Api::Public => "the public API (Agents, Calls)",
+            Api::Relay => "the relay API (Relay)",
+        }
+    }
+}
+
+/// A tonic interceptor accepting only this API's tokens.
+#[derive(Clone)]
+pub struct Auth {
+    api: Api,
+    accepted: Arc<Vec<Secret>>,
+    other: Arc<Vec<Secret>>,
+    open: bool,
+}
+
+impl Auth {
+    /// Guards `api` with `accepted`; `other` (the other API's tokens) only sharpens the
+    /// refusal message. `open` (no tokens configured, insecure mode) lets everyone in.
+    pub fn new(api: Api, accepted: Vec<Secret>, other: Vec<Secret>, open: bool) -> Self {
+        Auth {
+            api,
+            accepted: Arc::new(accepted),
+            other: Arc::new(other),
+            open,
+        }
+    }
+
+    fn matches(list: &[Secret], token: &[u8]) -> bool {
+        // Every entry is compared (no early exit) so timing does not reveal which one matched.
+        list.iter().fold(false, |found, secret| {
+            found | bool::from(secret.expose().as_bytes().ct_eq(token))
+        })
+    }
+
+    /// Checks the `authorization` header of a request.
+    pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        if self.open {
+            return Ok(());
+        }
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization header is not ASCII"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?
+            .trim()
+            .as_bytes();
+        if Self::matches(&self.accepted, token) {
+            return Ok(());
+        }
+        if Self::matches(&self.other, token) {
+            let kind = match self.api {
+                Api::Public => "a relay token",
+                Api::Relay => "an application token",
+            };
+            return Err(Status::unauthenticated(format!(
+                "{kind} cannot be used on {}",
+                self.api.name()
+            )));
+        }
+        Err(Status::unauthenticated(format!(
+            "invalid token for {}",
+            self.api.name()
+        )))
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request.metadata())?;
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(value: &str) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("authorization", value.parse().expect("ascii"));
+        m
+    }
+
+    #[test]
+    fn tokens_of_the_other_api_are_refused_with_a_clear_message() {
+        let public = Auth::new(
+            Api::Public,
+            vec![Secret::new("app")],
+            vec![Secret::new("relay")],
+            false,
+        );
+        assert!(public.check(&md("Bearer app")).is_ok());
+        let err = public.check(&md("Bearer relay")).expect_err("relay token");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("relay token"), "{}", err.message());
+        let err = public.check(&md("Bearer nope")).expect_err("wrong");
+        assert!(err.message().contains("invalid token"));
+        let err = public
+            .check(&tonic::metadata::MetadataMap::new())
+            .expect_err("none");
+        assert!(err.message().contains("missing"));
+    }
+}

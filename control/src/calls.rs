@@ -1,0 +1,404 @@
+//! Call lifecycle rules, independent of gRPC and Redis: status order, what an event
+//! changes, transcripts, what happens after a stream, usage sums.
+
+use std::collections::HashMap;
+
+use callbridge_proto::pb;
+use pb::call_event::Kind;
+
+use crate::error::Error;
+use crate::store::{CallRecord, EventEffects, UsageCounters};
+
+/// Position of a status in the one-way order; all final statuses share the top rank.
+pub fn status_rank(status: i32) -> i32 {
+    match pb::CallStatus::try_from(status) {
+        Ok(pb::CallStatus::Created) => 1,
+        Ok(pb::CallStatus::Ringing) => 2,
+        Ok(pb::CallStatus::InProgress) => 3,
+        Ok(
+            pb::CallStatus::Completed
+            | pb::CallStatus::Failed
+            | pb::CallStatus::NoAnswer
+            | pb::CallStatus::Canceled,
+        ) => 4,
+        Ok(pb::CallStatus::Unspecified) | Err(_) => 0,
+    }
+}
+
+/// Whether a status is final.
+pub fn is_final(status: i32) -> bool {
+    status_rank(status) >= 4
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What storing `event` changes on its call. Refuses events without a kind.
+pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
+    let kind = event
+        .kind
+        .as_ref()
+        .ok_or_else(|| Error::invalid("event.kind", "an event needs a kind"))?;
+    let mut effects = EventEffects {
+        at_ms: if event.at_ms > 0 {
+            event.at_ms
+        } else {
+            now_ms()
+        },
+        ..EventEffects::default()
+    };
+    match kind {
+        Kind::Started(started) => {
+            effects.new_status = Some(pb::CallStatus::InProgress as i32);
+            effects.started = Some((
+                started.twilio_call_sid.clone(),
+                started.stream_sid.clone(),
+                started.relay_id.clone(),
+            ));
+        }
+        Kind::Ended(ended) => {
+            let reason =
+                pb::EndReason::try_from(ended.reason).unwrap_or(pb::EndReason::Unspecified);
+            if reason == pb::EndReason::Handoff {
+                effects.handoff = true;
+            } else {
+                let status = match reason {
+                    pb::EndReason::InternalError | pb::EndReason::RelayLost => {
+                        pb::CallStatus::Failed
+                    }
+                    _ => pb::CallStatus::Completed,
+                };
+                effects.new_status = Some(status as i32);
+                effects.ended = Some((
+                    ended.reason,
+                    ended.detail.clone(),
+                    ended.transfer_to.clone(),
+                ));
+            }
+        }
+        Kind::Usage(usage) => effects.usage = Some(usage_counters(usage)),
+        _ => {}
+    }
+    Ok(effects)
+}
+
+/// Whether an event ends the call for good (an `ended` that is not a hand-off).
+pub fn is_final_event(event: &pb::CallEvent) -> bool {
+    matches!(&event.kind, Some(Kind::Ended(e)) if e.reason != pb::EndReason::Handoff as i32)
+}
+
+/// The stored counters for one usage event (one response).
+pub fn usage_counters(u: &pb::Usage) -> UsageCounters {
+    [
+        u.input_tokens,
+        u.output_tokens,
+        u.total_tokens,
+        u.input_text_tokens,
+        u.input_audio_tokens,
+        u.cached_tokens,
+        u.output_text_tokens,
+        u.output_audio_tokens,
+        1,
+    ]
+}
+
+/// Usage of one call as the API shows it.
+pub fn usage_of(call: &CallRecord) -> pb::Usage {
+    let c = call.usage;
+    pb::Usage {
+        input_tokens: c[0],
+        output_tokens: c[1],
+        total_tokens: c[2],
+        input_text_tokens: c[3],
+        input_audio_tokens: c[4],
+        cached_tokens: c[5],
+        output_text_tokens: c[6],
+        output_audio_tokens: c[7],
+        responses: c[8],
+        calls: 1,
+    }
+}
+
+/// Adds `b` into `a`.
+pub fn add_usage(a: &mut pb::Usage, b: &pb::Usage) {
+    a.input_tokens += b.input_tokens;
+    a.output_tokens += b.output_tokens;
+    a.total_tokens += b.total_tokens;
+    a.input_text_tokens += b.input_text_tokens;
+    a.input_audio_tokens += b.input_audio_tokens;
+    a.cached_tokens += b.cached_tokens;
+    a.output_text_tokens += b.output_text_tokens;
+    a.output_audio_tokens += b.output_audio_tokens;
+    a.responses += b.responses;
+    a.calls += b.calls;
+}
+
+/// The API view of a stored call.
+pub fn call_to_pb(call: &CallRecord) -> pb::Call {
+    pb::Call {
+        call_id: call.call_id.clone(),
+        agent_id: call.agent_id.clone(),
+        direction: call.direction,
+        status: call.status,
+        from: call.from.clone(),
+        to: call.to.clone(),
+        campaign_id: call.campaign_id.clone(),
+        twilio_call_sid: call.twilio_call_sid.clone(),
+        stream_sid: call.stream_sid.clone(),
+        relay_id: call.relay_id.clone(),
+        created_at_ms: call.created_at_ms,
+        started_at_ms: call.started_at_ms,
+        ended_at_ms: call.ended_at_ms,
+        end_reason: call.end_reason,
+        end_detail: call.end_detail.clone(),
+        metadata: call.metadata.clone().into_iter().collect(),
+        usage: Some(usage_of(call)),
+        last_seq: call.last_seq,
+        transfer_to: call.transfer_to.clone(),
+    }
+}
+
+/// Ordered turns from stored events: speech of both sides (assistant turns carry
+/// their interruption), tool calls and results, DTMF.
+pub fn transcript(events: &[pb::CallEvent]) -> Vec<pb::Turn> {
+    use pb::turn::Kind as T;
+    let mut turns: Vec<pb::Turn> = Vec::new();
+    // Interruptions may arrive before or after the assistant's transcript of the item.
+    let mut assistant_at: HashMap<String, usize> = HashMap::new();
+    let mut early_interruptions: HashMap<String, u32> = HashMap::new();
+    for event in events {
+        let kind = match &event.kind {
+            Some(Kind::Caller(c)) => T::Caller(c.clone()),
+            Some(Kind::Assistant(a)) => {
+                let mut a = a.clone();
+                if let Some(heard) = early_interruptions.remove(&a.item_id) {
+                    a.interrupted = true;
+                    a.heard_ms = heard;
+                }
+                if !a.item_id.is_empty() {
+                    assistant_at.insert(a.item_id.clone(), turns.len());
+                }
+                T::Assistant(a)
+            }
+            Some(Kind::Interruption(i)) => {
+                match assistant_at
+                    .get(&i.item_id)
+                    .and_then(|&at| turns.get_mut(at))
+                {
+                    Some(pb::Turn {
+                        kind: Some(T::Assistant(a)),
+                        ..
+                    }) => {
+                        a.interrupted = true;
+                        a.heard_ms = i.heard_ms;
+                    }
+                    _ => {
+                        early_interruptions.insert(i.item_id.clone(), i.heard_ms);
+                    }
+                }
+                continue;
+            }
+            Some(Kind::ToolCall(t)) => T::ToolCall(t.clone()),
+            Some(Kind::ToolResult(t)) => T::ToolResult(t.clone()),
+            Some(Kind::Dtmf(d)) => T::Dtmf(d.clone()),
+            _ => continue,
+        };
+        turns.push(pb::Turn {
+            seq: event.seq,
+            at_ms: event.at_ms,
+            kind: Some(kind),
+        });
+    }
+    turns
+}
+
+/// A default apology when an agent has no fallback.
+fn default_fallback() -> pb::Fallback {
+    pb::Fallback {
+        action: Some(pb::fallback::Action::Say(pb::Say {
+            text:
+                "We are sorry, the assistant is not available right now. Please call again later."
+                    .to_owned(),
+            voice: String::new(),
+            language: String::new(),
+        })),
+        preamble: String::new(),
+    }
+}
+
+/// What the caller gets at `<Connect action>` time (see docs/contract-notes.md).
+pub fn after(
+    call: &CallRecord,
+    agent: Option<&pb::Agent>,
+    now_ms: i64,
+) -> pb::after_response::Next {
+    use pb::after_response::Next;
+    let reason = pb::EndReason::try_from(call.end_reason).unwrap_or(pb::EndReason::Unspecified);
+    if is_final(call.status) {
+        return match reason {
+            pb::EndReason::Transferred if !call.transfer_to.is_empty() => {
+                Next::DialNumber(call.transfer_to.clone())
+            }
+            pb::EndReason::ModelUnavailable | pb::EndReason::InternalError => Next::Fallback(
+                agent
+                    .and_then(|a| a.settings.as_ref())
+                    .and_then(|s| s.fallback.clone())
+                    .filter(|f| f.action.is_some())
+                    .unwrap_or_else(default_fallback),
+            ),
+            _ => Next::Hangup(pb::HangupNext {}),
+        };
+    }
+    let attached_once = call.lease_until_ms > 0;
+    if reason == pb::EndReason::Handoff || (attached_once && !call.lease_held(now_ms)) {
+        return Next::Resume(pb::ResumeNext {});
+    }
+    Next::Hangup(pb::HangupNext {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, kind: Kind) -> pb::CallEvent {
+        pb::CallEvent {
+            call_id: "c".into(),
+            seq,
+            at_ms: 1000 + seq as i64,
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn status_order_is_one_way() {
+        use pb::CallStatus::*;
+        assert!(status_rank(Created as i32) < status_rank(Ringing as i32));
+        assert!(status_rank(Ringing as i32) < status_rank(InProgress as i32));
+        for s in [Completed, Failed, NoAnswer, Canceled] {
+            assert!(status_rank(InProgress as i32) < status_rank(s as i32));
+            assert!(is_final(s as i32));
+        }
+        assert_eq!(status_rank(Completed as i32), status_rank(Canceled as i32));
+    }
+
+    #[test]
+    fn ended_events_pick_the_final_status() {
+        let end = |reason: pb::EndReason| {
+            event_effects(&ev(
+                1,
+                Kind::Ended(pb::Ended {
+                    reason: reason as i32,
+                    ..Default::default()
+                }),
+            ))
+            .expect("valid")
+        };
+        assert_eq!(
+            end(pb::EndReason::CallerHangup).new_status,
+            Some(pb::CallStatus::Completed as i32)
+        );
+        assert_eq!(
+            end(pb::EndReason::InternalError).new_status,
+            Some(pb::CallStatus::Failed as i32)
+        );
+        let handoff = end(pb::EndReason::Handoff);
+        assert_eq!(handoff.new_status, None);
+        assert!(handoff.handoff && handoff.ended.is_none());
+        let err = event_effects(&pb::CallEvent::default()).expect_err("no kind");
+        assert!(err.to_string().contains("event.kind"));
+    }
+
+    #[test]
+    fn transcript_marks_interrupted_assistant_turns_either_order() {
+        let events = vec![
+            ev(
+                1,
+                Kind::Caller(pb::CallerSpeech {
+                    item_id: "u1".into(),
+                    text: "hi".into(),
+                }),
+            ),
+            ev(
+                2,
+                Kind::Interruption(pb::Interruption {
+                    item_id: "a1".into(),
+                    heard_ms: 420,
+                    audio_ms: 900,
+                }),
+            ),
+            ev(
+                3,
+                Kind::Assistant(pb::AssistantSpeech {
+                    item_id: "a1".into(),
+                    text: "hello there".into(),
+                    ..Default::default()
+                }),
+            ),
+            ev(
+                4,
+                Kind::Assistant(pb::AssistantSpeech {
+                    item_id: "a2".into(),
+                    text: "how".into(),
+                    heard_ms: 50,
+                    ..Default::default()
+                }),
+            ),
+            ev(
+                5,
+                Kind::Interruption(pb::Interruption {
+                    item_id: "a2".into(),
+                    heard_ms: 30,
+                    audio_ms: 50,
+                }),
+            ),
+            ev(6, Kind::Dtmf(pb::Dtmf { digit: "5".into() })),
+            ev(7, Kind::Usage(pb::Usage::default())),
+        ];
+        let turns = transcript(&events);
+        let seqs: Vec<u64> = turns.iter().map(|t| t.seq).collect();
+        assert_eq!(seqs, vec![1, 3, 4, 6]);
+        match &turns[1].kind {
+            Some(pb::turn::Kind::Assistant(a)) => assert!(a.interrupted && a.heard_ms == 420),
+            other => panic!("expected assistant, got {other:?}"),
+        }
+        match &turns[2].kind {
+            Some(pb::turn::Kind::Assistant(a)) => assert!(a.interrupted && a.heard_ms == 30),
+            other => panic!("expected assistant, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn after_follows_the_contract_notes() {
+        use pb::after_response::Next;
+        let mut call = CallRecord {
+            status: pb::CallStatus::Completed as i32,
+            end_reason: pb::EndReason::Transferred as i32,
+            transfer_to: "+15550001111".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            after(&call, None, 0),
+            Next::DialNumber("+15550001111".into())
+        );
+        call.end_reason = pb::EndReason::ModelUnavailable as i32;
+        assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
+        call.end_reason = pb::EndReason::CallerHangup as i32;
+        assert!(matches!(after(&call, None, 0), Next::Hangup(_)));
+        let live_unleased = CallRecord {
+            status: pb::CallStatus::InProgress as i32,
+            lease_until_ms: 10,
+            ..Default::default()
+        };
+        assert!(matches!(after(&live_unleased, None, 100), Next::Resume(_)));
+        let live_leased = CallRecord {
+            lease_holder: "r/1".into(),
+            lease_until_ms: 1000,
+            ..live_unleased
+        };
+        assert!(matches!(after(&live_leased, None, 100), Next::Hangup(_)));
+    }
+}

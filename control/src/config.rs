@@ -1,0 +1,431 @@
+//! Configuration, from environment variables (or the flags of the same meaning).
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `CONTROL_LISTEN` | gRPC listen address | `0.0.0.0:50051` |
+//! | `REDIS_URL` | `redis://`, `rediss://` or `redis+unix://` URL | unset: in-memory store (one process, nothing survives a restart) |
+//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs, instead of `REDIS_URL` | unset |
+//! | `CONTROL_APP_TOKENS` | comma-separated bearer tokens for `Agents` and `Calls` | unset |
+//! | `CONTROL_RELAY_TOKENS` | comma-separated bearer tokens for `Relay` | unset |
+//! | `CONTROL_INSECURE_NO_AUTH` | `true` allows starting with no tokens at all (no auth) | `false` |
+//! | `RELAY_PUBLIC_URL` | public `https://` base URL of the relays, for webhook/stream URLs | unset: URLs left empty |
+//! | `CONTROL_LOG` | log filter (`tracing` env-filter syntax) | `info` |
+//! | `CONTROL_LOG_FORMAT` | `text` or `json` | `text` |
+//! | `CONTROL_LEASE_SECS` | attach lease; a live call unleased this long ends `RELAY_LOST` | `15` |
+//! | `CONTROL_RETENTION_SECS` | how long finished calls are kept | `604800` (7 days) |
+//! | `CONTROL_METRICS_LISTEN` | Prometheus `/metrics` HTTP address; empty disables | `0.0.0.0:9090` |
+//! | `CONTROL_ID` | this replica's id (routes commands to it) | hostname + random suffix |
+//! | `CONTROL_SHUTDOWN_GRACE_SECS` | how long open streams may take to end on shutdown | `10` |
+//!
+//! Invalid configuration makes the binary exit with code 64 before any socket opens.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Exit code for bad configuration (sysexits `EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; only for comparison, never for logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Raw command line / environment, as clap sees it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "callbridge-control",
+    version,
+    about = "callbridge control plane: agents, calls, events and command routing over gRPC"
+)]
+struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "CONTROL_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// Redis URL (redis://, rediss://, redis+unix://). Unset: in-memory store (one process only).
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Comma-separated Redis Cluster seed node URLs (instead of REDIS_URL).
+    #[arg(long, env = "REDIS_CLUSTER_NODES")]
+    redis_cluster_nodes: Option<String>,
+    /// Comma-separated bearer tokens accepted on the public API (Agents, Calls).
+    #[arg(long, env = "CONTROL_APP_TOKENS", hide_env_values = true)]
+    app_tokens: Option<String>,
+    /// Comma-separated bearer tokens accepted on the relay API (Relay).
+    #[arg(long, env = "CONTROL_RELAY_TOKENS", hide_env_values = true)]
+    relay_tokens: Option<String>,
+    /// Allow starting with no tokens at all (every caller accepted). For local demos only.
+    #[arg(long, env = "CONTROL_INSECURE_NO_AUTH", default_value = "false")]
+    insecure_no_auth: String,
+    /// Public base URL of the relays (https://…), used to build webhook and stream URLs.
+    #[arg(long, env = "RELAY_PUBLIC_URL")]
+    relay_public_url: Option<String>,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "CONTROL_LOG", default_value = "info")]
+    log: String,
+    /// Log format.
+    #[arg(long, env = "CONTROL_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Attach lease in seconds; a live call with no lease this long ends with RELAY_LOST.
+    #[arg(long, env = "CONTROL_LEASE_SECS", default_value = "15")]
+    lease_secs: u64,
+    /// How long finished calls are kept, in seconds.
+    #[arg(long, env = "CONTROL_RETENTION_SECS", default_value = "604800")]
+    retention_secs: u64,
+    /// Prometheus /metrics HTTP listen address; empty disables it.
+    #[arg(long, env = "CONTROL_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: String,
+    /// This replica's id (commands for calls it holds are routed to it). Default: hostname + random.
+    #[arg(long, env = "CONTROL_ID")]
+    id: Option<String>,
+    /// Seconds open streams get to end on shutdown.
+    #[arg(long, env = "CONTROL_SHUTDOWN_GRACE_SECS", default_value = "10")]
+    shutdown_grace_secs: u64,
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In-process memory (demo, unit tests).
+    Memory,
+    /// One Redis server.
+    Redis(String),
+    /// Redis Cluster seed nodes.
+    Cluster(Vec<String>),
+}
+
+/// Validated configuration, immutable after start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// State store.
+    pub store: StoreConfig,
+    /// Tokens for the public API; empty with `insecure_no_auth` means open.
+    pub app_tokens: Vec<Secret>,
+    /// Tokens for the relay API.
+    pub relay_tokens: Vec<Secret>,
+    /// No auth at all (only allowed when explicitly asked for and no token is set).
+    pub insecure_no_auth: bool,
+    /// Public relay base URL without a trailing slash.
+    pub relay_public_url: Option<String>,
+    /// Log filter.
+    pub log: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Attach lease.
+    pub lease: Duration,
+    /// Retention of finished calls.
+    pub retention: Duration,
+    /// Metrics listen address; `None` disables.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Replica id.
+    pub control_id: String,
+    /// Shutdown grace for open streams.
+    pub shutdown_grace: Duration,
+}
+
+/// Configuration that cannot be used; names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+fn split_list(value: Option<&str>) -> Vec<String> {
+    value
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_redis_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis+unix://")
+        || url.starts_with("unix://"))
+    {
+        return Err(bad(
+            var,
+            "must start with redis://, rediss:// or redis+unix://",
+        ));
+    }
+    redis::Client::open(url).map_err(|e| bad(var, format!("invalid Redis URL: {e}")))?;
+    Ok(())
+}
+
+impl Config {
+    /// Parses the process arguments and environment. On `--help`/`--version` prints and
+    /// exits 0; on bad input prints the problem and exits 64.
+    pub fn from_env_or_exit() -> Self {
+        match Args::try_parse() {
+            Ok(args) => match Self::from_args(args) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("callbridge-control: invalid configuration: {err}");
+                    std::process::exit(EXIT_CONFIG);
+                }
+            },
+            Err(err) => {
+                let code = match err.kind() {
+                    clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion => 0,
+                    _ => EXIT_CONFIG,
+                };
+                let _ = err.print();
+                std::process::exit(code);
+            }
+        }
+    }
+
+    /// Parses configuration from an explicit argument list (tests; no environment).
+    pub fn from_args_iter<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args).map_err(|e| bad("arguments", e.to_string()))?;
+        Self::from_args(args)
+    }
+
+    fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let listen = args
+            .listen
+            .parse()
+            .map_err(|e| bad("CONTROL_LISTEN", format!("not a socket address: {e}")))?;
+        let cluster = split_list(args.redis_cluster_nodes.as_deref());
+        let redis_url = args.redis_url.filter(|u| !u.trim().is_empty());
+        let store = match (redis_url, cluster.is_empty()) {
+            (Some(_), false) => {
+                return Err(bad(
+                    "REDIS_CLUSTER_NODES",
+                    "set either REDIS_URL or REDIS_CLUSTER_NODES, not both",
+                ));
+            }
+            (Some(url), true) => {
+                check_redis_url("REDIS_URL", &url)?;
+                StoreConfig::Redis(url)
+            }
+            (None, false) => {
+                for node in &cluster {
+                    check_redis_url("REDIS_CLUSTER_NODES", node)?;
+                }
+                StoreConfig::Cluster(cluster)
+            }
+            (None, true) => StoreConfig::Memory,
+        };
+        let app_tokens: Vec<Secret> = split_list(args.app_tokens.as_deref())
+            .into_iter()
+            .map(Secret)
+            .collect();
+        let relay_tokens: Vec<Secret> = split_list(args.relay_tokens.as_deref())
+            .into_iter()
+            .map(Secret)
+            .collect();
+        let insecure_no_auth = match args.insecure_no_auth.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" | "" => false,
+            other => {
+                return Err(bad(
+                    "CONTROL_INSECURE_NO_AUTH",
+                    format!("expected true or false, got '{other}'"),
+                ));
+            }
+        };
+        if app_tokens.is_empty() && relay_tokens.is_empty() && !insecure_no_auth {
+            return Err(bad(
+                "CONTROL_APP_TOKENS",
+                "no CONTROL_APP_TOKENS and no CONTROL_RELAY_TOKENS: refusing to start without auth \
+                 (set CONTROL_INSECURE_NO_AUTH=true to allow it)",
+            ));
+        }
+        let relay_public_url = match args.relay_public_url.filter(|u| !u.trim().is_empty()) {
+            None => None,
+            Some(url) => {
+                let url = url.trim().trim_end_matches('/').to_owned();
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(bad(
+                        "RELAY_PUBLIC_URL",
+                        "must start with https:// or http://",
+                    ));
+                }
+                Some(url)
+            }
+        };
+        tracing_subscriber::EnvFilter::try_new(&args.log)
+            .map_err(|e| bad("CONTROL_LOG", format!("invalid filter: {e}")))?;
+        if args.lease_secs == 0 || args.lease_secs > 3600 {
+            return Err(bad("CONTROL_LEASE_SECS", "must be 1..=3600"));
+        }
+        if args.retention_secs < 60 {
+            return Err(bad("CONTROL_RETENTION_SECS", "must be at least 60"));
+        }
+        let metrics_listen = if args.metrics_listen.trim().is_empty() {
+            None
+        } else {
+            Some(args.metrics_listen.trim().parse().map_err(|e| {
+                bad(
+                    "CONTROL_METRICS_LISTEN",
+                    format!("not a socket address: {e}"),
+                )
+            })?)
+        };
+        let control_id = match args.id.filter(|s| !s.trim().is_empty()) {
+            Some(id) => {
+                if id.len() > 128
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(bad("CONTROL_ID", "use 1..=128 of [A-Za-z0-9._-]"));
+                }
+                id
+            }
+            None => default_control_id(),
+        };
+        Ok(Config {
+            listen,
+            store,
+            app_tokens,
+            relay_tokens,
+            insecure_no_auth,
+            relay_public_url,
+            log: args.log,
+            log_format: args.log_format,
+            lease: Duration::from_secs(args.lease_secs),
+            retention: Duration::from_secs(args.retention_secs),
+            metrics_listen,
+            control_id,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        })
+    }
+}
+
+/// Hostname plus a random suffix, so two replicas on one host still differ.
+fn default_control_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "control".to_owned());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(64)
+        .collect();
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_args_iter(std::iter::once("callbridge-control").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn refuses_to_start_without_tokens_unless_insecure() {
+        let err = parse(&[]).expect_err("no tokens");
+        assert_eq!(err.var, "CONTROL_APP_TOKENS");
+        let config = parse(&["--insecure-no-auth", "true"]).expect("insecure allowed");
+        assert!(config.insecure_no_auth);
+        assert_eq!(config.store, StoreConfig::Memory);
+    }
+
+    #[test]
+    fn tokens_are_split_and_redacted() {
+        let config = parse(&["--app-tokens", "a1, a2,", "--relay-tokens", "r1"]).expect("valid");
+        assert_eq!(config.app_tokens.len(), 2);
+        assert_eq!(config.app_tokens[1].expose(), "a2");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("a1") && !shown.contains("r1"), "{shown}");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--app-tokens", "t", "--listen", "nope"], "CONTROL_LISTEN"),
+            (
+                &["--app-tokens", "t", "--redis-url", "http://x"],
+                "REDIS_URL",
+            ),
+            (
+                &["--app-tokens", "t", "--lease-secs", "0"],
+                "CONTROL_LEASE_SECS",
+            ),
+            (
+                &["--app-tokens", "t", "--relay-public-url", "ftp://x"],
+                "RELAY_PUBLIC_URL",
+            ),
+            (
+                &["--app-tokens", "t", "--metrics-listen", "x"],
+                "CONTROL_METRICS_LISTEN",
+            ),
+            (
+                &[
+                    "--app-tokens",
+                    "t",
+                    "--redis-url",
+                    "redis://a",
+                    "--redis-cluster-nodes",
+                    "redis://b",
+                ],
+                "REDIS_CLUSTER_NODES",
+            ),
+        ];
+        for (args, var) in cases {
+            let err = parse(args).expect_err("invalid");
+            assert_eq!(err.var, *var, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn empty_metrics_listen_disables_metrics() {
+        let config = parse(&["--app-tokens", "t", "--metrics-listen", ""]).expect("valid");
+        assert!(config.metrics_listen.is_none());
+        assert!(config.control_id.len() > 9);
+    }
+}

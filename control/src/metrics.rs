@@ -1,0 +1,172 @@
+//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use warp::Filter;
+
+/// Labels of `callbridge_control_rpc_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// gRPC service (`Agents`, `Calls`, `Relay`).
+    pub service: &'static str,
+    /// Method name.
+    pub method: &'static str,
+    /// gRPC status code name (`Ok`, `InvalidArgument`, …).
+    pub code: String,
+}
+
+/// Every metric of the control plane.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs by service, method and status code.
+    pub rpc_total: Family<RpcLabels, Counter>,
+    /// Events stored (first time).
+    pub events_stored: Counter,
+    /// Events received again and acknowledged without storing.
+    pub events_duplicate: Counter,
+    /// Attach streams open on this replica.
+    pub attached_calls: Gauge,
+    /// Commands handed to an attach stream on this replica.
+    pub commands_routed: Counter,
+    /// 1 while Redis answers the health probe.
+    pub redis_up: Gauge,
+    /// Health probe round trips.
+    pub redis_latency: Histogram,
+    /// Calls ended with `RELAY_LOST` by this replica's sweeper.
+    pub relay_lost: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let rpc_total = Family::<RpcLabels, Counter>::default();
+        let events_stored = Counter::default();
+        let events_duplicate = Counter::default();
+        let attached_calls = Gauge::default();
+        let commands_routed = Counter::default();
+        let redis_up = Gauge::default();
+        let redis_latency = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ]);
+        let relay_lost = Counter::default();
+        registry.register(
+            "callbridge_control_rpc",
+            "gRPC calls by service, method and status code",
+            rpc_total.clone(),
+        );
+        registry.register(
+            "callbridge_control_events_stored",
+            "Call events stored",
+            events_stored.clone(),
+        );
+        registry.register(
+            "callbridge_control_events_duplicate",
+            "Call events received again (acknowledged, not stored twice)",
+            events_duplicate.clone(),
+        );
+        registry.register(
+            "callbridge_control_attached_calls",
+            "Attach streams open on this replica",
+            attached_calls.clone(),
+        );
+        registry.register(
+            "callbridge_control_commands_routed",
+            "Commands handed to the attach stream holding the call",
+            commands_routed.clone(),
+        );
+        registry.register(
+            "callbridge_control_redis_up",
+            "1 while Redis answers the health probe",
+            redis_up.clone(),
+        );
+        registry.register(
+            "callbridge_control_redis_latency_seconds",
+            "Round trip of the Redis health probe",
+            redis_latency.clone(),
+        );
+        registry.register(
+            "callbridge_control_relay_lost",
+            "Calls ended with RELAY_LOST after their lease ran out",
+            relay_lost.clone(),
+        );
+        Metrics {
+            registry,
+            rpc_total,
+            events_stored,
+            events_duplicate,
+            attached_calls,
+            commands_routed,
+            redis_up,
+            redis_latency,
+            relay_lost,
+        }
+    }
+
+    /// Counts one finished RPC.
+    pub fn rpc(&self, service: &'static str, method: &'static str, code: tonic::Code) {
+        self.rpc_total
+            .get_or_create(&RpcLabels {
+                service,
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve_metrics(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let route = warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(move || {
+            let mut response = warp::http::Response::new(metrics.encode());
+            response.headers_mut().insert(
+                warp::http::header::CONTENT_TYPE,
+                warp::http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        })
+        // Boxing pins the filter's lifetimes down, so the server future is `Send` for
+        // any spawner (rustc cannot prove it through the generic path filter).
+        .boxed();
+    warp::serve(route)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,193 @@
+//! gRPC services: they translate proto ⇄ domain and nothing else. Shared state of a
+//! replica lives in [`Shared`].
+
+pub(crate) mod agents;
+pub(crate) mod calls;
+pub(crate) mod relay;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use callbridge_proto::pb;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Response, Status};
+use tracing::Instrument;
+
+use crate::calls::{event_effects, now_ms};
+use crate::config::Config;
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::{AppendOutcome, CallRecord, CallStore};
+
+/// Everything one replica's RPCs share. Cheap handles only.
+pub(crate) struct Shared<S> {
+    pub(crate) store: S,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: Arc<Config>,
+    /// Cancelled when the replica shuts down; every stream task selects on it.
+    pub(crate) shutdown: CancellationToken,
+    /// Every stream task, so shutdown can wait for them (bounded).
+    pub(crate) tracker: TaskTracker,
+}
+
+impl<S: CallStore> Shared<S> {
+    /// Runs one unary RPC in a span, counting its outcome.
+    pub(crate) async fn rpc<T>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        call_id: &str,
+        body: impl Future<Output = Result<T, Error>>,
+    ) -> Result<Response<T>, Status> {
+        let span = tracing::info_span!("rpc", service, method, call_id = %call_id);
+        let result = body.instrument(span.clone()).await.map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.rpc(service, method, code);
+        match &result {
+            Err(status) if matches!(status.code(), tonic::Code::Internal | tonic::Code::Unavailable) => {
+                span.in_scope(|| tracing::warn!(code = ?status.code(), message = status.message(), "RPC failed."));
+            }
+            Err(status) => span.in_scope(|| tracing::debug!(code = ?status.code(), message = status.message(), "RPC refused.")),
+            Ok(_) => {}
+        }
+        result.map(Response::new)
+    }
+
+    /// A call that must exist.
+    pub(crate) async fn call(&self, call_id: &str) -> Result<CallRecord, Error> {
+        self.store
+            .get_call(call_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("call '{call_id}' not found")))
+    }
+
+    /// An agent that must exist.
+    pub(crate) async fn agent(&self, agent_id: &str) -> Result<pb::Agent, Error> {
+        self.store
+            .get_agent(agent_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("agent '{agent_id}' not found")))
+    }
+
+    /// Stores one event (once) and tells watchers; returns the seq to acknowledge.
+    pub(crate) async fn record_event(
+        &self,
+        campaign_id: &str,
+        event: &pb::CallEvent,
+        require_lease_expired_before: Option<i64>,
+    ) -> Result<AppendOutcome, Error> {
+        if event.seq == 0 {
+            return Err(Error::invalid("event.seq", "starts at 1"));
+        }
+        let mut effects = event_effects(event)?;
+        effects.require_lease_expired_before = require_lease_expired_before;
+        let outcome = self.store.append_event(event, &effects).await?;
+        match outcome {
+            AppendOutcome::Stored => {
+                self.metrics.events_stored.inc();
+                // Stored is what counts; a lost notification is recovered by the
+                // watchers' catch-up reads.
+                if let Err(err) = self.store.publish_event(campaign_id, event).await {
+                    tracing::debug!(error = %err, "Event stored but not published.");
+                }
+            }
+            AppendOutcome::Duplicate => {
+                self.metrics.events_duplicate.inc();
+            }
+            AppendOutcome::Gap { last_seq } => {
+                return Err(Error::FailedPrecondition(format!(
+                    "event seq {} leaves a gap after stored seq {last_seq}; resend from {}",
+                    event.seq,
+                    last_seq + 1
+                )));
+            }
+            AppendOutcome::NotFound => {
+                return Err(Error::NotFound(format!(
+                    "call '{}' not found",
+                    event.call_id
+                )));
+            }
+            AppendOutcome::ConditionFailed => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Ends calls whose attach stream vanished and whose lease ran out (`RELAY_LOST`).
+    /// Atomic per call, so with many replicas sweeping each call ends once.
+    pub(crate) async fn sweep_relay_lost(&self) -> Result<usize, Error> {
+        let now = now_ms();
+        let mut ended = 0;
+        for call_id in self.store.expired_leases(now, 100).await? {
+            let Some(call) = self.store.get_call(&call_id).await? else {
+                self.store.forget_lease(&call_id).await?;
+                continue;
+            };
+            if crate::calls::is_final(call.status) {
+                self.store.forget_lease(&call_id).await?;
+                continue;
+            }
+            if call.lease_until_ms >= now {
+                continue; // renewed meanwhile; its index entry is refreshed too
+            }
+            let event = pb::CallEvent {
+                call_id: call_id.clone(),
+                seq: call.last_seq + 1,
+                at_ms: now,
+                kind: Some(pb::call_event::Kind::Ended(pb::Ended {
+                    reason: pb::EndReason::RelayLost as i32,
+                    detail: format!("no attach stream for {} s", self.config.lease.as_secs()),
+                    transfer_to: String::new(),
+                })),
+            };
+            match self
+                .record_event(&call.campaign_id, &event, Some(now))
+                .await
+            {
+                Ok(AppendOutcome::Stored) => {
+                    ended += 1;
+                    self.metrics.relay_lost.inc();
+                    tracing::info!(call_id = %call_id, "Call ended: relay lost.");
+                }
+                // Someone else (a relay event or another replica) got there first.
+                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(ended)
+    }
+}
+
+/// Hex, so page tokens are opaque and printable.
+pub(crate) fn encode_token(raw: &str) -> String {
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The inverse of [`encode_token`]; `None` for anything malformed.
+pub(crate) fn decode_token(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) || token.len() > 512 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let t = encode_token("1700000000000:3");
+        assert_eq!(decode_token(&t).as_deref(), Some("1700000000000:3"));
+        assert_eq!(decode_token("zz"), None);
+        assert_eq!(decode_token("abc"), None);
+    }
+}

@@ -1,0 +1,363 @@
+//! `callbridge.v1.Relay`: Admit, Attach and After for relay pods
+//! (behaviour fixed in docs/contract-notes.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use pb::relay_server::Relay;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::Shared;
+use super::calls::read_all_events;
+use crate::calls::{self, call_to_pb, is_final_event, now_ms};
+use crate::error::Error;
+use crate::store::{AdmitOutcome, AppendOutcome, AttachOutcome, CallRecord, CallStore};
+use crate::validate;
+
+/// The `Relay` service.
+pub(crate) struct RelayApi<S>(pub(crate) Arc<Shared<S>>);
+
+const SERVICE: &str = "Relay";
+/// How long a relay may take to send `open` after starting the stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffered responses (acks, commands) per attach stream.
+const ATTACH_BUFFER: usize = 64;
+/// Buffered commands per attached call on this replica.
+const COMMAND_BUFFER: usize = 32;
+
+type AttachTx = mpsc::Sender<Result<pb::AttachResponse, Status>>;
+
+fn lease_ms<S>(shared: &Shared<S>) -> i64 {
+    i64::try_from(shared.config.lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Everything one attach stream task owns.
+struct AttachStream<S> {
+    shared: Arc<Shared<S>>,
+    call: CallRecord,
+    holder: String,
+    inbound: Streaming<pb::AttachRequest>,
+    commands: mpsc::Receiver<pb::Command>,
+    tx: AttachTx,
+}
+
+/// Why an attach stream task stopped.
+#[derive(Debug)]
+enum StreamEnd {
+    /// The call's final event was stored; the lease goes with the call.
+    CallEnded,
+    /// The relay closed or vanished, or the stream was refused mid-way: release the lease.
+    Released,
+}
+
+impl<S: CallStore> AttachStream<S> {
+    async fn run(mut self) {
+        let call_id = self.call.call_id.clone();
+        let end = self.pump().await;
+        self.shared.hub.unregister(&call_id, &self.holder);
+        self.shared.metrics.attached_calls.dec();
+        if let StreamEnd::Released = end {
+            let result = self
+                .shared
+                .store
+                .release_lease(&call_id, &self.holder, now_ms(), lease_ms(&self.shared))
+                .await;
+            if let Err(err) = result {
+                // The lease then simply runs out; same outcome, a little later.
+                tracing::debug!(error = %err, "Lease not released.");
+            }
+        }
+        tracing::info!(?end, "Attach stream closed.");
+    }
+
+    async fn send(&self, msg: pb::attach_response::Msg) -> bool {
+        self.tx
+            .send(Ok(pb::AttachResponse { msg: Some(msg) }))
+            .await
+            .is_ok()
+    }
+
+    async fn fail(&self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
+    }
+
+    async fn pump(&mut self) -> StreamEnd {
+        let lease = self.shared.config.lease;
+        // Renewed every third of the lease, so two renewals may fail before it lapses.
+        let mut renew = tokio::time::interval(lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                // Replica shutting down: the relay re-attaches (reconnect) elsewhere.
+                () = self.shared.shutdown.cancelled() => {
+                    self.fail(Status::unavailable("control plane shutting down; reconnect")).await;
+                    return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
+                }
+                // Up: events from the relay.
+                message = self.inbound.message() => {
+                    let request = match message {
+                        Ok(Some(request)) => request,
+                        // The relay closed its half (after `ended`, or giving up).
+                        Ok(None) => return if ended { StreamEnd::CallEnded } else { StreamEnd::Released },
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "Relay stream broke.");
+                            return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
+                        }
+                    };
+                    match request.msg {
+                        Some(pb::attach_request::Msg::Event(mut event)) => {
+                            if event.call_id.is_empty() {
+                                event.call_id.clone_from(&self.call.call_id);
+                            }
+                            if event.call_id != self.call.call_id {
+                                self.fail(Error::invalid("event.call_id", format!("'{}' is not the attached call '{}'", event.call_id, self.call.call_id)).into()).await;
+                                return StreamEnd::Released;
+                            }
+                            match self.shared.record_event(&self.call.campaign_id, &event, None).await {
+                                Ok(AppendOutcome::Stored | AppendOutcome::Duplicate) => {
+                                    if is_final_event(&event) {
+                                        ended = true;
+                                    }
+                                    if !self.send(pb::attach_response::Msg::AckedSeq(event.seq)).await {
+                                        return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
+                                    }
+                                }
+                                Ok(outcome) => {
+                                    self.fail(Status::internal(format!("unexpected store outcome {outcome:?}"))).await;
+                                    return StreamEnd::Released;
+                                }
+                                Err(err) => {
+                                    tracing::info!(error = %err, seq = event.seq, "Event refused; stream ends.");
+                                    self.fail(err.into()).await;
+                                    return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
+                                }
+                            }
+                        }
+                        Some(pb::attach_request::Msg::Open(_)) => {
+                            self.fail(Error::invalid("open", "sent twice on one stream").into()).await;
+                            return StreamEnd::Released;
+                        }
+                        None => {
+                            self.fail(Error::invalid("msg", "empty attach message").into()).await;
+                            return StreamEnd::Released;
+                        }
+                    }
+                }
+                // Down: commands routed to this replica for the call.
+                Some(command) = self.commands.recv() => {
+                    self.shared.metrics.commands_routed.inc();
+                    if !self.send(pb::attach_response::Msg::Command(command)).await {
+                        return StreamEnd::Released;
+                    }
+                }
+                // Keep the lease while the stream lives.
+                _ = renew.tick(), if !ended => {
+                    match self.shared.store.renew_lease(&self.call.call_id, &self.holder, now_ms(), lease_ms(&self.shared)).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.fail(Status::aborted("the call was attached by another stream")).await;
+                            return StreamEnd::Released;
+                        }
+                        // Redis outage: keep the call going; the next tick retries.
+                        Err(err) => tracing::warn!(error = %err, "Lease renewal failed."),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: CallStore> Relay for RelayApi<S> {
+    type AttachStream = ReceiverStream<Result<pb::AttachResponse, Status>>;
+
+    async fn admit(
+        &self,
+        request: Request<pb::AdmitRequest>,
+    ) -> Result<Response<pb::AdmitResponse>, Status> {
+        let req = request.into_inner();
+        let shared = &self.0;
+        shared
+            .rpc(SERVICE, "Admit", &req.call_id, async {
+                if req.twilio_call_sid.len() > 64 {
+                    return Err(Error::invalid("twilio_call_sid", "at most 64 characters"));
+                }
+                let call_id = if req.call_id.is_empty() {
+                    validate::ident("twilio_call_sid", &req.twilio_call_sid, 64)?;
+                    let agent_id = match shared.store.get_route(&req.to).await? {
+                        Some(agent) => agent,
+                        None => shared.store.get_default_agent().await?.ok_or_else(|| {
+                            Error::NotFound(format!(
+                                "no route for '{}' and no default agent",
+                                req.to
+                            ))
+                        })?,
+                    };
+                    let call = CallRecord {
+                        call_id: uuid::Uuid::new_v4().simple().to_string(),
+                        agent_id,
+                        direction: pb::Direction::Inbound as i32,
+                        status: pb::CallStatus::Ringing as i32,
+                        from: req.from.clone(),
+                        to: req.to.clone(),
+                        twilio_call_sid: req.twilio_call_sid.clone(),
+                        created_at_ms: now_ms(),
+                        ..CallRecord::default()
+                    };
+                    shared.store.admit_inbound(&call).await?
+                } else {
+                    validate::call_id("call_id", &req.call_id)?;
+                    match shared
+                        .store
+                        .admit_existing(&req.call_id, &req.twilio_call_sid, &req.from, &req.to)
+                        .await?
+                    {
+                        AdmitOutcome::Admitted => req.call_id.clone(),
+                        AdmitOutcome::NotFound => {
+                            return Err(Error::NotFound(format!(
+                                "call '{}' not found",
+                                req.call_id
+                            )));
+                        }
+                        AdmitOutcome::Ended => {
+                            return Err(Error::FailedPrecondition(format!(
+                                "call '{}' has ended",
+                                req.call_id
+                            )));
+                        }
+                    }
+                };
+                let call = shared.call(&call_id).await?;
+                let agent = shared
+                    .store
+                    .get_agent(&call.agent_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "agent '{}' of call '{call_id}' was deleted",
+                            call.agent_id
+                        ))
+                    })?;
+                tracing::info!(call_id = %call_id, agent_id = %call.agent_id, "Call admitted.");
+                Ok(pb::AdmitResponse {
+                    call: Some(call_to_pb(&call)),
+                    agent: Some(agent),
+                })
+            })
+            .await
+    }
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AttachRequest>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let shared = self.0.clone();
+        let first = tokio::time::timeout(OPEN_TIMEOUT, inbound.message()).await;
+        let open = match first {
+            Ok(Ok(Some(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Open(open)),
+            }))) => Ok(open),
+            Ok(Ok(Some(_))) => Err(Error::invalid("open", "the first message must be open")),
+            Ok(Ok(None)) => Err(Error::invalid("open", "stream closed before open")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => Err(Error::invalid("open", "no open within 10 s")),
+        };
+        let call_id = open.as_ref().map(|o| o.call_id.clone()).unwrap_or_default();
+        self.0
+            .rpc(SERVICE, "Attach", &call_id, async move {
+                let open = open?;
+                validate::call_id("open.call_id", &open.call_id)?;
+                validate::ident("open.relay_id", &open.relay_id, 128)?;
+                let holder = format!("{}/{}", shared.config.control_id, uuid::Uuid::new_v4().simple());
+                let lease = lease_ms(&shared);
+                match shared
+                    .store
+                    .attach(&open.call_id, &open.relay_id, open.reconnect, &holder, now_ms(), lease)
+                    .await?
+                {
+                    AttachOutcome::Attached => {}
+                    AttachOutcome::NotFound => {
+                        return Err(Error::NotFound(format!("call '{}' not found", open.call_id)));
+                    }
+                    AttachOutcome::Ended => {
+                        return Err(Error::FailedPrecondition(format!("call '{}' has ended", open.call_id)));
+                    }
+                    AttachOutcome::Held => {
+                        return Err(Error::AlreadyExists(format!(
+                            "call '{}' is attached by another stream",
+                            open.call_id
+                        )));
+                    }
+                }
+                let context = async {
+                    let call = shared.call(&open.call_id).await?;
+                    let agent = shared.store.get_agent(&call.agent_id).await?.ok_or_else(|| {
+                        Error::FailedPrecondition(format!("agent '{}' of this call was deleted", call.agent_id))
+                    })?;
+                    let history = if call.last_seq > 0 {
+                        calls::transcript(&read_all_events(&shared, &open.call_id).await?)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok::<_, Error>((call, agent, history))
+                }
+                .await;
+                let (call, agent, history) = match context {
+                    Ok(c) => c,
+                    Err(err) => {
+                        let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
+                        return Err(err);
+                    }
+                };
+                let (tx, rx) = mpsc::channel(ATTACH_BUFFER);
+                let context = pb::CallContext {
+                    call: Some(call_to_pb(&call)),
+                    agent: Some(agent),
+                    last_seq: call.last_seq,
+                    history,
+                };
+                tx.try_send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Context(context)) }))
+                    .map_err(|_| Error::FailedPrecondition("attach stream closed".into()))?;
+                let (command_tx, command_rx) = mpsc::channel(COMMAND_BUFFER);
+                shared.hub.register(&open.call_id, &holder, command_tx);
+                shared.metrics.attached_calls.inc();
+                tracing::info!(relay_id = %open.relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");
+                let span = tracing::info_span!("attach", call_id = %open.call_id, relay_id = %open.relay_id);
+                let stream = AttachStream {
+                    shared: shared.clone(),
+                    call,
+                    holder,
+                    inbound,
+                    commands: command_rx,
+                    tx,
+                };
+                shared.tracker.spawn(stream.run().instrument(span));
+                Ok(ReceiverStream::new(rx))
+            })
+            .await
+    }
+
+    async fn after(
+        &self,
+        request: Request<pb::AfterRequest>,
+    ) -> Result<Response<pb::AfterResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .rpc(SERVICE, "After", &req.call_id, async {
+                validate::call_id("call_id", &req.call_id)?;
+                let call = self.0.call(&req.call_id).await?;
+                let agent = self.0.store.get_agent(&call.agent_id).await?;
+                Ok(pb::AfterResponse {
+                    next: Some(calls::after(&call, agent.as_ref(), now_ms())),
+                })
+            })
+            .await
+    }
+}

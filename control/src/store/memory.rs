@@ -1,0 +1,482 @@
+//! In-memory [`CallStore`]: one process, nothing survives a restart.
+//!
+//! Each method runs under one mutex, which gives the same atomicity the Lua scripts give
+//! in Redis. Retention is not enforced (the process is short-lived by design).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callbridge_proto::pb;
+
+use super::{
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
+    EventEffects, IndexCursor, StoreResult,
+};
+use crate::calls::status_rank;
+use crate::hub::Hub;
+
+#[derive(Debug, Default)]
+struct State {
+    agents: BTreeMap<String, pb::Agent>,
+    routes: BTreeMap<String, String>,
+    default_agent: Option<String>,
+    calls: HashMap<String, CallRecord>,
+    events: HashMap<String, Vec<pb::CallEvent>>,
+    sids: HashMap<String, String>,
+    /// (created ms, call id) of every call.
+    index: BTreeSet<(i64, String)>,
+    campaigns: HashMap<String, BTreeSet<(i64, String)>>,
+    leases: HashMap<String, i64>,
+}
+
+/// The in-memory store.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    hub: Arc<Hub>,
+    replica_id: String,
+}
+
+impl MemoryStore {
+    /// A store delivering bus messages to `hub` (this replica is `replica_id`).
+    pub fn new(hub: Arc<Hub>, replica_id: impl Into<String>) -> Self {
+        MemoryStore {
+            state: Arc::default(),
+            hub,
+            replica_id: replica_id.into(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every section below validates before it mutates, so a poisoned lock holds
+        // consistent data.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn index_page(
+    index: Option<&BTreeSet<(i64, String)>>,
+    cursor: IndexCursor,
+    min_score: i64,
+    limit: usize,
+) -> Vec<(String, i64)> {
+    let Some(index) = index else {
+        return Vec::new();
+    };
+    // Same order as Redis ZREVRANGEBYSCORE: score descending, then member descending.
+    let mut seen_at_score = 0u64;
+    let mut out = Vec::new();
+    for (score, id) in index.iter().rev() {
+        if *score > cursor.score {
+            continue;
+        }
+        if *score < min_score || out.len() >= limit {
+            break;
+        }
+        if *score == cursor.score {
+            seen_at_score += 1;
+            if seen_at_score <= cursor.skip {
+                continue;
+            }
+        }
+        out.push((id.clone(), *score));
+    }
+    out
+}
+
+impl CallStore for MemoryStore {
+    async fn create_agent(&self, agent: &pb::Agent) -> StoreResult<bool> {
+        let mut s = self.lock();
+        if s.agents.contains_key(&agent.agent_id) {
+            return Ok(false);
+        }
+        s.agents.insert(agent.agent_id.clone(), agent.clone());
+        Ok(true)
+    }
+
+    async fn get_agent(&self, agent_id: &str) -> StoreResult<Option<pb::Agent>> {
+        Ok(self.lock().agents.get(agent_id).cloned())
+    }
+
+    async fn replace_agent(&self, agent: &pb::Agent, expected: u64) -> StoreResult<AgentCas> {
+        let mut s = self.lock();
+        let Some(current) = s.agents.get_mut(&agent.agent_id) else {
+            return Ok(AgentCas::NotFound);
+        };
+        if current.version != expected {
+            return Ok(AgentCas::Conflict {
+                current: current.version,
+            });
+        }
+        *current = agent.clone();
+        Ok(AgentCas::Done)
+    }
+
+    async fn delete_agent(&self, agent_id: &str, expected: u64) -> StoreResult<AgentCas> {
+        let mut s = self.lock();
+        let Some(current) = s.agents.get(agent_id) else {
+            return Ok(AgentCas::NotFound);
+        };
+        if expected != 0 && current.version != expected {
+            return Ok(AgentCas::Conflict {
+                current: current.version,
+            });
+        }
+        s.agents.remove(agent_id);
+        s.routes.retain(|_, a| a != agent_id);
+        if s.default_agent.as_deref() == Some(agent_id) {
+            s.default_agent = None;
+        }
+        Ok(AgentCas::Done)
+    }
+
+    async fn list_agents(&self, after: &str, limit: usize) -> StoreResult<Vec<pb::Agent>> {
+        let s = self.lock();
+        Ok(s.agents
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(_, a)| a.clone())
+            .collect())
+    }
+
+    async fn set_route(&self, number: &str, agent_id: &str) -> StoreResult<()> {
+        self.lock()
+            .routes
+            .insert(number.to_owned(), agent_id.to_owned());
+        Ok(())
+    }
+
+    async fn delete_route(&self, number: &str) -> StoreResult<bool> {
+        Ok(self.lock().routes.remove(number).is_some())
+    }
+
+    async fn get_route(&self, number: &str) -> StoreResult<Option<String>> {
+        Ok(self.lock().routes.get(number).cloned())
+    }
+
+    async fn list_routes(&self) -> StoreResult<Vec<(String, String)>> {
+        Ok(self
+            .lock()
+            .routes
+            .iter()
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect())
+    }
+
+    async fn set_default_agent(&self, agent_id: Option<&str>) -> StoreResult<()> {
+        self.lock().default_agent = agent_id.map(str::to_owned);
+        Ok(())
+    }
+
+    async fn get_default_agent(&self) -> StoreResult<Option<String>> {
+        Ok(self.lock().default_agent.clone())
+    }
+
+    async fn create_calls(&self, calls: &[CallRecord]) -> StoreResult<()> {
+        let mut s = self.lock();
+        for call in calls {
+            s.index.insert((call.created_at_ms, call.call_id.clone()));
+            if !call.campaign_id.is_empty() {
+                s.campaigns
+                    .entry(call.campaign_id.clone())
+                    .or_default()
+                    .insert((call.created_at_ms, call.call_id.clone()));
+            }
+            s.calls.insert(call.call_id.clone(), call.clone());
+        }
+        Ok(())
+    }
+
+    async fn get_call(&self, call_id: &str) -> StoreResult<Option<CallRecord>> {
+        Ok(self.lock().calls.get(call_id).cloned())
+    }
+
+    async fn admit_existing(
+        &self,
+        call_id: &str,
+        twilio_call_sid: &str,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<AdmitOutcome> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get_mut(call_id) else {
+            return Ok(AdmitOutcome::NotFound);
+        };
+        if status_rank(call.status) >= 4 {
+            return Ok(AdmitOutcome::Ended);
+        }
+        for (field, value) in [
+            (&mut call.twilio_call_sid, twilio_call_sid),
+            (&mut call.from, from),
+            (&mut call.to, to),
+        ] {
+            if field.is_empty() {
+                *field = value.to_owned();
+            }
+        }
+        if status_rank(call.status) < status_rank(pb::CallStatus::Ringing as i32) {
+            call.status = pb::CallStatus::Ringing as i32;
+        }
+        if !twilio_call_sid.is_empty() {
+            s.sids
+                .entry(twilio_call_sid.to_owned())
+                .or_insert_with(|| call_id.to_owned());
+        }
+        Ok(AdmitOutcome::Admitted)
+    }
+
+    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {
+        let mut s = self.lock();
+        if let Some(existing) = s.sids.get(&call.twilio_call_sid) {
+            return Ok(existing.clone());
+        }
+        s.sids
+            .insert(call.twilio_call_sid.clone(), call.call_id.clone());
+        s.index.insert((call.created_at_ms, call.call_id.clone()));
+        s.calls.insert(call.call_id.clone(), call.clone());
+        Ok(call.call_id.clone())
+    }
+
+    async fn attach(
+        &self,
+        call_id: &str,
+        relay_id: &str,
+        reconnect: bool,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<AttachOutcome> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get_mut(call_id) else {
+            return Ok(AttachOutcome::NotFound);
+        };
+        if status_rank(call.status) >= 4 {
+            return Ok(AttachOutcome::Ended);
+        }
+        if call.lease_held(now_ms) && !(reconnect && call.lease_relay == relay_id) {
+            return Ok(AttachOutcome::Held);
+        }
+        call.lease_holder = holder.to_owned();
+        call.lease_relay = relay_id.to_owned();
+        call.relay_id = relay_id.to_owned();
+        call.lease_until_ms = now_ms + lease_ms;
+        let until = call.lease_until_ms;
+        s.leases.insert(call_id.to_owned(), until);
+        Ok(AttachOutcome::Attached)
+    }
+
+    async fn renew_lease(
+        &self,
+        call_id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get_mut(call_id) else {
+            return Ok(false);
+        };
+        if call.lease_holder != holder {
+            return Ok(false);
+        }
+        call.lease_until_ms = now_ms + lease_ms;
+        let until = call.lease_until_ms;
+        if status_rank(call.status) < 4 {
+            s.leases.insert(call_id.to_owned(), until);
+        }
+        Ok(true)
+    }
+
+    async fn release_lease(
+        &self,
+        call_id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<()> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get_mut(call_id) else {
+            return Ok(());
+        };
+        if call.lease_holder != holder {
+            return Ok(());
+        }
+        call.lease_holder.clear();
+        call.lease_until_ms = now_ms + lease_ms;
+        let (until, live) = (call.lease_until_ms, status_rank(call.status) < 4);
+        if live {
+            s.leases.insert(call_id.to_owned(), until);
+        }
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        event: &pb::CallEvent,
+        effects: &EventEffects,
+    ) -> StoreResult<AppendOutcome> {
+        let mut s = self.lock();
+        let State {
+            calls,
+            events,
+            leases,
+            ..
+        } = &mut *s;
+        let Some(call) = calls.get_mut(&event.call_id) else {
+            return Ok(AppendOutcome::NotFound);
+        };
+        if event.seq <= call.last_seq {
+            return Ok(AppendOutcome::Duplicate);
+        }
+        if event.seq > call.last_seq + 1 {
+            return Ok(AppendOutcome::Gap {
+                last_seq: call.last_seq,
+            });
+        }
+        if let Some(before) = effects.require_lease_expired_before
+            && (call.lease_until_ms == 0
+                || call.lease_until_ms >= before
+                || status_rank(call.status) >= 4)
+        {
+            return Ok(AppendOutcome::ConditionFailed);
+        }
+        events
+            .entry(event.call_id.clone())
+            .or_default()
+            .push(event.clone());
+        call.last_seq = event.seq;
+        apply_effects(call, effects);
+        if status_rank(call.status) >= 4 {
+            leases.remove(&event.call_id);
+        }
+        Ok(AppendOutcome::Stored)
+    }
+
+    async fn read_events(
+        &self,
+        call_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<pb::CallEvent>> {
+        let s = self.lock();
+        Ok(s.events
+            .get(call_id)
+            .map(|evs| {
+                evs.iter()
+                    .filter(|e| e.seq > after_seq)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
+        let s = self.lock();
+        Ok(s.leases
+            .iter()
+            .filter(|(_, until)| **until < now_ms)
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    async fn forget_lease(&self, call_id: &str) -> StoreResult<()> {
+        self.lock().leases.remove(call_id);
+        Ok(())
+    }
+
+    async fn scan_index(
+        &self,
+        campaign_id: Option<&str>,
+        cursor: IndexCursor,
+        min_score: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        let s = self.lock();
+        let index = match campaign_id {
+            Some(c) => s.campaigns.get(c),
+            None => Some(&s.index),
+        };
+        Ok(index_page(index, cursor, min_score, limit))
+    }
+
+    async fn trim_index(&self, cutoff_ms: i64) -> StoreResult<()> {
+        self.lock().index.retain(|(score, _)| *score >= cutoff_ms);
+        Ok(())
+    }
+
+    async fn publish_event(&self, campaign_id: &str, event: &pb::CallEvent) -> StoreResult<()> {
+        self.hub.dispatch(BusMessage::Event {
+            campaign_id: campaign_id.to_owned(),
+            event: event.clone(),
+        });
+        Ok(())
+    }
+
+    async fn publish_command(
+        &self,
+        replica_id: &str,
+        call_id: &str,
+        command: &pb::Command,
+    ) -> StoreResult<bool> {
+        // One process: only this replica exists.
+        if replica_id != self.replica_id {
+            return Ok(false);
+        }
+        self.hub.dispatch(BusMessage::Command {
+            call_id: call_id.to_owned(),
+            command: command.clone(),
+        });
+        Ok(true)
+    }
+
+    async fn ping(&self) -> StoreResult<Duration> {
+        Ok(Duration::ZERO)
+    }
+}
+
+/// The in-memory twin of the effects part of the Redis append script.
+fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
+    if let Some(usage) = &effects.usage {
+        for (total, add) in call.usage.iter_mut().zip(usage) {
+            *total += add;
+        }
+    }
+    if let Some((sid, stream_sid, relay)) = &effects.started {
+        if call.started_at_ms == 0 {
+            call.started_at_ms = effects.at_ms;
+        }
+        for (field, value) in [
+            (&mut call.twilio_call_sid, sid),
+            (&mut call.stream_sid, stream_sid),
+            (&mut call.relay_id, relay),
+        ] {
+            if !value.is_empty() {
+                *field = value.clone();
+            }
+        }
+        if status_rank(call.status) < 4 {
+            call.end_reason = 0;
+            call.end_detail.clear();
+        }
+    }
+    if effects.handoff && status_rank(call.status) < 4 {
+        call.end_reason = pb::EndReason::Handoff as i32;
+    }
+    if let Some(new) = effects.new_status
+        && status_rank(new) > status_rank(call.status)
+    {
+        call.status = new;
+        if status_rank(new) >= 4 {
+            call.ended_at_ms = effects.at_ms;
+            call.lease_holder.clear();
+            if let Some((reason, detail, transfer_to)) = &effects.ended {
+                call.end_reason = *reason;
+                call.end_detail = detail.clone();
+                call.transfer_to = transfer_to.clone();
+            }
+        }
+    }
+}

@@ -1,0 +1,1019 @@
+//! [`CallStore`] over Redis: one server (`ConnectionManager`, reconnects by itself) or
+//! Redis Cluster (`ClusterConnection`).
+//!
+//! Every rule that must be atomic is one Lua script over the keys of **one** call (one
+//! hash tag). Global indexes (`cb:calls`, `cb:campaign:{id}`, `cb:leases`, agents) are
+//! updated with separate commands; an index entry may briefly point at a call that is
+//! not written yet or has expired, and readers skip such entries.
+//!
+//! The bus is Redis pub/sub: `cb:bus:events` carries every stored event to every
+//! replica; `cb:bus:cmd:{replica}` carries commands to the replica holding a call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use futures_util::StreamExt;
+use prost::Message;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::keys;
+use super::{
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
+    EventEffects, IndexCursor, StoreResult, USAGE_FIELDS,
+};
+use crate::error::StoreError;
+use crate::hub::Hub;
+
+/// How long one Redis command may take before it counts as an outage.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// One day in milliseconds.
+const DAY_MS: i64 = 24 * 3600 * 1000;
+/// Pause between pub/sub reconnect attempts.
+const PUBSUB_RETRY: Duration = Duration::from_millis(500);
+
+/// A Redis connection of either shape.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Atomic scripts, each over the keys of one call.
+struct Scripts {
+    append: redis::Script,
+    attach: redis::Script,
+    renew: redis::Script,
+    release: redis::Script,
+    admit: redis::Script,
+    agent_cas: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            append: redis::Script::new(APPEND_LUA),
+            attach: redis::Script::new(ATTACH_LUA),
+            renew: redis::Script::new(RENEW_LUA),
+            release: redis::Script::new(RELEASE_LUA),
+            admit: redis::Script::new(ADMIT_LUA),
+            agent_cas: redis::Script::new(AGENT_CAS_LUA),
+        }
+    }
+}
+
+/// The status rank shared by the scripts: created 1, ringing 2, in progress 3, final 4.
+macro_rules! lua_rank {
+    () => {
+        "local function rank(s) if s >= 4 then return 4 end return s end\n"
+    };
+}
+
+/// KEYS: call hash, events stream.
+/// ARGV: 1 seq, 2 event bytes, 3 new status (0 none), 4 started (0/1), 5 sid,
+/// 6 stream sid, 7 relay, 8 at ms, 9 final end (0/1), 10 reason, 11 detail,
+/// 12 transfer to, 13 handoff (0/1), 14 usage (0/1), 15..23 usage deltas,
+/// 24 lease-expired-before condition (0 none), 25 retention ms.
+/// Returns {code, last}: 1 stored, 0 duplicate, -1 not found, -2 gap, -3 condition failed.
+const APPEND_LUA: &str = concat!(
+    lua_rank!(),
+    r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local seq = tonumber(ARGV[1])
+if seq <= last then return {0, last} end
+if seq > last + 1 then return {-2, last} end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
+local cond = tonumber(ARGV[24])
+if cond > 0 then
+  local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if lease_until == 0 or lease_until >= cond or rank(cur) >= 4 then return {-3, last} end
+end
+redis.call('XADD', KEYS[2], ARGV[1] .. '-0', 'e', ARGV[2])
+redis.call('HSET', KEYS[1], 'last_seq', seq)
+local at = ARGV[8]
+if ARGV[14] == '1' then
+  local fields = {'u_in','u_out','u_total','u_in_text','u_in_audio','u_cached','u_out_text','u_out_audio','u_resp'}
+  for i, f in ipairs(fields) do
+    local d = tonumber(ARGV[14 + i])
+    if d ~= 0 then redis.call('HINCRBY', KEYS[1], f, d) end
+  end
+end
+if ARGV[4] == '1' then
+  if tonumber(redis.call('HGET', KEYS[1], 'started') or '0') == 0 then
+    redis.call('HSET', KEYS[1], 'started', at)
+  end
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'sid', ARGV[5]) end
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'stream_sid', ARGV[6]) end
+  if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'relay', ARGV[7]) end
+  if rank(cur) < 4 then redis.call('HSET', KEYS[1], 'end_reason', 0, 'end_detail', '') end
+end
+if ARGV[13] == '1' and rank(cur) < 4 then
+  redis.call('HSET', KEYS[1], 'end_reason', 11)
+end
+local new = tonumber(ARGV[3])
+if new > 0 and rank(new) > rank(cur) then
+  redis.call('HSET', KEYS[1], 'status', new)
+  if rank(new) >= 4 then
+    redis.call('HSET', KEYS[1], 'ended', at, 'lease_holder', '')
+    if ARGV[9] == '1' then
+      redis.call('HSET', KEYS[1], 'end_reason', ARGV[10], 'end_detail', ARGV[11], 'transfer_to', ARGV[12])
+    end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[25])
+redis.call('PEXPIRE', KEYS[2], ARGV[25])
+return {1, seq}
+"
+);
+
+/// KEYS: call hash. ARGV: relay id, reconnect (0/1), holder, now ms, lease ms.
+/// Returns 1 attached, -1 not found, -2 ended, -3 held by another stream.
+const ATTACH_LUA: &str = concat!(
+    lua_rank!(),
+    r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
+if rank(cur) >= 4 then return -2 end
+local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+local now = tonumber(ARGV[4])
+if holder ~= '' and lease_until > now then
+  local same_relay = (redis.call('HGET', KEYS[1], 'lease_relay') or '') == ARGV[1]
+  if not (ARGV[2] == '1' and same_relay) then return -3 end
+end
+redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
+  'lease_until', now + tonumber(ARGV[5]))
+return 1
+"
+);
+
+/// KEYS: call hash. ARGV: holder, now ms, lease ms. Returns 1 renewed, 0 not the holder.
+const RENEW_LUA: &str = r"
+if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+return 1
+";
+
+/// KEYS: call hash. ARGV: holder, now ms, lease ms (grace for a reconnect).
+const RELEASE_LUA: &str = r"
+if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_holder', '', 'lease_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+return 1
+";
+
+/// KEYS: call hash. ARGV: sid, from, to. Returns 1 admitted, -1 not found, -2 ended.
+const ADMIT_LUA: &str = concat!(
+    lua_rank!(),
+    r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
+if rank(cur) >= 4 then return -2 end
+local fields = {'sid', 'from', 'to'}
+for i, f in ipairs(fields) do
+  if ARGV[i] ~= '' and (redis.call('HGET', KEYS[1], f) or '') == '' then
+    redis.call('HSET', KEYS[1], f, ARGV[i])
+  end
+end
+if rank(cur) < 2 then redis.call('HSET', KEYS[1], 'status', 2) end
+return 1
+"
+);
+
+/// KEYS: agent hash. ARGV: expected version (0 any), new version (0 delete), encoded agent.
+/// Returns {1, v} done, {-1, 0} not found, {-2, current} conflict.
+const AGENT_CAS_LUA: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return {-1, 0} end
+v = tonumber(v)
+local expected = tonumber(ARGV[1])
+if expected ~= 0 and expected ~= v then return {-2, v} end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'pb', ARGV[3])
+end
+return {1, v}
+";
+
+/// The Redis store.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    scripts: Arc<Scripts>,
+    retention_ms: i64,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("retention_ms", &self.retention_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// One server URL.
+    Single(String),
+    /// Cluster seed URLs.
+    Cluster(Vec<String>),
+}
+
+impl RedisStore {
+    /// Connects, and starts the pub/sub listener feeding `hub` (until `shutdown`).
+    ///
+    /// Connecting fails if Redis cannot be reached now; afterwards outages are survived
+    /// (commands fail with [`StoreError::Unavailable`] until it is back).
+    pub async fn connect(
+        target: &RedisTarget,
+        retention: Duration,
+        hub: Arc<Hub>,
+        replica_id: &str,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let (conn, pubsub_url) = match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_max_delay(Duration::from_secs(1))
+                    .set_number_of_retries(2);
+                let manager = ConnectionManager::new_with_config(client, config).await?;
+                (Conn::Single(manager), url.clone())
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()?;
+                let conn = client.get_async_connection().await?;
+                // PUBLISH is broadcast to the whole cluster, so a subscriber on any one
+                // node hears every message.
+                let first = nodes.first().cloned().unwrap_or_default();
+                (Conn::Cluster(conn), first)
+            }
+        };
+        let store = RedisStore {
+            conn,
+            scripts: Arc::new(Scripts::new()),
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+        };
+        let channels = vec![keys::events_channel(), keys::commands_channel(replica_id)];
+        tracker.spawn(run_subscriber(pubsub_url, channels, hub, shutdown));
+        Ok(store)
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
+        let mut conn = self.conn();
+        Ok(cmd.query_async(&mut conn).await?)
+    }
+}
+
+/// Keeps one pub/sub connection subscribed, reconnecting after outages; a message
+/// lost during an outage is recovered by watchers' catch-up reads.
+async fn run_subscriber(
+    url: String,
+    channels: Vec<String>,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+) {
+    let client = match redis::Client::open(url.as_str()) {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(error = %err, "Cannot create the Redis pub/sub client.");
+            return;
+        }
+    };
+    loop {
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            for channel in &channels {
+                pubsub.subscribe(channel).await?;
+            }
+            tracing::debug!("Redis pub/sub subscribed.");
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                match decode_bus(msg.get_channel_name(), msg.get_payload_bytes()) {
+                    Some(message) => {
+                        hub.dispatch(message);
+                    }
+                    None => {
+                        tracing::warn!(channel = msg.get_channel_name(), "Undecodable bus message.")
+                    }
+                }
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        tokio::select! {
+            // Shutdown ends the listener wherever it is.
+            () = shutdown.cancelled() => return,
+            result = session => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "Redis pub/sub connection lost; retrying.");
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PUBSUB_RETRY) => {}
+        }
+    }
+}
+
+/// The wire form of a bus message (a small protobuf message, not part of the public contract).
+#[derive(Clone, PartialEq, prost::Message)]
+struct BusEnvelope {
+    #[prost(string, tag = "1")]
+    campaign_id: String,
+    #[prost(message, optional, tag = "2")]
+    event: Option<pb::CallEvent>,
+    #[prost(string, tag = "3")]
+    call_id: String,
+    #[prost(message, optional, tag = "4")]
+    command: Option<pb::Command>,
+}
+
+fn decode_bus(channel: &str, payload: &[u8]) -> Option<BusMessage> {
+    let envelope = BusEnvelope::decode(payload).ok()?;
+    if channel == keys::events_channel() {
+        Some(BusMessage::Event {
+            campaign_id: envelope.campaign_id,
+            event: envelope.event?,
+        })
+    } else {
+        Some(BusMessage::Command {
+            call_id: envelope.call_id,
+            command: envelope.command?,
+        })
+    }
+}
+
+// === record <-> hash ===
+
+fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
+    let mut fields = vec![
+        ("id", call.call_id.clone()),
+        ("agent", call.agent_id.clone()),
+        ("dir", call.direction.to_string()),
+        ("status", call.status.to_string()),
+        ("from", call.from.clone()),
+        ("to", call.to.clone()),
+        ("campaign", call.campaign_id.clone()),
+        ("sid", call.twilio_call_sid.clone()),
+        ("stream_sid", call.stream_sid.clone()),
+        ("relay", call.relay_id.clone()),
+        ("created", call.created_at_ms.to_string()),
+        ("started", call.started_at_ms.to_string()),
+        ("ended", call.ended_at_ms.to_string()),
+        ("end_reason", call.end_reason.to_string()),
+        ("end_detail", call.end_detail.clone()),
+        ("transfer_to", call.transfer_to.clone()),
+        (
+            "meta",
+            serde_json::to_string(&call.metadata).unwrap_or_else(|_| "{}".to_owned()),
+        ),
+        ("last_seq", call.last_seq.to_string()),
+        ("lease_holder", call.lease_holder.clone()),
+        ("lease_relay", call.lease_relay.clone()),
+        ("lease_until", call.lease_until_ms.to_string()),
+    ];
+    for (name, value) in USAGE_FIELDS.iter().zip(call.usage) {
+        fields.push((name, value.to_string()));
+    }
+    fields
+}
+
+fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
+    if h.is_empty() {
+        return None;
+    }
+    let mut take = |k: &str| h.remove(k).unwrap_or_default();
+    fn num<T: std::str::FromStr + Default>(s: String) -> T {
+        s.parse().unwrap_or_default()
+    }
+    let mut call = CallRecord {
+        call_id: take("id"),
+        agent_id: take("agent"),
+        direction: num(take("dir")),
+        status: num(take("status")),
+        from: take("from"),
+        to: take("to"),
+        campaign_id: take("campaign"),
+        twilio_call_sid: take("sid"),
+        stream_sid: take("stream_sid"),
+        relay_id: take("relay"),
+        created_at_ms: num(take("created")),
+        started_at_ms: num(take("started")),
+        ended_at_ms: num(take("ended")),
+        end_reason: num(take("end_reason")),
+        end_detail: take("end_detail"),
+        transfer_to: take("transfer_to"),
+        metadata: serde_json::from_str(&take("meta")).unwrap_or_default(),
+        last_seq: num(take("last_seq")),
+        lease_holder: take("lease_holder"),
+        lease_relay: take("lease_relay"),
+        lease_until_ms: num(take("lease_until")),
+        usage: [0; 9],
+    };
+    for (slot, name) in call.usage.iter_mut().zip(USAGE_FIELDS) {
+        *slot = num(take(name));
+    }
+    // A hash without its id is a partial write of a call that expired meanwhile.
+    (!call.call_id.is_empty()).then_some(call)
+}
+
+fn decode_agent(bytes: Option<Vec<u8>>) -> StoreResult<Option<pb::Agent>> {
+    bytes
+        .map(|b| pb::Agent::decode(b.as_slice()).map_err(StoreError::from))
+        .transpose()
+}
+
+fn cas_outcome(reply: (i64, u64)) -> AgentCas {
+    match reply.0 {
+        1 => AgentCas::Done,
+        -1 => AgentCas::NotFound,
+        _ => AgentCas::Conflict { current: reply.1 },
+    }
+}
+
+impl CallStore for RedisStore {
+    async fn create_agent(&self, agent: &pb::Agent) -> StoreResult<bool> {
+        let key = keys::agent(&agent.agent_id);
+        // HSETNX on the version field decides who creates; the body follows in the
+        // same MULTI so a reader never sees a version without a body.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSETNX")
+            .arg(&key)
+            .arg("v")
+            .arg(agent.version);
+        let mut conn = self.conn();
+        let (created,): (bool,) = pipe.query_async(&mut conn).await?;
+        if !created {
+            return Ok(false);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg("pb")
+            .arg(agent.encode_to_vec())
+            .ignore()
+            .cmd("ZADD")
+            .arg(keys::agents_index())
+            .arg(0)
+            .arg(&agent.agent_id)
+            .ignore();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(true)
+    }
+
+    async fn get_agent(&self, agent_id: &str) -> StoreResult<Option<pb::Agent>> {
+        let bytes: Option<Vec<u8>> = self
+            .query(redis::cmd("HGET").arg(keys::agent(agent_id)).arg("pb"))
+            .await?;
+        decode_agent(bytes)
+    }
+
+    async fn replace_agent(&self, agent: &pb::Agent, expected: u64) -> StoreResult<AgentCas> {
+        let mut conn = self.conn();
+        let reply: (i64, u64) = self
+            .scripts
+            .agent_cas
+            .key(keys::agent(&agent.agent_id))
+            .arg(expected)
+            .arg(agent.version)
+            .arg(agent.encode_to_vec())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(cas_outcome(reply))
+    }
+
+    async fn delete_agent(&self, agent_id: &str, expected: u64) -> StoreResult<AgentCas> {
+        let mut conn = self.conn();
+        let reply: (i64, u64) = self
+            .scripts
+            .agent_cas
+            .key(keys::agent(agent_id))
+            .arg(expected)
+            .arg(0)
+            .arg("")
+            .invoke_async(&mut conn)
+            .await?;
+        let outcome = cas_outcome(reply);
+        if outcome == AgentCas::Done {
+            let _: () = self
+                .query(redis::cmd("ZREM").arg(keys::agents_index()).arg(agent_id))
+                .await?;
+            for (number, target) in self.list_routes().await? {
+                if target == agent_id {
+                    let _: () = self
+                        .query(redis::cmd("HDEL").arg(keys::routes()).arg(number))
+                        .await?;
+                }
+            }
+            if self.get_default_agent().await?.as_deref() == Some(agent_id) {
+                self.set_default_agent(None).await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn list_agents(&self, after: &str, limit: usize) -> StoreResult<Vec<pb::Agent>> {
+        let min = if after.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("({after}")
+        };
+        let ids: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(keys::agents_index())
+                    .arg(min)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        let mut agents = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(agent) = self.get_agent(&id).await? {
+                agents.push(agent);
+            }
+        }
+        Ok(agents)
+    }
+
+    async fn set_route(&self, number: &str, agent_id: &str) -> StoreResult<()> {
+        self.query(
+            redis::cmd("HSET")
+                .arg(keys::routes())
+                .arg(number)
+                .arg(agent_id),
+        )
+        .await
+    }
+
+    async fn delete_route(&self, number: &str) -> StoreResult<bool> {
+        let n: i64 = self
+            .query(redis::cmd("HDEL").arg(keys::routes()).arg(number))
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn get_route(&self, number: &str) -> StoreResult<Option<String>> {
+        self.query(redis::cmd("HGET").arg(keys::routes()).arg(number))
+            .await
+    }
+
+    async fn list_routes(&self) -> StoreResult<Vec<(String, String)>> {
+        let map: HashMap<String, String> = self
+            .query(redis::cmd("HGETALL").arg(keys::routes()))
+            .await?;
+        let mut routes: Vec<_> = map.into_iter().collect();
+        routes.sort();
+        Ok(routes)
+    }
+
+    async fn set_default_agent(&self, agent_id: Option<&str>) -> StoreResult<()> {
+        match agent_id {
+            Some(id) => {
+                self.query(redis::cmd("SET").arg(keys::default_agent()).arg(id))
+                    .await
+            }
+            None => {
+                self.query(redis::cmd("DEL").arg(keys::default_agent()))
+                    .await
+            }
+        }
+    }
+
+    async fn get_default_agent(&self) -> StoreResult<Option<String>> {
+        self.query(redis::cmd("GET").arg(keys::default_agent()))
+            .await
+    }
+
+    async fn create_calls(&self, calls: &[CallRecord]) -> StoreResult<()> {
+        let mut conn = self.conn();
+        // Pipelined in chunks: a bulk of 1000 calls is a handful of round trips. Each
+        // command touches one key, so this also works across cluster slots.
+        for chunk in calls.chunks(200) {
+            let mut pipe = redis::pipe();
+            for call in chunk {
+                let key = keys::call(&call.call_id);
+                pipe.cmd("HSET").arg(&key);
+                for (field, value) in call_to_fields(call) {
+                    pipe.arg(field).arg(value);
+                }
+                pipe.ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(self.retention_ms)
+                    .ignore();
+                pipe.cmd("ZADD")
+                    .arg(keys::calls_index())
+                    .arg(call.created_at_ms)
+                    .arg(&call.call_id)
+                    .ignore();
+                if !call.campaign_id.is_empty() {
+                    let campaign = keys::campaign_index(&call.campaign_id);
+                    pipe.cmd("ZADD")
+                        .arg(&campaign)
+                        .arg(call.created_at_ms)
+                        .arg(&call.call_id)
+                        .ignore();
+                    // The campaign view lives a day beyond its newest call's retention.
+                    pipe.cmd("PEXPIRE")
+                        .arg(&campaign)
+                        .arg(self.retention_ms.saturating_add(DAY_MS))
+                        .ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn get_call(&self, call_id: &str) -> StoreResult<Option<CallRecord>> {
+        let h: HashMap<String, String> = self
+            .query(redis::cmd("HGETALL").arg(keys::call(call_id)))
+            .await?;
+        Ok(call_from_fields(h))
+    }
+
+    async fn admit_existing(
+        &self,
+        call_id: &str,
+        twilio_call_sid: &str,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<AdmitOutcome> {
+        let mut conn = self.conn();
+        let code: i64 = self
+            .scripts
+            .admit
+            .key(keys::call(call_id))
+            .arg(twilio_call_sid)
+            .arg(from)
+            .arg(to)
+            .invoke_async(&mut conn)
+            .await?;
+        let outcome = match code {
+            1 => AdmitOutcome::Admitted,
+            -2 => AdmitOutcome::Ended,
+            _ => AdmitOutcome::NotFound,
+        };
+        if outcome == AdmitOutcome::Admitted && !twilio_call_sid.is_empty() {
+            let _: () = self
+                .query(
+                    redis::cmd("SET")
+                        .arg(keys::twilio_sid(twilio_call_sid))
+                        .arg(call_id)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(self.retention_ms),
+                )
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {
+        let mut conn = self.conn();
+        // Write the call first, then claim the sid: whoever sees the sid taken can
+        // read the winner's call at once. The loser deletes its unindexed hash.
+        let key = keys::call(&call.call_id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET").arg(&key);
+        for (field, value) in call_to_fields(call) {
+            pipe.arg(field).arg(value);
+        }
+        pipe.ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.retention_ms)
+            .ignore();
+        pipe.query_async::<()>(&mut conn).await?;
+        let claimed: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(keys::twilio_sid(&call.twilio_call_sid))
+                    .arg(&call.call_id)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(self.retention_ms),
+            )
+            .await?;
+        if let Some(existing) = claimed {
+            let _: () = self.query(redis::cmd("DEL").arg(&key)).await?;
+            return Ok(existing);
+        }
+        let _: () = self
+            .query(
+                redis::cmd("ZADD")
+                    .arg(keys::calls_index())
+                    .arg(call.created_at_ms)
+                    .arg(&call.call_id),
+            )
+            .await?;
+        Ok(call.call_id.clone())
+    }
+
+    async fn attach(
+        &self,
+        call_id: &str,
+        relay_id: &str,
+        reconnect: bool,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<AttachOutcome> {
+        let mut conn = self.conn();
+        let code: i64 = self
+            .scripts
+            .attach
+            .key(keys::call(call_id))
+            .arg(relay_id)
+            .arg(u8::from(reconnect))
+            .arg(holder)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match code {
+            1 => {
+                self.index_lease(call_id, now_ms + lease_ms).await?;
+                AttachOutcome::Attached
+            }
+            -2 => AttachOutcome::Ended,
+            -3 => AttachOutcome::Held,
+            _ => AttachOutcome::NotFound,
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        call_id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let code: i64 = self
+            .scripts
+            .renew
+            .key(keys::call(call_id))
+            .arg(holder)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        if code == 1 {
+            self.index_lease(call_id, now_ms + lease_ms).await?;
+        }
+        Ok(code == 1)
+    }
+
+    async fn release_lease(
+        &self,
+        call_id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let code: i64 = self
+            .scripts
+            .release
+            .key(keys::call(call_id))
+            .arg(holder)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        if code == 1 {
+            self.index_lease(call_id, now_ms + lease_ms).await?;
+        }
+        Ok(())
+    }
+
+    async fn append_event(
+        &self,
+        event: &pb::CallEvent,
+        effects: &EventEffects,
+    ) -> StoreResult<AppendOutcome> {
+        let mut conn = self.conn();
+        let mut inv = self.scripts.append.prepare_invoke();
+        inv.key(keys::call(&event.call_id))
+            .key(keys::call_events(&event.call_id))
+            .arg(event.seq)
+            .arg(event.encode_to_vec())
+            .arg(effects.new_status.unwrap_or(0));
+        match &effects.started {
+            Some((sid, stream_sid, relay)) => inv.arg(1).arg(sid).arg(stream_sid).arg(relay),
+            None => inv.arg(0).arg("").arg("").arg(""),
+        };
+        inv.arg(effects.at_ms);
+        match &effects.ended {
+            Some((reason, detail, transfer_to)) => {
+                inv.arg(1).arg(*reason).arg(detail).arg(transfer_to)
+            }
+            None => inv.arg(0).arg(0).arg("").arg(""),
+        };
+        inv.arg(u8::from(effects.handoff));
+        let usage = effects.usage.unwrap_or_default();
+        inv.arg(u8::from(effects.usage.is_some()));
+        for value in usage {
+            inv.arg(value);
+        }
+        inv.arg(effects.require_lease_expired_before.unwrap_or(0))
+            .arg(self.retention_ms);
+        let (code, last): (i64, u64) = inv.invoke_async(&mut conn).await?;
+        let outcome = match code {
+            1 => AppendOutcome::Stored,
+            0 => AppendOutcome::Duplicate,
+            -2 => AppendOutcome::Gap { last_seq: last },
+            -3 => AppendOutcome::ConditionFailed,
+            _ => AppendOutcome::NotFound,
+        };
+        if outcome == AppendOutcome::Stored && effects.ended.is_some() {
+            // A final call needs no sweeping; a failure here only costs the sweeper a look.
+            let _ = self.forget_lease(&event.call_id).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn read_events(
+        &self,
+        call_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<pb::CallEvent>> {
+        let entries: Vec<(String, Vec<Vec<u8>>)> = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(keys::call_events(call_id))
+                    .arg(format!("{}-0", after_seq.saturating_add(1)))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit),
+            )
+            .await?;
+        entries
+            .into_iter()
+            .map(|(_, fields)| {
+                let bytes = fields
+                    .get(1)
+                    .ok_or_else(|| StoreError::Corrupt("event entry without payload".into()))?;
+                Ok(pb::CallEvent::decode(bytes.as_slice())?)
+            })
+            .collect()
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
+        self.query(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(keys::leases_index())
+                .arg("-inf")
+                .arg(format!("({now_ms}"))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit),
+        )
+        .await
+    }
+
+    async fn forget_lease(&self, call_id: &str) -> StoreResult<()> {
+        self.query(redis::cmd("ZREM").arg(keys::leases_index()).arg(call_id))
+            .await
+    }
+
+    async fn scan_index(
+        &self,
+        campaign_id: Option<&str>,
+        cursor: IndexCursor,
+        min_score: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, i64)>> {
+        let key = campaign_id.map_or_else(keys::calls_index, keys::campaign_index);
+        self.query(
+            redis::cmd("ZREVRANGEBYSCORE")
+                .arg(key)
+                .arg(cursor.score)
+                .arg(min_score)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(cursor.skip)
+                .arg(limit),
+        )
+        .await
+    }
+
+    async fn trim_index(&self, cutoff_ms: i64) -> StoreResult<()> {
+        self.query(
+            redis::cmd("ZREMRANGEBYSCORE")
+                .arg(keys::calls_index())
+                .arg("-inf")
+                .arg(format!("({cutoff_ms}")),
+        )
+        .await
+    }
+
+    async fn publish_event(&self, campaign_id: &str, event: &pb::CallEvent) -> StoreResult<()> {
+        let envelope = BusEnvelope {
+            campaign_id: campaign_id.to_owned(),
+            event: Some(event.clone()),
+            ..Default::default()
+        };
+        let _: i64 = self
+            .query(
+                redis::cmd("PUBLISH")
+                    .arg(keys::events_channel())
+                    .arg(envelope.encode_to_vec()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn publish_command(
+        &self,
+        replica_id: &str,
+        call_id: &str,
+        command: &pb::Command,
+    ) -> StoreResult<bool> {
+        let envelope = BusEnvelope {
+            call_id: call_id.to_owned(),
+            command: Some(command.clone()),
+            ..Default::default()
+        };
+        let receivers: i64 = self
+            .query(
+                redis::cmd("PUBLISH")
+                    .arg(keys::commands_channel(replica_id))
+                    .arg(envelope.encode_to_vec()),
+            )
+            .await?;
+        Ok(receivers > 0)
+    }
+
+    async fn ping(&self) -> StoreResult<Duration> {
+        let start = tokio::time::Instant::now();
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(start.elapsed())
+    }
+}
+
+impl RedisStore {
+    async fn index_lease(&self, call_id: &str, until_ms: i64) -> StoreResult<()> {
+        self.query(
+            redis::cmd("ZADD")
+                .arg(keys::leases_index())
+                .arg(until_ms)
+                .arg(call_id),
+        )
+        .await
+    }
+}
