@@ -16,8 +16,10 @@ pub mod audio;
 pub mod conversation;
 pub mod fake_realtime;
 pub mod http;
+pub mod procs;
 pub mod redis_server;
 pub mod signature;
+pub mod sim_caller;
 pub mod twiml;
 
 use std::future::Future;
