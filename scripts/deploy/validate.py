@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 RENDER_DIR = ROOT / "target" / "deploy-rendered"
+DEBUG_BIN = ROOT / "target" / "debug"
 
 # The oldest Kubernetes we support (lifecycle.preStop.sleep is on by default from 1.30)
 # and the newest schema set kubernetes-validate ships.
@@ -961,29 +963,46 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, str(err)
 
 
-def grpc_health(port: int) -> str | None:
-    """grpc.health.v1.Health/Check for service "" over h2c, as the kubelet's grpc probe does."""
-    try:
-        import h2.config
-        import h2.connection
-        import h2.events
-    except ImportError:
-        R.skip("live gRPC health: python h2 not installed")
-        return None
+def pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def pb_bytes(field_no: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field (strings and embedded messages)."""
+    return pb_varint(field_no << 3 | 2) + pb_varint(len(value)) + value
+
+
+def pb_str(field_no: int, value: str) -> bytes:
+    return pb_bytes(field_no, value.encode())
+
+
+def grpc_unary(
+    port: int, path: str, request: bytes, metadata: dict[str, str] | None = None
+) -> tuple[str | None, str, bytes]:
+    """One unary gRPC call over h2c: (grpc-status, grpc-message, response message bytes).
+    Enough of a client for probes and seeding, with no generated code and no grpcio."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+               (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+               ("te", "trailers")]
+    headers += list((metadata or {}).items())
+    body, status, message, done = b"", None, "", False
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(conn.data_to_send())
         sid = conn.get_next_available_stream_id()
-        conn.send_headers(
-            sid,
-            [(":method", "POST"), (":scheme", "http"), (":path", "/grpc.health.v1.Health/Check"),
-             (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
-             ("te", "trailers")],
-        )
-        conn.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)  # empty HealthCheckRequest
+        conn.send_headers(sid, headers)
+        conn.send_data(sid, b"\x00" + len(request).to_bytes(4, "big") + request, end_stream=True)
         sock.sendall(conn.data_to_send())
-        body, status, done = b"", None, False
         deadline = time.monotonic() + 5
         while not done and time.monotonic() < deadline:
             data = sock.recv(65536)
@@ -994,149 +1013,67 @@ def grpc_health(port: int) -> str | None:
                     body += ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                    hdrs = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-                            for k, v in ev.headers}
-                    status = hdrs.get("grpc-status", status)
-                elif isinstance(ev, h2.events.StreamEnded):
+                    for k, v in ev.headers:
+                        k = k.decode() if isinstance(k, bytes) else k
+                        v = v.decode() if isinstance(v, bytes) else v
+                        if k == "grpc-status":
+                            status = v
+                        elif k == "grpc-message":
+                            message = urllib.parse.unquote(v)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
                     done = True
             sock.sendall(conn.data_to_send())
+    return status, message, body[5:]
+
+
+def grpc_health(port: int) -> str:
+    """grpc.health.v1.Health/Check for service "", as the kubelet's grpc probe asks it."""
+    try:
+        status, message, body = grpc_unary(port, "/grpc.health.v1.Health/Check", b"")
+    except OSError as err:
+        return f"error: {err}"
     if status != "0":
-        return f"grpc-status {status}"
-    # HealthCheckResponse{status = 1 SERVING}: field 1 varint -> 08 01 after the 5-byte prefix.
-    return "SERVING" if body[5:7] == b"\x08\x01" else f"NOT_SERVING ({body[5:].hex()})"
+        return f"grpc-status {status} {message}"
+    # HealthCheckResponse{status = 1 (SERVING)}: field 1, varint 1.
+    return "SERVING" if body == b"\x08\x01" else f"NOT_SERVING ({body.hex()})"
 
 
-def check_live(dev: list[dict[str, Any]]) -> None:
-    relay_bin = ROOT / "target" / "debug" / "callbridge-relay"
-    control_bin = ROOT / "target" / "debug" / "callbridge-control"
-    def ready(crate: Crate, binary: Path) -> bool:
-        # main.rs still the skeleton's `fn main() {}`: nothing to probe yet.
-        main = crate.path / "src" / "main.rs"
-        real = main.exists() and len(main.read_text().strip().splitlines()) > 3
-        if not (crate.landed and real):
-            R.skip(f"live {crate.name}: its main.rs is still a placeholder")
-            return False
-        if not binary.exists():
-            R.skip(f"live {crate.name}: {binary.relative_to(ROOT)} not built (scripts/test.sh builds it)")
-            return False
-        return True
+class Procs:
+    """Processes started by one live check: logs in a temp dir, all stopped at the end
+    (by their own pid), logs shown when the check failed."""
 
-    with_relay = ready(CRATES["relay"], relay_bin)
-    with_control = ready(CRATES["control"], control_bin)
-    if not (with_relay or with_control):
-        return
-    redis_bin = shutil.which("redis-server")
-    relay_cm = next((c for c in by_kind(dev, "ConfigMap") if c["metadata"]["name"].startswith("relay-config")), None)
-    control_cm = next((c for c in by_kind(dev, "ConfigMap") if c["metadata"]["name"].startswith("control-config")), None)
-    if relay_cm is None or control_cm is None:
-        R.fail("live: dev overlay has no relay-config/control-config")
-        return
-    procs: list[subprocess.Popen[bytes]] = []
-    tmp = tempfile.mkdtemp(prefix="callbridge-deploy-check-")
-    logs: dict[str, Path] = {}
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"callbridge-{label}-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[str, Path] = {}
+        self.failures_before = len(R.failures)
 
-    def start(what: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        logs[what] = Path(tmp) / f"{what}.log"
+    def start(self, what: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.logs[what] = self.tmp / f"{what}.log"
         base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
         proc = subprocess.Popen(
             argv, env={**base, **env}, stdin=subprocess.DEVNULL,
-            stdout=logs[what].open("wb"), stderr=subprocess.STDOUT,
+            stdout=self.logs[what].open("wb"), stderr=subprocess.STDOUT,
         )
-        procs.append(proc)
+        self.procs.append(proc)
         return proc
 
-    try:
-        control_env = dict(control_cm["data"])
-        control_env.update({
-            "CONTROL_LISTEN": "127.0.0.1:0",
-            "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
-            "CONTROL_APP_TOKENS": "deploy-check-app-token",
-            "CONTROL_RELAY_TOKENS": "deploy-check-relay-token",
-            "CONTROL_ID": "deploy-check-control",
-        })
-        control_env.pop("REDIS_URL", None)
-        grpc_port = None
-        if with_control and redis_bin:
-            sock = Path(tmp) / "redis.sock"
-            start("redis", [redis_bin, "--port", "0", "--unixsocket", str(sock), "--save", "",
-                            "--appendonly", "no"], {})
-            deadline = time.monotonic() + 10
-            while not sock.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            control_env["REDIS_URL"] = f"redis+unix://{sock}"
-        elif with_control:
-            R.skip("live: redis-server not installed, control runs on its in-memory store")
-        control = start("control", [str(control_bin)], control_env) if with_control else None
-        cports = wait_ports(control, 2, "callbridge-control") if control else set()
-        metrics_port = None
-        for p in sorted(cports):
-            status, body = http_get(p, "/metrics")
-            if status == 200:
-                metrics_port = p
-            else:
-                grpc_port = p
-        if control and R.check(
-            metrics_port is not None and grpc_port is not None,
-            f"live: control should serve gRPC and /metrics on two ports (saw {sorted(cports)})",
-        ):
-            status, body = http_get(metrics_port, "/metrics")
-            R.check("callbridge_control_" in body, "live: control /metrics has no callbridge_control_ series")
-            for line in body.splitlines():
-                m = re.match(r"# TYPE (callbridge_[a-z0-9_]+) (\w+)", line)
-                if m:
-                    exported = m.group(1) + ("_total" if m.group(2) == "counter" else "")
-                    R.check(exported in documented_metrics(), f"live: control exports undocumented {exported}")
-            health = grpc_health(grpc_port)
-            if health is not None:
-                R.check(health == "SERVING", f"live: control grpc.health.v1 Check(\"\") -> {health} (readinessProbe)")
+    def redis(self) -> Path | None:
+        """A throwaway redis-server on a unix socket in the temp dir (no port to race for)."""
+        redis_bin = shutil.which("redis-server")
+        if redis_bin is None:
+            return None
+        sock = self.tmp / "redis.sock"
+        self.start("redis", [redis_bin, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--appendonly", "no", "--dir", str(self.tmp)], {})
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sock if sock.exists() else None
 
-        relay_env = dict(relay_cm["data"])
-        relay_env.update({
-            "RELAY_LISTEN": "127.0.0.1:0",
-            "CONTROL_URL": f"http://127.0.0.1:{grpc_port}" if grpc_port else "",
-            "RELAY_CONTROL_TOKEN": "deploy-check-relay-token",
-            "OPENAI_API_KEY": "sk-deploy-check",
-            "TWILIO_AUTH_TOKEN": "deploy-check-twilio-token",
-            "RELAY_ID": "deploy-check-relay",
-            "RELAY_DRAIN_GRACE_SECS": "5",
-        })
-        if not relay_env["CONTROL_URL"]:
-            # No control to talk to: the relay's standalone mode still serves every probe.
-            del relay_env["CONTROL_URL"]
-        relay = start("relay", [str(relay_bin)], relay_env) if with_relay else None
-        rports = wait_ports(relay, 1, "callbridge-relay") if relay else set()
-        if rports:
-            port = min(rports)
-            for path in ("/healthz", "/readyz"):
-                status, _ = http_get(port, path)
-                R.check(status == 200, f"live: relay GET {path} -> {status}, probes expect 200")
-            status, body = http_get(port, "/metrics")
-            R.check(status == 200 and "callbridge_relay_" in body, f"live: relay GET /metrics -> {status}")
-            for line in body.splitlines():
-                m = re.match(r"# TYPE (callbridge_[a-z0-9_]+) (\w+)", line)
-                if m:
-                    exported = m.group(1) + ("_total" if m.group(2) == "counter" else "")
-                    R.check(exported in documented_metrics(), f"live: relay exports undocumented {exported}")
-            status, _ = http_get(port, "/no-such-path")
-            R.check(status == 404, f"live: relay GET /no-such-path -> {status}, expected 404")
-            # SIGTERM: readiness must flip to 503 (or the listener close) while liveness holds.
-            relay.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            flipped = False
-            while time.monotonic() < deadline and relay.poll() is None:
-                status, _ = http_get(port, "/readyz")
-                if status in (503, 0):
-                    flipped = True
-                    break
-                time.sleep(0.05)
-            R.check(flipped or relay.poll() is not None, "live: relay /readyz stayed 200 after SIGTERM")
-            try:
-                code = relay.wait(timeout=15)
-                R.check(code == 0, f"live: relay exited {code} after SIGTERM with no calls")
-            except subprocess.TimeoutExpired:
-                R.fail("live: relay did not exit within 15 s of SIGTERM with no live calls")
-    finally:
-        for proc in procs:
+    def close(self) -> None:
+        for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -1144,12 +1081,252 @@ def check_live(dev: list[dict[str, Any]]) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
-        failed = [f for f in R.failures if f.startswith("live:")]
-        if failed:
-            for what, log in logs.items():
+        if len(R.failures) > self.failures_before:
+            for what, log in self.logs.items():
                 tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
-                print(f"--- {what} log (last lines) ---\n" + "\n".join(tail), file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+                print(f"--- {self.label}: {what} log (last lines) ---\n" + "\n".join(tail),
+                      file=sys.stderr)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def binary_ready(crate: Crate, binary: Path, main: Path | None = None) -> bool:
+    # A main still the skeleton's `fn main() {}` has nothing to probe yet.
+    main = main or crate.path / "src" / "main.rs"
+    real = main.exists() and len(main.read_text().strip().splitlines()) > 3
+    if not (crate.landed and real):
+        R.skip(f"live {binary.name}: {main.relative_to(ROOT)} is still a placeholder")
+        return False
+    if not binary.exists():
+        R.skip(f"live {binary.name}: {binary.relative_to(ROOT)} not built (scripts/test.sh builds it)")
+        return False
+    return True
+
+
+def check_exported_metrics(body: str, what: str) -> None:
+    documented = documented_metrics()
+    for line in body.splitlines():
+        m = re.match(r"# TYPE (callbridge_[a-z0-9_]+) (\w+)", line)
+        if m:
+            exported = m.group(1) + ("_total" if m.group(2) == "counter" else "")
+            R.check(exported in documented, f"live: {what} exports undocumented {exported}")
+
+
+def start_control(procs: Procs, env: dict[str, str]) -> tuple[int | None, int | None]:
+    """Starts control and tells its gRPC port from its metrics port by asking both."""
+    control = procs.start("control", [str(DEBUG_BIN / "callbridge-control")], env)
+    ports = wait_ports(control, 2, "callbridge-control")
+    metrics_port = grpc_port = None
+    for p in sorted(ports):
+        if http_get(p, "/metrics")[0] == 200:
+            metrics_port = p
+        else:
+            grpc_port = p
+    R.check(
+        metrics_port is not None and grpc_port is not None,
+        f"live: control should serve gRPC and /metrics on two ports (saw {sorted(ports)})",
+    )
+    return grpc_port, metrics_port
+
+
+def check_live(dev: list[dict[str, Any]]) -> None:
+    """The binaries, configured from the dev overlay's ConfigMaps, answer what the
+    manifests probe and scrape."""
+    with_relay = binary_ready(CRATES["relay"], DEBUG_BIN / "callbridge-relay")
+    with_control = binary_ready(CRATES["control"], DEBUG_BIN / "callbridge-control")
+    if not (with_relay or with_control):
+        return
+    cms = {c["metadata"]["name"].rsplit("-", 1)[0]: c["data"] for c in by_kind(dev, "ConfigMap")}
+    procs = Procs("live")
+    try:
+        grpc_port = None
+        if with_control:
+            env = dict(cms["control-config"])
+            env.update({
+                "CONTROL_LISTEN": "127.0.0.1:0",
+                "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
+                "CONTROL_APP_TOKENS": "deploy-check-app-token",
+                "CONTROL_RELAY_TOKENS": "deploy-check-relay-token",
+                "CONTROL_ID": "deploy-check-control",
+            })
+            env.pop("REDIS_URL", None)
+            sock = procs.redis()
+            if sock is not None:
+                env["REDIS_URL"] = f"redis+unix://{sock}"
+            else:
+                R.skip("live: redis-server not installed, control runs on its in-memory store")
+            grpc_port, metrics_port = start_control(procs, env)
+            if grpc_port and metrics_port:
+                status, body = http_get(metrics_port, "/metrics")
+                R.check("callbridge_control_" in body, "live: control /metrics has no callbridge_control_ series")
+                check_exported_metrics(body, "control")
+                health = grpc_health(grpc_port)
+                R.check(health == "SERVING",
+                        f"live: control grpc.health.v1 Check(\"\") -> {health} (the readinessProbe)")
+        if with_relay:
+            env = dict(cms["relay-config"])
+            env.update({
+                "RELAY_LISTEN": "127.0.0.1:0",
+                "RELAY_CONTROL_TOKEN": "deploy-check-relay-token",
+                "OPENAI_API_KEY": "sk-deploy-check",
+                "TWILIO_AUTH_TOKEN": "deploy-check-twilio-token",
+                "RELAY_ID": "deploy-check-relay",
+                "RELAY_DRAIN_GRACE_SECS": "5",
+            })
+            if grpc_port:
+                env["CONTROL_URL"] = f"http://127.0.0.1:{grpc_port}"
+            else:
+                # No control to talk to: the relay's standalone mode serves every probe too.
+                env.pop("CONTROL_URL", None)
+            relay = procs.start("relay", [str(DEBUG_BIN / "callbridge-relay")], env)
+            ports = wait_ports(relay, 1, "callbridge-relay")
+            if ports:
+                check_relay_live(relay, min(ports))
+    finally:
+        procs.close()
+
+
+def check_relay_live(relay: subprocess.Popen[bytes], port: int) -> None:
+    for path in ("/healthz", "/readyz"):
+        status, _ = http_get(port, path)
+        R.check(status == 200, f"live: relay GET {path} -> {status}, probes expect 200")
+    status, body = http_get(port, "/metrics")
+    R.check(status == 200 and "callbridge_relay_" in body, f"live: relay GET /metrics -> {status}")
+    check_exported_metrics(body, "relay")
+    if "callbridge_relay_active_calls" not in body:
+        R.fail("live: relay /metrics lacks callbridge_relay_active_calls (the HPA metric)")
+    status, _ = http_get(port, "/no-such-path")
+    R.check(status == 404, f"live: relay GET /no-such-path -> {status}, expected 404")
+    # SIGTERM: readiness must stop answering 200 while the process drains.
+    relay.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    flipped = False
+    while time.monotonic() < deadline and relay.poll() is None:
+        status, _ = http_get(port, "/readyz")
+        if status != 200:
+            flipped = True
+            break
+        time.sleep(0.05)
+    R.check(flipped or relay.poll() is not None, "live: relay /readyz stayed 200 after SIGTERM")
+    try:
+        code = relay.wait(timeout=15)
+        R.check(code == 0, f"live: relay exited {code} after SIGTERM with no calls")
+    except subprocess.TimeoutExpired:
+        R.fail("live: relay did not exit within 15 s of SIGTERM with no live calls")
+
+
+def compose_env(svc: dict[str, Any]) -> dict[str, str]:
+    """A compose service's environment with ${VAR:-default} resolved to its default."""
+    env = svc.get("environment", {}) or {}
+    return {k: compose_value(str(v)) for k, v in env.items()}
+
+
+def compose_value(value: str) -> str:
+    value = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+    return value.replace("$$", "$")
+
+
+def check_compose_replay() -> None:
+    """Runs deploy/compose.yaml's stack from the debug binaries on loopback, with the
+    compose file's own environment and commands (only addresses rewritten to 127.0.0.1:0
+    and a unix-socket Redis): seeds the agent as seed-agent does and places sim-caller's
+    call. Proves the compose wiring (tokens, URLs, signing base) works end to end, and
+    measures what one call leaves in Redis."""
+    needed = {
+        "callbridge-control": (CRATES["control"], None),
+        "callbridge-relay": (CRATES["relay"], None),
+        "fake-realtime": (CRATES["testkit"], ROOT / "tests/testkit/src/bin/fake-realtime.rs"),
+        "sim-caller": (CRATES["testkit"], ROOT / "tests/testkit/src/bin/sim-caller.rs"),
+    }
+    if not all(binary_ready(crate, DEBUG_BIN / name, main) for name, (crate, main) in needed.items()):
+        return
+    services = load_compose()["services"]
+    procs = Procs("compose-replay")
+    try:
+        sock = procs.redis()
+        if sock is None:
+            R.skip("compose replay: redis-server not installed")
+            return
+        env = compose_env(services["control"])
+        env.update({"CONTROL_LISTEN": "127.0.0.1:0", "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
+                    "REDIS_URL": f"redis+unix://{sock}"})
+        grpc_port, _ = start_control(procs, env)
+        fake_cmd = [compose_value(a) for a in services["fake-realtime"]["command"]]
+        fake_cmd = [("127.0.0.1:0" if a.endswith(":9000") else a) for a in fake_cmd]
+        fake = procs.start("fake-realtime", [str(DEBUG_BIN / "fake-realtime"), *fake_cmd], {})
+        fake_ports = wait_ports(fake, 1, "fake-realtime")
+        if not (grpc_port and fake_ports):
+            return
+        env = compose_env(services["relay"])
+        R.check(env["OPENAI_REALTIME_URL"].startswith("ws://fake-realtime:9000/"),
+                "compose: relay OPENAI_REALTIME_URL must point at fake-realtime:9000")
+        env.update({
+            "RELAY_LISTEN": "127.0.0.1:0",
+            "CONTROL_URL": f"http://127.0.0.1:{grpc_port}",
+            "OPENAI_REALTIME_URL": env["OPENAI_REALTIME_URL"].replace(
+                "fake-realtime:9000", f"127.0.0.1:{min(fake_ports)}"),
+        })
+        relay = procs.start("relay", [str(DEBUG_BIN / "callbridge-relay")], env)
+        relay_ports = wait_ports(relay, 1, "callbridge-relay")
+        if not relay_ports:
+            return
+
+        # seed-agent, as its grpcurl commands do.
+        seed = services["seed-agent"]["command"][0]
+        token = compose_value(services["seed-agent"]["environment"]["APP_TOKEN"])
+        agent = json.loads(re.search(r"-d '(\{\"agent_id\": \"front-desk\", \"settings\".*?)'", seed).group(1))
+        auth = {"authorization": f"Bearer {token}"}
+        settings = b"".join(pb_str(n, agent["settings"][k])
+                            for n, k in ((1, "name"), (4, "instructions"), (6, "greeting"))
+                            if k in agent["settings"])
+        status, message, _ = grpc_unary(
+            grpc_port, "/callbridge.v1.Agents/CreateAgent",
+            pb_str(1, agent["agent_id"]) + pb_bytes(2, settings), auth)
+        R.check(status == "0", f"compose replay: CreateAgent -> {status} {message}")
+        status, message, _ = grpc_unary(
+            grpc_port, "/callbridge.v1.Agents/SetDefaultAgent", pb_str(1, agent["agent_id"]), auth)
+        R.check(status == "0", f"compose replay: SetDefaultAgent -> {status} {message}")
+
+        # sim-caller with the compose command; --connect dials the loopback relay while
+        # the signed URLs stay http://relay:8080, as in the compose network.
+        cmd = [compose_value(a) for a in services["sim-caller"]["command"]]
+        caller = procs.start("sim-caller", [str(DEBUG_BIN / "sim-caller"), *cmd,
+                                            "--connect", f"127.0.0.1:{min(relay_ports)}"], {})
+        try:
+            code = caller.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            R.fail("compose replay: sim-caller did not finish within 90 s")
+            return
+        out = procs.logs["sim-caller"].read_text(errors="replace")
+        ok = R.check(code == 0, f"compose replay: sim-caller exited {code}: {out.strip()[-300:]}")
+        ok &= R.check("webhook HTTP 200" in out, f"compose replay: webhook not answered 200: {out.strip()[-300:]}")
+        if ok:
+            measure_redis(sock)
+    finally:
+        procs.close()
+
+
+def measure_redis(sock: Path) -> None:
+    """What one call left in Redis: printed as a figure for docs/operations.md."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        R.skip("compose replay: redis-cli not installed, Redis figures not measured")
+        return
+
+    def redis(*args: str) -> str:
+        return subprocess.run([cli, "-s", str(sock), *args], capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip()
+
+    keys = [k for k in redis("--scan").splitlines() if k]
+    call_keys = [k for k in keys if ":call:" in k or k.startswith("call:")]
+    R.check(bool(call_keys), f"compose replay: no call keys in Redis after the call (keys: {keys})")
+    sizes = {k: int(redis("MEMORY", "USAGE", k) or 0) for k in keys}
+    streams = {k: int(redis("XLEN", k) or 0) for k in keys if redis("TYPE", k) == "stream"}
+    events = sum(n for k, n in streams.items() if "event" in k)
+    print(f"measured: one simulated call left {len(keys)} keys, {sum(sizes.values())} bytes "
+          f"(MEMORY USAGE); {events} events in {sum(sizes[k] for k in streams)} bytes of streams")
+    for k in sorted(keys):
+        print(f"measured:   {k}: {sizes[k]} bytes" + (f", {streams[k]} entries" if k in streams else ""))
+
 
 
 # === self-test: every mutation must trip its check ===
@@ -1294,6 +1471,7 @@ def main() -> int:
         self_test(rendered["dev"], stages)
     if "--no-live" not in sys.argv and rendered.get("dev"):
         check_live(rendered["dev"])
+        check_compose_replay()
 
     for s in R.skips:
         print(f"SKIP {s}")
