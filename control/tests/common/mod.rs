@@ -1,0 +1,402 @@
+//! Harness for the control-plane tests: spawns the real `callbridge-control` binary on a
+//! free loopback port against a real `redis-server`, waits for gRPC health, and hands out
+//! authenticated clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_testkit::redis_server::{free_port, temp_dir};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub const APP_TOKEN: &str = "app-token-for-tests";
+pub const RELAY_TOKEN: &str = "relay-token-for-tests";
+/// Limit for any single await in a test.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// Every await in a test goes through this, so a hang fails with a message.
+#[track_caller]
+pub fn within<F: Future>(what: &'static str, fut: F) -> impl Future<Output = F::Output> {
+    async move {
+        match tokio::time::timeout(STEP, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out after {STEP:?}: {what}"),
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, at most [`STEP`]; for conditions another
+/// process makes true (no sleeping as synchronisation).
+pub async fn eventually<T, F, Fut>(what: &'static str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running `callbridge-control` process, killed on drop.
+pub struct Control {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    log: PathBuf,
+    pub id: String,
+}
+
+/// Settings for one control process.
+pub struct ControlOpts {
+    pub redis_url: String,
+    pub lease_secs: u64,
+    pub id: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl ControlOpts {
+    pub fn new(redis_url: &str, id: &str) -> Self {
+        ControlOpts {
+            redis_url: redis_url.to_owned(),
+            lease_secs: 15,
+            id: id.to_owned(),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+impl Control {
+    /// Spawns the binary and waits until its health service says SERVING.
+    pub async fn start(opts: ControlOpts) -> Control {
+        let control = Control::spawn(opts);
+        control.wait_status(ServingStatus::Serving).await;
+        control
+    }
+
+    /// Spawns the binary without waiting.
+    pub fn spawn(opts: ControlOpts) -> Control {
+        let port = free_port().expect("free port");
+        let metrics_port = free_port().expect("free port");
+        let dir = temp_dir("cb-control-test").expect("temp dir");
+        let log = dir.join("control.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_callbridge-control"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CONTROL_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CONTROL_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
+            .env("REDIS_URL", &opts.redis_url)
+            .env("CONTROL_APP_TOKENS", APP_TOKEN)
+            .env("CONTROL_RELAY_TOKENS", RELAY_TOKEN)
+            .env("CONTROL_LEASE_SECS", opts.lease_secs.to_string())
+            .env("CONTROL_ID", &opts.id)
+            .env("CONTROL_SHUTDOWN_GRACE_SECS", "2")
+            .env("CONTROL_LOG", "info,callbridge_control=debug")
+            .env("RELAY_PUBLIC_URL", "https://relay.example.com")
+            .envs(opts.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log_file.try_clone().expect("clone")))
+            .stderr(Stdio::from(log_file));
+        let child = cmd.spawn().expect("spawn callbridge-control");
+        Control {
+            child,
+            port,
+            metrics_port,
+            log,
+            id: opts.id,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        within(
+            "connect to control",
+            Channel::from_shared(self.url()).expect("uri").connect(),
+        )
+        .await
+        .expect("control reachable")
+    }
+
+    /// Waits until the overall health status is `want`.
+    pub async fn wait_status(&self, want: ServingStatus) {
+        let url = self.url();
+        eventually("control health status", || {
+            let url = url.clone();
+            async move {
+                let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
+                let reply = HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .ok()?;
+                (reply.into_inner().status == want as i32).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn agents(
+        &self,
+    ) -> pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>> {
+        pb::agents_client::AgentsClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(APP_TOKEN),
+        )
+    }
+
+    pub async fn calls(
+        &self,
+    ) -> pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>> {
+        pb::calls_client::CallsClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(APP_TOKEN),
+        )
+    }
+
+    pub async fn relay(
+        &self,
+    ) -> pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>> {
+        pb::relay_client::RelayClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(RELAY_TOKEN),
+        )
+    }
+
+    /// `GET /metrics` over a raw HTTP/1.0 request.
+    pub fn metrics_text(&self) -> String {
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
+        stream.set_read_timeout(Some(STEP)).expect("read timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        stream.read_to_string(&mut out).expect("read");
+        out
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- {} log -----\n{}", self.id, self.log_text());
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Self {
+        Bearer(Some(
+            format!("Bearer {token}").parse().expect("ascii token"),
+        ))
+    }
+    pub fn none() -> Self {
+        Bearer(None)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+// === builders ===
+
+pub fn settings(name: &str) -> pb::AgentSettings {
+    pb::AgentSettings {
+        name: name.to_owned(),
+        instructions: "You are a helpful receptionist.".to_owned(),
+        voice: "coral".to_owned(),
+        temperature: Some(0.8),
+        ..Default::default()
+    }
+}
+
+pub async fn create_agent(
+    agents: &mut pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>>,
+    id: &str,
+) -> pb::Agent {
+    within(
+        "create agent",
+        agents.create_agent(pb::CreateAgentRequest {
+            agent_id: id.to_owned(),
+            settings: Some(settings(id)),
+        }),
+    )
+    .await
+    .expect("agent created")
+    .into_inner()
+}
+
+pub async fn create_call(
+    calls: &mut pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>,
+    agent_id: &str,
+    campaign: &str,
+) -> pb::Call {
+    within(
+        "create call",
+        calls.create_call(pb::CreateCallRequest {
+            agent_id: agent_id.to_owned(),
+            direction: pb::Direction::Outbound as i32,
+            from: "+14155550100".to_owned(),
+            to: "+14155550123".to_owned(),
+            campaign_id: campaign.to_owned(),
+            metadata: Default::default(),
+        }),
+    )
+    .await
+    .expect("call created")
+    .into_inner()
+    .call
+    .expect("call in response")
+}
+
+pub fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
+    pb::CallEvent {
+        call_id: call_id.to_owned(),
+        seq,
+        at_ms: 1_700_000_000_000 + seq as i64,
+        kind: Some(kind),
+    }
+}
+
+pub fn started(relay: &str) -> pb::call_event::Kind {
+    pb::call_event::Kind::Started(pb::Started {
+        twilio_call_sid: "CA0001".into(),
+        stream_sid: "MZ0001".into(),
+        relay_id: relay.into(),
+        resumed: false,
+    })
+}
+
+pub fn caller(text: &str) -> pb::call_event::Kind {
+    pb::call_event::Kind::Caller(pb::CallerSpeech {
+        item_id: format!("item-{text}"),
+        text: text.to_owned(),
+    })
+}
+
+pub fn ended(reason: pb::EndReason) -> pb::call_event::Kind {
+    pb::call_event::Kind::Ended(pb::Ended {
+        reason: reason as i32,
+        detail: String::new(),
+        transfer_to: String::new(),
+    })
+}
+
+/// A relay-side attach stream: send requests, read responses.
+pub struct RelayStream {
+    pub tx: tokio::sync::mpsc::Sender<pb::AttachRequest>,
+    pub rx: tonic::Streaming<pb::AttachResponse>,
+    pub context: pb::CallContext,
+}
+
+/// Opens an attach stream; `Err` is the refusal status.
+pub async fn attach(
+    relay: &mut pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>,
+    call_id: &str,
+    relay_id: &str,
+    reconnect: bool,
+) -> Result<RelayStream, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AttachRequest {
+        msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
+            call_id: call_id.to_owned(),
+            relay_id: relay_id.to_owned(),
+            reconnect,
+        })),
+    })
+    .await
+    .expect("queue open");
+    let mut responses = within(
+        "attach",
+        relay.attach(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await?
+    .into_inner();
+    let first = within("attach context", responses.message())
+        .await?
+        .expect("a first response");
+    match first.msg {
+        Some(pb::attach_response::Msg::Context(context)) => Ok(RelayStream {
+            tx,
+            rx: responses,
+            context,
+        }),
+        other => panic!("expected context first, got {other:?}"),
+    }
+}
+
+impl RelayStream {
+    /// Sends an event and returns the next response (an ack, or the refusal).
+    pub async fn send(
+        &mut self,
+        event: pb::CallEvent,
+    ) -> Result<pb::attach_response::Msg, tonic::Status> {
+        self.tx
+            .send(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Event(event)),
+            })
+            .await
+            .expect("stream open");
+        self.next().await
+    }
+
+    /// The next response.
+    pub async fn next(&mut self) -> Result<pb::attach_response::Msg, tonic::Status> {
+        let msg = within("attach response", self.rx.message()).await?;
+        Ok(msg.expect("stream still open").msg.expect("message body"))
+    }
+
+    /// Sends an event and asserts it is acknowledged.
+    pub async fn ack(&mut self, event: pb::CallEvent) {
+        let seq = event.seq;
+        match self.send(event).await {
+            Ok(pb::attach_response::Msg::AckedSeq(n)) => assert_eq!(n, seq, "ack of seq {seq}"),
+            other => panic!("expected ack {seq}, got {other:?}"),
+        }
+    }
+}
