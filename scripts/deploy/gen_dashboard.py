@@ -120,7 +120,7 @@ panel("Events stored and duplicates per second",
 panel("RPCs per second, by code", "All gRPC calls served by control.",
       [(f"sum by (code) (rate(callbridge_control_rpc_total{{{NS}}}[5m]))", "{{code}}")])
 panel("RPC errors per second, by method", "Calls that did not end OK.",
-      [(f'sum by (service, method, code) (rate(callbridge_control_rpc_total{{{NS}, code!~"(?i)ok|0"}}[5m]))',
+      [(f'sum by (service, method, code) (rate(callbridge_control_rpc_total{{{NS}, code!="Ok"}}[5m]))',
         "{{service}}/{{method}} {{code}}")])
 panel("Commands routed and relays lost per minute",
       "Live commands delivered to the replica holding the call; calls ended relay_lost.",

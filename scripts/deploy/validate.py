@@ -1249,7 +1249,7 @@ def check_compose_replay() -> None:
         env = compose_env(services["control"])
         env.update({"CONTROL_LISTEN": "127.0.0.1:0", "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
                     "REDIS_URL": f"redis+unix://{sock}"})
-        grpc_port, _ = start_control(procs, env)
+        grpc_port, control_metrics = start_control(procs, env)
         fake_cmd = [compose_value(a) for a in services["fake-realtime"]["command"]]
         fake_cmd = [("127.0.0.1:0" if a.endswith(":9000") else a) for a in fake_cmd]
         fake = procs.start("fake-realtime", [str(DEBUG_BIN / "fake-realtime"), *fake_cmd], {})
@@ -1285,6 +1285,14 @@ def check_compose_replay() -> None:
         status, message, _ = grpc_unary(
             grpc_port, "/callbridge.v1.Agents/SetDefaultAgent", pb_str(1, agent["agent_id"]), auth)
         R.check(status == "0", f"compose replay: SetDefaultAgent -> {status} {message}")
+        # The dashboard and alerts count errors as code!="Ok": the label must spell it so.
+        _, body = http_get(control_metrics or 0, "/metrics")
+        R.check(
+            re.search(r'callbridge_control_rpc_total\{[^}]*method="CreateAgent"[^}]*\}', body) is not None
+            and re.search(r'callbridge_control_rpc_total\{[^}]*code="Ok"[^}]*\} [1-9]', body) is not None,
+            "compose replay: control /metrics has no rpc_total{method=\"CreateAgent\", code=\"Ok\"} "
+            "after a successful CreateAgent (dashboard and alerts rely on code=\"Ok\")",
+        )
 
         # sim-caller with the compose command; --connect dials the loopback relay while
         # the signed URLs stay http://relay:8080, as in the compose network.
