@@ -1,0 +1,459 @@
+//! The relay API of one real `callbridge-control` process on a real redis-server:
+//! admission, attach rules, exactly-once events, gaps, one-way status, transcripts,
+//! usage, and the after-stream decision.
+
+mod common;
+
+use callbridge_proto::pb;
+use callbridge_testkit::redis_server::RedisServer;
+use common::*;
+use pb::attach_response::Msg;
+use pb::call_event::Kind;
+use tonic::Code;
+
+fn usage(input: u64, output: u64) -> Kind {
+    Kind::Usage(pb::Usage {
+        input_tokens: input,
+        output_tokens: output,
+        total_tokens: input + output,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_call_from_admission_to_after_stores_each_event_once() {
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), "flow")).await;
+    let mut agents = control.agents().await;
+    let mut calls = control.calls().await;
+    let mut relay = control.relay().await;
+    create_agent(&mut agents, "sales").await;
+    let call = create_call(&mut calls, "sales", "q1").await;
+    assert_eq!(call.status, pb::CallStatus::Created as i32);
+
+    // Admission moves created → ringing and records the Twilio sid; a retry is the same call.
+    let admit = || pb::AdmitRequest {
+        call_id: call.call_id.clone(),
+        twilio_call_sid: "CA0001".into(),
+        from: "+14155550100".into(),
+        to: "+14155550123".into(),
+        twilio_direction: "outbound-api".into(),
+        account_sid: "AC1".into(),
+    };
+    let admitted = within("admit", relay.admit(admit()))
+        .await
+        .expect("admitted")
+        .into_inner();
+    let admitted_call = admitted.call.expect("call");
+    assert_eq!(admitted_call.status, pb::CallStatus::Ringing as i32);
+    assert_eq!(admitted_call.twilio_call_sid, "CA0001");
+    assert_eq!(admitted.agent.expect("agent").agent_id, "sales");
+    within("admit again", relay.admit(admit()))
+        .await
+        .expect("retry admitted");
+
+    let mut stream = attach(&mut relay, &call.call_id, "relay-1", false)
+        .await
+        .expect("attached");
+    assert_eq!(stream.context.last_seq, 0);
+    assert_eq!(
+        stream.context.agent.as_ref().expect("agent").agent_id,
+        "sales"
+    );
+    let id = call.call_id.clone();
+    stream.ack(event(&id, 1, started("relay-1"))).await;
+    let live = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(live.status, pb::CallStatus::InProgress as i32);
+    assert_eq!(live.relay_id, "relay-1");
+
+    stream.ack(event(&id, 2, caller("hello"))).await;
+    stream.ack(event(&id, 3, usage(10, 20))).await;
+    // The same seq again (a resend after a blip): acknowledged, not stored or counted twice.
+    stream.ack(event(&id, 3, usage(10, 20))).await;
+    stream.ack(event(&id, 2, caller("hello"))).await;
+    stream
+        .ack(event(
+            &id,
+            4,
+            Kind::Assistant(pb::AssistantSpeech {
+                item_id: "a1".into(),
+                text: "Hi, how can I help?".into(),
+                interrupted: false,
+                heard_ms: 900,
+                audio_ms: 900,
+            }),
+        ))
+        .await;
+    stream
+        .ack(event(&id, 5, Kind::Dtmf(pb::Dtmf { digit: "7".into() })))
+        .await;
+    stream.ack(event(&id, 6, usage(1, 2))).await;
+
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(got.last_seq, 6);
+    let u = got.usage.expect("usage");
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, u.total_tokens, u.responses),
+        (11, 22, 33, 2)
+    );
+
+    let transcript = within(
+        "transcript",
+        calls.get_transcript(pb::GetTranscriptRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("transcript")
+    .into_inner();
+    let seqs: Vec<u64> = transcript.turns.iter().map(|t| t.seq).collect();
+    assert_eq!(seqs, vec![2, 4, 5], "caller, assistant, dtmf once each");
+
+    // A command to this live call reaches the relay (same replica here).
+    let sent = within(
+        "command",
+        calls.send_command(pb::SendCommandRequest {
+            call_id: id.clone(),
+            command: Some(pb::Command {
+                command_id: String::new(),
+                kind: Some(pb::command::Kind::Say(pb::SayCommand {
+                    text: "One moment".into(),
+                })),
+            }),
+        }),
+    )
+    .await
+    .expect("sent")
+    .into_inner();
+    match stream.next().await.expect("command") {
+        Msg::Command(c) => assert_eq!(c.command_id, sent.command_id),
+        other => panic!("expected command, got {other:?}"),
+    }
+
+    stream
+        .ack(event(
+            &id,
+            7,
+            Kind::Ended(pb::Ended {
+                reason: pb::EndReason::Transferred as i32,
+                detail: String::new(),
+                transfer_to: "+14155559999".into(),
+            }),
+        ))
+        .await;
+    let done = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(done.status, pb::CallStatus::Completed as i32);
+    assert_eq!(done.end_reason, pb::EndReason::Transferred as i32);
+    assert!(done.ended_at_ms > 0);
+    let after = within(
+        "after",
+        relay.after(pb::AfterRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("after")
+    .into_inner();
+    assert_eq!(
+        after.next,
+        Some(pb::after_response::Next::DialNumber("+14155559999".into()))
+    );
+
+    // Ended: admission, attach and commands are refused.
+    let err = within("admit ended", relay.admit(admit()))
+        .await
+        .expect_err("ended");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = attach(&mut relay, &id, "relay-2", false)
+        .await
+        .err()
+        .expect("ended call refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = within(
+        "command to ended",
+        calls.send_command(pb::SendCommandRequest {
+            call_id: id.clone(),
+            command: Some(pb::Command {
+                command_id: String::new(),
+                kind: Some(pb::command::Kind::Hangup(pb::HangupCommand {
+                    reason: String::new(),
+                })),
+            }),
+        }),
+    )
+    .await
+    .expect_err("not live");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let usage = within(
+        "usage",
+        calls.get_usage(pb::GetUsageRequest {
+            scope: Some(pb::get_usage_request::Scope::CampaignId("q1".into())),
+        }),
+    )
+    .await
+    .expect("usage")
+    .into_inner();
+    assert_eq!((usage.total_tokens, usage.calls), (33, 1));
+    let text = control.metrics_text();
+    assert!(
+        text.contains("callbridge_control_events_duplicate_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("callbridge_control_events_stored_total 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains("callbridge_control_commands_routed_total 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn gaps_fail_the_stream_and_status_never_moves_back() {
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), "gaps")).await;
+    let mut agents = control.agents().await;
+    let mut calls = control.calls().await;
+    let mut relay = control.relay().await;
+    create_agent(&mut agents, "a").await;
+    let id = create_call(&mut calls, "a", "").await.call_id;
+
+    let mut stream = attach(&mut relay, &id, "relay-1", false)
+        .await
+        .expect("attached");
+    stream.ack(event(&id, 1, started("relay-1"))).await;
+    let err = stream
+        .send(event(&id, 3, caller("skipped 2")))
+        .await
+        .expect_err("gap");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("gap"), "{}", err.message());
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(got.last_seq, 1, "nothing after the gap was stored");
+
+    // The relay reconnects (same relay id) and continues from the stored seq.
+    let mut stream = attach(&mut relay, &id, "relay-1", true)
+        .await
+        .expect("reconnect allowed");
+    assert_eq!(stream.context.last_seq, 1);
+    // Another relay cannot take a held call.
+    let err = attach(&mut relay, &id, "relay-other", false)
+        .await
+        .err()
+        .expect("held");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = attach(&mut relay, &id, "relay-other", true)
+        .await
+        .err()
+        .expect("held, other relay id");
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // HANDOFF keeps the call live; After says resume.
+    stream
+        .ack(event(&id, 2, caller("before the hand-off")))
+        .await;
+    stream
+        .ack(event(&id, 3, ended(pb::EndReason::Handoff)))
+        .await;
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    let after = within(
+        "after",
+        relay.after(pb::AfterRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("after")
+    .into_inner();
+    assert_eq!(
+        after.next,
+        Some(pb::after_response::Next::Resume(pb::ResumeNext {}))
+    );
+    drop(stream);
+
+    // The next relay resumes with the conversation so far, and ends the call.
+    let mut stream = eventually("lease released after the stream closed", || {
+        let mut relay = relay.clone();
+        let id = id.clone();
+        async move { attach(&mut relay, &id, "relay-2", false).await.ok() }
+    })
+    .await;
+    assert_eq!(stream.context.last_seq, 3);
+    let history: Vec<u64> = stream.context.history.iter().map(|t| t.seq).collect();
+    assert_eq!(history, vec![2]);
+    stream.ack(event(&id, 4, started("relay-2"))).await;
+    stream
+        .ack(event(&id, 5, ended(pb::EndReason::CallerHangup)))
+        .await;
+    // A replay of an old status-changing event is a no-op.
+    stream.ack(event(&id, 4, started("relay-2"))).await;
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(got.status, pb::CallStatus::Completed as i32);
+    assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);
+    // A late `started` after the end is stored as history but cannot reopen the call.
+    stream.ack(event(&id, 6, started("relay-late"))).await;
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(got.status, pb::CallStatus::Completed as i32);
+    assert_eq!(got.last_seq, 6);
+    let after = within(
+        "after",
+        relay.after(pb::AfterRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("after")
+    .into_inner();
+    assert_eq!(
+        after.next,
+        Some(pb::after_response::Next::Hangup(pb::HangupNext {}))
+    );
+}
+
+#[tokio::test]
+async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), "inbound")).await;
+    let mut agents = control.agents().await;
+    let mut relay = control.relay().await;
+    let inbound = |sid: &str, to: &str| pb::AdmitRequest {
+        call_id: String::new(),
+        twilio_call_sid: sid.into(),
+        from: "+14155550100".into(),
+        to: to.into(),
+        twilio_direction: "inbound".into(),
+        account_sid: "AC1".into(),
+    };
+    let err = within("no route", relay.admit(inbound("CA1", "+14155550123")))
+        .await
+        .expect_err("no agent");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("no default agent"),
+        "{}",
+        err.message()
+    );
+
+    create_agent(&mut agents, "routed").await;
+    create_agent(&mut agents, "fallback").await;
+    within(
+        "route",
+        agents.set_number_route(pb::NumberRoute {
+            number: "+14155550123".into(),
+            agent_id: "routed".into(),
+        }),
+    )
+    .await
+    .expect("route");
+    within(
+        "default",
+        agents.set_default_agent(pb::DefaultAgent {
+            agent_id: "fallback".into(),
+        }),
+    )
+    .await
+    .expect("default");
+
+    let a = within("admit", relay.admit(inbound("CA2", "+14155550123")))
+        .await
+        .expect("admit")
+        .into_inner();
+    let call = a.call.expect("call");
+    assert_eq!(
+        (call.agent_id.as_str(), call.direction, call.status),
+        (
+            "routed",
+            pb::Direction::Inbound as i32,
+            pb::CallStatus::Ringing as i32
+        )
+    );
+    let again = within("admit again", relay.admit(inbound("CA2", "+14155550123")))
+        .await
+        .expect("admit")
+        .into_inner();
+    assert_eq!(
+        again.call.expect("call").call_id,
+        call.call_id,
+        "webhook retry returns the same call"
+    );
+    let other = within("admit default", relay.admit(inbound("CA3", "+14155550999")))
+        .await
+        .expect("admit")
+        .into_inner();
+    assert_eq!(other.agent.expect("agent").agent_id, "fallback");
+
+    let err = within(
+        "unknown id",
+        relay.admit(pb::AdmitRequest {
+            call_id: "doesnotexist".into(),
+            ..inbound("CA4", "+1415")
+        }),
+    )
+    .await
+    .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = attach(&mut relay, "doesnotexist", "relay-1", false)
+        .await
+        .err()
+        .expect("unknown call");
+    assert_eq!(err.code(), Code::NotFound);
+}
