@@ -19,20 +19,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use callbridge_proto::pb;
-use callbridge_testkit::redis_server::{RedisServer, free_port};
+use callbridge_testkit::procs::{Proc, env, free_addr};
+use callbridge_testkit::redis_server::RedisServer;
 use clap::Parser;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -77,9 +76,6 @@ struct Args {
     /// Where to write the JSON result.
     #[arg(long, default_value = "bench-results/control.json")]
     out: PathBuf,
-    /// Directory holding `callbridge-control` (default: this binary's directory).
-    #[arg(long, env = "CALLBRIDGE_BIN_DIR")]
-    bin_dir: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -107,7 +103,7 @@ type CallsClient = pb::calls_client::CallsClient<Authed>;
 struct Bench {
     redis: RedisServer,
     redis_sock: PathBuf,
-    control: Child,
+    control: Proc,
     control_pid: u32,
     channels: Vec<Channel>,
     app: Bearer,
@@ -119,45 +115,37 @@ impl Bench {
     async fn start(args: &Args) -> anyhow::Result<Self> {
         let redis = RedisServer::unix().context("starting redis-server")?;
         let redis_sock = redis.dir().join("redis.sock");
-        let bin_dir = match &args.bin_dir {
-            Some(dir) => dir.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("binary has a directory")?
-                .to_owned(),
-        };
-        let bin = bin_dir.join("callbridge-control");
-        ensure!(
-            bin.exists(),
-            "{} not found: build it (scripts/bench-control.sh does) or set CALLBRIDGE_BIN_DIR",
-            bin.display()
-        );
-        // The binary binds the port itself; a port free a moment ago is the best a
-        // separate process can be given.
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let control = Command::new(&bin)
-            .env("CONTROL_LISTEN", &addr)
-            .env("REDIS_URL", redis.url())
-            .env("CONTROL_APP_TOKENS", APP_TOKEN)
-            .env("CONTROL_RELAY_TOKENS", RELAY_TOKEN)
-            .env("RELAY_PUBLIC_URL", "https://relay.bench.example")
-            .env("CONTROL_LOG", "warn")
-            // The metrics listener defaults to a fixed port; parallel runs would clash.
-            .env("CONTROL_METRICS_LISTEN", "")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let control_pid = control.id().context("control has a pid")?;
+        let addr = free_addr()?;
+        let redis_url = redis.url();
+        // Found in CALLBRIDGE_BIN_DIR or next to this binary (target/release).
+        let mut control = Proc::spawn(
+            "callbridge-control",
+            env([
+                ("CONTROL_LISTEN", &addr.to_string()),
+                ("REDIS_URL", &redis_url),
+                ("CONTROL_APP_TOKENS", APP_TOKEN),
+                ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
+                ("RELAY_PUBLIC_URL", "https://relay.bench.example"),
+                ("CONTROL_ID", "control-bench"),
+                // The metrics listener defaults to a fixed port; parallel runs would clash.
+                ("CONTROL_METRICS_LISTEN", ""),
+                ("CONTROL_LOG", "warn"),
+            ]),
+            addr,
+        )
+        .context("starting callbridge-control (scripts/bench-control.sh builds it)")?;
+        control
+            .wait_grpc_serving(Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow!("control not serving: {e}"))?;
+        let control_pid = control.pid().context("control has a pid")?;
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
         let channels = (0..args.connections.max(1))
             .map(|_| endpoint.connect_lazy())
             .collect();
-        let mut bench = Self {
+        Ok(Self {
             redis,
             redis_sock,
             control,
@@ -166,38 +154,7 @@ impl Bench {
             app: Bearer::new(APP_TOKEN)?,
             relay: Bearer::new(RELAY_TOKEN)?,
             clk_tck: clock_ticks_per_sec().await,
-        };
-        bench.wait_ready(&addr).await?;
-        Ok(bench)
-    }
-
-    async fn wait_ready(&mut self, addr: &str) -> anyhow::Result<()> {
-        let mut agents = pb::agents_client::AgentsClient::with_interceptor(
-            self.channels[0].clone(),
-            self.app.clone(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.control.try_wait()? {
-                bail!("callbridge-control exited before it was ready: {status}");
-            }
-            let req = pb::ListAgentsRequest {
-                page_size: 1,
-                page_token: String::new(),
-            };
-            match timeout(Duration::from_secs(2), agents.list_agents(req)).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(status)) if status.code() != Code::Unavailable => {
-                    bail!("control answered the readiness probe with {status:?}")
-                }
-                _ => {}
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "control not ready on {addr} after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
     }
 
     fn relay(&self, i: usize) -> RelayClient {
@@ -845,7 +802,8 @@ fn print_report(report: &Value) {
     println!();
     println!(
         "control-plane benchmark ({} cores: {})",
-        report["machine"]["cores"], report["machine"]["cpu"]
+        report["machine"]["cores"],
+        report["machine"]["cpu"].as_str().unwrap_or("?")
     );
     println!();
     println!(
@@ -867,8 +825,8 @@ fn print_report(report: &Value) {
     for lvl in report["throughput"].as_array().into_iter().flatten() {
         println!(
             "{:>6} {:>9} {:>8.2} {:>11.0} {:>10} {:>10} {:>9.0} {:>9.0} {:>10.2}",
-            lvl["calls"],
-            lvl["events"],
+            lvl["calls"].as_u64().unwrap_or(0),
+            lvl["events"].as_u64().unwrap_or(0),
             f(lvl, &["seconds"]),
             f(lvl, &["events_per_sec"]),
             ms(lvl["send_to_ack_under_load"]["p50_us"]
@@ -916,8 +874,8 @@ fn print_report(report: &Value) {
     for r in report["redis_benchmark"].as_array().into_iter().flatten() {
         println!(
             "  {:>3} clients, pipeline {:>2}: {:>10.0} XADD/s",
-            r["clients"],
-            r["pipeline"],
+            r["clients"].as_u64().unwrap_or(0),
+            r["pipeline"].as_u64().unwrap_or(0),
             f(r, &["xadd_per_sec"])
         );
     }
@@ -963,20 +921,38 @@ async fn main() -> anyhow::Result<()> {
         "--levels must be positive numbers"
     );
     let bench = Bench::start(&args).await?;
-    let agent = bench.create_agent().await?;
     eprintln!(
         "bench: control pid {} ready; redis at {}",
         bench.control_pid,
         bench.redis.url()
     );
+    let report = match measure(&bench, &args).await {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("---- control log ----\n{}", bench.control.log_text());
+            return Err(e);
+        }
+    };
+    print_report(&report);
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!("\nwrote {}", args.out.display());
+    Ok(())
+}
 
+/// Every run, in order; the whole report as JSON.
+async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
+    let agent = bench.create_agent().await?;
     let mut throughput = Vec::new();
     for &calls in &args.levels {
         eprintln!("bench: throughput with {calls} calls …");
-        throughput.push(throughput_level(&bench, &args, &agent, calls).await?);
+        throughput.push(throughput_level(bench, args, &agent, calls).await?);
     }
     eprintln!("bench: watch latency with {} calls …", args.watch_calls);
-    let watch = watch_run(&bench, &args, &agent).await?;
+    let watch = watch_run(bench, args, &agent).await?;
     eprintln!("bench: redis-benchmark …");
     let mut redis_bench = Vec::new();
     for (clients, pipeline) in [(50, 1), (50, 16)] {
@@ -1008,14 +984,7 @@ async fn main() -> anyhow::Result<()> {
             {"target": "watch p99 < 5 ms at 100 calls (send → watcher)", "value_ms": watch_p99_ms, "met": watch_p99_ms < 5.0},
         ],
     });
-    print_report(&report);
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("\nwrote {}", args.out.display());
-    Ok(())
+    Ok(report)
 }
 
 fn w_p99_ms(watch: &Value) -> f64 {
