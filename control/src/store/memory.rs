@@ -480,3 +480,217 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calls::event_effects;
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(Arc::new(Hub::new()), "replica-1")
+    }
+
+    fn call(id: &str) -> CallRecord {
+        CallRecord {
+            call_id: id.into(),
+            agent_id: "a".into(),
+            status: pb::CallStatus::Created as i32,
+            created_at_ms: 1,
+            ..CallRecord::default()
+        }
+    }
+
+    fn ev(seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
+        pb::CallEvent {
+            call_id: "c1".into(),
+            seq,
+            at_ms: 100,
+            kind: Some(kind),
+        }
+    }
+
+    async fn append(s: &MemoryStore, e: pb::CallEvent) -> AppendOutcome {
+        let effects = event_effects(&e).expect("valid");
+        s.append_event(&e, &effects).await.expect("memory store")
+    }
+
+    fn usage(total: u64) -> pb::call_event::Kind {
+        pb::call_event::Kind::Usage(pb::Usage {
+            total_tokens: total,
+            ..Default::default()
+        })
+    }
+
+    fn end(reason: pb::EndReason) -> pb::call_event::Kind {
+        pb::call_event::Kind::Ended(pb::Ended {
+            reason: reason as i32,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn events_are_stored_once_and_gaps_refused() {
+        let s = store();
+        s.create_calls(&[call("c1")]).await.expect("created");
+        assert_eq!(append(&s, ev(1, usage(5))).await, AppendOutcome::Stored);
+        assert_eq!(append(&s, ev(1, usage(5))).await, AppendOutcome::Duplicate);
+        assert_eq!(
+            append(&s, ev(3, usage(5))).await,
+            AppendOutcome::Gap { last_seq: 1 }
+        );
+        assert_eq!(append(&s, ev(2, usage(7))).await, AppendOutcome::Stored);
+        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        assert_eq!(c.last_seq, 2);
+        assert_eq!(c.usage[2], 12, "the duplicate was not counted");
+        assert_eq!(c.usage[8], 2);
+        let stored = s.read_events("c1", 0, 10).await.expect("read");
+        assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn status_moves_one_way_only() {
+        let s = store();
+        s.create_calls(&[call("c1")]).await.expect("created");
+        let started = pb::call_event::Kind::Started(pb::Started::default());
+        append(&s, ev(1, started.clone())).await;
+        append(&s, ev(2, end(pb::EndReason::CallerHangup))).await;
+        append(&s, ev(3, started)).await;
+        append(&s, ev(4, end(pb::EndReason::InternalError))).await;
+        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        assert_eq!(c.status, pb::CallStatus::Completed as i32);
+        assert_eq!(
+            c.end_reason,
+            pb::EndReason::CallerHangup as i32,
+            "the first end wins"
+        );
+        assert_eq!(
+            s.admit_existing("c1", "CA1", "", "").await.expect("ok"),
+            AdmitOutcome::Ended
+        );
+    }
+
+    #[tokio::test]
+    async fn leases_have_one_holder_except_for_a_reconnecting_relay() {
+        let s = store();
+        s.create_calls(&[call("c1")]).await.expect("created");
+        let attach = |relay: &'static str, reconnect: bool, holder: &'static str| {
+            let s = s.clone();
+            async move {
+                s.attach("c1", relay, reconnect, holder, 1000, 500)
+                    .await
+                    .expect("ok")
+            }
+        };
+        assert_eq!(attach("r1", false, "x/1").await, AttachOutcome::Attached);
+        assert_eq!(attach("r2", false, "x/2").await, AttachOutcome::Held);
+        assert_eq!(attach("r2", true, "x/2").await, AttachOutcome::Held);
+        assert_eq!(attach("r1", true, "y/3").await, AttachOutcome::Attached);
+        // The replaced holder can no longer renew.
+        assert!(!s.renew_lease("c1", "x/1", 1100, 500).await.expect("ok"));
+        assert!(s.renew_lease("c1", "y/3", 1100, 500).await.expect("ok"));
+        assert_eq!(
+            s.attach("nope", "r1", false, "x/1", 0, 1)
+                .await
+                .expect("ok"),
+            AttachOutcome::NotFound
+        );
+        // After the lease runs out anyone may attach.
+        assert_eq!(
+            s.attach("c1", "r9", false, "z/9", 5000, 500)
+                .await
+                .expect("ok"),
+            AttachOutcome::Attached
+        );
+    }
+
+    #[tokio::test]
+    async fn relay_lost_is_recorded_once_and_only_after_the_lease() {
+        let s = store();
+        s.create_calls(&[call("c1")]).await.expect("created");
+        s.attach("c1", "r1", false, "x/1", 1000, 500)
+            .await
+            .expect("ok");
+        let lost = ev(1, end(pb::EndReason::RelayLost));
+        let mut effects = event_effects(&lost).expect("valid");
+        effects.require_lease_expired_before = Some(1200);
+        assert_eq!(
+            s.append_event(&lost, &effects).await.expect("ok"),
+            AppendOutcome::ConditionFailed,
+            "lease still running"
+        );
+        effects.require_lease_expired_before = Some(2000);
+        assert_eq!(
+            s.append_event(&lost, &effects).await.expect("ok"),
+            AppendOutcome::Stored
+        );
+        assert_eq!(
+            s.append_event(&lost, &effects).await.expect("ok"),
+            AppendOutcome::Duplicate
+        );
+        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        assert_eq!(c.status, pb::CallStatus::Failed as i32);
+        assert_eq!(c.end_reason, pb::EndReason::RelayLost as i32);
+        assert!(s.expired_leases(i64::MAX, 10).await.expect("ok").is_empty());
+    }
+
+    #[tokio::test]
+    async fn index_pages_newest_first_with_ties() {
+        let s = store();
+        let calls: Vec<CallRecord> = (0..5)
+            .map(|i| CallRecord {
+                created_at_ms: if i < 3 { 10 } else { 20 },
+                ..call(&format!("c{i}"))
+            })
+            .collect();
+        s.create_calls(&calls).await.expect("created");
+        let first = s
+            .scan_index(
+                None,
+                IndexCursor {
+                    score: i64::MAX,
+                    skip: 0,
+                },
+                i64::MIN,
+                3,
+            )
+            .await
+            .expect("ok");
+        assert_eq!(
+            first.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            vec!["c4", "c3", "c2"]
+        );
+        let rest = s
+            .scan_index(None, IndexCursor { score: 10, skip: 1 }, i64::MIN, 10)
+            .await
+            .expect("ok");
+        assert_eq!(
+            rest.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            vec!["c1", "c0"]
+        );
+    }
+
+    #[tokio::test]
+    async fn commands_reach_only_this_replica() {
+        let hub = Arc::new(Hub::new());
+        let s = MemoryStore::new(hub.clone(), "replica-1");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        hub.register("c1", "replica-1/s", tx);
+        let cmd = pb::Command {
+            command_id: "k".into(),
+            kind: None,
+        };
+        assert!(
+            !s.publish_command("replica-2", "c1", &cmd)
+                .await
+                .expect("ok")
+        );
+        assert!(
+            s.publish_command("replica-1", "c1", &cmd)
+                .await
+                .expect("ok")
+        );
+        assert_eq!(rx.try_recv().expect("delivered").command_id, "k");
+        hub.unregister("c1", "someone-else/s");
+        assert_eq!(hub.attached_count(), 1, "only the holder unregisters");
+    }
+}

@@ -481,16 +481,15 @@ fn cas_outcome(reply: (i64, u64)) -> AgentCas {
 impl CallStore for RedisStore {
     async fn create_agent(&self, agent: &pb::Agent) -> StoreResult<bool> {
         let key = keys::agent(&agent.agent_id);
-        // HSETNX on the version field decides who creates; the body follows in the
-        // same MULTI so a reader never sees a version without a body.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSETNX")
+        // HSETNX on the version field decides who creates; the body follows. A reader
+        // in between sees no body and treats the agent as absent.
+        let mut conn = self.conn();
+        let created: bool = redis::cmd("HSETNX")
             .arg(&key)
             .arg("v")
-            .arg(agent.version);
-        let mut conn = self.conn();
-        let (created,): (bool,) = pipe.query_async(&mut conn).await?;
+            .arg(agent.version)
+            .query_async(&mut conn)
+            .await?;
         if !created {
             return Ok(false);
         }

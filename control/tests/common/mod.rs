@@ -23,13 +23,10 @@ pub const RELAY_TOKEN: &str = "relay-token-for-tests";
 pub const STEP: Duration = Duration::from_secs(15);
 
 /// Every await in a test goes through this, so a hang fails with a message.
-#[track_caller]
-pub fn within<F: Future>(what: &'static str, fut: F) -> impl Future<Output = F::Output> {
-    async move {
-        match tokio::time::timeout(STEP, fut).await {
-            Ok(v) => v,
-            Err(_) => panic!("timed out after {STEP:?}: {what}"),
-        }
+pub async fn within<F: Future>(what: &'static str, fut: F) -> F::Output {
+    match tokio::time::timeout(STEP, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {STEP:?}: {what}"),
     }
 }
 

@@ -1,0 +1,96 @@
+//! The library entry point `serve` with the in-memory store (no REDIS_URL), in-process on
+//! a loopback listener: the zero-setup demo path behaves like the Redis one.
+
+mod common;
+
+use std::time::Duration;
+
+use callbridge_control::config::Config;
+use callbridge_proto::pb;
+use common::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn serve_with_the_in_memory_store_runs_a_call_and_shuts_down() {
+    let config = Config::from_args_iter([
+        "callbridge-control",
+        "--app-tokens",
+        APP_TOKEN,
+        "--relay-tokens",
+        RELAY_TOKEN,
+        "--metrics-listen",
+        "",
+        "--lease-secs",
+        "2",
+    ])
+    .expect("valid config");
+    assert_eq!(
+        config.store,
+        callbridge_control::config::StoreConfig::Memory
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(callbridge_control::serve(config, listener, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let channel = eventually("in-process control reachable", || async move {
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()
+    })
+    .await;
+    let mut agents =
+        pb::agents_client::AgentsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
+    let mut calls =
+        pb::calls_client::CallsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
+    let mut relay =
+        pb::relay_client::RelayClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
+    create_agent(&mut agents, "demo").await;
+    let id = create_call(&mut calls, "demo", "").await.call_id;
+    let mut watch = within(
+        "watch",
+        calls.watch_call(pb::WatchCallRequest {
+            call_id: id.clone(),
+            after_seq: 0,
+        }),
+    )
+    .await
+    .expect("watch")
+    .into_inner();
+    let mut stream = attach(&mut relay, &id, "relay-1", false)
+        .await
+        .expect("attached");
+    stream.ack(event(&id, 1, started("relay-1"))).await;
+    stream.ack(event(&id, 1, started("relay-1"))).await;
+    let err = stream
+        .send(event(&id, 5, caller("gap")))
+        .await
+        .expect_err("gap");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let first = within("watch event", watch.message())
+        .await
+        .expect("ok")
+        .expect("event");
+    assert_eq!(first.seq, 1);
+
+    // A second stream is open when shutdown starts: it is ended, and serve returns.
+    let mut stream = attach(&mut relay, &id, "relay-1", true)
+        .await
+        .expect("reconnect");
+    stop_tx.send(()).expect("server running");
+    let ended = within("stream ends on shutdown", stream.rx.message()).await;
+    assert!(
+        matches!(&ended, Err(s) if s.code() == Code::Unavailable) || matches!(ended, Ok(None)),
+        "{ended:?}"
+    );
+    let result = tokio::time::timeout(Duration::from_secs(15), server)
+        .await
+        .expect("serve returns within the grace");
+    result.expect("task").expect("clean shutdown");
+}
