@@ -1,1 +1,435 @@
-//! placeholder
+//! Cross-process tests of callbridge, the one-command demo and benchmarks.
+//!
+//! Layout:
+//! - this file: [`World`], the harness the end-to-end tests share: a throwaway
+//!   `redis-server`, the REAL `callbridge-control` and `callbridge-relay` binaries as child
+//!   processes, the fake OpenAI Realtime server, authenticated gRPC clients and callers.
+//! - `tests/*.rs`: the end-to-end tests.
+//! - `src/bin/callbridge-demo.rs`: the demo (everything in-process, no Redis, no keys).
+//! - `src/bin/bench_control.rs`: the control-plane benchmark.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_testkit::conversation::Conversation;
+use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
+use callbridge_testkit::procs::{Proc, free_addr};
+use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::sim_caller::{CallerConfig, LoadBalancer};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub use callbridge_testkit::with_timeout;
+
+/// The public base URL the relays are configured with (what Twilio would call).
+pub const PUBLIC_URL: &str = "https://relay.callbridge.test";
+/// Token of the application API.
+pub const APP_TOKEN: &str = "app-token-e2e";
+/// Token of the relay API.
+pub const RELAY_TOKEN: &str = "relay-token-e2e";
+/// Twilio auth token shared by the relay and the simulated callers.
+pub const TWILIO_TOKEN: &str = "twilio-token-e2e";
+/// OpenAI key the relay presents to the fake.
+pub const OPENAI_KEY: &str = "sk-e2e-fake";
+/// How long a process may take to become ready.
+pub const READY: Duration = Duration::from_secs(30);
+/// Bound on a single RPC in tests.
+pub const RPC: Duration = Duration::from_secs(10);
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    /// A bearer token interceptor.
+    pub fn new(token: &str) -> Self {
+        Self(
+            format!("Bearer {token}")
+                .parse()
+                .expect("a token is valid header text"),
+        )
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Authenticated `Agents` client.
+pub type AgentsClient = pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>>;
+/// Authenticated `Calls` client.
+pub type CallsClient = pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>;
+
+/// How to build a [`World`].
+pub struct WorldBuilder {
+    fake: FakeRealtimeBuilder,
+    relays: usize,
+    skip_signature: bool,
+    control_env: Vec<(String, String)>,
+    relay_env: Vec<(String, String)>,
+    redis_tcp: bool,
+}
+
+/// Everything an end-to-end test needs, all on loopback; dropped = all stopped.
+pub struct World {
+    // Field order is drop order: relays first, then control, then Redis.
+    pub relays: Vec<Proc>,
+    pub control: Proc,
+    pub redis: RedisServer,
+    pub fake: FakeRealtime,
+    channel: Channel,
+}
+
+impl World {
+    /// A world with one relay, real signatures, and `fake` as the model.
+    pub fn builder(fake: FakeRealtimeBuilder) -> WorldBuilder {
+        WorldBuilder {
+            fake,
+            relays: 1,
+            skip_signature: false,
+            control_env: Vec::new(),
+            relay_env: Vec::new(),
+            redis_tcp: false,
+        }
+    }
+
+    /// The `Agents` API as an application.
+    pub fn agents(&self) -> AgentsClient {
+        pb::agents_client::AgentsClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(APP_TOKEN),
+        )
+    }
+
+    /// The `Calls` API as an application.
+    pub fn calls(&self) -> CallsClient {
+        pb::calls_client::CallsClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(APP_TOKEN),
+        )
+    }
+
+    /// The relay addresses.
+    pub fn relay_addrs(&self) -> Vec<SocketAddr> {
+        self.relays.iter().map(|r| r.addr).collect()
+    }
+
+    /// A caller for this world (signing with the Twilio token, round robin over relays).
+    pub fn caller(&self, script: Conversation) -> CallerConfig {
+        let mut cfg = CallerConfig::new(PUBLIC_URL, self.relays[0].addr, Some(TWILIO_TOKEN));
+        cfg.relays = LoadBalancer::new(self.relay_addrs());
+        cfg.script = script;
+        cfg
+    }
+
+    /// Creates an agent and returns its id.
+    pub async fn create_agent(&self, id: &str, settings: pb::AgentSettings) -> String {
+        let agent = with_timeout(
+            RPC,
+            "CreateAgent",
+            self.agents().create_agent(pb::CreateAgentRequest {
+                agent_id: id.to_owned(),
+                settings: Some(settings),
+            }),
+        )
+        .await
+        .expect("CreateAgent succeeds")
+        .into_inner();
+        agent.agent_id
+    }
+
+    /// Creates an agent and makes it the default for inbound calls.
+    pub async fn default_agent(&self, settings: pb::AgentSettings) -> String {
+        let id = self.create_agent("", settings).await;
+        with_timeout(
+            RPC,
+            "SetDefaultAgent",
+            self.agents().set_default_agent(pb::DefaultAgent {
+                agent_id: id.clone(),
+            }),
+        )
+        .await
+        .expect("SetDefaultAgent succeeds");
+        id
+    }
+
+    /// Pre-creates a call for `agent_id`; returns its id.
+    pub async fn create_call(&self, agent_id: &str, to: &str) -> String {
+        let resp = with_timeout(
+            RPC,
+            "CreateCall",
+            self.calls().create_call(pb::CreateCallRequest {
+                agent_id: agent_id.to_owned(),
+                direction: pb::Direction::Outbound as i32,
+                from: "+14155550100".to_owned(),
+                to: to.to_owned(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("CreateCall succeeds")
+        .into_inner();
+        resp.call.expect("a call").call_id
+    }
+
+    /// The call as control stores it.
+    pub async fn get_call(&self, call_id: &str) -> pb::Call {
+        with_timeout(
+            RPC,
+            "GetCall",
+            self.calls().get_call(pb::GetCallRequest {
+                call_id: call_id.to_owned(),
+            }),
+        )
+        .await
+        .expect("GetCall succeeds")
+        .into_inner()
+    }
+
+    /// Finds the call of a Twilio call sid (newest calls first).
+    pub async fn call_by_sid(&self, twilio_call_sid: &str) -> Option<pb::Call> {
+        let list = with_timeout(
+            RPC,
+            "ListCalls",
+            self.calls().list_calls(pb::ListCallsRequest {
+                page_size: 500,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("ListCalls succeeds")
+        .into_inner();
+        list.calls
+            .into_iter()
+            .find(|c| c.twilio_call_sid == twilio_call_sid)
+    }
+
+    /// Waits until the call reached a final status (control stores the `ended` event
+    /// asynchronously after the caller saw the stream end).
+    pub async fn wait_ended(&self, call_id: &str, limit: Duration) -> pb::Call {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let call = self.get_call(call_id).await;
+            let status = pb::CallStatus::try_from(call.status).unwrap_or_default();
+            let done = matches!(
+                status,
+                pb::CallStatus::Completed
+                    | pb::CallStatus::Failed
+                    | pb::CallStatus::NoAnswer
+                    | pb::CallStatus::Canceled
+            );
+            if done || tokio::time::Instant::now() >= deadline {
+                return call;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The stored transcript.
+    pub async fn transcript(&self, call_id: &str) -> pb::Transcript {
+        with_timeout(
+            RPC,
+            "GetTranscript",
+            self.calls().get_transcript(pb::GetTranscriptRequest {
+                call_id: call_id.to_owned(),
+            }),
+        )
+        .await
+        .expect("GetTranscript succeeds")
+        .into_inner()
+    }
+
+    /// Every stored event of a call, read back through `WatchCall` (the stream closes
+    /// after `ended`).
+    pub async fn stored_events(&self, call_id: &str) -> Vec<pb::CallEvent> {
+        let mut stream = with_timeout(
+            RPC,
+            "WatchCall",
+            self.calls().watch_call(pb::WatchCallRequest {
+                call_id: call_id.to_owned(),
+                after_seq: 0,
+            }),
+        )
+        .await
+        .expect("WatchCall succeeds")
+        .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = with_timeout(RPC, "WatchCall event", stream.message())
+            .await
+            .expect("WatchCall streams")
+        {
+            let ended = matches!(event.kind, Some(pb::call_event::Kind::Ended(_)));
+            events.push(event);
+            if ended {
+                break;
+            }
+        }
+        events
+    }
+
+    /// Restarts control (same address, same Redis) and waits until it serves.
+    pub async fn restart_control(&mut self) {
+        self.control.restart().expect("control restarts");
+        self.control
+            .wait_grpc_serving(READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+impl WorldBuilder {
+    /// Number of relay processes (behind the callers' round robin).
+    pub fn relays(mut self, n: usize) -> Self {
+        self.relays = n.max(1);
+        self
+    }
+
+    /// Run the relays with `RELAY_INSECURE_SKIP_SIGNATURE=true` (only for tests that are
+    /// not about signatures).
+    pub fn skip_signature(mut self) -> Self {
+        self.skip_signature = true;
+        self
+    }
+
+    /// An extra env var for control.
+    pub fn control_env(mut self, k: &str, v: &str) -> Self {
+        self.control_env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    /// An extra env var for every relay.
+    pub fn relay_env(mut self, k: &str, v: &str) -> Self {
+        self.relay_env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    /// Redis on a loopback TCP port instead of a unix socket.
+    pub fn redis_tcp(mut self) -> Self {
+        self.redis_tcp = true;
+        self
+    }
+
+    /// Starts Redis, control, the fake model and the relays; waits until all are ready.
+    pub async fn start(self) -> World {
+        let redis = if self.redis_tcp {
+            RedisServer::tcp()
+        } else {
+            RedisServer::unix()
+        }
+        .expect("redis-server starts");
+        let fake = self.fake.start().await.expect("fake realtime starts");
+        let control_addr = free_addr().expect("a free port");
+        let mut control_env = vec![
+            ("CONTROL_LISTEN".to_owned(), control_addr.to_string()),
+            ("REDIS_URL".to_owned(), redis.url()),
+            ("CONTROL_APP_TOKENS".to_owned(), APP_TOKEN.to_owned()),
+            ("CONTROL_RELAY_TOKENS".to_owned(), RELAY_TOKEN.to_owned()),
+            ("CONTROL_METRICS_LISTEN".to_owned(), String::new()),
+            ("RELAY_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
+            ("CONTROL_LOG".to_owned(), "info".to_owned()),
+        ];
+        control_env.extend(self.control_env);
+        let mut control =
+            Proc::spawn("callbridge-control", control_env, control_addr).expect("control spawns");
+        control
+            .wait_grpc_serving(READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut relays = Vec::new();
+        for n in 0..self.relays {
+            let addr = free_addr().expect("a free port");
+            let mut env = vec![
+                ("RELAY_LISTEN".to_owned(), addr.to_string()),
+                ("RELAY_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
+                ("CONTROL_URL".to_owned(), format!("http://{control_addr}")),
+                ("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()),
+                ("OPENAI_API_KEY".to_owned(), OPENAI_KEY.to_owned()),
+                ("OPENAI_REALTIME_URL".to_owned(), fake.url()),
+                ("TWILIO_AUTH_TOKEN".to_owned(), TWILIO_TOKEN.to_owned()),
+                ("RELAY_ID".to_owned(), format!("relay-e2e-{n}")),
+                ("RELAY_LOG".to_owned(), "info".to_owned()),
+                ("RELAY_DRAIN_GRACE_SECS".to_owned(), "5".to_owned()),
+            ];
+            if self.skip_signature {
+                env.push((
+                    "RELAY_INSECURE_SKIP_SIGNATURE".to_owned(),
+                    "true".to_owned(),
+                ));
+            }
+            env.extend(self.relay_env.iter().cloned());
+            let mut relay = Proc::spawn("callbridge-relay", env, addr).expect("relay spawns");
+            relay
+                .wait_http_ok("/healthz", READY)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            relays.push(relay);
+        }
+        let channel = with_timeout(
+            RPC,
+            "connect to control",
+            tonic::transport::Endpoint::from_shared(format!("http://{control_addr}"))
+                .expect("valid url")
+                .connect(),
+        )
+        .await
+        .expect("control reachable");
+        World {
+            relays,
+            control,
+            redis,
+            fake,
+            channel,
+        }
+    }
+}
+
+/// Agent settings for tests: a name, instructions carrying `marker` (the fake picks its
+/// script by it), an optional greeting.
+pub fn agent_settings(marker: &str, greeting: Option<&str>) -> pb::AgentSettings {
+    pb::AgentSettings {
+        name: format!("agent {marker}"),
+        instructions: format!("You are a test agent. Marker: {marker}."),
+        greeting: greeting.unwrap_or_default().to_owned(),
+        voice: "marin".to_owned(),
+        input_transcription_model: "gpt-4o-mini-transcribe".to_owned(),
+        ..Default::default()
+    }
+}
+
+/// One transcript turn, flattened for comparison: ("caller"|"assistant"|…, text).
+pub fn flatten(t: &pb::Transcript) -> Vec<(String, String)> {
+    t.turns
+        .iter()
+        .filter_map(|turn| match &turn.kind {
+            Some(pb::turn::Kind::Caller(c)) => Some(("caller".to_owned(), c.text.clone())),
+            Some(pb::turn::Kind::Assistant(a)) => Some(("assistant".to_owned(), a.text.clone())),
+            Some(pb::turn::Kind::ToolCall(c)) => Some(("tool_call".to_owned(), c.name.clone())),
+            Some(pb::turn::Kind::ToolResult(r)) => {
+                Some(("tool_result".to_owned(), r.output.clone()))
+            }
+            Some(pb::turn::Kind::Dtmf(d)) => Some(("dtmf".to_owned(), d.digit.clone())),
+            None => None,
+        })
+        .collect()
+}
+
+/// What a script should leave in the transcript, in order (greeting, then each caller
+/// line and answer), for a call where nobody barged in.
+pub fn expected_transcript(script: &Conversation) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(g) = &script.greeting {
+        out.push(("assistant".to_owned(), g.text.clone()));
+    }
+    for t in &script.turns {
+        out.push(("caller".to_owned(), t.caller.text.clone()));
+        if !t.agent.text.is_empty() {
+            out.push(("assistant".to_owned(), t.agent.text.clone()));
+        }
+    }
+    out
+}

@@ -288,6 +288,8 @@ pub struct ResponseRecord {
     pub text: String,
     /// Audio sent for the item, in ms (including late deltas after a cancel).
     pub audio_sent_ms: u64,
+    /// Of that, audio sent after `speech_started` cut the response (ms).
+    pub late_audio_ms: u64,
     /// `completed` or `cancelled`.
     pub status: String,
     /// The function call made, if any: (call_id, name).
@@ -570,6 +572,8 @@ struct Session {
     produced: HashMap<String, usize>,
     pending_tool: Option<PendingTool>,
     last_user_text: Option<String>,
+    /// Late bytes of the response being cancelled (for its record).
+    late_bytes: usize,
     session: Value,
     out: VecDeque<Value>,
 }
@@ -592,6 +596,7 @@ impl Session {
             produced: HashMap::new(),
             pending_tool: None,
             last_user_text: None,
+            late_bytes: 0,
             session: json!({}),
             out: VecDeque::new(),
         }
@@ -1207,6 +1212,7 @@ impl Session {
 
     /// Cuts the active response: `late` more deltas, then the cancelled tail.
     fn cancel_active(&mut self, reason: &str, late: u32) {
+        let before = self.active.as_ref().map_or(0, |a| a.sent_bytes);
         for _ in 0..late {
             let more = self
                 .active
@@ -1230,6 +1236,7 @@ impl Session {
             return;
         };
         let output = a.output.clone();
+        self.late_bytes = a.sent_bytes - before;
         self.emit_done(
             &a,
             output,
@@ -1270,6 +1277,7 @@ impl Session {
             item_id: a.item_id.clone(),
             text: a.reply.text.clone(),
             audio_sent_ms: audio_ms,
+            late_audio_ms: (std::mem::take(&mut self.late_bytes) / audio::BYTES_PER_MS) as u64,
             status: status.to_owned(),
             function_call,
         });
@@ -1482,8 +1490,10 @@ mod tests {
         );
         let kinds = types(&cut);
         assert!(kinds.contains(&"input_audio_buffer.speech_started"));
-        let produced = fake.connection(0).expect("conn").responses[1].audio_sent_ms;
+        let cut_record = fake.connection(0).expect("conn").responses[1].clone();
+        let produced = cut_record.audio_sent_ms;
         assert!(produced < 1000, "cut before the end: {produced}");
+        assert_eq!(cut_record.late_audio_ms, 100, "one late 100 ms delta");
 
         // Truncates: over-long is refused, within is accepted, unknown item refused.
         send(
