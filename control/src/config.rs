@@ -377,11 +377,20 @@ mod tests {
 
     #[test]
     fn tokens_are_split_and_redacted() {
-        let config = parse(&["--app-tokens", "a1, a2,", "--relay-tokens", "r1"]).expect("valid");
+        let config = parse(&[
+            "--app-tokens",
+            "app-secret-one, app-secret-two,",
+            "--relay-tokens",
+            "relay-secret",
+        ])
+        .expect("valid");
         assert_eq!(config.app_tokens.len(), 2);
-        assert_eq!(config.app_tokens[1].expose(), "a2");
+        assert_eq!(config.app_tokens[1].expose(), "app-secret-two");
         let shown = format!("{config:?}");
-        assert!(!shown.contains("a1") && !shown.contains("r1"), "{shown}");
+        assert!(
+            !shown.contains("secret-") && !shown.contains("relay-secret"),
+            "{shown}"
+        );
     }
 
     #[test]
