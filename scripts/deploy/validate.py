@@ -1225,7 +1225,20 @@ def compose_value(value: str) -> str:
     return value.replace("$$", "$")
 
 
-def check_compose_replay() -> None:
+def proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def proc_cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def check_compose_replay(calls: int = 1) -> None:
     """Runs deploy/compose.yaml's stack from the debug binaries on loopback, with the
     compose file's own environment and commands (only addresses rewritten to 127.0.0.1:0
     and a unix-socket Redis): seeds the agent as seed-agent does and places sim-caller's
@@ -1297,14 +1310,28 @@ def check_compose_replay() -> None:
         # sim-caller with the compose command; --connect dials the loopback relay while
         # the signed URLs stay http://relay:8080, as in the compose network.
         cmd = [compose_value(a) for a in services["sim-caller"]["command"]]
+        if calls > 1:
+            cmd += ["--calls", str(calls)]
+        idle_rss, cpu_before, peak_rss = proc_rss_kib(relay.pid), proc_cpu_ms(relay.pid), 0
         caller = procs.start("sim-caller", [str(DEBUG_BIN / "sim-caller"), *cmd,
                                             "--connect", f"127.0.0.1:{min(relay_ports)}"], {})
-        try:
-            code = caller.wait(timeout=90)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 90
+        while caller.poll() is None and time.monotonic() < deadline:
+            peak_rss = max(peak_rss, proc_rss_kib(relay.pid))
+            time.sleep(0.05)
+        if caller.poll() is None:
             R.fail("compose replay: sim-caller did not finish within 90 s")
             return
+        code = caller.returncode
+        cpu_ms = proc_cpu_ms(relay.pid) - cpu_before
         out = procs.logs["sim-caller"].read_text(errors="replace")
+        durations = [int(d) for d in re.findall(r"^call \d+: (\d+) ms,", out, re.M)]
+        if calls > 1 and durations:
+            call_secs = sum(durations) / 1000
+            print(f"measured: {len(durations)} concurrent calls, {call_secs:.1f} call-seconds; relay "
+                  f"(debug build) used {cpu_ms:.0f} CPU-ms = {cpu_ms / call_secs:.2f} CPU-ms per "
+                  f"call-second; RSS idle {idle_rss} KiB, peak {peak_rss} KiB = "
+                  f"{(peak_rss - idle_rss) / len(durations):.0f} KiB per call")
         ok = R.check(code == 0, f"compose replay: sim-caller exited {code}: {out.strip()[-300:]}")
         ok &= R.check("webhook HTTP 200" in out, f"compose replay: webhook not answered 200: {out.strip()[-300:]}")
         if ok:
@@ -1477,7 +1504,10 @@ def main() -> int:
     check_no_example_secrets(DEPLOY)
     if rendered.get("dev"):
         self_test(rendered["dev"], stages)
-    if "--no-live" not in sys.argv and rendered.get("dev"):
+    if "--measure" in sys.argv:
+        # Manual: N concurrent simulated calls through the compose stack, figures printed.
+        check_compose_replay(int(sys.argv[sys.argv.index("--measure") + 1]))
+    elif "--no-live" not in sys.argv and rendered.get("dev"):
         check_live(rendered["dev"])
         check_compose_replay()
 
