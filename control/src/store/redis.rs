@@ -493,18 +493,11 @@ impl CallStore for RedisStore {
         if !created {
             return Ok(false);
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("pb")
-            .arg(agent.encode_to_vec())
-            .ignore()
-            .cmd("ZADD")
-            .arg(keys::agents_index())
-            .arg(0)
-            .arg(&agent.agent_id)
-            .ignore();
-        pipe.query_async::<()>(&mut conn).await?;
+        let mut body = redis::cmd("HSET");
+        body.arg(&key).arg("pb").arg(agent.encode_to_vec());
+        let mut index = redis::cmd("ZADD");
+        index.arg(keys::agents_index()).arg(0).arg(&agent.agent_id);
+        self.run_all(vec![body, index]).await?;
         Ok(true)
     }
 
@@ -635,44 +628,31 @@ impl CallStore for RedisStore {
     }
 
     async fn create_calls(&self, calls: &[CallRecord]) -> StoreResult<()> {
-        let mut conn = self.conn();
-        // Pipelined in chunks: a bulk of 1000 calls is a handful of round trips. Each
-        // command touches one key, so this also works across cluster slots.
-        for chunk in calls.chunks(200) {
-            let mut pipe = redis::pipe();
-            for call in chunk {
-                let key = keys::call(&call.call_id);
-                pipe.cmd("HSET").arg(&key);
-                for (field, value) in call_to_fields(call) {
-                    pipe.arg(field).arg(value);
-                }
-                pipe.ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(self.retention_ms)
-                    .ignore();
-                pipe.cmd("ZADD")
-                    .arg(keys::calls_index())
+        let mut cmds = Vec::with_capacity(calls.len() * 5);
+        for call in calls {
+            cmds.extend(self.write_call_cmds(call));
+            let mut index = redis::cmd("ZADD");
+            index
+                .arg(keys::calls_index())
+                .arg(call.created_at_ms)
+                .arg(&call.call_id);
+            cmds.push(index);
+            if !call.campaign_id.is_empty() {
+                let campaign = keys::campaign_index(&call.campaign_id);
+                let mut add = redis::cmd("ZADD");
+                add.arg(&campaign)
                     .arg(call.created_at_ms)
-                    .arg(&call.call_id)
-                    .ignore();
-                if !call.campaign_id.is_empty() {
-                    let campaign = keys::campaign_index(&call.campaign_id);
-                    pipe.cmd("ZADD")
-                        .arg(&campaign)
-                        .arg(call.created_at_ms)
-                        .arg(&call.call_id)
-                        .ignore();
-                    // The campaign view lives a day beyond its newest call's retention.
-                    pipe.cmd("PEXPIRE")
-                        .arg(&campaign)
-                        .arg(self.retention_ms.saturating_add(DAY_MS))
-                        .ignore();
-                }
+                    .arg(&call.call_id);
+                // The campaign view lives a day beyond its newest call's retention.
+                let mut expire = redis::cmd("PEXPIRE");
+                expire
+                    .arg(&campaign)
+                    .arg(self.retention_ms.saturating_add(DAY_MS));
+                cmds.push(add);
+                cmds.push(expire);
             }
-            pipe.query_async::<()>(&mut conn).await?;
         }
-        Ok(())
+        self.run_all(cmds).await
     }
 
     async fn get_call(&self, call_id: &str) -> StoreResult<Option<CallRecord>> {
@@ -720,21 +700,10 @@ impl CallStore for RedisStore {
     }
 
     async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {
-        let mut conn = self.conn();
         // Write the call first, then claim the sid: whoever sees the sid taken can
         // read the winner's call at once. The loser deletes its unindexed hash.
         let key = keys::call(&call.call_id);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET").arg(&key);
-        for (field, value) in call_to_fields(call) {
-            pipe.arg(field).arg(value);
-        }
-        pipe.ignore();
-        pipe.cmd("PEXPIRE")
-            .arg(&key)
-            .arg(self.retention_ms)
-            .ignore();
-        pipe.query_async::<()>(&mut conn).await?;
+        self.run_all(self.write_call_cmds(call)).await?;
         let claimed: Option<String> = self
             .query(
                 redis::cmd("SET")
@@ -1006,6 +975,47 @@ impl CallStore for RedisStore {
 }
 
 impl RedisStore {
+    /// HSET of a whole call record plus its TTL (one key, one slot).
+    fn write_call_cmds(&self, call: &CallRecord) -> Vec<Cmd> {
+        let key = keys::call(&call.call_id);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key);
+        for (field, value) in call_to_fields(call) {
+            hset.arg(field).arg(value);
+        }
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(self.retention_ms);
+        vec![hset, expire]
+    }
+
+    /// Runs independent single-key commands in few round trips: one pipeline per chunk
+    /// on a single server; concurrently on a cluster, where a pipeline must stay
+    /// within one slot.
+    async fn run_all(&self, cmds: Vec<Cmd>) -> StoreResult<()> {
+        let mut conn = self.conn();
+        match &self.conn {
+            Conn::Single(_) => {
+                for chunk in cmds.chunks(1000) {
+                    let mut pipe = redis::pipe();
+                    for cmd in chunk {
+                        pipe.add_command(cmd.clone()).ignore();
+                    }
+                    pipe.query_async::<()>(&mut conn).await?;
+                }
+            }
+            Conn::Cluster(_) => {
+                for chunk in cmds.chunks(256) {
+                    futures_util::future::try_join_all(chunk.iter().map(|cmd| {
+                        let mut conn = self.conn();
+                        async move { cmd.query_async::<()>(&mut conn).await }
+                    }))
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn index_lease(&self, call_id: &str, until_ms: i64) -> StoreResult<()> {
         self.query(
             redis::cmd("ZADD")

@@ -101,7 +101,6 @@ impl Control {
                 "CONTROL_METRICS_LISTEN",
                 format!("127.0.0.1:{metrics_port}"),
             )
-            .env("REDIS_URL", &opts.redis_url)
             .env("CONTROL_APP_TOKENS", APP_TOKEN)
             .env("CONTROL_RELAY_TOKENS", RELAY_TOKEN)
             .env("CONTROL_LEASE_SECS", opts.lease_secs.to_string())
@@ -112,6 +111,9 @@ impl Control {
             .envs(opts.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(log_file.try_clone().expect("clone")))
             .stderr(Stdio::from(log_file));
+        if !opts.redis_url.is_empty() {
+            cmd.env("REDIS_URL", &opts.redis_url);
+        }
         let child = cmd.spawn().expect("spawn callbridge-control");
         Control {
             child,
