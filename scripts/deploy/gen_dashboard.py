@@ -111,8 +111,11 @@ row("Events and control")
 panel("Event queue depth per relay pod",
       "Call events waiting for control's ack (event lag). Grows while control or Redis is slow.",
       [(f"max by (pod) (callbridge_relay_event_queue_depth{{{NS}}})", "{{pod}}")])
-panel("Control reconnects per minute", "Relay Attach streams re-opened after losing control.",
-      [(f"sum(rate(callbridge_relay_control_reconnects_total{{{NS}}}[5m])) * 60", "reconnects/min")])
+panel("Control reconnects and dropped events per minute",
+      "Attach streams re-opened after losing control; events dropped because a call's "
+      "unacked buffer was full (should be 0: each one is a transcript gap).",
+      [(f"sum(rate(callbridge_relay_control_reconnects_total{{{NS}}}[5m])) * 60", "reconnects/min"),
+       (f"sum(rate(callbridge_relay_events_overflow_total{{{NS}}}[5m])) * 60", "events dropped/min")])
 panel("Events stored and duplicates per second",
       "Events written to Redis; duplicates are resends after a reconnect (harmless).",
       [(f"sum(rate(callbridge_control_events_stored_total{{{NS}}}[1m]))", "stored"),
