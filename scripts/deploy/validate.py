@@ -1358,7 +1358,7 @@ def measure_redis(sock: Path) -> None:
     sizes = {k: int(redis("MEMORY", "USAGE", k) or 0) for k in keys}
     streams = {k: int(redis("XLEN", k) or 0) for k in keys if redis("TYPE", k) == "stream"}
     events = sum(n for k, n in streams.items() if "event" in k)
-    print(f"measured: one simulated call left {len(keys)} keys, {sum(sizes.values())} bytes "
+    print(f"measured: the simulated call(s) left {len(keys)} keys, {sum(sizes.values())} bytes "
           f"(MEMORY USAGE); {events} events in {sum(sizes[k] for k in streams)} bytes of streams")
     for k in sorted(keys):
         print(f"measured:   {k}: {sizes[k]} bytes" + (f", {streams[k]} entries" if k in streams else ""))
