@@ -1336,9 +1336,41 @@ def check_compose_replay(calls: int = 1) -> None:
         ok = R.check(code == 0, f"compose replay: sim-caller exited {code}: {out.strip()[-300:]}")
         ok &= R.check("webhook HTTP 200" in out, f"compose replay: webhook not answered 200: {out.strip()[-300:]}")
         if ok:
+            check_call_logs(procs.logs["relay"], procs.logs["control"])
             measure_redis(sock)
     finally:
         procs.close()
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def line_call_id(line: dict[str, Any]) -> str:
+    return (line.get("span", {}).get("call_id") or line.get("fields", {}).get("call_id") or "")
+
+
+def check_call_logs(relay_log: Path, control_log: Path) -> None:
+    """docs/metrics.md promises JSON logs with call_id on every line of a call (from the
+    call's span) and one closing line per call with its end reason: hold the code to it."""
+    relay = json_lines(relay_log)
+    call_lines = [line for line in relay if line.get("target", "").startswith("callbridge_relay::call")]
+    if not R.check(bool(call_lines), "logs: the relay logged no callbridge_relay::call line at info"):
+        return
+    R.check(all(line_call_id(line) for line in call_lines),
+            "logs: a relay call line has no call_id in its span")
+    R.check(any("reason" in line.get("fields", {}) for line in call_lines),
+            "logs: no relay summary line with the end reason")
+    control = [line for line in json_lines(control_log)
+               if line.get("target", "").startswith("callbridge_control::service::relay")]
+    R.check(bool(control) and all(line_call_id(line) for line in control),
+            "logs: a control relay-service line has no call_id")
 
 
 def measure_redis(sock: Path) -> None:
