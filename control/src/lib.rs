@@ -111,47 +111,25 @@ pub async fn serve(
         ),
         None => None,
     };
-    let result = match &config.store {
-        StoreConfig::Memory => {
+    let target = match &config.store {
+        StoreConfig::Memory => None,
+        StoreConfig::Redis(url) => Some(RedisTarget::Single(url.clone())),
+        StoreConfig::Cluster(nodes) => Some(RedisTarget::Cluster(nodes.clone())),
+    };
+    let result = match target {
+        None => {
             tracing::warn!(
                 "REDIS_URL is not set: using the IN-MEMORY store. Nothing survives a restart and \
                  only this one process sees the calls. Do not run this in production."
             );
             let store = MemoryStore::new(hub.clone(), config.control_id.clone());
-            run(
-                Shared {
-                    store,
-                    hub,
-                    metrics,
-                    config,
-                    shutdown: token.clone(),
-                    tracker: tracker.clone(),
-                },
-                listener,
-                metrics_listener,
-            )
-            .await
+            let shared = Shared::new(store, hub, metrics, config, token.clone(), tracker.clone());
+            run(shared, listener, metrics_listener).await
         }
-        StoreConfig::Redis(_) | StoreConfig::Cluster(_) => {
-            let target = match &config.store {
-                StoreConfig::Cluster(nodes) => RedisTarget::Cluster(nodes.clone()),
-                StoreConfig::Redis(url) => RedisTarget::Single(url.clone()),
-                StoreConfig::Memory => unreachable!("matched above"),
-            };
+        Some(target) => {
             let store = connect_redis(&target, &config, &hub, &tracker, &token).await?;
-            run(
-                Shared {
-                    store,
-                    hub,
-                    metrics,
-                    config,
-                    shutdown: token.clone(),
-                    tracker: tracker.clone(),
-                },
-                listener,
-                metrics_listener,
-            )
-            .await
+            let shared = Shared::new(store, hub, metrics, config, token.clone(), tracker.clone());
+            run(shared, listener, metrics_listener).await
         }
     };
     token.cancel();
@@ -312,12 +290,14 @@ async fn probe_redis<S: CallStore>(
                 true
             }
             Ok(Err(err)) => {
+                shared.note_store_failure();
                 if serving != Some(false) {
                     tracing::warn!(error = %err, "Redis is unreachable; health NOT_SERVING.");
                 }
                 false
             }
             Err(_) => {
+                shared.note_store_failure();
                 if serving != Some(false) {
                     tracing::warn!("Redis probe timed out; health NOT_SERVING.");
                 }

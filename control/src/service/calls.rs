@@ -384,7 +384,9 @@ impl<S: CallStore> Calls for CallsApi<S> {
                         .scan_index(campaign, cursor, min_score, batch_size)
                         .await?;
                     let exhausted = batch.len() < batch_size;
-                    for (call_id, score) in batch {
+                    let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                    let records = self.0.store.get_calls(&ids).await?;
+                    for ((_, score), record) in batch.into_iter().zip(records) {
                         scanned += 1;
                         cursor = if score == cursor.score {
                             IndexCursor {
@@ -395,9 +397,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                             IndexCursor { score, skip: 1 }
                         };
                         // Expired calls leave index entries behind until trimmed.
-                        let Some(call) = self.0.store.get_call(&call_id).await? else {
-                            continue;
-                        };
+                        let Some(call) = record else { continue };
                         if (req.status == 0 || call.status == req.status)
                             && (req.agent_id.is_empty() || call.agent_id == req.agent_id)
                         {
@@ -470,18 +470,23 @@ impl<S: CallStore> Calls for CallsApi<S> {
                                 .scan_index(Some(&campaign_id), cursor, i64::MIN, 500)
                                 .await?;
                             let n = batch.len();
-                            for (call_id, score) in batch {
-                                cursor = if score == cursor.score {
+                            let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                            if let Some((_, score)) = batch.last() {
+                                let same = batch.iter().filter(|(_, s)| s == score).count() as u64;
+                                cursor = if *score == cursor.score {
                                     IndexCursor {
-                                        score,
-                                        skip: cursor.skip + 1,
+                                        score: *score,
+                                        skip: cursor.skip + same,
                                     }
                                 } else {
-                                    IndexCursor { score, skip: 1 }
+                                    IndexCursor {
+                                        score: *score,
+                                        skip: same,
+                                    }
                                 };
-                                if let Some(call) = self.0.store.get_call(&call_id).await? {
-                                    calls::add_usage(&mut total, &calls::usage_of(&call));
-                                }
+                            }
+                            for call in self.0.store.get_calls(&ids).await?.into_iter().flatten() {
+                                calls::add_usage(&mut total, &calls::usage_of(&call));
                             }
                             if n < 500 {
                                 break;

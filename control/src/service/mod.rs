@@ -7,6 +7,7 @@ pub(crate) mod relay;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use callbridge_proto::pb;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,37 @@ pub(crate) struct Shared<S> {
     pub(crate) shutdown: CancellationToken,
     /// Every stream task, so shutdown can wait for them (bounded).
     pub(crate) tracker: TaskTracker,
+    /// When this replica last saw the store fail (ms; start time initially). Leases
+    /// could not be renewed during an outage, so the sweeper waits one full lease after
+    /// it before ending anything, giving live streams time to renew.
+    store_failed_at_ms: AtomicI64,
+}
+
+impl<S> Shared<S> {
+    /// Bundles the replica's handles.
+    pub(crate) fn new(
+        store: S,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Shared {
+            store,
+            hub,
+            metrics,
+            config,
+            shutdown,
+            tracker,
+            store_failed_at_ms: AtomicI64::new(now_ms()),
+        }
+    }
+
+    /// Records a store failure (health probe, sweeper).
+    pub(crate) fn note_store_failure(&self) {
+        self.store_failed_at_ms.store(now_ms(), Ordering::Relaxed);
+    }
 }
 
 impl<S: CallStore> Shared<S> {
@@ -121,8 +153,19 @@ impl<S: CallStore> Shared<S> {
     /// Atomic per call, so with many replicas sweeping each call ends once.
     pub(crate) async fn sweep_relay_lost(&self) -> Result<usize, Error> {
         let now = now_ms();
+        let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let expired = match self.store.expired_leases(now, 100).await {
+            Ok(ids) => ids,
+            Err(err) => {
+                self.note_store_failure();
+                return Err(err.into());
+            }
+        };
+        if now.saturating_sub(self.store_failed_at_ms.load(Ordering::Relaxed)) < lease_ms {
+            return Ok(0);
+        }
         let mut ended = 0;
-        for call_id in self.store.expired_leases(now, 100).await? {
+        for call_id in expired {
             let Some(call) = self.store.get_call(&call_id).await? else {
                 self.store.forget_lease(&call_id).await?;
                 continue;

@@ -192,6 +192,11 @@ impl CallStore for MemoryStore {
         Ok(self.lock().calls.get(call_id).cloned())
     }
 
+    async fn get_calls(&self, call_ids: &[String]) -> StoreResult<Vec<Option<CallRecord>>> {
+        let s = self.lock();
+        Ok(call_ids.iter().map(|id| s.calls.get(id).cloned()).collect())
+    }
+
     async fn admit_existing(
         &self,
         call_id: &str,

@@ -266,6 +266,11 @@ pub trait CallStore: Send + Sync + 'static {
         &self,
         call_id: &str,
     ) -> impl Future<Output = StoreResult<Option<CallRecord>>> + Send;
+    /// Many calls at once (few round trips), in the order asked; `None` for missing ones.
+    fn get_calls(
+        &self,
+        call_ids: &[String],
+    ) -> impl Future<Output = StoreResult<Vec<Option<CallRecord>>>> + Send;
     /// Admits a pre-created call: records sid/from/to where empty, `created → ringing`.
     fn admit_existing(
         &self,

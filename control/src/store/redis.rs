@@ -662,6 +662,38 @@ impl CallStore for RedisStore {
         Ok(call_from_fields(h))
     }
 
+    async fn get_calls(&self, call_ids: &[String]) -> StoreResult<Vec<Option<CallRecord>>> {
+        if call_ids.is_empty() {
+            // An empty pipeline is a client error in redis-rs.
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn();
+        let hashes: Vec<HashMap<String, String>> = match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                for id in call_ids {
+                    pipe.cmd("HGETALL").arg(keys::call(id));
+                }
+                pipe.query_async(&mut conn).await?
+            }
+            // A cluster pipeline must stay in one slot; concurrent commands still share
+            // the multiplexed connections.
+            Conn::Cluster(_) => {
+                futures_util::future::try_join_all(call_ids.iter().map(|id| {
+                    let mut conn = self.conn();
+                    async move {
+                        redis::cmd("HGETALL")
+                            .arg(keys::call(id))
+                            .query_async::<HashMap<String, String>>(&mut conn)
+                            .await
+                    }
+                }))
+                .await?
+            }
+        };
+        Ok(hashes.into_iter().map(call_from_fields).collect())
+    }
+
     async fn admit_existing(
         &self,
         call_id: &str,
