@@ -1226,15 +1226,53 @@ def compose_value(value: str) -> str:
     return value.replace("$$", "$")
 
 
+def drain_during_call(relay: subprocess.Popen[bytes], port: int,
+                      caller: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM the relay while it carries the call, as a rollout does, and check what the
+    Deployment's probes rely on: readiness 503, liveness 200, the draining gauge at 1, and
+    (checked by the caller) the call itself going on to its normal end."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and caller.poll() is None:
+        if re.search(r"^callbridge_relay_active_calls [1-9]", http_get(port, "/metrics")[1], re.M):
+            break
+        time.sleep(0.02)
+    else:
+        R.fail("compose replay: the relay never reported an active call (callbridge_relay_active_calls)")
+        return False
+    relay.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    ready = 200
+    while time.monotonic() < deadline and ready == 200:
+        ready = http_get(port, "/readyz")[0]
+        time.sleep(0.02)
+    R.check(ready == 503, f"compose replay: /readyz -> {ready} while draining a live call, expected 503")
+    live = http_get(port, "/healthz")[0]
+    R.check(live == 200, f"compose replay: /healthz -> {live} while draining, expected 200 (liveness)")
+    metrics = http_get(port, "/metrics")[1]
+    R.check(re.search(r"^callbridge_relay_draining 1", metrics, re.M) is not None,
+            "compose replay: callbridge_relay_draining is not 1 while draining")
+    R.check(re.search(r"^callbridge_relay_active_calls [1-9]", metrics, re.M) is not None,
+            "compose replay: the live call was cut at SIGTERM instead of draining")
+    return True
+
+
 def proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+    """Resident memory of a running process; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     return 0
 
 
 def proc_cpu_ms(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time of a running process; 0 once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     ticks = int(fields[11]) + int(fields[12])  # utime + stime
     return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
@@ -1316,15 +1354,24 @@ def check_compose_replay(calls: int = 1) -> None:
         idle_rss, cpu_before, peak_rss = proc_rss_kib(relay.pid), proc_cpu_ms(relay.pid), 0
         caller = procs.start("sim-caller", [str(DEBUG_BIN / "sim-caller"), *cmd,
                                             "--connect", f"127.0.0.1:{min(relay_ports)}"], {})
-        deadline = time.monotonic() + 90
+        relay_port = min(relay_ports)
+        drained = calls == 1 and drain_during_call(relay, relay_port, caller)
+        deadline = time.monotonic() + 60
         while caller.poll() is None and time.monotonic() < deadline:
             peak_rss = max(peak_rss, proc_rss_kib(relay.pid))
             time.sleep(0.05)
         if caller.poll() is None:
-            R.fail("compose replay: sim-caller did not finish within 90 s")
+            R.fail("compose replay: sim-caller did not finish within 60 s")
             return
-        code = caller.returncode
         cpu_ms = proc_cpu_ms(relay.pid) - cpu_before
+        if drained:
+            # The call ran to its end inside the grace; then the relay must exit by itself.
+            try:
+                code = relay.wait(timeout=int(env.get("RELAY_DRAIN_GRACE_SECS", "30")) + 15)
+                R.check(code == 0, f"compose replay: relay exited {code} after draining")
+            except subprocess.TimeoutExpired:
+                R.fail("compose replay: relay still running after its call ended and the grace passed")
+        code = caller.returncode
         out = procs.logs["sim-caller"].read_text(errors="replace")
         durations = [int(d) for d in re.findall(r"^call \d+: (\d+) ms,", out, re.M)]
         if calls > 1 and durations:
