@@ -522,7 +522,15 @@ def check_control(name: str, objs: list[dict[str, Any]]) -> None:
         f"{name}: control scrape annotation must point at {metrics_port}",
     )
     redis = [v for v in ("REDIS_URL", "REDIS_CLUSTER_NODES") if v in env]
-    R.check(bool(redis), f"{name}: control has neither REDIS_URL nor REDIS_CLUSTER_NODES")
+    R.check(len(redis) == 1, f"{name}: control needs exactly one of REDIS_URL, REDIS_CLUSTER_NODES (has {redis})")
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+        # A missing optional Secret would leave Redis unset: control would run on its
+        # in-memory store, a different volatile state in every replica.
+        R.check(
+            not (e["name"].startswith("REDIS_") and ref.get("optional")),
+            f"{name}: control {e['name']} must not come from an optional Secret reference",
+        )
     url = env.get("REDIS_URL")
     if url:
         # A plain value must be password-free (a password belongs in a Secret) and, when it
@@ -1508,6 +1516,11 @@ def self_test(dev: list[dict[str, Any]], stages: dict[str, str]) -> None:
         ("CONTROL_URL on a port the Service lacks",
          lambda o: set_(cm(o, "relay-config"), "CONTROL_URL", "http://control:50052"),
          lambda o: check_relay("t", o), "CONTROL_URL port 50052"),
+        ("Redis URL from an optional Secret",
+         lambda o: control(o)["spec"]["template"]["spec"]["containers"][0]["env"].append(
+             {"name": "REDIS_CLUSTER_NODES", "valueFrom": {"secretKeyRef": {
+                 "name": "callbridge-redis", "key": "cluster-nodes", "optional": True}}}),
+         lambda o: check_control("t", o), "must not come from an optional Secret"),
         ("Service selecting no pods",
          lambda o: set_(find(o, "Service", "control")["spec"], "selector", {"app": "nobody"}),
          lambda o: check_wiring("t", o), "selects no pods"),
