@@ -475,6 +475,15 @@ mod tests {
             field_of(metadata("metadata", &big).expect_err("too many")),
             "metadata"
         );
+        let long_key: HashMap<String, String> = [("k".repeat(65), "v".to_owned())].into();
+        assert!(
+            field_of(metadata("metadata", &long_key).expect_err("key")).starts_with("metadata[")
+        );
+        let long_value: HashMap<String, String> = [("k".to_owned(), "v".repeat(1025))].into();
+        assert_eq!(
+            field_of(metadata("metadata", &long_value).expect_err("value")),
+            "metadata[k]"
+        );
         assert_eq!(page_size("page_size", 0).expect("default"), 50);
         assert_eq!(
             field_of(page_size("page_size", 501).expect_err("too big")),

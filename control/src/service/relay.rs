@@ -115,6 +115,10 @@ impl<S: CallStore> AttachStream<S> {
                             if event.call_id.is_empty() {
                                 event.call_id.clone_from(&self.call.call_id);
                             }
+                            // Stored events always carry a time (transcripts order by it).
+                            if event.at_ms <= 0 {
+                                event.at_ms = now_ms();
+                            }
                             if event.call_id != self.call.call_id {
                                 self.fail(Error::invalid("event.call_id", format!("'{}' is not the attached call '{}'", event.call_id, self.call.call_id)).into()).await;
                                 return StreamEnd::Released;
