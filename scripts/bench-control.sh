@@ -19,4 +19,5 @@ done
 cargo build --release --locked -p callbridge-control -p callbridge-tests \
   --bin callbridge-control --bin bench_control
 target_dir="${CARGO_TARGET_DIR:-target}"
-exec "$target_dir/release/bench_control" --bin-dir "$target_dir/release" "$@"
+# The bench spawns the control binary from this directory (callbridge_testkit::procs).
+CALLBRIDGE_BIN_DIR="$target_dir/release" exec "$target_dir/release/bench_control" "$@"

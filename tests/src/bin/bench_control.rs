@@ -73,9 +73,20 @@ struct Args {
     /// Requests of each `redis-benchmark` comparison run.
     #[arg(long, default_value_t = 200_000)]
     redis_requests: u64,
+    /// Extra `KEY=VALUE` environment for the control process (repeatable), e.g.
+    /// `--control-env CONTROL_LOG=info`.
+    #[arg(long, value_parser = parse_key_value)]
+    control_env: Vec<(String, String)>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "bench-results/control.json")]
     out: PathBuf,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -117,23 +128,21 @@ impl Bench {
         let redis_sock = redis.dir().join("redis.sock");
         let addr = free_addr()?;
         let redis_url = redis.url();
+        let mut control_env = env([
+            ("CONTROL_LISTEN", &addr.to_string()),
+            ("REDIS_URL", &redis_url),
+            ("CONTROL_APP_TOKENS", APP_TOKEN),
+            ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
+            ("RELAY_PUBLIC_URL", "https://relay.bench.example"),
+            ("CONTROL_ID", "control-bench"),
+            // The metrics listener defaults to a fixed port; parallel runs would clash.
+            ("CONTROL_METRICS_LISTEN", ""),
+            ("CONTROL_LOG", "warn"),
+        ]);
+        control_env.extend(args.control_env.iter().cloned());
         // Found in CALLBRIDGE_BIN_DIR or next to this binary (target/release).
-        let mut control = Proc::spawn(
-            "callbridge-control",
-            env([
-                ("CONTROL_LISTEN", &addr.to_string()),
-                ("REDIS_URL", &redis_url),
-                ("CONTROL_APP_TOKENS", APP_TOKEN),
-                ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
-                ("RELAY_PUBLIC_URL", "https://relay.bench.example"),
-                ("CONTROL_ID", "control-bench"),
-                // The metrics listener defaults to a fixed port; parallel runs would clash.
-                ("CONTROL_METRICS_LISTEN", ""),
-                ("CONTROL_LOG", "warn"),
-            ]),
-            addr,
-        )
-        .context("starting callbridge-control (scripts/bench-control.sh builds it)")?;
+        let mut control = Proc::spawn("callbridge-control", control_env, addr)
+            .context("starting callbridge-control (scripts/bench-control.sh builds it)")?;
         control
             .wait_grpc_serving(Duration::from_secs(30))
             .await
@@ -240,6 +249,12 @@ impl Bench {
     /// CPU seconds (user + system) the control process has used so far.
     fn control_cpu_secs(&self) -> anyhow::Result<f64> {
         proc_cpu_secs(&format!("/proc/{}/stat", self.control_pid), self.clk_tck)
+    }
+
+    /// CPU seconds this benchmark process (the load generator) has used so far: it
+    /// shares the cores with control and Redis, so it is part of the picture.
+    fn client_cpu_secs(&self) -> anyhow::Result<f64> {
+        proc_cpu_secs("/proc/self/stat", self.clk_tck)
     }
 
     async fn redis_cli(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -587,6 +602,7 @@ async fn throughput_level(
         .await?;
     let redis_before = bench.redis_snapshot().await?;
     let cpu_before = bench.control_cpu_secs()?;
+    let client_before = bench.client_cpu_secs()?;
     let base = Instant::now();
     let mut set = JoinSet::new();
     for (i, id) in ids.into_iter().enumerate() {
@@ -610,6 +626,7 @@ async fn throughput_level(
     })??;
     let secs = base.elapsed().as_secs_f64();
     let control_cpu = bench.control_cpu_secs()? - cpu_before;
+    let client_cpu = bench.client_cpu_secs()? - client_before;
     let redis_after = bench.redis_snapshot().await?;
 
     let events: u64 = traces.iter().map(|t| t.acked_us.len() as u64).sum();
@@ -635,6 +652,7 @@ async fn throughput_level(
         "events_per_sec": rate,
         "send_to_ack_under_load": ack.json(),
         "control_cpu_percent": 100.0 * control_cpu / secs,
+        "bench_client_cpu_percent": 100.0 * client_cpu / secs,
         "redis_cpu_percent": 100.0 * (redis_after.cpu_secs - redis_before.cpu_secs) / secs,
         "redis_commands_per_event": redis_calls as f64 / events as f64,
         "redis_commands": redis_cmds.iter().map(|(n, c, u)| json!({"command": n, "calls": c, "usec": u})).collect::<Vec<_>>(),
@@ -675,6 +693,7 @@ async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Va
     }
     let redis_before = bench.redis_snapshot().await?;
     let cpu_before = bench.control_cpu_secs()?;
+    let client_before = bench.client_cpu_secs()?;
     let started = Instant::now();
     let mut relays = JoinSet::new();
     for (i, id) in ids.iter().enumerate() {
@@ -691,6 +710,7 @@ async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Va
         .context("watch run: relays did not finish")??;
     let secs = started.elapsed().as_secs_f64();
     let control_cpu = bench.control_cpu_secs()? - cpu_before;
+    let client_cpu = bench.client_cpu_secs()? - client_before;
     let redis_after = bench.redis_snapshot().await?;
     // Watcher traces come back in completion order; key them by call to pair with sends.
     let mut seen: std::collections::HashMap<String, Vec<u64>> =
@@ -731,6 +751,7 @@ async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Va
         "send_to_watch": send_watch.json(),
         "ack_to_watch": ack_watch.json(),
         "control_cpu_percent": 100.0 * control_cpu / secs,
+        "bench_client_cpu_percent": 100.0 * client_cpu / secs,
         "redis_cpu_percent": 100.0 * (redis_after.cpu_secs - redis_before.cpu_secs) / secs,
         "redis_commands_per_event": redis_cmds.iter().map(|c| c.1).sum::<u64>() as f64 / events as f64,
         "redis_commands": redis_cmds.iter().map(|(n, c, u)| json!({"command": n, "calls": c, "usec": u})).collect::<Vec<_>>(),
@@ -788,7 +809,22 @@ fn machine() -> Value {
         })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    json!({"cpu": cpu, "cores": cores, "note": "bench client, control and redis share these cores"})
+    json!({
+        "cpu": cpu,
+        "cores": cores,
+        "load_average_at_start": load_average(),
+        "note": "bench client, control and redis share these cores",
+    })
+}
+
+/// The 1-minute load average: on a shared machine, other work skews every figure.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn f(v: &Value, path: &[&str]) -> f64 {
@@ -805,13 +841,17 @@ fn print_report(report: &Value) {
         report["machine"]["cores"],
         report["machine"]["cpu"].as_str().unwrap_or("?")
     );
+    println!(
+        "1-min load average: {} at start, {} at end (other work on the machine skews figures)",
+        report["machine"]["load_average_at_start"], report["load_average_at_end"]
+    );
     println!();
     println!(
         "throughput (attach streams, window {} unacked, {} connections)",
         report["window"], report["connections"]
     );
     println!(
-        "{:>6} {:>9} {:>8} {:>11} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "{:>6} {:>9} {:>8} {:>11} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10}",
         "calls",
         "events",
         "secs",
@@ -820,11 +860,12 @@ fn print_report(report: &Value) {
         "ack p99ms",
         "ctl cpu%",
         "rds cpu%",
+        "cli cpu%",
         "rds cmd/ev"
     );
     for lvl in report["throughput"].as_array().into_iter().flatten() {
         println!(
-            "{:>6} {:>9} {:>8.2} {:>11.0} {:>10} {:>10} {:>9.0} {:>9.0} {:>10.2}",
+            "{:>6} {:>9} {:>8.2} {:>11.0} {:>10} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>10.2}",
             lvl["calls"].as_u64().unwrap_or(0),
             lvl["events"].as_u64().unwrap_or(0),
             f(lvl, &["seconds"]),
@@ -837,6 +878,7 @@ fn print_report(report: &Value) {
                 .unwrap_or(0)),
             f(lvl, &["control_cpu_percent"]),
             f(lvl, &["redis_cpu_percent"]),
+            f(lvl, &["bench_client_cpu_percent"]),
             f(lvl, &["redis_commands_per_event"]),
         );
     }
@@ -863,9 +905,10 @@ fn print_report(report: &Value) {
             );
         }
         println!(
-            "  control cpu {:.0}%, redis cpu {:.0}%, redis commands/event {:.2}",
+            "  control cpu {:.0}%, redis cpu {:.0}%, bench client cpu {:.0}%, redis commands/event {:.2}",
             f(w, &["control_cpu_percent"]),
             f(w, &["redis_cpu_percent"]),
+            f(w, &["bench_client_cpu_percent"]),
             f(w, &["redis_commands_per_event"])
         );
     }
@@ -945,6 +988,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Every run, in order; the whole report as JSON.
 async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
+    let machine = machine();
     let agent = bench.create_agent().await?;
     let mut throughput = Vec::new();
     for &calls in &args.levels {
@@ -972,7 +1016,8 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
     let watch_p99_ms = w_p99_ms(&watch);
     let report = json!({
         "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        "machine": machine(),
+        "machine": machine,
+        "load_average_at_end": load_average(),
         "window": args.window,
         "connections": args.connections,
         "throughput": throughput,
