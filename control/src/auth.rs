@@ -6,6 +6,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 
 use crate::config::Secret;
+use crate::metrics::{AuthLabels, Metrics};
 
 /// Which API a token list guards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,13 @@ pub enum Api {
 }
 
 impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Api::Public => "public",
+            Api::Relay => "relay",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Api::Public => "the public API (Agents, Calls)",
@@ -32,6 +40,7 @@ pub struct Auth {
     accepted: Arc<Vec<Secret>>,
     other: Arc<Vec<Secret>>,
     open: bool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Auth {
@@ -43,7 +52,14 @@ impl Auth {
             accepted: Arc::new(accepted),
             other: Arc::new(other),
             open,
+            metrics: None,
         }
+    }
+
+    /// Counts refusals in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn matches(list: &[Secret], token: &[u8]) -> bool {
@@ -92,7 +108,23 @@ impl Auth {
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        self.check(request.metadata())?;
+        if let Err(status) = self.check(request.metadata()) {
+            if let Some(metrics) = &self.metrics {
+                metrics
+                    .auth_refused
+                    .get_or_create(&AuthLabels {
+                        api: self.api.label(),
+                    })
+                    .inc();
+            }
+            // The token itself is never logged.
+            tracing::debug!(
+                api = self.api.label(),
+                reason = status.message(),
+                "Request refused."
+            );
+            return Err(status);
+        }
         Ok(request)
     }
 }

@@ -209,13 +209,15 @@ async fn run<S: CallStore>(
         config.app_tokens.clone(),
         config.relay_tokens.clone(),
         open,
-    );
+    )
+    .with_metrics(shared.metrics.clone());
     let relay_auth = Auth::new(
         Api::Relay,
         config.relay_tokens.clone(),
         config.app_tokens.clone(),
         open,
-    );
+    )
+    .with_metrics(shared.metrics.clone());
 
     let agents = pb::agents_server::AgentsServer::new(service::agents::AgentsApi(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE);

@@ -22,6 +22,13 @@ pub struct RpcLabels {
     pub code: String,
 }
 
+/// Labels of `callbridge_control_auth_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `public` or `relay`.
+    pub api: &'static str,
+}
+
 /// Every metric of the control plane.
 #[derive(Debug)]
 pub struct Metrics {
@@ -42,6 +49,8 @@ pub struct Metrics {
     pub redis_latency: Histogram,
     /// Calls ended with `RELAY_LOST` by this replica's sweeper.
     pub relay_lost: Counter,
+    /// Requests refused by the bearer-token check, by API.
+    pub auth_refused: Family<AuthLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +73,7 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ]);
         let relay_lost = Counter::default();
+        let auth_refused = Family::<AuthLabels, Counter>::default();
         registry.register(
             "callbridge_control_rpc",
             "gRPC calls by service, method and status code",
@@ -104,6 +114,11 @@ impl Metrics {
             "Calls ended with RELAY_LOST after their lease ran out",
             relay_lost.clone(),
         );
+        registry.register(
+            "callbridge_control_auth_refused",
+            "Requests refused by the bearer-token check (UNAUTHENTICATED), by API",
+            auth_refused.clone(),
+        );
         Metrics {
             registry,
             rpc_total,
@@ -114,6 +129,7 @@ impl Metrics {
             redis_up,
             redis_latency,
             relay_lost,
+            auth_refused,
         }
     }
 

@@ -547,6 +547,15 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         "{text}"
     );
     assert!(text.contains("callbridge_control_redis_up 1"), "{text}");
+    // 3 refused on Agents, 1 on Calls; 1 on Relay.
+    assert!(
+        text.contains(r#"callbridge_control_auth_refused_total{api="public"} 4"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"callbridge_control_auth_refused_total{api="relay"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
