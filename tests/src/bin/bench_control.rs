@@ -367,8 +367,10 @@ struct Plan {
     /// Events including the first `started` and the last `ended`.
     events: u64,
     window: u64,
-    /// `None`: as fast as the window allows; `Some(p)`: one event every `p`.
-    pace: Option<Duration>,
+    /// `None`: as fast as the window allows; `Some((p, phase))`: one event every `p`,
+    /// the first after `phase`. Calls get different phases because real calls do not
+    /// speak in lockstep; aligned ticks would measure a burst queue instead.
+    pace: Option<(Duration, Duration)>,
 }
 
 /// Per-event times of one stream, micros since the run's base instant, index = seq - 1.
@@ -468,8 +470,8 @@ async fn drive_call(
         sent_us: vec![0; usize::try_from(total)?],
         acked_us: vec![0; usize::try_from(total)?],
     };
-    let mut ticker = plan.pace.map(|p| {
-        let mut t = tokio::time::interval(p);
+    let mut ticker = plan.pace.map(|(p, phase)| {
+        let mut t = tokio::time::interval_at(Instant::now() + phase, p);
         t.set_missed_tick_behavior(MissedTickBehavior::Delay);
         t
     });
@@ -700,7 +702,7 @@ async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Va
         let plan = Plan {
             events: per_call,
             window: args.window,
-            pace: Some(pace),
+            pace: Some((pace, pace.mul_f64(i as f64 / calls as f64))),
         };
         relays.spawn(drive_call(bench.relay(i), id.clone(), plan, base));
     }
