@@ -52,7 +52,9 @@ struct Args {
     /// Concurrent calls of each throughput level.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     levels: Vec<u64>,
-    /// Unacknowledged events a relay stream may have in flight.
+    /// Unacknowledged events a relay stream may have in flight. Note: with h2 0.4.20 the
+    /// server closes a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames") once
+    /// a few thousand small unread DATA frames pile up on it, e.g. window 256 × 25 streams.
     #[arg(long, default_value_t = 64)]
     window: u64,
     /// HTTP/2 connections the calls are spread over (a relay pod holds one).
@@ -482,7 +484,9 @@ async fn drive_call(
             biased;
             // Acks first, so the window opens as soon as the server allows.
             reply = timeout(STEP, down.message()) => {
-                let reply = reply.with_context(|| format!("call {call_id}: no ack for {STEP:?} (acked {acked}, sent {})", next - 1))??;
+                let reply = reply
+                    .with_context(|| format!("call {call_id}: no ack for {STEP:?} (acked {acked}, sent {})", next - 1))?
+                    .with_context(|| format!("call {call_id}: attach stream failed (acked {acked}, sent {})", next - 1))?;
                 match reply.and_then(|m| m.msg) {
                     Some(pb::attach_response::Msg::AckedSeq(seq)) => {
                         ensure!(seq < next, "call {call_id}: ack {seq} for an event not sent yet");
