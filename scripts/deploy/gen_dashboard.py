@@ -122,9 +122,11 @@ panel("Events stored and duplicates per second",
        (f"sum(rate(callbridge_control_events_duplicate_total{{{NS}}}[1m]))", "duplicate")])
 panel("RPCs per second, by code", "All gRPC calls served by control.",
       [(f"sum by (code) (rate(callbridge_control_rpc_total{{{NS}}}[5m]))", "{{code}}")])
-panel("RPC errors per second, by method", "Calls that did not end OK.",
+panel("RPC errors per second, by method", "Calls that did not end OK, and bearer-token refusals by API.",
       [(f'sum by (service, method, code) (rate(callbridge_control_rpc_total{{{NS}, code!="Ok"}}[5m]))',
-        "{{service}}/{{method}} {{code}}")])
+        "{{service}}/{{method}} {{code}}"),
+       (f"sum by (api) (rate(callbridge_control_auth_refused_total{{{NS}}}[5m]))",
+        "auth refused ({{api}})")])
 panel("Commands routed and relays lost per minute",
       "Live commands delivered to the replica holding the call; calls ended relay_lost.",
       [(f"sum(rate(callbridge_control_commands_routed_total{{{NS}}}[5m])) * 60", "commands routed"),

@@ -898,7 +898,7 @@ def documented_metrics() -> dict[str, str]:
 
 def check_metrics_docs_and_dashboard() -> set[str]:
     docs = documented_metrics()
-    R.check(len(docs) >= 20, f"docs/metrics.md documents {len(docs)} metrics, expected all 20")
+    R.check(len(docs) >= 21, f"docs/metrics.md documents {len(docs)} metrics, expected all 21")
     for metric, kind in docs.items():
         crate_exports_metric(metric, "docs/metrics.md")
         if kind == "counter":
@@ -1165,6 +1165,7 @@ def check_live(dev: list[dict[str, Any]]) -> None:
                 R.skip("live: redis-server not installed, control runs on its in-memory store")
             grpc_port, metrics_port = start_control(procs, env)
             if grpc_port and metrics_port:
+                check_control_tokens(grpc_port)
                 status, body = http_get(metrics_port, "/metrics")
                 R.check("callbridge_control_" in body, "live: control /metrics has no callbridge_control_ series")
                 check_exported_metrics(body, "control")
@@ -1192,6 +1193,26 @@ def check_live(dev: list[dict[str, Any]]) -> None:
                 check_relay_live(relay, min(ports))
     finally:
         procs.close()
+
+
+def check_control_tokens(port: int) -> None:
+    """The Secrets' tokens do what docs/operations.md says: app tokens open the public API
+    only, and anything else is refused (probes stay open without a token)."""
+    app = {"authorization": "Bearer deploy-check-app-token"}
+    cases = [
+        ("no token", "/callbridge.v1.Agents/ListAgents", {}, {"16"}),
+        ("a wrong token", "/callbridge.v1.Agents/ListAgents",
+         {"authorization": "Bearer not-a-token"}, {"16"}),
+        ("the app token", "/callbridge.v1.Agents/ListAgents", app, {"0"}),
+        ("the app token on the relay API", "/callbridge.v1.Relay/Admit", app, {"16", "7"}),
+    ]
+    for what, path, md, want in cases:
+        try:
+            status, message, _ = grpc_unary(port, path, b"", md)
+        except OSError as err:
+            status, message = None, str(err)
+        R.check(status in want, f"live: control {path} with {what} -> grpc-status {status} "
+                                f"{message!r}, expected {sorted(want)}")
 
 
 def check_relay_live(relay: subprocess.Popen[bytes], port: int) -> None:
