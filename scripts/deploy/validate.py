@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """Checks deploy/ against the Kubernetes schemas and against the code it deploys.
 
-Run by scripts/checks/deploy.sh inside target/deploy-venv (PyYAML, kubernetes-validate).
-Exits 1 on any failure, listing every one of them.
+Run by scripts/checks/deploy.sh inside target/deploy-venv (PyYAML, kubernetes-validate, h2).
+Exits 1 on any failure, listing every one of them; prints SKIP for what cannot be checked
+yet and WARN for drift that must not block anyone (a new metric not yet documented).
+
+    validate.py              everything below
+    validate.py --no-live    without starting any process
+    validate.py --measure N  only the compose replay, with N concurrent calls; prints figures
 
 What it checks:
   render    every kustomize overlay renders with the real kustomize (`kubectl kustomize`)
@@ -12,23 +17,28 @@ What it checks:
   policy    no Secret objects; every pod non-root, read-only root, no capabilities,
             RuntimeDefault seccomp, requests set, no service-account token; relay probes,
             preStop and terminationGracePeriodSeconds vs RELAY_DRAIN_GRACE_SECS; control
-            replicas and gRPC probes; Services, Ingress, HPA, PDB and NetworkPolicy
-            selectors and ports resolve to real pods and ports; Ingress host ==
-            RELAY_PUBLIC_URL host; every referenced Secret is documented in
-            docs/operations.md with its `kubectl create secret` command
-  code      every env var a manifest or compose file sets is read by the binary it is
-            given to (string literals in relay/src, control/src, tests/testkit/src);
-            probe and ingress paths are routes in relay/src; ports match the listen
-            addresses; metric names in the dashboard, HPA, adapter rule and
-            docs/metrics.md exist in the code; binaries the Dockerfile copies are bin
+            replicas, gRPC probes, a required (never optional) Redis reference; Services,
+            Ingress, HPA, PDB and NetworkPolicy selectors and ports resolve to real pods
+            and ports; Ingress host == RELAY_PUBLIC_URL host; every referenced Secret key
+            is created by a `kubectl create secret` command in docs/operations.md
+  code      every env var a manifest, compose service or env example sets is read by the
+            binary it is given to (string literals in relay/src, control/src,
+            tests/testkit/src); probe and ingress paths are routes in relay/src; ports
+            match the listen addresses; metric names in the dashboard, HPA, adapter rule
+            and docs/metrics.md exist in the code; binaries the Dockerfile copies are bin
             targets of the workspace (cargo metadata)
-  docker    Dockerfile targets, distroless runtime, numeric non-root USER, EXPOSE,
-            every workspace member's manifest in the dependency-caching layer
-  compose   build targets exist, env names, depends_on, Redis AOF
-  live      when the debug binaries exist: starts control (on a throwaway
-            redis-server) and relay on 127.0.0.1:0 with the dev overlay's ConfigMap
-            values, and checks /healthz, /readyz and /metrics answer as the probes and
-            the dashboard expect
+  docker    Dockerfile targets, distroless runtime, numeric non-root USER, EXPOSE, every
+            workspace member's manifest in the dependency-caching layer, and that layer
+            replayed (its COPYs and stub loop) and loaded by cargo --locked --offline
+  compose   build targets exist, env names and CLI flags of every service, depends_on,
+            Redis AOF
+  self-test each of ~17 deliberately broken copies of the manifests must be caught
+  live      with the debug binaries built: control (on a throwaway redis-server) and the
+            relay on 127.0.0.1:0 with the dev overlay's ConfigMap values: grpc.health.v1
+            SERVING, the token rules, /healthz, /readyz, /metrics, 404 elsewhere, SIGTERM
+  replay    deploy/compose.yaml's stack from the same binaries on loopback: seed agent,
+            one simulated call, SIGTERM mid-call (readiness 503, liveness 200, the call
+            finishes, clean exit), call_id on every call log line, Redis bytes per call
 
 A crate whose src/ is still a placeholder is skipped (reported as SKIP), so the check can
 land before the code it checks; once the code lands the skip turns into a real check.
