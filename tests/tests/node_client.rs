@@ -331,6 +331,8 @@ async fn node_client_creates_reads_and_watches_a_call() {
         run.stdout.join("\n"),
         run.stderr
     );
+    // Shown with `--nocapture`: what the Node client did.
+    println!("node client output:\n{}", run.stdout.join("\n"));
     assert_eq!(relayed.len(), 1, "the script watches exactly one call");
     run.assert_line("EVENT 1 started");
     run.assert_line("EVENT 2 ended");
