@@ -4,14 +4,16 @@
 //   CONTROL_ADDR=127.0.0.1:50051 CONTROL_APP_TOKEN=… node client-test.mjs
 //
 // Steps: a wrong token is refused; create an agent; create a call with it; read the call
-// back and compare; open WatchCall and wait until the call's `started` and `ended` events
-// arrive and the stream closes (something acting as the relay must produce them); read the
-// call again and check it ended the way the events said.
+// back and compare; a command to the not-yet-live call is refused; open WatchCall and wait
+// until the call's `started` event, send it a `say` command, then wait for its
+// `command_applied` and `ended` events and the end of the stream (something acting as the
+// relay must produce them); read the call again and check it ended the way the events said.
 //
 // stdout is line-oriented so a driving test can follow along:
 //   `ok <step> …`        a step passed
 //   `WATCHING <call_id>` the watch stream is open (the server has answered with headers)
 //   `EVENT <seq> <kind>` one event seen by the watcher
+//   `COMMAND <id>`       the live command was accepted with this id
 //   `FAIL <what>`        a mismatch or error; the exit code is then non-zero
 //   `PASS`               everything matched
 // Exit codes: 0 pass, 1 mismatch or error, 64 missing/invalid settings.
@@ -109,8 +111,9 @@ function bearer(token) {
   return md;
 }
 
-// Opens WatchCall and resolves with the events once the server closes the stream.
-function watchCall(calls, callId, metadata, timeoutMs) {
+// Opens WatchCall and resolves with the events once the server closes the stream;
+// `onEvent` sees each event as it arrives.
+function watchCall(calls, callId, metadata, timeoutMs, onEvent) {
   return new Promise((resolve, reject) => {
     const events = [];
     const stream = calls.WatchCall({ call_id: callId, after_seq: '0' }, metadata);
@@ -124,6 +127,7 @@ function watchCall(calls, callId, metadata, timeoutMs) {
     stream.on('data', (ev) => {
       console.log(`EVENT ${ev.seq} ${ev.kind}`);
       events.push(ev);
+      onEvent(ev);
     });
     stream.on('error', (err) => {
       clearTimeout(timer);
@@ -263,9 +267,38 @@ async function main() {
     );
     console.log(`ok GetCall matches; unknown id is NOT_FOUND`);
 
-    // 5. Watch it until it ends.
-    const events = await watchCall(calls, call.call_id, md, watchTimeout);
-    expectThat('WatchCall events', events.length >= 2, `expected started and ended, got ${events.length}`);
+    // 5. A command needs a live call: this one has not started yet.
+    const say = { call_id: call.call_id, command: { command_id: '', say: { text: 'Please hold for a moment.' } } };
+    await expectStatus(
+      'SendCommand before the call started',
+      unary(calls, 'SendCommand', say, md, rpcTimeout),
+      grpc.status.FAILED_PRECONDITION,
+    );
+    console.log('ok SendCommand to a call not yet live is FAILED_PRECONDITION');
+
+    // 6. Watch it until it ends; once it has started, send it a live command, which the
+    // relay applies (a `command_applied` event) before the call ends.
+    let sent = null;
+    const events = await watchCall(calls, call.call_id, md, watchTimeout, (ev) => {
+      if (ev.kind === 'started' && sent === null) {
+        sent = unary(calls, 'SendCommand', say, md, rpcTimeout).then(
+          (res) => {
+            console.log(`COMMAND ${res.command_id}`);
+            return res;
+          },
+          (err) => {
+            console.log(`COMMAND failed: ${statusName(err.code)} ${err.details}`);
+            throw err;
+          },
+        );
+        // Checked after the watch; keep an early failure from counting as unhandled.
+        sent.catch(() => {});
+      }
+    });
+    expectThat('SendCommand', sent !== null, 'never sent: no started event was seen');
+    const { command_id: commandId } = await sent;
+    expectThat('SendCommand.command_id', commandId !== '', 'empty; control must assign one');
+    expectThat('WatchCall events', events.length >= 3, `expected started, command_applied and ended, got ${events.length}`);
     events.forEach((ev, i) => {
       expectEq(`WatchCall event[${i}].call_id`, ev.call_id, call.call_id);
       expectEq(`WatchCall event[${i}].seq`, ev.seq, String(i + 1));
@@ -273,9 +306,12 @@ async function main() {
     expectEq('WatchCall first event', events[0].kind, 'started');
     const last = events[events.length - 1];
     expectEq('WatchCall last event', last.kind, 'ended');
+    const applied = events.filter((ev) => ev.kind === 'command_applied');
+    expectEq('WatchCall command_applied ids', applied.map((ev) => ev.command_applied.command_id), [commandId]);
+    console.log(`ok SendCommand command_id=${commandId} applied at seq ${applied[0].seq}`);
     console.log(`ok WatchCall saw ${events.length} events, started … ended(${last.ended.reason})`);
 
-    // 6. The stored call agrees with what the watcher saw.
+    // 7. The stored call agrees with what the watcher saw.
     const ended = await unary(calls, 'GetCall', { call_id: call.call_id }, md, rpcTimeout);
     const reason = last.ended.reason;
     const wantStatus = reason === 'INTERNAL_ERROR' ? 'FAILED' : reason === 'HANDOFF' ? 'IN_PROGRESS' : 'COMPLETED';

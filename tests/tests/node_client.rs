@@ -4,8 +4,9 @@
 //! `node tests/node/client-test.mjs` (`@grpc/grpc-js` loading our `.proto` at runtime).
 //! The Node script creates an agent and a call, reads the call back and opens `WatchCall`;
 //! once it prints `WATCHING <call_id>`, this test plays the relay for that call (`Admit`,
-//! then `Attach` with the relay token, sending `started` and `ended`), so the watcher must
-//! see both events and the stream close.
+//! then `Attach` with the relay token, sending `started`, then — after the Node client's
+//! `SendCommand` comes down the stream — `command_applied` and `ended`), so the watcher
+//! must see all three events and the stream close.
 //!
 //! Needs `node` and `tests/node/node_modules` (`bash scripts/checks/node-deps.sh`, which
 //! `scripts/test.sh` runs first) and the control binary built next to this test
@@ -139,14 +140,15 @@ impl Control {
     }
 }
 
-/// Output of one run of the Node script.
-struct NodeRun {
+/// Output of one run of the Node script, and what `on_watching` returned for each watch.
+struct NodeRun<T> {
     status: ExitStatus,
     stdout: Vec<String>,
     stderr: String,
+    watched: Vec<T>,
 }
 
-impl NodeRun {
+impl<T> NodeRun<T> {
     #[track_caller]
     fn assert_line(&self, line: &str) {
         assert!(
@@ -159,11 +161,11 @@ impl NodeRun {
 }
 
 /// Runs `node tests/node/client-test.mjs` against `control` with `app_token`; when it
-/// prints `WATCHING <id>`, calls `on_watching(id)` while the script keeps running.
-async fn run_node<F, Fut>(control: &Control, app_token: &str, mut on_watching: F) -> NodeRun
+/// prints `WATCHING <id>`, runs `on_watching(id)` while the script keeps running.
+async fn run_node<F, Fut, T>(control: &Control, app_token: &str, mut on_watching: F) -> NodeRun<T>
 where
     F: FnMut(String) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = T>,
 {
     let root = workspace_root();
     let script = root.join("tests/node/client-test.mjs");
@@ -192,6 +194,7 @@ where
     });
     let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut stdout = Vec::new();
+    let mut watched = Vec::new();
     let deadline = Instant::now() + NODE_RUN;
     while let Some(line) = within(
         "a line from node",
@@ -202,7 +205,7 @@ where
     .expect("reading node's stdout")
     {
         if let Some(call_id) = line.strip_prefix("WATCHING ") {
-            on_watching(call_id.to_owned()).await;
+            watched.push(on_watching(call_id.to_owned()).await);
         }
         stdout.push(line);
     }
@@ -216,6 +219,7 @@ where
         status,
         stdout,
         stderr,
+        watched,
     }
 }
 
@@ -234,9 +238,10 @@ fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::AttachReque
     }
 }
 
-/// Plays the relay for one call: admit it, attach, send `started` then `ended`, each
-/// acknowledged, then close the stream as the contract asks.
-async fn act_as_relay(control: &Control, call_id: &str, twilio_sid: &str) {
+/// Plays the relay for one call: admit it, attach, send `started`, wait for the Node
+/// client's live command and report it applied, send `ended`, each event acknowledged,
+/// then close the stream as the contract asks. Returns the command's id.
+async fn act_as_relay(control: &Control, call_id: &str, twilio_sid: &str) -> String {
     let mut relay = control.relay();
     let admitted = within(
         "Relay.Admit",
@@ -287,12 +292,50 @@ async fn act_as_relay(control: &Control, call_id: &str, twilio_sid: &str) {
         relay_id: "relay-node-test".to_owned(),
         resumed: false,
     });
+    tx.send(event(call_id, 1, started))
+        .await
+        .expect("attach channel open");
+    // The Node client sends its command once it sees `started`; that command and the ack
+    // of `started` may come down in either order.
+    let (mut acked, mut command) = (0, None);
+    while acked < 1 || command.is_none() {
+        let reply = within(
+            "the ack of started and the app's command",
+            STEP,
+            down.message(),
+        )
+        .await
+        .expect("attach stream healthy")
+        .expect("stream not closed before the command");
+        match reply.msg {
+            Some(pb::attach_response::Msg::AckedSeq(seq)) => acked = seq,
+            Some(pb::attach_response::Msg::Command(c)) => command = Some(c),
+            other => panic!("unexpected Attach reply {other:?}"),
+        }
+    }
+    assert_eq!(acked, 1, "started must be acknowledged");
+    let command = command.expect("loop ends with a command");
+    assert!(
+        !command.command_id.is_empty(),
+        "control assigns command ids"
+    );
+    assert_eq!(
+        command.kind,
+        Some(pb::command::Kind::Say(pb::SayCommand {
+            text: "Please hold for a moment.".to_owned()
+        })),
+        "the Node client's say command arrives unchanged"
+    );
+
+    let applied = pb::call_event::Kind::CommandApplied(pb::CommandApplied {
+        command_id: command.command_id.clone(),
+    });
     let ended = pb::call_event::Kind::Ended(pb::Ended {
         reason: pb::EndReason::CallerHangup as i32,
         detail: "node client test".to_owned(),
         transfer_to: String::new(),
     });
-    for (seq, kind) in [(1, started), (2, ended)] {
+    for (seq, kind) in [(2, applied), (3, ended)] {
         tx.send(event(call_id, seq, kind))
             .await
             .expect("attach channel open");
@@ -307,6 +350,7 @@ async fn act_as_relay(control: &Control, call_id: &str, twilio_sid: &str) {
         );
     }
     drop(tx);
+    command.command_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,11 +361,12 @@ async fn node_client_creates_reads_and_watches_a_call() {
         Control::start(),
     )
     .await;
-    let mut relayed = Vec::new();
     let run = run_node(&control, APP_TOKEN, |call_id| {
-        relayed.push(call_id.clone());
         let control = &control;
-        async move { act_as_relay(control, &call_id, "CAnodeclienttest0001").await }
+        async move {
+            let command_id = act_as_relay(control, &call_id, "CAnodeclienttest0001").await;
+            (call_id, command_id)
+        }
     })
     .await;
     assert!(
@@ -333,9 +378,12 @@ async fn node_client_creates_reads_and_watches_a_call() {
     );
     // Shown with `--nocapture`: what the Node client did.
     println!("node client output:\n{}", run.stdout.join("\n"));
-    assert_eq!(relayed.len(), 1, "the script watches exactly one call");
+    assert_eq!(run.watched.len(), 1, "the script watches exactly one call");
+    let (call_id, command_id) = &run.watched[0];
     run.assert_line("EVENT 1 started");
-    run.assert_line("EVENT 2 ended");
+    run.assert_line(&format!("COMMAND {command_id}"));
+    run.assert_line("EVENT 2 command_applied");
+    run.assert_line("EVENT 3 ended");
     run.assert_line("PASS");
 
     // The call the Node app watched is the one this test drove, and its state is final.
@@ -343,14 +391,14 @@ async fn node_client_creates_reads_and_watches_a_call() {
         "GetCall",
         STEP,
         control.calls().get_call(pb::GetCallRequest {
-            call_id: relayed[0].clone(),
+            call_id: call_id.clone(),
         }),
     )
     .await
     .expect("GetCall")
     .into_inner();
     assert_eq!(call.status, pb::CallStatus::Completed as i32);
-    assert_eq!(call.last_seq, 2);
+    assert_eq!(call.last_seq, 3);
     assert_eq!(call.twilio_call_sid, "CAnodeclienttest0001");
 }
 
@@ -362,14 +410,17 @@ async fn node_client_fails_loudly_with_a_wrong_token() {
         Control::start(),
     )
     .await;
-    let mut watched = 0;
-    let run = run_node(&control, "not-the-app-token", |_| {
-        watched += 1;
-        async {}
-    })
+    let run = run_node(
+        &control,
+        "not-the-app-token",
+        |call_id| async move { call_id },
+    )
     .await;
     assert_eq!(run.status.code(), Some(1), "a refused client must exit 1");
-    assert_eq!(watched, 0, "nothing may be watched without a valid token");
+    assert!(
+        run.watched.is_empty(),
+        "nothing may be watched without a valid token"
+    );
     assert!(
         run.stdout
             .iter()
