@@ -237,7 +237,9 @@ async fn run<S: CallStore>(
     if let Some(reflection) = reflection {
         router = router.add_service(reflection);
     }
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // Acks and watch frames are small: without NODELAY they wait for Nagle and the
+    // peer's delayed ACK (40 ms stalls measured in docs/benchmarks/control.md).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_token = token.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         server_token.cancelled().await;

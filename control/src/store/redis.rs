@@ -270,7 +270,7 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let (conn, pubsub_url) = match target {
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = redis::Client::open(nodelay(url)?)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -281,6 +281,7 @@ impl RedisStore {
             }
             RedisTarget::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .build()?;
@@ -311,6 +312,15 @@ impl RedisStore {
     }
 }
 
+/// Connection info for `url` with TCP_NODELAY: many small commands are in flight at
+/// once, and Nagle would hold each write until the previous reply arrives.
+fn nodelay(url: &str) -> Result<redis::ConnectionInfo, StoreError> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    Ok(info.set_tcp_settings(tcp))
+}
+
 /// Keeps one pub/sub connection subscribed, reconnecting after outages; a message
 /// lost during an outage is recovered by watchers' catch-up reads.
 async fn run_subscriber(
@@ -319,7 +329,7 @@ async fn run_subscriber(
     hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) {
-    let client = match redis::Client::open(url.as_str()) {
+    let client = match nodelay(&url).and_then(|info| Ok(redis::Client::open(info)?)) {
         Ok(c) => c,
         Err(err) => {
             tracing::error!(error = %err, "Cannot create the Redis pub/sub client.");
