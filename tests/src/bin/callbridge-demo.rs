@@ -306,9 +306,13 @@ async fn demo() -> anyhow::Result<()> {
         fake.connection(0)
             .and_then(|c| c.truncates.first().cloned()),
     ) {
+        let started = leg
+            .barge_ins
+            .first()
+            .map_or(f64::NAN, |b| b.heard_answer_ms);
         println!(
-            "Barge-in: the caller had heard {:.0} ms when Twilio's buffer was cleared; the \
-             model was told {} ms.",
+            "Barge-in: the caller started talking after hearing {started:.0} ms of the answer; \
+             Twilio's buffer was cleared at {:.0} ms; the model was told {} ms.",
             clear.heard_answer_ms, truncate.audio_end_ms
         );
     }

@@ -227,6 +227,15 @@ pub struct ClearRecord {
     pub dropped_ms: f64,
 }
 
+/// The caller starting to speak over the agent (a scripted barge-in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BargeIn {
+    /// Milliseconds since the stream started.
+    pub at_ms: u64,
+    /// Audio of the current answer played when the caller started speaking (ms).
+    pub heard_answer_ms: f64,
+}
+
 /// One message from the relay.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -248,6 +257,8 @@ pub struct LegReport {
     /// Names of marks echoed, in order.
     pub marks_echoed: Vec<String>,
     pub clears: Vec<ClearRecord>,
+    /// Scripted barge-ins: when the caller started talking over the agent.
+    pub barge_ins: Vec<BargeIn>,
     /// Longest time between two media messages (ms), a hint of gaps in the audio.
     pub max_media_gap_ms: u64,
     /// Messages that break Twilio's rules (wrong streamSid, unknown event, binary …).
@@ -482,6 +493,7 @@ impl SimCaller {
             media_bytes_played: 0,
             marks_echoed: Vec::new(),
             clears: Vec::new(),
+            barge_ins: Vec::new(),
             max_media_gap_ms: 0,
             protocol_errors: Vec::new(),
             frames_sent: 0,
@@ -996,6 +1008,10 @@ impl ScriptState {
                     && heard >= b
                     && turn + 1 < self.script.turns.len()
                 {
+                    s.leg.barge_ins.push(BargeIn {
+                        at_ms: s.now_ms(),
+                        heard_answer_ms: heard as f64 / audio::BYTES_PER_MS as f64,
+                    });
                     self.phase = self.speak(turn + 1, s);
                 } else if heard >= need && s.queued_audio() == 0 {
                     self.phase = self.after_answer(cfg, turn);

@@ -1,0 +1,256 @@
+//! End-to-end: real relay + real control + real redis-server, the fake model and a
+//! simulated Twilio caller, all on loopback. A whole call, and a barge-in.
+
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+use callbridge_testkit::fake_realtime::FakeRealtime;
+use callbridge_testkit::sim_caller::{ClosedBy, SimCaller};
+use callbridge_tests::{
+    PUBLIC_URL, World, agent_settings, expected_transcript, flatten, with_timeout,
+};
+
+const CALL: Duration = Duration::from_secs(60);
+
+/// The call id from the `<Parameter name="callId">` of the webhook's TwiML.
+fn call_id_of(report: &callbridge_testkit::sim_caller::CallReport) -> String {
+    let twiml = report
+        .webhook
+        .twiml
+        .as_ref()
+        .expect("webhook answered TwiML");
+    twiml
+        .parameters
+        .iter()
+        .find(|(k, _)| k == "callId")
+        .map(|(_, v)| v.clone())
+        .expect("callId parameter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_call_is_stored_as_said_in_order() {
+    let script = Conversation::sample();
+    // The model sends audio faster than real time, as OpenAI does; Twilio buffers it.
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .start()
+        .await;
+    let greeting = script.greeting.as_ref().map(|g| g.text.as_str());
+    world
+        .default_agent(agent_settings("full-call", greeting))
+        .await;
+
+    let caller = world.caller(script.clone());
+    let call_sid = caller.call_sid.clone();
+    let report = with_timeout(CALL, "the call", SimCaller::new(caller).run())
+        .await
+        .expect("the call runs");
+
+    // Webhook → TwiML pointing at the public URLs, signed stream accepted.
+    assert_eq!(
+        report.webhook.response.status, 200,
+        "{}",
+        report.webhook.response.body
+    );
+    let call_id = call_id_of(&report);
+    let twiml = report.webhook.twiml.as_ref().expect("twiml");
+    assert_eq!(
+        twiml.stream_url.as_deref(),
+        Some(format!("wss://relay.callbridge.test/api/twilio/media-stream/{call_id}").as_str())
+    );
+    assert_eq!(
+        twiml.connect_action.as_deref(),
+        Some(format!("{PUBLIC_URL}/api/twilio/after/{call_id}").as_str())
+    );
+    let leg = report.leg().expect("a stream leg");
+    assert!(leg.protocol_errors.is_empty(), "{:?}", leg.protocol_errors);
+    assert_eq!(leg.turns_spoken, vec![0, 1]);
+    assert!(
+        leg.answer_timeouts.is_empty(),
+        "answers missing: {:?}",
+        leg.answer_timeouts
+    );
+    assert_eq!(leg.closed_by, ClosedBy::Caller);
+    assert!(leg.clears.is_empty(), "nobody barged in: {:?}", leg.clears);
+
+    // The relay passed every byte the model produced to the caller, and marked it.
+    let model = world.fake.connection(0).expect("one model session");
+    assert_eq!(world.fake.connections_accepted(), 1);
+    let produced_ms: u64 = model.responses.iter().map(|r| r.audio_sent_ms).sum();
+    assert_eq!(produced_ms, 800 + 1000 + 600);
+    assert_eq!(leg.media_bytes_received, produced_ms * 8);
+    assert!(!leg.marks_echoed.is_empty());
+
+    // The model session was set up as the GA interface wants it.
+    assert!(
+        !model.beta_header,
+        "no OpenAI-Beta header on the GA interface"
+    );
+    assert!(model.uri.contains("model="), "{}", model.uri);
+    let session = model.session_updates.first().expect("a session.update");
+    assert_eq!(session["type"], "realtime");
+    assert_eq!(session["audio"]["input"]["format"]["type"], "audio/pcmu");
+    assert_eq!(session["audio"]["output"]["format"]["type"], "audio/pcmu");
+    assert_eq!(session["audio"]["output"]["voice"], "marin");
+    assert!(session.get("temperature").is_none());
+    assert!(
+        session["instructions"]
+            .as_str()
+            .is_some_and(|i| i.contains("full-call")),
+        "{session}"
+    );
+    assert!(model.truncates.is_empty(), "{:?}", model.truncates);
+    assert!(model.errors_sent.is_empty(), "{:?}", model.errors_sent);
+    assert_eq!(
+        model.caller_transcripts,
+        vec!["What are your opening hours?", "Thank you, goodbye."]
+    );
+
+    // Control stored the call and its transcript, in order, as said.
+    let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    assert_eq!(call.status, pb::CallStatus::Completed as i32, "{call:?}");
+    assert_eq!(
+        call.end_reason,
+        pb::EndReason::CallerHangup as i32,
+        "{call:?}"
+    );
+    assert_eq!(call.twilio_call_sid, call_sid);
+    assert_eq!(call.stream_sid, leg.stream_sid);
+    let usage = call.usage.expect("usage totals");
+    assert_eq!(usage.responses, 3);
+    assert!(usage.output_audio_tokens > 0);
+    let transcript = world.transcript(&call_id).await;
+    assert_eq!(flatten(&transcript), expected_transcript(&script));
+    let seqs: Vec<u64> = transcript.turns.iter().map(|t| t.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "turns in event order: {seqs:?}"
+    );
+    for turn in &transcript.turns {
+        if let Some(pb::turn::Kind::Assistant(a)) = &turn.kind {
+            assert!(!a.interrupted);
+            assert_eq!(a.heard_ms, a.audio_ms, "heard all of {a:?}");
+        }
+    }
+}
+
+fn barge_in_script() -> Conversation {
+    Conversation {
+        greeting: None,
+        turns: vec![
+            Turn::new(
+                "Tell me everything about your plans",
+                500,
+                AgentReply::says(
+                    "We have three plans: basic, plus and premium, and each of them comes \
+                     with a different set of features that I will now describe in detail",
+                    3000,
+                ),
+            )
+            .barge_in_after(800),
+            Turn::new(
+                "Just the basic plan please",
+                500,
+                AgentReply::says("The basic plan is ten dollars a month", 600),
+            ),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
+    let script = barge_in_script();
+    let late = 3;
+    // 20 ms deltas sent faster than real time: Twilio holds unplayed audio when the
+    // caller barges in, so "sent" and "heard" differ. A few deltas still arrive after
+    // speech_started; the relay must drop them.
+    let fake = FakeRealtime::builder()
+        .script(script.clone())
+        .chunk_ms(20)
+        .speed(1.5)
+        .late_deltas(late);
+    let world = World::builder(fake).start().await;
+    world.default_agent(agent_settings("barge-in", None)).await;
+
+    let report = with_timeout(
+        CALL,
+        "the call",
+        SimCaller::new(world.caller(script.clone())).run(),
+    )
+    .await
+    .expect("the call runs");
+    let call_id = call_id_of(&report);
+    let leg = report.leg().expect("a stream leg");
+    assert!(leg.protocol_errors.is_empty(), "{:?}", leg.protocol_errors);
+    assert_eq!(leg.turns_spoken, vec![0, 1]);
+
+    // The caller got exactly one clear, after hearing at least the 800 ms it waited for.
+    assert_eq!(leg.clears.len(), 1, "{:?}", leg.clears);
+    let clear = &leg.clears[0];
+    assert!(clear.heard_answer_ms >= 800.0, "{clear:?}");
+    assert!(
+        clear.dropped_ms > 0.0,
+        "audio was still queued at Twilio: {clear:?}"
+    );
+
+    // The model got exactly one truncate, for the interrupted item, accepted, at what the
+    // caller had heard (within one 20 ms frame), never past what was produced.
+    let model = world.fake.connection(0).expect("one model session");
+    assert_eq!(model.truncates.len(), 1, "{:?}", model.truncates);
+    let truncate = &model.truncates[0];
+    let cut = &model.responses[0];
+    assert_eq!(cut.status, "cancelled");
+    assert_eq!(Some(&truncate.item_id), cut.item_id.as_ref());
+    assert_eq!(truncate.error, None, "{truncate:?}");
+    assert!(truncate.audio_end_ms <= cut.audio_sent_ms);
+    // What the caller had heard when it started talking over the agent; the relay learns
+    // it from echoed marks (one per 20 ms delta), so the truncate point is within one
+    // frame of it, and never beyond what the caller heard before the clear.
+    assert_eq!(leg.barge_ins.len(), 1);
+    let barge = leg.barge_ins[0].heard_answer_ms;
+    let end = truncate.audio_end_ms as f64;
+    assert!(
+        end >= barge - 20.0 && end <= clear.heard_answer_ms + 1.0,
+        "truncated at {end} ms; caller heard {barge} ms when it started speaking and {} ms \
+         when the audio was cleared (acked by marks: {} ms)",
+        clear.heard_answer_ms,
+        clear.acked_answer_ms
+    );
+
+    // The late deltas of the cancelled response never reached the caller.
+    assert_eq!(cut.late_audio_ms, u64::from(late) * 20);
+    let produced_ms: u64 = model.responses.iter().map(|r| r.audio_sent_ms).sum();
+    assert_eq!(
+        leg.media_bytes_received,
+        (produced_ms - cut.late_audio_ms) * 8
+    );
+
+    // Control stored the interruption with the same heard time.
+    let _ = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    let transcript = world.transcript(&call_id).await;
+    let flat = flatten(&transcript);
+    assert_eq!(flat, expected_transcript(&script));
+    let interrupted: Vec<&pb::AssistantSpeech> = transcript
+        .turns
+        .iter()
+        .filter_map(|t| match &t.kind {
+            Some(pb::turn::Kind::Assistant(a)) if a.interrupted => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(interrupted.len(), 1, "{transcript:?}");
+    let stored = f64::from(interrupted[0].heard_ms);
+    assert!(
+        (stored - truncate.audio_end_ms as f64).abs() <= 20.0,
+        "stored heard {stored} ms, truncated at {} ms",
+        truncate.audio_end_ms
+    );
+    let events = world.stored_events(&call_id).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.kind, Some(pb::call_event::Kind::Interruption(_))))
+            .count(),
+        1
+    );
+}
