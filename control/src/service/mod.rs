@@ -106,47 +106,98 @@ impl<S: CallStore> Shared<S> {
             .ok_or_else(|| Error::NotFound(format!("agent '{agent_id}' not found")))
     }
 
-    /// Stores one event (once) and tells watchers; returns the seq to acknowledge.
+    /// Stores one event (once) and tells watchers.
     pub(crate) async fn record_event(
         &self,
         campaign_id: &str,
         event: &pb::CallEvent,
         require_lease_expired_before: Option<i64>,
     ) -> Result<AppendOutcome, Error> {
-        if event.seq == 0 {
-            return Err(Error::invalid("event.seq", "starts at 1"));
+        let (outcomes, refused) = self
+            .record_events(
+                &event.call_id,
+                campaign_id,
+                std::slice::from_ref(event),
+                require_lease_expired_before,
+            )
+            .await;
+        match refused {
+            Some(err) => Err(err),
+            None => Ok(outcomes.first().copied().unwrap_or(AppendOutcome::NotFound)),
         }
-        let mut effects = event_effects(event)?;
-        effects.require_lease_expired_before = require_lease_expired_before;
-        let outcome = self.store.append_event(event, &effects).await?;
-        match outcome {
-            AppendOutcome::Stored => {
-                self.metrics.events_stored.inc();
-                // Stored is what counts; a lost notification is recovered by the
-                // watchers' catch-up reads.
-                if let Err(err) = self.store.publish_event(campaign_id, event).await {
-                    tracing::debug!(error = %err, "Event stored but not published.");
+    }
+
+    /// Stores a run of one call's events in order, each once, in one store round trip,
+    /// and tells watchers about the stored ones.
+    ///
+    /// Returns the outcome of every event handled, in order, and why handling stopped
+    /// early, if it did: an invalid event (the events before it are still stored), a
+    /// gap, an unknown call or a store failure. The events with a `Stored` or
+    /// `Duplicate` outcome may be acknowledged.
+    pub(crate) async fn record_events(
+        &self,
+        call_id: &str,
+        campaign_id: &str,
+        events: &[pb::CallEvent],
+        require_lease_expired_before: Option<i64>,
+    ) -> (Vec<AppendOutcome>, Option<Error>) {
+        let mut effects = Vec::with_capacity(events.len());
+        let mut invalid = None;
+        for event in events {
+            if event.seq == 0 {
+                invalid = Some(Error::invalid("event.seq", "starts at 1"));
+                break;
+            }
+            match event_effects(event) {
+                Ok(mut e) => {
+                    e.require_lease_expired_before = require_lease_expired_before;
+                    effects.push(e);
+                }
+                Err(err) => {
+                    invalid = Some(err);
+                    break;
                 }
             }
-            AppendOutcome::Duplicate => {
-                self.metrics.events_duplicate.inc();
-            }
-            AppendOutcome::Gap { last_seq } => {
-                return Err(Error::FailedPrecondition(format!(
-                    "event seq {} leaves a gap after stored seq {last_seq}; resend from {}",
-                    event.seq,
-                    last_seq + 1
-                )));
-            }
-            AppendOutcome::NotFound => {
-                return Err(Error::NotFound(format!(
-                    "call '{}' not found",
-                    event.call_id
-                )));
-            }
-            AppendOutcome::ConditionFailed => {}
         }
-        Ok(outcome)
+        let valid = &events[..effects.len()];
+        if valid.is_empty() {
+            return (Vec::new(), invalid);
+        }
+        let outcomes = match self
+            .store
+            .append_events(call_id, campaign_id, valid, &effects)
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(err) => return (Vec::new(), Some(err.into())),
+        };
+        let (mut stored, mut duplicate) = (0u64, 0u64);
+        for outcome in &outcomes {
+            match outcome {
+                AppendOutcome::Stored => stored += 1,
+                AppendOutcome::Duplicate => duplicate += 1,
+                _ => {}
+            }
+        }
+        self.metrics.events_stored.inc_by(stored);
+        self.metrics.events_duplicate.inc_by(duplicate);
+        let refused = match outcomes.last() {
+            Some(AppendOutcome::Gap { last_seq }) => {
+                let seq = valid[outcomes.len() - 1].seq;
+                Some(Error::FailedPrecondition(format!(
+                    "event seq {seq} leaves a gap after stored seq {last_seq}; resend from {}",
+                    last_seq + 1
+                )))
+            }
+            Some(AppendOutcome::NotFound) => {
+                Some(Error::NotFound(format!("call '{call_id}' not found")))
+            }
+            // Every valid event was handled: what stopped the run, if anything, is an
+            // invalid event after them.
+            _ if outcomes.len() == valid.len() => invalid,
+            _ => None,
+        };
+        (outcomes, refused)
     }
 
     /// Ends calls whose attach stream vanished and whose lease ran out (`RELAY_LOST`).

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_proto::pb;
+use futures_util::FutureExt;
 use pb::relay_server::Relay;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +27,10 @@ const SERVICE: &str = "Relay";
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffered responses (acks, commands) per attach stream.
 const ATTACH_BUFFER: usize = 64;
+/// Most events read from one stream per store round trip. Bounds the script's run
+/// time in Redis and the memory one stream holds; 64 unacknowledged events (the bench's
+/// relay window) fit in one run.
+const MAX_BATCH: usize = 256;
 /// Buffered commands per attached call on this replica.
 const COMMAND_BUFFER: usize = 32;
 
@@ -43,6 +48,16 @@ struct AttachStream<S> {
     inbound: Streaming<pb::AttachRequest>,
     commands: mpsc::Receiver<pb::Command>,
     tx: AttachTx,
+    /// Reused buffer of the events read in one wake-up.
+    batch: Vec<pb::CallEvent>,
+}
+
+/// Why reading a run of inbound messages stopped before the bound.
+enum Stop {
+    /// The relay closed its half, or the stream broke.
+    Closed,
+    /// The message is refused with this status.
+    Refused(Status),
 }
 
 /// Why an attach stream task stopped.
@@ -85,6 +100,100 @@ impl<S: CallStore> AttachStream<S> {
         let _ = self.tx.send(Err(status)).await;
     }
 
+    /// The event in one inbound message, stamped; or why the stream stops there.
+    fn event_of(
+        &self,
+        message: Result<Option<pb::AttachRequest>, Status>,
+    ) -> Result<pb::CallEvent, Stop> {
+        let request = match message {
+            Ok(Some(request)) => request,
+            Ok(None) => return Err(Stop::Closed),
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "Relay stream broke.");
+                return Err(Stop::Closed);
+            }
+        };
+        match request.msg {
+            Some(pb::attach_request::Msg::Event(mut event)) => {
+                if event.call_id.is_empty() {
+                    event.call_id.clone_from(&self.call.call_id);
+                }
+                // Stored events always carry a time (transcripts order by it).
+                if event.at_ms <= 0 {
+                    event.at_ms = now_ms();
+                }
+                if event.call_id != self.call.call_id {
+                    return Err(Stop::Refused(
+                        Error::invalid(
+                            "event.call_id",
+                            format!(
+                                "'{}' is not the attached call '{}'",
+                                event.call_id, self.call.call_id
+                            ),
+                        )
+                        .into(),
+                    ));
+                }
+                Ok(event)
+            }
+            Some(pb::attach_request::Msg::Open(_)) => Err(Stop::Refused(
+                Error::invalid("open", "sent twice on one stream").into(),
+            )),
+            None => Err(Stop::Refused(
+                Error::invalid("msg", "empty attach message").into(),
+            )),
+        }
+    }
+
+    /// Stores a run of events and acknowledges the highest one handled; `Err` ends the
+    /// stream (refused event, store failure, or the relay no longer reading).
+    async fn store_batch(
+        &self,
+        batch: &[pb::CallEvent],
+        ended: &mut bool,
+    ) -> Result<(), StreamEnd> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (outcomes, refused) = self
+            .shared
+            .record_events(&self.call.call_id, &self.call.campaign_id, batch, None)
+            .await;
+        let mut acked = None;
+        for (event, outcome) in batch.iter().zip(&outcomes) {
+            if matches!(outcome, AppendOutcome::Stored | AppendOutcome::Duplicate) {
+                *ended |= is_final_event(event);
+                // `acked_seq = N` covers every seq ≤ N, so one ack covers the run.
+                acked = Some(acked.map_or(event.seq, |a: u64| a.max(event.seq)));
+            }
+        }
+        let end = if *ended {
+            StreamEnd::CallEnded
+        } else {
+            StreamEnd::Released
+        };
+        if let Some(seq) = acked
+            && !self.send(pb::attach_response::Msg::AckedSeq(seq)).await
+        {
+            return Err(end);
+        }
+        if let Some(err) = refused {
+            let seq = batch.get(outcomes.len().saturating_sub(1)).map(|e| e.seq);
+            tracing::info!(error = %err, ?seq, "Event refused; stream ends.");
+            self.fail(err.into()).await;
+            return Err(end);
+        }
+        if outcomes.len() < batch.len() {
+            self.fail(Status::internal(format!(
+                "unexpected store outcome {:?}",
+                outcomes.last()
+            )))
+            .await;
+            return Err(StreamEnd::Released);
+        }
+        Ok(())
+    }
+
     async fn pump(&mut self) -> StreamEnd {
         let lease = self.shared.config.lease;
         // Renewed every third of the lease, so two renewals may fail before it lapses.
@@ -99,56 +208,41 @@ impl<S: CallStore> AttachStream<S> {
                     self.fail(Status::unavailable("control plane shutting down; reconnect")).await;
                     return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
                 }
-                // Up: events from the relay.
+                // Up: events from the relay, with every event already waiting behind
+                // this one (up to a bound), stored in one round trip and acknowledged once.
                 message = self.inbound.message() => {
-                    let request = match message {
-                        Ok(Some(request)) => request,
-                        // The relay closed its half (after `ended`, or giving up).
-                        Ok(None) => return if ended { StreamEnd::CallEnded } else { StreamEnd::Released },
-                        Err(status) => {
-                            tracing::debug!(code = ?status.code(), "Relay stream broke.");
-                            return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
-                        }
-                    };
-                    match request.msg {
-                        Some(pb::attach_request::Msg::Event(mut event)) => {
-                            if event.call_id.is_empty() {
-                                event.call_id.clone_from(&self.call.call_id);
-                            }
-                            // Stored events always carry a time (transcripts order by it).
-                            if event.at_ms <= 0 {
-                                event.at_ms = now_ms();
-                            }
-                            if event.call_id != self.call.call_id {
-                                self.fail(Error::invalid("event.call_id", format!("'{}' is not the attached call '{}'", event.call_id, self.call.call_id)).into()).await;
-                                return StreamEnd::Released;
-                            }
-                            match self.shared.record_event(&self.call.campaign_id, &event, None).await {
-                                Ok(AppendOutcome::Stored | AppendOutcome::Duplicate) => {
-                                    if is_final_event(&event) {
-                                        ended = true;
-                                    }
-                                    if !self.send(pb::attach_response::Msg::AckedSeq(event.seq)).await {
-                                        return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
-                                    }
-                                }
-                                Ok(outcome) => {
-                                    self.fail(Status::internal(format!("unexpected store outcome {outcome:?}"))).await;
-                                    return StreamEnd::Released;
-                                }
-                                Err(err) => {
-                                    tracing::info!(error = %err, seq = event.seq, "Event refused; stream ends.");
-                                    self.fail(err.into()).await;
-                                    return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
-                                }
+                    let mut batch = std::mem::take(&mut self.batch);
+                    let mut stop = None;
+                    let mut next = Some(message);
+                    loop {
+                        let message = match next.take() {
+                            Some(message) => message,
+                            None if batch.len() >= MAX_BATCH => break,
+                            None => match self.inbound.message().now_or_never() {
+                                Some(message) => message,
+                                None => break,
+                            },
+                        };
+                        match self.event_of(message) {
+                            Ok(event) => batch.push(event),
+                            Err(s) => {
+                                stop = Some(s);
+                                break;
                             }
                         }
-                        Some(pb::attach_request::Msg::Open(_)) => {
-                            self.fail(Error::invalid("open", "sent twice on one stream").into()).await;
-                            return StreamEnd::Released;
-                        }
-                        None => {
-                            self.fail(Error::invalid("msg", "empty attach message").into()).await;
+                    }
+                    let stored = self.store_batch(&batch, &mut ended).await;
+                    batch.clear();
+                    self.batch = batch;
+                    if let Err(end) = stored {
+                        return end;
+                    }
+                    match stop {
+                        None => {}
+                        // The relay closed its half (after `ended`, or giving up), or vanished.
+                        Some(Stop::Closed) => return if ended { StreamEnd::CallEnded } else { StreamEnd::Released },
+                        Some(Stop::Refused(status)) => {
+                            self.fail(status).await;
                             return StreamEnd::Released;
                         }
                     }
@@ -341,6 +435,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     inbound,
                     commands: command_rx,
                     tx,
+                    batch: Vec::new(),
                 };
                 shared.tracker.spawn(stream.run().instrument(span));
                 Ok(ReceiverStream::new(rx))

@@ -316,46 +316,34 @@ impl CallStore for MemoryStore {
         Ok(())
     }
 
-    async fn append_event(
+    async fn append_events(
         &self,
-        event: &pb::CallEvent,
-        effects: &EventEffects,
-    ) -> StoreResult<AppendOutcome> {
-        let mut s = self.lock();
-        let State {
-            calls,
-            events,
-            leases,
-            ..
-        } = &mut *s;
-        let Some(call) = calls.get_mut(&event.call_id) else {
-            return Ok(AppendOutcome::NotFound);
+        call_id: &str,
+        campaign_id: &str,
+        events: &[pb::CallEvent],
+        effects: &[EventEffects],
+    ) -> StoreResult<Vec<AppendOutcome>> {
+        let outcomes = {
+            let mut s = self.lock();
+            let mut outcomes = Vec::with_capacity(events.len());
+            for (event, effects) in events.iter().zip(effects) {
+                let outcome = append_one(&mut s, call_id, event, effects);
+                outcomes.push(outcome);
+                if !matches!(outcome, AppendOutcome::Stored | AppendOutcome::Duplicate) {
+                    break;
+                }
+            }
+            outcomes
         };
-        if event.seq <= call.last_seq {
-            return Ok(AppendOutcome::Duplicate);
+        for (event, outcome) in events.iter().zip(&outcomes) {
+            if *outcome == AppendOutcome::Stored {
+                self.hub.dispatch(BusMessage::Event {
+                    campaign_id: campaign_id.to_owned(),
+                    event: event.clone(),
+                });
+            }
         }
-        if event.seq > call.last_seq + 1 {
-            return Ok(AppendOutcome::Gap {
-                last_seq: call.last_seq,
-            });
-        }
-        if let Some(before) = effects.require_lease_expired_before
-            && (call.lease_until_ms == 0
-                || call.lease_until_ms >= before
-                || status_rank(call.status) >= 4)
-        {
-            return Ok(AppendOutcome::ConditionFailed);
-        }
-        events
-            .entry(event.call_id.clone())
-            .or_default()
-            .push(event.clone());
-        call.last_seq = event.seq;
-        apply_effects(call, effects);
-        if status_rank(call.status) >= 4 {
-            leases.remove(&event.call_id);
-        }
-        Ok(AppendOutcome::Stored)
+        Ok(outcomes)
     }
 
     async fn read_events(
@@ -412,14 +400,6 @@ impl CallStore for MemoryStore {
         Ok(())
     }
 
-    async fn publish_event(&self, campaign_id: &str, event: &pb::CallEvent) -> StoreResult<()> {
-        self.hub.dispatch(BusMessage::Event {
-            campaign_id: campaign_id.to_owned(),
-            event: event.clone(),
-        });
-        Ok(())
-    }
-
     async fn publish_command(
         &self,
         replica_id: &str,
@@ -440,6 +420,50 @@ impl CallStore for MemoryStore {
     async fn ping(&self) -> StoreResult<Duration> {
         Ok(Duration::ZERO)
     }
+}
+
+/// One event under the store's lock: the in-memory twin of one turn of the Redis
+/// append script.
+fn append_one(
+    s: &mut State,
+    call_id: &str,
+    event: &pb::CallEvent,
+    effects: &EventEffects,
+) -> AppendOutcome {
+    let State {
+        calls,
+        events,
+        leases,
+        ..
+    } = s;
+    let Some(call) = calls.get_mut(call_id) else {
+        return AppendOutcome::NotFound;
+    };
+    if event.seq <= call.last_seq {
+        return AppendOutcome::Duplicate;
+    }
+    if event.seq > call.last_seq + 1 {
+        return AppendOutcome::Gap {
+            last_seq: call.last_seq,
+        };
+    }
+    if let Some(before) = effects.require_lease_expired_before
+        && (call.lease_until_ms == 0
+            || call.lease_until_ms >= before
+            || status_rank(call.status) >= 4)
+    {
+        return AppendOutcome::ConditionFailed;
+    }
+    events
+        .entry(call_id.to_owned())
+        .or_default()
+        .push(event.clone());
+    call.last_seq = event.seq;
+    apply_effects(call, effects);
+    if status_rank(call.status) >= 4 {
+        leases.remove(call_id);
+    }
+    AppendOutcome::Stored
 }
 
 /// The in-memory twin of the effects part of the Redis append script.
@@ -514,9 +538,27 @@ mod tests {
         }
     }
 
+    async fn append_one_event(
+        s: &MemoryStore,
+        e: &pb::CallEvent,
+        effects: &EventEffects,
+    ) -> AppendOutcome {
+        let outcomes = s
+            .append_events(
+                &e.call_id,
+                "",
+                std::slice::from_ref(e),
+                std::slice::from_ref(effects),
+            )
+            .await
+            .expect("memory store");
+        assert_eq!(outcomes.len(), 1, "one event, one outcome");
+        outcomes[0]
+    }
+
     async fn append(s: &MemoryStore, e: pb::CallEvent) -> AppendOutcome {
         let effects = event_effects(&e).expect("valid");
-        s.append_event(&e, &effects).await.expect("memory store")
+        append_one_event(s, &e, &effects).await
     }
 
     fn usage(total: u64) -> pb::call_event::Kind {
@@ -619,17 +661,17 @@ mod tests {
         let mut effects = event_effects(&lost).expect("valid");
         effects.require_lease_expired_before = Some(1200);
         assert_eq!(
-            s.append_event(&lost, &effects).await.expect("ok"),
+            append_one_event(&s, &lost, &effects).await,
             AppendOutcome::ConditionFailed,
             "lease still running"
         );
         effects.require_lease_expired_before = Some(2000);
         assert_eq!(
-            s.append_event(&lost, &effects).await.expect("ok"),
+            append_one_event(&s, &lost, &effects).await,
             AppendOutcome::Stored
         );
         assert_eq!(
-            s.append_event(&lost, &effects).await.expect("ok"),
+            append_one_event(&s, &lost, &effects).await,
             AppendOutcome::Duplicate
         );
         let c = s.get_call("c1").await.expect("ok").expect("exists");

@@ -121,7 +121,7 @@ pub struct EventEffects {
     pub at_ms: i64,
 }
 
-/// Outcome of [`CallStore::append_event`].
+/// Outcome of storing one event ([`CallStore::append_events`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
     /// Stored now.
@@ -308,12 +308,23 @@ pub trait CallStore: Send + Sync + 'static {
         now_ms: i64,
         lease_ms: i64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
-    /// Stores an event once and applies its effects, atomically.
-    fn append_event(
+    /// Stores a run of one call's events in order, each (call, seq) once, applying
+    /// `effects[i]` with `events[i]`, and sends every stored event to the watchers on
+    /// every replica (`campaign_id` for their filters; best effort, watchers catch up
+    /// from the store).
+    ///
+    /// Returns one outcome per event handled, in order. Handling stops after the first
+    /// outcome that is neither [`AppendOutcome::Stored`] nor
+    /// [`AppendOutcome::Duplicate`]; events after it are untouched. Each event's
+    /// check-and-store is atomic with its effects (usage, status), exactly as if the
+    /// events were appended one by one; the run costs one round trip.
+    fn append_events(
         &self,
-        event: &pb::CallEvent,
-        effects: &EventEffects,
-    ) -> impl Future<Output = StoreResult<AppendOutcome>> + Send;
+        call_id: &str,
+        campaign_id: &str,
+        events: &[pb::CallEvent],
+        effects: &[EventEffects],
+    ) -> impl Future<Output = StoreResult<Vec<AppendOutcome>>> + Send;
     /// Stored events with seq > `after_seq`, in order, at most `limit`.
     fn read_events(
         &self,
@@ -344,12 +355,6 @@ pub trait CallStore: Send + Sync + 'static {
 
     // --- bus ---
 
-    /// Sends a stored event to the watchers on every replica.
-    fn publish_event(
-        &self,
-        campaign_id: &str,
-        event: &pb::CallEvent,
-    ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Sends a command to `replica_id`; `false` if no such replica listens.
     fn publish_command(
         &self,

@@ -103,61 +103,144 @@ macro_rules! lua_rank {
     };
 }
 
+/// Bits of the per-event mask of [`APPEND_LUA`], each followed by its extra arguments.
+mod mask {
+    /// `started`: sid, stream sid, relay id.
+    pub(super) const STARTED: u8 = 1;
+    /// A final `ended`: reason, detail, transfer to.
+    pub(super) const ENDED: u8 = 2;
+    /// A `HANDOFF` end (no extra argument).
+    pub(super) const HANDOFF: u8 = 4;
+    /// Usage: the nine deltas of `USAGE_FIELDS`.
+    pub(super) const USAGE: u8 = 8;
+    /// Store only if the lease ran out before: that time (ms).
+    pub(super) const LEASE_EXPIRED_BEFORE: u8 = 16;
+}
+
+/// Stores a run of one call's events, each once, in one atomic step.
+///
 /// KEYS: call hash, events stream.
-/// ARGV: 1 seq, 2 event bytes, 3 new status (0 none), 4 started (0/1), 5 sid,
-/// 6 stream sid, 7 relay, 8 at ms, 9 final end (0/1), 10 reason, 11 detail,
-/// 12 transfer to, 13 handoff (0/1), 14 usage (0/1), 15..23 usage deltas,
-/// 24 lease-expired-before condition (0 none), 25 retention ms.
-/// Returns {code, last}: 1 stored, 0 duplicate, -1 not found, -2 gap, -3 condition failed.
+/// ARGV: 1 retention ms, 2 bus channel, 3 bus envelope prefix (the campaign field), then
+/// per event: seq, event bytes, at ms, new status (0 none), mask (see [`mask`]), and the
+/// extra arguments its mask bits name, in bit order.
+///
+/// Returns {code, last, handled}: `handled` has one letter per event handled, `S` stored
+/// or `D` duplicate; code 1 means every event was handled, otherwise the next event
+/// stopped the run: -1 no such call, -2 gap, -3 condition failed. `last` is the newest
+/// stored seq.
+///
+/// The call's fields are read once and written once per run (the same final values as
+/// one event at a time: later events overwrite earlier ones, usage deltas add up). Each
+/// stored event is published on the bus here, so storing and telling watchers cost the
+/// relay one round trip. The bus message is `BusEnvelope`: the prefix (field 1) and the
+/// event as field 2 (tag byte 0x12, varint length, bytes).
 const APPEND_LUA: &str = concat!(
     lua_rank!(),
     r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-local seq = tonumber(ARGV[1])
-if seq <= last then return {0, last} end
-if seq > last + 1 then return {-2, last} end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
-local cond = tonumber(ARGV[24])
-if cond > 0 then
-  local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-  if lease_until == 0 or lease_until >= cond or rank(cur) >= 4 then return {-3, last} end
+local function varint(n)
+  local s = ''
+  while n >= 128 do
+    s = s .. string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  return s .. string.char(n)
 end
-redis.call('XADD', KEYS[2], ARGV[1] .. '-0', 'e', ARGV[2])
-redis.call('HSET', KEYS[1], 'last_seq', seq)
-local at = ARGV[8]
-if ARGV[14] == '1' then
-  local fields = {'u_in','u_out','u_total','u_in_text','u_in_audio','u_cached','u_out_text','u_out_audio','u_resp'}
-  for i, f in ipairs(fields) do
-    local d = tonumber(ARGV[14 + i])
-    if d ~= 0 then redis.call('HINCRBY', KEYS[1], f, d) end
+local function bit(m, b) return math.floor(m / b) % 2 == 1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, ''} end
+local h = redis.call('HMGET', KEYS[1], 'last_seq', 'status', 'lease_until', 'started')
+local last_s = h[1] or '0'
+local last = tonumber(last_s)
+local cur = tonumber(h[2] or '0')
+local lease_until = tonumber(h[3] or '0')
+local started = tonumber(h[4] or '0')
+local set = {}
+local usage = {0, 0, 0, 0, 0, 0, 0, 0, 0}
+local used = false
+local stored = 0
+local handled = {}
+local code = 1
+local i = 4
+while i <= #ARGV do
+  local seq_s = ARGV[i]
+  local seq = tonumber(seq_s)
+  local bytes = ARGV[i + 1]
+  local at = ARGV[i + 2]
+  local new_s = ARGV[i + 3]
+  local new = tonumber(new_s)
+  local m = tonumber(ARGV[i + 4])
+  local x = i + 5
+  local st, en, us, co
+  if bit(m, 1) then st = x; x = x + 3 end
+  if bit(m, 2) then en = x; x = x + 3 end
+  local handoff = bit(m, 4)
+  if bit(m, 8) then us = x; x = x + 9 end
+  if bit(m, 16) then co = x; x = x + 1 end
+  i = x
+  if seq <= last then
+    handled[#handled + 1] = 'D'
+  elseif seq > last + 1 then
+    code = -2
+    break
+  elseif co and (lease_until == 0 or lease_until >= tonumber(ARGV[co]) or rank(cur) >= 4) then
+    code = -3
+    break
+  else
+    redis.call('XADD', KEYS[2], seq_s .. '-0', 'e', bytes)
+    last = seq
+    last_s = seq_s
+    stored = stored + 1
+    if us then
+      for k = 1, 9 do usage[k] = usage[k] + tonumber(ARGV[us + k - 1]) end
+      used = true
+    end
+    if st then
+      if started == 0 then
+        started = tonumber(at)
+        set['started'] = at
+      end
+      if ARGV[st] ~= '' then set['sid'] = ARGV[st] end
+      if ARGV[st + 1] ~= '' then set['stream_sid'] = ARGV[st + 1] end
+      if ARGV[st + 2] ~= '' then set['relay'] = ARGV[st + 2] end
+      if rank(cur) < 4 then
+        set['end_reason'] = '0'
+        set['end_detail'] = ''
+      end
+    end
+    if handoff and rank(cur) < 4 then set['end_reason'] = '11' end
+    if new > 0 and rank(new) > rank(cur) then
+      cur = new
+      set['status'] = new_s
+      if rank(new) >= 4 then
+        set['ended'] = at
+        set['lease_holder'] = ''
+        if en then
+          set['end_reason'] = ARGV[en]
+          set['end_detail'] = ARGV[en + 1]
+          set['transfer_to'] = ARGV[en + 2]
+        end
+      end
+    end
+    redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\18' .. varint(#bytes) .. bytes)
+    handled[#handled + 1] = 'S'
   end
 end
-if ARGV[4] == '1' then
-  if tonumber(redis.call('HGET', KEYS[1], 'started') or '0') == 0 then
-    redis.call('HSET', KEYS[1], 'started', at)
+if stored > 0 then
+  local args = {'last_seq', last_s}
+  for f, v in pairs(set) do
+    args[#args + 1] = f
+    args[#args + 1] = v
   end
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'sid', ARGV[5]) end
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'stream_sid', ARGV[6]) end
-  if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'relay', ARGV[7]) end
-  if rank(cur) < 4 then redis.call('HSET', KEYS[1], 'end_reason', 0, 'end_detail', '') end
-end
-if ARGV[13] == '1' and rank(cur) < 4 then
-  redis.call('HSET', KEYS[1], 'end_reason', 11)
-end
-local new = tonumber(ARGV[3])
-if new > 0 and rank(new) > rank(cur) then
-  redis.call('HSET', KEYS[1], 'status', new)
-  if rank(new) >= 4 then
-    redis.call('HSET', KEYS[1], 'ended', at, 'lease_holder', '')
-    if ARGV[9] == '1' then
-      redis.call('HSET', KEYS[1], 'end_reason', ARGV[10], 'end_detail', ARGV[11], 'transfer_to', ARGV[12])
+  redis.call('HSET', KEYS[1], unpack(args))
+  if used then
+    local fields = {'u_in','u_out','u_total','u_in_text','u_in_audio','u_cached','u_out_text','u_out_audio','u_resp'}
+    for k, f in ipairs(fields) do
+      if usage[k] ~= 0 then redis.call('HINCRBY', KEYS[1], f, usage[k]) end
     end
   end
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[25])
-redis.call('PEXPIRE', KEYS[2], ARGV[25])
-return {1, seq}
+return {code, last, table.concat(handled)}
 "
 );
 
@@ -850,50 +933,95 @@ impl CallStore for RedisStore {
         Ok(())
     }
 
-    async fn append_event(
+    async fn append_events(
         &self,
-        event: &pb::CallEvent,
-        effects: &EventEffects,
-    ) -> StoreResult<AppendOutcome> {
-        let mut conn = self.conn();
+        call_id: &str,
+        campaign_id: &str,
+        events: &[pb::CallEvent],
+        effects: &[EventEffects],
+    ) -> StoreResult<Vec<AppendOutcome>> {
+        debug_assert_eq!(events.len(), effects.len(), "one effects per event");
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = BusEnvelope {
+            campaign_id: campaign_id.to_owned(),
+            ..Default::default()
+        }
+        .encode_to_vec();
         let mut inv = self.scripts.append.prepare_invoke();
-        inv.key(keys::call(&event.call_id))
-            .key(keys::call_events(&event.call_id))
-            .arg(event.seq)
-            .arg(event.encode_to_vec())
-            .arg(effects.new_status.unwrap_or(0));
-        match &effects.started {
-            Some((sid, stream_sid, relay)) => inv.arg(1).arg(sid).arg(stream_sid).arg(relay),
-            None => inv.arg(0).arg("").arg("").arg(""),
-        };
-        inv.arg(effects.at_ms);
-        match &effects.ended {
-            Some((reason, detail, transfer_to)) => {
-                inv.arg(1).arg(*reason).arg(detail).arg(transfer_to)
+        inv.key(keys::call(call_id))
+            .key(keys::call_events(call_id))
+            .arg(self.retention_ms)
+            .arg(keys::events_channel())
+            .arg(prefix);
+        // One scratch buffer: `arg` copies the bytes into the command.
+        let mut bytes = Vec::new();
+        for (event, effects) in events.iter().zip(effects) {
+            bytes.clear();
+            event
+                .encode(&mut bytes)
+                .expect("a Vec grows to fit any message");
+            let mut bits = 0u8;
+            if effects.started.is_some() {
+                bits |= mask::STARTED;
             }
-            None => inv.arg(0).arg(0).arg("").arg(""),
-        };
-        inv.arg(u8::from(effects.handoff));
-        let usage = effects.usage.unwrap_or_default();
-        inv.arg(u8::from(effects.usage.is_some()));
-        for value in usage {
-            inv.arg(value);
+            if effects.ended.is_some() {
+                bits |= mask::ENDED;
+            }
+            if effects.handoff {
+                bits |= mask::HANDOFF;
+            }
+            if effects.usage.is_some() {
+                bits |= mask::USAGE;
+            }
+            if effects.require_lease_expired_before.is_some() {
+                bits |= mask::LEASE_EXPIRED_BEFORE;
+            }
+            inv.arg(event.seq)
+                .arg(&bytes[..])
+                .arg(effects.at_ms)
+                .arg(effects.new_status.unwrap_or(0))
+                .arg(bits);
+            if let Some((sid, stream_sid, relay)) = &effects.started {
+                inv.arg(sid).arg(stream_sid).arg(relay);
+            }
+            if let Some((reason, detail, transfer_to)) = &effects.ended {
+                inv.arg(*reason).arg(detail).arg(transfer_to);
+            }
+            if let Some(usage) = &effects.usage {
+                for value in usage {
+                    inv.arg(*value);
+                }
+            }
+            if let Some(before) = effects.require_lease_expired_before {
+                inv.arg(before);
+            }
         }
-        inv.arg(effects.require_lease_expired_before.unwrap_or(0))
-            .arg(self.retention_ms);
-        let (code, last): (i64, u64) = inv.invoke_async(&mut conn).await?;
-        let outcome = match code {
-            1 => AppendOutcome::Stored,
-            0 => AppendOutcome::Duplicate,
-            -2 => AppendOutcome::Gap { last_seq: last },
-            -3 => AppendOutcome::ConditionFailed,
-            _ => AppendOutcome::NotFound,
-        };
-        if outcome == AppendOutcome::Stored && effects.ended.is_some() {
+        let mut conn = self.conn();
+        let (code, last, handled): (i64, u64, String) = inv.invoke_async(&mut conn).await?;
+        let mut outcomes: Vec<AppendOutcome> = handled
+            .bytes()
+            .map(|b| match b {
+                b'S' => AppendOutcome::Stored,
+                _ => AppendOutcome::Duplicate,
+            })
+            .collect();
+        match code {
+            1 => {}
+            -2 => outcomes.push(AppendOutcome::Gap { last_seq: last }),
+            -3 => outcomes.push(AppendOutcome::ConditionFailed),
+            _ => outcomes.push(AppendOutcome::NotFound),
+        }
+        let ended = outcomes
+            .iter()
+            .zip(effects)
+            .any(|(o, e)| *o == AppendOutcome::Stored && e.ended.is_some());
+        if ended {
             // A final call needs no sweeping; a failure here only costs the sweeper a look.
-            let _ = self.forget_lease(&event.call_id).await;
+            let _ = self.forget_lease(call_id).await;
         }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     async fn read_events(
@@ -970,22 +1098,6 @@ impl CallStore for RedisStore {
                 .arg(format!("({cutoff_ms}")),
         )
         .await
-    }
-
-    async fn publish_event(&self, campaign_id: &str, event: &pb::CallEvent) -> StoreResult<()> {
-        let envelope = BusEnvelope {
-            campaign_id: campaign_id.to_owned(),
-            event: Some(event.clone()),
-            ..Default::default()
-        };
-        let _: i64 = self
-            .query(
-                redis::cmd("PUBLISH")
-                    .arg(keys::events_channel())
-                    .arg(envelope.encode_to_vec()),
-            )
-            .await?;
-        Ok(())
     }
 
     async fn publish_command(
