@@ -629,6 +629,8 @@ impl SimCaller {
             .await
             .map_err(|_| CallerError::Timeout("connect to relay"))?
             .map_err(|e| CallerError::Http(http::HttpError::Connect { addr, source: e }))?;
+        // 20 ms frames: Nagle + delayed ACK would add ~40 ms of latency.
+        let _ = tcp.set_nodelay(true);
         let ws_cfg = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
             .max_frame_size(Some(MAX_MESSAGE));
