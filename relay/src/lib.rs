@@ -1,1 +1,140 @@
-//! placeholder
+//! callbridge relay: bridges Twilio Media Streams and the OpenAI Realtime API, one call
+//! per WebSocket, reporting to the control plane over a per-call gRPC stream.
+//!
+//! Layout:
+//! - [`config`]: environment/flags, validation, the settings table.
+//! - [`http`]: warp routes (webhooks, media streams, health, metrics) and security headers.
+//! - [`signature`]: `X-Twilio-Signature` checking.
+//! - [`twiml`]: TwiML answers.
+//! - [`control`]: client of control's `Relay` service.
+//! - [`call`]: one call (call loop, writers, control link) and its pure state in `call::phase`.
+//! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours.
+//! - [`metrics`], [`telemetry`].
+//!
+//! Entry point: [`run`] takes a bound listener (so a caller knows the relay is reachable
+//! as soon as `bind` returned) and a shutdown future.
+
+pub mod call;
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod metrics;
+pub mod realtime;
+pub mod signature;
+pub mod telemetry;
+pub mod twilio;
+pub mod twiml;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use metrics::Metrics;
+
+/// Time calls get to report `DRAIN` and close after the grace period.
+const HARD_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the relay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// `CONTROL_URL` is not a usable endpoint.
+    #[error("CONTROL_URL: {0}")]
+    ControlUrl(#[from] tonic::transport::Error),
+}
+
+/// Runs the relay on `listener` until `shutdown` resolves, then drains: `/readyz` answers
+/// 503 and new calls are refused at once, live calls run on for up to
+/// `RELAY_DRAIN_GRACE_SECS`, then the rest are cut (Twilio closed with 1001, `ended` with
+/// reason `DRAIN`). The listener stays open during the drain so probes keep working.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RelayError> {
+    run_with_metrics(config, listener, shutdown, Metrics::new()).await
+}
+
+/// [`run`] with a caller-provided metrics registry (tests read it directly).
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    metrics: Metrics,
+) -> Result<(), RelayError> {
+    let control = control::Control::from_config(&config)?;
+    let relay_id: Arc<str> = config.relay_id().into();
+    if control.is_none() {
+        warn!(
+            "No CONTROL_URL: standalone mode. Calls use the AGENT_* settings and NOTHING is stored."
+        );
+    }
+    let hard_stop = CancellationToken::new();
+    let deps = http::Deps {
+        call: call::CallDeps {
+            config: Arc::new(config),
+            metrics: metrics.clone(),
+            control,
+            relay_id: relay_id.clone(),
+            hard_stop: hard_stop.clone(),
+        },
+        draining: Arc::new(AtomicBool::new(false)),
+        tracker: TaskTracker::new(),
+    };
+    let grace = deps.call.config.drain_grace();
+    let addr = listener.local_addr().ok();
+    info!(?addr, %relay_id, "Relay listening.");
+
+    let stop_listening = CancellationToken::new();
+    let server = warp::serve(http::routes(deps.clone()))
+        .incoming(listener)
+        .graceful(stop_listening.clone().cancelled_owned())
+        .run();
+    let mut server = std::pin::pin!(server);
+
+    tokio::select! {
+        () = &mut server => {
+            warn!("HTTP server stopped on its own.");
+            return Ok(());
+        }
+        () = shutdown => {}
+    }
+
+    info!(grace_secs = grace.as_secs(), "Draining.");
+    deps.draining.store(true, Ordering::Relaxed);
+    metrics.draining().set(1);
+    deps.tracker.close();
+    let drain = async {
+        if tokio::time::timeout(grace, deps.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                calls = deps.tracker.len(),
+                "Drain grace over; cutting the remaining calls."
+            );
+            hard_stop.cancel();
+            if tokio::time::timeout(HARD_STOP_WAIT, deps.tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(calls = deps.tracker.len(), "Calls did not close in time.");
+            }
+        }
+    };
+    // Keep serving (probes, refusals) while the calls drain.
+    tokio::select! {
+        () = drain => {}
+        () = &mut server => {}
+    }
+    stop_listening.cancel();
+    let _ = tokio::time::timeout(HARD_STOP_WAIT, server).await;
+    info!("Relay stopped.");
+    Ok(())
+}

@@ -1,1 +1,75 @@
-fn main() {}
+//! `callbridge-relay`: reads configuration, binds, runs until SIGTERM/SIGINT, drains.
+
+use std::process::ExitCode;
+
+use callbridge_relay::config::{Config, ConfigError, EXIT_CONFIG};
+
+fn main() -> ExitCode {
+    let config = match Config::from_args_and_env(std::env::args_os()) {
+        Ok(c) => c,
+        Err(ConfigError::Parse(e))
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("callbridge-relay: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    callbridge_relay::telemetry::init(&config);
+    // tokio-tungstenite's rustls needs a process-wide crypto provider for wss://.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("callbridge-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "Relay failed.");
+            eprintln!("callbridge-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.listen))?;
+    callbridge_relay::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,1159 @@
+//! One call: a Twilio WebSocket, a Realtime WebSocket and (with control) an attach stream.
+//!
+//! Structure (style.md §6, adapted for the hot path):
+//! - the **call loop** ([`Call::run`]) owns both socket *read* halves, the pure state in
+//!   [`phase`], the timers and the tool bookkeeping. Every frame is parsed once, in place,
+//!   and answered without another task hop;
+//! - a **Twilio writer** task and a **model writer** task each own one socket's write half,
+//!   fed by a bounded channel (audio is `try_send`: a full queue drops and counts the frame;
+//!   a late frame is worse than a lost one). The model writer first dials the model, so the
+//!   caller's first frames wait in its channel until the socket is ready;
+//! - a **control link** task ([`control_link`]) owns the attach stream.
+//!
+//! Putting `phase` in the loop that reads both sockets (rather than in a supervisor fed by
+//! two reader tasks) keeps every audio frame at one task wake-up and needs no locks.
+
+pub mod control_link;
+pub mod phase;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_proto::pb::EndReason;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
+use warp::ws::{Message, WebSocket};
+
+use crate::config::Config;
+use crate::control::{AttachStream, Control};
+use crate::metrics::Metrics;
+use crate::realtime::{self, AgentView};
+use crate::twilio;
+use control_link::{LinkIn, LinkSetup};
+use phase::{Delta, Ending, Lifecycle, Out, Playback};
+
+type ModelWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type ModelRead = SplitStream<ModelWs>;
+
+/// Frames queued to Twilio (~5 s of 20 ms audio plus marks).
+const TWILIO_SLOTS: usize = 256;
+/// Frames queued to the model; also holds the caller's audio while the model dials.
+const MODEL_SLOTS: usize = 512;
+/// Slots kept free in both queues for control frames (clear, truncate, close).
+const HEADROOM: usize = 8;
+/// Events waiting for the link task.
+const LINK_SLOTS: usize = 1024;
+/// Commands waiting for the call loop.
+const COMMAND_SLOTS: usize = 32;
+/// Largest message accepted from the model (audio deltas can be large).
+pub const MODEL_MAX_MESSAGE: usize = 1 << 20;
+/// Largest message accepted from Twilio (frames are a few hundred bytes).
+pub const TWILIO_MAX_MESSAGE: usize = 64 * 1024;
+/// Longest wait for the `ended` event's ack.
+const ENDED_ACK_WAIT: Duration = Duration::from_secs(3);
+/// Longest wait for a writer to flush its close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Longest an `end_call`/transfer waits for the goodbye audio to play.
+const PLAYBACK_DRAIN_MAX: Duration = Duration::from_secs(20);
+/// Application tool calls awaiting a result at once.
+const MAX_PENDING_TOOLS: usize = 16;
+/// Consecutive read errors from Twilio before the stream counts as gone.
+const MAX_READ_ERRORS: u32 = 3;
+
+/// What a call needs from the process; clone-cheap.
+#[derive(Clone)]
+pub struct CallDeps {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Control client (None in standalone mode).
+    pub control: Option<Control>,
+    /// This relay's id.
+    pub relay_id: Arc<str>,
+    /// Cancelled when the drain grace is over: calls end with `DRAIN`.
+    pub hard_stop: CancellationToken,
+}
+
+/// What the HTTP layer learned before the upgrade.
+pub struct CallSetup {
+    /// Call id (empty for standalone).
+    pub call_id: String,
+    /// The agent.
+    pub agent: AgentView,
+    /// The open attach stream and its context (None for standalone).
+    pub attach: Option<(pb::CallContext, AttachStream)>,
+    /// When the upgrade was accepted.
+    pub upgraded_at: Instant,
+}
+
+enum TwOut {
+    Text(String),
+    MediaMark(String, String),
+    Close(CloseCode, &'static str),
+}
+
+enum ModelOut {
+    Text(String),
+    Close,
+}
+
+#[derive(Debug)]
+enum TaskExit {
+    Twilio,
+    Model(String),
+    Link,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn reason_label(r: EndReason) -> &'static str {
+    match r {
+        EndReason::Unspecified => "unspecified",
+        EndReason::CallerHangup => "caller_hangup",
+        EndReason::AgentHangup => "agent_hangup",
+        EndReason::AppHangup => "app_hangup",
+        EndReason::Transferred => "transferred",
+        EndReason::MaxDuration => "max_duration",
+        EndReason::ModelUnavailable => "model_unavailable",
+        EndReason::StartTimeout => "start_timeout",
+        EndReason::MediaTimeout => "media_timeout",
+        EndReason::RelayLost => "relay_lost",
+        EndReason::Drain => "drain",
+        EndReason::Handoff => "handoff",
+        EndReason::InternalError => "internal_error",
+    }
+}
+
+/// Writes queued frames to Twilio, batching whatever is ready into one flush.
+async fn twilio_writer(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<TwOut>,
+) -> TaskExit {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            let r = match out {
+                TwOut::Text(t) => sink.feed(Message::text(t)).await,
+                TwOut::MediaMark(m, k) => match sink.feed(Message::text(m)).await {
+                    Ok(()) => sink.feed(Message::text(k)).await,
+                    Err(e) => Err(e),
+                },
+                TwOut::Close(code, reason) => {
+                    let _ = sink
+                        .send(Message::close_with(u16::from(code), reason))
+                        .await;
+                    let _ = sink.close().await;
+                    return TaskExit::Twilio;
+                }
+            };
+            if r.is_err() {
+                return TaskExit::Twilio;
+            }
+            n += 1;
+            if n < 32 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return TaskExit::Twilio;
+        }
+    }
+    TaskExit::Twilio
+}
+
+/// Dials the model, hands the read half to the call, sends the session setup, then
+/// writes queued frames (the caller's early audio waited in `rx`).
+async fn model_writer(
+    url: String,
+    api_key: crate::config::Secret,
+    connect_timeout: Duration,
+    session_update: String,
+    read_tx: oneshot::Sender<ModelRead>,
+    mut rx: mpsc::Receiver<ModelOut>,
+) -> TaskExit {
+    let mut req = match url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => return TaskExit::Model(format!("bad model URL: {e}")),
+    };
+    match format!("Bearer {}", api_key.expose()).parse() {
+        Ok(v) => {
+            req.headers_mut().insert(http::header::AUTHORIZATION, v);
+        }
+        Err(_) => return TaskExit::Model("API key is not a valid header value".to_owned()),
+    }
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(MODEL_MAX_MESSAGE))
+        .max_frame_size(Some(MODEL_MAX_MESSAGE));
+    let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
+    let ws = match tokio::time::timeout(connect_timeout, dial).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => return TaskExit::Model(format!("model connect failed: {e}")),
+        Err(_) => return TaskExit::Model("model connect timed out".to_owned()),
+    };
+    let (mut sink, read) = ws.split();
+    if read_tx.send(read).is_err() {
+        let _ = sink.close().await;
+        return TaskExit::Model("call gone".to_owned());
+    }
+    if let Err(e) = sink.send(tungstenite::Message::text(session_update)).await {
+        return TaskExit::Model(format!("session.update failed: {e}"));
+    }
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            match out {
+                ModelOut::Text(t) => {
+                    if let Err(e) = sink.feed(tungstenite::Message::text(t)).await {
+                        return TaskExit::Model(format!("model write failed: {e}"));
+                    }
+                }
+                ModelOut::Close => {
+                    let _ = sink
+                        .send(tungstenite::Message::Close(Some(CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "call ended".into(),
+                        })))
+                        .await;
+                    let _ = sink.close().await;
+                    return TaskExit::Model("closed".to_owned());
+                }
+            }
+            n += 1;
+            if n < 32 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            return TaskExit::Model(format!("model write failed: {e}"));
+        }
+    }
+    let _ = sink.close().await;
+    TaskExit::Model("closed".to_owned())
+}
+
+struct PendingTool {
+    call_id: String,
+    deadline: Instant,
+}
+
+/// The call loop's state.
+struct Call {
+    deps: CallDeps,
+    agent: AgentView,
+    resumed: bool,
+    history: Vec<pb::Turn>,
+    stream_sid: Option<String>,
+    call_sid: String,
+    life: Lifecycle,
+    playback: Playback,
+    tw_tx: mpsc::Sender<TwOut>,
+    model_tx: mpsc::Sender<ModelOut>,
+    link_tx: Option<mpsc::Sender<LinkIn>>,
+    tools: Vec<PendingTool>,
+    upgraded_at: Instant,
+    started_at: Option<Instant>,
+    last_media: Instant,
+    media_check: Instant,
+    pending_end_deadline: Option<Instant>,
+    first_audio: bool,
+    read_errors: u32,
+    frames_in: u64,
+    frames_out: u64,
+    dropped_in: u64,
+    dropped_out: u64,
+    barge_ins: u64,
+}
+
+/// Runs one call on an upgraded Twilio socket until it ends.
+pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
+    deps.metrics.active_calls().inc();
+    let metrics = deps.metrics.clone();
+    let _active = scopeguard(move || {
+        metrics.active_calls().dec();
+    });
+
+    let (tw_sink, mut tw_read) = ws.split();
+    let mut tasks: JoinSet<TaskExit> = JoinSet::new();
+    let (tw_tx, tw_rx) = mpsc::channel(TWILIO_SLOTS);
+    tasks.spawn(twilio_writer(tw_sink, tw_rx));
+
+    let (model_tx, model_rx_q) = mpsc::channel(MODEL_SLOTS);
+    let (read_tx, mut read_rx) = oneshot::channel();
+    tasks.spawn(model_writer(
+        setup.agent.url(&deps.config.openai_realtime_url),
+        deps.config.openai_api_key.clone(),
+        deps.config.connect_timeout(),
+        setup.agent.session_update(),
+        read_tx,
+        model_rx_q,
+    ));
+
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_SLOTS);
+    let mut link_tx = None;
+    let mut resumed = false;
+    let mut history = Vec::new();
+    if let (Some((ctx, stream)), Some(control)) = (setup.attach, deps.control.clone()) {
+        let (tx, rx) = mpsc::channel(LINK_SLOTS);
+        link_tx = Some(tx);
+        resumed = ctx.call.as_ref().is_some_and(|c| c.started_at_ms > 0) || !ctx.history.is_empty();
+        history = ctx.history;
+        let link = LinkSetup {
+            call_id: setup.call_id.clone(),
+            relay_id: deps.relay_id.to_string(),
+            control,
+            metrics: deps.metrics.clone(),
+            capacity: deps.config.event_buffer,
+            last_seq: ctx.last_seq,
+        };
+        tasks.spawn(async move {
+            control_link::run(link, stream, rx, cmd_tx).await;
+            TaskExit::Link
+        });
+    } else {
+        drop(cmd_tx);
+    }
+
+    let now = Instant::now();
+    let barge_in = setup.agent.barge_in_enabled();
+    let mut call = Call {
+        agent: setup.agent,
+        resumed,
+        history,
+        stream_sid: None,
+        call_sid: String::new(),
+        life: Lifecycle::default(),
+        playback: Playback::new(barge_in),
+        tw_tx,
+        model_tx,
+        link_tx,
+        tools: Vec::new(),
+        upgraded_at: setup.upgraded_at,
+        started_at: None,
+        last_media: now,
+        media_check: now + deps.config.media_timeout(),
+        pending_end_deadline: None,
+        first_audio: false,
+        read_errors: 0,
+        frames_in: 0,
+        frames_out: 0,
+        dropped_in: 0,
+        dropped_out: 0,
+        barge_ins: 0,
+        deps,
+    };
+
+    let mut model_read: Option<ModelRead> = None;
+    let mut model_dialing = true;
+    let mut commands_open = call.link_tx.is_some();
+    let hard_stop = call.deps.hard_stop.clone();
+    let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(call.next_deadline()));
+
+    while call.life.ending().is_none() {
+        tokio::select! {
+            biased;
+            // Drain deadline passed: cut the call.
+            () = hard_stop.cancelled() => {
+                call.end(Ending::new(EndReason::Drain, "relay shutting down"));
+            }
+            // Caller frames.
+            msg = tw_read.next() => call.on_twilio(msg),
+            // The model socket is up: start reading it.
+            read = &mut read_rx, if model_dialing => {
+                model_dialing = false;
+                // On error the writer failed before dialling completed; its exit carries why.
+                if let Ok(r) = read {
+                    model_read = Some(r);
+                }
+            }
+            // Model events.
+            msg = next_model(&mut model_read), if model_read.is_some() => call.on_model(msg),
+            // Commands from the application, through control.
+            cmd = cmd_rx.recv(), if commands_open => match cmd {
+                Some(c) => call.on_command(c),
+                None => commands_open = false,
+            },
+            // A helper task ended: a writer failing ends the call; the link ending does not.
+            Some(done) = tasks.join_next() => match done {
+                Ok(TaskExit::Twilio) => call.end(Ending::new(EndReason::CallerHangup, "caller socket closed")),
+                Ok(TaskExit::Model(why)) => call.end(Ending::new(EndReason::ModelUnavailable, why)),
+                Ok(TaskExit::Link) => {
+                    call.link_tx = None;
+                    debug!("Control link ended.");
+                }
+                Err(e) => call.end(Ending::new(EndReason::InternalError, format!("task failed: {e}"))),
+            },
+            // Timeouts: start, media, max duration, tools, goodbye playback.
+            () = &mut timer => call.on_timer(),
+        }
+        if call.life.has_pending() && call.playback.idle() {
+            call.life.playback_idle();
+        }
+        let next = call.next_deadline();
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
+        }
+    }
+    call.finish(tasks, model_read).await;
+}
+
+async fn next_model(
+    read: &mut Option<ModelRead>,
+) -> Option<Result<tungstenite::Message, tungstenite::Error>> {
+    match read.as_mut() {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Guard<F: FnOnce()>(Option<F>);
+impl<F: FnOnce()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
+    Guard(Some(f))
+}
+
+impl Call {
+    fn end(&mut self, ending: Ending) {
+        if self.life.end(ending.clone()) {
+            debug!(reason = ?ending.reason, detail = %ending.detail, "Call ending.");
+        }
+    }
+
+    fn event(&mut self, kind: pb::call_event::Kind) {
+        let Some(tx) = &self.link_tx else {
+            trace!(?kind, "Event (standalone, not stored).");
+            return;
+        };
+        if tx.try_send(LinkIn::Event(now_ms(), kind)).is_err() {
+            self.deps.metrics.events_overflow().inc();
+        }
+    }
+
+    fn send_twilio(&mut self, text: String) {
+        // Control frames use the headroom audio leaves free.
+        if self.tw_tx.try_send(TwOut::Text(text)).is_err() {
+            self.deps.metrics.dropped_m2c().inc();
+        }
+    }
+
+    fn send_model(&mut self, text: String) {
+        if self.model_tx.try_send(ModelOut::Text(text)).is_err() {
+            self.deps.metrics.dropped_c2m().inc();
+            warn!("Model queue full; a control message was dropped.");
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let cfg = &self.deps.config;
+        let mut next = match self.started_at {
+            None => self.upgraded_at + cfg.start_timeout(),
+            Some(s) => (s + self.agent.max_duration).min(self.media_check),
+        };
+        if let Some(d) = self.pending_end_deadline {
+            next = next.min(d);
+        }
+        for t in &self.tools {
+            next = next.min(t.deadline);
+        }
+        next
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let cfg = self.deps.config.clone();
+        let Some(started) = self.started_at else {
+            if now >= self.upgraded_at + cfg.start_timeout() {
+                self.end(Ending::new(EndReason::StartTimeout, "no start from Twilio"));
+            }
+            return;
+        };
+        if now >= started + self.agent.max_duration {
+            self.end(Ending::new(
+                EndReason::MaxDuration,
+                "maximum call duration reached",
+            ));
+            return;
+        }
+        if now >= self.media_check {
+            if now.duration_since(self.last_media) >= cfg.media_timeout() {
+                self.end(Ending::new(EndReason::MediaTimeout, "no media from Twilio"));
+                return;
+            }
+            self.media_check = self.last_media + cfg.media_timeout();
+        }
+        if self.pending_end_deadline.is_some_and(|d| now >= d) {
+            // The goodbye's marks never came back; end anyway.
+            self.pending_end_deadline = None;
+            self.life.playback_idle();
+        }
+        let expired: Vec<String> = self
+            .tools
+            .iter()
+            .filter(|t| now >= t.deadline)
+            .map(|t| t.call_id.clone())
+            .collect();
+        for id in expired {
+            self.tools.retain(|t| t.call_id != id);
+            self.tool_output(&id, r#"{"error":"the tool did not answer in time"}"#, true);
+        }
+    }
+
+    // ---- Twilio side -------------------------------------------------------------------
+
+    fn bad_twilio(&mut self, what: &str) {
+        self.deps.metrics.bad_twilio().inc();
+        debug!(what, "Bad message from Twilio.");
+    }
+
+    fn on_twilio(&mut self, msg: Option<Result<Message, warp::Error>>) {
+        let msg = match msg {
+            None => {
+                self.end(Ending::new(EndReason::CallerHangup, "caller socket closed"));
+                return;
+            }
+            Some(Err(e)) => {
+                // Oversized or malformed frames surface here; a few in a row mean the
+                // socket is gone.
+                self.read_errors += 1;
+                self.bad_twilio("read error");
+                if self.read_errors >= MAX_READ_ERRORS {
+                    self.end(Ending::new(
+                        EndReason::CallerHangup,
+                        format!("caller socket failed: {e}"),
+                    ));
+                }
+                return;
+            }
+            Some(Ok(m)) => m,
+        };
+        self.read_errors = 0;
+        if msg.is_close() {
+            self.end(Ending::new(EndReason::CallerHangup, "caller socket closed"));
+            return;
+        }
+        if msg.is_ping() || msg.is_pong() {
+            return;
+        }
+        let Ok(text) = msg.to_str() else {
+            self.bad_twilio("binary frame");
+            return;
+        };
+        let parsed = match twilio::parse(text) {
+            Ok(p) => p,
+            Err(_) => {
+                self.bad_twilio("malformed JSON");
+                return;
+            }
+        };
+        match &*parsed.event {
+            "media" => {
+                let Some(sid) = self.stream_sid.as_deref() else {
+                    self.bad_twilio("media before start");
+                    return;
+                };
+                let Some(media) = parsed.media else {
+                    self.bad_twilio("media without body");
+                    return;
+                };
+                if parsed.stream_sid.as_deref().is_some_and(|s| s != sid) {
+                    self.bad_twilio("media for another stream");
+                    return;
+                }
+                if !twilio::is_base64(&media.payload) {
+                    self.bad_twilio("media payload is not base64");
+                    return;
+                }
+                self.last_media = Instant::now();
+                // Keep headroom so truncate/close never find the queue full.
+                if self.model_tx.capacity() <= HEADROOM {
+                    self.dropped_in += 1;
+                    self.deps.metrics.dropped_c2m().inc();
+                    return;
+                }
+                let frame = realtime::append(&media.payload);
+                if self.model_tx.try_send(ModelOut::Text(frame)).is_ok() {
+                    self.frames_in += 1;
+                    self.deps.metrics.frames_c2m().inc();
+                } else {
+                    self.dropped_in += 1;
+                    self.deps.metrics.dropped_c2m().inc();
+                }
+            }
+            "mark" => {
+                let Some(mark) = parsed.mark else {
+                    self.bad_twilio("mark without body");
+                    return;
+                };
+                match self.playback.mark_echoed(&mark.name) {
+                    Some(outs) => self.apply(outs),
+                    None => self.bad_twilio("unknown mark"),
+                }
+            }
+            "dtmf" => {
+                if self.stream_sid.is_none() {
+                    self.bad_twilio("dtmf before start");
+                    return;
+                }
+                match parsed.dtmf {
+                    Some(d) if !d.digit.is_empty() && d.digit.len() <= 8 => {
+                        let digit = d.digit.into_owned();
+                        self.event(pb::call_event::Kind::Dtmf(pb::Dtmf { digit }));
+                    }
+                    _ => self.bad_twilio("dtmf without digit"),
+                }
+            }
+            "start" => {
+                let Some(start) = parsed.start else {
+                    self.bad_twilio("start without body");
+                    return;
+                };
+                if !twilio::is_safe_id(&start.stream_sid) {
+                    self.bad_twilio("start with an unusable streamSid");
+                    return;
+                }
+                if !self.life.start() {
+                    self.bad_twilio("second start");
+                    return;
+                }
+                let now = Instant::now();
+                self.started_at = Some(now);
+                self.last_media = now;
+                self.media_check = now + self.deps.config.media_timeout();
+                self.stream_sid = Some(start.stream_sid.into_owned());
+                self.call_sid = start.call_sid.into_owned();
+                tracing::Span::current().record("call_sid", self.call_sid.as_str());
+                info!(call_sid = %self.call_sid, resumed = self.resumed, "Stream started.");
+                self.event(pb::call_event::Kind::Started(pb::Started {
+                    twilio_call_sid: self.call_sid.clone(),
+                    stream_sid: self.stream_sid.clone().unwrap_or_default(),
+                    relay_id: self.deps.relay_id.to_string(),
+                    resumed: self.resumed,
+                }));
+                self.opening_turn();
+            }
+            "stop" => self.end(Ending::new(EndReason::CallerHangup, "Twilio stop")),
+            "connected" => {}
+            _ => self.bad_twilio("unknown event"),
+        }
+    }
+
+    /// After `start`: the conversation so far (resumed calls) and the greeting.
+    fn opening_turn(&mut self) {
+        if self.resumed && !self.history.is_empty() {
+            let mut summary = String::from(
+                "The call was moved to a new line. Continue the conversation; so far:\n",
+            );
+            for turn in std::mem::take(&mut self.history) {
+                let line = match turn.kind {
+                    Some(pb::turn::Kind::Caller(c)) => format!("Caller: {}\n", c.text),
+                    Some(pb::turn::Kind::Assistant(a)) => format!("You: {}\n", a.text),
+                    _ => continue,
+                };
+                if summary.len() + line.len() > 16 * 1024 {
+                    break;
+                }
+                summary.push_str(&line);
+            }
+            self.send_model(realtime::system_text(&summary));
+            return;
+        }
+        if !self.agent.greeting.is_empty() {
+            let text = format!(
+                "Greet the caller now by saying: \"{}\"",
+                self.agent.greeting
+            );
+            self.send_model(realtime::system_text(&text));
+            self.send_model(realtime::response_create());
+        }
+    }
+
+    // ---- Model side --------------------------------------------------------------------
+
+    fn bad_model(&mut self, what: &str) {
+        self.deps.metrics.bad_realtime().inc();
+        debug!(what, "Bad message from the model.");
+    }
+
+    fn on_model(&mut self, msg: Option<Result<tungstenite::Message, tungstenite::Error>>) {
+        let msg = match msg {
+            None => {
+                self.end(Ending::new(
+                    EndReason::ModelUnavailable,
+                    "model socket closed",
+                ));
+                return;
+            }
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                self.bad_model(&format!("oversized: {e}"));
+                return;
+            }
+            Some(Err(e)) => {
+                self.end(Ending::new(
+                    EndReason::ModelUnavailable,
+                    format!("model socket failed: {e}"),
+                ));
+                return;
+            }
+            Some(Ok(m)) => m,
+        };
+        let text = match &msg {
+            tungstenite::Message::Text(t) => t.as_str(),
+            tungstenite::Message::Close(frame) => {
+                let why = frame
+                    .as_ref()
+                    .map(|f| {
+                        format!(
+                            "model closed the socket ({}: {})",
+                            u16::from(f.code),
+                            f.reason
+                        )
+                    })
+                    .unwrap_or_else(|| "model closed the socket".to_owned());
+                self.end(Ending::new(EndReason::ModelUnavailable, why));
+                return;
+            }
+            tungstenite::Message::Binary(_) => {
+                self.bad_model("binary frame");
+                return;
+            }
+            _ => return,
+        };
+        let ev = match realtime::parse(text) {
+            Ok(ev) => ev,
+            Err(_) => {
+                self.bad_model("malformed JSON");
+                return;
+            }
+        };
+        match &*ev.kind {
+            "response.output_audio.delta" => {
+                let (Some(delta), Some(item_id)) = (ev.delta.as_deref(), ev.item_id.as_deref())
+                else {
+                    self.bad_model("audio delta without delta or item_id");
+                    return;
+                };
+                let response_id = ev.response_id.as_deref().unwrap_or("");
+                if self.playback.drops(response_id) {
+                    return; // late audio of an interrupted response
+                }
+                if !twilio::is_base64(delta) {
+                    self.bad_model("audio delta is not base64");
+                    return;
+                }
+                let Some(sid) = self.stream_sid.as_deref() else {
+                    self.dropped_out += 1;
+                    self.deps.metrics.dropped_m2c().inc();
+                    return;
+                };
+                if self.tw_tx.capacity() <= HEADROOM {
+                    self.dropped_out += 1;
+                    self.deps.metrics.dropped_m2c().inc();
+                    return;
+                }
+                let media = twilio::media_frame(sid, delta);
+                let Delta::Forward { mark } =
+                    self.playback
+                        .audio_delta(response_id, item_id, twilio::decoded_len(delta))
+                else {
+                    return;
+                };
+                let mark = twilio::mark_frame(sid, &mark);
+                if self.tw_tx.try_send(TwOut::MediaMark(media, mark)).is_err() {
+                    // Cannot happen with the capacity check above (this loop is the only sender).
+                    self.deps.metrics.dropped_m2c().inc();
+                    return;
+                }
+                self.frames_out += 1;
+                self.deps.metrics.frames_m2c().inc();
+                if !self.first_audio {
+                    self.first_audio = true;
+                    if let Some(s) = self.started_at {
+                        self.deps
+                            .metrics
+                            .time_to_first_audio()
+                            .observe(s.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            "response.output_audio.done" => {
+                if let Some(item) = ev.item_id.as_deref() {
+                    let outs = self.playback.audio_done(item);
+                    self.apply(outs);
+                }
+            }
+            "response.output_audio_transcript.done" => {
+                if let Some(item) = ev.item_id.as_deref() {
+                    let text = ev.transcript.as_deref().unwrap_or("");
+                    let outs = self.playback.transcript_done(item, text);
+                    self.apply(outs);
+                }
+            }
+            "response.created" => {
+                if let Some(id) = ev.response.as_ref().and_then(|r| r.id.as_deref()) {
+                    self.playback.response_created(id);
+                }
+            }
+            "response.done" => {
+                let Some(r) = ev.response else { return };
+                if let Some(id) = r.id.as_deref() {
+                    let outs = self.playback.response_done(id);
+                    self.apply(outs);
+                }
+                if let Some(u) = &r.usage {
+                    self.event(pb::call_event::Kind::Usage(u.to_pb()));
+                }
+                if r.status.as_deref() == Some("failed") {
+                    self.deps.metrics.model_errors().inc();
+                    self.event(pb::call_event::Kind::ModelError(pb::ModelError {
+                        code: "response_failed".to_owned(),
+                        message: "the model's response failed".to_owned(),
+                        fatal: false,
+                    }));
+                }
+            }
+            "input_audio_buffer.speech_started" => {
+                let outs = self.playback.speech_started();
+                if outs
+                    .iter()
+                    .any(|o| matches!(o, Out::ClearTwilio | Out::Truncate { .. }))
+                {
+                    self.barge_ins += 1;
+                    self.deps.metrics.barge_ins().inc();
+                }
+                self.apply(outs);
+            }
+            "conversation.item.input_audio_transcription.completed" => {
+                let item_id = ev.item_id.as_deref().unwrap_or("").to_owned();
+                let text = ev.transcript.as_deref().unwrap_or("").to_owned();
+                self.event(pb::call_event::Kind::Caller(pb::CallerSpeech {
+                    item_id,
+                    text,
+                }));
+            }
+            "response.function_call_arguments.done" => {
+                let call_id = ev.call_id.as_deref().unwrap_or("").to_owned();
+                let name = ev.name.as_deref().unwrap_or("").to_owned();
+                let args = ev.arguments.as_deref().unwrap_or("{}").to_owned();
+                if call_id.is_empty() || name.is_empty() {
+                    self.bad_model("function call without call_id or name");
+                    return;
+                }
+                self.on_tool_call(call_id, name, args);
+            }
+            "error" => {
+                let e = ev.error.unwrap_or_default();
+                self.deps.metrics.model_errors().inc();
+                let message = e.message.unwrap_or_default();
+                debug!(code = ?e.code, %message, "Model error event.");
+                self.event(pb::call_event::Kind::ModelError(pb::ModelError {
+                    code: e.code.or(e.kind).unwrap_or_default(),
+                    message,
+                    fatal: false,
+                }));
+            }
+            "session.updated" if ev.session.as_ref().is_some_and(|s| !s.is_pcmu()) => {
+                warn!("Model session is not audio/pcmu; the caller would hear noise.");
+                self.deps.metrics.model_errors().inc();
+            }
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, outs: Vec<Out>) {
+        for out in outs {
+            match out {
+                Out::ClearTwilio => {
+                    if let Some(sid) = self.stream_sid.as_deref() {
+                        let f = twilio::clear_frame(sid);
+                        self.send_twilio(f);
+                    }
+                }
+                Out::Truncate {
+                    item_id,
+                    audio_end_ms,
+                } => self.send_model(realtime::truncate(&item_id, audio_end_ms)),
+                Out::Interrupted {
+                    item_id,
+                    heard_ms,
+                    audio_ms,
+                } => self.event(pb::call_event::Kind::Interruption(pb::Interruption {
+                    item_id,
+                    heard_ms,
+                    audio_ms,
+                })),
+                Out::AssistantSpeech {
+                    item_id,
+                    text,
+                    interrupted,
+                    heard_ms,
+                    audio_ms,
+                } => self.event(pb::call_event::Kind::Assistant(pb::AssistantSpeech {
+                    item_id,
+                    text,
+                    interrupted,
+                    heard_ms,
+                    audio_ms,
+                })),
+            }
+        }
+    }
+
+    // ---- Tools and commands ------------------------------------------------------------
+
+    fn tool_output(&mut self, call_id: &str, output: &str, is_error: bool) {
+        self.send_model(realtime::function_output(call_id, output));
+        // The model does not speak about a tool result until asked (pitfall 19).
+        self.send_model(realtime::response_create());
+        self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
+            tool_call_id: call_id.to_owned(),
+            output: output.to_owned(),
+            is_error,
+        }));
+    }
+
+    fn on_tool_call(&mut self, call_id: String, name: String, args: String) {
+        let builtin = (name == realtime::TOOL_END_CALL && self.agent.end_call)
+            || (name == realtime::TOOL_TRANSFER_CALL && self.agent.transfer_call);
+        self.event(pb::call_event::Kind::ToolCall(pb::ToolCall {
+            tool_call_id: call_id.clone(),
+            name: name.clone(),
+            arguments_json: args.clone(),
+            builtin,
+        }));
+        if builtin && name == realtime::TOOL_END_CALL {
+            let reason = serde_json::from_str::<serde_json::Value>(&args)
+                .ok()
+                .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| "agent ended the call".to_owned());
+            if self
+                .life
+                .end_after_playback(Ending::new(EndReason::AgentHangup, reason))
+            {
+                self.pending_end_deadline = Some(Instant::now() + PLAYBACK_DRAIN_MAX);
+            }
+            self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
+                tool_call_id: call_id,
+                output: "the call ends after the goodbye".to_owned(),
+                is_error: false,
+            }));
+            return;
+        }
+        if builtin && name == realtime::TOOL_TRANSFER_CALL {
+            let number = serde_json::from_str::<serde_json::Value>(&args)
+                .ok()
+                .and_then(|v| v.get("number").and_then(|n| n.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            if !self.agent.transfer_numbers.contains(&number) {
+                self.tool_output(
+                    &call_id,
+                    r#"{"error":"that number is not an allowed transfer target"}"#,
+                    true,
+                );
+                return;
+            }
+            let ending = Ending {
+                reason: EndReason::Transferred,
+                detail: "agent transferred the call".to_owned(),
+                transfer_to: number,
+            };
+            if self.life.end_after_playback(ending) {
+                self.pending_end_deadline = Some(Instant::now() + PLAYBACK_DRAIN_MAX);
+            }
+            self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
+                tool_call_id: call_id,
+                output: "transferring".to_owned(),
+                is_error: false,
+            }));
+            return;
+        }
+        let known = self.agent.tools.iter().any(|t| t.name == name);
+        if !known {
+            self.tool_output(&call_id, r#"{"error":"unknown tool"}"#, true);
+            return;
+        }
+        if self.link_tx.is_none() || self.tools.len() >= MAX_PENDING_TOOLS {
+            self.tool_output(
+                &call_id,
+                r#"{"error":"the tool is not available now"}"#,
+                true,
+            );
+            return;
+        }
+        self.tools.push(PendingTool {
+            call_id,
+            deadline: Instant::now() + self.deps.config.tool_timeout(),
+        });
+    }
+
+    fn on_command(&mut self, cmd: pb::Command) {
+        use pb::command::Kind;
+        let Some(kind) = cmd.kind else {
+            debug!("Empty command ignored.");
+            return;
+        };
+        let applied = match kind {
+            Kind::Say(s) => {
+                if s.text.trim().is_empty() {
+                    false
+                } else {
+                    let text = format!("Say this to the caller now: \"{}\"", s.text);
+                    self.send_model(realtime::system_text(&text));
+                    self.send_model(realtime::response_create());
+                    true
+                }
+            }
+            Kind::Hangup(h) => {
+                let detail = if h.reason.is_empty() {
+                    "application hung up".to_owned()
+                } else {
+                    h.reason
+                };
+                self.end(Ending::new(EndReason::AppHangup, detail));
+                true
+            }
+            Kind::Transfer(t) => {
+                if t.number.trim().is_empty() {
+                    false
+                } else {
+                    self.end(Ending {
+                        reason: EndReason::Transferred,
+                        detail: "application transferred the call".to_owned(),
+                        transfer_to: t.number,
+                    });
+                    true
+                }
+            }
+            Kind::ToolResult(r) => {
+                let before = self.tools.len();
+                self.tools.retain(|t| t.call_id != r.tool_call_id);
+                if self.tools.len() == before {
+                    debug!(tool_call_id = %r.tool_call_id, "Tool result for no pending call ignored.");
+                    false
+                } else {
+                    self.tool_output(&r.tool_call_id, &r.output, r.is_error);
+                    true
+                }
+            }
+            Kind::UpdateInstructions(u) => {
+                self.agent.instructions = u.instructions;
+                self.send_model(realtime::update_instructions(&self.agent.instructions));
+                true
+            }
+        };
+        if applied {
+            self.event(pb::call_event::Kind::CommandApplied(pb::CommandApplied {
+                command_id: cmd.command_id,
+            }));
+        }
+    }
+
+    // ---- Ending ------------------------------------------------------------------------
+
+    async fn finish(mut self, mut tasks: JoinSet<TaskExit>, model_read: Option<ModelRead>) {
+        let ending = self
+            .life
+            .ending()
+            .cloned()
+            .unwrap_or_else(|| Ending::new(EndReason::InternalError, "no end reason"));
+        let outs = self.playback.flush();
+        self.apply(outs);
+        for t in std::mem::take(&mut self.tools) {
+            self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
+                tool_call_id: t.call_id,
+                output: r#"{"error":"the call ended"}"#.to_owned(),
+                is_error: true,
+            }));
+        }
+
+        // Close the model first (also when it never finished dialling: aborting the
+        // writer below drops the half-open socket).
+        let _ = self.model_tx.try_send(ModelOut::Close);
+        drop(model_read);
+
+        // Report the end and wait briefly for its ack, before Twilio is let go: Twilio
+        // fetches the <Connect action> as soon as the socket closes, and control must
+        // already know how the call ended to answer it.
+        if let Some(tx) = self.link_tx.take() {
+            let ended = pb::call_event::Kind::Ended(pb::Ended {
+                reason: ending.reason as i32,
+                detail: ending.detail.clone(),
+                transfer_to: ending.transfer_to.clone(),
+            });
+            let sent =
+                tokio::time::timeout(ENDED_ACK_WAIT, tx.send(LinkIn::Event(now_ms(), ended))).await;
+            drop(tx);
+            if matches!(sent, Ok(Ok(()))) {
+                let wait_link = async {
+                    while let Some(done) = tasks.join_next().await {
+                        if matches!(done, Ok(TaskExit::Link)) {
+                            return;
+                        }
+                    }
+                };
+                if tokio::time::timeout(ENDED_ACK_WAIT, wait_link)
+                    .await
+                    .is_err()
+                {
+                    warn!("Control did not acknowledge the end in time.");
+                }
+            }
+        }
+
+        let code = if ending.reason == EndReason::Drain {
+            CloseCode::Away
+        } else {
+            CloseCode::Normal
+        };
+        let _ = self.tw_tx.try_send(TwOut::Close(code, "call ended"));
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(done) = tasks.join_next().await {
+                if matches!(done, Ok(TaskExit::Twilio)) {
+                    return;
+                }
+            }
+        })
+        .await;
+        tasks.abort_all();
+
+        let label = reason_label(ending.reason);
+        self.deps.metrics.call_ended(label);
+        info!(
+            reason = label,
+            detail = %ending.detail,
+            transfer_to = %ending.transfer_to,
+            duration_ms = self.upgraded_at.elapsed().as_millis() as u64,
+            frames_in = self.frames_in,
+            frames_out = self.frames_out,
+            dropped_in = self.dropped_in,
+            dropped_out = self.dropped_out,
+            barge_ins = self.barge_ins,
+            "Call ended."
+        );
+    }
+}

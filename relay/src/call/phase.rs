@@ -1,0 +1,699 @@
+//! The call's pure state: lifecycle (which end, reported once) and playback bookkeeping
+//! for barge-in (protocols.md §4.4). No IO, no clocks: the call loop feeds it facts and
+//! executes the [`Out`]s it returns, in order.
+//!
+//! Playback model: every model audio delta forwarded to Twilio is followed by a mark named
+//! `g{generation}:{cumulative ms of the item}:{item id}`. Twilio echoes a mark when the
+//! audio queued before it has played, so the largest echoed ms of an item is what the
+//! caller heard. A Twilio `clear` flushes every pending mark back at once; those echoes do
+//! not prove anything was heard, so a barge-in bumps the generation and echoes of older
+//! generations are ignored.
+
+use std::collections::VecDeque;
+
+use callbridge_proto::pb::EndReason;
+
+/// Items kept per call while their playback or transcript is pending.
+const MAX_ITEMS: usize = 32;
+/// Discarded (interrupted) response ids remembered to drop their late deltas.
+const MAX_DISCARDED: usize = 8;
+
+/// Something the call loop must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    /// Send Twilio `clear` (stops queued assistant audio).
+    ClearTwilio,
+    /// Send `conversation.item.truncate`.
+    Truncate {
+        /// Assistant item.
+        item_id: String,
+        /// What the caller heard, never more than was sent.
+        audio_end_ms: u32,
+    },
+    /// Report an interruption event.
+    Interrupted {
+        /// The item being played when the caller barged in.
+        item_id: String,
+        /// Heard of it.
+        heard_ms: u32,
+        /// Sent of it.
+        audio_ms: u32,
+    },
+    /// Report the assistant's speech for an item, now that its heard portion is known.
+    AssistantSpeech {
+        /// Item.
+        item_id: String,
+        /// Transcript of the item.
+        text: String,
+        /// Cut off by the caller.
+        interrupted: bool,
+        /// Heard ms.
+        heard_ms: u32,
+        /// Sent ms.
+        audio_ms: u32,
+    },
+}
+
+/// What to do with one model audio delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// Forward it, then send a mark with this name.
+    Forward {
+        /// Mark name.
+        mark: String,
+    },
+    /// It belongs to an interrupted response: drop it.
+    Drop,
+}
+
+#[derive(Debug)]
+struct Item {
+    item_id: String,
+    response_id: String,
+    sent_bytes: u64,
+    heard_ms: u32,
+    audio_done: bool,
+    interrupted: bool,
+    transcript: Option<String>,
+}
+
+impl Item {
+    fn sent_ms(&self) -> u32 {
+        u32::try_from(self.sent_bytes / 8).unwrap_or(u32::MAX)
+    }
+    fn fully_heard(&self) -> bool {
+        self.audio_done && self.heard_ms >= self.sent_ms()
+    }
+    fn resolved(&self) -> bool {
+        self.interrupted || self.fully_heard()
+    }
+}
+
+/// Barge-in and playback bookkeeping of one call.
+#[derive(Debug, Default)]
+pub struct Playback {
+    generation: u32,
+    outstanding_marks: u32,
+    items: VecDeque<Item>,
+    active_response: Option<String>,
+    discarded: VecDeque<String>,
+    barge_in_enabled: bool,
+}
+
+impl Playback {
+    /// New bookkeeping; `barge_in_enabled` false disables interruption handling (the agent
+    /// set `interrupt_response: false`).
+    pub fn new(barge_in_enabled: bool) -> Self {
+        Self {
+            barge_in_enabled,
+            ..Self::default()
+        }
+    }
+
+    /// Current mark generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Marks sent in this generation not yet echoed.
+    pub fn outstanding_marks(&self) -> u32 {
+        self.outstanding_marks
+    }
+
+    /// True when no assistant audio is queued at Twilio and no response is running.
+    pub fn idle(&self) -> bool {
+        self.outstanding_marks == 0 && self.active_response.is_none()
+    }
+
+    fn is_discarded(&self, response_id: &str) -> bool {
+        self.discarded.iter().any(|r| r == response_id)
+    }
+
+    fn discard(&mut self, response_id: &str) {
+        if response_id.is_empty() || self.is_discarded(response_id) {
+            return;
+        }
+        if self.discarded.len() == MAX_DISCARDED {
+            self.discarded.pop_front();
+        }
+        self.discarded.push_back(response_id.to_owned());
+    }
+
+    /// `response.created`.
+    pub fn response_created(&mut self, response_id: &str) {
+        self.active_response = Some(response_id.to_owned());
+    }
+
+    /// `response.done`: the response is no longer active; its items have all their audio.
+    pub fn response_done(&mut self, response_id: &str) -> Vec<Out> {
+        if self.active_response.as_deref() == Some(response_id) {
+            self.active_response = None;
+        }
+        for it in self
+            .items
+            .iter_mut()
+            .filter(|i| i.response_id == response_id)
+        {
+            it.audio_done = true;
+        }
+        self.drain_resolved()
+    }
+
+    /// Whether a delta of this response would be dropped.
+    pub fn drops(&self, response_id: &str) -> bool {
+        self.is_discarded(response_id)
+    }
+
+    /// `response.output_audio.delta` of `bytes` decoded bytes. Call only when the delta and
+    /// its mark can both be queued to Twilio.
+    pub fn audio_delta(&mut self, response_id: &str, item_id: &str, bytes: usize) -> Delta {
+        if self.is_discarded(response_id) {
+            return Delta::Drop;
+        }
+        // A new item id starts fresh per-item state (protocols.md §4.3 pitfall 1).
+        let idx = match self.items.iter().rposition(|i| i.item_id == item_id) {
+            Some(i) => i,
+            None => {
+                if self.items.len() == MAX_ITEMS {
+                    self.items.pop_front();
+                }
+                self.items.push_back(Item {
+                    item_id: item_id.to_owned(),
+                    response_id: response_id.to_owned(),
+                    sent_bytes: 0,
+                    heard_ms: 0,
+                    audio_done: false,
+                    interrupted: false,
+                    transcript: None,
+                });
+                self.items.len() - 1
+            }
+        };
+        let item = &mut self.items[idx];
+        item.sent_bytes += bytes as u64;
+        self.outstanding_marks += 1;
+        Delta::Forward {
+            mark: format!("g{}:{}:{}", self.generation, item.sent_ms(), item_id),
+        }
+    }
+
+    /// `response.output_audio.done` for an item.
+    pub fn audio_done(&mut self, item_id: &str) -> Vec<Out> {
+        if let Some(it) = self.items.iter_mut().rev().find(|i| i.item_id == item_id) {
+            it.audio_done = true;
+        }
+        self.drain_resolved()
+    }
+
+    /// A Twilio `mark` echo. Returns `None` for a name this relay did not produce.
+    pub fn mark_echoed(&mut self, name: &str) -> Option<Vec<Out>> {
+        let (generation, ms, item_id) = parse_mark(name)?;
+        if generation != self.generation {
+            // Flushed by a `clear`: proves nothing about what was heard.
+            return Some(Vec::new());
+        }
+        self.outstanding_marks = self.outstanding_marks.saturating_sub(1);
+        if let Some(it) = self.items.iter_mut().rev().find(|i| i.item_id == item_id) {
+            it.heard_ms = it.heard_ms.max(ms.min(it.sent_ms()));
+        }
+        Some(self.drain_resolved())
+    }
+
+    /// `response.output_audio_transcript.done` for an item.
+    pub fn transcript_done(&mut self, item_id: &str, text: &str) -> Vec<Out> {
+        match self.items.iter_mut().rev().find(|i| i.item_id == item_id) {
+            Some(it) => {
+                it.transcript = Some(text.to_owned());
+                self.drain_resolved()
+            }
+            // No audio of this item was ever played (all of it dropped or none produced).
+            None => vec![Out::AssistantSpeech {
+                item_id: item_id.to_owned(),
+                text: text.to_owned(),
+                interrupted: false,
+                heard_ms: 0,
+                audio_ms: 0,
+            }],
+        }
+    }
+
+    /// `input_audio_buffer.speech_started`: the barge-in, if the assistant is talking.
+    pub fn speech_started(&mut self) -> Vec<Out> {
+        let talking = self.outstanding_marks > 0 || self.active_response.is_some();
+        if !self.barge_in_enabled || !talking {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if self.outstanding_marks > 0 {
+            // Clear first: it stops the sound fastest.
+            out.push(Out::ClearTwilio);
+        }
+        let mut first = true;
+        let mut discard = Vec::new();
+        for it in self.items.iter_mut() {
+            if it.interrupted || it.fully_heard() {
+                continue;
+            }
+            it.interrupted = true;
+            discard.push(it.response_id.clone());
+            let sent = it.sent_ms();
+            if it.sent_bytes == 0 {
+                continue; // truncating an item without audio is an error (pitfall 3)
+            }
+            // Items queued behind the one playing were not heard at all: heard_ms is 0.
+            let heard = it.heard_ms.min(sent);
+            it.heard_ms = heard;
+            out.push(Out::Truncate {
+                item_id: it.item_id.clone(),
+                audio_end_ms: heard,
+            });
+            if first {
+                out.push(Out::Interrupted {
+                    item_id: it.item_id.clone(),
+                    heard_ms: heard,
+                    audio_ms: sent,
+                });
+                first = false;
+            }
+        }
+        if let Some(active) = self.active_response.take() {
+            discard.push(active);
+        }
+        for r in discard {
+            self.discard(&r);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        self.outstanding_marks = 0;
+        out.extend(self.drain_resolved());
+        out
+    }
+
+    /// Reports every item still waiting (call end): what was heard so far.
+    pub fn flush(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
+        while let Some(it) = self.items.pop_front() {
+            if let Some(text) = it.transcript {
+                let audio_ms = u32::try_from(it.sent_bytes / 8).unwrap_or(u32::MAX);
+                out.push(Out::AssistantSpeech {
+                    item_id: it.item_id,
+                    text,
+                    interrupted: it.interrupted || it.heard_ms < audio_ms,
+                    heard_ms: it.heard_ms,
+                    audio_ms,
+                });
+            }
+        }
+        out
+    }
+
+    /// Emits speech for items whose heard portion is final and whose transcript is known,
+    /// in playback order, and forgets them.
+    fn drain_resolved(&mut self) -> Vec<Out> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.items.len() {
+            let it = &self.items[i];
+            if it.resolved() && it.transcript.is_some() {
+                let Some(it) = self.items.remove(i) else {
+                    break;
+                };
+                out.push(Out::AssistantSpeech {
+                    audio_ms: it.sent_ms(),
+                    item_id: it.item_id,
+                    text: it.transcript.unwrap_or_default(),
+                    interrupted: it.interrupted,
+                    heard_ms: it.heard_ms,
+                });
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Parses `g{generation}:{ms}:{item id}`.
+pub fn parse_mark(name: &str) -> Option<(u32, u32, &str)> {
+    let rest = name.strip_prefix('g')?;
+    let mut parts = rest.splitn(3, ':');
+    let generation = parts.next()?.parse().ok()?;
+    let ms = parts.next()?.parse().ok()?;
+    let item = parts.next()?;
+    Some((generation, ms, item))
+}
+
+/// How a call ends: the first reason wins and is reported once.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    started: bool,
+    end: Option<Ending>,
+    pending: Option<Ending>,
+}
+
+/// A decided end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// Why.
+    pub reason: EndReason,
+    /// Free text.
+    pub detail: String,
+    /// For transfers.
+    pub transfer_to: String,
+}
+
+impl Ending {
+    /// An end with a reason and detail.
+    pub fn new(reason: EndReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            transfer_to: String::new(),
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Twilio `start` arrived. Returns false for a second `start` (a bad message).
+    pub fn start(&mut self) -> bool {
+        !std::mem::replace(&mut self.started, true)
+    }
+
+    /// Whether `start` arrived.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Ends the call now; returns true only for the first end.
+    pub fn end(&mut self, ending: Ending) -> bool {
+        if self.end.is_some() {
+            return false;
+        }
+        self.end = Some(ending);
+        true
+    }
+
+    /// Ends the call once the assistant's queued audio has played (end_call, transfer).
+    /// Returns false if an end is already decided or pending.
+    pub fn end_after_playback(&mut self, ending: Ending) -> bool {
+        if self.end.is_some() || self.pending.is_some() {
+            return false;
+        }
+        self.pending = Some(ending);
+        true
+    }
+
+    /// Whether an end is waiting for playback.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some() && self.end.is_none()
+    }
+
+    /// Playback is idle: a pending end becomes the end. Returns true if it did.
+    pub fn playback_idle(&mut self) -> bool {
+        match self.pending.take() {
+            Some(p) => self.end(p),
+            None => false,
+        }
+    }
+
+    /// The decided end.
+    pub fn ending(&self) -> Option<&Ending> {
+        self.end.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `n` deltas of `bytes` each for an item and returns their mark names.
+    fn send(p: &mut Playback, resp: &str, item: &str, n: usize, bytes: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| match p.audio_delta(resp, item, bytes) {
+                Delta::Forward { mark } => mark,
+                Delta::Drop => panic!("unexpected drop"),
+            })
+            .collect()
+    }
+
+    fn speech(out: &[Out]) -> Vec<(String, bool, u32, u32)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::AssistantSpeech {
+                    item_id,
+                    interrupted,
+                    heard_ms,
+                    audio_ms,
+                    ..
+                } => Some((item_id.clone(), *interrupted, *heard_ms, *audio_ms)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mark_names_encode_generation_cumulative_ms_and_item() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let marks = send(&mut p, "r1", "item_a", 3, 160);
+        assert_eq!(marks, ["g0:20:item_a", "g0:40:item_a", "g0:60:item_a"]);
+        assert_eq!(parse_mark("g0:60:item_a"), Some((0, 60, "item_a")));
+        assert_eq!(parse_mark("g1:5:it:em"), Some((1, 5, "it:em")));
+        assert_eq!(parse_mark("responsePart"), None);
+        assert_eq!(parse_mark("gx:1:a"), None);
+        assert_eq!(p.outstanding_marks(), 3);
+    }
+
+    #[test]
+    fn barge_in_truncates_at_heard_from_echoed_marks() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let marks = send(&mut p, "r1", "item_a", 5, 160); // 100 ms sent
+        p.mark_echoed(&marks[0]).unwrap();
+        p.mark_echoed(&marks[1]).unwrap(); // 40 ms heard
+        let out = p.speech_started();
+        assert_eq!(
+            out,
+            vec![
+                Out::ClearTwilio,
+                Out::Truncate {
+                    item_id: "item_a".into(),
+                    audio_end_ms: 40
+                },
+                Out::Interrupted {
+                    item_id: "item_a".into(),
+                    heard_ms: 40,
+                    audio_ms: 100
+                },
+            ]
+        );
+        assert_eq!(p.generation(), 1);
+        assert_eq!(p.outstanding_marks(), 0);
+        // Marks flushed by the clear come back with the old generation: ignored.
+        for m in &marks[2..] {
+            assert_eq!(p.mark_echoed(m), Some(vec![]));
+        }
+        // Late deltas of the interrupted response are dropped.
+        assert_eq!(p.audio_delta("r1", "item_a", 160), Delta::Drop);
+        assert!(p.drops("r1"));
+        // Its transcript then reports the heard portion, interrupted.
+        let out = p.transcript_done("item_a", "Hello there, how");
+        assert_eq!(speech(&out), vec![("item_a".into(), true, 40, 100)]);
+    }
+
+    #[test]
+    fn truncate_never_exceeds_sent_audio() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        send(&mut p, "r1", "item_a", 2, 100); // 200 bytes = 25 ms
+        // A forged echo claiming more than was sent is capped.
+        p.mark_echoed("g0:9999:item_a").unwrap();
+        let out = p.speech_started();
+        assert!(out.contains(&Out::Truncate {
+            item_id: "item_a".into(),
+            audio_end_ms: 25
+        }));
+    }
+
+    #[test]
+    fn no_barge_in_when_nothing_plays() {
+        let mut p = Playback::new(true);
+        assert!(p.speech_started().is_empty());
+        // A finished, fully played turn: no clear, no truncate (the "already shorter" bug).
+        p.response_created("r1");
+        let marks = send(&mut p, "r1", "item_a", 2, 160);
+        p.audio_done("item_a");
+        p.response_done("r1");
+        for m in &marks {
+            p.mark_echoed(m).unwrap();
+        }
+        assert!(p.idle());
+        assert!(p.speech_started().is_empty());
+        assert_eq!(p.generation(), 0);
+    }
+
+    #[test]
+    fn barge_in_disabled_by_agent() {
+        let mut p = Playback::new(false);
+        p.response_created("r1");
+        send(&mut p, "r1", "item_a", 2, 160);
+        assert!(p.speech_started().is_empty());
+        assert_eq!(
+            p.audio_delta("r1", "item_a", 160),
+            Delta::Forward {
+                mark: "g0:60:item_a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn response_active_without_audio_discards_it_without_truncate() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let out = p.speech_started();
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(p.generation(), 1);
+        assert_eq!(p.audio_delta("r1", "item_a", 160), Delta::Drop);
+        // The next response plays normally with the new generation.
+        p.response_created("r2");
+        assert_eq!(send(&mut p, "r2", "item_b", 1, 160), ["g1:20:item_b"]);
+    }
+
+    #[test]
+    fn new_item_resets_per_item_state() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let a = send(&mut p, "r1", "item_a", 3, 160);
+        p.audio_done("item_a");
+        p.response_done("r1");
+        for m in &a {
+            p.mark_echoed(m).unwrap();
+        }
+        p.response_created("r2");
+        let b = send(&mut p, "r2", "item_b", 2, 160);
+        assert_eq!(b, ["g0:20:item_b", "g0:40:item_b"]);
+        p.mark_echoed(&b[0]).unwrap();
+        let out = p.speech_started();
+        assert!(out.contains(&Out::Truncate {
+            item_id: "item_b".into(),
+            audio_end_ms: 20
+        }));
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Out::Truncate { item_id, .. } if item_id == "item_a"))
+        );
+    }
+
+    #[test]
+    fn later_queued_items_truncate_at_zero() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let a = send(&mut p, "r1", "item_a", 2, 160);
+        send(&mut p, "r1", "item_b", 2, 160);
+        p.mark_echoed(&a[0]).unwrap();
+        let out = p.speech_started();
+        assert_eq!(
+            out[1..],
+            [
+                Out::Truncate {
+                    item_id: "item_a".into(),
+                    audio_end_ms: 20
+                },
+                Out::Interrupted {
+                    item_id: "item_a".into(),
+                    heard_ms: 20,
+                    audio_ms: 40
+                },
+                Out::Truncate {
+                    item_id: "item_b".into(),
+                    audio_end_ms: 0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn speech_reported_after_playback_completes() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let m = send(&mut p, "r1", "item_a", 2, 160);
+        p.audio_done("item_a");
+        // Transcript arrives before playback finished: held back.
+        assert!(p.transcript_done("item_a", "Hi!").is_empty());
+        assert!(p.response_done("r1").is_empty());
+        assert!(p.mark_echoed(&m[0]).unwrap().is_empty());
+        assert!(!p.idle());
+        let out = p.mark_echoed(&m[1]).unwrap();
+        assert_eq!(speech(&out), vec![("item_a".into(), false, 40, 40)]);
+        assert!(p.idle());
+    }
+
+    #[test]
+    fn transcript_without_audio_reports_zero() {
+        let mut p = Playback::new(true);
+        let out = p.transcript_done("item_x", "text");
+        assert_eq!(speech(&out), vec![("item_x".into(), false, 0, 0)]);
+    }
+
+    #[test]
+    fn flush_reports_pending_items_at_call_end() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let m = send(&mut p, "r1", "item_a", 3, 160);
+        p.transcript_done("item_a", "partial");
+        p.mark_echoed(&m[0]).unwrap();
+        assert_eq!(speech(&p.flush()), vec![("item_a".into(), true, 20, 60)]);
+        assert!(p.flush().is_empty());
+    }
+
+    #[test]
+    fn unknown_marks_are_reported_as_foreign() {
+        let mut p = Playback::new(true);
+        assert_eq!(p.mark_echoed("whatever"), None);
+        // A valid-looking mark never sent does not underflow.
+        assert_eq!(p.mark_echoed("g0:20:item_z"), Some(vec![]));
+        assert_eq!(p.outstanding_marks(), 0);
+    }
+
+    #[test]
+    fn second_barge_in_uses_new_generation() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        send(&mut p, "r1", "item_a", 2, 160);
+        p.speech_started();
+        p.response_done("r1");
+        p.response_created("r2");
+        let m = send(&mut p, "r2", "item_b", 3, 160);
+        assert!(m[0].starts_with("g1:"));
+        p.mark_echoed(&m[0]).unwrap();
+        p.mark_echoed(&m[1]).unwrap();
+        let out = p.speech_started();
+        assert!(out.contains(&Out::Truncate {
+            item_id: "item_b".into(),
+            audio_end_ms: 40
+        }));
+        assert_eq!(p.generation(), 2);
+    }
+
+    #[test]
+    fn lifecycle_reports_one_end_and_pending_ends_wait_for_playback() {
+        let mut l = Lifecycle::default();
+        assert!(l.start());
+        assert!(!l.start(), "second start is refused");
+        assert!(l.end_after_playback(Ending::new(EndReason::AgentHangup, "")));
+        assert!(l.has_pending());
+        assert!(!l.end_after_playback(Ending::new(EndReason::Transferred, "")));
+        assert!(l.ending().is_none());
+        assert!(l.playback_idle());
+        assert_eq!(l.ending().unwrap().reason, EndReason::AgentHangup);
+        assert!(!l.end(Ending::new(EndReason::CallerHangup, "")));
+        assert_eq!(l.ending().unwrap().reason, EndReason::AgentHangup);
+        assert!(!l.playback_idle());
+
+        let mut l = Lifecycle::default();
+        assert!(l.end_after_playback(Ending::new(EndReason::AgentHangup, "")));
+        assert!(l.end(Ending::new(EndReason::CallerHangup, "")));
+        assert!(!l.has_pending());
+        assert!(!l.playback_idle());
+        assert_eq!(l.ending().unwrap().reason, EndReason::CallerHangup);
+    }
+}

@@ -1,0 +1,449 @@
+//! Relay configuration: every setting is an environment variable (and a flag of the same
+//! meaning), read once before any socket opens. Invalid configuration exits with code 64.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `RELAY_LISTEN` | HTTP/WS listen address | `0.0.0.0:8080` |
+//! | `RELAY_PUBLIC_URL` | public `https://` base URL Twilio reaches; TwiML and signatures use it | required |
+//! | `CONTROL_URL` | control plane gRPC address (`http://host:port`); unset: standalone mode | unset |
+//! | `RELAY_CONTROL_TOKEN` | bearer token presented to control | unset |
+//! | `OPENAI_API_KEY` | model API key | required |
+//! | `OPENAI_REALTIME_URL` | Realtime endpoint | `wss://api.openai.com/v1/realtime` |
+//! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
+//! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only) | `false` |
+//! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
+//! | `RELAY_ID` | identity of this relay process towards control | hostname + random suffix |
+//! | `RELAY_START_TIMEOUT_MS` | Twilio `start` must arrive this soon after the upgrade | `5000` |
+//! | `RELAY_MEDIA_TIMEOUT_SECS` | end a call after this long without caller media | `30` |
+//! | `RELAY_UPSTREAM_CONNECT_TIMEOUT_MS` | connect timeout to the model and to control | `5000` |
+//! | `RELAY_TOOL_TIMEOUT_SECS` | an application tool result must come back this soon | `10` |
+//! | `RELAY_EVENT_BUFFER` | unacknowledged events kept per call | `4096` |
+//! | `RELAY_LOG` | log filter (`tracing` env-filter syntax) | `info` |
+//! | `RELAY_LOG_FORMAT` | `text` or `json` | `text` |
+//! | `AGENT_INSTRUCTIONS` | standalone agent: system prompt | a generic phone assistant prompt |
+//! | `AGENT_VOICE` | standalone agent: voice | `marin` |
+//! | `AGENT_MODEL` | standalone agent: model | `gpt-realtime` |
+//! | `AGENT_TEMPERATURE` | standalone agent: temperature (URL parameter) | unset |
+//! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Exit code for invalid configuration (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Default Realtime endpoint.
+pub const DEFAULT_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
+/// Default standalone model.
+pub const DEFAULT_MODEL: &str = "gpt-realtime";
+/// Default standalone voice.
+pub const DEFAULT_VOICE: &str = "marin";
+const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise phone assistant. Keep answers short; \
+     the caller hears you over a phone line.";
+
+/// A secret string: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; only for the places that must send or check it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the relay reads from its environment.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "callbridge-relay",
+    about = "Bridges Twilio Media Streams and the OpenAI Realtime API, one call per WebSocket.",
+    long_about = None
+)]
+pub struct Config {
+    /// HTTP/WS listen address.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Public base URL Twilio reaches (https://relay.example.com); used in TwiML and to check
+    /// signatures. http:// is accepted for local tests (streams then use ws://).
+    #[arg(long, env = "RELAY_PUBLIC_URL")]
+    pub public_url: String,
+    /// Control plane gRPC address (http://host:port). Unset: standalone mode, nothing stored.
+    #[arg(long, env = "CONTROL_URL")]
+    pub control_url: Option<String>,
+    /// Bearer token presented to the control plane.
+    #[arg(long, env = "RELAY_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<Secret>,
+    /// OpenAI API key.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Secret,
+    /// OpenAI Realtime WebSocket endpoint.
+    #[arg(long, env = "OPENAI_REALTIME_URL", default_value = DEFAULT_REALTIME_URL)]
+    pub openai_realtime_url: String,
+    /// Twilio auth token, to check X-Twilio-Signature.
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    pub twilio_auth_token: Option<Secret>,
+    /// Accept requests without a valid Twilio signature (local testing only).
+    #[arg(long, env = "RELAY_INSECURE_SKIP_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_skip_signature: bool,
+    /// Seconds live calls may run on after SIGTERM before they are cut.
+    #[arg(long, env = "RELAY_DRAIN_GRACE_SECS", default_value_t = 30)]
+    pub drain_grace_secs: u64,
+    /// Identity of this relay towards control (default: hostname + random suffix).
+    #[arg(long, env = "RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// Milliseconds Twilio has to send `start` after the upgrade.
+    #[arg(long, env = "RELAY_START_TIMEOUT_MS", default_value_t = 5000)]
+    pub start_timeout_ms: u64,
+    /// Seconds without caller media before the call is ended.
+    #[arg(long, env = "RELAY_MEDIA_TIMEOUT_SECS", default_value_t = 30)]
+    pub media_timeout_secs: u64,
+    /// Connect timeout (ms) to the model and to control.
+    #[arg(
+        long,
+        env = "RELAY_UPSTREAM_CONNECT_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub upstream_connect_timeout_ms: u64,
+    /// Seconds an application tool has to answer before the model gets an error result.
+    #[arg(long, env = "RELAY_TOOL_TIMEOUT_SECS", default_value_t = 10)]
+    pub tool_timeout_secs: u64,
+    /// Unacknowledged events kept per call while control is slow or away.
+    #[arg(long, env = "RELAY_EVENT_BUFFER", default_value_t = 4096)]
+    pub event_buffer: usize,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "RELAY_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Standalone agent: system prompt.
+    #[arg(long, env = "AGENT_INSTRUCTIONS", default_value = DEFAULT_INSTRUCTIONS)]
+    pub agent_instructions: String,
+    /// Standalone agent: voice.
+    #[arg(long, env = "AGENT_VOICE", default_value = DEFAULT_VOICE)]
+    pub agent_voice: String,
+    /// Standalone agent: model.
+    #[arg(long, env = "AGENT_MODEL", default_value = DEFAULT_MODEL)]
+    pub agent_model: String,
+    /// Standalone agent: temperature, passed as a URL parameter (0.6..=1.2).
+    #[arg(long, env = "AGENT_TEMPERATURE")]
+    pub agent_temperature: Option<f64>,
+    /// Standalone agent: greeting spoken first.
+    #[arg(long, env = "AGENT_GREETING")]
+    pub agent_greeting: Option<String>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// clap could not parse the arguments or environment.
+    #[error(transparent)]
+    Parse(#[from] clap::Error),
+    /// A value parsed but makes no sense.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The environment variable at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Parses flags and environment, then validates.
+    pub fn from_args_and_env<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = Self::try_parse_from(args)?;
+        config.validate()
+    }
+
+    /// A configuration for tests and embedding: the given public URL and model endpoint,
+    /// no control (standalone), no signature check, defaults elsewhere.
+    pub fn for_tests(public_url: &str, realtime_url: &str) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            control_url: None,
+            control_token: None,
+            openai_api_key: Secret::new("sk-test"),
+            openai_realtime_url: realtime_url.to_owned(),
+            twilio_auth_token: None,
+            insecure_skip_signature: true,
+            drain_grace_secs: 30,
+            relay_id: Some("relay-test".to_owned()),
+            start_timeout_ms: 5000,
+            media_timeout_secs: 30,
+            upstream_connect_timeout_ms: 5000,
+            tool_timeout_secs: 10,
+            event_buffer: 4096,
+            log: "info".to_owned(),
+            log_format: LogFormat::Text,
+            agent_instructions: DEFAULT_INSTRUCTIONS.to_owned(),
+            agent_voice: DEFAULT_VOICE.to_owned(),
+            agent_model: DEFAULT_MODEL.to_owned(),
+            agent_temperature: None,
+            agent_greeting: None,
+        }
+    }
+
+    /// Checks cross-field rules and normalises URLs.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        self.public_url = self.public_url.trim_end_matches('/').to_owned();
+        let rest = self
+            .public_url
+            .strip_prefix("https://")
+            .or_else(|| self.public_url.strip_prefix("http://"))
+            .ok_or_else(|| invalid("RELAY_PUBLIC_URL", "must start with https:// or http://"))?;
+        if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                "RELAY_PUBLIC_URL",
+                "needs a host and no query or fragment",
+            ));
+        }
+        if !(self.openai_realtime_url.starts_with("wss://")
+            || self.openai_realtime_url.starts_with("ws://"))
+        {
+            return Err(invalid(
+                "OPENAI_REALTIME_URL",
+                "must start with wss:// or ws://",
+            ));
+        }
+        if self.openai_realtime_url.contains('?') {
+            return Err(invalid(
+                "OPENAI_REALTIME_URL",
+                "must not carry a query; the model is added per call",
+            ));
+        }
+        if self.openai_api_key.expose().trim().is_empty() {
+            return Err(invalid("OPENAI_API_KEY", "must not be empty"));
+        }
+        if let Some(url) = &self.control_url {
+            if url.trim().is_empty() {
+                self.control_url = None;
+            } else if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "CONTROL_URL",
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        match &self.twilio_auth_token {
+            Some(t) if !t.expose().is_empty() => {}
+            _ if self.insecure_skip_signature => {}
+            _ => {
+                return Err(invalid(
+                    "TWILIO_AUTH_TOKEN",
+                    "required unless RELAY_INSECURE_SKIP_SIGNATURE=true",
+                ));
+            }
+        }
+        if self.start_timeout_ms == 0 {
+            return Err(invalid("RELAY_START_TIMEOUT_MS", "must be > 0"));
+        }
+        if self.media_timeout_secs == 0 {
+            return Err(invalid("RELAY_MEDIA_TIMEOUT_SECS", "must be > 0"));
+        }
+        if self.upstream_connect_timeout_ms == 0 {
+            return Err(invalid("RELAY_UPSTREAM_CONNECT_TIMEOUT_MS", "must be > 0"));
+        }
+        if self.tool_timeout_secs == 0 {
+            return Err(invalid("RELAY_TOOL_TIMEOUT_SECS", "must be > 0"));
+        }
+        if !(16..=1_000_000).contains(&self.event_buffer) {
+            return Err(invalid("RELAY_EVENT_BUFFER", "must be within 16..=1000000"));
+        }
+        if let Some(t) = self.agent_temperature
+            && !(0.6..=1.2).contains(&t)
+        {
+            return Err(invalid("AGENT_TEMPERATURE", "must be within 0.6..=1.2"));
+        }
+        if self.agent_instructions.trim().is_empty() {
+            return Err(invalid("AGENT_INSTRUCTIONS", "must not be empty"));
+        }
+        if self
+            .relay_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            self.relay_id = None;
+        }
+        Ok(self)
+    }
+
+    /// The relay id: configured, else hostname plus a random suffix.
+    pub fn relay_id(&self) -> String {
+        if let Some(id) = &self.relay_id {
+            return id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "relay".to_owned());
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}-{}", &suffix[..8])
+    }
+
+    /// Whether calls are backed by control (else standalone only).
+    pub fn has_control(&self) -> bool {
+        self.control_url.is_some()
+    }
+
+    /// The public base URL with `https`→`wss` and `http`→`ws`, for `<Stream url>`.
+    pub fn public_ws_base(&self) -> String {
+        if let Some(rest) = self.public_url.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = self.public_url.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            self.public_url.clone()
+        }
+    }
+
+    /// Start timeout as a duration.
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms)
+    }
+    /// Media idle timeout as a duration.
+    pub fn media_timeout(&self) -> Duration {
+        Duration::from_secs(self.media_timeout_secs)
+    }
+    /// Upstream connect timeout as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+    /// Tool timeout as a duration.
+    pub fn tool_timeout(&self) -> Duration {
+        Duration::from_secs(self.tool_timeout_secs)
+    }
+    /// Drain grace as a duration.
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["callbridge-relay"];
+        all.extend_from_slice(args);
+        Config::from_args_and_env(all)
+    }
+
+    const BASE: [&str; 6] = [
+        "--public-url",
+        "https://relay.example.com/",
+        "--openai-api-key",
+        "sk-1",
+        "--twilio-auth-token",
+        "tok",
+    ];
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = parse(&BASE).unwrap();
+        assert_eq!(c.public_url, "https://relay.example.com");
+        assert_eq!(c.public_ws_base(), "wss://relay.example.com");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.drain_grace_secs, 30);
+        assert_eq!(c.start_timeout(), Duration::from_millis(5000));
+        assert!(!c.has_control());
+        assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
+    }
+
+    #[test]
+    fn missing_auth_token_is_refused_unless_insecure() {
+        let err = parse(&BASE[..4]).unwrap_err();
+        assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"), "{err}");
+        let mut args = BASE[..4].to_vec();
+        args.extend(["--insecure-skip-signature", "true"]);
+        assert!(parse(&args).unwrap().insecure_skip_signature);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (flag, value, field) in [
+            ("--public-url", "ftp://x", "RELAY_PUBLIC_URL"),
+            ("--openai-realtime-url", "https://x", "OPENAI_REALTIME_URL"),
+            ("--control-url", "grpc://x", "CONTROL_URL"),
+            ("--agent-temperature", "2.0", "AGENT_TEMPERATURE"),
+            ("--start-timeout-ms", "0", "RELAY_START_TIMEOUT_MS"),
+        ] {
+            let mut args: Vec<&str> = BASE.to_vec();
+            match args.iter().position(|a| *a == flag) {
+                Some(i) => args[i + 1] = value,
+                None => args.extend([flag, value]),
+            }
+            let err = parse(&args).unwrap_err();
+            assert!(err.to_string().contains(field), "{flag}: {err}");
+        }
+        let mut args = BASE.to_vec();
+        args.extend(["--listen", "not-an-addr"]);
+        assert!(matches!(parse(&args), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = parse(&BASE).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("sk-1"), "{dbg}");
+        assert!(!dbg.contains("\"tok\""), "{dbg}");
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn relay_id_defaults_to_host_and_suffix() {
+        let c = parse(&BASE).unwrap();
+        let a = c.relay_id();
+        let b = c.relay_id();
+        assert_ne!(a, b, "random suffix differs");
+        assert!(a.len() > 9);
+    }
+}

@@ -1,0 +1,158 @@
+//! The relay's client of control's internal `Relay` service (Admit, Attach, After).
+
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_proto::pb::relay_client::RelayClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+use crate::config::Config;
+
+/// Slots of the outbound half of an attach stream.
+const ATTACH_OUT_SLOTS: usize = 64;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Errors talking to control, classified by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Control answered with a gRPC status.
+    #[error("control answered {code:?}: {message}", code = .0.code(), message = .0.message())]
+    Status(#[from] Status),
+    /// No answer in time.
+    #[error("control did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The attach stream closed before sending the call context.
+    #[error("attach stream closed before the call context")]
+    NoContext,
+}
+
+impl ControlError {
+    /// The gRPC code, with timeouts as `DEADLINE_EXCEEDED`.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Status(s) => s.code(),
+            Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::NoContext => Code::Unavailable,
+        }
+    }
+}
+
+/// Control's `Relay` API; clone-cheap (the tonic `Channel` multiplexes).
+#[derive(Clone)]
+pub struct Control {
+    client: RelayClient<InterceptedService<Channel, Auth>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+/// An open attach stream: the sender of requests and the stream of responses.
+pub struct AttachStream {
+    /// Requests up (events).
+    pub tx: mpsc::Sender<pb::AttachRequest>,
+    /// Responses down (acks, commands).
+    pub rx: Streaming<pb::AttachResponse>,
+}
+
+impl Control {
+    /// A lazily connecting client for `config.control_url` (None in standalone mode).
+    pub fn from_config(config: &Config) -> Result<Option<Self>, tonic::transport::Error> {
+        let Some(url) = &config.control_url else {
+            return Ok(None);
+        };
+        let endpoint = Endpoint::from_shared(url.clone())?
+            .connect_timeout(config.connect_timeout())
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let token = config
+            .control_token
+            .as_ref()
+            .and_then(|t| MetadataValue::try_from(format!("Bearer {}", t.expose()).as_str()).ok());
+        let client = RelayClient::with_interceptor(endpoint.connect_lazy(), Auth(token));
+        Ok(Some(Self {
+            client,
+            timeout: config.connect_timeout(),
+        }))
+    }
+
+    /// `Relay.Admit`.
+    pub async fn admit(&self, req: pb::AdmitRequest) -> Result<pb::AdmitResponse, ControlError> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.timeout, client.admit(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(ControlError::Timeout(self.timeout)),
+        }
+    }
+
+    /// `Relay.After`.
+    pub async fn after(&self, call_id: &str) -> Result<pb::AfterResponse, ControlError> {
+        let mut client = self.client.clone();
+        let req = pb::AfterRequest {
+            call_id: call_id.to_owned(),
+        };
+        match tokio::time::timeout(self.timeout, client.after(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(ControlError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Opens `Relay.Attach` and waits for the call context (the first reply).
+    pub async fn attach(
+        &self,
+        call_id: &str,
+        relay_id: &str,
+        reconnect: bool,
+    ) -> Result<(pb::CallContext, AttachStream), ControlError> {
+        let fut = async {
+            let (tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
+            let open = pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
+                    call_id: call_id.to_owned(),
+                    relay_id: relay_id.to_owned(),
+                    reconnect,
+                })),
+            };
+            tx.send(open).await.map_err(|_| ControlError::NoContext)?;
+            let mut client = self.client.clone();
+            let mut stream = client.attach(ReceiverStream::new(rx)).await?.into_inner();
+            loop {
+                match stream.message().await? {
+                    Some(pb::AttachResponse {
+                        msg: Some(pb::attach_response::Msg::Context(ctx)),
+                    }) => return Ok((ctx, AttachStream { tx, rx: stream })),
+                    // Nothing else may come before the context; tolerate and keep waiting.
+                    Some(_) => continue,
+                    None => return Err(ControlError::NoContext),
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ControlError::Timeout(self.timeout)),
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! The relay's HTTP and WebSocket surface (warp).
+//!
+//! | method, path | what |
+//! |---|---|
+//! | `POST /api/twilio/voice` | voice webhook → TwiML (`?callId=` for pre-created calls) |
+//! | `POST /api/twilio/after/{callId}` | `<Connect action>` → TwiML for what comes next |
+//! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
+//! | `WS /api/twilio/media-stream-simple` | standalone media stream |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness, readiness (503 while draining), Prometheus |
+//!
+//! Anything else is 404 without an upgrade. Twilio requests must carry a valid
+//! `X-Twilio-Signature` (403 otherwise). Control errors at webhook time: no agent for the
+//! number (`NOT_FOUND`) → 200 TwiML that apologises and hangs up (Twilio needs TwiML, and
+//! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
+//! → 503, so Twilio's configured fallback URL takes over.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use callbridge_proto::pb;
+use http::{HeaderValue, StatusCode};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tonic::Code;
+use tracing::{Instrument, debug, info_span, warn};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::call::{self, CallDeps, CallSetup, TWILIO_MAX_MESSAGE};
+use crate::control::ControlError;
+use crate::realtime::AgentView;
+use crate::{signature, twiml};
+
+/// Largest webhook body accepted.
+const MAX_FORM_BYTES: u64 = 64 * 1024;
+/// Longest call id accepted in a path.
+const MAX_CALL_ID: usize = 128;
+
+/// Shared by every request; clone-cheap.
+#[derive(Clone)]
+pub struct Deps {
+    /// What calls need.
+    pub call: CallDeps,
+    /// True once shutdown began.
+    pub draining: Arc<AtomicBool>,
+    /// Tracks every live call for the drain.
+    pub tracker: TaskTracker,
+}
+
+impl Deps {
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+fn with_deps(deps: Deps) -> impl Filter<Extract = (Deps,), Error = Infallible> + Clone {
+    warp::any().map(move || deps.clone())
+}
+
+fn optional_raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+fn signature_header() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("x-twilio-signature")
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response {
+    warp::reply::with_status(body, status).into_response()
+}
+
+fn xml(body: String) -> Response {
+    warp::reply::with_header(body, "content-type", twiml::CONTENT_TYPE).into_response()
+}
+
+fn valid_call_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CALL_ID
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+/// Checks the Twilio signature of a request to `url` with `params`.
+fn signed(deps: &Deps, url: &str, params: &[(String, String)], sig: Option<&str>) -> bool {
+    let cfg = &deps.call.config;
+    if cfg.insecure_skip_signature {
+        return true;
+    }
+    match (&cfg.twilio_auth_token, sig) {
+        (Some(token), Some(sig)) => signature::validate(token, url, params, sig),
+        _ => false,
+    }
+}
+
+fn full_url(base: &str, path: &str, raw_query: &str) -> String {
+    if raw_query.is_empty() {
+        format!("{base}{path}")
+    } else {
+        format!("{base}{path}?{raw_query}")
+    }
+}
+
+fn param<'a>(form: &'a [(String, String)], name: &str) -> &'a str {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+fn control_status(e: &ControlError) -> StatusCode {
+    match e.code() {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::FailedPrecondition => StatusCode::GONE,
+        Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated | Code::PermissionDenied => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// `POST /api/twilio/voice` — the voice webhook.
+async fn voice(
+    raw_query: String,
+    sig: Option<String>,
+    form: Vec<(String, String)>,
+    deps: Deps,
+) -> Result<Response, Infallible> {
+    let cfg = deps.call.config.clone();
+    let url = full_url(&cfg.public_url, "/api/twilio/voice", &raw_query);
+    if !signed(&deps, &url, &form, sig.as_deref()) {
+        return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
+    }
+    if deps.draining() {
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
+    }
+    let Some(control) = &deps.call.control else {
+        return Ok(xml(twiml::connect_simple(&cfg.public_ws_base())));
+    };
+    let query: HashMap<String, String> = serde_urlencoded_lite(&raw_query).into_iter().collect();
+    let call_id = query.get("callId").cloned().unwrap_or_default();
+    if !call_id.is_empty() && !valid_call_id(&call_id) {
+        return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
+    }
+    let req = pb::AdmitRequest {
+        call_id,
+        twilio_call_sid: param(&form, "CallSid").to_owned(),
+        from: param(&form, "From").to_owned(),
+        to: param(&form, "To").to_owned(),
+        twilio_direction: param(&form, "Direction").to_owned(),
+        account_sid: param(&form, "AccountSid").to_owned(),
+    };
+    match control.admit(req).await {
+        Ok(resp) => {
+            let Some(call) = resp.call else {
+                warn!("Admit answered without a call.");
+                return Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    "control answered without a call\n",
+                ));
+            };
+            let settings = resp.agent.as_ref().and_then(|a| a.settings.as_ref());
+            if settings.and_then(|s| s.realtime_enabled) == Some(false) {
+                let fb = settings.and_then(|s| s.fallback.as_ref());
+                return Ok(xml(twiml::fallback(fb)));
+            }
+            Ok(xml(twiml::connect_stream(
+                &cfg.public_url,
+                &cfg.public_ws_base(),
+                &call.call_id,
+            )))
+        }
+        Err(e) => {
+            debug!(error = %e, "Admit refused.");
+            Ok(match e.code() {
+                Code::NotFound => xml(twiml::say_and_hangup(
+                    "Sorry, this number is not in service. Goodbye.",
+                )),
+                Code::FailedPrecondition => xml(twiml::hangup()),
+                _ => text(control_status(&e), "control plane unavailable\n"),
+            })
+        }
+    }
+}
+
+/// Minimal `application/x-www-form-urlencoded` parsing of a query string.
+fn serde_urlencoded_lite(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                        Some(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// `POST /api/twilio/after/{callId}` — what the caller gets after the stream.
+async fn after(
+    call_id: String,
+    raw_query: String,
+    sig: Option<String>,
+    form: Vec<(String, String)>,
+    deps: Deps,
+) -> Result<Response, Infallible> {
+    let cfg = deps.call.config.clone();
+    let url = full_url(
+        &cfg.public_url,
+        &format!("/api/twilio/after/{call_id}"),
+        &raw_query,
+    );
+    if !signed(&deps, &url, &form, sig.as_deref()) {
+        return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
+    }
+    if !valid_call_id(&call_id) {
+        return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
+    }
+    let Some(control) = &deps.call.control else {
+        return Ok(xml(twiml::hangup()));
+    };
+    use pb::after_response::Next;
+    match control.after(&call_id).await {
+        Ok(resp) => Ok(xml(match resp.next {
+            Some(Next::Hangup(_)) | None => twiml::hangup(),
+            Some(Next::DialNumber(n)) => twiml::dial(&n),
+            Some(Next::Fallback(f)) => twiml::fallback(Some(&f)),
+            Some(Next::Resume(_)) => {
+                twiml::connect_stream(&cfg.public_url, &cfg.public_ws_base(), &call_id)
+            }
+        })),
+        Err(e) => {
+            debug!(error = %e, "After failed.");
+            Ok(match e.code() {
+                // The call is unknown: nothing sensible to continue with.
+                Code::NotFound => xml(twiml::hangup()),
+                // Control is down: give the caller the default apology rather than silence.
+                _ => xml(twiml::fallback(None)),
+            })
+        }
+    }
+}
+
+/// `WS /api/twilio/media-stream/{callId}` — checks, attaches, then upgrades.
+async fn media_stream(
+    call_id: String,
+    sig: Option<String>,
+    ws: warp::ws::Ws,
+    deps: Deps,
+) -> Result<Response, Infallible> {
+    let cfg = deps.call.config.clone();
+    let url = format!("{}/api/twilio/media-stream/{call_id}", cfg.public_ws_base());
+    if !signed(&deps, &url, &[], sig.as_deref()) {
+        return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
+    }
+    if !valid_call_id(&call_id) {
+        return Ok(text(StatusCode::NOT_FOUND, "unknown call\n"));
+    }
+    if deps.draining() {
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
+    }
+    let Some(control) = &deps.call.control else {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "control-backed streams need CONTROL_URL\n",
+        ));
+    };
+    // Attach before upgrading: an unknown, ended or already-attached call never gets a
+    // model socket.
+    let (ctx, stream) = match control.attach(&call_id, &deps.call.relay_id, false).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            debug!(call_id, error = %e, "Attach refused; upgrade refused.");
+            let body = match e.code() {
+                Code::NotFound => "unknown call\n",
+                Code::FailedPrecondition => "call has ended\n",
+                Code::AlreadyExists => "call is already attached\n",
+                _ => "control plane unavailable\n",
+            };
+            return Ok(text(control_status(&e), body));
+        }
+    };
+    let agent = match ctx.agent.as_ref() {
+        Some(a) => AgentView::from_agent(a),
+        None => {
+            warn!(call_id, "Call context without agent.");
+            return Ok(text(
+                StatusCode::BAD_GATEWAY,
+                "call context without agent\n",
+            ));
+        }
+    };
+    let setup = CallSetup {
+        call_id: call_id.clone(),
+        agent,
+        attach: Some((ctx, stream)),
+        upgraded_at: Instant::now(),
+    };
+    Ok(upgrade(ws, setup, deps, call_id))
+}
+
+/// `WS /api/twilio/media-stream-simple` — the standalone agent, nothing stored.
+async fn media_stream_simple(
+    sig: Option<String>,
+    ws: warp::ws::Ws,
+    deps: Deps,
+) -> Result<Response, Infallible> {
+    let cfg = deps.call.config.clone();
+    let url = format!("{}/api/twilio/media-stream-simple", cfg.public_ws_base());
+    if !signed(&deps, &url, &[], sig.as_deref()) {
+        return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
+    }
+    if deps.draining() {
+        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
+    }
+    let setup = CallSetup {
+        call_id: String::new(),
+        agent: AgentView::standalone(&cfg),
+        attach: None,
+        upgraded_at: Instant::now(),
+    };
+    Ok(upgrade(ws, setup, deps, "standalone".to_owned()))
+}
+
+fn upgrade(ws: warp::ws::Ws, setup: CallSetup, deps: Deps, call_id: String) -> Response {
+    let token = deps.tracker.token();
+    let call_deps = deps.call.clone();
+    let span = info_span!("call", call_id = %call_id, call_sid = tracing::field::Empty);
+    ws.max_message_size(TWILIO_MAX_MESSAGE)
+        .max_frame_size(TWILIO_MAX_MESSAGE)
+        .on_upgrade(move |socket| {
+            async move {
+                // Held until the call is over, so the drain waits for it.
+                let _token = token;
+                call::run(socket, setup, call_deps).await;
+            }
+            .instrument(span)
+        })
+        .into_response()
+}
+
+fn add_security_headers(reply: impl Reply) -> Response {
+    let mut resp = reply.into_response();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        (
+            "strict-transport-security",
+            "max-age=15552000; includeSubDomains",
+        ),
+        ("cross-origin-resource-policy", "same-origin"),
+        ("cross-origin-opener-policy", "same-origin"),
+        ("x-dns-prefetch-control", "off"),
+        ("x-permitted-cross-domain-policies", "none"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    resp
+}
+
+async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
+    let status = if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        StatusCode::LENGTH_REQUIRED
+    } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    } else if err.find::<warp::body::BodyDeserializeError>().is_some() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    let body = match status {
+        StatusCode::NOT_FOUND => "not found\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "body too large\n",
+        StatusCode::LENGTH_REQUIRED => "content-length required\n",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "expected application/x-www-form-urlencoded\n",
+        _ => "malformed form body\n",
+    };
+    Ok(text(status, body))
+}
+
+/// Every route, with rejections mapped and security headers on HTTP answers.
+pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| text(StatusCode::OK, "ok\n"));
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_deps(deps.clone()))
+        .map(|deps: Deps| {
+            if deps.draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_deps(deps.clone()))
+        .map(|deps: Deps| {
+            warp::reply::with_header(
+                deps.call.metrics.encode(),
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .into_response()
+        });
+    let form = warp::body::content_length_limit(MAX_FORM_BYTES)
+        .and(warp::body::form::<Vec<(String, String)>>());
+    let voice = warp::path!("api" / "twilio" / "voice")
+        .and(warp::post())
+        .and(optional_raw_query())
+        .and(signature_header())
+        .and(form)
+        .and(with_deps(deps.clone()))
+        .and_then(voice);
+    let after = warp::path!("api" / "twilio" / "after" / String)
+        .and(warp::post())
+        .and(optional_raw_query())
+        .and(signature_header())
+        .and(form)
+        .and(with_deps(deps.clone()))
+        .and_then(after);
+    let stream = warp::path!("api" / "twilio" / "media-stream" / String)
+        .and(signature_header())
+        .and(warp::ws())
+        .and(with_deps(deps.clone()))
+        .and_then(media_stream);
+    let simple = warp::path!("api" / "twilio" / "media-stream-simple")
+        .and(signature_header())
+        .and(warp::ws())
+        .and(with_deps(deps))
+        .and_then(media_stream_simple);
+    healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(voice)
+        .unify()
+        .or(after)
+        .unify()
+        .or(simple)
+        .unify()
+        .or(stream)
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+        .map(add_security_headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let q = serde_urlencoded_lite("callId=call_1&x=a%20b+c&flag&bad=%zz&tail=%4");
+        assert_eq!(q[0], ("callId".to_owned(), "call_1".to_owned()));
+        assert_eq!(q[1], ("x".to_owned(), "a b c".to_owned()));
+        assert_eq!(q[2], ("flag".to_owned(), String::new()));
+        assert_eq!(q[3], ("bad".to_owned(), "%zz".to_owned()));
+        assert_eq!(q[4], ("tail".to_owned(), "%4".to_owned()));
+    }
+
+    #[test]
+    fn call_ids() {
+        assert!(valid_call_id("call_123-abc.1"));
+        assert!(!valid_call_id(""));
+        assert!(!valid_call_id("a/b"));
+        assert!(!valid_call_id(&"a".repeat(129)));
+    }
+}

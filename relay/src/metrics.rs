@@ -1,0 +1,262 @@
+//! Prometheus metrics (prometheus-client). Every per-frame counter is resolved once into
+//! a plain `Counter` handle (an `Arc<AtomicU64>`), so the audio path never takes the
+//! family's lock.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// All relay metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    active_calls: Gauge,
+    calls_total: Family<Labels, Counter>,
+    frames_c2m: Counter,
+    frames_m2c: Counter,
+    dropped_c2m: Counter,
+    dropped_m2c: Counter,
+    barge_ins: Counter,
+    model_errors: Counter,
+    bad_twilio: Counter,
+    bad_realtime: Counter,
+    event_queue_depth: Gauge,
+    events_overflow: Counter,
+    time_to_first_audio: Histogram,
+    control_reconnects: Counter,
+    draining: Gauge,
+}
+
+fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
+    let guard = family.get_or_create(&[label]);
+    guard.clone()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `callbridge_relay_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("callbridge_relay");
+        let active_calls = Gauge::default();
+        registry.register(
+            "active_calls",
+            "Calls being carried now",
+            active_calls.clone(),
+        );
+        let calls_total = Family::<Labels, Counter>::default();
+        registry.register("calls", "Calls ended, by end reason", calls_total.clone());
+        let frames = Family::<Labels, Counter>::default();
+        registry.register(
+            "frames",
+            "Audio frames relayed, by direction",
+            frames.clone(),
+        );
+        let dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "frames_dropped",
+            "Audio frames dropped because the writer was behind, by direction",
+            dropped.clone(),
+        );
+        let barge_ins = Counter::default();
+        registry.register(
+            "barge_ins",
+            "Caller interruptions of the assistant",
+            barge_ins.clone(),
+        );
+        let model_errors = Counter::default();
+        registry.register(
+            "model_errors",
+            "Error events from the model",
+            model_errors.clone(),
+        );
+        let bad = Family::<Labels, Counter>::default();
+        registry.register(
+            "bad_messages",
+            "Malformed, unexpected or oversized messages, by side",
+            bad.clone(),
+        );
+        let event_queue_depth = Gauge::default();
+        registry.register(
+            "event_queue_depth",
+            "Events waiting for control's acknowledgement, summed over calls",
+            event_queue_depth.clone(),
+        );
+        let events_overflow = Counter::default();
+        registry.register(
+            "events_overflow",
+            "Events dropped because a call's unacknowledged buffer was full",
+            events_overflow.clone(),
+        );
+        let time_to_first_audio = Histogram::new(exponential_buckets(0.05, 2.0, 10));
+        registry.register(
+            "time_to_first_audio_seconds",
+            "From Twilio start to the first model audio sent to the caller",
+            time_to_first_audio.clone(),
+        );
+        let control_reconnects = Counter::default();
+        registry.register(
+            "control_reconnects",
+            "Attach stream reconnect attempts",
+            control_reconnects.clone(),
+        );
+        let draining = Gauge::default();
+        registry.register(
+            "draining",
+            "1 while the relay is draining",
+            draining.clone(),
+        );
+
+        // One statement each: `get_or_create` returns a read guard, and a second call on the
+        // same family while it is alive would wait for the write lock forever.
+        let frames_c2m = resolve(&frames, ("direction", "caller_to_model"));
+        let frames_m2c = resolve(&frames, ("direction", "model_to_caller"));
+        let dropped_c2m = resolve(&dropped, ("direction", "caller_to_model"));
+        let dropped_m2c = resolve(&dropped, ("direction", "model_to_caller"));
+        let bad_twilio = resolve(&bad, ("side", "twilio"));
+        let bad_realtime = resolve(&bad, ("side", "realtime"));
+        let inner = Inner {
+            frames_c2m,
+            frames_m2c,
+            dropped_c2m,
+            dropped_m2c,
+            bad_twilio,
+            bad_realtime,
+            registry,
+            active_calls,
+            calls_total,
+            barge_ins,
+            model_errors,
+            event_queue_depth,
+            events_overflow,
+            time_to_first_audio,
+            control_reconnects,
+            draining,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// Active calls gauge.
+    pub fn active_calls(&self) -> &Gauge {
+        &self.inner.active_calls
+    }
+    /// Counts an ended call by reason (a lowercase reason name).
+    pub fn call_ended(&self, reason: &'static str) {
+        let counter = resolve(&self.inner.calls_total, ("reason", reason));
+        counter.inc();
+    }
+    /// Caller→model frames.
+    pub fn frames_c2m(&self) -> &Counter {
+        &self.inner.frames_c2m
+    }
+    /// Model→caller frames.
+    pub fn frames_m2c(&self) -> &Counter {
+        &self.inner.frames_m2c
+    }
+    /// Dropped caller→model frames.
+    pub fn dropped_c2m(&self) -> &Counter {
+        &self.inner.dropped_c2m
+    }
+    /// Dropped model→caller frames.
+    pub fn dropped_m2c(&self) -> &Counter {
+        &self.inner.dropped_m2c
+    }
+    /// Barge-ins.
+    pub fn barge_ins(&self) -> &Counter {
+        &self.inner.barge_ins
+    }
+    /// Model error events.
+    pub fn model_errors(&self) -> &Counter {
+        &self.inner.model_errors
+    }
+    /// Bad messages from Twilio.
+    pub fn bad_twilio(&self) -> &Counter {
+        &self.inner.bad_twilio
+    }
+    /// Bad messages from the model.
+    pub fn bad_realtime(&self) -> &Counter {
+        &self.inner.bad_realtime
+    }
+    /// Unacked events over all calls.
+    pub fn event_queue_depth(&self) -> &Gauge {
+        &self.inner.event_queue_depth
+    }
+    /// Events dropped on a full buffer.
+    pub fn events_overflow(&self) -> &Counter {
+        &self.inner.events_overflow
+    }
+    /// Time to first audio histogram.
+    pub fn time_to_first_audio(&self) -> &Histogram {
+        &self.inner.time_to_first_audio
+    }
+    /// Attach reconnect attempts.
+    pub fn control_reconnects(&self) -> &Counter {
+        &self.inner.control_reconnects
+    }
+    /// Draining gauge.
+    pub fn draining(&self) -> &Gauge {
+        &self.inner.draining
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let m = Metrics::new();
+        m.frames_c2m().inc();
+        m.call_ended("caller_hangup");
+        m.time_to_first_audio().observe(0.2);
+        let text = m.encode();
+        for name in [
+            "callbridge_relay_active_calls",
+            "callbridge_relay_calls_total{reason=\"caller_hangup\"} 1",
+            "callbridge_relay_frames_total{direction=\"caller_to_model\"} 1",
+            "callbridge_relay_frames_total{direction=\"model_to_caller\"} 0",
+            "callbridge_relay_frames_dropped_total{direction=\"caller_to_model\"}",
+            "callbridge_relay_barge_ins_total",
+            "callbridge_relay_model_errors_total",
+            "callbridge_relay_bad_messages_total{side=\"twilio\"}",
+            "callbridge_relay_bad_messages_total{side=\"realtime\"}",
+            "callbridge_relay_event_queue_depth",
+            "callbridge_relay_time_to_first_audio_seconds_count 1",
+            "callbridge_relay_control_reconnects_total",
+            "callbridge_relay_draining",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! OpenAI Realtime (GA) wire format (protocols.md §3): the agent settings a call runs
+//! with, the client events the relay sends, and a single-pass borrowed parse of server
+//! events.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::{Config, DEFAULT_MODEL, DEFAULT_VOICE};
+use crate::twilio::{Str, push_json_str};
+
+/// Name of the built-in hang-up tool.
+pub const TOOL_END_CALL: &str = "end_call";
+/// Name of the built-in transfer tool.
+pub const TOOL_TRANSFER_CALL: &str = "transfer_call";
+/// Default hard limit of a call.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// The agent a call runs with, from control's `Agent` or the relay's own settings.
+#[derive(Clone, Debug, Default)]
+pub struct AgentView {
+    /// Agent id (empty for the standalone agent).
+    pub agent_id: String,
+    /// Realtime model.
+    pub model: String,
+    /// Output voice.
+    pub voice: String,
+    /// System prompt.
+    pub instructions: String,
+    /// Passed as `&temperature=` on the URL (GA has no session field for it).
+    pub temperature: Option<f64>,
+    /// Spoken first, if not empty.
+    pub greeting: String,
+    /// Turn detection; `None` means server VAD defaults.
+    pub turn_detection: Option<pb::TurnDetection>,
+    /// Input transcription model; empty turns it off.
+    pub transcription_model: String,
+    /// Application tools.
+    pub tools: Vec<pb::Tool>,
+    /// Built-in `end_call`.
+    pub end_call: bool,
+    /// Built-in `transfer_call`.
+    pub transfer_call: bool,
+    /// Numbers `transfer_call` may dial.
+    pub transfer_numbers: Vec<String>,
+    /// Hard limit of the call.
+    pub max_duration: Duration,
+}
+
+impl AgentView {
+    /// From control's agent.
+    pub fn from_agent(agent: &pb::Agent) -> Self {
+        let s = agent.settings.clone().unwrap_or_default();
+        let builtin = s.builtin_tools.clone().unwrap_or_default();
+        Self {
+            agent_id: agent.agent_id.clone(),
+            model: non_empty(s.model, DEFAULT_MODEL),
+            voice: non_empty(s.voice, DEFAULT_VOICE),
+            instructions: s.instructions,
+            temperature: s.temperature,
+            greeting: s.greeting,
+            turn_detection: s.turn_detection,
+            transcription_model: s.input_transcription_model,
+            tools: s.tools,
+            end_call: builtin.end_call,
+            transfer_call: builtin.transfer_call,
+            transfer_numbers: builtin.transfer_numbers,
+            max_duration: match s.max_call_duration_secs {
+                0 => DEFAULT_MAX_DURATION,
+                n => Duration::from_secs(u64::from(n)),
+            },
+        }
+    }
+
+    /// The standalone agent from the relay's configuration.
+    pub fn standalone(config: &Config) -> Self {
+        Self {
+            agent_id: String::new(),
+            model: config.agent_model.clone(),
+            voice: config.agent_voice.clone(),
+            instructions: config.agent_instructions.clone(),
+            temperature: config.agent_temperature,
+            greeting: config.agent_greeting.clone().unwrap_or_default(),
+            max_duration: DEFAULT_MAX_DURATION,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the caller's speech should cut the assistant off (agent's
+    /// `interrupt_response`, default true).
+    pub fn barge_in_enabled(&self) -> bool {
+        self.turn_detection
+            .as_ref()
+            .and_then(|t| t.interrupt_response)
+            .unwrap_or(true)
+    }
+
+    /// The Realtime URL for this agent: `?model=` and, when set, `&temperature=`.
+    pub fn url(&self, base: &str) -> String {
+        let mut url = format!("{base}?model={}", url_component(&self.model));
+        if let Some(t) = self.temperature {
+            url.push_str(&format!("&temperature={t}"));
+        }
+        url
+    }
+
+    fn turn_detection_json(&self) -> Value {
+        use pb::turn_detection::Type;
+        let Some(td) = &self.turn_detection else {
+            return json!({ "type": "server_vad" });
+        };
+        let mut obj = serde_json::Map::new();
+        match Type::try_from(td.r#type).unwrap_or(Type::ServerVad) {
+            Type::None => return Value::Null,
+            Type::SemanticVad => {
+                obj.insert("type".into(), "semantic_vad".into());
+                if !td.eagerness.is_empty() {
+                    obj.insert("eagerness".into(), td.eagerness.clone().into());
+                }
+            }
+            Type::Unspecified | Type::ServerVad => {
+                obj.insert("type".into(), "server_vad".into());
+                if let Some(v) = td.threshold {
+                    obj.insert("threshold".into(), v.into());
+                }
+                if let Some(v) = td.prefix_padding_ms {
+                    obj.insert("prefix_padding_ms".into(), v.into());
+                }
+                if let Some(v) = td.silence_duration_ms {
+                    obj.insert("silence_duration_ms".into(), v.into());
+                }
+            }
+        }
+        if let Some(v) = td.create_response {
+            obj.insert("create_response".into(), v.into());
+        }
+        if let Some(v) = td.interrupt_response {
+            obj.insert("interrupt_response".into(), v.into());
+        }
+        Value::Object(obj)
+    }
+
+    fn tools_json(&self) -> Vec<Value> {
+        let mut tools = Vec::with_capacity(self.tools.len() + 2);
+        for t in &self.tools {
+            let params = if t.parameters_json.trim().is_empty() {
+                json!({ "type": "object", "properties": {} })
+            } else {
+                serde_json::from_str(&t.parameters_json)
+                    .unwrap_or_else(|_| json!({ "type": "object", "properties": {} }))
+            };
+            tools.push(json!({
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": params,
+            }));
+        }
+        if self.end_call {
+            tools.push(json!({
+                "type": "function",
+                "name": TOOL_END_CALL,
+                "description": "Hang up the call. Say a short goodbye first; the call ends when it has been heard.",
+                "parameters": { "type": "object", "properties": {
+                    "reason": { "type": "string", "description": "Why the call ends." } } },
+            }));
+        }
+        if self.transfer_call && !self.transfer_numbers.is_empty() {
+            tools.push(json!({
+                "type": "function",
+                "name": TOOL_TRANSFER_CALL,
+                "description": "Transfer the caller to a person at one of the allowed numbers. Tell the caller first.",
+                "parameters": { "type": "object", "properties": {
+                    "number": { "type": "string", "enum": self.transfer_numbers } },
+                    "required": ["number"] },
+            }));
+        }
+        tools
+    }
+
+    /// The first `session.update`: `audio/pcmu` both ways, voice, instructions, turn
+    /// detection, transcription, tools.
+    pub fn session_update(&self) -> String {
+        let mut input = serde_json::Map::new();
+        input.insert("format".into(), json!({ "type": "audio/pcmu" }));
+        input.insert("turn_detection".into(), self.turn_detection_json());
+        if !self.transcription_model.is_empty() {
+            input.insert(
+                "transcription".into(),
+                json!({ "model": self.transcription_model }),
+            );
+        }
+        json!({
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "output_modalities": ["audio"],
+                "instructions": self.instructions,
+                "audio": {
+                    "input": input,
+                    "output": { "format": { "type": "audio/pcmu" }, "voice": self.voice },
+                },
+                "tools": self.tools_json(),
+                "tool_choice": "auto",
+            }
+        })
+        .to_string()
+    }
+}
+
+fn non_empty(s: String, default: &str) -> String {
+    if s.is_empty() { default.to_owned() } else { s }
+}
+
+fn url_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `session.update` changing only the instructions; the audio formats are repeated so no
+/// update can ever leave the session on PCM16 (protocols.md §4.3 pitfall 10).
+pub fn update_instructions(instructions: &str) -> String {
+    json!({
+        "type": "session.update",
+        "session": {
+            "type": "realtime",
+            "instructions": instructions,
+            "audio": {
+                "input": { "format": { "type": "audio/pcmu" } },
+                "output": { "format": { "type": "audio/pcmu" } },
+            },
+        }
+    })
+    .to_string()
+}
+
+/// `{"type":"input_audio_buffer.append","audio":…}`; `payload` is checked base64.
+pub fn append(payload: &str) -> String {
+    const A: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+    let mut s = String::with_capacity(A.len() + payload.len() + 2);
+    s.push_str(A);
+    s.push_str(payload);
+    s.push_str("\"}");
+    s
+}
+
+/// `conversation.item.truncate` at `audio_end_ms` of content 0.
+pub fn truncate(item_id: &str, audio_end_ms: u32) -> String {
+    let mut s = String::from(r#"{"type":"conversation.item.truncate","item_id":"#);
+    push_json_str(&mut s, item_id);
+    s.push_str(&format!(
+        r#","content_index":0,"audio_end_ms":{audio_end_ms}}}"#
+    ));
+    s
+}
+
+/// A system instruction item (`conversation.item.create`, `input_text`).
+pub fn system_text(text: &str) -> String {
+    json!({
+        "type": "conversation.item.create",
+        "item": { "type": "message", "role": "system",
+                  "content": [ { "type": "input_text", "text": text } ] }
+    })
+    .to_string()
+}
+
+/// `{"type":"response.create"}`.
+pub fn response_create() -> String {
+    r#"{"type":"response.create"}"#.to_owned()
+}
+
+/// `conversation.item.create` with a `function_call_output`.
+pub fn function_output(call_id: &str, output: &str) -> String {
+    json!({
+        "type": "conversation.item.create",
+        "item": { "type": "function_call_output", "call_id": call_id, "output": output }
+    })
+    .to_string()
+}
+
+/// One server event; only what routing needs, strings borrowed from the frame.
+#[derive(Debug, Deserialize)]
+pub struct ServerEvent<'a> {
+    /// Event type.
+    #[serde(borrow, rename = "type")]
+    pub kind: Cow<'a, str>,
+    /// Audio (base64) or transcript delta.
+    #[serde(borrow, default)]
+    pub delta: Option<Str<'a>>,
+    /// Item the event is about.
+    #[serde(borrow, default)]
+    pub item_id: Option<Str<'a>>,
+    /// Response the event belongs to.
+    #[serde(borrow, default)]
+    pub response_id: Option<Str<'a>>,
+    /// Final transcript (caller or assistant).
+    #[serde(borrow, default)]
+    pub transcript: Option<Str<'a>>,
+    /// Function call id.
+    #[serde(borrow, default)]
+    pub call_id: Option<Str<'a>>,
+    /// Function name.
+    #[serde(borrow, default)]
+    pub name: Option<Str<'a>>,
+    /// Function arguments (JSON text).
+    #[serde(borrow, default)]
+    pub arguments: Option<Str<'a>>,
+    /// `response.created` / `response.done` body.
+    #[serde(borrow, default)]
+    pub response: Option<ResponseBody<'a>>,
+    /// `error` body.
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+    /// `session.created` / `session.updated` body.
+    #[serde(default)]
+    pub session: Option<SessionBody>,
+}
+
+/// The `response` object.
+#[derive(Debug, Deserialize)]
+pub struct ResponseBody<'a> {
+    /// Response id.
+    #[serde(borrow, default)]
+    pub id: Option<Str<'a>>,
+    /// `completed`, `cancelled`, `failed`, `incomplete`.
+    #[serde(borrow, default)]
+    pub status: Option<Str<'a>>,
+    /// Token usage.
+    #[serde(default)]
+    pub usage: Option<UsageBody>,
+}
+
+/// `response.usage`.
+#[derive(Debug, Default, Deserialize)]
+pub struct UsageBody {
+    #[serde(default)]
+    total_tokens: u64,
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    input_token_details: Option<TokenDetails>,
+    #[serde(default)]
+    output_token_details: Option<TokenDetails>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    text_tokens: u64,
+    #[serde(default)]
+    audio_tokens: u64,
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+impl UsageBody {
+    /// As the contract's `Usage` (one response).
+    pub fn to_pb(&self) -> pb::Usage {
+        let i = self.input_token_details.as_ref();
+        let o = self.output_token_details.as_ref();
+        pb::Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            total_tokens: self.total_tokens,
+            input_text_tokens: i.map_or(0, |d| d.text_tokens),
+            input_audio_tokens: i.map_or(0, |d| d.audio_tokens),
+            cached_tokens: i.map_or(0, |d| d.cached_tokens),
+            output_text_tokens: o.map_or(0, |d| d.text_tokens),
+            output_audio_tokens: o.map_or(0, |d| d.audio_tokens),
+            responses: 1,
+            calls: 0,
+        }
+    }
+}
+
+/// The `error` object.
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorBody {
+    /// Error type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Error code.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Message.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// The `session` object, only to check the audio formats.
+#[derive(Debug, Default, Deserialize)]
+pub struct SessionBody {
+    #[serde(default)]
+    audio: Option<SessionAudio>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SessionAudio {
+    #[serde(default)]
+    input: Option<SessionDir>,
+    #[serde(default)]
+    output: Option<SessionDir>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SessionDir {
+    #[serde(default)]
+    format: Option<SessionFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SessionFormat {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+impl SessionBody {
+    /// Whether both directions are `audio/pcmu` (unknown counts as fine).
+    pub fn is_pcmu(&self) -> bool {
+        let ok = |d: &Option<SessionDir>| {
+            d.as_ref()
+                .and_then(|d| d.format.as_ref())
+                .and_then(|f| f.kind.as_deref())
+                .is_none_or(|k| k == "audio/pcmu")
+        };
+        self.audio
+            .as_ref()
+            .is_none_or(|a| ok(&a.input) && ok(&a.output))
+    }
+}
+
+/// Parses one server frame.
+pub fn parse(text: &str) -> Result<ServerEvent<'_>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentView {
+        AgentView {
+            model: "gpt-realtime".into(),
+            voice: "marin".into(),
+            instructions: "Be nice".into(),
+            temperature: Some(0.8),
+            transcription_model: "gpt-4o-mini-transcribe".into(),
+            tools: vec![pb::Tool {
+                name: "lookup".into(),
+                description: "Look up".into(),
+                parameters_json: r#"{"type":"object","properties":{"q":{"type":"string"}}}"#.into(),
+            }],
+            end_call: true,
+            transfer_call: true,
+            transfer_numbers: vec!["+15550001".into()],
+            max_duration: DEFAULT_MAX_DURATION,
+            ..AgentView::default()
+        }
+    }
+
+    #[test]
+    fn session_update_is_ga_shaped_with_pcmu() {
+        let v: Value = serde_json::from_str(&agent().session_update()).unwrap();
+        assert_eq!(v["type"], "session.update");
+        let s = &v["session"];
+        assert_eq!(s["type"], "realtime");
+        assert_eq!(s["output_modalities"], json!(["audio"]));
+        assert_eq!(s["audio"]["input"]["format"]["type"], "audio/pcmu");
+        assert_eq!(s["audio"]["output"]["format"]["type"], "audio/pcmu");
+        assert_eq!(s["audio"]["output"]["voice"], "marin");
+        assert_eq!(s["audio"]["input"]["turn_detection"]["type"], "server_vad");
+        assert_eq!(
+            s["audio"]["input"]["transcription"]["model"],
+            "gpt-4o-mini-transcribe"
+        );
+        assert!(s.get("temperature").is_none());
+        let names: Vec<&str> = s["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert_eq!(t["type"], "function");
+                assert!(t["parameters"].is_object());
+                t["name"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(names, ["lookup", "end_call", "transfer_call"]);
+        assert_eq!(
+            s["tools"][2]["parameters"]["properties"]["number"]["enum"],
+            json!(["+15550001"])
+        );
+    }
+
+    #[test]
+    fn turn_detection_variants() {
+        use pb::turn_detection::Type;
+        let mut a = agent();
+        a.turn_detection = Some(pb::TurnDetection {
+            r#type: Type::None as i32,
+            ..Default::default()
+        });
+        let v: Value = serde_json::from_str(&a.session_update()).unwrap();
+        assert!(v["session"]["audio"]["input"]["turn_detection"].is_null());
+        a.turn_detection = Some(pb::TurnDetection {
+            r#type: Type::SemanticVad as i32,
+            eagerness: "low".into(),
+            interrupt_response: Some(false),
+            ..Default::default()
+        });
+        let v: Value = serde_json::from_str(&a.session_update()).unwrap();
+        let td = &v["session"]["audio"]["input"]["turn_detection"];
+        assert_eq!(td["type"], "semantic_vad");
+        assert_eq!(td["eagerness"], "low");
+        assert_eq!(td["interrupt_response"], false);
+        assert!(!a.barge_in_enabled());
+    }
+
+    #[test]
+    fn url_carries_model_and_temperature() {
+        assert_eq!(
+            agent().url("ws://127.0.0.1:9/v1/realtime"),
+            "ws://127.0.0.1:9/v1/realtime?model=gpt-realtime&temperature=0.8"
+        );
+    }
+
+    #[test]
+    fn client_events_are_valid_json() {
+        for (text, ty) in [
+            (append("QUJD"), "input_audio_buffer.append"),
+            (truncate("item_\"1", 1480), "conversation.item.truncate"),
+            (system_text("say hi"), "conversation.item.create"),
+            (response_create(), "response.create"),
+            (
+                function_output("call_1", "{\"ok\":true}"),
+                "conversation.item.create",
+            ),
+            (update_instructions("new"), "session.update"),
+        ] {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["type"], ty);
+        }
+        let v: Value = serde_json::from_str(&truncate("item_1", 1480)).unwrap();
+        assert_eq!(v["audio_end_ms"], 1480);
+        assert_eq!(v["content_index"], 0);
+        let v: Value = serde_json::from_str(&update_instructions("new")).unwrap();
+        assert_eq!(
+            v["session"]["audio"]["output"]["format"]["type"],
+            "audio/pcmu"
+        );
+    }
+
+    #[test]
+    fn parses_server_events() {
+        let d = r#"{"type":"response.output_audio.delta","event_id":"e1","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"QUJD","obfuscation":"x"}"#;
+        let e = parse(d).unwrap();
+        assert_eq!(e.kind, "response.output_audio.delta");
+        assert!(matches!(e.delta, Some(Str(Cow::Borrowed("QUJD")))));
+        assert_eq!(e.item_id.as_deref(), Some("item_1"));
+        let done = r#"{"type":"response.done","response":{"id":"resp_1","status":"completed","output":[{"type":"function_call","name":"x","call_id":"c"}],"usage":{"total_tokens":253,"input_tokens":132,"output_tokens":121,"input_token_details":{"text_tokens":119,"audio_tokens":13,"image_tokens":0,"cached_tokens":64},"output_token_details":{"text_tokens":30,"audio_tokens":91}}}}"#;
+        let e = parse(done).unwrap();
+        let r = e.response.unwrap();
+        assert_eq!(r.status.as_deref(), Some("completed"));
+        let u = r.usage.unwrap().to_pb();
+        assert_eq!(
+            (
+                u.total_tokens,
+                u.input_audio_tokens,
+                u.cached_tokens,
+                u.output_audio_tokens
+            ),
+            (253, 13, 64, 91)
+        );
+        assert!(e.name.is_none(), "nested fields are not top-level");
+        let err = r#"{"type":"error","error":{"type":"invalid_request_error","code":null,"message":"m","param":null}}"#;
+        let e = parse(err).unwrap();
+        assert_eq!(e.error.unwrap().message.as_deref(), Some("m"));
+        let s = r#"{"type":"session.updated","session":{"audio":{"input":{"format":{"type":"audio/pcm","rate":24000}},"output":{"format":{"type":"audio/pcmu"}}}}}"#;
+        assert!(!parse(s).unwrap().session.unwrap().is_pcmu());
+        let t = r#"{"type":"response.output_audio_transcript.done","item_id":"i","transcript":"He said \"hi\""}"#;
+        assert_eq!(
+            parse(t).unwrap().transcript.as_deref(),
+            Some("He said \"hi\"")
+        );
+    }
+}

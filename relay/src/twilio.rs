@@ -1,0 +1,226 @@
+//! Twilio Media Streams wire format (protocols.md §1): borrowed parsing of what Twilio
+//! sends, and outgoing frames built straight into one `String` each.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// A string borrowed from the frame when it has no escapes (serde does not borrow a
+/// `Cow` nested in an `Option`, but does inside this newtype).
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
+
+impl std::ops::Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One message from Twilio. Only the fields routing needs are read; strings borrow from
+/// the frame (the `Cow` only allocates if Twilio ever escapes a character).
+#[derive(Debug, Deserialize)]
+pub struct Inbound<'a> {
+    /// `connected`, `start`, `media`, `mark`, `dtmf`, `stop`.
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    /// Top-level stream id (absent on `connected`).
+    #[serde(borrow, default, rename = "streamSid")]
+    pub stream_sid: Option<Str<'a>>,
+    /// `start` body.
+    #[serde(borrow, default)]
+    pub start: Option<Start<'a>>,
+    /// `media` body.
+    #[serde(borrow, default)]
+    pub media: Option<Media<'a>>,
+    /// `mark` body.
+    #[serde(borrow, default)]
+    pub mark: Option<Mark<'a>>,
+    /// `dtmf` body.
+    #[serde(borrow, default)]
+    pub dtmf: Option<Dtmf<'a>>,
+}
+
+/// `start` body.
+#[derive(Debug, Deserialize)]
+pub struct Start<'a> {
+    /// `MZ…`
+    #[serde(borrow, rename = "streamSid")]
+    pub stream_sid: Cow<'a, str>,
+    /// `CA…`
+    #[serde(borrow, default, rename = "callSid")]
+    pub call_sid: Cow<'a, str>,
+    /// `<Parameter>` values.
+    #[serde(default, rename = "customParameters")]
+    pub custom_parameters: Option<std::collections::HashMap<String, String>>,
+}
+
+/// `media` body.
+#[derive(Debug, Deserialize)]
+pub struct Media<'a> {
+    /// Base64 μ-law, passed through untouched.
+    #[serde(borrow)]
+    pub payload: Cow<'a, str>,
+}
+
+/// `mark` body.
+#[derive(Debug, Deserialize)]
+pub struct Mark<'a> {
+    /// The name the relay gave the mark.
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+}
+
+/// `dtmf` body.
+#[derive(Debug, Deserialize)]
+pub struct Dtmf<'a> {
+    /// The key pressed.
+    #[serde(borrow)]
+    pub digit: Cow<'a, str>,
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<Inbound<'_>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// Cheap base64 check (length and alphabet, padding only at the end); no decoding.
+pub fn is_base64(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() || !b.len().is_multiple_of(4) {
+        return false;
+    }
+    let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
+    if pad > 2 {
+        return false;
+    }
+    b[..b.len() - pad]
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+}
+
+/// Decoded byte length of a valid base64 string: `len*3/4 − padding`.
+pub fn decoded_len(s: &str) -> usize {
+    let pad = s.bytes().rev().take_while(|&c| c == b'=').take(2).count();
+    (s.len() / 4) * 3 - pad
+}
+
+/// Whether a stream id is safe to write into JSON unescaped (Twilio's are `MZ` + hex).
+pub fn is_safe_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+/// `{"event":"media","streamSid":…,"media":{"payload":…}}`. `payload` must be valid base64
+/// and `sid` a safe id (both checked by the caller), so no escaping is needed.
+pub fn media_frame(sid: &str, payload: &str) -> String {
+    const A: &str = r#"{"event":"media","streamSid":""#;
+    const B: &str = r#"","media":{"payload":""#;
+    const C: &str = r#""}}"#;
+    let mut s = String::with_capacity(A.len() + sid.len() + B.len() + payload.len() + C.len());
+    s.push_str(A);
+    s.push_str(sid);
+    s.push_str(B);
+    s.push_str(payload);
+    s.push_str(C);
+    s
+}
+
+/// `{"event":"mark","streamSid":…,"mark":{"name":…}}`; the name is JSON-escaped.
+pub fn mark_frame(sid: &str, name: &str) -> String {
+    const A: &str = r#"{"event":"mark","streamSid":""#;
+    const B: &str = r#"","mark":{"name":"#;
+    let mut s = String::with_capacity(A.len() + sid.len() + B.len() + name.len() + 4);
+    s.push_str(A);
+    s.push_str(sid);
+    s.push_str(B);
+    push_json_str(&mut s, name);
+    s.push_str("}}");
+    s
+}
+
+/// `{"event":"clear","streamSid":…}`.
+pub fn clear_frame(sid: &str) -> String {
+    format!(r#"{{"event":"clear","streamSid":"{sid}"}}"#)
+}
+
+/// Appends `v` as a JSON string literal (with quotes).
+pub fn push_json_str(out: &mut String, v: &str) {
+    if v.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        out.push('"');
+        out.push_str(v);
+        out.push('"');
+    } else {
+        // Rare: fall back to serde_json's escaping.
+        out.push_str(&serde_json::Value::from(v).to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documented_samples() {
+        let start = r#"{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},"customParameters":{"callId":"call_1"}},"streamSid":"MZ1"}"#;
+        let m = parse(start).unwrap();
+        assert_eq!(m.event, "start");
+        let s = m.start.unwrap();
+        assert_eq!(s.stream_sid, "MZ1");
+        assert_eq!(s.call_sid, "CA1");
+        assert_eq!(s.custom_parameters.unwrap()["callId"], "call_1");
+
+        let media = r#"{"event":"media","sequenceNumber":"4","media":{"track":"inbound","chunk":"2","timestamp":"5","payload":"no+JhoaJjpzS"},"streamSid":"MZ1"}"#;
+        let m = parse(media).unwrap();
+        assert!(matches!(
+            m.media.as_ref().unwrap().payload,
+            Cow::Borrowed("no+JhoaJjpzS")
+        ));
+
+        let mark = r#"{"event":"mark","sequenceNumber":"4","streamSid":"MZ1","mark":{"name":"g0:20:item_1"}}"#;
+        assert_eq!(parse(mark).unwrap().mark.unwrap().name, "g0:20:item_1");
+        let dtmf = r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"1"}}"#;
+        assert_eq!(parse(dtmf).unwrap().dtmf.unwrap().digit, "1");
+        let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+        assert_eq!(parse(connected).unwrap().event, "connected");
+        assert!(parse("not json").is_err());
+        assert!(parse(r#"{"no_event":1}"#).is_err());
+    }
+
+    #[test]
+    fn base64_check_and_length() {
+        assert!(is_base64("no+JhoaJjpzS"));
+        assert!(is_base64("QQ=="));
+        assert!(is_base64("QUI="));
+        assert!(!is_base64(""));
+        assert!(!is_base64("QQ="));
+        assert!(!is_base64("Q==="));
+        assert!(!is_base64("QQ\"="));
+        assert!(!is_base64("Q=QQ"));
+        assert_eq!(decoded_len("QQ=="), 1);
+        assert_eq!(decoded_len("QUI="), 2);
+        assert_eq!(decoded_len("QUJD"), 3);
+        // 160 bytes of μ-law is 216 base64 chars.
+        assert_eq!(decoded_len(&"A".repeat(216)), 162);
+        assert_eq!(decoded_len(&format!("{}==", "A".repeat(214))), 160);
+    }
+
+    #[test]
+    fn frames_are_valid_json() {
+        let v: serde_json::Value = serde_json::from_str(&media_frame("MZ1", "QUJD")).unwrap();
+        assert_eq!(v["event"], "media");
+        assert_eq!(v["streamSid"], "MZ1");
+        assert_eq!(v["media"]["payload"], "QUJD");
+        assert_eq!(v.as_object().unwrap().len(), 3);
+        let v: serde_json::Value =
+            serde_json::from_str(&mark_frame("MZ1", "g1:20:it\"em")).unwrap();
+        assert_eq!(v["mark"]["name"], "g1:20:it\"em");
+        let v: serde_json::Value = serde_json::from_str(&clear_frame("MZ1")).unwrap();
+        assert_eq!(v["event"], "clear");
+        assert!(is_safe_id("MZ0123abc"));
+        assert!(!is_safe_id("MZ\"x"));
+    }
+}
