@@ -14,6 +14,10 @@ use crate::store::BusMessage;
 
 /// Live events buffered per replica before slow watchers lag (and catch up from the store).
 const EVENT_FANOUT_CAPACITY: usize = 1024;
+/// Live events buffered per watched call before its slow watchers lag (and catch up).
+const CALL_FANOUT_CAPACITY: usize = 256;
+
+type EventTx = broadcast::Sender<Arc<HubEvent>>;
 
 /// A stored event with the campaign it belongs to.
 #[derive(Debug, Clone)]
@@ -34,7 +38,11 @@ struct Attached {
 /// Local fan-out, shared by every RPC of the replica.
 #[derive(Debug)]
 pub struct Hub {
-    events: broadcast::Sender<Arc<HubEvent>>,
+    /// Every event (`WatchCalls`).
+    events: EventTx,
+    /// The events of each call someone watches (`WatchCall`): a watcher wakes for its
+    /// call only, not for every event of the replica.
+    calls: Mutex<HashMap<String, EventTx>>,
     attached: Mutex<HashMap<String, Attached>>,
 }
 
@@ -50,6 +58,7 @@ impl Hub {
         let (events, _) = broadcast::channel(EVENT_FANOUT_CAPACITY);
         Hub {
             events,
+            calls: Mutex::new(HashMap::new()),
             attached: Mutex::new(HashMap::new()),
         }
     }
@@ -58,8 +67,14 @@ impl Hub {
     pub fn dispatch(&self, message: BusMessage) -> bool {
         match message {
             BusMessage::Event { campaign_id, event } => {
+                let event = Arc::new(HubEvent { campaign_id, event });
                 // No receivers is normal (nobody watching).
-                let _ = self.events.send(Arc::new(HubEvent { campaign_id, event }));
+                if let Some(tx) = lock(&self.calls).get(&event.event.call_id) {
+                    let _ = tx.send(event.clone());
+                }
+                if self.events.receiver_count() > 0 {
+                    let _ = self.events.send(event);
+                }
                 true
             }
             BusMessage::Command { call_id, command } => self.deliver_command(&call_id, command),
@@ -69,6 +84,25 @@ impl Hub {
     /// Subscribes to every event stored from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<HubEvent>> {
         self.events.subscribe()
+    }
+
+    /// Subscribes to the events of one call stored from now on; dropping the
+    /// subscription unsubscribes.
+    pub fn subscribe_call(self: &Arc<Self>, call_id: &str) -> CallEvents {
+        let rx = lock(&self.calls)
+            .entry(call_id.to_owned())
+            .or_insert_with(|| broadcast::channel(CALL_FANOUT_CAPACITY).0)
+            .subscribe();
+        CallEvents {
+            hub: self.clone(),
+            call_id: call_id.to_owned(),
+            rx,
+        }
+    }
+
+    /// Number of calls with a watcher on this replica.
+    pub fn watched_calls(&self) -> usize {
+        lock(&self.calls).len()
     }
 
     /// Registers the attach stream `holder` for a call, replacing an older one.
@@ -105,8 +139,88 @@ impl Hub {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attached>> {
-        // A panic while holding this short lock cannot leave the map half-updated
-        // (single insert/remove), so a poisoned lock is still usable.
-        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.attached)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these short locks cannot leave a map half-updated (single
+    // insert/remove/lookup), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The live events of one call ([`Hub::subscribe_call`]).
+#[derive(Debug)]
+pub struct CallEvents {
+    hub: Arc<Hub>,
+    call_id: String,
+    rx: broadcast::Receiver<Arc<HubEvent>>,
+}
+
+impl CallEvents {
+    /// The next event; `Lagged` when this watcher fell behind (catch up from the store).
+    pub async fn recv(&mut self) -> Result<Arc<HubEvent>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for CallEvents {
+    fn drop(&mut self) {
+        let mut calls = lock(&self.hub.calls);
+        // Under the lock no one subscribes meanwhile; `rx` still counts as one.
+        if calls
+            .get(&self.call_id)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            calls.remove(&self.call_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(call_id: &str, seq: u64) -> BusMessage {
+        BusMessage::Event {
+            campaign_id: "q".into(),
+            event: pb::CallEvent {
+                call_id: call_id.into(),
+                seq,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn call_watchers_get_their_call_only_and_unsubscribe_on_drop() {
+        let hub = Arc::new(Hub::new());
+        let mut all = hub.subscribe();
+        let mut a1 = hub.subscribe_call("a");
+        let mut a2 = hub.subscribe_call("a");
+        let b = hub.subscribe_call("b");
+        assert_eq!(hub.watched_calls(), 2);
+        hub.dispatch(event("b", 1));
+        hub.dispatch(event("a", 1));
+        hub.dispatch(event("a", 2));
+        for rx in [&mut a1, &mut a2] {
+            let seqs = [rx.recv().await, rx.recv().await].map(|e| {
+                e.map(|e| (e.event.call_id.clone(), e.event.seq))
+                    .expect("event")
+            });
+            assert_eq!(seqs, [("a".to_owned(), 1), ("a".to_owned(), 2)]);
+            assert!(rx.rx.is_empty(), "nothing of call b");
+        }
+        let mut seen = Vec::new();
+        while let Ok(e) = all.try_recv() {
+            seen.push((e.event.call_id.clone(), e.event.seq));
+        }
+        assert_eq!(seen.len(), 3, "every event for WatchCalls: {seen:?}");
+        drop(b);
+        assert_eq!(hub.watched_calls(), 1);
+        drop(a1);
+        assert_eq!(hub.watched_calls(), 1, "a2 still watches a");
+        drop(a2);
+        assert_eq!(hub.watched_calls(), 0);
     }
 }

@@ -173,7 +173,7 @@ async fn watch_call<S: CallStore>(
     shared: Arc<Shared<S>>,
     call_id: String,
     mut last: u64,
-    mut live: broadcast::Receiver<Arc<crate::hub::HubEvent>>,
+    mut live: crate::hub::CallEvents,
     tx: mpsc::Sender<Result<pb::CallEvent, Status>>,
 ) {
     let mut poll = tokio::time::interval(WATCH_POLL);
@@ -510,7 +510,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
             .rpc(SERVICE, "WatchCall", &req.call_id, async {
                 validate::call_id("call_id", &req.call_id)?;
                 // Subscribe before reading the store, so nothing falls between the two.
-                let live = shared.hub.subscribe();
+                let live = shared.hub.subscribe_call(&req.call_id);
                 shared.call(&req.call_id).await?;
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_call", call_id = %req.call_id);
