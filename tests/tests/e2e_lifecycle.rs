@@ -265,3 +265,87 @@ async fn control_killed_mid_call_loses_nothing() {
         expected_transcript(&script)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_finishes_its_calls_and_refuses_new_ones() {
+    let script = long_script();
+    let mut world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .relay_env("RELAY_DRAIN_GRACE_SECS", "60")
+        .start()
+        .await;
+    world
+        .default_agent(agent_settings("drain", Some("Welcome")))
+        .await;
+    let cfg = world.caller(script.clone());
+    let handle = SimCaller::new(cfg.clone()).start();
+    let live = handle.live.clone();
+    assert!(
+        eventually(CALL, || live.turns_spoken.load(Ordering::SeqCst) >= 1).await,
+        "the call gets going"
+    );
+
+    // SIGTERM: the relay stops taking calls but lets the live one run on.
+    world.relays[0].terminate().expect("SIGTERM");
+    let addr = world.relays[0].addr;
+    let mut ready_status = 0;
+    for _ in 0..100 {
+        let r = with_timeout(
+            Duration::from_secs(5),
+            "readyz",
+            callbridge_testkit::http::request(
+                addr,
+                "GET",
+                &addr.to_string(),
+                "/readyz",
+                &[],
+                None,
+                Duration::from_secs(2),
+            ),
+        )
+        .await
+        .expect("the draining relay still answers probes");
+        ready_status = r.status;
+        if ready_status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready_status, 503, "not ready while draining");
+    let newcomer = with_timeout(
+        Duration::from_secs(10),
+        "webhook",
+        SimCaller::new(world.caller(Conversation::default())).webhook(),
+    )
+    .await
+    .expect("answers");
+    assert_eq!(newcomer.response.status, 503, "{}", newcomer.response.body);
+
+    let report = with_timeout(CALL, "the call", handle.join())
+        .await
+        .expect("runs");
+    let leg = report.leg().expect("a stream");
+    assert_eq!(leg.closed_by, ClosedBy::Caller, "the call was not cut");
+    assert_eq!(leg.turns_spoken, (0..6).collect::<Vec<_>>());
+    assert!(leg.answer_timeouts.is_empty(), "{:?}", leg.answer_timeouts);
+    // With its last call gone the relay exits on its own, well before the grace period.
+    let status = with_timeout(
+        Duration::from_secs(30),
+        "relay exit",
+        world.relays[0].wait_exit(Duration::from_secs(20)),
+    )
+    .await
+    .expect("the relay exits once drained");
+    assert!(status.success(), "{status}");
+    let call = world
+        .call_by_sid(&cfg.call_sid)
+        .await
+        .expect("the call is listed");
+    let call = world
+        .wait_ended(&call.call_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        call.end_reason,
+        pb::EndReason::CallerHangup as i32,
+        "{call:?}"
+    );
+}
