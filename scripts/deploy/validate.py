@@ -29,7 +29,8 @@ What it checks:
             targets of the workspace (cargo metadata)
   docker    Dockerfile targets, distroless runtime, numeric non-root USER, EXPOSE, every
             workspace member's manifest in the dependency-caching layer, and that layer
-            replayed (its COPYs and stub loop) and loaded by cargo --locked --offline
+            replayed (its COPYs and stub loop) and loaded by cargo --locked --offline;
+            the built binaries need no shared library distroless/cc lacks (readelf)
   compose   build targets exist, env names and CLI flags of every service, depends_on,
             Redis AOF
   self-test each of ~17 deliberately broken copies of the manifests must be caught
@@ -783,6 +784,30 @@ def check_stub_layer() -> None:
             f"Dockerfile dependency layer: cargo cannot load the stubbed workspace --locked: "
             f"{proc.stderr.strip()[-400:]}",
         )
+
+
+# What gcr.io/distroless/cc-debian12 provides to a dynamically linked binary: glibc and
+# libgcc_s (no OpenSSL needed: TLS is rustls).
+DISTROLESS_CC_LIBS = {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "libdl.so.2", "libpthread.so.0",
+                      "librt.so.1", "ld-linux-x86-64.so.2", "libutil.so.1"}
+
+
+def check_runtime_libs() -> None:
+    """The built binaries need no shared library the distroless runtime image lacks."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        R.skip("runtime libraries: readelf (binutils) not installed")
+        return
+    for binary in BINARY_PACKAGE:
+        path = DEBUG_BIN / binary
+        if not path.exists():
+            R.skip(f"runtime libraries of {binary}: not built")
+            continue
+        out = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+        needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+        R.check(bool(needed) and needed <= DISTROLESS_CC_LIBS,
+                f"{binary} needs {sorted(needed - DISTROLESS_CC_LIBS)}, which distroless/cc lacks")
 
 
 def check_binary(binary: str, bins: dict[str, set[str]] | None) -> None:
@@ -1626,6 +1651,7 @@ def main() -> int:
 
     stages = check_dockerfile(bins)
     check_stub_layer()
+    check_runtime_libs()
     check_compose(stages, load_compose())
     check_env_examples()
     check_metrics_docs_and_dashboard()
