@@ -9,6 +9,8 @@
 # Python venv in target/deploy-venv with pinned PyPI packages (installed on first run,
 # reused afterwards: idempotent, and fast once installed).
 set -euo pipefail
+# Keep __pycache__ out of the source tree.
+export PYTHONDONTWRITEBYTECODE=1
 cd "$(dirname "$0")/../.."
 
 venv=target/deploy-venv
