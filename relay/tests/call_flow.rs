@@ -1,0 +1,845 @@
+//! Component tests of the real relay over loopback sockets: a Twilio-like client, a fake
+//! Realtime server and a fake control plane (see `support`).
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use callbridge_proto::pb;
+use callbridge_proto::pb::EndReason;
+use serde_json::json;
+use support::*;
+
+/// 160 bytes of μ-law silence (20 ms) as base64.
+fn frame() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([0xFFu8; 160])
+}
+
+fn settings() -> pb::AgentSettings {
+    pb::AgentSettings {
+        name: "a".into(),
+        instructions: "Be brief".into(),
+        voice: "cedar".into(),
+        builtin_tools: Some(pb::BuiltinTools {
+            end_call: true,
+            transfer_call: true,
+            transfer_numbers: vec!["+15550001".into()],
+        }),
+        tools: vec![pb::Tool {
+            name: "lookup".into(),
+            description: "Look up an order".into(),
+            parameters_json: String::new(),
+        }],
+        ..Default::default()
+    }
+}
+
+async fn wait_ended(control: &FakeControl) -> pb::Ended {
+    within("control receives ended", async {
+        loop {
+            if let Some(pb::call_event::Kind::Ended(e)) =
+                control.events().last().and_then(|e| e.kind.clone())
+            {
+                return e;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+struct World {
+    control: FakeControl,
+    model: FakeModel,
+    relay: RelayHandle,
+}
+
+async fn world(tweak: impl FnOnce(&mut callbridge_relay::Config)) -> World {
+    let control = FakeControl::default();
+    control.state.lock().unwrap().agent = agent(settings());
+    control.state.lock().unwrap().last_seq = 7;
+    let caddr = start_control(control.clone()).await;
+    let model = start_model().await;
+    let relay = start_relay(&model.url, Some(caddr), tweak).await;
+    World {
+        control,
+        model,
+        relay,
+    }
+}
+
+#[tokio::test]
+async fn voice_webhook_checks_signature_and_answers_connect_twiml() {
+    let w = world(|_| {}).await;
+    let form = [
+        ("CallSid", "CA9"),
+        ("From", "+1555"),
+        ("To", "+1666"),
+        ("Direction", "inbound"),
+    ];
+    let (status, headers, body) =
+        post_form(&w.relay, "/api/twilio/voice?callId=call_42", &form, true).await;
+    assert_eq!(status, 200, "{body}");
+    let public = &w.relay.public;
+    let ws_public = public.replace("http://", "ws://");
+    assert!(
+        body.contains(&format!(
+            r#"<Connect action="{public}/api/twilio/after/call_42" method="POST"><Stream url="{ws_public}/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/></Stream></Connect>"#
+        )),
+        "{body}"
+    );
+    let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(h("content-type").as_deref(), Some("application/xml"));
+    assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(h("x-frame-options").as_deref(), Some("DENY"));
+    assert!(h("strict-transport-security").is_some());
+    let admits = w.control.state.lock().unwrap().admits.clone();
+    assert_eq!(admits[0].call_id, "call_42");
+    assert_eq!(admits[0].twilio_call_sid, "CA9");
+    assert_eq!(admits[0].to, "+1666");
+
+    let (status, _, _) = post_form(&w.relay, "/api/twilio/voice", &form, false).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        w.control.state.lock().unwrap().admits.len(),
+        1,
+        "no admit when unsigned"
+    );
+}
+
+#[tokio::test]
+async fn voice_webhook_maps_control_answers() {
+    let w = world(|_| {}).await;
+    let form = [("CallSid", "CA9")];
+    w.control.state.lock().unwrap().admit_error = Some(tonic::Code::NotFound);
+    let (status, _, body) = post_form(&w.relay, "/api/twilio/voice", &form, true).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("<Say>") && body.contains("<Hangup/>"),
+        "{body}"
+    );
+    w.control.state.lock().unwrap().admit_error = Some(tonic::Code::Unavailable);
+    let (status, _, _) = post_form(&w.relay, "/api/twilio/voice", &form, true).await;
+    assert_eq!(status, 503);
+    // An agent with the realtime model switched off gets its fallback directly.
+    {
+        let mut st = w.control.state.lock().unwrap();
+        st.admit_error = None;
+        let mut s = settings();
+        s.realtime_enabled = Some(false);
+        s.fallback = Some(pb::Fallback {
+            action: Some(pb::fallback::Action::ConferenceRoom("room-9".into())),
+            preamble: String::new(),
+        });
+        st.agent = agent(s);
+    }
+    let (status, _, body) = post_form(&w.relay, "/api/twilio/voice", &form, true).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("<Dial><Conference>room-9</Conference></Dial>"),
+        "{body}"
+    );
+    assert!(!body.contains("<Stream"));
+}
+
+#[tokio::test]
+async fn after_url_answers_from_control() {
+    let w = world(|_| {}).await;
+    w.control.state.lock().unwrap().after = Some(pb::AfterResponse {
+        next: Some(pb::after_response::Next::DialNumber("+15550001".into())),
+    });
+    let (status, _, body) = post_form(
+        &w.relay,
+        "/api/twilio/after/call_1",
+        &[("CallSid", "CA1")],
+        true,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<Dial>+15550001</Dial>"), "{body}");
+    w.control.state.lock().unwrap().after = Some(pb::AfterResponse {
+        next: Some(pb::after_response::Next::Resume(pb::ResumeNext {})),
+    });
+    let (_, _, body) = post_form(
+        &w.relay,
+        "/api/twilio/after/call_1",
+        &[("CallSid", "CA1")],
+        true,
+    )
+    .await;
+    assert!(body.contains("/api/twilio/media-stream/call_1"), "{body}");
+    let (status, _, _) = post_form(
+        &w.relay,
+        "/api/twilio/after/call_1",
+        &[("CallSid", "CA1")],
+        false,
+    )
+    .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn refused_streams_never_open_a_model_socket() {
+    let mut w = world(|_| {}).await;
+    for (code, status) in [
+        (tonic::Code::NotFound, 404u16),
+        (tonic::Code::FailedPrecondition, 410),
+        (tonic::Code::AlreadyExists, 409),
+    ] {
+        w.control.state.lock().unwrap().attach_error = Some(code);
+        let err = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+            .await
+            .unwrap_err();
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                assert_eq!(resp.status().as_u16(), status)
+            }
+            e => panic!("expected an HTTP refusal, got {e}"),
+        }
+    }
+    // A bad signature is refused before control is even asked.
+    let opens_before = w.control.state.lock().unwrap().opens.len();
+    let url = format!("ws://{}/api/twilio/media-stream/call_1", w.relay.addr);
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut().insert(
+        "x-twilio-signature",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAA=".parse().unwrap(),
+    );
+    let err = within("connect", tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403));
+    assert_eq!(w.control.state.lock().unwrap().opens.len(), opens_before);
+    // Unknown paths: 404, no upgrade.
+    let err = twilio_ws(&w.relay, "/api/twilio/other").await.unwrap_err();
+    assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 404));
+    assert!(
+        w.model.conns.try_recv().is_err(),
+        "no model socket was opened"
+    );
+}
+
+#[tokio::test]
+async fn call_relays_audio_marks_barge_in_and_reports_events() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    assert_eq!(model.authorization, "Bearer sk-test");
+    assert!(model.uri.contains("model=gpt-realtime"), "{}", model.uri);
+
+    // The first thing the model hears is the GA session.update with μ-law both ways.
+    let su = model.next_of("session.update").await;
+    assert_eq!(su["session"]["type"], "realtime");
+    assert_eq!(
+        su["session"]["audio"]["input"]["format"]["type"],
+        "audio/pcmu"
+    );
+    assert_eq!(
+        su["session"]["audio"]["output"]["format"]["type"],
+        "audio/pcmu"
+    );
+    assert_eq!(su["session"]["audio"]["output"]["voice"], "cedar");
+
+    send_json(
+        &mut tw,
+        json!({"event":"connected","protocol":"Call","version":"1.0.0"}),
+    )
+    .await;
+    send_json(&mut tw, start_msg()).await;
+    let payload = frame();
+    send_json(&mut tw, media_msg(&payload)).await;
+    let append = model.next_of("input_audio_buffer.append").await;
+    assert_eq!(
+        append["audio"],
+        payload.as_str(),
+        "payload passed through unchanged"
+    );
+
+    // The model answers with three 20 ms deltas.
+    model
+        .send(json!({"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}))
+        .await;
+    for _ in 0..3 {
+        model
+            .send(json!({"type":"response.output_audio.delta","response_id":"resp_1","item_id":"item_a","output_index":0,"content_index":0,"delta": payload}))
+            .await;
+    }
+    let mut marks = Vec::new();
+    for n in 1..=3 {
+        let media = next_twilio(&mut tw).await.unwrap();
+        assert_eq!(media["event"], "media");
+        assert_eq!(media["streamSid"], "MZ1");
+        assert_eq!(media["media"]["payload"], payload.as_str());
+        let mark = next_twilio(&mut tw).await.unwrap();
+        assert_eq!(mark["event"], "mark");
+        assert_eq!(mark["mark"]["name"], format!("g0:{}:item_a", n * 20));
+        marks.push(mark["mark"]["name"].as_str().unwrap().to_owned());
+    }
+    // Twilio played the first 20 ms, then the caller talks over the rest.
+    send_json(
+        &mut tw,
+        json!({"event":"mark","streamSid":"MZ1","mark":{"name": marks[0]}}),
+    )
+    .await;
+    // A DTMF key too, to prove it is reported.
+    send_json(
+        &mut tw,
+        json!({"event":"dtmf","streamSid":"MZ1","dtmf":{"track":"inbound_track","digit":"5"}}),
+    )
+    .await;
+    // Make sure the echo reached the relay before the barge-in: it is ordered on the
+    // Twilio socket, and the model socket is separate, so wait for a later caller frame
+    // to come out at the model.
+    send_json(&mut tw, media_msg(&payload)).await;
+    model.next_of("input_audio_buffer.append").await;
+    model
+        .send(json!({"type":"input_audio_buffer.speech_started","audio_start_ms":100,"item_id":"item_u"}))
+        .await;
+    let clear = next_twilio(&mut tw).await.unwrap();
+    assert_eq!(clear, json!({"event":"clear","streamSid":"MZ1"}));
+    let truncate = model.next_of("conversation.item.truncate").await;
+    assert_eq!(truncate["item_id"], "item_a");
+    assert_eq!(
+        truncate["audio_end_ms"], 20,
+        "what the caller heard, from the echoed mark"
+    );
+    // Marks flushed by clear and late deltas of the interrupted response are ignored.
+    for m in &marks[1..] {
+        send_json(
+            &mut tw,
+            json!({"event":"mark","streamSid":"MZ1","mark":{"name": m}}),
+        )
+        .await;
+    }
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"resp_1","item_id":"item_a","delta": payload}))
+        .await;
+    model
+        .send(json!({"type":"response.output_audio_transcript.done","response_id":"resp_1","item_id":"item_a","transcript":"Hello, how can I"}))
+        .await;
+    model
+        .send(json!({"type":"response.done","response":{"id":"resp_1","status":"cancelled","usage":{"total_tokens":10,"input_tokens":4,"output_tokens":6}}}))
+        .await;
+    model
+        .send(json!({"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"Wait"}))
+        .await;
+    // Garbage from both sides is counted, not fatal.
+    within(
+        "bad frame",
+        futures_util::SinkExt::send(
+            &mut tw,
+            tokio_tungstenite::tungstenite::Message::text("{nope"),
+        ),
+    )
+    .await
+    .unwrap();
+    send_json(&mut tw, media_msg("not base64!")).await;
+    model
+        .tx
+        .send(tokio_tungstenite::tungstenite::Message::text("[]"))
+        .await
+        .unwrap();
+    // The call is still healthy: audio still flows.
+    send_json(&mut tw, media_msg(&payload)).await;
+    model.next_of("input_audio_buffer.append").await;
+
+    send_json(
+        &mut tw,
+        json!({"event":"stop","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}),
+    )
+    .await;
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::CallerHangup as i32);
+    // Twilio sees a normal close, the model socket is closed too.
+    loop {
+        match next_twilio(&mut tw).await {
+            Ok(v) => assert_ne!(v["event"], "media", "no audio after the barge-in: {v}"),
+            Err(code) => {
+                assert_eq!(code, Some(1000));
+                break;
+            }
+        }
+    }
+    model.next_of("__closed").await;
+
+    let events = w.control.events();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (8..8 + events.len() as u64).collect::<Vec<_>>(),
+        "numbered from last_seq+1"
+    );
+    let kinds = w.control.kinds();
+    assert_eq!(kinds[0], "started");
+    for k in ["dtmf", "interruption", "assistant", "usage", "caller"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing in {kinds:?}");
+    }
+    for e in &events {
+        match &e.kind {
+            Some(pb::call_event::Kind::Interruption(i)) => {
+                assert_eq!(
+                    (i.item_id.as_str(), i.heard_ms, i.audio_ms),
+                    ("item_a", 20, 60)
+                );
+            }
+            Some(pb::call_event::Kind::Assistant(a)) => {
+                assert!(a.interrupted);
+                assert_eq!((a.heard_ms, a.audio_ms), (20, 60));
+                assert_eq!(a.text, "Hello, how can I");
+            }
+            Some(pb::call_event::Kind::Caller(c)) => assert_eq!(c.text, "Wait"),
+            Some(pb::call_event::Kind::Dtmf(d)) => assert_eq!(d.digit, "5"),
+            Some(pb::call_event::Kind::Started(s)) => {
+                assert_eq!(
+                    (s.twilio_call_sid.as_str(), s.stream_sid.as_str()),
+                    ("CA1", "MZ1")
+                );
+                assert_eq!(s.relay_id, "relay-test");
+            }
+            _ => {}
+        }
+    }
+    let m = w.relay.metrics.encode();
+    assert!(m.contains("callbridge_relay_barge_ins_total 1"), "{m}");
+    assert!(
+        m.contains("callbridge_relay_bad_messages_total{side=\"twilio\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("callbridge_relay_bad_messages_total{side=\"realtime\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("callbridge_relay_frames_total{direction=\"model_to_caller\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("callbridge_relay_calls_total{reason=\"caller_hangup\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn caller_frames_before_the_model_is_ready_are_kept() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let payloads: Vec<String> = (0..5u8)
+        .map(|i| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode([i; 160])
+        })
+        .collect();
+    for p in &payloads {
+        send_json(&mut tw, media_msg(p)).await;
+    }
+    // Only now does the test look at the model: every frame arrives, in order, after the
+    // session.update.
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    let first = within("first", model.rx.recv()).await.unwrap();
+    assert_eq!(first["type"], "session.update");
+    for p in &payloads {
+        assert_eq!(
+            model.next_of("input_audio_buffer.append").await["audio"],
+            p.as_str()
+        );
+    }
+    drop(tw);
+    assert_eq!(
+        wait_ended(&w.control).await.reason,
+        EndReason::CallerHangup as i32
+    );
+}
+
+#[tokio::test]
+async fn events_are_resent_after_the_attach_stream_breaks() {
+    let mut w = world(|_| {}).await;
+    w.control.state.lock().unwrap().drop_first_after = Some(2);
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    for d in ["1", "2", "3"] {
+        send_json(
+            &mut tw,
+            json!({"event":"dtmf","streamSid":"MZ1","dtmf":{"digit": d}}),
+        )
+        .await;
+    }
+    model.next_of("session.update").await;
+    send_json(&mut tw, json!({"event":"stop","streamSid":"MZ1"})).await;
+    wait_ended(&w.control).await;
+    let st = w.control.state.lock().unwrap();
+    assert!(st.attaches >= 2, "the relay re-attached");
+    assert!(st.opens[1].reconnect, "second open says reconnect");
+    assert_eq!(st.opens[1].relay_id, st.opens[0].relay_id);
+    // Every seq 8..=12 arrived at least once, in order per stream, and nothing is missing.
+    let mut seqs: Vec<u64> = st.events.iter().map(|e| e.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs, vec![8, 9, 10, 11, 12]);
+    let digits: Vec<String> = {
+        let mut by_seq: Vec<&pb::CallEvent> = st.events.iter().collect();
+        by_seq.sort_by_key(|e| e.seq);
+        by_seq.dedup_by_key(|e| e.seq);
+        by_seq
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(pb::call_event::Kind::Dtmf(d)) => Some(d.digit.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(digits, ["1", "2", "3"]);
+    let m = w.relay.metrics.encode();
+    assert!(
+        !m.contains("callbridge_relay_control_reconnects_total 0"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn end_call_tool_waits_for_the_goodbye_to_play() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let payload = frame();
+    model
+        .send(json!({"type":"response.created","response":{"id":"r1"}}))
+        .await;
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"r1","item_id":"i1","delta": payload}))
+        .await;
+    model
+        .send(json!({"type":"response.function_call_arguments.done","response_id":"r1","item_id":"i2","call_id":"call_x","name":"end_call","arguments":"{\"reason\":\"done\"}"}))
+        .await;
+    model
+        .send(json!({"type":"response.done","response":{"id":"r1","status":"completed"}}))
+        .await;
+    assert_eq!(next_twilio(&mut tw).await.unwrap()["event"], "media");
+    let mark = next_twilio(&mut tw).await.unwrap();
+    // The goodbye is still playing: the call must not have ended yet. Prove it by a DTMF
+    // round trip, which is only reported while the call runs.
+    send_json(
+        &mut tw,
+        json!({"event":"dtmf","streamSid":"MZ1","dtmf":{"digit":"9"}}),
+    )
+    .await;
+    within("dtmf stored", async {
+        while !w.control.kinds().contains(&"dtmf".to_owned()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(!w.control.kinds().contains(&"ended".to_owned()));
+    // Twilio finished playing: now the call ends, as an agent hang-up.
+    send_json(
+        &mut tw,
+        json!({"event":"mark","streamSid":"MZ1","mark":{"name": mark["mark"]["name"]}}),
+    )
+    .await;
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::AgentHangup as i32);
+    assert_eq!(ended.detail, "done");
+    assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1000));
+    let kinds = w.control.kinds();
+    assert!(kinds.contains(&"tool_call".to_owned()), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn transfer_tool_checks_the_allow_list() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    model
+        .send(json!({"type":"response.function_call_arguments.done","call_id":"c1","name":"transfer_call","arguments":"{\"number\":\"+19999\"}"}))
+        .await;
+    let out = model.next_of("conversation.item.create").await;
+    assert_eq!(out["item"]["type"], "function_call_output");
+    assert_eq!(out["item"]["call_id"], "c1");
+    assert!(
+        out["item"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("not an allowed")
+    );
+    model.next_of("response.create").await;
+    model
+        .send(json!({"type":"response.function_call_arguments.done","call_id":"c2","name":"transfer_call","arguments":"{\"number\":\"+15550001\"}"}))
+        .await;
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::Transferred as i32);
+    assert_eq!(ended.transfer_to, "+15550001");
+}
+
+#[tokio::test]
+async fn app_tools_and_commands_round_trip() {
+    let mut w = world(|c| c.tool_timeout_secs = 1).await;
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
+    w.control.state.lock().unwrap().commands = Some(cmd_rx);
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    model.next_of("session.update").await;
+
+    // An application tool goes up as an event; the result comes down as a command.
+    model
+        .send(json!({"type":"response.function_call_arguments.done","call_id":"c1","name":"lookup","arguments":"{\"id\":7}"}))
+        .await;
+    within("tool call stored", async {
+        while !w.control.kinds().contains(&"tool_call".to_owned()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let cmd = |id: &str, kind| pb::Command {
+        command_id: id.to_owned(),
+        kind: Some(kind),
+    };
+    cmd_tx
+        .send(cmd(
+            "k1",
+            pb::command::Kind::ToolResult(pb::ToolResult {
+                tool_call_id: "c1".into(),
+                output: "{\"status\":\"shipped\"}".into(),
+                is_error: false,
+            }),
+        ))
+        .await
+        .unwrap();
+    let out = model.next_of("conversation.item.create").await;
+    assert_eq!(out["item"]["output"], "{\"status\":\"shipped\"}");
+    model.next_of("response.create").await;
+
+    // A tool nobody answers times out with an error result for the model.
+    model
+        .send(json!({"type":"response.function_call_arguments.done","call_id":"c2","name":"lookup","arguments":"{}"}))
+        .await;
+    let out = model.next_of("conversation.item.create").await;
+    assert_eq!(out["item"]["call_id"], "c2");
+    assert!(
+        out["item"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer")
+    );
+
+    // Say and update-instructions commands reach the model; update keeps μ-law.
+    cmd_tx
+        .send(cmd(
+            "k2",
+            pb::command::Kind::Say(pb::SayCommand {
+                text: "Your order shipped".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    let say = model.next_of("conversation.item.create").await;
+    assert!(
+        say["item"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Your order shipped")
+    );
+    cmd_tx
+        .send(cmd(
+            "k3",
+            pb::command::Kind::UpdateInstructions(pb::UpdateInstructionsCommand {
+                instructions: "Be formal".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    let su = model.next_of("session.update").await;
+    assert_eq!(su["session"]["instructions"], "Be formal");
+    assert_eq!(
+        su["session"]["audio"]["output"]["format"]["type"],
+        "audio/pcmu"
+    );
+
+    cmd_tx
+        .send(cmd(
+            "k4",
+            pb::command::Kind::Hangup(pb::HangupCommand {
+                reason: "done".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::AppHangup as i32);
+    let applied: Vec<String> = w
+        .control
+        .events()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::call_event::Kind::CommandApplied(c)) => Some(c.command_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, ["k1", "k2", "k3", "k4"]);
+}
+
+#[tokio::test]
+async fn model_unreachable_ends_with_model_unavailable() {
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let control = FakeControl::default();
+    control.state.lock().unwrap().agent = agent(settings());
+    let caddr = start_control(control.clone()).await;
+    let relay = start_relay(&format!("ws://{dead}/v1/realtime"), Some(caddr), |_| {}).await;
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let ended = wait_ended(&control).await;
+    assert_eq!(ended.reason, EndReason::ModelUnavailable as i32);
+    assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1000));
+}
+
+#[tokio::test]
+async fn no_start_in_time_ends_the_call() {
+    let mut w = world(|c| c.start_timeout_ms = 200).await;
+    let _tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::StartTimeout as i32);
+    model.next_of("__closed").await;
+}
+
+#[tokio::test]
+async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
+    let mut w = world(|c| c.drain_grace_secs = 1).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    within("started", async {
+        while !w.control.kinds().contains(&"started".to_owned()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    w.relay.stop.take().unwrap().send(()).unwrap();
+    within("readyz flips", async {
+        loop {
+            if get(&w.relay, "/readyz").await.0 == 503 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let (status, _, _) =
+        post_form(&w.relay, "/api/twilio/voice", &[("CallSid", "CA2")], true).await;
+    assert_eq!(status, 503, "no new calls while draining");
+    // The live call keeps running through the grace, then is cut with 1001 and DRAIN.
+    assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1001));
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::Drain as i32);
+    within("relay stops", &mut w.relay.done).await.unwrap();
+}
+
+#[tokio::test]
+async fn standalone_mode_serves_the_simple_stream() {
+    let mut model = start_model().await;
+    let relay = start_relay(&model.url, None, |c| {
+        c.agent_greeting = Some("Welcome to the shop".into());
+        c.agent_temperature = Some(0.7);
+    })
+    .await;
+    let (status, _, body) =
+        post_form(&relay, "/api/twilio/voice", &[("CallSid", "CA1")], true).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("/api/twilio/media-stream-simple"), "{body}");
+    // The control-backed path does not exist without control.
+    let err = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 404));
+
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream-simple")
+        .await
+        .unwrap();
+    let mut m = within("model dialled", model.conns.recv()).await.unwrap();
+    assert!(m.uri.contains("temperature=0.7"), "{}", m.uri);
+    send_json(&mut tw, start_msg()).await;
+    let greet = m.next_of("conversation.item.create").await;
+    assert!(
+        greet["item"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Welcome to the shop")
+    );
+    m.next_of("response.create").await;
+    let p = frame();
+    send_json(&mut tw, media_msg(&p)).await;
+    assert_eq!(
+        m.next_of("input_audio_buffer.append").await["audio"],
+        p.as_str()
+    );
+    m.send(
+        json!({"type":"response.output_audio.delta","response_id":"r","item_id":"i","delta": p}),
+    )
+    .await;
+    assert_eq!(
+        next_twilio(&mut tw).await.unwrap()["media"]["payload"],
+        p.as_str()
+    );
+    // Model hangs up on us: the caller is closed normally.
+    drop(m.tx);
+    loop {
+        if let Err(code) = next_twilio(&mut tw).await {
+            assert_eq!(code, Some(1000));
+            break;
+        }
+    }
+    let (status, _, body) = get(&relay, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("callbridge_relay_calls_total{reason=\"model_unavailable\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let w = world(|_| {}).await;
+    let (s, h, b) = get(&w.relay, "/healthz").await;
+    assert_eq!(s, 200);
+    assert!(b.contains("ok"));
+    assert!(
+        h.iter()
+            .any(|(k, v)| k == "content-security-policy" && v.contains("default-src 'none'"))
+    );
+    assert_eq!(get(&w.relay, "/readyz").await.0, 200);
+    assert_eq!(get(&w.relay, "/nope").await.0, 404);
+    assert_eq!(
+        get(&w.relay, "/api/twilio/voice").await.0,
+        404,
+        "GET is not the webhook"
+    );
+}

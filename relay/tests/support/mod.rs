@@ -1,0 +1,503 @@
+//! In-test peers for the relay's component tests: a fake control plane (tonic, loopback),
+//! a tiny fake Realtime server and a Twilio-like WebSocket client. Only Twilio and OpenAI
+//! (and here control's behaviour) are faked; the relay is the real server on 127.0.0.1:0.
+
+// Test support: a failed unwrap is a failed test, with its location.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::result_large_err
+)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callbridge_proto::pb;
+use callbridge_proto::pb::relay_server::{Relay, RelayServer};
+use callbridge_relay::config::{Config, Secret};
+use callbridge_relay::{Metrics, signature};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+pub const TWILIO_TOKEN: &str = "twilio-secret";
+pub const STEP: Duration = Duration::from_secs(5);
+
+/// Every await in a test goes through this.
+pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(STEP, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+// ---- fake control -------------------------------------------------------------------------
+
+#[derive(Default)]
+pub struct ControlState {
+    pub agent: pb::Agent,
+    pub admit_error: Option<Code>,
+    pub attach_error: Option<Code>,
+    pub after: Option<pb::AfterResponse>,
+    pub last_seq: u64,
+    /// Every event received, in arrival order (duplicates included).
+    pub events: Vec<pb::CallEvent>,
+    pub opens: Vec<pb::AttachOpen>,
+    pub admits: Vec<pb::AdmitRequest>,
+    /// Drop the first attach stream without acking after this many events.
+    pub drop_first_after: Option<usize>,
+    pub attaches: usize,
+    /// Stop acknowledging (events stay unacked).
+    pub no_acks: bool,
+    pub commands: Option<mpsc::Receiver<pb::Command>>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeControl {
+    pub state: Arc<Mutex<ControlState>>,
+}
+
+impl FakeControl {
+    pub fn events(&self) -> Vec<pb::CallEvent> {
+        self.state.lock().unwrap().events.clone()
+    }
+    pub fn kinds(&self) -> Vec<String> {
+        self.events().iter().map(kind_name).collect()
+    }
+}
+
+pub fn kind_name(e: &pb::CallEvent) -> String {
+    use pb::call_event::Kind;
+    match &e.kind {
+        Some(Kind::Started(_)) => "started",
+        Some(Kind::Caller(_)) => "caller",
+        Some(Kind::Assistant(_)) => "assistant",
+        Some(Kind::Interruption(_)) => "interruption",
+        Some(Kind::Dtmf(_)) => "dtmf",
+        Some(Kind::ToolCall(_)) => "tool_call",
+        Some(Kind::ToolResult(_)) => "tool_result",
+        Some(Kind::Usage(_)) => "usage",
+        Some(Kind::ModelError(_)) => "model_error",
+        Some(Kind::CommandApplied(_)) => "command_applied",
+        Some(Kind::Ended(_)) => "ended",
+        None => "none",
+    }
+    .to_owned()
+}
+
+type RespStream = Pin<Box<dyn Stream<Item = Result<pb::AttachResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Relay for FakeControl {
+    async fn admit(
+        &self,
+        req: Request<pb::AdmitRequest>,
+    ) -> Result<Response<pb::AdmitResponse>, Status> {
+        let mut st = self.state.lock().unwrap();
+        let req = req.into_inner();
+        st.admits.push(req.clone());
+        if let Some(code) = st.admit_error {
+            return Err(Status::new(code, "refused by the fake"));
+        }
+        let call_id = if req.call_id.is_empty() {
+            "call_new".to_owned()
+        } else {
+            req.call_id
+        };
+        Ok(Response::new(pb::AdmitResponse {
+            call: Some(pb::Call {
+                call_id,
+                ..Default::default()
+            }),
+            agent: Some(st.agent.clone()),
+        }))
+    }
+
+    type AttachStream = RespStream;
+
+    async fn attach(
+        &self,
+        req: Request<Streaming<pb::AttachRequest>>,
+    ) -> Result<Response<RespStream>, Status> {
+        let mut inbound = req.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Open(o)),
+            }) => o,
+            _ => return Err(Status::invalid_argument("open first")),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let (ctx, drop_after, commands, nth) = {
+            let mut st = self.state.lock().unwrap();
+            st.opens.push(open.clone());
+            if let Some(code) = st.attach_error {
+                return Err(Status::new(code, "refused by the fake"));
+            }
+            st.attaches += 1;
+            let stored = st.events.iter().map(|e| e.seq).max().unwrap_or(st.last_seq);
+            let ctx = pb::CallContext {
+                call: Some(pb::Call {
+                    call_id: open.call_id.clone(),
+                    ..Default::default()
+                }),
+                agent: Some(st.agent.clone()),
+                last_seq: stored.max(st.last_seq),
+                history: vec![],
+            };
+            (ctx, st.drop_first_after, st.commands.take(), st.attaches)
+        };
+        tx.send(Ok(pb::AttachResponse {
+            msg: Some(pb::attach_response::Msg::Context(ctx)),
+        }))
+        .await
+        .ok();
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut commands = commands;
+            let mut received = 0usize;
+            loop {
+                let cmd = async {
+                    match commands.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let Ok(Some(pb::AttachRequest { msg: Some(pb::attach_request::Msg::Event(ev)) })) = msg else { return };
+                        received += 1;
+                        let (ack, no_acks) = {
+                            let mut st = state.lock().unwrap();
+                            st.events.push(ev.clone());
+                            (ev.seq, st.no_acks)
+                        };
+                        if nth == 1 && drop_after.is_some_and(|n| received >= n) {
+                            return; // drop without ack: the relay must resend
+                        }
+                        if !no_acks {
+                            let _ = tx.send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::AckedSeq(ack)) })).await;
+                        }
+                    }
+                    Some(c) = cmd => {
+                        let _ = tx.send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Command(c)) })).await;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn after(
+        &self,
+        _req: Request<pb::AfterRequest>,
+    ) -> Result<Response<pb::AfterResponse>, Status> {
+        let st = self.state.lock().unwrap();
+        Ok(Response::new(st.after.clone().unwrap_or(
+            pb::AfterResponse {
+                next: Some(pb::after_response::Next::Hangup(pb::HangupNext {})),
+            },
+        )))
+    }
+}
+
+pub async fn start_control(fake: FakeControl) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RelayServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+// ---- fake model ---------------------------------------------------------------------------
+
+pub struct ModelConn {
+    /// Client events, parsed.
+    pub rx: mpsc::Receiver<Value>,
+    /// Server events to send.
+    pub tx: mpsc::Sender<Message>,
+    pub authorization: String,
+    pub uri: String,
+}
+
+impl ModelConn {
+    /// Next client event of a type, skipping others.
+    pub async fn next_of(&mut self, ty: &str) -> Value {
+        within(&format!("model receives {ty}"), async {
+            loop {
+                let v = self.rx.recv().await.expect("model connection open");
+                if v["type"] == ty {
+                    return v;
+                }
+            }
+        })
+        .await
+    }
+    pub async fn send(&self, v: Value) {
+        self.tx.send(Message::text(v.to_string())).await.unwrap();
+    }
+}
+
+pub struct FakeModel {
+    pub url: String,
+    pub conns: mpsc::Receiver<ModelConn>,
+}
+
+pub async fn start_model() -> FakeModel {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
+    let (conn_tx, conns) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let conn_tx = conn_tx.clone();
+            tokio::spawn(async move {
+                let seen = Arc::new(Mutex::new((String::new(), String::new())));
+                let seen2 = seen.clone();
+                let cb =
+                    move |req: &tungstenite::handshake::server::Request,
+                          resp: tungstenite::handshake::server::Response| {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        *seen2.lock().unwrap() = (auth, req.uri().to_string());
+                        Ok(resp)
+                    };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
+                    return;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let (in_tx, in_rx) = mpsc::channel(1024);
+                let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
+                let (authorization, uri) = seen.lock().unwrap().clone();
+                let _ = conn_tx
+                    .send(ModelConn {
+                        rx: in_rx,
+                        tx: out_tx,
+                        authorization,
+                        uri,
+                    })
+                    .await;
+                loop {
+                    tokio::select! {
+                        m = stream.next() => match m {
+                            Some(Ok(Message::Text(t))) => {
+                                let v: Value = serde_json::from_str(&t).unwrap();
+                                let _ = in_tx.send(v).await;
+                            }
+                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                                let _ = in_tx.send(serde_json::json!({"type": "__closed"})).await;
+                                return;
+                            }
+                            _ => {}
+                        },
+                        m = out_rx.recv() => match m {
+                            Some(m) => { if sink.send(m).await.is_err() { return; } }
+                            None => { let _ = sink.close().await; return; }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    FakeModel { url, conns }
+}
+
+// ---- relay --------------------------------------------------------------------------------
+
+pub struct Relay_ {
+    pub addr: SocketAddr,
+    pub metrics: Metrics,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<()>,
+    pub public: String,
+}
+
+pub type RelayHandle = Relay_;
+
+pub async fn start_relay(
+    model_url: &str,
+    control: Option<SocketAddr>,
+    tweak: impl FnOnce(&mut Config),
+) -> RelayHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let public = format!("http://{addr}");
+    let mut config = Config::for_tests(&public, model_url);
+    config.insecure_skip_signature = false;
+    config.twilio_auth_token = Some(Secret::new(TWILIO_TOKEN));
+    config.control_url = control.map(|a| format!("http://{a}"));
+    config.control_token = Some(Secret::new("relay-token"));
+    tweak(&mut config);
+    let config = config.validate().unwrap();
+    let metrics = Metrics::new();
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let m = metrics.clone();
+    let done = tokio::spawn(async move {
+        callbridge_relay::run_with_metrics(
+            config,
+            listener,
+            async {
+                let _ = stop_rx.await;
+            },
+            m,
+        )
+        .await
+        .unwrap();
+    });
+    Relay_ {
+        addr,
+        metrics,
+        stop: Some(stop),
+        done,
+        public,
+    }
+}
+
+// ---- Twilio-like client -------------------------------------------------------------------
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a media stream like Twilio: signed over the ws:// public URL, no params.
+pub async fn twilio_ws(relay: &RelayHandle, path: &str) -> Result<Ws, tungstenite::Error> {
+    let url = format!("ws://{}{path}", relay.addr);
+    let sig = signature::compute(&Secret::new(TWILIO_TOKEN), &url, &[]);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-twilio-signature", sig.parse().unwrap());
+    within("twilio connects", tokio_tungstenite::connect_async(req))
+        .await
+        .map(|(ws, _)| ws)
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    within("twilio sends", ws.send(Message::text(v.to_string())))
+        .await
+        .unwrap();
+}
+
+pub fn start_msg() -> Value {
+    serde_json::json!({"event":"start","sequenceNumber":"1","streamSid":"MZ1",
+        "start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],
+        "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},
+        "customParameters":{"callId":"call_1"}}})
+}
+
+pub fn media_msg(payload: &str) -> Value {
+    serde_json::json!({"event":"media","streamSid":"MZ1","sequenceNumber":"2",
+        "media":{"track":"inbound","chunk":"1","timestamp":"20","payload":payload}})
+}
+
+/// Next text frame from the relay as JSON, or `None` when the socket closed; the close
+/// frame's code is returned through `close`.
+pub async fn next_twilio(ws: &mut Ws) -> Result<Value, Option<u16>> {
+    within("twilio receives", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => return Err(f.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    })
+    .await
+}
+
+/// Signed webhook POST; returns status, headers and body.
+pub async fn post_form(
+    relay: &RelayHandle,
+    path_and_query: &str,
+    form: &[(&str, &str)],
+    good_signature: bool,
+) -> (u16, Vec<(String, String)>, String) {
+    let url = format!("{}{path_and_query}", relay.public);
+    let params: Vec<(String, String)> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let token = if good_signature {
+        TWILIO_TOKEN
+    } else {
+        "wrong"
+    };
+    let sig = signature::compute(&Secret::new(token), &url, &params);
+    let body: String = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let req = format!(
+        "POST {path_and_query} HTTP/1.1\r\nHost: {}\r\nX-Twilio-Signature: {sig}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        relay.addr,
+        body.len()
+    );
+    raw_http(relay.addr, &req).await
+}
+
+pub async fn get(relay: &RelayHandle, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        relay.addr
+    );
+    raw_http(relay.addr, &req).await
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn raw_http(addr: SocketAddr, req: &str) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within("http exchange", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+            .collect();
+        // Bodies are small; chunked framing is stripped crudely for assertions.
+        (status, headers, body.to_owned())
+    })
+    .await
+}
+
+pub fn agent(settings: pb::AgentSettings) -> pb::Agent {
+    pb::Agent {
+        agent_id: "agent_1".into(),
+        version: 1,
+        settings: Some(settings),
+        ..Default::default()
+    }
+}
