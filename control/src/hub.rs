@@ -100,6 +100,11 @@ impl Hub {
         }
     }
 
+    /// Whether anyone on this replica watches events (a call or a campaign).
+    pub fn has_event_watchers(&self) -> bool {
+        self.events.receiver_count() > 0 || !lock(&self.calls).is_empty()
+    }
+
     /// Number of calls with a watcher on this replica.
     pub fn watched_calls(&self) -> usize {
         lock(&self.calls).len()

@@ -130,10 +130,11 @@ mod mask {
 /// stored seq.
 ///
 /// The call's fields are read once and written once per run (the same final values as
-/// one event at a time: later events overwrite earlier ones, usage deltas add up). Each
-/// stored event is published on the bus here, so storing and telling watchers cost the
-/// relay one round trip. The bus message is `BusEnvelope`: the prefix (field 1) and the
-/// event as field 2 (tag byte 0x12, varint length, bytes).
+/// one event at a time: later events overwrite earlier ones, usage deltas add up). The
+/// stored events are published on the bus here, so storing and telling watchers cost the
+/// relay one round trip. One bus message per run, a `BusEnvelope`: the prefix (field 1)
+/// and the event as field 2 (tag byte 0x12, varint length, bytes) if the run stored one,
+/// else each stored event as field 5 (tag byte 0x2a).
 const APPEND_LUA: &str = concat!(
     lua_rank!(),
     r"
@@ -158,6 +159,7 @@ local usage = {0, 0, 0, 0, 0, 0, 0, 0, 0}
 local used = false
 local stored = 0
 local handled = {}
+local published = {}
 local code = 1
 local i = 4
 while i <= #ARGV do
@@ -220,7 +222,7 @@ while i <= #ARGV do
         end
       end
     end
-    redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\18' .. varint(#bytes) .. bytes)
+    published[#published + 1] = varint(#bytes) .. bytes
     handled[#handled + 1] = 'S'
   end
 end
@@ -239,6 +241,9 @@ if stored > 0 then
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  local tag = '\42'
+  if stored == 1 then tag = '\18' end
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. tag .. table.concat(published, tag))
 end
 return {code, last, table.concat(handled)}
 "
@@ -419,6 +424,7 @@ async fn run_subscriber(
             return;
         }
     };
+    let events_channel = keys::events_channel();
     loop {
         let session = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -428,13 +434,18 @@ async fn run_subscriber(
             tracing::debug!("Redis pub/sub subscribed.");
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
-                match decode_bus(msg.get_channel_name(), msg.get_payload_bytes()) {
-                    Some(message) => {
-                        hub.dispatch(message);
-                    }
-                    None => {
-                        tracing::warn!(channel = msg.get_channel_name(), "Undecodable bus message.")
-                    }
+                let channel = msg.get_channel_name();
+                let is_event = channel == events_channel;
+                // Nobody here watches: skip the decoding. A watcher that subscribes
+                // later reads these events from the store (they were stored before
+                // being published).
+                if is_event && !hub.has_event_watchers() {
+                    continue;
+                }
+                if !decode_bus(is_event, msg.get_payload_bytes(), |message| {
+                    hub.dispatch(message);
+                }) {
+                    tracing::warn!(channel, "Undecodable bus message.");
                 }
             }
             Ok::<(), redis::RedisError>(())
@@ -456,6 +467,9 @@ async fn run_subscriber(
 }
 
 /// The wire form of a bus message (a small protobuf message, not part of the public contract).
+///
+/// Events: `campaign_id` and either one `event` (what every version understands) or, for
+/// a run of several events stored together, `events` (one message per run).
 #[derive(Clone, PartialEq, prost::Message)]
 struct BusEnvelope {
     #[prost(string, tag = "1")]
@@ -466,20 +480,44 @@ struct BusEnvelope {
     call_id: String,
     #[prost(message, optional, tag = "4")]
     command: Option<pb::Command>,
+    #[prost(message, repeated, tag = "5")]
+    events: Vec<pb::CallEvent>,
 }
 
-fn decode_bus(channel: &str, payload: &[u8]) -> Option<BusMessage> {
-    let envelope = BusEnvelope::decode(payload).ok()?;
-    if channel == keys::events_channel() {
-        Some(BusMessage::Event {
-            campaign_id: envelope.campaign_id,
-            event: envelope.event?,
-        })
+/// Decodes one bus message and hands each message in it to `deliver`; `false` if it
+/// cannot be decoded.
+fn decode_bus(is_event: bool, payload: &[u8], mut deliver: impl FnMut(BusMessage)) -> bool {
+    let Ok(envelope) = BusEnvelope::decode(payload) else {
+        return false;
+    };
+    if is_event {
+        let BusEnvelope {
+            campaign_id,
+            event,
+            events,
+            ..
+        } = envelope;
+        if event.is_none() && events.is_empty() {
+            return false;
+        }
+        for event in event.into_iter().chain(events) {
+            deliver(BusMessage::Event {
+                campaign_id: campaign_id.clone(),
+                event,
+            });
+        }
+        true
     } else {
-        Some(BusMessage::Command {
-            call_id: envelope.call_id,
-            command: envelope.command?,
-        })
+        match envelope.command {
+            Some(command) => {
+                deliver(BusMessage::Command {
+                    call_id: envelope.call_id,
+                    command,
+                });
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -1178,5 +1216,61 @@ impl RedisStore {
                 .arg(call_id),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64) -> pb::CallEvent {
+        pb::CallEvent {
+            call_id: "c1".into(),
+            seq,
+            ..Default::default()
+        }
+    }
+
+    fn decoded(is_event: bool, payload: &[u8]) -> Option<Vec<(String, u64)>> {
+        let mut got = Vec::new();
+        let ok = decode_bus(is_event, payload, |m| match m {
+            BusMessage::Event { campaign_id, event } => got.push((campaign_id, event.seq)),
+            BusMessage::Command { call_id, .. } => got.push((call_id, 0)),
+        });
+        ok.then_some(got)
+    }
+
+    #[test]
+    fn bus_envelopes_carry_one_event_a_run_or_a_command() {
+        let one = BusEnvelope {
+            campaign_id: "q".into(),
+            event: Some(ev(7)),
+            ..Default::default()
+        };
+        assert_eq!(
+            decoded(true, &one.encode_to_vec()),
+            Some(vec![("q".into(), 7)])
+        );
+        let run = BusEnvelope {
+            campaign_id: "q".into(),
+            events: vec![ev(1), ev(2), ev(3)],
+            ..Default::default()
+        };
+        assert_eq!(
+            decoded(true, &run.encode_to_vec()),
+            Some(vec![("q".into(), 1), ("q".into(), 2), ("q".into(), 3)])
+        );
+        let command = BusEnvelope {
+            call_id: "c1".into(),
+            command: Some(pb::Command::default()),
+            ..Default::default()
+        };
+        assert_eq!(
+            decoded(false, &command.encode_to_vec()),
+            Some(vec![("c1".into(), 0)])
+        );
+        assert_eq!(decoded(true, &command.encode_to_vec()), None, "no event");
+        assert_eq!(decoded(false, &run.encode_to_vec()), None, "no command");
+        assert_eq!(decoded(true, b"\xff\xff"), None, "garbage");
     }
 }
