@@ -11,12 +11,14 @@
 //! - [`http`]: a minimal HTTP/1.1 client (forms with a chosen `Host`).
 //! - [`procs`]: spawns the real `callbridge-control` / `callbridge-relay` binaries.
 //! - [`redis_server`]: a throwaway `redis-server` (unix socket or loopback port), killed on drop.
+//! - [`redis_cluster`]: a throwaway multi-master Redis Cluster on loopback, killed on drop.
 
 pub mod audio;
 pub mod conversation;
 pub mod fake_realtime;
 pub mod http;
 pub mod procs;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod signature;
 pub mod sim_caller;
