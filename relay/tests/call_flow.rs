@@ -843,3 +843,49 @@ async fn health_and_unknown_routes() {
         "GET is not the webhook"
     );
 }
+
+#[tokio::test]
+async fn silence_from_twilio_ends_with_media_timeout() {
+    let mut w = world(|c| c.media_timeout_secs = 1).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    send_json(&mut tw, media_msg(&frame())).await;
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::MediaTimeout as i32);
+    assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1000));
+}
+
+#[tokio::test]
+async fn agent_max_duration_ends_the_call() {
+    let control = FakeControl::default();
+    let mut s = settings();
+    s.max_call_duration_secs = 1;
+    control.state.lock().unwrap().agent = agent(s);
+    let caddr = start_control(control.clone()).await;
+    let mut model = start_model().await;
+    let relay = start_relay(&model.url, Some(caddr), |_| {}).await;
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut m = within("model dialled", model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    // Keep the caller talking so only the duration limit can end the call.
+    let feeder = async {
+        loop {
+            let msg =
+                tokio_tungstenite::tungstenite::Message::text(media_msg(&frame()).to_string());
+            // Errors are fine here: the relay closes the socket when the limit hits.
+            let _ = within("feed", futures_util::SinkExt::send(&mut tw, msg)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let ended = tokio::select! {
+        e = wait_ended(&control) => e,
+        () = feeder => unreachable!(),
+    };
+    assert_eq!(ended.reason, EndReason::MaxDuration as i32);
+    m.next_of("__closed").await;
+}

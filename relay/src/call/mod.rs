@@ -16,6 +16,7 @@
 pub mod control_link;
 pub mod phase;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -294,20 +295,33 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     });
 
     let (tw_sink, mut tw_read) = ws.split();
-    let mut tasks: JoinSet<TaskExit> = JoinSet::new();
+    // Tasks live in the JoinSet (aborted when it drops); their exits are reported on a
+    // channel, so the call loop does not poll the JoinSet's lock for every frame.
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let (exit_tx, mut exit_rx) = mpsc::channel::<TaskExit>(4);
+    let spawn = |tasks: &mut JoinSet<()>, fut: Pin<Box<dyn Future<Output = TaskExit> + Send>>| {
+        let exit_tx = exit_tx.clone();
+        tasks.spawn(async move {
+            let exit = fut.await;
+            let _ = exit_tx.send(exit).await;
+        });
+    };
     let (tw_tx, tw_rx) = mpsc::channel(TWILIO_SLOTS);
-    tasks.spawn(twilio_writer(tw_sink, tw_rx));
+    spawn(&mut tasks, Box::pin(twilio_writer(tw_sink, tw_rx)));
 
     let (model_tx, model_rx_q) = mpsc::channel(MODEL_SLOTS);
     let (read_tx, mut read_rx) = oneshot::channel();
-    tasks.spawn(model_writer(
-        setup.agent.url(&deps.config.openai_realtime_url),
-        deps.config.openai_api_key.clone(),
-        deps.config.connect_timeout(),
-        setup.agent.session_update(),
-        read_tx,
-        model_rx_q,
-    ));
+    spawn(
+        &mut tasks,
+        Box::pin(model_writer(
+            setup.agent.url(&deps.config.openai_realtime_url),
+            deps.config.openai_api_key.clone(),
+            deps.config.connect_timeout(),
+            setup.agent.session_update(),
+            read_tx,
+            model_rx_q,
+        )),
+    );
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_SLOTS);
     let mut link_tx = None;
@@ -326,10 +340,13 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             capacity: deps.config.event_buffer,
             last_seq: ctx.last_seq,
         };
-        tasks.spawn(async move {
-            control_link::run(link, stream, rx, cmd_tx).await;
-            TaskExit::Link
-        });
+        spawn(
+            &mut tasks,
+            Box::pin(async move {
+                control_link::run(link, stream, rx, cmd_tx).await;
+                TaskExit::Link
+            }),
+        );
     } else {
         drop(cmd_tx);
     }
@@ -366,14 +383,15 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     let mut model_read: Option<ModelRead> = None;
     let mut model_dialing = true;
     let mut commands_open = call.link_tx.is_some();
-    let hard_stop = call.deps.hard_stop.clone();
+    // Registered once: a fresh `cancelled()` per frame would lock the shared token.
+    let mut hard_stop = std::pin::pin!(call.deps.hard_stop.clone().cancelled_owned());
     let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(call.next_deadline()));
 
     while call.life.ending().is_none() {
         tokio::select! {
             biased;
             // Drain deadline passed: cut the call.
-            () = hard_stop.cancelled() => {
+            () = &mut hard_stop => {
                 call.end(Ending::new(EndReason::Drain, "relay shutting down"));
             }
             // Caller frames.
@@ -394,14 +412,13 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
                 None => commands_open = false,
             },
             // A helper task ended: a writer failing ends the call; the link ending does not.
-            Some(done) = tasks.join_next() => match done {
-                Ok(TaskExit::Twilio) => call.end(Ending::new(EndReason::CallerHangup, "caller socket closed")),
-                Ok(TaskExit::Model(why)) => call.end(Ending::new(EndReason::ModelUnavailable, why)),
-                Ok(TaskExit::Link) => {
+            Some(done) = exit_rx.recv() => match done {
+                TaskExit::Twilio => call.end(Ending::new(EndReason::CallerHangup, "caller socket closed")),
+                TaskExit::Model(why) => call.end(Ending::new(EndReason::ModelUnavailable, why)),
+                TaskExit::Link => {
                     call.link_tx = None;
                     debug!("Control link ended.");
                 }
-                Err(e) => call.end(Ending::new(EndReason::InternalError, format!("task failed: {e}"))),
             },
             // Timeouts: start, media, max duration, tools, goodbye playback.
             () = &mut timer => call.on_timer(),
@@ -414,7 +431,8 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             timer.as_mut().reset(next);
         }
     }
-    call.finish(tasks, model_read).await;
+    drop(exit_tx);
+    call.finish(tasks, exit_rx, model_read).await;
 }
 
 async fn next_model(
@@ -665,7 +683,10 @@ impl Call {
 
     /// After `start`: the conversation so far (resumed calls) and the greeting.
     fn opening_turn(&mut self) {
-        if self.resumed && !self.history.is_empty() {
+        if self.resumed {
+            if self.history.is_empty() {
+                return; // resumed without history: the greeting was already said
+            }
             let mut summary = String::from(
                 "The call was moved to a new line. Continue the conversation; so far:\n",
             );
@@ -1075,7 +1096,12 @@ impl Call {
 
     // ---- Ending ------------------------------------------------------------------------
 
-    async fn finish(mut self, mut tasks: JoinSet<TaskExit>, model_read: Option<ModelRead>) {
+    async fn finish(
+        mut self,
+        mut tasks: JoinSet<()>,
+        mut exits: mpsc::Receiver<TaskExit>,
+        model_read: Option<ModelRead>,
+    ) {
         let ending = self
             .life
             .ending()
@@ -1083,6 +1109,14 @@ impl Call {
             .unwrap_or_else(|| Ending::new(EndReason::InternalError, "no end reason"));
         let outs = self.playback.flush();
         self.apply(outs);
+        if ending.reason == EndReason::ModelUnavailable {
+            self.deps.metrics.model_errors().inc();
+            self.event(pb::call_event::Kind::ModelError(pb::ModelError {
+                code: "model_unavailable".to_owned(),
+                message: ending.detail.clone(),
+                fatal: true,
+            }));
+        }
         for t in std::mem::take(&mut self.tools) {
             self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
                 tool_call_id: t.call_id,
@@ -1110,8 +1144,8 @@ impl Call {
             drop(tx);
             if matches!(sent, Ok(Ok(()))) {
                 let wait_link = async {
-                    while let Some(done) = tasks.join_next().await {
-                        if matches!(done, Ok(TaskExit::Link)) {
+                    while let Some(done) = exits.recv().await {
+                        if matches!(done, TaskExit::Link) {
                             return;
                         }
                     }
@@ -1130,10 +1164,17 @@ impl Call {
         } else {
             CloseCode::Normal
         };
-        let _ = self.tw_tx.try_send(TwOut::Close(code, "call ended"));
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(done) = tasks.join_next().await {
-                if matches!(done, Ok(TaskExit::Twilio)) {
+            if self
+                .tw_tx
+                .send(TwOut::Close(code, "call ended"))
+                .await
+                .is_err()
+            {
+                return; // the writer is already gone
+            }
+            while let Some(done) = exits.recv().await {
+                if matches!(done, TaskExit::Twilio) {
                     return;
                 }
             }
