@@ -162,3 +162,71 @@ async fn model_unreachable_sends_the_caller_to_the_fallback() {
         "{call:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_dies_mid_call_sends_the_caller_to_the_fallback() {
+    use callbridge_testkit::conversation::{AgentReply, Turn};
+    let script = Conversation {
+        greeting: Some(AgentReply::says("Hello", 400)),
+        turns: (0..5)
+            .map(|n| {
+                Turn::new(
+                    format!("Line {n}"),
+                    400,
+                    AgentReply::says(format!("Reply {n}"), 400),
+                )
+            })
+            .collect(),
+    };
+    // The model session closes (code 1011) a little into the call.
+    let fake = FakeRealtime::builder()
+        .script(script.clone())
+        .speed(2.0)
+        .close_after(Duration::from_millis(1500));
+    let world = World::builder(fake).start().await;
+    let mut settings = agent_settings("dies", Some("Hello"));
+    settings.fallback = Some(pb::Fallback {
+        action: Some(pb::fallback::Action::DialNumber("+14155550111".to_owned())),
+        preamble: "Connecting you to a person.".to_owned(),
+    });
+    world.default_agent(settings).await;
+
+    let mut caller = world.caller(script);
+    caller.hang_up_at_end = false;
+    let report = with_timeout(CALL, "the call", SimCaller::new(caller).run())
+        .await
+        .expect("runs");
+    let leg = report.leg().expect("a stream");
+    assert!(
+        matches!(leg.closed_by, ClosedBy::Relay { .. }),
+        "the relay ends the stream: {:?}",
+        leg.closed_by
+    );
+    assert!(
+        leg.turns_spoken.len() < 5,
+        "cut short: {:?}",
+        leg.turns_spoken
+    );
+    let after = report
+        .last_after()
+        .expect("Twilio fetched the <Connect action>");
+    assert_eq!(
+        after.dial_number.as_deref(),
+        Some("+14155550111"),
+        "{after:?}"
+    );
+    let call_id = report
+        .webhook
+        .twiml
+        .as_ref()
+        .and_then(|t| t.parameters.iter().find(|(k, _)| k == "callId"))
+        .map(|(_, v)| v.clone())
+        .expect("callId");
+    let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    assert_eq!(
+        call.end_reason,
+        pb::EndReason::ModelUnavailable as i32,
+        "{call:?}"
+    );
+    assert_eq!(world.fake.connections_accepted(), 1, "no reconnect storm");
+}
