@@ -250,7 +250,8 @@ pub struct LegReport {
     /// HTTP status of a refused handshake (None when upgraded).
     pub refused_status: Option<u16>,
     pub stream_sid: String,
-    /// Everything the relay sent, in order.
+    /// Everything the relay sent, in order. Media payloads are replaced by their decoded
+    /// length (`media.payload_bytes`) to keep long or many calls cheap.
     pub received: Vec<Received>,
     pub media_bytes_received: u64,
     pub media_bytes_played: u64,
@@ -812,10 +813,14 @@ impl StreamState<'_> {
                 .push(format!("invalid JSON from relay: {text:.80}"));
             return;
         };
-        self.leg.received.push(Received {
-            at_ms,
-            event: event.clone(),
-        });
+        let mut kept = event.clone();
+        if let Some(media) = kept.get_mut("media").and_then(Value::as_object_mut)
+            && let Some(payload) = media.remove("payload")
+        {
+            let n = payload.as_str().map_or(0, audio::b64_len);
+            media.insert("payload_bytes".into(), Value::from(n));
+        }
+        self.leg.received.push(Received { at_ms, event: kept });
         let kind = event.get("event").and_then(Value::as_str).unwrap_or("");
         if event.get("streamSid").and_then(Value::as_str) != Some(self.leg.stream_sid.as_str()) {
             self.leg.protocol_errors.push(format!(
