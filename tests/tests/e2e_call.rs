@@ -254,3 +254,98 @@ async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmf_is_stored_and_a_say_command_is_spoken() {
+    use std::sync::atomic::Ordering;
+
+    use callbridge_testkit::eventually;
+    use callbridge_testkit::sim_caller::CallerCommand;
+
+    let mut first = Turn::new(
+        "I pressed five",
+        400,
+        AgentReply::says("You pressed five", 400),
+    );
+    first.dtmf_before = Some("5".to_owned());
+    let script = Conversation {
+        greeting: None,
+        turns: vec![first],
+    };
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .start()
+        .await;
+    world.default_agent(agent_settings("dtmf-say", None)).await;
+    let mut cfg = world.caller(script);
+    cfg.hang_up_at_end = false;
+    let handle = SimCaller::new(cfg.clone()).start();
+    let live = handle.live.clone();
+    // The scripted turn is answered in full (400 ms of audio).
+    assert!(
+        eventually(CALL, || live.media_bytes_played.load(Ordering::SeqCst)
+            >= 400 * 8)
+        .await,
+        "the answer is heard"
+    );
+    let call = world
+        .call_by_sid(&cfg.call_sid)
+        .await
+        .expect("the call is listed");
+
+    // The application makes the agent say something.
+    with_timeout(
+        Duration::from_secs(10),
+        "SendCommand",
+        world.calls().send_command(pb::SendCommandRequest {
+            call_id: call.call_id.clone(),
+            command: Some(pb::Command {
+                command_id: String::new(),
+                kind: Some(pb::command::Kind::Say(pb::SayCommand {
+                    text: "Please hold while I check".to_owned(),
+                })),
+            }),
+        }),
+    )
+    .await
+    .expect("command accepted");
+    // The fake speaks the instruction for 500 ms; the caller hears it.
+    assert!(
+        eventually(CALL, || live.media_bytes_played.load(Ordering::SeqCst)
+            >= 900 * 8)
+        .await,
+        "the said text is heard"
+    );
+    handle.command(CallerCommand::Stop).await;
+    let report = with_timeout(CALL, "the call ends", handle.join())
+        .await
+        .expect("runs");
+    assert!(report.leg().is_some_and(|l| l.protocol_errors.is_empty()));
+
+    let model = world.fake.connection(0).expect("model session");
+    assert!(
+        model
+            .items_created
+            .iter()
+            .any(|i| i.to_string().contains("Please hold while I check")),
+        "{:?}",
+        model.items_created
+    );
+    let _ = world
+        .wait_ended(&call.call_id, Duration::from_secs(10))
+        .await;
+    let flat = flatten(&world.transcript(&call.call_id).await);
+    let dtmf = flat
+        .iter()
+        .position(|t| *t == ("dtmf".to_owned(), "5".to_owned()))
+        .unwrap_or_else(|| panic!("dtmf stored: {flat:?}"));
+    let line = flat
+        .iter()
+        .position(|t| *t == ("caller".to_owned(), "I pressed five".to_owned()))
+        .unwrap_or_else(|| panic!("caller line stored: {flat:?}"));
+    assert!(dtmf < line, "the key was pressed before speaking: {flat:?}");
+    assert!(
+        flat.iter()
+            .any(|(who, text)| who == "assistant" && text.contains("Please hold while I check")),
+        "{flat:?}"
+    );
+}
