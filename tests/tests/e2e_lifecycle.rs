@@ -349,3 +349,182 @@ async fn a_draining_relay_finishes_its_calls_and_refuses_new_ones() {
         "{call:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_tool_call_round_trips_through_the_app() {
+    let script = Conversation {
+        greeting: None,
+        turns: vec![
+            Turn::new(
+                "Where is my order",
+                400,
+                AgentReply::says("Let me check", 300)
+                    .then_calls("lookup_order", r#"{"order":"42"}"#)
+                    .after_output(AgentReply::says("It ships tomorrow", 500)),
+            ),
+            Turn::new("Thanks, bye", 300, AgentReply::says("Bye", 300)),
+        ],
+    };
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .start()
+        .await;
+    let mut settings = agent_settings("app-tool", None);
+    settings.tools = vec![pb::Tool {
+        name: "lookup_order".to_owned(),
+        description: "Finds an order".to_owned(),
+        parameters_json: r#"{"type":"object","properties":{"order":{"type":"string"}}}"#.to_owned(),
+    }];
+    world.default_agent(settings).await;
+    let cfg = world.caller(script.clone());
+    let handle = SimCaller::new(cfg.clone()).start();
+    let live = handle.live.clone();
+    assert!(
+        eventually(CALL, || live.turns_spoken.load(Ordering::SeqCst) >= 1).await,
+        "the caller asks"
+    );
+    let call_id = world
+        .call_by_sid(&cfg.call_sid)
+        .await
+        .expect("the call is listed")
+        .call_id;
+
+    // The application watches the call, sees the tool call and answers it.
+    let mut watch = with_timeout(
+        Duration::from_secs(10),
+        "WatchCall",
+        world.calls().watch_call(pb::WatchCallRequest {
+            call_id: call_id.clone(),
+            after_seq: 0,
+        }),
+    )
+    .await
+    .expect("watch")
+    .into_inner();
+    let tool_call = loop {
+        let event = with_timeout(CALL, "tool call event", watch.message())
+            .await
+            .expect("stream")
+            .expect("an event before the end");
+        if let Some(pb::call_event::Kind::ToolCall(c)) = event.kind {
+            break c;
+        }
+    };
+    assert_eq!(tool_call.name, "lookup_order");
+    assert_eq!(tool_call.arguments_json, r#"{"order":"42"}"#);
+    assert!(!tool_call.builtin);
+    with_timeout(
+        Duration::from_secs(10),
+        "SendCommand",
+        world.calls().send_command(pb::SendCommandRequest {
+            call_id: call_id.clone(),
+            command: Some(pb::Command {
+                command_id: String::new(),
+                kind: Some(pb::command::Kind::ToolResult(pb::ToolResult {
+                    tool_call_id: tool_call.tool_call_id.clone(),
+                    output: r#"{"eta":"tomorrow"}"#.to_owned(),
+                    is_error: false,
+                })),
+            }),
+        }),
+    )
+    .await
+    .expect("tool result accepted");
+
+    let report = with_timeout(CALL, "the call", handle.join())
+        .await
+        .expect("runs");
+    let leg = report.leg().expect("a stream");
+    assert_eq!(leg.turns_spoken, vec![0, 1]);
+    assert!(leg.answer_timeouts.is_empty(), "{:?}", leg.answer_timeouts);
+    // The model got the output for its call id, then was asked to respond.
+    let model = world.fake.connection(0).expect("model session");
+    let output = model
+        .items_created
+        .iter()
+        .find(|i| i["type"] == "function_call_output")
+        .expect("function_call_output sent");
+    assert_eq!(output["call_id"], tool_call.tool_call_id.as_str());
+    assert_eq!(output["output"], r#"{"eta":"tomorrow"}"#);
+    assert!(model.errors_sent.is_empty(), "{:?}", model.errors_sent);
+
+    let _ = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    let flat = flatten(&world.transcript(&call_id).await);
+    let pos = |who: &str, text: &str| {
+        flat.iter()
+            .position(|(w, t)| w == who && t == text)
+            .unwrap_or_else(|| panic!("{who} {text:?} in {flat:?}"))
+    };
+    let call = pos("tool_call", "lookup_order");
+    let result = pos("tool_result", r#"{"eta":"tomorrow"}"#);
+    let answer = pos("assistant", "It ships tomorrow");
+    assert!(pos("caller", "Where is my order") < call);
+    assert!(call < result && result < answer, "{flat:?}");
+    assert!(answer < pos("caller", "Thanks, bye"), "{flat:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_command_dials_the_number_after_the_stream() {
+    let script = long_script();
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .start()
+        .await;
+    let mut settings = agent_settings("transfer", Some("Welcome"));
+    settings.builtin_tools = Some(pb::BuiltinTools {
+        end_call: false,
+        transfer_call: true,
+        transfer_numbers: vec!["+14155550177".to_owned()],
+    });
+    world.default_agent(settings).await;
+    let mut cfg = world.caller(script);
+    cfg.hang_up_at_end = false;
+    let handle = SimCaller::new(cfg.clone()).start();
+    let live = handle.live.clone();
+    assert!(
+        eventually(CALL, || live.turns_spoken.load(Ordering::SeqCst) >= 1).await,
+        "the call gets going"
+    );
+    let call_id = world
+        .call_by_sid(&cfg.call_sid)
+        .await
+        .expect("the call is listed")
+        .call_id;
+    with_timeout(
+        Duration::from_secs(10),
+        "SendCommand",
+        world.calls().send_command(pb::SendCommandRequest {
+            call_id: call_id.clone(),
+            command: Some(pb::Command {
+                command_id: String::new(),
+                kind: Some(pb::command::Kind::Transfer(pb::TransferCommand {
+                    number: "+14155550177".to_owned(),
+                })),
+            }),
+        }),
+    )
+    .await
+    .expect("command accepted");
+    let report = with_timeout(CALL, "the call", handle.join())
+        .await
+        .expect("runs");
+    let leg = report.leg().expect("a stream");
+    assert!(
+        matches!(leg.closed_by, ClosedBy::Relay { .. }),
+        "{:?}",
+        leg.closed_by
+    );
+    let after = report
+        .last_after()
+        .expect("Twilio fetched the <Connect action>");
+    assert_eq!(
+        after.dial_number.as_deref(),
+        Some("+14155550177"),
+        "{after:?}"
+    );
+    let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    assert_eq!(
+        call.end_reason,
+        pb::EndReason::Transferred as i32,
+        "{call:?}"
+    );
+    assert_eq!(call.transfer_to, "+14155550177");
+}
