@@ -889,3 +889,90 @@ async fn agent_max_duration_ends_the_call() {
     assert_eq!(ended.reason, EndReason::MaxDuration as i32);
     m.next_of("__closed").await;
 }
+
+#[tokio::test]
+async fn caller_gone_before_the_model_answers_leaks_no_model_socket() {
+    // A model endpoint that accepts TCP but never completes the WebSocket handshake.
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/realtime", blackhole.local_addr().unwrap());
+    let control = FakeControl::default();
+    control.state.lock().unwrap().agent = agent(settings());
+    let caddr = start_control(control.clone()).await;
+    let relay = start_relay(&url, Some(caddr), |_| {}).await;
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let (mut half_open, _) = within("relay dials", blackhole.accept()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    send_json(&mut tw, json!({"event":"stop","streamSid":"MZ1"})).await;
+    let ended = wait_ended(&control).await;
+    assert_eq!(ended.reason, EndReason::CallerHangup as i32);
+    // The relay dropped its half-open model connection: the server side reads EOF.
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    within("model socket closed", async {
+        loop {
+            match half_open.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue, // the handshake request
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oversized_and_early_messages_are_not_fatal() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    let p = frame();
+    send_json(&mut tw, media_msg(&p)).await; // before start
+    send_json(&mut tw, start_msg()).await;
+    send_json(&mut tw, start_msg()).await; // a second start
+    // A well-formed mark for audio never sent is harmless (no count, no underflow).
+    send_json(
+        &mut tw,
+        json!({"event":"mark","streamSid":"MZ1","mark":{"name":"g0:20:nobody"}}),
+    )
+    .await;
+    send_json(&mut tw, json!({"event":"weird"})).await;
+    send_json(&mut tw, media_msg(&p)).await;
+    assert_eq!(
+        model.next_of("input_audio_buffer.append").await["audio"],
+        p.as_str()
+    );
+    // Messages over the handled size are counted and skipped; the call goes on.
+    let big = "A".repeat(32 * 1024);
+    send_json(&mut tw, media_msg(&big)).await;
+    let huge = "A".repeat(2 << 20);
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"r","item_id":"i","delta": huge}))
+        .await;
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"r","item_id":"i","delta": p}))
+        .await;
+    let media = next_twilio(&mut tw).await.unwrap();
+    assert_eq!(
+        media["media"]["payload"],
+        p.as_str(),
+        "only the normal delta is played"
+    );
+    send_json(&mut tw, media_msg(&p)).await;
+    assert_eq!(
+        model.next_of("input_audio_buffer.append").await["audio"],
+        p.as_str()
+    );
+    let m = w.relay.metrics.encode();
+    assert!(
+        m.contains("callbridge_relay_bad_messages_total{side=\"twilio\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("callbridge_relay_bad_messages_total{side=\"realtime\"} 1"),
+        "{m}"
+    );
+    assert!(!w.control.kinds().contains(&"ended".to_owned()));
+}

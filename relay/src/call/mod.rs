@@ -59,10 +59,17 @@ const HEADROOM: usize = 8;
 const LINK_SLOTS: usize = 1024;
 /// Commands waiting for the call loop.
 const COMMAND_SLOTS: usize = 32;
-/// Largest message accepted from the model (audio deltas can be large).
-pub const MODEL_MAX_MESSAGE: usize = 1 << 20;
-/// Largest message accepted from Twilio (frames are a few hundred bytes).
-pub const TWILIO_MAX_MESSAGE: usize = 64 * 1024;
+/// Largest model message handled (audio deltas can be large); bigger ones are counted and
+/// skipped.
+pub const MODEL_MAX_ACCEPTED: usize = 1 << 20;
+/// WebSocket limit on the model socket. A message over it cannot be skipped (the protocol
+/// layer closes the socket with 1009), so it sits well above what is handled.
+pub const MODEL_MAX_MESSAGE: usize = 4 << 20;
+/// Largest Twilio message handled (frames are a few hundred bytes); bigger ones are
+/// counted and skipped.
+pub const TWILIO_MAX_ACCEPTED: usize = 16 * 1024;
+/// WebSocket limit on the Twilio socket (same reasoning as [`MODEL_MAX_MESSAGE`]).
+pub const TWILIO_MAX_MESSAGE: usize = 256 * 1024;
 /// Longest wait for the `ended` event's ack.
 const ENDED_ACK_WAIT: Duration = Duration::from_secs(3);
 /// Longest wait for a writer to flush its close frame.
@@ -202,7 +209,10 @@ async fn model_writer(
         }
         Err(_) => return TaskExit::Model("API key is not a valid header value".to_owned()),
     }
+    // The default 128 KiB read buffer per socket dominates a call's memory; deltas are a
+    // few KiB and the buffer grows when one is larger.
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(MODEL_MAX_MESSAGE))
         .max_frame_size(Some(MODEL_MAX_MESSAGE));
     let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
@@ -582,6 +592,10 @@ impl Call {
             self.bad_twilio("binary frame");
             return;
         };
+        if text.len() > TWILIO_MAX_ACCEPTED {
+            self.bad_twilio("oversized message");
+            return;
+        }
         let parsed = match twilio::parse(text) {
             Ok(p) => p,
             Err(_) => {
@@ -765,6 +779,10 @@ impl Call {
             }
             _ => return,
         };
+        if text.len() > MODEL_MAX_ACCEPTED {
+            self.bad_model("oversized message");
+            return;
+        }
         let ev = match realtime::parse(text) {
             Ok(ev) => ev,
             Err(_) => {
