@@ -149,6 +149,8 @@ pub async fn run(
                 Some(LinkIn::Event(at_ms, kind)) => {
                     let is_final = matches!(kind, pb::call_event::Kind::Ended(_));
                     if gave_up {
+                        // Control refused the call for good: this event cannot be stored.
+                        metrics.events_overflow().inc();
                         continue;
                     }
                     if buf.events.len() >= capacity && !is_final {
