@@ -147,8 +147,9 @@ local function varint(n)
   return s .. string.char(n)
 end
 local function bit(m, b) return math.floor(m / b) % 2 == 1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, ''} end
 local h = redis.call('HMGET', KEYS[1], 'last_seq', 'status', 'lease_until', 'started')
+-- Every stored call has a status, so its absence means no such call.
+if not h[2] then return {-1, 0, ''} end
 local last_s = h[1] or '0'
 local last = tonumber(last_s)
 local cur = tonumber(h[2] or '0')
@@ -987,9 +988,14 @@ impl CallStore for RedisStore {
             ..Default::default()
         }
         .encode_to_vec();
-        let mut inv = self.scripts.append.prepare_invoke();
-        inv.key(keys::call(call_id))
-            .key(keys::call_events(call_id))
+        // A plain EVALSHA command: its arguments go straight into one buffer (a
+        // `ScriptInvocation` allocates a Vec per argument and copies them again).
+        let mut cmd = Cmd::with_capacity(8 + events.len() * 8, 256 + events.len() * 160);
+        cmd.arg("EVALSHA")
+            .arg(self.scripts.append.get_hash())
+            .arg(2)
+            .arg(keys::call(call_id))
+            .arg(keys::call_events(call_id))
             .arg(self.retention_ms)
             .arg(keys::events_channel())
             .arg(prefix);
@@ -1016,28 +1022,37 @@ impl CallStore for RedisStore {
             if effects.require_lease_expired_before.is_some() {
                 bits |= mask::LEASE_EXPIRED_BEFORE;
             }
-            inv.arg(event.seq)
+            cmd.arg(event.seq)
                 .arg(&bytes[..])
                 .arg(effects.at_ms)
                 .arg(effects.new_status.unwrap_or(0))
                 .arg(bits);
             if let Some((sid, stream_sid, relay)) = &effects.started {
-                inv.arg(sid).arg(stream_sid).arg(relay);
+                cmd.arg(sid).arg(stream_sid).arg(relay);
             }
             if let Some((reason, detail, transfer_to)) = &effects.ended {
-                inv.arg(*reason).arg(detail).arg(transfer_to);
+                cmd.arg(*reason).arg(detail).arg(transfer_to);
             }
             if let Some(usage) = &effects.usage {
                 for value in usage {
-                    inv.arg(*value);
+                    cmd.arg(*value);
                 }
             }
             if let Some(before) = effects.require_lease_expired_before {
-                inv.arg(before);
+                cmd.arg(before);
             }
         }
         let mut conn = self.conn();
-        let (code, last, handled): (i64, u64, String) = inv.invoke_async(&mut conn).await?;
+        let (code, last, handled): (i64, u64, String) = match cmd.query_async(&mut conn).await {
+            // First use on this server (or after a restart / SCRIPT FLUSH).
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.scripts.append.load_async(&mut conn).await?;
+                cmd.query_async(&mut conn).await?
+            }
+            result => result?,
+        };
         let mut outcomes: Vec<AppendOutcome> = handled
             .bytes()
             .map(|b| match b {
