@@ -1,188 +1,825 @@
-//! `bench_relay`: audio round-trip latency through the relay, on loopback.
+//! `bench_relay`: how many calls one relay process carries, at what added latency and cost.
 //!
-//! Control (in-memory store) and a relay run in this process; the fake model runs in echo
-//! mode (every `input_audio_buffer.append` comes straight back as a delta). N simulated
-//! Twilio callers stream 20 ms frames for a few seconds; each frame carries its number,
-//! so the caller can time frame → relay → model → relay → caller. Prints p50/p99/max
-//! per concurrency level. Figures, not assertions: run it on a quiet machine.
+//! The REAL `callbridge-relay` binary runs as a child process. This process holds the rest:
+//! the fake OpenAI Realtime server in echo mode (every `input_audio_buffer.append` comes
+//! straight back as a `response.output_audio.delta`; own runtime, threads `fake-model`) and
+//! the load generator (one runtime, threads `loadgen`, one light task per call, frames
+//! built once per call). Every 20 ms caller frame carries the call's index and its send
+//! time (µs) in its first 12 audio bytes, so the caller times frame → relay → model →
+//! relay → caller when the same bytes come back, without a lookup table.
 //!
-//!   cargo run -p callbridge-tests --bin bench_relay -- --calls 1,10,50 --secs 5
+//! For each level N (calls at once) and each path:
+//! - `baseline`: the callers speak Realtime straight to the echo fake (no relay): the round
+//!   trip the harness itself costs;
+//! - `standalone`: voice webhook → `<Stream>` to `/api/twilio/media-stream-simple`;
+//! - `production`: the relay has `CONTROL_URL` (real `callbridge-control` + `redis-server`
+//!   started here); calls are created with `Calls.CreateCalls` and admitted by the voice
+//!   webhook (`?callId=`), so every call attaches and reports its events to Redis.
+//!
+//! A level: fresh relay process; N calls ramped in (webhook, stream upgrade, `connected`,
+//! `start`); wait for the N model sockets; idle window (relay CPU and RSS with every call
+//! connected and silent); load window (every call streams 20 ms frames and echoes the
+//! relay's marks back, as Twilio does); drain; hang-up (`stop`, close); then the fake's
+//! open-connection count must fall back to zero. Figures, not assertions.
+//!
+//!   scripts/bench-relay.sh            (release build, then this binary; --help for knobs)
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use callbridge_proto::pb;
-use callbridge_testkit::audio;
 use callbridge_testkit::fake_realtime::FakeRealtime;
+use callbridge_testkit::procs::{Proc, env, free_addr};
+use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
 use callbridge_tests::Bearer;
 use clap::Parser;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 const APP_TOKEN: &str = "bench-app";
 const RELAY_TOKEN: &str = "bench-relay";
 const TWILIO_TOKEN: &str = "bench-twilio";
+const OPENAI_KEY: &str = "sk-bench";
+/// One 20 ms μ-law frame.
+const FRAME_BYTES: usize = 160;
+const FRAME: Duration = Duration::from_millis(20);
+/// Bytes of the frame that carry (call index u32, send time µs u64); 12 bytes are exactly
+/// 16 base64 characters, so they can be patched into a pre-encoded payload.
+const STAMP_BYTES: usize = 12;
+const STAMP_CHARS: usize = 16;
+/// Bound on any single setup step (HTTP, handshake, RPC).
+const STEP: Duration = Duration::from_secs(20);
 
-/// Relay audio round-trip benchmark.
+/// Relay capacity benchmark: calls, round trip, CPU and memory per call.
 #[derive(Debug, Parser)]
 struct Args {
     /// Concurrency levels (calls at once), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    #[arg(long, value_delimiter = ',', default_value = "10,100,300,1000")]
     calls: Vec<usize>,
-    /// Seconds of audio per call.
-    #[arg(long, default_value_t = 5)]
+    /// Paths to run at every level: baseline, standalone, production.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,standalone,production"
+    )]
+    paths: Vec<String>,
+    /// Seconds every call streams audio in the load window.
+    #[arg(long, default_value_t = 10)]
     secs: u64,
+    /// Seconds of the idle window (all calls connected, no audio).
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
+    /// New calls per second while ramping up.
+    #[arg(long, default_value_t = 250)]
+    ramp_per_sec: u64,
+    /// Extra environment for the relay (repeatable), e.g. `--relay-env RELAY_LOG=info`.
+    #[arg(long, value_parser = parse_kv)]
+    relay_env: Vec<(String, String)>,
+    /// Where the JSON result goes.
+    #[arg(long, default_value = "bench-results/relay.json")]
+    out: String,
+    /// Where the SVG plot goes (empty: none).
+    #[arg(long, default_value = "bench-results/relay.svg")]
+    svg: String,
+    /// Load-generator worker threads.
+    #[arg(long, default_value_t = 2)]
+    loadgen_threads: usize,
+    /// Fake-model worker threads.
+    #[arg(long, default_value_t = 2)]
+    fake_threads: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if args.calls.iter().any(|&n| n == 0 || n > 200) || args.secs == 0 || args.secs > 60 {
-        bail!("--calls must be 1..=200 each and --secs 1..=60 (loopback, bounded)");
-    }
-    let control_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let control_addr = control_listener.local_addr()?;
-    let relay_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let relay_addr = relay_listener.local_addr()?;
-    let public = format!("http://{relay_addr}");
-    let control_config = callbridge_control::config::Config::from_args_iter(owned(&[
-        "callbridge-control",
-        "--listen",
-        &control_addr.to_string(),
-        "--app-tokens",
-        APP_TOKEN,
-        "--relay-tokens",
-        RELAY_TOKEN,
-        "--metrics-listen",
-        "",
-        "--relay-public-url",
-        &public,
-    ]))
-    .map_err(|e| anyhow::anyhow!("control config: {e}"))?;
-    let control = tokio::spawn(callbridge_control::serve(
-        control_config,
-        control_listener,
-        std::future::pending(),
-    ));
-    let fake = FakeRealtime::builder().echo().start().await?;
-    let relay_config = callbridge_relay::config::Config::from_args_and_env(owned(&[
-        "callbridge-relay",
-        "--listen",
-        &relay_addr.to_string(),
-        "--public-url",
-        &public,
-        "--control-url",
-        &format!("http://{control_addr}"),
-        "--control-token",
-        RELAY_TOKEN,
-        "--openai-api-key",
-        "sk-bench",
-        "--openai-realtime-url",
-        &fake.url(),
-        "--twilio-auth-token",
-        TWILIO_TOKEN,
-    ]))
-    .map_err(|e| anyhow::anyhow!("relay config: {e}"))?;
-    let relay = tokio::spawn(callbridge_relay::run(
-        relay_config,
-        relay_listener,
-        std::future::pending(),
-    ));
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{control_addr}"))?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Baseline,
+    Standalone,
+    Production,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::Standalone => "standalone",
+            Self::Production => "production",
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.calls.iter().all(|&n| (1..=5000).contains(&n)),
+        "--calls: each level must be within 1..=5000 (loopback, bounded)"
+    );
+    ensure!(
+        (1..=120).contains(&args.secs) && args.idle_secs <= 60 && args.ramp_per_sec > 0,
+        "--secs 1..=120, --idle-secs ≤ 60, --ramp-per-sec > 0"
+    );
+    let paths = args
+        .paths
+        .iter()
+        .map(|p| match p.as_str() {
+            "baseline" => Ok(Path::Baseline),
+            "standalone" => Ok(Path::Standalone),
+            "production" => Ok(Path::Production),
+            other => Err(anyhow!("--paths: unknown path {other:?}")),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The fake gets its own runtime so its CPU can be told apart (thread names) from the
+    // load generator's: both share the machine with the relay.
+    let fake_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.fake_threads.max(1))
+        .thread_name("fake-model")
+        .enable_all()
+        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.loadgen_threads.max(1))
+        .thread_name("loadgen")
+        .enable_all()
+        .build()?;
+    let fake = fake_rt.block_on(async { FakeRealtime::builder().echo().start().await })?;
+    let r = rt.block_on(run(&args, &paths, &fake));
+    drop(fake);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    fake_rt.shutdown_timeout(Duration::from_secs(2));
+    r
+}
+
+/// Control + Redis for the production path; kept for the whole run.
+struct ControlSide {
+    _redis: RedisServer,
+    control: Proc,
+    agent_id: String,
+    channel: tonic::transport::Channel,
+}
+
+async fn start_control() -> anyhow::Result<ControlSide> {
+    let redis = RedisServer::unix().context("starting redis-server")?;
+    let addr = free_addr()?;
+    let mut control = Proc::spawn(
+        "callbridge-control",
+        env([
+            ("CONTROL_LISTEN", &addr.to_string()),
+            ("REDIS_URL", &redis.url()),
+            ("CONTROL_APP_TOKENS", APP_TOKEN),
+            ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
+            ("RELAY_PUBLIC_URL", "http://127.0.0.1:9"),
+            ("CONTROL_ID", "control-bench"),
+            ("CONTROL_METRICS_LISTEN", ""),
+            ("CONTROL_LOG", "warn"),
+        ]),
+        addr,
+    )
+    .context("starting callbridge-control (scripts/bench-relay.sh builds it)")?;
+    control
+        .wait_grpc_serving(Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow!("control not serving: {e}"))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
         .connect()
         .await?;
     let mut agents =
-        pb::agents_client::AgentsClient::with_interceptor(channel, Bearer::new(APP_TOKEN));
-    let agent = agents
-        .create_agent(pb::CreateAgentRequest {
-            agent_id: "bench".to_owned(),
+        pb::agents_client::AgentsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
+    let agent = timeout(
+        STEP,
+        agents.create_agent(pb::CreateAgentRequest {
+            agent_id: String::new(),
             settings: Some(pb::AgentSettings {
-                name: "bench".to_owned(),
-                instructions: "echo".to_owned(),
+                name: "bench echo".to_owned(),
+                instructions: "Echo.".to_owned(),
                 ..Default::default()
             }),
-        })
-        .await?
-        .into_inner();
-    agents
-        .set_default_agent(pb::DefaultAgent {
-            agent_id: agent.agent_id,
-        })
-        .await?;
+        }),
+    )
+    .await??
+    .into_inner();
+    Ok(ControlSide {
+        _redis: redis,
+        control,
+        agent_id: agent.agent_id,
+        channel,
+    })
+}
 
-    println!("relay audio round trip (caller → relay → model echo → relay → caller), loopback");
-    println!(
-        "machine: {} CPUs visible",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!(
-        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "calls", "frames", "lost", "p50 ms", "p99 ms", "max ms"
-    );
-    for &n in &args.calls {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..n {
-            let cfg = CallerConfig::new(&public, relay_addr, Some(TWILIO_TOKEN));
-            tasks.spawn(one_call(cfg, Duration::from_secs(args.secs)));
-        }
-        let mut rtts = Vec::new();
-        let mut sent = 0u64;
-        while let Some(r) = tasks.join_next().await {
-            let (s, mut r) = r.context("call task")??;
-            sent += s;
-            rtts.append(&mut r);
-        }
-        rtts.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            rtts.get(((rtts.len() as f64 * p) as usize).min(rtts.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or(f64::NAN)
-        };
-        println!(
-            "{n:>6} {sent:>9} {:>9} {:>9.2} {:>9.2} {:>9.2}",
-            sent - rtts.len() as u64,
-            pct(0.5),
-            pct(0.99),
-            rtts.last().copied().unwrap_or(f64::NAN)
+impl ControlSide {
+    async fn create_calls(&self, n: usize, level: usize) -> anyhow::Result<Vec<String>> {
+        let mut calls = pb::calls_client::CallsClient::with_interceptor(
+            self.channel.clone(),
+            Bearer::new(APP_TOKEN),
         );
+        let mut ids = Vec::with_capacity(n);
+        let all: Vec<usize> = (0..n).collect();
+        for chunk in all.chunks(500) {
+            let req = pb::CreateCallsRequest {
+                campaign_id: format!("bench-{level}"),
+                calls: chunk
+                    .iter()
+                    .map(|i| pb::CreateCallRequest {
+                        agent_id: self.agent_id.clone(),
+                        direction: pb::Direction::Outbound as i32,
+                        from: "+14155550100".to_owned(),
+                        to: format!("+1415556{:04}", i % 10_000),
+                        campaign_id: format!("bench-{level}"),
+                        metadata: Default::default(),
+                    })
+                    .collect(),
+            };
+            let created = timeout(STEP, calls.create_calls(req)).await??.into_inner();
+            ids.extend(
+                created
+                    .calls
+                    .into_iter()
+                    .filter_map(|c| c.call.map(|c| c.call_id)),
+            );
+        }
+        ensure!(ids.len() == n, "CreateCalls returned {} of {n}", ids.len());
+        Ok(ids)
     }
-    relay.abort();
-    control.abort();
+}
+
+async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result<()> {
+    let clk_tck = clock_ticks_per_sec();
+    let control = if paths.contains(&Path::Production) {
+        Some(start_control().await?)
+    } else {
+        None
+    };
+    println!(
+        "relay bench: {} CPUs, load average {:?}, {} s load per level, ramp {} calls/s",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        load_average(),
+        args.secs,
+        args.ramp_per_sec
+    );
+    println!(
+        "{:>10} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5}",
+        "path",
+        "calls",
+        "conn",
+        "sent",
+        "recv",
+        "lost",
+        "p50ms",
+        "p99ms",
+        "maxms",
+        "+p99ms",
+        "cpu/cs",
+        "idle/cs",
+        "KiB/call",
+        "KiBidle",
+        "gen%",
+        "fake%",
+        "open"
+    );
+    let mut results = Vec::new();
+    for &n in &args.calls {
+        let mut base_p99 = f64::NAN;
+        for &path in paths {
+            let r = run_level(args, path, n, fake, control.as_ref(), clk_tck).await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("{:>10} {n:>5} failed: {e:#}", path.name());
+                    results
+                        .push(json!({"path": path.name(), "calls": n, "error": format!("{e:#}")}));
+                    continue;
+                }
+            };
+            let p99 = f(&r, &["rtt_ms", "p99"]);
+            if path == Path::Baseline {
+                base_p99 = p99;
+            }
+            let added = p99 - base_p99;
+            let mut r = r;
+            r["added_p99_ms"] = json!(if added.is_finite() { Some(added) } else { None });
+            println!(
+                "{:>10} {n:>5} {:>5} {:>8} {:>8} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>8.1} {:>8.1} {:>6.0} {:>6.0} {:>5}",
+                path.name(),
+                u(&r, &["connected"]),
+                u(&r, &["frames", "sent"]),
+                u(&r, &["frames", "received"]),
+                u(&r, &["frames", "lost"]),
+                f(&r, &["rtt_ms", "p50"]),
+                p99,
+                f(&r, &["rtt_ms", "max"]),
+                added,
+                f(&r, &["relay", "cpu_ms_per_call_sec"]),
+                f(&r, &["relay", "idle_cpu_ms_per_call_sec"]),
+                f(&r, &["relay", "rss_kib_per_call_load"]),
+                f(&r, &["relay", "rss_kib_per_call_idle"]),
+                f(&r, &["loadgen_cpu_pct"]),
+                f(&r, &["fake_cpu_pct"]),
+                u(&r, &["upstream_open_after_end"]),
+            );
+            results.push(r);
+        }
+    }
+    // Production vs standalone, per level.
+    let mut ratios = Vec::new();
+    for &n in &args.calls {
+        let get = |p: &str| {
+            results
+                .iter()
+                .find(|r| r["path"] == p && r["calls"] == n && r.get("error").is_none())
+        };
+        if let (Some(s), Some(p)) = (get("standalone"), get("production")) {
+            let cs = f(s, &["relay", "cpu_ms_per_call_sec"]);
+            let cp = f(p, &["relay", "cpu_ms_per_call_sec"]);
+            let ratio = cp / cs;
+            println!("production/standalone relay CPU at {n} calls: {ratio:.2}");
+            ratios.push(json!({"calls": n, "cpu_ratio": ratio,
+                "rss_ratio": f(p, &["relay", "rss_kib_per_call_load"]) / f(s, &["relay", "rss_kib_per_call_load"])}));
+        }
+    }
+    let doc = json!({
+        "bench": "relay",
+        "machine": machine(),
+        "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
+                 "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec},
+        "results": results,
+        "production_vs_standalone": ratios,
+    });
+    if let Some(dir) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    println!("wrote {}", args.out);
+    if !args.svg.is_empty() {
+        if let Some(dir) = std::path::Path::new(&args.svg).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&args.svg, plot(&doc))?;
+        println!("wrote {}", args.svg);
+    }
+    if let Some(c) = control {
+        drop(c.control);
+    }
     Ok(())
 }
 
-/// One call streaming numbered frames for `length`; returns (frames sent, round trips ms).
-async fn one_call(cfg: CallerConfig, length: Duration) -> anyhow::Result<(u64, Vec<f64>)> {
+/// What every call task shares with the level driver.
+struct Shared {
+    /// Set to the load window's start when the calls may stream.
+    go: watch::Receiver<Option<Instant>>,
+    /// Calls whose stream is up (start sent / Realtime socket open).
+    connected: AtomicU64,
+    secs: u64,
+    epoch: Instant,
+}
+
+/// What one call reports.
+#[derive(Default)]
+struct CallOut {
+    connected: bool,
+    sent: u64,
+    received: u64,
+    misrouted: u64,
+    marks: u64,
+    rtts_us: Vec<u32>,
+    error: Option<String>,
+}
+
+struct RelaySide {
+    proc: Proc,
+    pid: u32,
+}
+
+async fn start_relay(
+    args: &Args,
+    fake: &FakeRealtime,
+    control: Option<&ControlSide>,
+) -> anyhow::Result<RelaySide> {
+    let addr = free_addr()?;
+    let public = format!("http://{addr}");
+    let mut e = env([
+        ("RELAY_LISTEN", &addr.to_string()),
+        ("RELAY_PUBLIC_URL", &public),
+        ("OPENAI_API_KEY", OPENAI_KEY),
+        ("OPENAI_REALTIME_URL", &fake.url()),
+        ("TWILIO_AUTH_TOKEN", TWILIO_TOKEN),
+        ("RELAY_ID", "relay-bench"),
+        ("RELAY_LOG", "warn"),
+    ]);
+    if let Some(c) = control {
+        e.push((
+            "CONTROL_URL".to_owned(),
+            format!("http://{}", c.control.addr),
+        ));
+        e.push(("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()));
+    }
+    e.extend(args.relay_env.iter().cloned());
+    let mut proc = Proc::spawn("callbridge-relay", e, addr)
+        .context("starting callbridge-relay (scripts/bench-relay.sh builds it)")?;
+    proc.wait_http_ok("/healthz", Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow!("relay not healthy: {e}"))?;
+    let pid = proc.pid().context("relay pid")?;
+    Ok(RelaySide { proc, pid })
+}
+
+async fn run_level(
+    args: &Args,
+    path: Path,
+    n: usize,
+    fake: &FakeRealtime,
+    control: Option<&ControlSide>,
+    clk_tck: f64,
+) -> anyhow::Result<Value> {
+    let relay = match path {
+        Path::Baseline => None,
+        Path::Standalone => Some(start_relay(args, fake, None).await?),
+        Path::Production => Some(start_relay(args, fake, control).await?),
+    };
+    let ids = match (path, control) {
+        (Path::Production, Some(c)) => c.create_calls(n, n).await?,
+        (Path::Production, None) => bail!("production path without control"),
+        _ => Vec::new(),
+    };
+    let relay_pid = relay.as_ref().map(|r| r.pid);
+    let rss_before = relay_pid.map(rss_kib).transpose()?;
+    let accepted_before = fake.connections_accepted();
+    let open_before = fake.connections_open();
+
+    let (go_tx, go_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        go: go_rx,
+        connected: AtomicU64::new(0),
+        secs: args.secs,
+        epoch: Instant::now(),
+    });
+    // Ramp the calls in.
+    let ramp_started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let gap = Duration::from_secs_f64(1.0 / args.ramp_per_sec as f64);
+    for i in 0..n {
+        let target = match &relay {
+            Some(r) => Target::Relay {
+                addr: r.proc.addr,
+                call_id: ids.get(i).cloned(),
+            },
+            None => Target::Model(fake.url()),
+        };
+        tasks.spawn(one_call(i as u32, target, shared.clone()));
+        tokio::time::sleep_until((ramp_started + gap * (i as u32 + 1)).into()).await;
+    }
+    // Every call connected and every model socket open (or a bounded wait).
+    let connect_deadline = Instant::now() + Duration::from_secs(30);
+    while (shared.connected.load(Ordering::Relaxed) < n as u64
+        || fake.connections_accepted() - accepted_before < n as u64)
+        && Instant::now() < connect_deadline
+        && tasks.len() == n
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ramp_secs = ramp_started.elapsed().as_secs_f64();
+    let connected = shared.connected.load(Ordering::Relaxed);
+    let model_sockets = fake.connections_accepted() - accepted_before;
+
+    // Idle window: every call connected, no audio.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_cpu0 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let rss_idle = relay_pid.map(rss_kib).transpose()?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle_cpu1 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+
+    // Load window.
+    let threads0 = thread_cpu_ms(clk_tck);
+    let cpu0 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let started = Instant::now();
+    go_tx.send_replace(Some(started));
+    let mut rss_load_max = 0u64;
+    let load_end = started + Duration::from_secs(args.secs);
+    while Instant::now() < load_end {
+        tokio::time::sleep(Duration::from_millis(500).min(load_end - Instant::now())).await;
+        if let Some(p) = relay_pid {
+            rss_load_max = rss_load_max.max(rss_kib(p).unwrap_or(0));
+        }
+    }
+    let cpu1 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let threads1 = thread_cpu_ms(clk_tck);
+    let load_secs = started.elapsed().as_secs_f64();
+
+    // Calls drain, hang up and report.
+    let mut outs = Vec::with_capacity(n);
+    let collect = async {
+        while let Some(r) = tasks.join_next().await {
+            outs.push(r.unwrap_or_else(|e| CallOut {
+                error: Some(format!("task: {e}")),
+                ..CallOut::default()
+            }));
+        }
+    };
+    if timeout(Duration::from_secs(30), collect).await.is_err() {
+        tasks.abort_all();
+    }
+    // After every hang-up, the relay must close every model socket.
+    let close_deadline = Instant::now() + Duration::from_secs(10);
+    while fake.connections_open() > open_before && Instant::now() < close_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open_after = fake.connections_open().saturating_sub(open_before);
+    let close_secs = (close_deadline - Duration::from_secs(10))
+        .elapsed()
+        .as_secs_f64();
+    let relay_alive = match relay {
+        Some(mut r) => {
+            let alive = r.proc.is_running();
+            r.proc.kill();
+            Some(alive)
+        }
+        None => None,
+    };
+
+    let mut rtts: Vec<u32> = Vec::new();
+    let (mut sent, mut received, mut misrouted, mut marks) = (0u64, 0u64, 0u64, 0u64);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &mut outs {
+        sent += o.sent;
+        received += o.received;
+        misrouted += o.misrouted;
+        marks += o.marks;
+        rtts.append(&mut o.rtts_us);
+        if let Some(e) = &o.error {
+            *errors.entry(e.clone()).or_default() += 1;
+        }
+    }
+    rtts.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        let i = ((rtts.len() as f64 * p) as usize).min(rtts.len().checked_sub(1)?);
+        Some(f64::from(rtts[i]) / 1000.0)
+    };
+    let call_secs = n as f64 * load_secs;
+    // Call-seconds of audio actually carried: when the machine falls behind, calls send
+    // fewer than 50 frames/s, and dividing by wall time would flatter the relay.
+    let audio_secs = (sent as f64 * FRAME.as_secs_f64()).max(1e-9);
+    let idle_secs = args.idle_secs.max(1) as f64;
+    let gen_ms = threads1.get("loadgen").copied().unwrap_or(0.0)
+        - threads0.get("loadgen").copied().unwrap_or(0.0);
+    let fake_ms = threads1.get("fake-model").copied().unwrap_or(0.0)
+        - threads0.get("fake-model").copied().unwrap_or(0.0);
+    let relay_json = match (cpu0, cpu1, rss_before, rss_idle) {
+        (Some(c0), Some(c1), Some(rb), Some(ri)) => json!({
+            "cpu_ms_per_call_sec": (c1 - c0) / audio_secs,
+            "cpu_ms_per_wall_call_sec": (c1 - c0) / call_secs,
+            "cpu_pct_load": (c1 - c0) / (load_secs * 10.0),
+            "idle_cpu_ms_per_call_sec": idle_cpu1.zip(idle_cpu0).map(|(a, b)| (a - b) / (n as f64 * idle_secs)),
+            "rss_kib_before": rb,
+            "rss_kib_idle": ri,
+            "rss_kib_load_max": rss_load_max,
+            "rss_kib_per_call_idle": (ri as f64 - rb as f64) / n as f64,
+            "rss_kib_per_call_load": (rss_load_max as f64 - rb as f64) / n as f64,
+            "alive_at_end": relay_alive,
+        }),
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "path": path.name(),
+        "calls": n,
+        "connected": connected,
+        "model_sockets_opened": model_sockets,
+        "ramp_secs": ramp_secs,
+        "load_secs": load_secs,
+        "frames": {"sent": sent, "received": received, "lost": sent.saturating_sub(received),
+                   "misrouted": misrouted, "marks_echoed": marks},
+        "rtt_ms": {"samples": rtts.len(), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                   "p999": pct(0.999), "max": rtts.last().map(|&v| f64::from(v) / 1000.0)},
+        "relay": relay_json,
+        "loadgen_cpu_pct": gen_ms / (load_secs * 10.0),
+        "fake_cpu_pct": fake_ms / (load_secs * 10.0),
+        "upstream_open_after_end": open_after,
+        "upstream_close_wait_secs": close_secs,
+        "call_errors": errors,
+        "load_average": load_average(),
+    }))
+}
+
+enum Target {
+    /// Through the relay: voice webhook (with `callId` on the production path), then the
+    /// `<Stream>` URL it answers.
+    Relay {
+        addr: SocketAddr,
+        call_id: Option<String>,
+    },
+    /// Straight to the echo model (the baseline).
+    Model(String),
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// One call; never fails the bench, reports what happened.
+async fn one_call(idx: u32, target: Target, shared: Arc<Shared>) -> CallOut {
+    let mut out = CallOut::default();
+    if let Err(e) = call_inner(idx, target, &shared, &mut out).await {
+        out.error = Some(format!("{e:#}"));
+    }
+    out
+}
+
+async fn call_inner(
+    idx: u32,
+    target: Target,
+    shared: &Shared,
+    out: &mut CallOut,
+) -> anyhow::Result<()> {
+    let twilio = matches!(target, Target::Relay { .. });
+    let (ws, sid) = match target {
+        Target::Relay { addr, call_id } => connect_via_relay(addr, call_id).await?,
+        Target::Model(url) => (connect_model(&url).await?, String::new()),
+    };
+    let (mut tx, mut rx) = ws.split();
+    // The frame, encoded once; each send patches its 16-character stamp.
+    let silence = B64.encode([0xffu8; FRAME_BYTES]);
+    let (template, stamp_at) = if twilio {
+        let head = r#"{"event":"media","sequenceNumber":"2","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":""#;
+        (
+            format!(r#"{head}{silence}"}},"streamSid":"{sid}"}}"#),
+            head.len(),
+        )
+    } else {
+        let head = r#"{"type":"input_audio_buffer.append","audio":""#;
+        (format!(r#"{head}{silence}"}}"#), head.len())
+    };
+    out.connected = true;
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+
+    let mut go = shared.go.clone();
+    let start = loop {
+        tokio::select! {
+            r = go.wait_for(Option::is_some) => {
+                break r.map_err(|_| anyhow!("bench gone"))?.unwrap_or_else(Instant::now);
+            }
+            // Keep reading while idle (session events, pings).
+            msg = timeout(STEP * 3, rx.next()) => match msg {
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => bail!("socket closed before the load window"),
+                Err(_) => bail!("no load window"),
+            },
+        }
+    };
+    // Calls' 20 ms clocks are spread over the frame period, as real calls would be.
+    let offset = FRAME.mul_f64(f64::from(idx % 97) / 97.0);
+    let end = start + Duration::from_secs(shared.secs);
+    let mut tick = tokio::time::interval_at((start + offset).into(), FRAME);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let drain_until = end + Duration::from_secs(2);
+    let mut sending = true;
+    let mut buf = [0u8; STAMP_BYTES];
+    let mut stamp = [0u8; STAMP_CHARS];
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if sending => {
+                if Instant::now() >= end {
+                    sending = false;
+                    continue;
+                }
+                let us = shared.epoch.elapsed().as_micros() as u64;
+                buf[..4].copy_from_slice(&idx.to_be_bytes());
+                buf[4..].copy_from_slice(&us.to_be_bytes());
+                B64.encode_slice(buf, &mut stamp).map_err(|e| anyhow!("stamp: {e}"))?;
+                let mut frame = template.clone();
+                // Both are ASCII base64 of the same length: the frame keeps its size.
+                frame.replace_range(stamp_at..stamp_at + STAMP_CHARS, std::str::from_utf8(&stamp)?);
+                tx.send(Message::text(frame)).await?;
+                out.sent += 1;
+            }
+            msg = rx.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | None => bail!("socket closed mid-call"),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => bail!("read: {e}"),
+                };
+                on_frame(idx, &text, twilio, shared, out, &mut tx, &sid).await?;
+            }
+            () = tokio::time::sleep_until(drain_until.into()), if !sending => break,
+        }
+        if !sending && out.received >= out.sent {
+            break;
+        }
+    }
+    // Hang up like Twilio: `stop`, then close.
+    if twilio {
+        let stop = format!(
+            r#"{{"event":"stop","sequenceNumber":"9","streamSid":"{sid}","stop":{{"accountSid":"ACbench","callSid":"CAbench"}}}}"#
+        );
+        let _ = timeout(STEP, tx.send(Message::text(stop))).await;
+    }
+    let _ = timeout(STEP, tx.close()).await;
+    Ok(())
+}
+
+/// One frame from the far side: time echoed audio, echo marks back.
+async fn on_frame(
+    idx: u32,
+    text: &str,
+    twilio: bool,
+    shared: &Shared,
+    out: &mut CallOut,
+    tx: &mut SplitSink<Ws, Message>,
+    sid: &str,
+) -> anyhow::Result<()> {
+    let key = if twilio {
+        r#""payload":""#
+    } else {
+        r#""delta":""#
+    };
+    if let Some(at) = text.find(key) {
+        let b64 = text
+            .get(at + key.len()..at + key.len() + STAMP_CHARS)
+            .context("short payload")?;
+        let mut buf = [0u8; STAMP_BYTES];
+        if B64.decode_slice(b64, &mut buf).ok() != Some(STAMP_BYTES) {
+            bail!("payload stamp is not base64");
+        }
+        let from = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let mut us = [0u8; 8];
+        us.copy_from_slice(&buf[4..]);
+        let sent_us = u64::from_be_bytes(us);
+        if from != idx {
+            out.misrouted += 1;
+            return Ok(());
+        }
+        let now_us = shared.epoch.elapsed().as_micros() as u64;
+        out.received += 1;
+        out.rtts_us
+            .push(u32::try_from(now_us.saturating_sub(sent_us)).unwrap_or(u32::MAX));
+        return Ok(());
+    }
+    if twilio && text.contains(r#""event":"mark""#) {
+        let key = r#""name":""#;
+        let at = text.find(key).context("mark without name")? + key.len();
+        let len = text[at..].find('"').context("unterminated mark name")?;
+        let name = &text[at..at + len];
+        let echo = format!(
+            r#"{{"event":"mark","sequenceNumber":"3","streamSid":"{sid}","mark":{{"name":"{name}"}}}}"#
+        );
+        tx.send(Message::text(echo)).await?;
+        out.marks += 1;
+    }
+    Ok(())
+}
+
+async fn connect_via_relay(
+    addr: SocketAddr,
+    call_id: Option<String>,
+) -> anyhow::Result<(Ws, String)> {
+    let mut cfg = CallerConfig::new(&format!("http://{addr}"), addr, Some(TWILIO_TOKEN));
+    cfg.call_id = call_id;
+    cfg.io_timeout = STEP;
     let caller = SimCaller::new(cfg.clone());
-    let webhook = caller.webhook().await?;
-    let twiml = webhook.twiml.with_context(|| {
+    let hook = caller.webhook().await?;
+    let twiml = hook.twiml.with_context(|| {
         format!(
             "webhook HTTP {}: {}",
-            webhook.response.status, webhook.response.body
+            hook.response.status,
+            hook.response.body.trim()
         )
     })?;
-    let url = twiml.stream_url.context("no <Stream>")?;
-    let ws = caller
-        .connect_stream(&url)
-        .await?
-        .map_err(|s| anyhow::anyhow!("stream refused: HTTP {s}"))?;
-    let (mut tx, mut rx) = ws.split();
-    let sid = format!("MZbench{:x}", rand_suffix());
+    let url = twiml.stream_url.context("TwiML without <Stream>")?;
+    // Signed like Twilio signs it; dialled here (not with SimCaller::connect_stream) to
+    // give the load generator's sockets small read buffers.
+    let mut req = url.as_str().into_client_request()?;
+    req.headers_mut().insert(
+        "x-twilio-signature",
+        twilio_signature(TWILIO_TOKEN, &url, &[]).parse()?,
+    );
+    let mut ws = dial(addr, req).await?;
+    let sid = format!("MZ{}", &cfg.call_sid[2..]);
     let params: serde_json::Map<String, Value> = twiml
         .parameters
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    tx.send(Message::text(
+    ws.send(Message::text(
         json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}).to_string(),
     ))
     .await?;
-    tx.send(Message::text(
+    ws.send(Message::text(
         json!({"event": "start", "sequenceNumber": "1", "streamSid": sid,
         "start": {"streamSid": sid, "callSid": cfg.call_sid, "accountSid": cfg.account_sid,
         "tracks": ["inbound"], "customParameters": params,
@@ -190,64 +827,273 @@ async fn one_call(cfg: CallerConfig, length: Duration) -> anyhow::Result<(u64, V
         .to_string(),
     ))
     .await?;
-    let frames = length.as_millis() as u64 / audio::FRAME_MS;
-    let mut sent_at: HashMap<u32, Instant> = HashMap::new();
-    let mut rtts = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(audio::FRAME_MS));
-    let mut n = 0u32;
-    let end = Instant::now() + length + Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            // The 20 ms caller clock.
-            _ = tick.tick(), if u64::from(n) < frames => {
-                n += 1;
-                let mut frame = audio::tone(440.0, audio::FRAME_MS, 0);
-                frame[..4].copy_from_slice(&n.to_be_bytes());
-                sent_at.insert(n, Instant::now());
-                tx.send(Message::text(json!({"event": "media", "streamSid": sid,
-                    "sequenceNumber": (n + 1).to_string(), "media": {"track": "inbound",
-                    "chunk": n.to_string(), "timestamp": (u64::from(n - 1) * 20).to_string(),
-                    "payload": audio::b64(&frame)}}).to_string())).await?;
-            }
-            // Echoed audio (and marks, which a real caller would echo back).
-            msg = rx.next() => {
-                let Some(Ok(Message::Text(t))) = msg else { break };
-                let v: Value = serde_json::from_str(&t)?;
-                if v["event"] == "media"
-                    && let Some(bytes) = v["media"]["payload"].as_str().and_then(audio::unb64)
-                    && bytes.len() >= 4
-                {
-                    let k = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                    if let Some(at) = sent_at.remove(&k) {
-                        rtts.push(at.elapsed().as_secs_f64() * 1000.0);
-                    }
-                } else if v["event"] == "mark" {
-                    tx.send(Message::text(json!({"event": "mark", "streamSid": sid,
-                        "mark": v["mark"]}).to_string())).await?;
-                }
-                if u64::from(n) >= frames && sent_at.is_empty() { break; }
-            }
-            () = tokio::time::sleep_until(end.into()) => break,
+    Ok((ws, sid))
+}
+
+async fn connect_model(url: &str) -> anyhow::Result<Ws> {
+    let url = format!("{url}?model=gpt-realtime");
+    let mut req = url.as_str().into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {OPENAI_KEY}").parse()?);
+    let host: SocketAddr = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .context("model url")?
+        .parse()?;
+    dial(host, req).await
+}
+
+/// Opens a client WebSocket with buffers sized for ~300-byte frames (tungstenite's default
+/// 128 KiB read buffer is zero-filled on every read: it would make the harness the limit).
+async fn dial(
+    addr: SocketAddr,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> anyhow::Result<Ws> {
+    let tcp = timeout(STEP, TcpStream::connect(addr)).await??;
+    // 20 ms frames: Nagle + delayed ACK would add ~40 ms.
+    tcp.set_nodelay(true)?;
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, resp) = timeout(
+        STEP,
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(cfg)),
+    )
+    .await??;
+    ensure!(
+        resp.status().as_u16() == 101,
+        "upgrade answered {}",
+        resp.status()
+    );
+    Ok(ws)
+}
+
+// ---- measurements ---------------------------------------------------------------------
+
+fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime (ms) from a `/proc/…/stat` text.
+fn stat_cpu_ms(stat: &str, clk_tck: f64) -> Option<f64> {
+    // Fields after `(comm)` (which may hold spaces): utime is the 12th, stime the 13th.
+    let after = stat.rsplit_once(')')?.1;
+    let mut it = after.split_whitespace().skip(11);
+    let u: f64 = it.next()?.parse().ok()?;
+    let s: f64 = it.next()?.parse().ok()?;
+    Some((u + s) * 1000.0 / clk_tck)
+}
+
+fn proc_cpu_ms(pid: u32, clk_tck: f64) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_cpu_ms(&stat, clk_tck).context("malformed stat")
+}
+
+/// CPU ms of this process's threads, summed by thread name (`loadgen`, `fake-model`, …).
+fn thread_cpu_ms(clk_tck: f64) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map(|(n, _)| n.to_owned())
+            .unwrap_or_default();
+        if let Some(ms) = stat_cpu_ms(&stat, clk_tck) {
+            *by_name.entry(name).or_insert(0.0) += ms;
         }
     }
-    let _ = tx
-        .send(Message::text(
-            json!({"event": "stop", "streamSid": sid,
-            "stop": {"callSid": cfg.call_sid, "accountSid": cfg.account_sid}})
-            .to_string(),
-        ))
-        .await;
-    let _ = tx.close().await;
-    Ok((u64::from(n), rtts))
+    by_name
 }
 
-fn owned(args: &[&str]) -> Vec<String> {
-    args.iter().map(|a| (*a).to_owned()).collect()
+/// Resident set (KiB) from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
 }
 
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    h.finish()
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        "load_average_at_start": load_average(),
+        "note": "relay, load generator and fake model share these cores",
+    })
+}
+
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+// ---- plot -----------------------------------------------------------------------------
+
+/// Two panels against calls (log scale): RTT p99 per path, and relay CPU-ms per
+/// call-second per path. Plain SVG polylines, no plotting crate.
+fn plot(doc: &Value) -> String {
+    const W: f64 = 420.0;
+    const H: f64 = 260.0;
+    const ML: f64 = 56.0;
+    const MB: f64 = 36.0;
+    const MT: f64 = 28.0;
+    const MR: f64 = 12.0;
+    let results = doc["results"].as_array().cloned().unwrap_or_default();
+    let colours = [
+        ("baseline", "#888888"),
+        ("standalone", "#1f77b4"),
+        ("production", "#d62728"),
+    ];
+    let panels: [(&str, &[&str]); 2] = [
+        ("round trip p99 (ms)", &["rtt_ms", "p99"]),
+        (
+            "relay CPU-ms per call-second",
+            &["relay", "cpu_ms_per_call_sec"],
+        ),
+    ];
+    let xs: Vec<f64> = results.iter().filter_map(|r| r["calls"].as_f64()).collect();
+    let (xmin, xmax) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lx0, lx1) = (xmin.max(1.0).log10(), xmax.max(10.0).log10());
+    let lx1 = if lx1 - lx0 < 0.5 { lx0 + 1.0 } else { lx1 };
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+        W * 2.0,
+        H + 20.0
+    );
+    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (pi, (title, key)) in panels.iter().enumerate() {
+        let ox = pi as f64 * W;
+        let ys: Vec<f64> = results
+            .iter()
+            .map(|r| f(r, key))
+            .filter(|v| v.is_finite())
+            .collect();
+        let ymax = ys.iter().fold(0.0f64, |a, &b| a.max(b)).max(1e-3) * 1.1;
+        let px = |x: f64| ox + ML + (x.log10() - lx0) / (lx1 - lx0) * (W - ML - MR);
+        let py = |y: f64| MT + (1.0 - y / ymax) * (H - MT - MB);
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="16" text-anchor="middle" font-weight="bold">{title}</text>"#,
+            ox + W / 2.0
+        );
+        let _ = write!(
+            svg,
+            r##"<line x1="{0}" y1="{1}" x2="{0}" y2="{2}" stroke="#000"/><line x1="{0}" y1="{2}" x2="{3}" y2="{2}" stroke="#000"/>"##,
+            ox + ML,
+            MT,
+            H - MB,
+            ox + W - MR
+        );
+        for i in 0..=4 {
+            let y = ymax * f64::from(i) / 4.0;
+            let _ = write!(
+                svg,
+                r##"<line x1="{0}" y1="{1}" x2="{2}" y2="{1}" stroke="#ddd"/><text x="{3}" y="{4}" text-anchor="end">{5:.2}</text>"##,
+                ox + ML,
+                py(y),
+                ox + W - MR,
+                ox + ML - 4.0,
+                py(y) + 4.0,
+                y
+            );
+        }
+        let mut ticks: Vec<f64> = xs.clone();
+        ticks.sort_by(f64::total_cmp);
+        ticks.dedup();
+        for x in ticks {
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="middle">{x}</text>"#,
+                px(x),
+                H - MB + 14.0
+            );
+        }
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">calls (log scale)</text>"#,
+            ox + ML + (W - ML - MR) / 2.0,
+            H - 6.0
+        );
+        for (li, (path, colour)) in colours.iter().enumerate() {
+            let pts: Vec<(f64, f64)> = results
+                .iter()
+                .filter(|r| r["path"] == *path)
+                .filter_map(|r| Some((r["calls"].as_f64()?, f(r, key))))
+                .filter(|(_, y)| y.is_finite())
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let line: Vec<String> = pts
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+                .collect();
+            let _ = write!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                line.join(" ")
+            );
+            for &(x, y) in &pts {
+                let _ = write!(
+                    svg,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                    px(x),
+                    py(y)
+                );
+            }
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{}" fill="{colour}">{path}</text>"#,
+                ox + ML + 8.0,
+                MT + 12.0 + li as f64 * 13.0
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
