@@ -674,6 +674,86 @@ mod tests {
         assert_eq!(p.generation(), 2);
     }
 
+    /// Random interleavings of deltas, echoes (in order, some flushed), transcripts,
+    /// response ends and barge-ins: every truncate is within what was sent for its item,
+    /// no truncate targets an item without audio, and marks of old generations never move
+    /// `heard`.
+    #[test]
+    fn truncate_invariants_hold_for_random_interleavings() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let mut p = Playback::new(true);
+            let mut sent: std::collections::HashMap<String, u64> = Default::default();
+            let mut queue: VecDeque<String> = VecDeque::new();
+            let mut resp = 0u32;
+            let mut item = 0u32;
+            p.response_created("r0");
+            for _ in 0..60 {
+                match rnd(6) {
+                    0 | 1 => {
+                        if rnd(4) == 0 {
+                            item += 1;
+                        }
+                        let (r, i) = (format!("r{resp}"), format!("i{item}"));
+                        let bytes = 1 + rnd(400) as usize;
+                        if let Delta::Forward { mark } = p.audio_delta(&r, &i, bytes) {
+                            *sent.entry(i).or_default() += bytes as u64;
+                            queue.push_back(mark);
+                        }
+                    }
+                    2 => {
+                        if let Some(m) = queue.pop_front() {
+                            p.mark_echoed(&m).unwrap();
+                        }
+                    }
+                    3 => {
+                        let generation = p.generation();
+                        for out in p.speech_started() {
+                            if let Out::Truncate {
+                                item_id,
+                                audio_end_ms,
+                            } = out
+                            {
+                                let s = sent.get(&item_id).copied().unwrap_or(0);
+                                assert!(s > 0, "truncate of an item without audio");
+                                assert!(u64::from(audio_end_ms) <= s / 8, "truncate past sent");
+                            }
+                        }
+                        if p.generation() != generation {
+                            // Everything still queued is flushed back, old generation.
+                            for m in queue.drain(..) {
+                                assert_eq!(p.mark_echoed(&m), Some(vec![]));
+                            }
+                        }
+                    }
+                    4 => {
+                        p.response_done(&format!("r{resp}"));
+                        resp += 1;
+                        p.response_created(&format!("r{resp}"));
+                    }
+                    _ => {
+                        for out in p.transcript_done(&format!("i{}", rnd(u64::from(item) + 1)), "t")
+                        {
+                            if let Out::AssistantSpeech {
+                                heard_ms, audio_ms, ..
+                            } = out
+                            {
+                                assert!(heard_ms <= audio_ms);
+                            }
+                        }
+                    }
+                }
+                assert!(p.outstanding_marks() as usize <= queue.len());
+            }
+        }
+    }
+
     #[test]
     fn lifecycle_reports_one_end_and_pending_ends_wait_for_playback() {
         let mut l = Lifecycle::default();

@@ -2,12 +2,15 @@
 //! a tiny fake Realtime server and a Twilio-like WebSocket client. Only Twilio and OpenAI
 //! (and here control's behaviour) are faked; the relay is the real server on 127.0.0.1:0.
 
-// Test support: a failed unwrap is a failed test, with its location.
+// Test support: a failed unwrap is a failed test, with its location; the fakes share
+// their recorded state with the test through a plain Mutex (the relay's lock ban is for
+// the relay).
 #![allow(
     dead_code,
     unreachable_pub,
     clippy::unwrap_used,
-    clippy::result_large_err
+    clippy::result_large_err,
+    clippy::disallowed_types
 )]
 
 use std::net::SocketAddr;
