@@ -243,7 +243,11 @@ pub fn after(
             pb::EndReason::Transferred if !call.transfer_to.is_empty() => {
                 Next::DialNumber(call.transfer_to.clone())
             }
-            pb::EndReason::ModelUnavailable | pb::EndReason::InternalError => Next::Fallback(
+            // DRAIN: a relay shut down before it found a quiet moment to hand the call
+            // off; the caller is better off with the agent's fallback than a hang-up.
+            pb::EndReason::ModelUnavailable
+            | pb::EndReason::InternalError
+            | pb::EndReason::Drain => Next::Fallback(
                 agent
                     .and_then(|a| a.settings.as_ref())
                     .and_then(|s| s.fallback.clone())
@@ -385,6 +389,8 @@ mod tests {
             Next::DialNumber("+15550001111".into())
         );
         call.end_reason = pb::EndReason::ModelUnavailable as i32;
+        assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
+        call.end_reason = pb::EndReason::Drain as i32;
         assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = pb::EndReason::CallerHangup as i32;
         assert!(matches!(after(&call, None, 0), Next::Hangup(_)));
