@@ -58,6 +58,7 @@ pub struct FakeRealtimeBuilder {
     error_after_events: Vec<(u64, String, String)>,
     fallback_reply: AgentReply,
     say_audio_ms: u32,
+    faulty_connections: Option<u64>,
 }
 
 impl Default for FakeRealtimeBuilder {
@@ -74,6 +75,7 @@ impl Default for FakeRealtimeBuilder {
             require_key: None,
             close_after: None,
             close_after_events: None,
+            faulty_connections: None,
             stall_after_events: None,
             error_after_events: Vec::new(),
             fallback_reply: AgentReply::says("Sorry, could you repeat that?", 400),
@@ -149,6 +151,13 @@ impl FakeRealtimeBuilder {
     /// Close each connection (code 1011) after sending this many events.
     pub fn close_after_events(mut self, n: u64) -> Self {
         self.close_after_events = Some(n);
+        self
+    }
+
+    /// Apply the close/stall/error faults only to the first `n` accepted connections
+    /// (a model that fails once and then is reachable again).
+    pub fn faults_only_on_first(mut self, n: u64) -> Self {
+        self.faulty_connections = Some(n);
         self
     }
 
@@ -265,6 +274,9 @@ pub struct ConnRecord {
     pub caller_transcripts: Vec<String>,
     /// Whether the connection has ended.
     pub closed: bool,
+    /// Set when the client replayed a history naming script lines: the turn the script
+    /// continues at (a resumed call).
+    pub resumed_at_turn: Option<usize>,
 }
 
 /// One `conversation.item.truncate`.
@@ -448,19 +460,31 @@ async fn serve_conn(
         ..ConnRecord::default()
     }));
     lock(&shared.conns).push(record.clone());
-    shared.accepted.fetch_add(1, Ordering::SeqCst);
+    let nth = shared.accepted.fetch_add(1, Ordering::SeqCst) + 1;
     shared.open.fetch_add(1, Ordering::SeqCst);
+    let faulty = cfg.faulty_connections.is_none_or(|k| nth <= k);
+    let close_after_events = cfg.close_after_events.filter(|_| faulty);
+    let stall_after_events = cfg.stall_after_events.filter(|_| faulty);
+    let no_errors = Vec::new();
+    let error_after_events = if faulty {
+        &cfg.error_after_events
+    } else {
+        &no_errors
+    };
     kill.mark_unchanged();
     let (mut sink, mut source) = ws.split();
     let mut session = Session::new(conn_id, cfg.clone(), record.clone());
-    let close_at = cfg.close_after.map(|d| Instant::now() + d);
+    let close_at = cfg
+        .close_after
+        .filter(|_| faulty)
+        .map(|d| Instant::now() + d);
     let mut sent_events = 0u64;
     session.emit(json!({"type": "session.created", "session": session.session_object(&json!({}))}));
     'conn: loop {
         // Flush what the last step produced, applying the configured faults.
         while let Some(event) = session.out.pop_front() {
             let stalled = shared.stalled.load(Ordering::SeqCst)
-                || cfg.stall_after_events.is_some_and(|n| sent_events >= n);
+                || stall_after_events.is_some_and(|n| sent_events >= n);
             if stalled {
                 continue;
             }
@@ -468,7 +492,7 @@ async fn serve_conn(
                 break 'conn;
             }
             sent_events += 1;
-            for (n, code, message) in &cfg.error_after_events {
+            for (n, code, message) in error_after_events {
                 if *n == sent_events {
                     let err = session.error_event(code, message, None);
                     lock(&record).errors_sent.push(code.clone());
@@ -477,7 +501,7 @@ async fn serve_conn(
                     }
                 }
             }
-            if cfg.close_after_events.is_some_and(|n| sent_events >= n) {
+            if close_after_events.is_some_and(|n| sent_events >= n) {
                 let _ = sink
                     .send(close_msg("fake: closing after configured events"))
                     .await;
@@ -893,10 +917,16 @@ impl Session {
             "function_call_output" => {
                 let call_id = item.get("call_id").and_then(Value::as_str).unwrap_or("");
                 let output_is_string = item.get("output").is_some_and(Value::is_string);
+                // A replayed history may carry the call item itself (a new session).
+                let replayed_call = lock(&self.record).items_created.iter().any(|i| {
+                    i.get("type").and_then(Value::as_str) == Some("function_call")
+                        && i.get("call_id").and_then(Value::as_str) == Some(call_id)
+                });
                 match &mut self.pending_tool {
                     Some(p) if p.call_id == call_id && output_is_string => {
                         p.output_received = true;
                     }
+                    _ if replayed_call && output_is_string => {}
                     _ => {
                         let msg = format!("Tool call ID '{call_id}' not found in conversation.");
                         self.emit_error("invalid_request_error", "invalid_value", &msg, ev_id);
@@ -913,7 +943,29 @@ impl Session {
                     .filter_map(|c| c.get("text").and_then(Value::as_str))
                     .collect::<Vec<_>>()
                     .join(" ");
-                if !text.is_empty() {
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("");
+                // A resumed call's history ("Caller: <line>" for each line said so far),
+                // or the conversation replayed item by item (a user message per caller
+                // line): continue the script after the last line it mentions.
+                let resumed_at = if role == "user" {
+                    self.script
+                        .turns
+                        .iter()
+                        .rposition(|t| text == t.caller.text)
+                } else {
+                    self.script
+                        .turns
+                        .iter()
+                        .rposition(|t| text.contains(&format!("Caller: {}", t.caller.text)))
+                };
+                if role == "assistant" {
+                    // Replayed assistant speech: whatever greeting there was is said.
+                    self.greeted = true;
+                } else if let Some(i) = resumed_at {
+                    self.next_turn = self.next_turn.max(i + 1);
+                    self.greeted = true;
+                    lock(&self.record).resumed_at_turn = Some(i + 1);
+                } else if !text.is_empty() {
                     self.last_user_text = Some(text);
                 }
             }
@@ -1016,6 +1068,8 @@ impl Session {
             && let Some(greeting) = self.script.greeting.clone()
         {
             self.greeted = true;
+            // The instruction that asked for the greeting is used up by it.
+            self.last_user_text = None;
             greeting
         } else if let Some(text) = self.last_user_text.take().or(inline) {
             AgentReply::says(text, self.cfg.say_audio_ms)

@@ -33,10 +33,13 @@ use crate::twiml::Twiml;
 /// Largest relay message accepted (an outbound media message of a few seconds of audio).
 const MAX_MESSAGE: usize = 1024 * 1024;
 
-/// Round-robin over relay addresses, like a load balancer in front of relay pods.
+/// Round-robin over relay addresses, like a load balancer in front of relay pods. A test
+/// can take an address out of rotation (what a balancer does once `/readyz` fails) and
+/// put it back.
 #[derive(Debug)]
 pub struct LoadBalancer {
     addrs: Vec<SocketAddr>,
+    out_of_rotation: std::sync::Mutex<Vec<SocketAddr>>,
     next: AtomicUsize,
 }
 
@@ -45,17 +48,40 @@ impl LoadBalancer {
     pub fn new(addrs: Vec<SocketAddr>) -> Arc<Self> {
         Arc::new(Self {
             addrs,
+            out_of_rotation: std::sync::Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
         })
     }
 
-    /// The next address.
+    fn out(&self) -> std::sync::MutexGuard<'_, Vec<SocketAddr>> {
+        self.out_of_rotation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes `addr` out of rotation (`false`) or puts it back (`true`).
+    pub fn set_in_rotation(&self, addr: SocketAddr, in_rotation: bool) {
+        let mut out = self.out();
+        out.retain(|a| *a != addr);
+        if !in_rotation {
+            out.push(addr);
+        }
+    }
+
+    /// The next address in rotation.
     pub fn pick(&self) -> Result<SocketAddr, CallerError> {
-        if self.addrs.is_empty() {
-            return Err(CallerError::Config("no relay address".into()));
+        let out = self.out();
+        let up: Vec<SocketAddr> = self
+            .addrs
+            .iter()
+            .copied()
+            .filter(|a| !out.contains(a))
+            .collect();
+        if up.is_empty() {
+            return Err(CallerError::Config("no relay address in rotation".into()));
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(self.addrs[n % self.addrs.len()])
+        Ok(up[n % up.len()])
     }
 }
 
@@ -102,6 +128,15 @@ pub struct CallerConfig {
     pub io_timeout: Duration,
     /// How many new `<Stream>`s returned by the action URL to follow.
     pub follow_streams: u32,
+    /// Pause between the end of a stream and the `<Connect action>` request (Twilio's own
+    /// reaction time).
+    pub after_delay: Duration,
+    /// Also request the `<Connect action>` URL when the stream ended abnormally (the
+    /// socket failed or closed without a close frame, e.g. the relay was killed).
+    /// Twilio's documentation only promises the action request when the stream ends; it
+    /// does not say what happens after an abnormal close, so this is a modelled
+    /// assumption (docs/resilience.md). Off: an abnormal close ends the call.
+    pub after_on_abnormal_close: bool,
 }
 
 impl CallerConfig {
@@ -132,6 +167,8 @@ impl CallerConfig {
             max_call: Duration::from_secs(60),
             io_timeout: Duration::from_secs(10),
             follow_streams: 0,
+            after_delay: Duration::ZERO,
+            after_on_abnormal_close: false,
         }
     }
 
@@ -273,6 +310,29 @@ pub struct LegReport {
     pub closed_by: ClosedBy,
     /// Stream duration (ms).
     pub duration_ms: u64,
+    /// When the stream opened, in ms since the call's first webhook.
+    pub opened_at_ms: u64,
+}
+
+impl ClosedBy {
+    /// The socket failed or closed without a close frame (a killed relay).
+    pub fn is_abnormal(&self) -> bool {
+        matches!(
+            self,
+            ClosedBy::Error(_) | ClosedBy::Relay { code: None, .. }
+        )
+    }
+}
+
+/// A stretch without assistant audio between two media messages the caller received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioGap {
+    /// When the gap began (ms since the call's first webhook).
+    pub at_ms: u64,
+    /// Its length (ms).
+    pub gap_ms: u64,
+    /// Whether the stream changed (hand-off, failover) inside the gap.
+    pub across_legs: bool,
 }
 
 /// The whole call as the caller saw it.
@@ -293,6 +353,33 @@ impl CallReport {
     /// The last `<Connect action>` answer.
     pub fn last_after(&self) -> Option<&Twiml> {
         self.after.last().and_then(|a| a.twiml.as_ref())
+    }
+
+    /// Every gap of at least `min_ms` between consecutive media messages, over every leg
+    /// (a gap spanning two legs is marked). Silence while nobody speaks counts too; read
+    /// the gaps against the script.
+    pub fn audio_gaps(&self, min_ms: u64) -> Vec<AudioGap> {
+        let mut out = Vec::new();
+        let mut prev: Option<(u64, usize)> = None;
+        for (n, leg) in self.legs.iter().enumerate() {
+            for r in &leg.received {
+                if r.event.get("event").and_then(Value::as_str) != Some("media") {
+                    continue;
+                }
+                let t = leg.opened_at_ms + r.at_ms;
+                if let Some((p, pn)) = prev
+                    && t.saturating_sub(p) >= min_ms
+                {
+                    out.push(AudioGap {
+                        at_ms: p,
+                        gap_ms: t - p,
+                        across_legs: pn != n,
+                    });
+                }
+                prev = Some((t, n));
+            }
+        }
+        out
     }
 }
 
@@ -378,16 +465,25 @@ impl SimCaller {
         if let Some(sig) = self.cfg.signature(&url, params) {
             headers.push(("X-Twilio-Signature".to_owned(), sig));
         }
-        let response = http::request(
-            self.cfg.relays.pick()?,
-            "POST",
-            host,
-            path,
-            &headers,
-            Some(("application/x-www-form-urlencoded", http::form_body(params))),
-            self.cfg.io_timeout,
-        )
-        .await?;
+        // Like a health-checked load balancer: a relay that refuses connections is skipped.
+        let mut attempts = self.cfg.relays.addrs.len().max(1);
+        let response = loop {
+            let r = http::request(
+                self.cfg.relays.pick()?,
+                "POST",
+                host,
+                path,
+                &headers,
+                Some(("application/x-www-form-urlencoded", http::form_body(params))),
+                self.cfg.io_timeout,
+            )
+            .await;
+            attempts -= 1;
+            match r {
+                Err(http::HttpError::Connect { .. }) if attempts > 0 => continue,
+                other => break other?,
+            }
+        };
         let twiml = if response.status == 200 {
             Twiml::parse(&response.body).ok()
         } else {
@@ -429,6 +525,7 @@ impl SimCaller {
         mut commands: mpsc::Receiver<CallerCommand>,
         live: Arc<LiveStats>,
     ) -> Result<CallReport, CallerError> {
+        let call_start = Instant::now();
         let webhook = self.webhook().await?;
         let mut report = CallReport {
             webhook: webhook.clone(),
@@ -448,7 +545,7 @@ impl SimCaller {
                 }
                 follows += 1;
             }
-            let leg = self
+            let mut leg = self
                 .stream(
                     &stream_url,
                     &t.parameters,
@@ -457,7 +554,13 @@ impl SimCaller {
                     &live,
                 )
                 .await?;
-            let relay_ended = !matches!(leg.closed_by, ClosedBy::Caller);
+            leg.opened_at_ms =
+                (call_start.elapsed().as_millis() as u64).saturating_sub(leg.duration_ms);
+            let relay_ended = match &leg.closed_by {
+                ClosedBy::Caller => false,
+                c if c.is_abnormal() => self.cfg.after_on_abnormal_close,
+                _ => true,
+            };
             report.legs.push(leg);
             if !relay_ended {
                 break;
@@ -465,6 +568,7 @@ impl SimCaller {
             let Some(action) = t.connect_action.clone() else {
                 break;
             };
+            tokio::time::sleep(self.cfg.after_delay).await;
             let after = self
                 .post_signed(&action, &self.cfg.call_params("in-progress"))
                 .await?;
@@ -502,6 +606,7 @@ impl SimCaller {
             answer_timeouts: Vec::new(),
             closed_by: ClosedBy::Caller,
             duration_ms: 0,
+            opened_at_ms: 0,
         };
         let ws = match self.connect_stream(stream_url).await? {
             Ok(ws) => ws,
@@ -578,8 +683,11 @@ impl SimCaller {
                         s.leg.protocol_errors.push("binary frame (Twilio warning 31950)".into());
                     }
                     Some(Ok(Message::Close(frame))) => {
+                        // A close frame without a body is still a clean close: RFC 6455
+                        // reports it as 1005 (no status received). `code: None` is kept
+                        // for sockets that ended without any close frame.
                         break ClosedBy::Relay {
-                            code: frame.as_ref().map(|f| u16::from(f.code)),
+                            code: Some(frame.as_ref().map_or(1005, |f| u16::from(f.code))),
                             reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                         };
                     }
@@ -624,12 +732,24 @@ impl SimCaller {
                     .map_err(|_| CallerError::Config("signature header".into()))?,
             );
         }
-        let addr = self.cfg.relays.pick()?;
         let io = self.cfg.io_timeout;
-        let tcp = tokio::time::timeout(io, TcpStream::connect(addr))
-            .await
-            .map_err(|_| CallerError::Timeout("connect to relay"))?
-            .map_err(|e| CallerError::Http(http::HttpError::Connect { addr, source: e }))?;
+        // Like a health-checked load balancer: a relay that refuses connections is skipped.
+        let mut attempts = self.cfg.relays.addrs.len().max(1);
+        let tcp = loop {
+            let addr = self.cfg.relays.pick()?;
+            attempts -= 1;
+            match tokio::time::timeout(io, TcpStream::connect(addr)).await {
+                Err(_) => return Err(CallerError::Timeout("connect to relay")),
+                Ok(Ok(tcp)) => break tcp,
+                Ok(Err(_)) if attempts > 0 => continue,
+                Ok(Err(e)) => {
+                    return Err(CallerError::Http(http::HttpError::Connect {
+                        addr,
+                        source: e,
+                    }));
+                }
+            }
+        };
         // 20 ms frames: Nagle + delayed ACK would add ~40 ms of latency.
         let _ = tcp.set_nodelay(true);
         let ws_cfg = WebSocketConfig::default()
