@@ -271,6 +271,8 @@ struct PendingTool {
 /// The call loop's state.
 struct Call {
     deps: CallDeps,
+    /// The call id from the path (empty for standalone), checked against `start`.
+    call_id: String,
     agent: AgentView,
     resumed: bool,
     history: Vec<pb::Turn>,
@@ -364,6 +366,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     let now = Instant::now();
     let barge_in = setup.agent.barge_in_enabled();
     let mut call = Call {
+        call_id: setup.call_id,
         agent: setup.agent,
         resumed,
         history,
@@ -672,6 +675,18 @@ impl Call {
                 if !self.life.start() {
                     self.bad_twilio("second start");
                     return;
+                }
+                // The <Parameter name="callId"> we wrote must match the signed path.
+                let param = start
+                    .custom_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("callId"));
+                if let Some(param) = param
+                    && !self.call_id.is_empty()
+                    && *param != self.call_id
+                {
+                    self.bad_twilio("start for another call id");
+                    warn!(param = %param, "Twilio start names another call id.");
                 }
                 let now = Instant::now();
                 self.started_at = Some(now);
