@@ -7,6 +7,7 @@
 //! - `tests/*.rs`: the end-to-end tests.
 //! - `src/bin/callbridge-demo.rs`: the demo (everything in-process, no Redis, no keys).
 //! - `src/bin/bench_control.rs`: the control-plane benchmark.
+//! - `src/bin/bench_relay.rs`: the relay benchmark (audio round trip, cost per call).
 
 use std::net::SocketAddr;
 use std::time::Duration;
