@@ -88,8 +88,11 @@ pub async fn run_with_metrics(
         tracker: TaskTracker::new(),
     };
     let grace = deps.call.config.drain_grace();
-    let addr = listener.local_addr().ok();
-    info!(?addr, %relay_id, "Relay listening.");
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(%addr, %relay_id, "Relay listening.");
 
     let stop_listening = CancellationToken::new();
     let server = warp::serve(http::routes(deps.clone()))
