@@ -101,6 +101,9 @@ struct Args {
     /// Load-generator worker threads.
     #[arg(long, default_value_t = 2)]
     loadgen_threads: usize,
+    /// Calls per way of hanging up in the hang-up check (0: skip it).
+    #[arg(long, default_value_t = 20)]
+    hangup_calls: usize,
     /// Fake-model worker threads.
     #[arg(long, default_value_t = 2)]
     fake_threads: usize,
@@ -339,6 +342,14 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
             results.push(r);
         }
     }
+    let hangups = if args.hangup_calls > 0 {
+        match hangup_phases(args, fake).await {
+            Ok(v) => v,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        }
+    } else {
+        Value::Null
+    };
     // Production vs standalone, per level.
     let mut ratios = Vec::new();
     for &n in &args.calls {
@@ -363,6 +374,7 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec},
         "results": results,
         "production_vs_standalone": ratios,
+        "hangup_phases": hangups,
     });
     if let Some(dir) = std::path::Path::new(&args.out).parent() {
         std::fs::create_dir_all(dir)?;
@@ -402,6 +414,102 @@ struct CallOut {
     marks: u64,
     rtts_us: Vec<u32>,
     error: Option<String>,
+}
+
+/// Ways a caller can end a call, at different phases of the relay's call setup.
+const HANGUPS: [&str; 5] = [
+    "close_before_start",
+    "close_right_after_start",
+    "close_idle_after_start",
+    "stop_mid_media",
+    "drop_tcp_mid_media",
+];
+
+/// For each way of hanging up, `--hangup-calls` calls on a fresh standalone relay; then
+/// how many model sockets are still open once the relay had 10 s to close them.
+async fn hangup_phases(args: &Args, fake: &FakeRealtime) -> anyhow::Result<Value> {
+    let relay = start_relay(args, fake, None).await?;
+    let addr = relay.proc.addr;
+    let mut out = serde_json::Map::new();
+    println!(
+        "hang-up check ({} calls each, standalone relay):",
+        args.hangup_calls
+    );
+    for kind in HANGUPS {
+        let open_before = fake.connections_open();
+        let accepted_before = fake.connections_accepted();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..args.hangup_calls {
+            set.spawn(timeout(STEP * 2, hang_up_one(addr, kind)));
+        }
+        let mut failed = 0u64;
+        while let Some(r) = set.join_next().await {
+            if !matches!(r, Ok(Ok(Ok(())))) {
+                failed += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fake.connections_open() > open_before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open = fake.connections_open().saturating_sub(open_before);
+        let opened = fake.connections_accepted() - accepted_before;
+        println!(
+            "  {kind:<24} model sockets opened {opened:>4}, still open after 10 s {open:>4}, caller errors {failed}"
+        );
+        out.insert(
+            kind.to_owned(),
+            json!({"calls": args.hangup_calls, "model_sockets_opened": opened,
+                   "model_sockets_open_after": open, "caller_errors": failed}),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+async fn hang_up_one(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
+    let (ws, sid) = if kind == "close_before_start" {
+        let url = format!("ws://{addr}/api/twilio/media-stream-simple");
+        let mut req = url.as_str().into_client_request()?;
+        req.headers_mut().insert(
+            "x-twilio-signature",
+            twilio_signature(TWILIO_TOKEN, &url, &[]).parse()?,
+        );
+        let mut ws = dial(addr, req).await?;
+        ws.close(None).await?;
+        return Ok(());
+    } else {
+        connect_via_relay(addr, None).await?
+    };
+    let mut ws = ws;
+    match kind {
+        "close_right_after_start" => {
+            ws.close(None).await?;
+        }
+        "close_idle_after_start" => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ws.close(None).await?;
+        }
+        _ => {
+            let payload = B64.encode([0xffu8; FRAME_BYTES]);
+            let frame = format!(
+                r#"{{"event":"media","streamSid":"{sid}","media":{{"payload":"{payload}"}}}}"#
+            );
+            let mut tick = tokio::time::interval(FRAME);
+            for _ in 0..25 {
+                tick.tick().await;
+                ws.send(Message::text(frame.clone())).await?;
+            }
+            if kind == "stop_mid_media" {
+                ws.send(Message::text(format!(
+                    r#"{{"event":"stop","streamSid":"{sid}","stop":{{"accountSid":"ACbench","callSid":"CAbench"}}}}"#
+                )))
+                .await?;
+                ws.close(None).await?;
+            }
+            // drop_tcp_mid_media: the socket is dropped without a close frame.
+        }
+    }
+    Ok(())
 }
 
 struct RelaySide {
