@@ -89,18 +89,47 @@ impl RedisCluster {
 
     /// `CLUSTER INFO` of the node on `port`, as text.
     pub fn cluster_info(port: u16) -> std::io::Result<String> {
-        let out = Command::new(redis_cli_bin())
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "cluster",
-                "info",
-            ])
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        cli(port, &["cluster", "info"])
+    }
+
+    /// The port of the master that owns `key`'s slot (from `CLUSTER KEYSLOT` and
+    /// `CLUSTER NODES` of the first node). Tests use it to place channels and keys on a
+    /// chosen node.
+    pub fn owner_of(&self, key: &str) -> std::io::Result<u16> {
+        let first = self
+            .ports()
+            .first()
+            .copied()
+            .ok_or_else(|| std::io::Error::other("cluster has no node"))?;
+        let slot: u16 = cli(first, &["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("CLUSTER KEYSLOT {key}: {e}")))?;
+        let nodes = cli(first, &["cluster", "nodes"])?;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some(port) = fields
+                .get(1)
+                .and_then(|a| a.split('@').next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            // Slot ranges ("0-5460") or single slots follow the 8 fixed fields;
+            // "[…]" entries are migrations in progress.
+            for range in fields.iter().skip(8).filter(|r| !r.starts_with('[')) {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
+                    && (lo..=hi).contains(&slot)
+                {
+                    return Ok(port);
+                }
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no node owns slot {slot} of {key}: {nodes}"
+        )))
     }
 
     /// Waits until every node reports `cluster_state:ok` and the full slot count.
@@ -132,6 +161,23 @@ impl RedisCluster {
     }
 }
 
+/// Runs `redis-cli -p port args…` against a loopback node; its stdout.
+fn cli(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let out = Command::new(redis_cli_bin())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "redis-cli {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +192,10 @@ mod tests {
             assert!(info.contains("cluster_size:3"), "{info}");
         }
         assert_eq!(cluster.seeds().split(',').count(), 3);
+        // `--cluster create` gives each master a contiguous third, in the order given.
+        let ports = cluster.ports();
+        assert_eq!(cluster.owner_of("{a}").expect("owner"), ports[2]); // slot 15495
+        assert_eq!(cluster.owner_of("{b}").expect("owner"), ports[0]); // slot 3300
+        assert_eq!(cluster.owner_of("{c}").expect("owner"), ports[1]); // slot 7365
     }
 }
