@@ -154,6 +154,67 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
     );
 }
 
+#[tokio::test]
+async fn events_before_an_invalid_one_in_a_burst_are_stored_and_acked() {
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), "invalid")).await;
+    let mut agents = control.agents().await;
+    let mut calls = control.calls().await;
+    let mut relay = control.relay().await;
+    create_agent(&mut agents, "a").await;
+    let id = create_call(&mut calls, "a", "").await.call_id;
+    let mut stream = attach(&mut relay, &id, "relay-1", false)
+        .await
+        .expect("attached");
+    let burst = [
+        event(&id, 1, started("relay-1")),
+        event(&id, 2, caller("fine")),
+        pb::CallEvent {
+            kind: None,
+            ..event(&id, 3, caller("no kind"))
+        },
+        event(&id, 3, caller("never looked at")),
+    ];
+    for e in burst {
+        within(
+            "queue",
+            stream.tx.send(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Event(e)),
+            }),
+        )
+        .await
+        .expect("stream open");
+    }
+    let mut acks = Vec::new();
+    let refusal = loop {
+        match stream.next().await {
+            Ok(Msg::AckedSeq(n)) => acks.push(n),
+            Ok(other) => panic!("unexpected response {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), Code::InvalidArgument, "{refusal:?}");
+    assert!(
+        refusal.message().contains("event.kind"),
+        "{}",
+        refusal.message()
+    );
+    assert_eq!(acks.last(), Some(&2), "acks {acks:?}");
+    let got = within(
+        "get",
+        calls.get_call(pb::GetCallRequest {
+            call_id: id.clone(),
+        }),
+    )
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(
+        got.last_seq, 2,
+        "the events before the invalid one are stored"
+    );
+}
+
 fn call(call_id: &str) -> CallRecord {
     CallRecord {
         call_id: call_id.to_owned(),
