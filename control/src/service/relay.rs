@@ -178,7 +178,12 @@ impl<S: CallStore> AttachStream<S> {
             return Err(end);
         }
         if let Some(err) = refused {
-            let seq = batch.get(outcomes.len().saturating_sub(1)).map(|e| e.seq);
+            // The refused event: the last one handled (a gap), or the next (invalid).
+            let at = match outcomes.last() {
+                None | Some(AppendOutcome::Stored | AppendOutcome::Duplicate) => outcomes.len(),
+                Some(_) => outcomes.len() - 1,
+            };
+            let seq = batch.get(at).map(|e| e.seq);
             tracing::info!(error = %err, ?seq, "Event refused; stream ends.");
             self.fail(err.into()).await;
             return Err(end);
