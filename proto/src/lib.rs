@@ -4,7 +4,13 @@
 //! build time (protox + tonic-prost-build), so there is no generated code to drift.
 
 /// Generated types, clients and servers of `callbridge.v1`.
-#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used
+)]
 pub mod pb {
     tonic::include_proto!("callbridge.v1");
 }
