@@ -21,10 +21,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use callbridge_proto::pb;
 use http::{HeaderValue, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 use tonic::Code;
 use tracing::{Instrument, debug, info_span, warn};
+use warp::hyper::upgrade::{OnUpgrade, Upgraded};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -35,6 +40,10 @@ use crate::{signature, twiml};
 
 /// Largest webhook body accepted.
 const MAX_FORM_BYTES: u64 = 64 * 1024;
+/// Twilio socket read buffer (see [`twilio_ws_config`]).
+const TWILIO_READ_BUFFER: usize = 4 * 1024;
+/// Frames written before a flush forces them out; the writer flushes every batch anyway.
+const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
 /// Longest call id accepted in a path.
 const MAX_CALL_ID: usize = 128;
 
@@ -267,7 +276,7 @@ async fn after(
 async fn media_stream(
     call_id: String,
     sig: Option<String>,
-    ws: warp::ws::Ws,
+    ws: WsUpgrade,
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
@@ -324,7 +333,7 @@ async fn media_stream(
 /// `WS /api/twilio/media-stream-simple` — the standalone agent, nothing stored.
 async fn media_stream_simple(
     sig: Option<String>,
-    ws: warp::ws::Ws,
+    ws: WsUpgrade,
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
@@ -344,21 +353,97 @@ async fn media_stream_simple(
     Ok(upgrade(ws, setup, deps, "standalone".to_owned()))
 }
 
-fn upgrade(ws: warp::ws::Ws, setup: CallSetup, deps: Deps, call_id: String) -> Response {
+/// The upgraded Twilio socket.
+pub type TwilioWs = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Buffers of the Twilio socket, sized for its ~300-byte frames. tungstenite's default
+/// 128 KiB read buffer is zero-filled up to its capacity before every `read` (28% of the
+/// relay's CPU in the phase A profile, docs/performance.md) and stays resident per call;
+/// 4 KiB holds a dozen frames, and a larger message still grows it as needed.
+fn twilio_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(TWILIO_READ_BUFFER)
+        .write_buffer_size(TWILIO_WRITE_BUFFER)
+        .max_message_size(Some(TWILIO_MAX_MESSAGE))
+        .max_frame_size(Some(TWILIO_MAX_MESSAGE))
+}
+
+/// A WebSocket upgrade request, checked like `warp::ws()` does; finished by [`upgrade`]
+/// (by hand rather than with `warp::ws`, which cannot set the socket's buffer sizes).
+pub struct WsUpgrade {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+fn ws_upgrade() -> impl Filter<Extract = (WsUpgrade,), Error = Rejection> + Clone {
+    warp::get()
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and_then(
+            |headers: http::HeaderMap, on_upgrade: Option<OnUpgrade>| async move {
+                let has_token = |name: http::header::HeaderName, token: &str| {
+                    headers.get_all(name).iter().any(|v| {
+                        v.to_str().is_ok_and(|s| {
+                            s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token))
+                        })
+                    })
+                };
+                let version_13 = headers
+                    .get(http::header::SEC_WEBSOCKET_VERSION)
+                    .is_some_and(|v| v.as_bytes() == b"13");
+                if !has_token(http::header::CONNECTION, "upgrade")
+                    || !has_token(http::header::UPGRADE, "websocket")
+                    || !version_13
+                {
+                    return Err(warp::reject());
+                }
+                match (headers.get(http::header::SEC_WEBSOCKET_KEY), on_upgrade) {
+                    (Some(key), Some(on_upgrade)) => Ok(WsUpgrade {
+                        key: key.clone(),
+                        on_upgrade,
+                    }),
+                    _ => Err(warp::reject()),
+                }
+            },
+        )
+}
+
+fn upgrade(ws: WsUpgrade, setup: CallSetup, deps: Deps, call_id: String) -> Response {
+    // Held until the call is over, so the drain waits for it.
     let token = deps.tracker.token();
     let call_deps = deps.call.clone();
     let span = info_span!("call", call_id = %call_id, call_sid = tracing::field::Empty);
-    ws.max_message_size(TWILIO_MAX_MESSAGE)
-        .max_frame_size(TWILIO_MAX_MESSAGE)
-        .on_upgrade(move |socket| {
-            async move {
-                // Held until the call is over, so the drain waits for it.
-                let _token = token;
-                call::run(socket, setup, call_deps).await;
+    let accept = derive_accept_key(ws.key.as_bytes());
+    let on_upgrade = ws.on_upgrade;
+    tokio::spawn(
+        async move {
+            let _token = token;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let socket = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(twilio_ws_config()),
+                    )
+                    .await;
+                    call::run(socket, setup, call_deps).await;
+                }
+                Err(e) => debug!(error = %e, "WebSocket upgrade failed."),
             }
-            .instrument(span)
-        })
-        .into_response()
+        }
+        .instrument(span),
+    );
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
 }
 
 fn add_security_headers(reply: impl Reply) -> Response {
@@ -455,12 +540,12 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and_then(after);
     let stream = warp::path!("api" / "twilio" / "media-stream" / String)
         .and(signature_header())
-        .and(warp::ws())
+        .and(ws_upgrade())
         .and(with_deps(deps.clone()))
         .and_then(media_stream);
     let simple = warp::path!("api" / "twilio" / "media-stream-simple")
         .and(signature_header())
-        .and(warp::ws())
+        .and(ws_upgrade())
         .and(with_deps(deps))
         .and_then(media_stream_simple);
     healthz

@@ -36,7 +36,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
-use warp::ws::{Message, WebSocket};
+// The Twilio socket is upgraded by hand (crate::http) with buffers sized for its frames.
+use crate::http::TwilioWs as WebSocket;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::Config;
 use crate::control::{AttachStream, Control};
@@ -168,7 +170,10 @@ async fn twilio_writer(
                 },
                 TwOut::Close(code, reason) => {
                     let _ = sink
-                        .send(Message::close_with(u16::from(code), reason))
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
                         .await;
                     let _ = sink.close().await;
                     return TaskExit::Twilio;
@@ -562,7 +567,7 @@ impl Call {
         debug!(what, "Bad message from Twilio.");
     }
 
-    fn on_twilio(&mut self, msg: Option<Result<Message, warp::Error>>) {
+    fn on_twilio(&mut self, msg: Option<Result<Message, tungstenite::Error>>) {
         let msg = match msg {
             None => {
                 self.end(Ending::new(EndReason::CallerHangup, "caller socket closed"));
@@ -591,10 +596,11 @@ impl Call {
         if msg.is_ping() || msg.is_pong() {
             return;
         }
-        let Ok(text) = msg.to_str() else {
+        let Message::Text(text) = &msg else {
             self.bad_twilio("binary frame");
             return;
         };
+        let text = text.as_str();
         if text.len() > TWILIO_MAX_ACCEPTED {
             self.bad_twilio("oversized message");
             return;
