@@ -12,6 +12,9 @@
 //! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
 //! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only) | `false` |
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
+//! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
+//! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
+//! | `RELAY_MODEL_SESSION_SECS` | the model's session limit; a fresh session replaces the old one at a quiet moment before it (0: never) | `3600` |
 //! | `RELAY_ID` | identity of this relay process towards control | hostname + random suffix |
 //! | `RELAY_START_TIMEOUT_MS` | Twilio `start` must arrive this soon after the upgrade | `5000` |
 //! | `RELAY_MEDIA_TIMEOUT_SECS` | end a call after this long without caller media | `30` |
@@ -118,6 +121,15 @@ pub struct Config {
     /// Seconds live calls may run on after SIGTERM before they are cut.
     #[arg(long, env = "RELAY_DRAIN_GRACE_SECS", default_value_t = 30)]
     pub drain_grace_secs: u64,
+    /// On SIGTERM, hand each live call off to another relay at a quiet moment.
+    #[arg(long, env = "RELAY_DRAIN_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
+    pub drain_handoff: bool,
+    /// Seconds a call may try to get a lost model session back (0: no reconnect).
+    #[arg(long, env = "RELAY_MODEL_RECONNECT_SECS", default_value_t = 10)]
+    pub model_reconnect_secs: u64,
+    /// The model's session limit in seconds (0: never roll over).
+    #[arg(long, env = "RELAY_MODEL_SESSION_SECS", default_value_t = 3600)]
+    pub model_session_secs: u64,
     /// Identity of this relay towards control (default: hostname + random suffix).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
@@ -210,6 +222,9 @@ impl Config {
             twilio_auth_token: None,
             insecure_skip_signature: true,
             drain_grace_secs: 30,
+            drain_handoff: true,
+            model_reconnect_secs: 10,
+            model_session_secs: 3600,
             relay_id: Some("relay-test".to_owned()),
             start_timeout_ms: 5000,
             media_timeout_secs: 30,
@@ -365,6 +380,21 @@ impl Config {
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_secs)
     }
+
+    /// How long a lost model session may be retried; `None`: no reconnect.
+    pub fn model_reconnect(&self) -> Option<Duration> {
+        (self.model_reconnect_secs > 0).then(|| Duration::from_secs(self.model_reconnect_secs))
+    }
+
+    /// When a model session is replaced: a tenth before its limit (at most 5 minutes
+    /// before), so there is room to find a quiet moment. `None`: never.
+    pub fn model_rollover_after(&self) -> Option<Duration> {
+        if self.model_session_secs == 0 {
+            return None;
+        }
+        let limit = Duration::from_secs(self.model_session_secs);
+        Some(limit - (limit / 10).min(Duration::from_secs(300)))
+    }
 }
 
 #[cfg(test)]
@@ -393,9 +423,26 @@ mod tests {
         assert_eq!(c.public_ws_base(), "wss://relay.example.com");
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.drain_grace_secs, 30);
+        assert!(c.drain_handoff);
+        assert_eq!(c.model_reconnect(), Some(Duration::from_secs(10)));
+        assert_eq!(c.model_rollover_after(), Some(Duration::from_secs(3300)));
         assert_eq!(c.start_timeout(), Duration::from_millis(5000));
         assert!(!c.has_control());
         assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
+    }
+
+    #[test]
+    fn resilience_settings_scale_and_switch_off() {
+        let mut args = BASE.to_vec();
+        args.extend(["--model-session-secs", "3", "--model-reconnect-secs", "0"]);
+        args.extend(["--drain-handoff", "false"]);
+        let c = parse(&args).unwrap();
+        assert_eq!(c.model_rollover_after(), Some(Duration::from_millis(2700)));
+        assert_eq!(c.model_reconnect(), None);
+        assert!(!c.drain_handoff);
+        let mut never = BASE.to_vec();
+        never.extend(["--model-session-secs", "0"]);
+        assert_eq!(parse(&never).unwrap().model_rollover_after(), None);
     }
 
     #[test]

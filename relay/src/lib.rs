@@ -76,6 +76,7 @@ pub async fn run_with_metrics(
         );
     }
     let hard_stop = CancellationToken::new();
+    let drain_started = CancellationToken::new();
     let deps = http::Deps {
         call: call::CallDeps {
             config: Arc::new(config),
@@ -83,6 +84,7 @@ pub async fn run_with_metrics(
             control,
             relay_id: relay_id.clone(),
             hard_stop: hard_stop.clone(),
+            drain: drain_started.clone(),
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),
@@ -113,6 +115,8 @@ pub async fn run_with_metrics(
     deps.draining.store(true, Ordering::Relaxed);
     metrics.draining().set(1);
     deps.tracker.close();
+    // Live calls hand themselves off at their next quiet moment (RELAY_DRAIN_HANDOFF).
+    drain_started.cancel();
     let drain = async {
         if tokio::time::timeout(grace, deps.tracker.wait())
             .await

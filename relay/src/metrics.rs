@@ -36,6 +36,10 @@ struct Inner {
     time_to_first_audio: Histogram,
     control_reconnects: Counter,
     draining: Gauge,
+    model_reconnects: Counter,
+    model_rollovers: Counter,
+    handoffs: Counter,
+    gap_dropped: Counter,
 }
 
 fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
@@ -127,6 +131,30 @@ impl Metrics {
             "1 while the relay is draining",
             draining.clone(),
         );
+        let model_reconnects = Counter::default();
+        registry.register(
+            "model_reconnects",
+            "Model sessions reopened after the socket closed, failed or stalled mid-call",
+            model_reconnects.clone(),
+        );
+        let model_rollovers = Counter::default();
+        registry.register(
+            "model_rollovers",
+            "Model sessions replaced before their time limit",
+            model_rollovers.clone(),
+        );
+        let handoffs = Counter::default();
+        registry.register(
+            "handoffs",
+            "Calls handed off to another relay while draining",
+            handoffs.clone(),
+        );
+        let gap_dropped = Counter::default();
+        registry.register(
+            "model_gap_dropped_frames",
+            "Caller frames dropped while the model was reconnecting (beyond the gap buffer)",
+            gap_dropped.clone(),
+        );
 
         // One statement each: `get_or_create` returns a read guard, and a second call on the
         // same family while it is alive would wait for the write lock forever.
@@ -153,6 +181,10 @@ impl Metrics {
             time_to_first_audio,
             control_reconnects,
             draining,
+            model_reconnects,
+            model_rollovers,
+            handoffs,
+            gap_dropped,
         };
         Self {
             inner: Arc::new(inner),
@@ -224,6 +256,27 @@ impl Metrics {
     pub fn control_reconnects(&self) -> &Counter {
         &self.inner.control_reconnects
     }
+
+    /// Model reconnects.
+    pub fn model_reconnects(&self) -> &Counter {
+        &self.inner.model_reconnects
+    }
+
+    /// Model session rollovers.
+    pub fn model_rollovers(&self) -> &Counter {
+        &self.inner.model_rollovers
+    }
+
+    /// Calls handed off while draining.
+    pub fn handoffs(&self) -> &Counter {
+        &self.inner.handoffs
+    }
+
+    /// Caller frames dropped during a model reconnect.
+    pub fn gap_dropped(&self) -> &Counter {
+        &self.inner.gap_dropped
+    }
+
     /// Draining gauge.
     pub fn draining(&self) -> &Gauge {
         &self.inner.draining

@@ -731,7 +731,12 @@ async fn no_start_in_time_ends_the_call() {
 
 #[tokio::test]
 async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
-    let mut w = world(|c| c.drain_grace_secs = 1).await;
+    // Without hand-off the live call runs on through the grace.
+    let mut w = world(|c| {
+        c.drain_grace_secs = 1;
+        c.drain_handoff = false;
+    })
+    .await;
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
@@ -764,11 +769,36 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
 }
 
 #[tokio::test]
+async fn drain_hands_a_quiet_call_off_with_handoff() {
+    let mut w = world(|c| c.drain_grace_secs = 30).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    send_json(&mut tw, start_msg()).await;
+    within("started", async {
+        while !w.control.kinds().contains(&"started".to_owned()) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    w.relay.stop.take().unwrap().send(()).unwrap();
+    // Nothing is playing and nobody speaks: the call is handed off at once, cleanly,
+    // long before the grace is over.
+    assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1000));
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::Handoff as i32);
+    within("relay stops", &mut w.relay.done).await.unwrap();
+}
+
+#[tokio::test]
 async fn standalone_mode_serves_the_simple_stream() {
     let mut model = start_model().await;
     let relay = start_relay(&model.url, None, |c| {
         c.agent_greeting = Some("Welcome to the shop".into());
         c.agent_temperature = Some(0.7);
+        // The model hanging up ends the call here (reconnects: tests/tests/e2e_resilience.rs).
+        c.model_reconnect_secs = 0;
     })
     .await;
     let (status, _, body) =

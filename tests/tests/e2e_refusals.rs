@@ -178,12 +178,16 @@ async fn a_model_that_dies_mid_call_sends_the_caller_to_the_fallback() {
             })
             .collect(),
     };
-    // The model session closes (code 1011) a little into the call.
+    // The model session closes (code 1011) a little into the call; with reconnects off
+    // (RELAY_MODEL_RECONNECT_SECS=0) that ends the call. Reconnects: e2e_resilience.rs.
     let fake = FakeRealtime::builder()
         .script(script.clone())
         .speed(2.0)
         .close_after(Duration::from_millis(1500));
-    let world = World::builder(fake).start().await;
+    let world = World::builder(fake)
+        .relay_env("RELAY_MODEL_RECONNECT_SECS", "0")
+        .start()
+        .await;
     let mut settings = agent_settings("dies", Some("Hello"));
     settings.fallback = Some(pb::Fallback {
         action: Some(pb::fallback::Action::DialNumber("+14155550111".to_owned())),

@@ -15,6 +15,7 @@
 
 pub mod control_link;
 pub mod phase;
+pub mod replay;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,6 +48,7 @@ use crate::realtime::{self, AgentView};
 use crate::twilio;
 use control_link::{LinkIn, LinkSetup};
 use phase::{Delta, Ending, Lifecycle, Out, Playback};
+use replay::Replay;
 
 type ModelWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type ModelRead = SplitStream<ModelWs>;
@@ -82,6 +84,19 @@ const PLAYBACK_DRAIN_MAX: Duration = Duration::from_secs(20);
 const MAX_PENDING_TOOLS: usize = 16;
 /// Consecutive read errors from Twilio before the stream counts as gone.
 const MAX_READ_ERRORS: u32 = 3;
+/// Caller frames kept for the model while it reconnects (2 s); later ones are dropped
+/// and counted: old speech replayed late is worse than a short loss.
+const GAP_FRAMES: usize = 100;
+/// Model sessions opened per call at most (a guard against a flapping model).
+const MAX_MODEL_SESSIONS: u32 = 64;
+/// First and largest pause before redialling a lost model.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// After the caller stopped speaking, how long the relay waits for the model's answer
+/// to start before the moment counts as quiet anyway.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// Pause before trying again when a rollover session could not be opened.
+const ROLLOVER_RETRY: Duration = Duration::from_secs(5);
 
 /// What a call needs from the process; clone-cheap.
 #[derive(Clone)]
@@ -96,6 +111,9 @@ pub struct CallDeps {
     pub relay_id: Arc<str>,
     /// Cancelled when the drain grace is over: calls end with `DRAIN`.
     pub hard_stop: CancellationToken,
+    /// Cancelled when the drain starts: calls are handed off at a quiet moment (when
+    /// `RELAY_DRAIN_HANDOFF` is on and the call is stored by control).
+    pub drain: CancellationToken,
 }
 
 /// What the HTTP layer learned before the upgrade.
@@ -124,7 +142,8 @@ enum ModelOut {
 #[derive(Debug)]
 enum TaskExit {
     Twilio,
-    Model(String),
+    /// A model writer ended: its session number and why.
+    Model(u32, String),
     Link,
 }
 
@@ -194,25 +213,30 @@ async fn twilio_writer(
     TaskExit::Twilio
 }
 
-/// Dials the model, hands the read half to the call, sends the session setup, then
-/// writes queued frames (the caller's early audio waited in `rx`).
+/// Waits `delay` (reconnect backoff), dials the model, sends the session setup (the
+/// `session.update`, then any replayed conversation), hands the read half to the call,
+/// then writes queued frames (the caller's audio waited in `rx`). Returns why it ended.
 async fn model_writer(
     url: String,
     api_key: crate::config::Secret,
     connect_timeout: Duration,
-    session_update: String,
+    setup: Vec<String>,
+    delay: Duration,
     read_tx: oneshot::Sender<ModelRead>,
     mut rx: mpsc::Receiver<ModelOut>,
-) -> TaskExit {
+) -> String {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut req = match url.as_str().into_client_request() {
         Ok(r) => r,
-        Err(e) => return TaskExit::Model(format!("bad model URL: {e}")),
+        Err(e) => return format!("bad model URL: {e}"),
     };
     match format!("Bearer {}", api_key.expose()).parse() {
         Ok(v) => {
             req.headers_mut().insert(http::header::AUTHORIZATION, v);
         }
-        Err(_) => return TaskExit::Model("API key is not a valid header value".to_owned()),
+        Err(_) => return "API key is not a valid header value".to_owned(),
     }
     // The default 128 KiB read buffer per socket dominates a call's memory; deltas are a
     // few KiB and the buffer grows when one is larger.
@@ -223,16 +247,23 @@ async fn model_writer(
     let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
     let ws = match tokio::time::timeout(connect_timeout, dial).await {
         Ok(Ok((ws, _))) => ws,
-        Ok(Err(e)) => return TaskExit::Model(format!("model connect failed: {e}")),
-        Err(_) => return TaskExit::Model("model connect timed out".to_owned()),
+        Ok(Err(e)) => return format!("model connect failed: {e}"),
+        Err(_) => return "model connect timed out".to_owned(),
     };
     let (mut sink, read) = ws.split();
+    // The setup goes out before the call may switch its audio here (rollover): the
+    // session is configured and knows the conversation before the first caller frame.
+    for text in setup {
+        if let Err(e) = sink.feed(tungstenite::Message::text(text)).await {
+            return format!("session setup failed: {e}");
+        }
+    }
+    if let Err(e) = sink.flush().await {
+        return format!("session setup failed: {e}");
+    }
     if read_tx.send(read).is_err() {
         let _ = sink.close().await;
-        return TaskExit::Model("call gone".to_owned());
-    }
-    if let Err(e) = sink.send(tungstenite::Message::text(session_update)).await {
-        return TaskExit::Model(format!("session.update failed: {e}"));
+        return "call gone".to_owned();
     }
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -241,7 +272,7 @@ async fn model_writer(
             match out {
                 ModelOut::Text(t) => {
                     if let Err(e) = sink.feed(tungstenite::Message::text(t)).await {
-                        return TaskExit::Model(format!("model write failed: {e}"));
+                        return format!("model write failed: {e}");
                     }
                 }
                 ModelOut::Close => {
@@ -252,7 +283,7 @@ async fn model_writer(
                         })))
                         .await;
                     let _ = sink.close().await;
-                    return TaskExit::Model("closed".to_owned());
+                    return "closed".to_owned();
                 }
             }
             n += 1;
@@ -261,11 +292,11 @@ async fn model_writer(
             }
         }
         if let Err(e) = sink.flush().await {
-            return TaskExit::Model(format!("model write failed: {e}"));
+            return format!("model write failed: {e}");
         }
     }
     let _ = sink.close().await;
-    TaskExit::Model("closed".to_owned())
+    "closed".to_owned()
 }
 
 struct PendingTool {
@@ -280,7 +311,6 @@ struct Call {
     call_id: String,
     agent: AgentView,
     resumed: bool,
-    history: Vec<pb::Turn>,
     stream_sid: Option<String>,
     call_sid: String,
     life: Lifecycle,
@@ -301,6 +331,83 @@ struct Call {
     dropped_in: u64,
     dropped_out: u64,
     barge_ins: u64,
+    /// The conversation so far, for a new model session.
+    replay: Replay,
+    /// Number of the model session `model_tx` feeds (0: the first).
+    model_gen: u32,
+    /// The current session's socket is up (its read half arrived).
+    model_up: bool,
+    /// A model session was up at least once (a first dial that fails is not retried).
+    model_ever_up: bool,
+    /// The current model session went away; the call loop opens a new one.
+    model_lost: Option<String>,
+    /// Since when the model is away (cleared once a new session did real work).
+    outage_since: Option<Instant>,
+    /// Consecutive reconnect attempts in this outage (for the backoff).
+    reconnect_attempt: u32,
+    /// When the current session opened (for the rollover).
+    session_started: Instant,
+    /// Model sessions opened so far (numbers the next one).
+    sessions: u32,
+    /// A replacement session being opened at a quiet moment: its number and queue.
+    rollover: Option<(u32, mpsc::Sender<ModelOut>)>,
+    /// No rollover attempt before this (after a failed one).
+    rollover_not_before: Option<Instant>,
+    /// The model heard the caller start speaking and not yet stop.
+    caller_speaking: bool,
+    /// The caller stopped speaking; the model's answer has not started yet.
+    awaiting_answer: Option<Instant>,
+    /// The relay is draining: hand the call off at the next quiet moment.
+    handoff_wanted: bool,
+}
+
+/// Dials a model session in the background (after `delay`); returns its queue and where
+/// its read half will arrive.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct adds nothing"
+)]
+fn spawn_model(
+    tasks: &mut JoinSet<()>,
+    exit_tx: &mpsc::Sender<TaskExit>,
+    deps: &CallDeps,
+    agent: &AgentView,
+    replay: &Replay,
+    gen_no: u32,
+    delay: Duration,
+    resumed_items: bool,
+) -> (mpsc::Sender<ModelOut>, oneshot::Receiver<ModelRead>) {
+    let (tx, rx) = mpsc::channel(MODEL_SLOTS);
+    let (read_tx, read_rx) = oneshot::channel();
+    let mut setup = vec![agent.session_update()];
+    if resumed_items {
+        setup.extend(replay.items());
+    }
+    let writer = model_writer(
+        agent.url(&deps.config.openai_realtime_url),
+        deps.config.openai_api_key.clone(),
+        deps.config.connect_timeout(),
+        setup,
+        delay,
+        read_tx,
+        rx,
+    );
+    let exit_tx = exit_tx.clone();
+    tasks.spawn(async move {
+        let why = writer.await;
+        let _ = exit_tx.send(TaskExit::Model(gen_no, why)).await;
+    });
+    (tx, read_rx)
+}
+
+/// Waits for a model read half, if one is expected.
+async fn recv_read(
+    rx: &mut Option<oneshot::Receiver<ModelRead>>,
+) -> Result<ModelRead, oneshot::error::RecvError> {
+    match rx.as_mut() {
+        Some(r) => r.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs one call on an upgraded Twilio socket until it ends.
@@ -315,7 +422,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     // Tasks live in the JoinSet (aborted when it drops); their exits are reported on a
     // channel, so the call loop does not poll the JoinSet's lock for every frame.
     let mut tasks: JoinSet<()> = JoinSet::new();
-    let (exit_tx, mut exit_rx) = mpsc::channel::<TaskExit>(4);
+    let (exit_tx, mut exit_rx) = mpsc::channel::<TaskExit>(8);
     let spawn = |tasks: &mut JoinSet<()>, fut: Pin<Box<dyn Future<Output = TaskExit> + Send>>| {
         let exit_tx = exit_tx.clone();
         tasks.spawn(async move {
@@ -325,20 +432,6 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     };
     let (tw_tx, tw_rx) = mpsc::channel(TWILIO_SLOTS);
     spawn(&mut tasks, Box::pin(twilio_writer(tw_sink, tw_rx)));
-
-    let (model_tx, model_rx_q) = mpsc::channel(MODEL_SLOTS);
-    let (read_tx, mut read_rx) = oneshot::channel();
-    spawn(
-        &mut tasks,
-        Box::pin(model_writer(
-            setup.agent.url(&deps.config.openai_realtime_url),
-            deps.config.openai_api_key.clone(),
-            deps.config.connect_timeout(),
-            setup.agent.session_update(),
-            read_tx,
-            model_rx_q,
-        )),
-    );
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_SLOTS);
     let mut link_tx = None;
@@ -368,13 +461,25 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         drop(cmd_tx);
     }
 
+    // A resumed call's first session is told the conversation so far as items.
+    let replay = Replay::from_history(history);
+    let (model_tx, read_rx) = spawn_model(
+        &mut tasks,
+        &exit_tx,
+        &deps,
+        &setup.agent,
+        &replay,
+        0,
+        Duration::ZERO,
+        resumed,
+    );
+
     let now = Instant::now();
     let barge_in = setup.agent.barge_in_enabled();
     let mut call = Call {
         call_id: setup.call_id,
         agent: setup.agent,
         resumed,
-        history,
         stream_sid: None,
         call_sid: String::new(),
         life: Lifecycle::default(),
@@ -395,14 +500,33 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         dropped_in: 0,
         dropped_out: 0,
         barge_ins: 0,
+        replay,
+        model_gen: 0,
+        model_up: false,
+        model_ever_up: false,
+        model_lost: None,
+        outage_since: None,
+        reconnect_attempt: 0,
+        session_started: now,
+        sessions: 1,
+        rollover: None,
+        rollover_not_before: None,
+        caller_speaking: false,
+        awaiting_answer: None,
+        handoff_wanted: false,
         deps,
     };
 
     let mut model_read: Option<ModelRead> = None;
-    let mut model_dialing = true;
+    let mut read_rx = Some(read_rx);
+    let mut roll_rx: Option<oneshot::Receiver<ModelRead>> = None;
+    let mut roll_ready: Option<ModelRead> = None;
     let mut commands_open = call.link_tx.is_some();
+    // Only calls stored by control can be resumed elsewhere.
+    let handoff_possible = call.deps.config.drain_handoff && call.link_tx.is_some();
     // Registered once: a fresh `cancelled()` per frame would lock the shared token.
     let mut hard_stop = std::pin::pin!(call.deps.hard_stop.clone().cancelled_owned());
+    let mut drain = std::pin::pin!(call.deps.drain.clone().cancelled_owned());
     let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(call.next_deadline()));
 
     while call.life.ending().is_none() {
@@ -412,14 +536,32 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             () = &mut hard_stop => {
                 call.end(Ending::new(EndReason::Drain, "relay shutting down"));
             }
+            // The relay started draining: hand the call off at the next quiet moment.
+            () = &mut drain, if handoff_possible && !call.handoff_wanted => {
+                call.handoff_wanted = true;
+            }
             // Caller frames.
             msg = tw_read.next() => call.on_twilio(msg),
-            // The model socket is up: start reading it.
-            read = &mut read_rx, if model_dialing => {
-                model_dialing = false;
+            // The model socket is up (and set up): start reading it.
+            read = recv_read(&mut read_rx), if read_rx.is_some() => {
+                read_rx = None;
                 // On error the writer failed before dialling completed; its exit carries why.
                 if let Ok(r) = read {
                     model_read = Some(r);
+                    call.model_up = true;
+                    call.model_ever_up = true;
+                    call.session_started = Instant::now();
+                }
+            }
+            // A replacement session is up and set up: switch to it between two frames.
+            read = recv_read(&mut roll_rx), if roll_rx.is_some() => {
+                roll_rx = None;
+                match read {
+                    Ok(r) => roll_ready = Some(r),
+                    Err(_) => {
+                        call.rollover = None;
+                        call.rollover_not_before = Some(Instant::now() + ROLLOVER_RETRY);
+                    }
                 }
             }
             // Model events.
@@ -432,7 +574,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             // A helper task ended: a writer failing ends the call; the link ending does not.
             Some(done) = exit_rx.recv() => match done {
                 TaskExit::Twilio => call.end(Ending::new(EndReason::CallerHangup, "caller socket closed")),
-                TaskExit::Model(why) => call.end(Ending::new(EndReason::ModelUnavailable, why)),
+                TaskExit::Model(gen_no, why) => call.on_model_exit(gen_no, why),
                 TaskExit::Link => {
                     call.link_tx = None;
                     debug!("Control link ended.");
@@ -443,6 +585,41 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         }
         if call.life.has_pending() && call.playback.idle() {
             call.life.playback_idle();
+        }
+        if let Some(why) = call.model_lost.take()
+            && call.life.ending().is_none()
+        {
+            model_read = None;
+            read_rx = call.reconnect(why, &mut tasks, &exit_tx);
+        }
+        if call.rollover.is_none() {
+            roll_rx = None;
+            roll_ready = None;
+        }
+        if call.handoff_wanted && call.life.ending().is_none() && call.quiet() {
+            call.end(Ending::new(
+                EndReason::Handoff,
+                "relay draining; call handed off",
+            ));
+        }
+        // The replacement session is set up: switch between two caller frames, while
+        // nobody speaks.
+        if roll_ready.is_some()
+            && call.life.ending().is_none()
+            && call.quiet()
+            && let (Some(r), Some((gen_no, tx))) = (roll_ready.take(), call.rollover.take())
+        {
+            let old = std::mem::replace(&mut call.model_tx, tx);
+            let _ = old.try_send(ModelOut::Close);
+            call.model_gen = gen_no;
+            // The old read half goes: nothing of the old session matters any more.
+            model_read = Some(r);
+            call.session_started = Instant::now();
+            call.deps.metrics.model_rollovers().inc();
+            info!(session = gen_no, "Model session rolled over.");
+        }
+        if roll_rx.is_none() && roll_ready.is_none() && call.rollover_due() {
+            roll_rx = Some(call.start_rollover(&mut tasks, &exit_tx));
         }
         let next = call.next_deadline();
         if timer.deadline() != next {
@@ -475,6 +652,154 @@ fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
 }
 
 impl Call {
+    // ---- Model sessions ------------------------------------------------------------------
+
+    /// A model writer ended. Only the current session's end matters; a failed rollover
+    /// is retried later; older sessions were closed on purpose.
+    fn on_model_exit(&mut self, gen_no: u32, why: String) {
+        if gen_no == self.model_gen {
+            self.lose_model(why);
+        } else if self.rollover.as_ref().is_some_and(|(g, _)| *g == gen_no) {
+            debug!(%why, "Replacement model session failed; the current one goes on.");
+            self.rollover = None;
+            self.rollover_not_before = Some(Instant::now() + ROLLOVER_RETRY);
+        }
+    }
+
+    fn lose_model(&mut self, why: String) {
+        if self.model_lost.is_none() {
+            self.model_lost = Some(why);
+        }
+    }
+
+    /// The current model session is gone: open a new one (after a backoff) that is told
+    /// the conversation so far, unless the model has been away too long. Returns where
+    /// the new session's read half will arrive.
+    fn reconnect(
+        &mut self,
+        why: String,
+        tasks: &mut JoinSet<()>,
+        exit_tx: &mpsc::Sender<TaskExit>,
+    ) -> Option<oneshot::Receiver<ModelRead>> {
+        let now = Instant::now();
+        let Some(limit) = self.deps.config.model_reconnect() else {
+            self.end(Ending::new(EndReason::ModelUnavailable, why));
+            return None;
+        };
+        if !self.model_ever_up {
+            // Never reached: the fallback now serves the caller better than silence.
+            self.end(Ending::new(EndReason::ModelUnavailable, why));
+            return None;
+        }
+        // A session that stayed up for the whole limit ends the previous outage; one that
+        // died sooner (a flapping model) does not, so flapping ends the call in time too.
+        let lived = if self.model_up {
+            now.duration_since(self.session_started)
+        } else {
+            Duration::ZERO
+        };
+        if self.outage_since.is_none() || lived >= limit {
+            self.outage_since = Some(now);
+            self.reconnect_attempt = 0;
+        }
+        let since = self.outage_since.unwrap_or(now);
+        if now.duration_since(since) >= limit || self.sessions >= MAX_MODEL_SESSIONS {
+            self.end(Ending::new(
+                EndReason::ModelUnavailable,
+                format!(
+                    "{why}; no working model session for {} s",
+                    now.duration_since(since).as_secs()
+                ),
+            ));
+            return None;
+        }
+        let delay = match self.reconnect_attempt {
+            0 => Duration::ZERO,
+            n => (RECONNECT_BACKOFF_MIN * 2u32.saturating_pow(n - 1)).min(RECONNECT_BACKOFF_MAX),
+        };
+        self.reconnect_attempt += 1;
+        warn!(%why, attempt = self.reconnect_attempt, delay_ms = delay.as_millis() as u64, "Model session lost; reconnecting.");
+        let outs = self.playback.model_lost();
+        self.apply(outs);
+        self.caller_speaking = false;
+        self.awaiting_answer = None;
+        // A replacement being opened is moot: the new session replaces both.
+        self.rollover = None;
+        let gen_no = self.sessions;
+        self.sessions += 1;
+        let (tx, rx) = spawn_model(
+            tasks,
+            exit_tx,
+            &self.deps,
+            &self.agent,
+            &self.replay,
+            gen_no,
+            delay,
+            true,
+        );
+        // The old queue goes; the caller's audio now waits for the new session.
+        self.model_tx = tx;
+        self.model_gen = gen_no;
+        self.model_up = false;
+        self.deps.metrics.model_reconnects().inc();
+        Some(rx)
+    }
+
+    /// Nothing is in flight: no assistant audio queued or coming, the caller not
+    /// speaking, no answer or tool pending. A session switch or a hand-off here loses
+    /// nothing and is not heard.
+    fn quiet(&self) -> bool {
+        self.started_at.is_some()
+            && self.playback.idle()
+            && !self.caller_speaking
+            && self
+                .awaiting_answer
+                .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
+            && self.tools.is_empty()
+            && !self.life.has_pending()
+            && self.model_lost.is_none()
+    }
+
+    /// When the current session should be replaced, if that is configured and not done.
+    fn rollover_at(&self) -> Option<Instant> {
+        let after = self.deps.config.model_rollover_after()?;
+        if !self.model_up || self.rollover.is_some() || self.handoff_wanted {
+            return None;
+        }
+        let at = self.session_started + after;
+        Some(self.rollover_not_before.map_or(at, |t| t.max(at)))
+    }
+
+    fn rollover_due(&self) -> bool {
+        self.life.ending().is_none()
+            && self.rollover_at().is_some_and(|at| Instant::now() >= at)
+            && self.quiet()
+    }
+
+    /// Opens the replacement session (set up and told the conversation before the
+    /// switch); returns where its read half will arrive.
+    fn start_rollover(
+        &mut self,
+        tasks: &mut JoinSet<()>,
+        exit_tx: &mpsc::Sender<TaskExit>,
+    ) -> oneshot::Receiver<ModelRead> {
+        let gen_no = self.sessions;
+        self.sessions += 1;
+        let (tx, rx) = spawn_model(
+            tasks,
+            exit_tx,
+            &self.deps,
+            &self.agent,
+            &self.replay,
+            gen_no,
+            Duration::ZERO,
+            true,
+        );
+        self.rollover = Some((gen_no, tx));
+        debug!(session = gen_no, "Opening a replacement model session.");
+        rx
+    }
+
     fn end(&mut self, ending: Ending) {
         if self.life.end(ending.clone()) {
             debug!(reason = ?ending.reason, detail = %ending.detail, "Call ending.");
@@ -482,6 +807,7 @@ impl Call {
     }
 
     fn event(&mut self, kind: pb::call_event::Kind) {
+        self.replay.record(&kind);
         let Some(tx) = &self.link_tx else {
             trace!(?kind, "Event (standalone, not stored).");
             return;
@@ -517,12 +843,41 @@ impl Call {
         for t in &self.tools {
             next = next.min(t.deadline);
         }
+        if let (Some(since), Some(limit), false) = (
+            self.outage_since,
+            self.deps.config.model_reconnect(),
+            self.model_up,
+        ) {
+            next = next.min(since + limit);
+        }
+        // Moments that may make the call quiet or a rollover due; only future ones (a past
+        // one would spin the loop until something else happens).
+        let now = Instant::now();
+        let wakeups = [
+            self.rollover_at(),
+            self.awaiting_answer.map(|t| t + ANSWER_WAIT),
+        ];
+        for at in wakeups.into_iter().flatten() {
+            if at > now {
+                next = next.min(at);
+            }
+        }
         next
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
         let cfg = self.deps.config.clone();
+        if let (Some(since), Some(limit), false) =
+            (self.outage_since, cfg.model_reconnect(), self.model_up)
+            && now >= since + limit
+        {
+            self.end(Ending::new(
+                EndReason::ModelUnavailable,
+                format!("no working model session for {} s", limit.as_secs()),
+            ));
+            return;
+        }
         let Some(started) = self.started_at else {
             if now >= self.upgraded_at + cfg.start_timeout() {
                 self.end(Ending::new(EndReason::StartTimeout, "no start from Twilio"));
@@ -631,6 +986,15 @@ impl Call {
                     return;
                 }
                 self.last_media = Instant::now();
+                // While a lost model is redialled, keep only the first GAP_FRAMES.
+                if self.model_ever_up
+                    && !self.model_up
+                    && MODEL_SLOTS - self.model_tx.capacity() >= GAP_FRAMES
+                {
+                    self.dropped_in += 1;
+                    self.deps.metrics.gap_dropped().inc();
+                    return;
+                }
                 // Keep headroom so truncate/close never find the queue full.
                 if self.model_tx.capacity() <= HEADROOM {
                     self.dropped_in += 1;
@@ -716,27 +1080,11 @@ impl Call {
         }
     }
 
-    /// After `start`: the conversation so far (resumed calls) and the greeting.
+    /// After `start`: the greeting (not on a resumed call).
     fn opening_turn(&mut self) {
         if self.resumed {
-            if self.history.is_empty() {
-                return; // resumed without history: the greeting was already said
-            }
-            let mut summary = String::from(
-                "The call was moved to a new line. Continue the conversation; so far:\n",
-            );
-            for turn in std::mem::take(&mut self.history) {
-                let line = match turn.kind {
-                    Some(pb::turn::Kind::Caller(c)) => format!("Caller: {}\n", c.text),
-                    Some(pb::turn::Kind::Assistant(a)) => format!("You: {}\n", a.text),
-                    _ => continue,
-                };
-                if summary.len() + line.len() > 16 * 1024 {
-                    break;
-                }
-                summary.push_str(&line);
-            }
-            self.send_model(realtime::system_text(&summary));
+            // The model session was told the conversation so far (as items) when it was
+            // set up; the greeting was said on the first line.
             return;
         }
         if !self.agent.greeting.is_empty() {
@@ -759,10 +1107,7 @@ impl Call {
     fn on_model(&mut self, msg: Option<Result<tungstenite::Message, tungstenite::Error>>) {
         let msg = match msg {
             None => {
-                self.end(Ending::new(
-                    EndReason::ModelUnavailable,
-                    "model socket closed",
-                ));
+                self.lose_model("model socket closed".to_owned());
                 return;
             }
             Some(Err(tungstenite::Error::Capacity(e))) => {
@@ -770,10 +1115,7 @@ impl Call {
                 return;
             }
             Some(Err(e)) => {
-                self.end(Ending::new(
-                    EndReason::ModelUnavailable,
-                    format!("model socket failed: {e}"),
-                ));
+                self.lose_model(format!("model socket failed: {e}"));
                 return;
             }
             Some(Ok(m)) => m,
@@ -791,7 +1133,7 @@ impl Call {
                         )
                     })
                     .unwrap_or_else(|| "model closed the socket".to_owned());
-                self.end(Ending::new(EndReason::ModelUnavailable, why));
+                self.lose_model(why);
                 return;
             }
             tungstenite::Message::Binary(_) => {
@@ -875,11 +1217,13 @@ impl Call {
                 }
             }
             "response.created" => {
+                self.awaiting_answer = None;
                 if let Some(id) = ev.response.as_ref().and_then(|r| r.id.as_deref()) {
                     self.playback.response_created(id);
                 }
             }
             "response.done" => {
+                self.awaiting_answer = None;
                 let Some(r) = ev.response else { return };
                 if let Some(id) = r.id.as_deref() {
                     let outs = self.playback.response_done(id);
@@ -897,7 +1241,12 @@ impl Call {
                     }));
                 }
             }
+            "input_audio_buffer.speech_stopped" => {
+                self.caller_speaking = false;
+                self.awaiting_answer = Some(Instant::now());
+            }
             "input_audio_buffer.speech_started" => {
+                self.caller_speaking = true;
                 let outs = self.playback.speech_started();
                 if outs
                     .iter()
@@ -1167,6 +1516,9 @@ impl Call {
         // Close the model first (also when it never finished dialling: aborting the
         // writer below drops the half-open socket).
         let _ = self.model_tx.try_send(ModelOut::Close);
+        if let Some((_, tx)) = self.rollover.take() {
+            let _ = tx.try_send(ModelOut::Close);
+        }
         drop(model_read);
 
         // Report the end and wait briefly for its ack, before Twilio is let go: Twilio
@@ -1198,18 +1550,16 @@ impl Call {
             }
         }
 
-        let code = if ending.reason == EndReason::Drain {
-            CloseCode::Away
-        } else {
-            CloseCode::Normal
+        let (code, why) = match ending.reason {
+            EndReason::Drain => (CloseCode::Away, "call ended"),
+            EndReason::Handoff => {
+                self.deps.metrics.handoffs().inc();
+                (CloseCode::Normal, "call handed off")
+            }
+            _ => (CloseCode::Normal, "call ended"),
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            if self
-                .tw_tx
-                .send(TwOut::Close(code, "call ended"))
-                .await
-                .is_err()
-            {
+            if self.tw_tx.send(TwOut::Close(code, why)).await.is_err() {
                 return; // the writer is already gone
             }
             while let Some(done) = exits.recv().await {

@@ -288,6 +288,18 @@ impl Playback {
         out
     }
 
+    /// The model session is gone (a new one takes over): its responses will never finish.
+    /// Audio already queued at Twilio plays on, but nothing of the old session is waited
+    /// for: its marks belong to an old generation from now on. Reports each item whose
+    /// transcript is known with what was heard so far; the rest is forgotten.
+    pub fn model_lost(&mut self) -> Vec<Out> {
+        let out = self.flush();
+        self.active_response = None;
+        self.outstanding_marks = 0;
+        self.generation = self.generation.wrapping_add(1);
+        out
+    }
+
     /// Reports every item still waiting (call end): what was heard so far.
     pub fn flush(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
@@ -643,6 +655,28 @@ mod tests {
         p.mark_echoed(&m[0]).unwrap();
         assert_eq!(speech(&p.flush()), vec![("item_a".into(), true, 20, 60)]);
         assert!(p.flush().is_empty());
+    }
+
+    #[test]
+    fn a_lost_model_session_leaves_playback_idle_and_ignores_its_marks() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        let m = send(&mut p, "r1", "item_a", 3, 160);
+        p.transcript_done("item_a", "partial");
+        p.mark_echoed(&m[0]).unwrap();
+        assert!(!p.idle());
+        assert_eq!(
+            speech(&p.model_lost()),
+            vec![("item_a".into(), true, 20, 60)]
+        );
+        assert!(p.idle(), "nothing of the old session is waited for");
+        // Echoes of the old session's audio prove nothing now.
+        assert_eq!(p.mark_echoed(&m[1]), Some(vec![]));
+        assert_eq!(p.outstanding_marks(), 0);
+        // The new session's audio is tracked as usual.
+        p.response_created("r2");
+        let m2 = send(&mut p, "r2", "item_b", 1, 160);
+        assert!(m2[0].starts_with("g1:"), "{m2:?}");
     }
 
     #[test]
