@@ -44,7 +44,7 @@ use tonic::transport::Channel;
 /// Simulated calls in the run.
 const CALLS: usize = 300;
 /// Calls started per second (the ramp).
-const RAMP_PER_SEC: f64 = 50.0;
+const RAMP_PER_SEC: f64 = 100.0;
 /// Control A is killed once this many calls were started (the ramp pauses meanwhile).
 const KILL_AT: usize = CALLS / 2;
 /// How long control A stays dead (a pod restart; well under the 15 s lease, so relays come
@@ -657,6 +657,7 @@ async fn run() {
     let mut paused = Duration::ZERO;
     let mut outage = Duration::ZERO;
     let mut running: Vec<Running> = Vec::with_capacity(CALLS);
+    let mut peak_live = 0usize;
     for (n, call_id, script) in planned {
         if n == KILL_AT {
             let pause_start = Instant::now();
@@ -685,6 +686,11 @@ async fn run() {
         }
         let due = ramp_start + paused + Duration::from_secs_f64(n as f64 / RAMP_PER_SEC);
         tokio::time::sleep_until(due).await;
+        let live_now = running
+            .iter()
+            .filter(|r| r.live.streaming.load(Ordering::Relaxed) == 1 && !r.caller.is_finished())
+            .count();
+        peak_live = peak_live.max(live_now);
 
         let kind = kind_of(n);
         let mut cfg = CallerConfig::new(PUBLIC_URL, relay_addrs[0], Some(TWILIO_TOKEN));
@@ -1015,6 +1021,7 @@ async fn run() {
         "  calls/s admitted: {:.1} ({CALLS} over {ramp:?}, excluding the {paused:?} kill pause)",
         CALLS as f64 / ramp.as_secs_f64()
     );
+    println!("  peak concurrent streams (seen at ramp steps): {peak_live}");
     println!("  events stored: {events_stored}");
     println!("  control A outage: {outage:?}; relay reconnect attempts {reconnects:?}");
     println!(
