@@ -346,6 +346,9 @@ async fn drive(d: &Driver, sent: &mut Sent) -> Result<(), String> {
         script_ms,
     } = d;
     let (n, kind, script_ms) = (*n, *kind, *script_ms);
+    // Which replica gets the first command: alternates over the calls of each kind (`say`
+    // through one replica, the `hangup` after it through the other).
+    let first = (n / 10) % 2;
     let deadline = Instant::now() + CALL_LIMIT;
     // Once the whole script was heard the caller only streams silence: nothing else can
     // be in flight, so what is stored is deterministic.
@@ -355,7 +358,7 @@ async fn drive(d: &Driver, sent: &mut Sent) -> Result<(), String> {
         loop {
             let say = pb::command::Kind::Say(pb::SayCommand { text: say_text(n) });
             let accepted =
-                send_command(clients, n % 2, call_id, say, deadline, &mut sent.log).await?;
+                send_command(clients, first, call_id, say, deadline, &mut sent.log).await?;
             let effect = Instant::now() + APPLIED_WITHIN;
             if heard(live, expect_ms, effect.min(deadline)).await.is_ok() {
                 sent.say = Some(accepted);
@@ -370,7 +373,7 @@ async fn drive(d: &Driver, sent: &mut Sent) -> Result<(), String> {
         });
         let accepted = send_command(
             clients,
-            (n + 1) % 2,
+            (first + 1) % 2,
             call_id,
             hangup,
             deadline,
