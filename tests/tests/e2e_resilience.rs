@@ -134,7 +134,6 @@ fn item_texts(items: &[Value], role: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_model_socket_dropped_mid_call_reconnects_and_goes_on_with_the_context() {
     let script = script(5, 400, 500);
     // The first model session dies a little into the second exchange; the next ones live.
@@ -228,7 +227,6 @@ async fn a_model_socket_dropped_mid_call_reconnects_and_goes_on_with_the_context
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_model_that_stays_away_ends_the_call_with_the_fallback() {
     let script = script(4, 400, 400);
     // Every session dies shortly after it opens: the model never works again.
@@ -330,7 +328,6 @@ async fn roll(world: &mut World, lb: &LoadBalancer, i: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_rolling_restart_hands_every_live_call_off() {
     const CALLS: usize = 30;
     const TURNS: usize = 14;
@@ -411,7 +408,6 @@ async fn a_rolling_restart_hands_every_live_call_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_killed_relay_s_calls_continue_on_the_others() {
     const CALLS: usize = 9;
     const TURNS: usize = 8;
@@ -479,7 +475,6 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_drain_deadline_sends_the_remaining_calls_to_the_fallback() {
     // The agent talks without a pause, so there is never a quiet moment to hand off.
     let script = Conversation {
@@ -558,7 +553,6 @@ async fn a_drain_deadline_sends_the_remaining_calls_to_the_fallback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs relay hand-off"]
 async fn a_session_rollover_at_a_short_limit_is_seamless() {
     const TURNS: usize = 8;
     let script = script(TURNS, 300, 400);

@@ -87,6 +87,11 @@ const MAX_READ_ERRORS: u32 = 3;
 /// Caller frames kept for the model while it reconnects (2 s); later ones are dropped
 /// and counted: old speech replayed late is worse than a short loss.
 const GAP_FRAMES: usize = 100;
+/// Caller frames of the utterance in progress kept to resend to a new model session
+/// (3 s), and kept before any utterance (300 ms: speech starts before the model's VAD
+/// says so).
+const UTTERANCE_FRAMES: usize = 150;
+const PREROLL_FRAMES: usize = 15;
 /// Model sessions opened per call at most (a guard against a flapping model).
 const MAX_MODEL_SESSIONS: u32 = 64;
 /// First and largest pause before redialling a lost model.
@@ -359,6 +364,13 @@ struct Call {
     awaiting_answer: Option<Instant>,
     /// The relay is draining: hand the call off at the next quiet moment.
     handoff_wanted: bool,
+    /// The caller's latest audio (`input_audio_buffer.append` events): the utterance the
+    /// model has not transcribed yet, resent to a new session after a drop.
+    utterance: std::collections::VecDeque<String>,
+    /// An utterance started and is not transcribed yet.
+    utterance_open: bool,
+    /// Frames resent to the current session when it was opened (outside the gap budget).
+    resent_frames: usize,
 }
 
 /// Dials a model session in the background (after `delay`); returns its queue and where
@@ -514,6 +526,9 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         caller_speaking: false,
         awaiting_answer: None,
         handoff_wanted: false,
+        utterance: std::collections::VecDeque::new(),
+        utterance_open: false,
+        resent_frames: 0,
         deps,
     };
 
@@ -666,6 +681,19 @@ impl Call {
         }
     }
 
+    /// Keeps a caller frame for a resend (see [`Call::utterance`]).
+    fn remember(&mut self, frame: &str) {
+        let cap = if self.utterance_open {
+            UTTERANCE_FRAMES
+        } else {
+            PREROLL_FRAMES
+        };
+        if self.utterance.len() >= cap {
+            self.utterance.pop_front();
+        }
+        self.utterance.push_back(frame.to_owned());
+    }
+
     fn lose_model(&mut self, why: String) {
         if self.model_lost.is_none() {
             self.model_lost = Some(why);
@@ -737,6 +765,15 @@ impl Call {
             delay,
             true,
         );
+        // The caller's words the old session had not transcribed go first.
+        self.resent_frames = 0;
+        if self.utterance_open {
+            for frame in &self.utterance {
+                if tx.try_send(ModelOut::Text(frame.clone())).is_ok() {
+                    self.resent_frames += 1;
+                }
+            }
+        }
         // The old queue goes; the caller's audio now waits for the new session.
         self.model_tx = tx;
         self.model_gen = gen_no;
@@ -989,7 +1026,7 @@ impl Call {
                 // While a lost model is redialled, keep only the first GAP_FRAMES.
                 if self.model_ever_up
                     && !self.model_up
-                    && MODEL_SLOTS - self.model_tx.capacity() >= GAP_FRAMES
+                    && MODEL_SLOTS - self.model_tx.capacity() >= GAP_FRAMES + self.resent_frames
                 {
                     self.dropped_in += 1;
                     self.deps.metrics.gap_dropped().inc();
@@ -1002,6 +1039,9 @@ impl Call {
                     return;
                 }
                 let frame = realtime::append(&media.payload);
+                if self.deps.config.model_reconnect_secs > 0 {
+                    self.remember(&frame);
+                }
                 if self.model_tx.try_send(ModelOut::Text(frame)).is_ok() {
                     self.frames_in += 1;
                     self.deps.metrics.frames_c2m().inc();
@@ -1247,6 +1287,7 @@ impl Call {
             }
             "input_audio_buffer.speech_started" => {
                 self.caller_speaking = true;
+                self.utterance_open = true;
                 let outs = self.playback.speech_started();
                 if outs
                     .iter()
@@ -1258,6 +1299,9 @@ impl Call {
                 self.apply(outs);
             }
             "conversation.item.input_audio_transcription.completed" => {
+                // The model has the words now: a new session gets them as an item.
+                self.utterance_open = false;
+                self.utterance.clear();
                 let item_id = ev.item_id.as_deref().unwrap_or("").to_owned();
                 let text = ev.transcript.as_deref().unwrap_or("").to_owned();
                 self.event(pb::call_event::Kind::Caller(pb::CallerSpeech {
