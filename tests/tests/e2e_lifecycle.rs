@@ -269,8 +269,11 @@ async fn control_killed_mid_call_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_finishes_its_calls_and_refuses_new_ones() {
     let script = long_script();
+    // Without hand-off (RELAY_DRAIN_HANDOFF=false) a draining relay keeps its calls to the
+    // end; hand-offs to other relays: e2e_resilience.rs.
     let mut world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
         .relay_env("RELAY_DRAIN_GRACE_SECS", "60")
+        .relay_env("RELAY_DRAIN_HANDOFF", "false")
         .start()
         .await;
     world
