@@ -274,6 +274,11 @@ pub struct ConnRecord {
     pub caller_transcripts: Vec<String>,
     /// Whether the connection has ended.
     pub closed: bool,
+    /// When the handshake completed, the first caller audio arrived, the connection
+    /// ended (for benchmarks: reconnect and rollover gaps).
+    pub opened_at: Option<Instant>,
+    pub first_append_at: Option<Instant>,
+    pub closed_at: Option<Instant>,
     /// Set when the client replayed a history naming script lines: the turn the script
     /// continues at (a resumed call).
     pub resumed_at_turn: Option<usize>,
@@ -456,6 +461,7 @@ async fn serve_conn(
         };
     let record = Arc::new(Mutex::new(ConnRecord {
         uri: info.uri.clone(),
+        opened_at: Some(Instant::now()),
         beta_header: info.beta,
         ..ConnRecord::default()
     }));
@@ -535,7 +541,11 @@ async fn serve_conn(
             }
         }
     }
-    lock(&record).closed = true;
+    {
+        let mut rec = lock(&record);
+        rec.closed = true;
+        rec.closed_at = Some(Instant::now());
+    }
     shared.open.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -818,6 +828,9 @@ impl Session {
         };
         {
             let mut rec = lock(&self.record);
+            if rec.first_append_at.is_none() {
+                rec.first_append_at = Some(Instant::now());
+            }
             rec.appends += 1;
             rec.appended_audio_bytes += bytes.len() as u64;
         }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Resilience figures: how long a caller goes unheard when a model socket drops (reconnect
+# gap), when a relay is drained with hand-off (SIGTERM) and when one is killed (SIGKILL).
+#   scripts/bench-survive.sh [--calls N] [--reconnects N]
+# Builds the relay, control and bench_survive (debug profile: the gaps are dominated by
+# timers, sockets and process work, not by code speed; pass PROFILE=release to change),
+# then runs the bench, which starts its own redis-server, control, relays and fake model
+# on loopback. Prints p50/p99/max per figure. Needs redis-server on PATH. About 2 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v redis-server >/dev/null 2>&1 || {
+  echo "bench-survive: redis-server not found; apt-get install redis-server" >&2
+  exit 1
+}
+profile="${PROFILE:-debug}"
+flag=()
+[ "$profile" = release ] && flag=(--release)
+cargo build "${flag[@]}" --locked -p callbridge-relay -p callbridge-control -p callbridge-tests \
+  --bin callbridge-relay --bin callbridge-control --bin bench_survive
+target_dir="${CARGO_TARGET_DIR:-target}"
+CALLBRIDGE_BIN_DIR="$target_dir/$profile" exec "$target_dir/$profile/bench_survive" "$@"

@@ -1,0 +1,210 @@
+//! `bench_survive`: how long a caller goes unheard when a call moves under them.
+//!
+//! Real relays, control and redis-server on loopback (binaries from `CALLBRIDGE_BIN_DIR`,
+//! else this executable's directory), the fake model, simulated callers. Three figures:
+//! - **reconnect gap**: the model socket closes mid-call; time from the close to the new
+//!   session receiving the caller's audio again (the model hears the caller again);
+//! - **hand-off gap**: a relay gets SIGTERM and hands its calls off; time from the old
+//!   stream's close to the new stream being open on another relay (Twilio plays nothing
+//!   and hears nothing in between);
+//! - **failover gap**: a relay gets SIGKILL; the same, from the abnormal close.
+//!
+//! The `<Connect action>` request is made at once (real Twilio adds its own reaction
+//! time). Usage: `bench_survive [--calls N] [--reconnects N]`; see scripts/bench-survive.sh.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+use callbridge_testkit::eventually;
+use callbridge_testkit::fake_realtime::FakeRealtime;
+use callbridge_testkit::sim_caller::{CallReport, LoadBalancer, SimCaller};
+use callbridge_tests::{World, agent_settings, with_timeout};
+
+const CALL: Duration = Duration::from_secs(120);
+
+fn script(turns: usize) -> Conversation {
+    Conversation {
+        greeting: Some(AgentReply::says("Hello there", 300)),
+        turns: (0..turns)
+            .map(|n| {
+                Turn::new(
+                    format!("Caller line {n}"),
+                    300,
+                    AgentReply::says(format!("Agent line {n}"), 300),
+                )
+            })
+            .collect(),
+    }
+}
+
+fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .context("missing value")?
+            .parse()
+            .with_context(|| format!("{name} takes a number")),
+        None => Ok(default),
+    }
+}
+
+fn summary(name: &str, mut ms: Vec<f64>) {
+    if ms.is_empty() {
+        println!("{name:<16} no samples");
+        return;
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{name:<16} n={:<4} p50={:>7.1} ms  p99={:>7.1} ms  max={:>7.1} ms",
+        ms.len(),
+        at(0.5),
+        at(0.99),
+        ms[ms.len() - 1]
+    );
+}
+
+/// Gaps between consecutive legs of each call: old stream closed → new stream open.
+fn leg_gaps(reports: &[CallReport]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for r in reports {
+        for pair in r.legs.windows(2) {
+            let closed = pair[0].opened_at_ms + pair[0].duration_ms;
+            out.push(pair[1].opened_at_ms.saturating_sub(closed) as f64);
+        }
+    }
+    out
+}
+
+async fn reconnect_gaps(samples: usize) -> anyhow::Result<Vec<f64>> {
+    let turns = 40;
+    // Every session dies 3 s after it opens; the call keeps reconnecting. A session that
+    // lived longer than RELAY_MODEL_RECONNECT_SECS starts a fresh outage, so every
+    // sample is a first attempt (no backoff).
+    let fake = FakeRealtime::builder()
+        .script(script(turns))
+        .speed(2.0)
+        .close_after(Duration::from_millis(3000));
+    let world = World::builder(fake)
+        .relay_env("RELAY_MODEL_RECONNECT_SECS", "2")
+        .relay_env("RELAY_LOG", "warn")
+        .start()
+        .await;
+    world
+        .default_agent(agent_settings("bench-reconnect", Some("Hello there")))
+        .await;
+    let mut cfg = world.caller(script(turns));
+    cfg.answer_wait = Duration::from_secs(2);
+    let handle = SimCaller::new(cfg).start();
+    let fake = &world.fake;
+    if !eventually(CALL, || fake.connections_accepted() as usize > samples).await {
+        bail!("the call did not reconnect {samples} times");
+    }
+    handle
+        .command(callbridge_testkit::sim_caller::CallerCommand::Stop)
+        .await;
+    let _ = with_timeout(CALL, "the call", handle.join()).await;
+    let mut conns = world.fake.connections();
+    conns.sort_by_key(|c| c.opened_at);
+    Ok(conns
+        .windows(2)
+        .filter_map(|w| {
+            let (closed, heard) = (w[0].closed_at?, w[1].first_append_at?);
+            Some(heard.saturating_duration_since(closed).as_secs_f64() * 1000.0)
+        })
+        .take(samples)
+        .collect())
+}
+
+async fn moved_calls(calls: usize, kill: bool) -> anyhow::Result<Vec<CallReport>> {
+    let turns = 16;
+    let mut world = World::builder(FakeRealtime::builder().script(script(turns)).speed(2.0))
+        .relays(3)
+        .relay_env("RELAY_DRAIN_GRACE_SECS", "30")
+        .relay_env("RELAY_LOG", "warn")
+        .start()
+        .await;
+    world
+        .default_agent(agent_settings("bench-move", Some("Hello there")))
+        .await;
+    // Every call on relay 0, the one that goes away.
+    let lb: Arc<LoadBalancer> = LoadBalancer::new(world.relay_addrs());
+    lb.set_in_rotation(world.relays[1].addr, false);
+    lb.set_in_rotation(world.relays[2].addr, false);
+    let mut handles = Vec::new();
+    for _ in 0..calls {
+        let mut cfg = world.caller(script(turns));
+        cfg.relays = lb.clone();
+        cfg.follow_streams = 2;
+        cfg.after_on_abnormal_close = true;
+        cfg.answer_wait = Duration::from_secs(5);
+        handles.push(SimCaller::new(cfg).start());
+    }
+    let lives: Vec<_> = handles.iter().map(|h| h.live.clone()).collect();
+    if !eventually(CALL, || {
+        lives
+            .iter()
+            .all(|l| l.turns_spoken.load(Ordering::SeqCst) >= 2)
+    })
+    .await
+    {
+        bail!("the calls did not get going");
+    }
+    lb.set_in_rotation(world.relays[1].addr, true);
+    lb.set_in_rotation(world.relays[2].addr, true);
+    lb.set_in_rotation(world.relays[0].addr, false);
+    if kill {
+        world.relays[0].kill();
+    } else {
+        world.relays[0].terminate().context("SIGTERM")?;
+    }
+    let mut reports = Vec::new();
+    for h in handles {
+        reports.push(with_timeout(CALL, "a call", h.join()).await?);
+    }
+    Ok(reports)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("bench_survive [--calls N (default 20)] [--reconnects N (default 15)]");
+        return Ok(());
+    }
+    let calls = arg("--calls", 20)?;
+    let reconnects = arg("--reconnects", 15)?;
+    println!(
+        "bench_survive: {calls} calls per relay event, {reconnects} model reconnects (loopback, fake model)"
+    );
+    let reconnect = reconnect_gaps(reconnects).await?;
+    let handoff = moved_calls(calls, false).await?;
+    let handoff_moved = handoff.iter().filter(|r| r.legs.len() > 1).count();
+    let failover = moved_calls(calls, true).await?;
+    let failover_moved = failover.iter().filter(|r| r.legs.len() > 1).count();
+    summary("reconnect gap", reconnect);
+    summary("hand-off gap", leg_gaps(&handoff));
+    summary("failover gap", leg_gaps(&failover));
+    println!(
+        "calls moved: hand-off {handoff_moved}/{calls}, failover {failover_moved}/{calls}; \
+         finished by the caller: hand-off {}/{calls}, failover {}/{calls}",
+        handoff
+            .iter()
+            .filter(|r| r
+                .legs
+                .last()
+                .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller))
+            .count(),
+        failover
+            .iter()
+            .filter(|r| r
+                .legs
+                .last()
+                .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller))
+            .count(),
+    );
+    Ok(())
+}
