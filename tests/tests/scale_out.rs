@@ -186,12 +186,10 @@ fn control_env(addr: SocketAddr, seeds: &str, id: &str) -> Vec<(String, String)>
 }
 
 /// A control replica id starting with `prefix` whose command channel lives on the node at
-/// `port`. Control subscribes to its channel on the FIRST seed node but publishes commands
-/// through the cluster connection, which routes `PUBLISH` by the channel's slot; Redis then
-/// counts only that node's subscribers, so `SendCommand` answers FAILED_PRECONDITION for a
-/// replica whose channel hashes elsewhere although the command is delivered (see
-/// `send_command_reaches_the_holder_whatever_node_its_channel_hashes_to`). Until that is
-/// fixed the scale run pins its replicas' channels to the first seed node.
+/// `port`: the runs below place replicas' channels on chosen nodes, so that commands are
+/// published to a node other than the first seed (control once subscribed there only and
+/// answered FAILED_PRECONDITION for commands it had delivered; see
+/// `send_command_reaches_the_holder_whatever_node_its_channel_hashes_to`).
 fn control_id_on(cluster: &RedisCluster, port: u16, prefix: &str) -> String {
     (0..1000)
         .map(|i| format!("{prefix}-{i}"))
@@ -563,9 +561,11 @@ async fn run() {
         "redis cluster",
         tokio::task::spawn_blocking(|| {
             let cluster = RedisCluster::start(3).expect("a 3-master redis cluster");
-            let first = cluster.ports()[0];
-            let ids = ["scale-a", "scale-b", "scale-a-again"]
-                .map(|prefix| control_id_on(&cluster, first, prefix));
+            // Each replica's command channel on a different node, so commands cross
+            // nodes whichever replica they go through.
+            let ports = cluster.ports();
+            let ids = [("scale-a", 1), ("scale-b", 2), ("scale-a-again", 0)]
+                .map(|(prefix, node)| control_id_on(&cluster, ports[node], prefix));
             (cluster, ids)
         }),
     )
@@ -1051,15 +1051,13 @@ async fn run() {
 type RelayClient =
     pb::relay_client::RelayClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-/// Minimal reproduction of a control bug on a multi-node Redis Cluster (product code not
-/// changed here; see the module docs of `control_id_on`). One control replica, one call
-/// attached by a hand-driven relay stream, one `SendCommand`: the command must be accepted
-/// AND come down the attach stream, whichever node the replica's command channel hashes to.
-/// Today, for an id whose channel is not on the first seed node, `SendCommand` answers
-/// FAILED_PRECONDITION ("the control replica holding it is gone") although the command is
-/// delivered, so an application that retries sends it twice.
+/// Regression test of a control bug on a multi-node Redis Cluster. One control replica,
+/// one call attached by a hand-driven relay stream, one `SendCommand`: the command must be
+/// accepted AND come down the attach stream, whichever node the replica's command channel
+/// hashes to. Control used to subscribe on the first seed node only while `PUBLISH` was
+/// routed to the channel's slot owner, which counts its own subscribers only:
+/// FAILED_PRECONDITION ("the control replica holding it is gone") for a delivered command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "control bug: SendCommand on a multi-node Redis Cluster (PUBLISH receivers counted on one node)"]
 async fn send_command_reaches_the_holder_whatever_node_its_channel_hashes_to() {
     let (cluster, ids) = with_timeout(
         Duration::from_secs(40),

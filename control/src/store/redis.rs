@@ -357,7 +357,7 @@ impl RedisStore {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        let (conn, pubsub_url) = match target {
+        let (conn, pubsub_urls) = match target {
             RedisTarget::Single(url) => {
                 let client = redis::Client::open(nodelay(url)?)?;
                 let config = ConnectionManagerConfig::new()
@@ -366,7 +366,7 @@ impl RedisStore {
                     .set_max_delay(Duration::from_secs(1))
                     .set_number_of_retries(2);
                 let manager = ConnectionManager::new_with_config(client, config).await?;
-                (Conn::Single(manager), url.clone())
+                (Conn::Single(manager), vec![url.clone()])
             }
             RedisTarget::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes.clone())
@@ -375,10 +375,7 @@ impl RedisStore {
                     .response_timeout(RESPONSE_TIMEOUT)
                     .build()?;
                 let conn = client.get_async_connection().await?;
-                // PUBLISH is broadcast to the whole cluster, so a subscriber on any one
-                // node hears every message.
-                let first = nodes.first().cloned().unwrap_or_default();
-                (Conn::Cluster(conn), first)
+                (Conn::Cluster(conn), nodes.clone())
             }
         };
         let store = RedisStore {
@@ -386,8 +383,24 @@ impl RedisStore {
             scripts: Arc::new(Scripts::new()),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
         };
-        let channels = vec![keys::events_channel(), keys::commands_channel(replica_id)];
-        tracker.spawn(run_subscriber(pubsub_url, channels, hub, shutdown));
+        let commands = keys::commands_channel(replica_id);
+        match target {
+            RedisTarget::Single(_) => {
+                let channels = vec![keys::events_channel(), commands];
+                tracker.spawn(run_subscriber(pubsub_urls, channels, hub, shutdown));
+            }
+            RedisTarget::Cluster(nodes) => {
+                // Events: PUBLISH is broadcast to the whole cluster, so a subscriber on
+                // any one node hears every event. Commands: SPUBLISH goes to the node
+                // owning the channel's slot only, and its receiver count (which tells
+                // SendCommand whether the holding replica listens) counts that node's
+                // subscribers, so the command channel is subscribed there (SSUBSCRIBE).
+                let sub = subscribe_sharded(nodes, &commands, hub.clone()).await?;
+                tracker.spawn(keep_sharded_subscription(sub, commands, shutdown.clone()));
+                let channels = vec![keys::events_channel()];
+                tracker.spawn(run_subscriber(pubsub_urls, channels, hub, shutdown));
+            }
+        }
         Ok(store)
     }
 
@@ -410,23 +423,90 @@ fn nodelay(url: &str) -> Result<redis::ConnectionInfo, StoreError> {
     Ok(info.set_tcp_settings(tcp))
 }
 
-/// Keeps one pub/sub connection subscribed, reconnecting after outages; a message
-/// lost during an outage is recovered by watchers' catch-up reads.
+/// How often the sharded command subscription is renewed. The cluster connection
+/// resubscribes by itself after a disconnection or a slot-map change it notices; renewing
+/// makes it notice a move of the channel's slot (the renewal is redirected) even when
+/// nothing else is sent on that connection.
+const SHARDED_RENEW: Duration = Duration::from_secs(2);
+
+/// A RESP3 cluster connection subscribed (SSUBSCRIBE) to `channel` on the node owning its
+/// slot; its messages are decoded and dispatched to `hub` as commands.
+async fn subscribe_sharded(
+    nodes: &[String],
+    channel: &str,
+    hub: Arc<Hub>,
+) -> Result<redis::cluster_async::ClusterConnection, StoreError> {
+    let deliver = move |info: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+        // Subscription confirmations and disconnection notices are pushes too.
+        if let Some(msg) = redis::Msg::from_push_info(info)
+            && !decode_bus(false, msg.get_payload_bytes(), |message| {
+                hub.dispatch(message);
+            })
+        {
+            tracing::warn!("Undecodable command bus message.");
+        }
+        Ok(())
+    };
+    let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
+        .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(deliver)
+        .build()?;
+    let mut conn = client.get_async_connection().await?;
+    conn.ssubscribe(channel).await?;
+    tracing::debug!(channel, "Redis sharded pub/sub subscribed.");
+    Ok(conn)
+}
+
+/// Holds the sharded subscription until `shutdown`, renewing it now and then.
+async fn keep_sharded_subscription(
+    mut conn: redis::cluster_async::ClusterConnection,
+    channel: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(SHARDED_RENEW) => {}
+        }
+        let renew = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = conn.ssubscribe(&channel) => r,
+        };
+        if let Err(err) = renew {
+            tracing::debug!(error = %err, "Renewing the sharded subscription failed; retrying.");
+        }
+    }
+}
+
+/// Keeps one pub/sub connection subscribed, reconnecting after outages (to the next of
+/// `urls` each time: any node of a cluster will do); a message lost during an outage is
+/// recovered by watchers' catch-up reads.
 async fn run_subscriber(
-    url: String,
+    urls: Vec<String>,
     channels: Vec<String>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) {
-    let client = match nodelay(&url).and_then(|info| Ok(redis::Client::open(info)?)) {
-        Ok(c) => c,
+    let clients = match urls
+        .iter()
+        .map(|url| nodelay(url).and_then(|info| Ok(redis::Client::open(info)?)))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(c) if !c.is_empty() => c,
+        Ok(_) => {
+            tracing::error!("No Redis node to subscribe on.");
+            return;
+        }
         Err(err) => {
             tracing::error!(error = %err, "Cannot create the Redis pub/sub client.");
             return;
         }
     };
     let events_channel = keys::events_channel();
-    loop {
+    for client in clients.iter().cycle() {
         let session = async {
             let mut pubsub = client.get_async_pubsub().await?;
             for channel in &channels {
@@ -1164,9 +1244,14 @@ impl CallStore for RedisStore {
             command: Some(command.clone()),
             ..Default::default()
         };
+        // A cluster's command channels are sharded (see `connect`).
+        let publish = match self.conn {
+            Conn::Single(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        };
         let receivers: i64 = self
             .query(
-                redis::cmd("PUBLISH")
+                redis::cmd(publish)
                     .arg(keys::commands_channel(replica_id))
                     .arg(envelope.encode_to_vec()),
             )
