@@ -35,6 +35,10 @@ struct Attached {
     commands: mpsc::Sender<pb::Command>,
 }
 
+/// The registration a newer attach stream replaced ([`Hub::register`]).
+#[derive(Debug)]
+pub struct Replaced(Attached);
+
 /// Local fan-out, shared by every RPC of the replica.
 #[derive(Debug)]
 pub struct Hub {
@@ -110,15 +114,49 @@ impl Hub {
         lock(&self.calls).len()
     }
 
-    /// Registers the attach stream `holder` for a call, replacing an older one.
-    pub fn register(&self, call_id: &str, holder: &str, commands: mpsc::Sender<pb::Command>) {
-        self.lock().insert(
-            call_id.to_owned(),
-            Attached {
-                holder: holder.to_owned(),
-                commands,
-            },
-        );
+    /// Registers the attach stream `holder` for a call, replacing an older one (returned,
+    /// for [`Hub::unregister_restoring`] if `holder` does not get the call after all).
+    ///
+    /// An attach stream registers BEFORE it takes the call's lease: a command accepted
+    /// once the lease names this replica then always finds a stream to buffer it in.
+    pub fn register(
+        &self,
+        call_id: &str,
+        holder: &str,
+        commands: mpsc::Sender<pb::Command>,
+    ) -> Option<Replaced> {
+        self.lock()
+            .insert(
+                call_id.to_owned(),
+                Attached {
+                    holder: holder.to_owned(),
+                    commands,
+                },
+            )
+            .map(Replaced)
+    }
+
+    /// Undoes [`Hub::register`] of `holder` (if still its): puts back the stream it
+    /// replaced, and hands that stream whatever `buffered` took meanwhile.
+    pub fn unregister_restoring(
+        &self,
+        call_id: &str,
+        holder: &str,
+        replaced: Option<Replaced>,
+        buffered: &mut mpsc::Receiver<pb::Command>,
+    ) {
+        {
+            let mut map = self.lock();
+            if map.get(call_id).is_some_and(|a| a.holder == holder) {
+                match replaced {
+                    Some(Replaced(previous)) => map.insert(call_id.to_owned(), previous),
+                    None => map.remove(call_id),
+                };
+            }
+        }
+        while let Ok(command) = buffered.try_recv() {
+            self.deliver_command(call_id, command);
+        }
     }
 
     /// Removes the registration if it is still `holder`'s.
@@ -195,6 +233,46 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    fn command(id: &str) -> BusMessage {
+        BusMessage::Command {
+            call_id: "c".into(),
+            command: pb::Command {
+                command_id: id.into(),
+                kind: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_failed_registration_gives_the_call_and_its_buffered_commands_back() {
+        let hub = Hub::new();
+        let (old_tx, mut old_rx) = mpsc::channel(4);
+        assert!(hub.register("c", "old", old_tx).is_none());
+        let (new_tx, mut new_rx) = mpsc::channel(4);
+        let replaced = hub.register("c", "new", new_tx);
+        assert!(
+            hub.dispatch(command("during")),
+            "buffered by the new stream"
+        );
+        hub.unregister_restoring("c", "new", replaced, &mut new_rx);
+        assert!(hub.dispatch(command("after")));
+        let ids: Vec<String> = std::iter::from_fn(|| old_rx.try_recv().ok())
+            .map(|c| c.command_id)
+            .collect();
+        assert_eq!(ids, ["during", "after"]);
+        assert_eq!(hub.attached_count(), 1);
+    }
+
+    #[test]
+    fn a_failed_first_registration_leaves_nothing() {
+        let hub = Hub::new();
+        let (tx, mut rx) = mpsc::channel(4);
+        let replaced = hub.register("c", "only", tx);
+        hub.unregister_restoring("c", "only", replaced, &mut rx);
+        assert_eq!(hub.attached_count(), 0);
+        assert!(!hub.dispatch(command("late")));
     }
 
     #[tokio::test]

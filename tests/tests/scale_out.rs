@@ -62,11 +62,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(150);
 const SAY_AUDIO_MS: u64 = 500;
 /// An accepted command shows its effect (the say's audio, the call's end) this soon.
 const APPLIED_WITHIN: Duration = Duration::from_secs(5);
-/// Control can accept a command and drop it when it lands while the call's attach stream
-/// re-attaches (reproduced by the ignored test
-/// `a_command_accepted_while_a_stream_reattaches_reaches_it`). Until that is fixed the
-/// application side here resends a command that had no effect, and the run counts it.
-const TOLERATE_LOST_COMMANDS: bool = true;
 /// Fake model pacing and caller playback: faster than real time (not what is tested).
 const SPEED: f64 = 4.0;
 
@@ -303,8 +298,6 @@ struct Sent {
     /// (command id, replica index that accepted it)
     say: Option<(String, usize)>,
     hangup: Option<(String, usize)>,
-    /// Accepted but never applied (resent).
-    lost: Vec<String>,
     /// What happened, for failure messages.
     log: Vec<String>,
 }
@@ -353,60 +346,46 @@ async fn drive(d: &Driver, sent: &mut Sent) -> Result<(), String> {
     heard(live, script_ms, deadline).await?;
     if kind == Kind::SayThenHangup {
         let expect_ms = script_ms + SAY_AUDIO_MS;
-        loop {
-            let say = pb::command::Kind::Say(pb::SayCommand { text: say_text(n) });
-            let accepted =
-                send_command(clients, first, call_id, say, deadline, &mut sent.log).await?;
-            let effect = Instant::now() + APPLIED_WITHIN;
-            if heard(live, expect_ms, effect.min(deadline)).await.is_ok() {
-                sent.say = Some(accepted);
-                break;
-            }
-            lost_command(sent, accepted, deadline)?;
+        let say = pb::command::Kind::Say(pb::SayCommand { text: say_text(n) });
+        let accepted = send_command(clients, first, call_id, say, deadline, &mut sent.log).await?;
+        let effect = Instant::now() + APPLIED_WITHIN;
+        if heard(live, expect_ms, effect.min(deadline)).await.is_err() {
+            return Err(not_applied(sent, &accepted));
         }
+        sent.say = Some(accepted);
     }
-    loop {
-        let hangup = pb::command::Kind::Hangup(pb::HangupCommand {
-            reason: format!("scale test {n}"),
-        });
-        let accepted = send_command(
-            clients,
-            (first + 1) % 2,
-            call_id,
-            hangup,
-            deadline,
-            &mut sent.log,
-        )
-        .await?;
-        let effect = (Instant::now() + APPLIED_WITHIN).min(deadline);
-        while !ended.load(Ordering::SeqCst) && Instant::now() < effect {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if ended.load(Ordering::SeqCst) {
-            sent.hangup = Some(accepted);
-            return Ok(());
-        }
-        lost_command(sent, accepted, deadline)?;
+    let hangup = pb::command::Kind::Hangup(pb::HangupCommand {
+        reason: format!("scale test {n}"),
+    });
+    let accepted = send_command(
+        clients,
+        (first + 1) % 2,
+        call_id,
+        hangup,
+        deadline,
+        &mut sent.log,
+    )
+    .await?;
+    let effect = (Instant::now() + APPLIED_WITHIN).min(deadline);
+    while !ended.load(Ordering::SeqCst) && Instant::now() < effect {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if !ended.load(Ordering::SeqCst) {
+        return Err(not_applied(sent, &accepted));
+    }
+    sent.hangup = Some(accepted);
+    Ok(())
 }
 
-/// An accepted command that had no effect in time: counted (a control bug, see
-/// `a_command_accepted_while_a_stream_reattaches_reaches_it`) and, when tolerated, sent
-/// again as an application would.
-fn lost_command(
-    sent: &mut Sent,
-    accepted: (String, usize),
-    deadline: Instant,
-) -> Result<(), String> {
+/// An accepted command that had no effect in time (control once dropped a command that
+/// landed while the call's stream re-attached; see
+/// `a_command_accepted_while_a_stream_reattaches_reaches_it`): logged, and the run fails.
+fn not_applied(sent: &mut Sent, accepted: &(String, usize)) -> String {
     sent.log.push(format!(
         "command {} accepted by replica {} but not applied within {APPLIED_WITHIN:?}",
         accepted.0, accepted.1
     ));
-    sent.lost.push(accepted.0);
-    if !TOLERATE_LOST_COMMANDS || Instant::now() >= deadline {
-        return Err("an accepted command was lost".to_owned());
-    }
-    Ok(())
+    "an accepted command was lost".to_owned()
 }
 
 /// What a watcher saw: the events, and how often it had to resume.
@@ -818,7 +797,6 @@ async fn run() {
     let mut watch_resumes = 0u32;
     let mut cross_watched = 0usize;
     let mut commands_via = [0usize; 2];
-    let mut lost_commands = Vec::new();
     let mut closed_abruptly = 0usize;
     let mut after_answers: BTreeMap<String, usize> = BTreeMap::new();
     for d in &done {
@@ -949,7 +927,6 @@ async fn run() {
                 _ => None,
             })
             .collect();
-        lost_commands.extend(d.sent.lost.iter().map(|id| (n, id.clone())));
         let mut sent_ids = Vec::new();
         for (id, via) in [&d.sent.say, &d.sent.hangup].into_iter().flatten() {
             sent_ids.push(id.clone());
@@ -1034,10 +1011,6 @@ async fn run() {
         "  commands applied, accepted via [A, B]: {commands_via:?}; after answers: {after_answers:?}"
     );
     println!("  app-hung-up streams the caller saw cut before the close frame: {closed_abruptly}");
-    println!(
-        "  commands accepted but lost (control bug, resent): {} {lost_commands:?}",
-        lost_commands.len()
-    );
     println!(
         "  time: setup {setup:?}, until all calls done {calls_done:?}, total {:?}",
         t0.elapsed()
@@ -1245,16 +1218,14 @@ async fn hand_attach(
     (tx, down)
 }
 
-/// Minimal reproduction of a control race (product code not changed here): on attach,
-/// control writes the lease (naming itself) BEFORE it registers the stream in its local
-/// hub (`control/src/service/relay.rs`: `store.attach` … context reads … `hub.register`).
-/// A `SendCommand` in between is accepted (the lease is held, this replica's subscriber
-/// exists) but the hub has no stream to hand it to, so it is dropped silently. A reconnect
-/// reads the call's history first, which widens the window. Here a call with a long
+/// Regression test of a control race: on attach, control used to write the lease (naming
+/// itself) BEFORE it registered the stream in its local hub, with the context reads in
+/// between; a `SendCommand` in that window was accepted (the lease is held, this replica's
+/// subscriber exists) and dropped silently, the hub having no stream to hand it to. A
+/// reconnect reads the call's history first, which widens the window. Here a call with a long
 /// history re-attaches while an application keeps sending one command until accepted;
 /// the accepted command must come down the new stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "control bug: a command accepted while a stream (re)attaches is dropped"]
 async fn a_command_accepted_while_a_stream_reattaches_reaches_it() {
     const HISTORY: u64 = 2000;
     let redis = callbridge_testkit::redis_server::RedisServer::unix().expect("redis-server");

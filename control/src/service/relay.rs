@@ -380,24 +380,32 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 validate::ident("open.relay_id", &open.relay_id, 128)?;
                 let holder = format!("{}/{}", shared.config.control_id, uuid::Uuid::new_v4().simple());
                 let lease = lease_ms(&shared);
-                match shared
-                    .store
-                    .attach(&open.call_id, &open.relay_id, open.reconnect, &holder, now_ms(), lease)
-                    .await?
-                {
-                    AttachOutcome::Attached => {}
-                    AttachOutcome::NotFound => {
-                        return Err(Error::NotFound(format!("call '{}' not found", open.call_id)));
-                    }
-                    AttachOutcome::Ended => {
-                        return Err(Error::FailedPrecondition(format!("call '{}' has ended", open.call_id)));
-                    }
-                    AttachOutcome::Held => {
-                        return Err(Error::AlreadyExists(format!(
+                // Registered before the lease names this replica: SendCommand accepts a
+                // command as soon as it does, and the command must find this stream
+                // (buffered until the context is sent and the stream runs).
+                let (command_tx, mut command_rx) = mpsc::channel(COMMAND_BUFFER);
+                let replaced = shared.hub.register(&open.call_id, &holder, command_tx);
+                let attached = async {
+                    match shared
+                        .store
+                        .attach(&open.call_id, &open.relay_id, open.reconnect, &holder, now_ms(), lease)
+                        .await?
+                    {
+                        AttachOutcome::Attached => Ok(()),
+                        AttachOutcome::NotFound => Err(Error::NotFound(format!("call '{}' not found", open.call_id))),
+                        AttachOutcome::Ended => {
+                            Err(Error::FailedPrecondition(format!("call '{}' has ended", open.call_id)))
+                        }
+                        AttachOutcome::Held => Err(Error::AlreadyExists(format!(
                             "call '{}' is attached by another stream",
                             open.call_id
-                        )));
+                        ))),
                     }
+                }
+                .await;
+                if let Err(err) = attached {
+                    shared.hub.unregister_restoring(&open.call_id, &holder, replaced, &mut command_rx);
+                    return Err(err);
                 }
                 let context = async {
                     let call = shared.call(&open.call_id).await?;
@@ -416,6 +424,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     Ok(c) => c,
                     Err(err) => {
                         let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
+                        shared.hub.unregister(&open.call_id, &holder);
                         return Err(err);
                     }
                 };
@@ -426,10 +435,14 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     last_seq: call.last_seq,
                     history,
                 };
-                tx.try_send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Context(context)) }))
-                    .map_err(|_| Error::FailedPrecondition("attach stream closed".into()))?;
-                let (command_tx, command_rx) = mpsc::channel(COMMAND_BUFFER);
-                shared.hub.register(&open.call_id, &holder, command_tx);
+                if tx
+                    .try_send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Context(context)) }))
+                    .is_err()
+                {
+                    let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
+                    shared.hub.unregister(&open.call_id, &holder);
+                    return Err(Error::FailedPrecondition("attach stream closed".into()));
+                }
                 shared.metrics.attached_calls.inc();
                 tracing::info!(relay_id = %open.relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");
                 let span = tracing::info_span!("attach", call_id = %open.call_id, relay_id = %open.relay_id);
