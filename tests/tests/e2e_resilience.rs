@@ -421,12 +421,17 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
         .await;
     let lb = LoadBalancer::new(world.relay_addrs());
     let callers = start_callers(&world, &lb, &script, CALLS, |cfg| {
-        // The socket drops without a close frame; model Twilio asking the action URL then.
+        // The socket drops without a close frame; model Twilio asking the action URL then,
+        // after its own reaction time (control must have seen the attach stream break,
+        // or the lease still looks held and the answer is a hang-up).
         cfg.after_on_abnormal_close = true;
+        cfg.after_delay = Duration::from_millis(300);
     });
     wait_turns(&callers, 2, "every call is going").await;
-    world.relays[0].kill();
+    // The balancer stops sending new requests there (its health check would, a moment
+    // later; the caller skips a refused connection either way), then the relay dies.
     lb.set_in_rotation(world.relays[0].addr, false);
+    world.relays[0].kill();
 
     let mut moved = 0;
     for (n, (_, handle)) in callers.into_iter().enumerate() {
@@ -434,7 +439,16 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
             .await
             .unwrap_or_else(|e| panic!("call {n}: {e}"));
         let last = report.legs.last().expect("a stream");
-        assert_eq!(last.closed_by, ClosedBy::Caller, "call {n}: finished");
+        assert_eq!(
+            last.closed_by,
+            ClosedBy::Caller,
+            "call {n}: finished; action answers: {:?}",
+            report
+                .after
+                .iter()
+                .map(|a| &a.response.body)
+                .collect::<Vec<_>>()
+        );
         if report.legs.len() > 1 {
             moved += 1;
             assert!(report.legs[0].closed_by.is_abnormal(), "call {n}");
