@@ -74,8 +74,11 @@ pub const MODEL_MAX_MESSAGE: usize = 4 << 20;
 pub const TWILIO_MAX_ACCEPTED: usize = 16 * 1024;
 /// WebSocket limit on the Twilio socket (same reasoning as [`MODEL_MAX_MESSAGE`]).
 pub const TWILIO_MAX_MESSAGE: usize = 256 * 1024;
-/// Longest wait for the `ended` event's ack.
+/// Longest wait for the `ended` event's ack before Twilio is let go.
 const ENDED_ACK_WAIT: Duration = Duration::from_secs(3);
+/// Longest the control link keeps trying to deliver a call's unacknowledged events
+/// (`ended` included) after the call's sockets closed, e.g. through a control restart.
+const EVENT_FLUSH_MAX: Duration = Duration::from_secs(60);
 /// Longest wait for a writer to flush its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Longest an `end_call`/transfer waits for the goodbye audio to play.
@@ -371,6 +374,8 @@ struct Call {
     utterance_open: bool,
     /// Frames resent to the current session when it was opened (outside the gap budget).
     resent_frames: usize,
+    /// When the current model session last sent anything (stall detection).
+    last_model_event: Instant,
 }
 
 /// Dials a model session in the background (after `delay`); returns its queue and where
@@ -447,6 +452,9 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_SLOTS);
     let mut link_tx = None;
+    // The control link has a set of its own: it outlives the call's other tasks, until
+    // its events are acknowledged (see `flush_link`).
+    let mut link_task: JoinSet<()> = JoinSet::new();
     let mut resumed = false;
     let mut history = Vec::new();
     if let (Some((ctx, stream)), Some(control)) = (setup.attach, deps.control.clone()) {
@@ -463,7 +471,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             last_seq: ctx.last_seq,
         };
         spawn(
-            &mut tasks,
+            &mut link_task,
             Box::pin(async move {
                 control_link::run(link, stream, rx, cmd_tx).await;
                 TaskExit::Link
@@ -529,6 +537,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         utterance: std::collections::VecDeque::new(),
         utterance_open: false,
         resent_frames: 0,
+        last_model_event: now,
         deps,
     };
 
@@ -566,6 +575,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
                     call.model_up = true;
                     call.model_ever_up = true;
                     call.session_started = Instant::now();
+                    call.last_model_event = call.session_started;
                 }
             }
             // A replacement session is up and set up: switch to it between two frames.
@@ -630,6 +640,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             // The old read half goes: nothing of the old session matters any more.
             model_read = Some(r);
             call.session_started = Instant::now();
+            call.last_model_event = call.session_started;
             call.deps.metrics.model_rollovers().inc();
             info!(session = gen_no, "Model session rolled over.");
         }
@@ -642,7 +653,33 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         }
     }
     drop(exit_tx);
+    let hard_stop = call.deps.hard_stop.clone();
     call.finish(tasks, exit_rx, model_read).await;
+    // The call is over for Twilio and the model; only its events may be left to deliver.
+    // Commands arriving meanwhile have no call to go to (and must not fill up and block
+    // the link).
+    drop(cmd_rx);
+    drop(_active);
+    flush_link(link_task, hard_stop).await;
+}
+
+/// Lets the control link deliver what control has not acknowledged yet (it ends once
+/// `ended` is acknowledged, or control refuses the call for good), for at most
+/// [`EVENT_FLUSH_MAX`] or until the hard stop. The call's tracker token is held
+/// meanwhile, so a drain waits for this too.
+async fn flush_link(mut link_task: JoinSet<()>, hard_stop: CancellationToken) {
+    if link_task.is_empty() {
+        return;
+    }
+    tokio::select! {
+        _ = link_task.join_next() => {}
+        () = hard_stop.cancelled() => {
+            warn!("Hard stop: the call's unacknowledged events are dropped.");
+        }
+        () = tokio::time::sleep(EVENT_FLUSH_MAX) => {
+            warn!("Control did not acknowledge the call's events in time; they are dropped.");
+        }
+    }
 }
 
 async fn next_model(
@@ -782,6 +819,12 @@ impl Call {
         Some(rx)
     }
 
+    /// The model owes events: a response is running, or one was asked for (the caller
+    /// stopped speaking, or the relay sent `response.create`). Silence then is a stall.
+    fn owes_answer(&self) -> bool {
+        self.model_up && (self.playback.responding() || self.awaiting_answer.is_some())
+    }
+
     /// Nothing is in flight: no assistant audio queued or coming, the caller not
     /// speaking, no answer or tool pending. A session switch or a hand-off here loses
     /// nothing and is not heard.
@@ -861,6 +904,12 @@ impl Call {
         }
     }
 
+    /// `response.create`: the model owes an answer from now on (stall detection).
+    fn request_answer(&mut self) {
+        self.send_model(realtime::response_create());
+        self.awaiting_answer.get_or_insert_with(Instant::now);
+    }
+
     fn send_model(&mut self, text: String) {
         if self.model_tx.try_send(ModelOut::Text(text)).is_err() {
             self.deps.metrics.dropped_c2m().inc();
@@ -886,6 +935,9 @@ impl Call {
             self.model_up,
         ) {
             next = next.min(since + limit);
+        }
+        if self.owes_answer() {
+            next = next.min(self.last_model_event + self.deps.config.model_stall());
         }
         // Moments that may make the call quiet or a rollover due; only future ones (a past
         // one would spin the loop until something else happens).
@@ -914,6 +966,12 @@ impl Call {
                 format!("no working model session for {} s", limit.as_secs()),
             ));
             return;
+        }
+        if self.owes_answer() && now >= self.last_model_event + cfg.model_stall() {
+            self.lose_model(format!(
+                "model stalled: nothing for {} s while an answer was due",
+                cfg.model_stall().as_secs()
+            ));
         }
         let Some(started) = self.started_at else {
             if now >= self.upgraded_at + cfg.start_timeout() {
@@ -1133,7 +1191,7 @@ impl Call {
                 self.agent.greeting
             );
             self.send_model(realtime::system_text(&text));
-            self.send_model(realtime::response_create());
+            self.request_answer();
         }
     }
 
@@ -1158,7 +1216,10 @@ impl Call {
                 self.lose_model(format!("model socket failed: {e}"));
                 return;
             }
-            Some(Ok(m)) => m,
+            Some(Ok(m)) => {
+                self.last_model_event = Instant::now();
+                m
+            }
         };
         let text = match &msg {
             tungstenite::Message::Text(t) => t.as_str(),
@@ -1283,7 +1344,16 @@ impl Call {
             }
             "input_audio_buffer.speech_stopped" => {
                 self.caller_speaking = false;
-                self.awaiting_answer = Some(Instant::now());
+                // An agent with `create_response: false` answers only when asked.
+                let answers = self
+                    .agent
+                    .turn_detection
+                    .as_ref()
+                    .and_then(|t| t.create_response)
+                    != Some(false);
+                if answers {
+                    self.awaiting_answer = Some(Instant::now());
+                }
             }
             "input_audio_buffer.speech_started" => {
                 self.caller_speaking = true;
@@ -1382,7 +1452,7 @@ impl Call {
     fn tool_output(&mut self, call_id: &str, output: &str, is_error: bool) {
         self.send_model(realtime::function_output(call_id, output));
         // The model does not speak about a tool result until asked (pitfall 19).
-        self.send_model(realtime::response_create());
+        self.request_answer();
         self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
             tool_call_id: call_id.to_owned(),
             output: output.to_owned(),
@@ -1477,7 +1547,7 @@ impl Call {
                 } else {
                     let text = format!("Say this to the caller now: \"{}\"", s.text);
                     self.send_model(realtime::system_text(&text));
-                    self.send_model(realtime::response_create());
+                    self.request_answer();
                     true
                 }
             }
@@ -1589,7 +1659,9 @@ impl Call {
                     .await
                     .is_err()
                 {
-                    warn!("Control did not acknowledge the end in time.");
+                    warn!(
+                        "Control did not acknowledge the end in time; still trying after the close."
+                    );
                 }
             }
         }
