@@ -14,6 +14,7 @@
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
 //! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
 //! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
+//! | `RELAY_MODEL_STALL_SECS` | a model session that owes an answer (a response running, or asked for) and sends nothing for this long counts as lost | `10` |
 //! | `RELAY_MODEL_SESSION_SECS` | the model's session limit; a fresh session replaces the old one at a quiet moment before it (0: never) | `3600` |
 //! | `RELAY_ID` | identity of this relay process towards control | hostname + random suffix |
 //! | `RELAY_START_TIMEOUT_MS` | Twilio `start` must arrive this soon after the upgrade | `5000` |
@@ -127,6 +128,9 @@ pub struct Config {
     /// Seconds a call may try to get a lost model session back (0: no reconnect).
     #[arg(long, env = "RELAY_MODEL_RECONNECT_SECS", default_value_t = 10)]
     pub model_reconnect_secs: u64,
+    /// Seconds a model session owing an answer may stay silent before it counts as lost.
+    #[arg(long, env = "RELAY_MODEL_STALL_SECS", default_value_t = 10)]
+    pub model_stall_secs: u64,
     /// The model's session limit in seconds (0: never roll over).
     #[arg(long, env = "RELAY_MODEL_SESSION_SECS", default_value_t = 3600)]
     pub model_session_secs: u64,
@@ -224,6 +228,7 @@ impl Config {
             drain_grace_secs: 30,
             drain_handoff: true,
             model_reconnect_secs: 10,
+            model_stall_secs: 10,
             model_session_secs: 3600,
             relay_id: Some("relay-test".to_owned()),
             start_timeout_ms: 5000,
@@ -379,6 +384,11 @@ impl Config {
     /// Drain grace as a duration.
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_secs)
+    }
+
+    /// How long a model session owing an answer may stay silent.
+    pub fn model_stall(&self) -> Duration {
+        Duration::from_secs(self.model_stall_secs.max(1))
     }
 
     /// How long a lost model session may be retried; `None`: no reconnect.

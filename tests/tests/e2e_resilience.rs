@@ -227,6 +227,51 @@ async fn a_model_socket_dropped_mid_call_reconnects_and_goes_on_with_the_context
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_model_session_is_replaced() {
+    let script = script(3, 400, 400);
+    // The first session goes silent right after it starts the greeting (socket open).
+    let fake = FakeRealtime::builder()
+        .script(script.clone())
+        .speed(2.0)
+        .stall_after_events(7)
+        .faults_only_on_first(1);
+    let world = World::builder(fake)
+        .relay_env("RELAY_MODEL_STALL_SECS", "2")
+        .start()
+        .await;
+    world
+        .default_agent(agent_settings("stall", Some("Hello there")))
+        .await;
+    let mut cfg = world.caller(script.clone());
+    cfg.answer_wait = Duration::from_secs(4);
+    let report = with_timeout(CALL, "the call", SimCaller::new(cfg).run())
+        .await
+        .expect("runs");
+    assert_eq!(report.legs.len(), 1, "the Twilio stream was never dropped");
+    let leg = &report.legs[0];
+    assert_eq!(leg.closed_by, ClosedBy::Caller);
+    assert_eq!(leg.turns_spoken, (0..3).collect::<Vec<_>>());
+    let sessions = world.fake.connections();
+    assert_eq!(sessions.len(), 2, "the stalled session was replaced once");
+    assert!(sessions[0].closed, "the relay closed the stalled session");
+    assert!(!sessions[1].session_updates.is_empty());
+    let mut heard: Vec<String> = sessions[0].caller_transcripts.clone();
+    heard.extend(sessions[1].caller_transcripts.iter().cloned());
+    assert_eq!(
+        heard,
+        (0..3)
+            .map(|n| format!("Caller line {n}"))
+            .collect::<Vec<_>>()
+    );
+    let replies: Vec<&str> = sessions[1]
+        .responses
+        .iter()
+        .map(|r| r.text.as_str())
+        .collect();
+    assert_eq!(replies, ["Agent line 0", "Agent line 1", "Agent line 2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_stays_away_ends_the_call_with_the_fallback() {
     let script = script(4, 400, 400);
     // Every session dies shortly after it opens: the model never works again.

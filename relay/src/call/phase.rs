@@ -120,6 +120,11 @@ impl Playback {
         self.outstanding_marks
     }
 
+    /// A response is running (created, not done): the model owes its events.
+    pub fn responding(&self) -> bool {
+        self.active_response.is_some()
+    }
+
     /// True when no assistant audio is queued at Twilio and no response is running.
     pub fn idle(&self) -> bool {
         self.outstanding_marks == 0 && self.active_response.is_none()
