@@ -16,8 +16,9 @@
 //! what each caller said and heard and what the model heard. Figures (admission rate,
 //! events stored, time) are printed, never asserted.
 //!
-//! Three product bugs found on the way have ignored reproductions at the end of this file;
-//! the scale run works around them (see `control_id_on`, `OUTAGE`, `TOLERATE_LOST_COMMANDS`).
+//! Three product bugs found on the way have regression tests at the end of this file
+//! (commands over a multi-node cluster, a command landing during a re-attach, events of a
+//! call ended while control is down).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,12 +49,9 @@ const RAMP_PER_SEC: f64 = 100.0;
 /// Control A is killed once this many calls were started (the ramp pauses meanwhile).
 const KILL_AT: usize = CALLS / 2;
 /// How long control A stays dead (a pod restart; well under the 15 s lease, so relays come
-/// back to it). Kept short: a relay drops a call's unacknowledged events (its `ended`
-/// included) when control is unreachable for the 3 s after the call ends, and control then
-/// ends the call RELAY_LOST (reproduced by the ignored test
-/// `events_of_a_call_ended_while_control_is_down_are_stored_when_it_returns`). Raise it to
-/// a few seconds once that is fixed.
-const OUTAGE: Duration = Duration::from_millis(500);
+/// back to it). Calls that end meanwhile keep their events on the relay until A is back
+/// (see `events_of_a_call_ended_while_control_is_down_are_stored_when_it_returns`).
+const OUTAGE: Duration = Duration::from_secs(3);
 /// Bound on any one call, its commands and its watchers.
 const CALL_LIMIT: Duration = Duration::from_secs(60);
 /// Bound on the whole run.
@@ -1403,15 +1401,14 @@ async fn a_command_accepted_while_a_stream_reattaches_reaches_it() {
     );
 }
 
-/// Minimal reproduction of a relay bug (product code not changed here): when a call ends
-/// while its control replica is unreachable, the relay waits 3 s (`ENDED_ACK_WAIT`) for
-/// the `ended` ack, then aborts the call's control link (`tasks.abort_all()` in
-/// `relay/src/call/mod.rs`), dropping every unacknowledged event, `ended` included, although
-/// the link would reconnect. Control then ends the call RELAY_LOST once the lease lapses.
+/// Regression test of a relay bug: when a call ended while its control replica was
+/// unreachable, the relay waited 3 s (`ENDED_ACK_WAIT`) for the `ended` ack, then aborted
+/// the call's control link with the call's other tasks, dropping every unacknowledged
+/// event, `ended` included, although the link would reconnect; control then ended the
+/// call RELAY_LOST once the lease lapsed. The link now outlives the call's sockets.
 /// Here control is down for 4 s around the caller's hang-up; once it is back, the call
 /// must be stored as the caller ended it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "relay bug: a call's unacknowledged events are dropped 3 s after it ends"]
 async fn events_of_a_call_ended_while_control_is_down_are_stored_when_it_returns() {
     use callbridge_testkit::sim_caller::CallerCommand;
     let script = script(1);
