@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `CONTROL_LISTEN` | gRPC listen address | `0.0.0.0:50051` |
 //! | `REDIS_URL` | `redis://`, `rediss://` or `redis+unix://` URL | unset: in-memory store (one process, nothing survives a restart) |
-//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs, instead of `REDIS_URL` | unset |
+//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs, instead of `REDIS_URL` (Redis ≥ 7: commands use sharded pub/sub) | unset |
 //! | `CONTROL_APP_TOKENS` | comma-separated bearer tokens for `Agents` and `Calls` | unset |
 //! | `CONTROL_RELAY_TOKENS` | comma-separated bearer tokens for `Relay` | unset |
 //! | `CONTROL_INSECURE_NO_AUTH` | `true` allows starting with no tokens at all (no auth) | `false` |
