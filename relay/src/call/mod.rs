@@ -246,10 +246,11 @@ async fn model_writer(
         }
         Err(_) => return "API key is not a valid header value".to_owned(),
     }
-    // The default 128 KiB read buffer per socket dominates a call's memory; deltas are a
-    // few KiB and the buffer grows when one is larger.
+    // The default 128 KiB read buffer per socket dominates a call's memory, and tungstenite
+    // zero-fills the buffer's spare capacity before every read; pcmu deltas are a few KiB
+    // and the buffer grows when one is larger (docs/performance.md).
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(8 * 1024)
         .max_message_size(Some(MODEL_MAX_MESSAGE))
         .max_frame_size(Some(MODEL_MAX_MESSAGE));
     let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
