@@ -8,6 +8,17 @@ use callbridge_testkit::redis_server::RedisServer;
 use common::*;
 use tonic::Code;
 
+async fn default_agent_id(agents: &mut AgentsRpc) -> String {
+    within(
+        "get default",
+        agents.get_default_agent(pb::GetDefaultAgentRequest {}),
+    )
+    .await
+    .expect("default")
+    .into_inner()
+    .agent_id
+}
+
 #[tokio::test]
 async fn agents_routes_and_default_agent_round_trip() {
     let redis = RedisServer::unix().expect("redis");
@@ -146,14 +157,7 @@ async fn agents_routes_and_default_agent_round_trip() {
     )
     .await
     .expect("default");
-    let d = within(
-        "get default",
-        agents.get_default_agent(pb::GetDefaultAgentRequest {}),
-    )
-    .await
-    .expect("default")
-    .into_inner();
-    assert_eq!(d.agent_id, "p1");
+    assert_eq!(default_agent_id(&mut agents).await, "p1");
     let wrong_version = within(
         "delete v9",
         agents.delete_agent(pb::DeleteAgentRequest {
@@ -181,14 +185,7 @@ async fn agents_routes_and_default_agent_round_trip() {
     .expect("routes")
     .into_inner();
     assert!(routes.routes.is_empty(), "{routes:?}");
-    let d = within(
-        "get default",
-        agents.get_default_agent(pb::GetDefaultAgentRequest {}),
-    )
-    .await
-    .expect("default")
-    .into_inner();
-    assert_eq!(d.agent_id, "");
+    assert_eq!(default_agent_id(&mut agents).await, "");
     let gone = within(
         "delete route",
         agents.delete_number_route(pb::DeleteNumberRouteRequest {

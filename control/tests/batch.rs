@@ -99,15 +99,7 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
     assert_eq!(acks.last(), Some(&6), "acks {acks:?}");
     assert!(acks.iter().all(|&n| (1..=6).contains(&n)), "acks {acks:?}");
 
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.last_seq, 6);
     assert_eq!(got.status, pb::CallStatus::InProgress as i32);
     let usage = within(
@@ -124,16 +116,7 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
         (15, 15, 2),
         "each usage event counted once"
     );
-    let mut watch = within(
-        "watch",
-        calls.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut watch = watch_call(&mut calls, &id, 0).await;
     let mut seen = Vec::new();
     for _ in 0..6 {
         let e = within("watch event", watch.message())
@@ -200,15 +183,7 @@ async fn events_before_an_invalid_one_in_a_burst_are_stored_and_acked() {
         refusal.message()
     );
     assert_eq!(acks.last(), Some(&2), "acks {acks:?}");
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(
         got.last_seq, 2,
         "the events before the invalid one are stored"

@@ -81,16 +81,7 @@ async fn a_call_runs_on_redis_cluster() {
     )
     .await
     .expect("admit");
-    let mut watch = within(
-        "watch",
-        calls.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut watch = watch_call(&mut calls, &id, 0).await;
     let mut stream = attach(&mut relay, &id, "relay-1", false)
         .await
         .expect("attach");

@@ -53,16 +53,7 @@ async fn serve_with_the_in_memory_store_runs_a_call_and_shuts_down() {
         pb::relay_client::RelayClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
     create_agent(&mut agents, "demo").await;
     let id = create_call(&mut calls, "demo", "").await.call_id;
-    let mut watch = within(
-        "watch",
-        calls.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut watch = watch_call(&mut calls, &id, 0).await;
     let mut stream = attach(&mut relay, &id, "relay-1", false)
         .await
         .expect("attached");

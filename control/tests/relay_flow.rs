@@ -62,15 +62,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     );
     let id = call.call_id.clone();
     stream.ack(event(&id, 1, started("relay-1"))).await;
-    let live = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let live = get_call(&mut calls, &id).await;
     assert_eq!(live.status, pb::CallStatus::InProgress as i32);
     assert_eq!(live.relay_id, "relay-1");
 
@@ -97,15 +89,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
         .await;
     stream.ack(event(&id, 6, usage(1, 2))).await;
 
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.last_seq, 6);
     let u = got.usage.expect("usage");
     assert_eq!(
@@ -157,29 +141,12 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
             }),
         ))
         .await;
-    let done = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let done = get_call(&mut calls, &id).await;
     assert_eq!(done.status, pb::CallStatus::Completed as i32);
     assert_eq!(done.end_reason, pb::EndReason::Transferred as i32);
     assert!(done.ended_at_ms > 0);
-    let after = within(
-        "after",
-        relay.after(pb::AfterRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("after")
-    .into_inner();
     assert_eq!(
-        after.next,
+        after_next(&mut relay, &id).await,
         Some(pb::after_response::Next::DialNumber("+14155559999".into()))
     );
 
@@ -254,15 +221,7 @@ async fn gaps_fail_the_stream_and_status_never_moves_back() {
         .expect_err("gap");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("gap"), "{}", err.message());
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.last_seq, 1, "nothing after the gap was stored");
 
     // The relay reconnects (same relay id) and continues from the stored seq.
@@ -289,27 +248,10 @@ async fn gaps_fail_the_stream_and_status_never_moves_back() {
     stream
         .ack(event(&id, 3, ended(pb::EndReason::Handoff)))
         .await;
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.status, pb::CallStatus::InProgress as i32);
-    let after = within(
-        "after",
-        relay.after(pb::AfterRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("after")
-    .into_inner();
     assert_eq!(
-        after.next,
+        after_next(&mut relay, &id).await,
         Some(pb::after_response::Next::Resume(pb::ResumeNext {}))
     );
     drop(stream);
@@ -330,41 +272,16 @@ async fn gaps_fail_the_stream_and_status_never_moves_back() {
         .await;
     // A replay of an old status-changing event is a no-op.
     stream.ack(event(&id, 4, started("relay-2"))).await;
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.status, pb::CallStatus::Completed as i32);
     assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);
     // A late `started` after the end is stored as history but cannot reopen the call.
     stream.ack(event(&id, 6, started("relay-late"))).await;
-    let got = within(
-        "get",
-        calls.get_call(pb::GetCallRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("get")
-    .into_inner();
+    let got = get_call(&mut calls, &id).await;
     assert_eq!(got.status, pb::CallStatus::Completed as i32);
     assert_eq!(got.last_seq, 6);
-    let after = within(
-        "after",
-        relay.after(pb::AfterRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("after")
-    .into_inner();
     assert_eq!(
-        after.next,
+        after_next(&mut relay, &id).await,
         Some(pb::after_response::Next::Hangup(pb::HangupNext {}))
     );
 }

@@ -38,16 +38,7 @@ async fn watches_on_one_replica_see_events_written_through_another() {
     let id = create_call(&mut calls_a, "agent", "camp").await.call_id;
 
     // Watchers on B, opened before anything is written: one per call, one per campaign.
-    let mut watch = within(
-        "watch",
-        calls_b.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut watch = watch_call(&mut calls_b, &id, 0).await;
     let mut campaign = within(
         "watch campaign",
         calls_b.watch_calls(pb::WatchCallsRequest {
@@ -78,16 +69,7 @@ async fn watches_on_one_replica_see_events_written_through_another() {
     assert_eq!(live[0].call_id, id);
 
     // A second watcher on B resumes from seq 25 while writing continues on A.
-    let mut resumed = within(
-        "watch resume",
-        calls_b.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 25,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut resumed = watch_call(&mut calls_b, &id, 25).await;
     for seq in 41..=60 {
         stream
             .ack(event(&id, seq, caller(&format!("line {seq}"))))
@@ -116,16 +98,7 @@ async fn watches_on_one_replica_see_events_written_through_another() {
     );
 
     // Watching a finished call replays it and closes.
-    let mut replay = within(
-        "replay",
-        calls_a.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 59,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut replay = watch_call(&mut calls_a, &id, 59).await;
     let seqs: Vec<u64> = take(&mut replay, 2).await.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![60, 61]);
     assert!(
@@ -233,16 +206,7 @@ async fn relay_reconnects_to_another_replica_and_lost_relays_end_the_call() {
     let mut relay_b = b.relay().await;
     create_agent(&mut agents, "agent").await;
     let id = create_call(&mut calls_b, "agent", "").await.call_id;
-    let mut watch = within(
-        "watch",
-        calls_b.watch_call(pb::WatchCallRequest {
-            call_id: id.clone(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("watch")
-    .into_inner();
+    let mut watch = watch_call(&mut calls_b, &id, 0).await;
 
     let mut stream = attach(&mut relay_a, &id, "relay-1", false)
         .await

@@ -983,23 +983,22 @@ impl CallStore for RedisStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<AttachOutcome> {
-        let mut conn = self.conn();
-        let code: i64 = self
-            .scripts
-            .attach
-            .key(keys::call(call_id))
-            .arg(relay_id)
-            .arg(u8::from(reconnect))
-            .arg(holder)
-            .arg(now_ms)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
+        let code = self
+            .lease_script(
+                self.scripts
+                    .attach
+                    .key(keys::call(call_id))
+                    .arg(relay_id)
+                    .arg(u8::from(reconnect))
+                    .arg(holder)
+                    .arg(now_ms)
+                    .arg(lease_ms),
+                call_id,
+                now_ms + lease_ms,
+            )
             .await?;
         Ok(match code {
-            1 => {
-                self.index_lease(call_id, now_ms + lease_ms).await?;
-                AttachOutcome::Attached
-            }
+            1 => AttachOutcome::Attached,
             -2 => AttachOutcome::Ended,
             -3 => AttachOutcome::Held,
             _ => AttachOutcome::NotFound,
@@ -1013,19 +1012,9 @@ impl CallStore for RedisStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<bool> {
-        let mut conn = self.conn();
-        let code: i64 = self
-            .scripts
-            .renew
-            .key(keys::call(call_id))
-            .arg(holder)
-            .arg(now_ms)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
+        let code = self
+            .holder_script(&self.scripts.renew, call_id, holder, now_ms, lease_ms)
             .await?;
-        if code == 1 {
-            self.index_lease(call_id, now_ms + lease_ms).await?;
-        }
         Ok(code == 1)
     }
 
@@ -1036,19 +1025,8 @@ impl CallStore for RedisStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<()> {
-        let mut conn = self.conn();
-        let code: i64 = self
-            .scripts
-            .release
-            .key(keys::call(call_id))
-            .arg(holder)
-            .arg(now_ms)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
+        self.holder_script(&self.scripts.release, call_id, holder, now_ms, lease_ms)
             .await?;
-        if code == 1 {
-            self.index_lease(call_id, now_ms + lease_ms).await?;
-        }
         Ok(())
     }
 
@@ -1306,6 +1284,43 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+
+    /// Runs one of the lease scripts (attach, renew, release); when it reports success
+    /// (1) the lease index learns the new expiry, so the sweeper sees the lease.
+    async fn lease_script(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        call_id: &str,
+        until_ms: i64,
+    ) -> StoreResult<i64> {
+        let mut conn = self.conn();
+        let code: i64 = invocation.invoke_async(&mut conn).await?;
+        if code == 1 {
+            self.index_lease(call_id, until_ms).await?;
+        }
+        Ok(code)
+    }
+
+    /// Renew and release: the scripts that act only for the lease's current holder.
+    async fn holder_script(
+        &self,
+        script: &redis::Script,
+        call_id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<i64> {
+        self.lease_script(
+            script
+                .key(keys::call(call_id))
+                .arg(holder)
+                .arg(now_ms)
+                .arg(lease_ms),
+            call_id,
+            now_ms + lease_ms,
+        )
+        .await
     }
 
     async fn index_lease(&self, call_id: &str, until_ms: i64) -> StoreResult<()> {

@@ -50,6 +50,11 @@ where
     }
 }
 
+/// The authenticated clients the tests use.
+pub type AgentsRpc = pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>>;
+pub type CallsRpc = pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>;
+pub type RelayRpc = pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>;
+
 /// A running `callbridge-control` process, killed on drop.
 pub struct Control {
     child: Child,
@@ -156,27 +161,21 @@ impl Control {
         .await;
     }
 
-    pub async fn agents(
-        &self,
-    ) -> pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>> {
+    pub async fn agents(&self) -> AgentsRpc {
         pb::agents_client::AgentsClient::with_interceptor(
             self.channel().await,
             Bearer::new(APP_TOKEN),
         )
     }
 
-    pub async fn calls(
-        &self,
-    ) -> pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>> {
+    pub async fn calls(&self) -> CallsRpc {
         pb::calls_client::CallsClient::with_interceptor(
             self.channel().await,
             Bearer::new(APP_TOKEN),
         )
     }
 
-    pub async fn relay(
-        &self,
-    ) -> pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>> {
+    pub async fn relay(&self) -> RelayRpc {
         pb::relay_client::RelayClient::with_interceptor(
             self.channel().await,
             Bearer::new(RELAY_TOKEN),
@@ -254,10 +253,7 @@ pub fn settings(name: &str) -> pb::AgentSettings {
     }
 }
 
-pub async fn create_agent(
-    agents: &mut pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>>,
-    id: &str,
-) -> pb::Agent {
+pub async fn create_agent(agents: &mut AgentsRpc, id: &str) -> pb::Agent {
     within(
         "create agent",
         agents.create_agent(pb::CreateAgentRequest {
@@ -270,11 +266,7 @@ pub async fn create_agent(
     .into_inner()
 }
 
-pub async fn create_call(
-    calls: &mut pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>,
-    agent_id: &str,
-    campaign: &str,
-) -> pb::Call {
+pub async fn create_call(calls: &mut CallsRpc, agent_id: &str, campaign: &str) -> pb::Call {
     within(
         "create call",
         calls.create_call(pb::CreateCallRequest {
@@ -291,6 +283,50 @@ pub async fn create_call(
     .into_inner()
     .call
     .expect("call in response")
+}
+
+pub async fn get_call(calls: &mut CallsRpc, call_id: &str) -> pb::Call {
+    within(
+        "get call",
+        calls.get_call(pb::GetCallRequest {
+            call_id: call_id.to_owned(),
+        }),
+    )
+    .await
+    .expect("get call")
+    .into_inner()
+}
+
+/// Opens a watch on one call's events after `after_seq`.
+pub async fn watch_call(
+    calls: &mut CallsRpc,
+    call_id: &str,
+    after_seq: u64,
+) -> tonic::Streaming<pb::CallEvent> {
+    within(
+        "watch call",
+        calls.watch_call(pb::WatchCallRequest {
+            call_id: call_id.to_owned(),
+            after_seq,
+        }),
+    )
+    .await
+    .expect("watch")
+    .into_inner()
+}
+
+/// What the relay is told to do once a call's media stream has closed.
+pub async fn after_next(relay: &mut RelayRpc, call_id: &str) -> Option<pb::after_response::Next> {
+    within(
+        "after",
+        relay.after(pb::AfterRequest {
+            call_id: call_id.to_owned(),
+        }),
+    )
+    .await
+    .expect("after")
+    .into_inner()
+    .next
 }
 
 pub fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
@@ -335,7 +371,7 @@ pub struct RelayStream {
 
 /// Opens an attach stream; `Err` is the refusal status.
 pub async fn attach(
-    relay: &mut pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>,
+    relay: &mut RelayRpc,
     call_id: &str,
     relay_id: &str,
     reconnect: bool,
