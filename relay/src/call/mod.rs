@@ -95,6 +95,8 @@ const GAP_FRAMES: usize = 100;
 /// says so).
 const UTTERANCE_FRAMES: usize = 150;
 const PREROLL_FRAMES: usize = 15;
+/// Longest partial assistant transcript kept (bytes).
+const PARTIAL_TRANSCRIPT_MAX: usize = 8 * 1024;
 /// Model sessions opened per call at most (a guard against a flapping model).
 const MAX_MODEL_SESSIONS: u32 = 64;
 /// First and largest pause before redialling a lost model.
@@ -377,6 +379,10 @@ struct Call {
     resent_frames: usize,
     /// When the current model session last sent anything (stall detection).
     last_model_event: Instant,
+    /// The transcript so far of the assistant item being spoken (its `.done` has not
+    /// come): if the session is lost, what the caller heard of it is still reported and
+    /// replayed.
+    partial_transcript: Option<(String, String)>,
 }
 
 /// Dials a model session in the background (after `delay`); returns its queue and where
@@ -539,6 +545,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         utterance_open: false,
         resent_frames: 0,
         last_model_event: now,
+        partial_transcript: None,
         deps,
     };
 
@@ -785,6 +792,12 @@ impl Call {
         };
         self.reconnect_attempt += 1;
         warn!(%why, attempt = self.reconnect_attempt, delay_ms = delay.as_millis() as u64, "Model session lost; reconnecting.");
+        if let Some((item, text)) = self.partial_transcript.take()
+            && self.playback.has_item(&item)
+        {
+            let outs = self.playback.transcript_done(&item, &text);
+            self.apply(outs);
+        }
         let outs = self.playback.model_lost();
         self.apply(outs);
         self.caller_speaking = false;
@@ -1311,7 +1324,20 @@ impl Call {
                     self.apply(outs);
                 }
             }
+            "response.output_audio_transcript.delta" => {
+                if let (Some(item), Some(delta)) = (ev.item_id.as_deref(), ev.delta.as_deref()) {
+                    match &mut self.partial_transcript {
+                        Some((id, text)) if id == item => {
+                            if text.len() + delta.len() <= PARTIAL_TRANSCRIPT_MAX {
+                                text.push_str(delta);
+                            }
+                        }
+                        slot => *slot = Some((item.to_owned(), delta.to_owned())),
+                    }
+                }
+            }
             "response.output_audio_transcript.done" => {
+                self.partial_transcript = None;
                 if let Some(item) = ev.item_id.as_deref() {
                     let text = ev.transcript.as_deref().unwrap_or("");
                     let outs = self.playback.transcript_done(item, text);

@@ -120,6 +120,11 @@ impl Playback {
         self.outstanding_marks
     }
 
+    /// Whether audio of this item was forwarded and is still tracked.
+    pub fn has_item(&self, item_id: &str) -> bool {
+        self.items.iter().any(|i| i.item_id == item_id)
+    }
+
     /// A response is running (created, not done): the model owes its events.
     pub fn responding(&self) -> bool {
         self.active_response.is_some()
