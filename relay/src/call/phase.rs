@@ -672,6 +672,7 @@ mod tests {
         let mut p = Playback::new(true);
         p.response_created("r1");
         let m = send(&mut p, "r1", "item_a", 3, 160);
+        assert!(p.has_item("item_a"));
         p.transcript_done("item_a", "partial");
         p.mark_echoed(&m[0]).unwrap();
         assert!(!p.idle());
@@ -680,6 +681,7 @@ mod tests {
             vec![("item_a".into(), true, 20, 60)]
         );
         assert!(p.idle(), "nothing of the old session is waited for");
+        assert!(!p.has_item("item_a"), "its items are settled");
         // Echoes of the old session's audio prove nothing now.
         assert_eq!(p.mark_echoed(&m[1]), Some(vec![]));
         assert_eq!(p.outstanding_marks(), 0);
