@@ -15,7 +15,6 @@ use callbridge_control::store::{AppendOutcome, CallRecord, CallStore};
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;
 use common::*;
-use pb::attach_response::Msg;
 use pb::call_event::Kind;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,37 +56,18 @@ fn stored_part(call_id: &str) -> Vec<pb::CallEvent> {
 
 #[tokio::test]
 async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
-    let redis = RedisServer::unix().expect("redis");
-    let control = Control::start(ControlOpts::new(&redis.url(), "burst")).await;
-    let mut agents = control.agents().await;
-    let mut calls = control.calls().await;
-    let mut relay = control.relay().await;
-    create_agent(&mut agents, "a").await;
-    let id = create_call(&mut calls, "a", "").await.call_id;
-    let mut stream = attach(&mut relay, &id, "relay-1", false)
-        .await
-        .expect("attached");
+    let AttachedCall {
+        redis: _redis,
+        control,
+        relay: _relay,
+        mut calls,
+        id,
+        mut stream,
+    } = attached_call("burst").await;
 
     // Everything is queued before any ack is read, so control finds the events waiting
     // and stores them in runs (how many per run depends on timing; the outcome must not).
-    for e in burst(&id) {
-        within(
-            "queue",
-            stream.tx.send(pb::AttachRequest {
-                msg: Some(pb::attach_request::Msg::Event(e)),
-            }),
-        )
-        .await
-        .expect("stream open");
-    }
-    let mut acks = Vec::new();
-    let refusal = loop {
-        match stream.next().await {
-            Ok(Msg::AckedSeq(n)) => acks.push(n),
-            Ok(other) => panic!("unexpected response {other:?}"),
-            Err(status) => break status,
-        }
-    };
+    let (acks, refusal) = stream.burst_until_refused(burst(&id)).await;
     assert_eq!(refusal.code(), Code::FailedPrecondition, "{refusal:?}");
     assert!(
         refusal.message().contains("seq 8") && refusal.message().contains("resend from 7"),
@@ -139,16 +119,14 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
 
 #[tokio::test]
 async fn events_before_an_invalid_one_in_a_burst_are_stored_and_acked() {
-    let redis = RedisServer::unix().expect("redis");
-    let control = Control::start(ControlOpts::new(&redis.url(), "invalid")).await;
-    let mut agents = control.agents().await;
-    let mut calls = control.calls().await;
-    let mut relay = control.relay().await;
-    create_agent(&mut agents, "a").await;
-    let id = create_call(&mut calls, "a", "").await.call_id;
-    let mut stream = attach(&mut relay, &id, "relay-1", false)
-        .await
-        .expect("attached");
+    let AttachedCall {
+        redis: _redis,
+        control: _control,
+        relay: _relay,
+        mut calls,
+        id,
+        mut stream,
+    } = attached_call("invalid").await;
     let burst = [
         event(&id, 1, started("relay-1")),
         event(&id, 2, caller("fine")),
@@ -158,24 +136,7 @@ async fn events_before_an_invalid_one_in_a_burst_are_stored_and_acked() {
         },
         event(&id, 3, caller("never looked at")),
     ];
-    for e in burst {
-        within(
-            "queue",
-            stream.tx.send(pb::AttachRequest {
-                msg: Some(pb::attach_request::Msg::Event(e)),
-            }),
-        )
-        .await
-        .expect("stream open");
-    }
-    let mut acks = Vec::new();
-    let refusal = loop {
-        match stream.next().await {
-            Ok(Msg::AckedSeq(n)) => acks.push(n),
-            Ok(other) => panic!("unexpected response {other:?}"),
-            Err(status) => break status,
-        }
-    };
+    let (acks, refusal) = stream.burst_until_refused(burst).await;
     assert_eq!(refusal.code(), Code::InvalidArgument, "{refusal:?}");
     assert!(
         refusal.message().contains("event.kind"),

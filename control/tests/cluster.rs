@@ -124,14 +124,6 @@ async fn a_call_runs_on_redis_cluster() {
     .expect("list")
     .into_inner();
     assert_eq!(listed.calls.len(), 20);
-    let transcript = within(
-        "transcript",
-        calls.get_transcript(pb::GetTranscriptRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("transcript")
-    .into_inner();
+    let transcript = transcript(&mut calls, &id).await;
     assert_eq!(transcript.turns.len(), 1);
 }

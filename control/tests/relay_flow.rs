@@ -97,15 +97,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
         (11, 22, 33, 2)
     );
 
-    let transcript = within(
-        "transcript",
-        calls.get_transcript(pb::GetTranscriptRequest {
-            call_id: id.clone(),
-        }),
-    )
-    .await
-    .expect("transcript")
-    .into_inner();
+    let transcript = transcript(&mut calls, &id).await;
     let seqs: Vec<u64> = transcript.turns.iter().map(|t| t.seq).collect();
     assert_eq!(seqs, vec![2, 4, 5], "caller, assistant, dtmf once each");
 
@@ -203,17 +195,14 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
 
 #[tokio::test]
 async fn gaps_fail_the_stream_and_status_never_moves_back() {
-    let redis = RedisServer::unix().expect("redis");
-    let control = Control::start(ControlOpts::new(&redis.url(), "gaps")).await;
-    let mut agents = control.agents().await;
-    let mut calls = control.calls().await;
-    let mut relay = control.relay().await;
-    create_agent(&mut agents, "a").await;
-    let id = create_call(&mut calls, "a", "").await.call_id;
-
-    let mut stream = attach(&mut relay, &id, "relay-1", false)
-        .await
-        .expect("attached");
+    let AttachedCall {
+        redis: _redis,
+        control: _control,
+        mut calls,
+        mut relay,
+        id,
+        mut stream,
+    } = attached_call("gaps").await;
     stream.ack(event(&id, 1, started("relay-1"))).await;
     let err = stream
         .send(event(&id, 3, caller("skipped 2")))

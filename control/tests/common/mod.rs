@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use callbridge_proto::pb;
-use callbridge_testkit::redis_server::{free_port, temp_dir};
+use callbridge_testkit::redis_server::{RedisServer, free_port, temp_dir};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -54,6 +54,40 @@ where
 pub type AgentsRpc = pb::agents_client::AgentsClient<InterceptedService<Channel, Bearer>>;
 pub type CallsRpc = pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>;
 pub type RelayRpc = pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>;
+
+/// One control process on its own redis-server, with agent "a", one outbound call for
+/// it and that call's attach stream from "relay-1": where the relay-flow tests start.
+/// Fields are in drop order (the stream closes before control stops, control before
+/// redis); a destructuring `let` drops its bindings in reverse, so list them redis first.
+pub struct AttachedCall {
+    pub stream: RelayStream,
+    pub id: String,
+    pub relay: RelayRpc,
+    pub calls: CallsRpc,
+    pub control: Control,
+    pub redis: RedisServer,
+}
+
+pub async fn attached_call(control_id: &str) -> AttachedCall {
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), control_id)).await;
+    let mut agents = control.agents().await;
+    let mut calls = control.calls().await;
+    let mut relay = control.relay().await;
+    create_agent(&mut agents, "a").await;
+    let id = create_call(&mut calls, "a", "").await.call_id;
+    let stream = attach(&mut relay, &id, "relay-1", false)
+        .await
+        .expect("attached");
+    AttachedCall {
+        stream,
+        id,
+        relay,
+        calls,
+        control,
+        redis,
+    }
+}
 
 /// A running `callbridge-control` process, killed on drop.
 pub struct Control {
@@ -297,6 +331,18 @@ pub async fn get_call(calls: &mut CallsRpc, call_id: &str) -> pb::Call {
     .into_inner()
 }
 
+pub async fn transcript(calls: &mut CallsRpc, call_id: &str) -> pb::Transcript {
+    within(
+        "transcript",
+        calls.get_transcript(pb::GetTranscriptRequest {
+            call_id: call_id.to_owned(),
+        }),
+    )
+    .await
+    .expect("transcript")
+    .into_inner()
+}
+
 /// Opens a watch on one call's events after `after_seq`.
 pub async fn watch_call(
     calls: &mut CallsRpc,
@@ -418,6 +464,32 @@ impl RelayStream {
             .await
             .expect("stream open");
         self.next().await
+    }
+
+    /// Queues every event before reading any response (so control finds them waiting
+    /// and stores them in runs), then collects the acks until the stream is refused.
+    pub async fn burst_until_refused(
+        &mut self,
+        events: impl IntoIterator<Item = pb::CallEvent>,
+    ) -> (Vec<u64>, tonic::Status) {
+        for e in events {
+            within(
+                "queue",
+                self.tx.send(pb::AttachRequest {
+                    msg: Some(pb::attach_request::Msg::Event(e)),
+                }),
+            )
+            .await
+            .expect("stream open");
+        }
+        let mut acks = Vec::new();
+        loop {
+            match self.next().await {
+                Ok(pb::attach_response::Msg::AckedSeq(n)) => acks.push(n),
+                Ok(other) => panic!("unexpected response {other:?}"),
+                Err(status) => return (acks, status),
+            }
+        }
     }
 
     /// The next response.
