@@ -51,16 +51,7 @@ async fn a_call_runs_on_redis_cluster() {
     let mut calls = control.calls().await;
     let mut relay = control.relay().await;
     create_agent(&mut agents, "agent").await;
-    let bulk = pb::CreateCallsRequest {
-        campaign_id: "c".into(),
-        calls: (0..20)
-            .map(|i| pb::CreateCallRequest {
-                agent_id: "agent".into(),
-                to: format!("+1415555{i:04}"),
-                ..Default::default()
-            })
-            .collect(),
-    };
+    let bulk = bulk_calls("c", "agent", 20, "+1415555");
     let created = within("bulk", calls.create_calls(bulk))
         .await
         .expect("bulk")
@@ -88,19 +79,10 @@ async fn a_call_runs_on_redis_cluster() {
     stream.ack(event(&id, 1, started("relay-1"))).await;
     stream.ack(event(&id, 1, started("relay-1"))).await;
     stream.ack(event(&id, 2, caller("hello"))).await;
-    let sent = within(
-        "command",
-        calls.send_command(pb::SendCommandRequest {
-            call_id: id.clone(),
-            command: Some(pb::Command {
-                command_id: String::new(),
-                kind: Some(pb::command::Kind::Say(pb::SayCommand { text: "hi".into() })),
-            }),
-        }),
-    )
-    .await
-    .expect("command")
-    .into_inner();
+    let sent = within("command", calls.send_command(say(&id, "hi")))
+        .await
+        .expect("command")
+        .into_inner();
     match stream.next().await.expect("command") {
         pb::attach_response::Msg::Command(c) => assert_eq!(c.command_id, sent.command_id),
         other => panic!("expected command, got {other:?}"),

@@ -20,16 +20,7 @@ async fn print_event_and_bulk_figures() {
     let mut relay = control.relay().await;
     create_agent(&mut agents, "agent").await;
 
-    let bulk = pb::CreateCallsRequest {
-        campaign_id: "bulk".into(),
-        calls: (0..1000)
-            .map(|i| pb::CreateCallRequest {
-                agent_id: "agent".into(),
-                to: format!("+1415556{i:04}"),
-                ..Default::default()
-            })
-            .collect(),
-    };
+    let bulk = bulk_calls("bulk", "agent", 1000, "+1415556");
     let t = Instant::now();
     let created = within("bulk", calls.create_calls(bulk))
         .await

@@ -102,21 +102,10 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     assert_eq!(seqs, vec![2, 4, 5], "caller, assistant, dtmf once each");
 
     // A command to this live call reaches the relay (same replica here).
-    let sent = within(
-        "command",
-        calls.send_command(pb::SendCommandRequest {
-            call_id: id.clone(),
-            command: Some(pb::Command {
-                command_id: String::new(),
-                kind: Some(pb::command::Kind::Say(pb::SayCommand {
-                    text: "One moment".into(),
-                })),
-            }),
-        }),
-    )
-    .await
-    .expect("sent")
-    .into_inner();
+    let sent = within("command", calls.send_command(say(&id, "One moment")))
+        .await
+        .expect("sent")
+        .into_inner();
     match stream.next().await.expect("command") {
         Msg::Command(c) => assert_eq!(c.command_id, sent.command_id),
         other => panic!("expected command, got {other:?}"),

@@ -130,15 +130,8 @@ async fn commands_reach_the_replica_holding_the_call() {
     create_agent(&mut agents, "agent").await;
     let id = create_call(&mut calls_b, "agent", "").await.call_id;
 
-    let command = |text: &str| pb::SendCommandRequest {
-        call_id: id.clone(),
-        command: Some(pb::Command {
-            command_id: String::new(),
-            kind: Some(pb::command::Kind::Say(pb::SayCommand { text: text.into() })),
-        }),
-    };
     // Not attached yet: not live.
-    let err = within("not live", calls_b.send_command(command("early")))
+    let err = within("not live", calls_b.send_command(say(&id, "early")))
         .await
         .expect_err("not live");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -151,7 +144,7 @@ async fn commands_reach_the_replica_holding_the_call() {
     for i in 0..5 {
         let reply = within(
             "send via B",
-            calls_b.send_command(command(&format!("say {i}"))),
+            calls_b.send_command(say(&id, &format!("say {i}"))),
         )
         .await
         .expect("sent")
@@ -185,7 +178,7 @@ async fn commands_reach_the_replica_holding_the_call() {
     stream
         .ack(event(&id, 2, ended(pb::EndReason::CallerHangup)))
         .await;
-    let err = within("after end", calls_b.send_command(command("late")))
+    let err = within("after end", calls_b.send_command(say(&id, "late")))
         .await
         .expect_err("ended");
     assert_eq!(err.code(), Code::FailedPrecondition);

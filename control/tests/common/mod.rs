@@ -375,6 +375,38 @@ pub async fn after_next(relay: &mut RelayRpc, call_id: &str) -> Option<pb::after
     .next
 }
 
+/// A `say` command for `call_id`.
+pub fn say(call_id: &str, text: &str) -> pb::SendCommandRequest {
+    pb::SendCommandRequest {
+        call_id: call_id.to_owned(),
+        command: Some(pb::Command {
+            command_id: String::new(),
+            kind: Some(pb::command::Kind::Say(pb::SayCommand {
+                text: text.to_owned(),
+            })),
+        }),
+    }
+}
+
+/// `count` outbound calls for `agent_id` in `campaign`, to `{to_prefix}0000`, `…0001`, ….
+pub fn bulk_calls(
+    campaign: &str,
+    agent_id: &str,
+    count: u32,
+    to_prefix: &str,
+) -> pb::CreateCallsRequest {
+    pb::CreateCallsRequest {
+        campaign_id: campaign.to_owned(),
+        calls: (0..count)
+            .map(|i| pb::CreateCallRequest {
+                agent_id: agent_id.to_owned(),
+                to: format!("{to_prefix}{i:04}"),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
 pub fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
     pb::CallEvent {
         call_id: call_id.to_owned(),
