@@ -180,6 +180,13 @@ async fn run<S: CallStore>(
     .expect("store reachable")
 }
 
+async fn stored_call<S: CallStore>(store: &S, call_id: &str) -> CallRecord {
+    within("get", store.get_call(call_id))
+        .await
+        .expect("get")
+        .expect("exists")
+}
+
 /// The same runs on either store: outcomes, stored events, usage, status, and what
 /// watchers on the hub are told (each stored event once, in order, with its campaign).
 async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
@@ -198,10 +205,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
         .await
         .expect("read");
     assert_eq!(stored, stored_part(id));
-    let got = within("get", store.get_call(id))
-        .await
-        .expect("get")
-        .expect("exists");
+    let got = stored_call(store, id).await;
     assert_eq!(got.last_seq, 6);
     assert_eq!(got.status, pb::CallStatus::InProgress as i32);
     assert_eq!(got.started_at_ms, 1_700_000_000_001);
@@ -221,10 +225,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
         event(id, 9, usage(1)),
     ];
     assert_eq!(run(store, id, &tail).await, vec![s, s, s]);
-    let got = within("get", store.get_call(id))
-        .await
-        .expect("get")
-        .expect("exists");
+    let got = stored_call(store, id).await;
     assert_eq!(got.last_seq, 9);
     assert_eq!(got.status, pb::CallStatus::Completed as i32);
     assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);

@@ -56,12 +56,7 @@ async fn a_call_runs_on_redis_cluster() {
         .await
         .expect("bulk")
         .into_inner();
-    let id = created.calls[0]
-        .call
-        .as_ref()
-        .expect("call")
-        .call_id
-        .clone();
+    let id = first_call_id(&created);
     within(
         "admit",
         relay.admit(pb::AdmitRequest {

@@ -54,12 +54,7 @@ async fn print_event_and_bulk_figures() {
     let list_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(listed, 1000);
 
-    let id = created.calls[0]
-        .call
-        .as_ref()
-        .expect("call")
-        .call_id
-        .clone();
+    let id = first_call_id(&created);
     let mut stream = attach(&mut relay, &id, "relay-1", false)
         .await
         .expect("attach");

@@ -407,6 +407,16 @@ pub fn bulk_calls(
     }
 }
 
+/// The id of the first call a bulk create made.
+pub fn first_call_id(created: &pb::CreateCallsResponse) -> String {
+    created.calls[0]
+        .call
+        .as_ref()
+        .expect("call")
+        .call_id
+        .clone()
+}
+
 pub fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
     pb::CallEvent {
         call_id: call_id.to_owned(),
