@@ -5,7 +5,14 @@ use callbridge_control::config::Config;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::from_env_or_exit();
-    callbridge_control::telemetry::init(&config.log, config.log_format);
+    let telemetry = callbridge_control::telemetry::init(&config.log, config.log_format);
+    let code = run(config).await;
+    // After serve returns no more RPC spans start; flush what the batch still holds.
+    telemetry.shutdown().await;
+    code
+}
+
+async fn run(config: Config) -> std::process::ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(err) => {

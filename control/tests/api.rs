@@ -43,16 +43,15 @@ async fn agents_routes_and_default_agent_round_trip() {
     .into_inner();
     assert!(!generated.agent_id.is_empty());
 
-    let dup = within(
+    refused(
         "dup",
+        Code::AlreadyExists,
         agents.create_agent(pb::CreateAgentRequest {
             agent_id: "front-desk".into(),
             settings: Some(settings("x")),
         }),
     )
-    .await
-    .expect_err("exists");
-    assert_eq!(dup.code(), Code::AlreadyExists);
+    .await;
 
     // Optimistic replace: the right version wins once, a stale one is ABORTED.
     let mut s2 = settings("front-desk v2");
@@ -69,17 +68,16 @@ async fn agents_routes_and_default_agent_round_trip() {
     .expect("replaced")
     .into_inner();
     assert_eq!(replaced.version, 2);
-    let stale = within(
+    refused(
         "stale replace",
+        Code::Aborted,
         agents.replace_agent(pb::ReplaceAgentRequest {
             agent_id: "front-desk".into(),
             settings: Some(s2),
             expected_version: 1,
         }),
     )
-    .await
-    .expect_err("stale");
-    assert_eq!(stale.code(), Code::Aborted);
+    .await;
     let got = within(
         "get",
         agents.get_agent(pb::GetAgentRequest {
@@ -90,15 +88,14 @@ async fn agents_routes_and_default_agent_round_trip() {
     .expect("get")
     .into_inner();
     assert_eq!(got.settings.expect("settings").name, "front-desk v2");
-    let missing = within(
+    refused(
         "get missing",
+        Code::NotFound,
         agents.get_agent(pb::GetAgentRequest {
             agent_id: "nope".into(),
         }),
     )
-    .await
-    .expect_err("missing");
-    assert_eq!(missing.code(), Code::NotFound);
+    .await;
 
     // Paging in id order.
     for id in ["p1", "p2", "p3"] {
@@ -139,16 +136,15 @@ async fn agents_routes_and_default_agent_round_trip() {
     )
     .await
     .expect("route");
-    let bad_route = within(
+    refused(
         "route to missing",
+        Code::NotFound,
         agents.set_number_route(pb::NumberRoute {
             number: "+14155550124".into(),
             agent_id: "ghost".into(),
         }),
     )
-    .await
-    .expect_err("no agent");
-    assert_eq!(bad_route.code(), Code::NotFound);
+    .await;
     within(
         "default",
         agents.set_default_agent(pb::DefaultAgent {
@@ -158,16 +154,15 @@ async fn agents_routes_and_default_agent_round_trip() {
     .await
     .expect("default");
     assert_eq!(default_agent_id(&mut agents).await, "p1");
-    let wrong_version = within(
+    refused(
         "delete v9",
+        Code::Aborted,
         agents.delete_agent(pb::DeleteAgentRequest {
             agent_id: "p1".into(),
             expected_version: 9,
         }),
     )
-    .await
-    .expect_err("conflict");
-    assert_eq!(wrong_version.code(), Code::Aborted);
+    .await;
     within(
         "delete",
         agents.delete_agent(pb::DeleteAgentRequest {
@@ -186,15 +181,14 @@ async fn agents_routes_and_default_agent_round_trip() {
     .into_inner();
     assert!(routes.routes.is_empty(), "{routes:?}");
     assert_eq!(default_agent_id(&mut agents).await, "");
-    let gone = within(
+    refused(
         "delete route",
+        Code::NotFound,
         agents.delete_number_route(pb::DeleteNumberRouteRequest {
             number: "+14155550123".into(),
         }),
     )
-    .await
-    .expect_err("gone");
-    assert_eq!(gone.code(), Code::NotFound);
+    .await;
 }
 
 #[tokio::test]
@@ -311,26 +305,22 @@ async fn bad_input_is_refused_naming_the_field() {
         (call("+0155", 0), "to"),
         (call("+14155550123", 33), "metadata"),
     ] {
-        let err = within("bad call", calls.create_call(req))
-            .await
-            .expect_err("invalid");
-        assert_eq!(err.code(), Code::InvalidArgument);
+        let err = refused("bad call", Code::InvalidArgument, calls.create_call(req)).await;
         assert!(
             err.message().starts_with(field),
             "{field} vs '{}'",
             err.message()
         );
     }
-    let missing_agent = within(
+    refused(
         "call to missing agent",
+        Code::NotFound,
         calls.create_call(pb::CreateCallRequest {
             agent_id: "ghost".into(),
             ..call("+14155550123", 0)
         }),
     )
-    .await
-    .expect_err("no agent");
-    assert_eq!(missing_agent.code(), Code::NotFound);
+    .await;
 
     // Bulk: too many, and one bad entry means nothing is created.
     let too_many = pb::CreateCallsRequest {
@@ -439,25 +429,26 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         ),
     ];
     for (bearer, text) in cases {
-        let err = within("agents auth", agents_with(bearer).get_default_agent(req()))
-            .await
-            .expect_err("refused");
-        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = refused(
+            "agents auth",
+            Code::Unauthenticated,
+            agents_with(bearer).get_default_agent(req()),
+        )
+        .await;
         assert!(
             err.message().contains(text),
             "'{}' lacks '{text}'",
             err.message()
         );
     }
-    let err = within(
+    let err = refused(
         "relay with app token",
+        Code::Unauthenticated,
         relay_with(Bearer::new(APP_TOKEN)).after(pb::AfterRequest {
             call_id: "x".into(),
         }),
     )
-    .await
-    .expect_err("refused");
-    assert_eq!(err.code(), Code::Unauthenticated);
+    .await;
     assert!(
         err.message()
             .contains("application token cannot be used on the relay API"),
@@ -466,25 +457,23 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
     );
     let mut calls =
         pb::calls_client::CallsClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
-    let err = within(
+    refused(
         "calls relay token",
+        Code::Unauthenticated,
         calls.get_call(pb::GetCallRequest {
             call_id: "x".into(),
         }),
     )
-    .await
-    .expect_err("refused");
-    assert_eq!(err.code(), Code::Unauthenticated);
+    .await;
     // The right token passes (NOT_FOUND proves we got past auth).
-    let err = within(
+    refused(
         "relay ok",
+        Code::NotFound,
         relay_with(Bearer::new(RELAY_TOKEN)).after(pb::AfterRequest {
             call_id: "x".into(),
         }),
     )
-    .await
-    .expect_err("no call");
-    assert_eq!(err.code(), Code::NotFound);
+    .await;
 
     // Health and reflection answer without a token.
     let health = within(

@@ -132,17 +132,21 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     );
 
     // Ended: admission, attach and commands are refused.
-    let err = within("admit ended", relay.admit(admit()))
-        .await
-        .expect_err("ended");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    let err = attach(&mut relay, &id, "relay-2", false)
-        .await
-        .err()
-        .expect("ended call refused");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    let err = within(
+    refused(
+        "admit ended",
+        Code::FailedPrecondition,
+        relay.admit(admit()),
+    )
+    .await;
+    refused(
+        "ended call refused",
+        Code::FailedPrecondition,
+        attach(&mut relay, &id, "relay-2", false),
+    )
+    .await;
+    refused(
         "command to ended",
+        Code::FailedPrecondition,
         calls.send_command(pb::SendCommandRequest {
             call_id: id.clone(),
             command: Some(pb::Command {
@@ -153,9 +157,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
             }),
         }),
     )
-    .await
-    .expect_err("not live");
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    .await;
 
     let usage = within(
         "usage",
@@ -207,17 +209,15 @@ async fn gaps_fail_the_stream_and_status_never_moves_back() {
         .await
         .expect("reconnect allowed");
     assert_eq!(stream.context.last_seq, 1);
-    // Another relay cannot take a held call.
-    let err = attach(&mut relay, &id, "relay-other", false)
-        .await
-        .err()
-        .expect("held");
-    assert_eq!(err.code(), Code::AlreadyExists);
-    let err = attach(&mut relay, &id, "relay-other", true)
-        .await
-        .err()
-        .expect("held, other relay id");
-    assert_eq!(err.code(), Code::AlreadyExists);
+    // Another relay cannot take a held call, not even claiming to reconnect.
+    for reconnect in [false, true] {
+        refused(
+            "held, other relay id",
+            Code::AlreadyExists,
+            attach(&mut relay, &id, "relay-other", reconnect),
+        )
+        .await;
+    }
 
     // HANDOFF keeps the call live; After says resume.
     stream
@@ -278,10 +278,12 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
         twilio_direction: "inbound".into(),
         account_sid: "AC1".into(),
     };
-    let err = within("no route", relay.admit(inbound("CA1", "+14155550123")))
-        .await
-        .expect_err("no agent");
-    assert_eq!(err.code(), Code::NotFound);
+    let err = refused(
+        "no route",
+        Code::NotFound,
+        relay.admit(inbound("CA1", "+14155550123")),
+    )
+    .await;
     assert!(
         err.message().contains("no default agent"),
         "{}",
@@ -336,19 +338,19 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
         .into_inner();
     assert_eq!(other.agent.expect("agent").agent_id, "fallback");
 
-    let err = within(
+    refused(
         "unknown id",
+        Code::NotFound,
         relay.admit(pb::AdmitRequest {
             call_id: "doesnotexist".into(),
             ..inbound("CA4", "+1415")
         }),
     )
-    .await
-    .expect_err("unknown");
-    assert_eq!(err.code(), Code::NotFound);
-    let err = attach(&mut relay, "doesnotexist", "relay-1", false)
-        .await
-        .err()
-        .expect("unknown call");
-    assert_eq!(err.code(), Code::NotFound);
+    .await;
+    refused(
+        "unknown call",
+        Code::NotFound,
+        attach(&mut relay, "doesnotexist", "relay-1", false),
+    )
+    .await;
 }

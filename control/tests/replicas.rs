@@ -107,16 +107,15 @@ async fn watches_on_one_replica_see_events_written_through_another() {
             .expect("clean end")
             .is_none()
     );
-    let err = within(
+    refused(
         "watch unknown",
+        Code::NotFound,
         calls_b.watch_call(pb::WatchCallRequest {
             call_id: "nope".into(),
             after_seq: 0,
         }),
     )
-    .await
-    .expect_err("unknown");
-    assert_eq!(err.code(), Code::NotFound);
+    .await;
 }
 
 #[tokio::test]
@@ -131,10 +130,12 @@ async fn commands_reach_the_replica_holding_the_call() {
     let id = create_call(&mut calls_b, "agent", "").await.call_id;
 
     // Not attached yet: not live.
-    let err = within("not live", calls_b.send_command(say(&id, "early")))
-        .await
-        .expect_err("not live");
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    refused(
+        "not live",
+        Code::FailedPrecondition,
+        calls_b.send_command(say(&id, "early")),
+    )
+    .await;
 
     let mut stream = attach(&mut relay_a, &id, "relay-1", false)
         .await
@@ -178,10 +179,12 @@ async fn commands_reach_the_replica_holding_the_call() {
     stream
         .ack(event(&id, 2, ended(pb::EndReason::CallerHangup)))
         .await;
-    let err = within("after end", calls_b.send_command(say(&id, "late")))
-        .await
-        .expect_err("ended");
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    refused(
+        "after end",
+        Code::FailedPrecondition,
+        calls_b.send_command(say(&id, "late")),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -208,11 +211,12 @@ async fn relay_reconnects_to_another_replica_and_lost_relays_end_the_call() {
     // Replica A dies with the stream open (no release): its lease must run out first.
     a.kill();
     drop(stream);
-    let err = attach(&mut relay_b, &id, "relay-2", false)
-        .await
-        .err()
-        .expect("lease still held by the dead stream");
-    assert_eq!(err.code(), Code::AlreadyExists);
+    refused(
+        "lease still held by the dead stream",
+        Code::AlreadyExists,
+        attach(&mut relay_b, &id, "relay-2", false),
+    )
+    .await;
     // The same relay reconnecting is let in at once, on the other replica.
     let mut stream = attach(&mut relay_b, &id, "relay-1", true)
         .await
@@ -250,11 +254,12 @@ async fn relay_reconnects_to_another_replica_and_lost_relays_end_the_call() {
             .expect("clean end")
             .is_none()
     );
-    let err = attach(&mut relay_b, &id, "relay-1", true)
-        .await
-        .err()
-        .expect("ended");
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    refused(
+        "ended",
+        Code::FailedPrecondition,
+        attach(&mut relay_b, &id, "relay-1", true),
+    )
+    .await;
     let text = b.metrics_text();
     assert!(
         text.contains("callbridge_control_relay_lost_total 1"),

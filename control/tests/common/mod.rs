@@ -30,6 +30,19 @@ pub async fn within<F: Future>(what: &'static str, fut: F) -> F::Output {
     }
 }
 
+/// Awaits an RPC that must be refused with `code`; returns the status so the caller can
+/// check its message too.
+pub async fn refused<T, F>(what: &'static str, code: tonic::Code, rpc: F) -> tonic::Status
+where
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    let Err(status) = within(what, rpc).await else {
+        panic!("{what}: expected {code:?}, the call succeeded");
+    };
+    assert_eq!(status.code(), code, "{what}: {status:?}");
+    status
+}
+
 /// Polls `check` until it returns `Some`, at most [`STEP`]; for conditions another
 /// process makes true (no sleeping as synchronisation).
 pub async fn eventually<T, F, Fut>(what: &'static str, mut check: F) -> T
