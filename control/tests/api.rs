@@ -9,13 +9,11 @@ use common::*;
 use tonic::Code;
 
 async fn default_agent_id(agents: &mut AgentsRpc) -> String {
-    within(
+    answer(
         "get default",
         agents.get_default_agent(pb::GetDefaultAgentRequest {}),
     )
     .await
-    .expect("default")
-    .into_inner()
     .agent_id
 }
 
@@ -31,16 +29,14 @@ async fn agents_routes_and_default_agent_round_trip() {
         a.settings.as_ref().map(|s| s.model.as_str()),
         Some("gpt-realtime")
     );
-    let generated = within(
+    let generated = answer(
         "create generated",
         agents.create_agent(pb::CreateAgentRequest {
             agent_id: String::new(),
             settings: Some(settings("gen")),
         }),
     )
-    .await
-    .expect("created")
-    .into_inner();
+    .await;
     assert!(!generated.agent_id.is_empty());
 
     refused(
@@ -56,7 +52,7 @@ async fn agents_routes_and_default_agent_round_trip() {
     // Optimistic replace: the right version wins once, a stale one is ABORTED.
     let mut s2 = settings("front-desk v2");
     s2.voice = "marin".into();
-    let replaced = within(
+    let replaced = answer(
         "replace",
         agents.replace_agent(pb::ReplaceAgentRequest {
             agent_id: "front-desk".into(),
@@ -64,9 +60,7 @@ async fn agents_routes_and_default_agent_round_trip() {
             expected_version: 1,
         }),
     )
-    .await
-    .expect("replaced")
-    .into_inner();
+    .await;
     assert_eq!(replaced.version, 2);
     refused(
         "stale replace",
@@ -78,15 +72,13 @@ async fn agents_routes_and_default_agent_round_trip() {
         }),
     )
     .await;
-    let got = within(
+    let got = answer(
         "get",
         agents.get_agent(pb::GetAgentRequest {
             agent_id: "front-desk".into(),
         }),
     )
-    .await
-    .expect("get")
-    .into_inner();
+    .await;
     assert_eq!(got.settings.expect("settings").name, "front-desk v2");
     refused(
         "get missing",
@@ -104,16 +96,14 @@ async fn agents_routes_and_default_agent_round_trip() {
     let mut seen = Vec::new();
     let mut token = String::new();
     loop {
-        let page = within(
+        let page = answer(
             "list",
             agents.list_agents(pb::ListAgentsRequest {
                 page_size: 2,
                 page_token: token.clone(),
             }),
         )
-        .await
-        .expect("list")
-        .into_inner();
+        .await;
         assert!(page.agents.len() <= 2);
         seen.extend(page.agents.into_iter().map(|a| a.agent_id));
         if page.next_page_token.is_empty() {
@@ -172,13 +162,11 @@ async fn agents_routes_and_default_agent_round_trip() {
     )
     .await
     .expect("deleted");
-    let routes = within(
+    let routes = answer(
         "routes",
         agents.list_number_routes(pb::ListNumberRoutesRequest {}),
     )
-    .await
-    .expect("routes")
-    .into_inner();
+    .await;
     assert!(routes.routes.is_empty(), "{routes:?}");
     assert_eq!(default_agent_id(&mut agents).await, "");
     refused(
@@ -347,16 +335,14 @@ async fn bad_input_is_refused_naming_the_field() {
         "{}",
         err.message()
     );
-    let listed = within(
+    let listed = answer(
         "list c1",
         calls.list_calls(pb::ListCallsRequest {
             campaign_id: "c1".into(),
             ..Default::default()
         }),
     )
-    .await
-    .expect("list")
-    .into_inner();
+    .await;
     assert!(
         listed.calls.is_empty(),
         "nothing created from an invalid bulk"
@@ -476,7 +462,7 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
     .await;
 
     // Health and reflection answer without a token.
-    let health = within(
+    let health = answer(
         "health",
         tonic_health::pb::health_client::HealthClient::new(channel.clone()).check(
             tonic_health::pb::HealthCheckRequest {
@@ -484,9 +470,7 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
             },
         ),
     )
-    .await
-    .expect("health")
-    .into_inner();
+    .await;
     assert_eq!(
         health.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
@@ -499,14 +483,12 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = within(
+    let mut replies = answer(
         "reflection",
         ServerReflectionClient::new(channel.clone())
             .server_reflection_info(tokio_stream::iter(vec![request])),
     )
-    .await
-    .expect("reflection")
-    .into_inner();
+    .await;
     let reply = within("reflection reply", replies.message())
         .await
         .expect("ok")
@@ -579,10 +561,7 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
             })
             .collect(),
     };
-    let resp = within("bulk", calls.create_calls(bulk))
-        .await
-        .expect("bulk")
-        .into_inner();
+    let resp = answer("bulk", calls.create_calls(bulk)).await;
     assert_eq!(resp.calls.len(), 250);
     let first = &resp.calls[0];
     let c = first.call.as_ref().expect("call");
@@ -608,7 +587,7 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let page = within(
+        let page = answer(
             "page",
             calls.list_calls(pb::ListCallsRequest {
                 campaign_id: "spring".into(),
@@ -617,9 +596,7 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
                 ..Default::default()
             }),
         )
-        .await
-        .expect("list")
-        .into_inner();
+        .await;
         pages += 1;
         for call in page.calls {
             assert!(seen.insert(call.call_id), "duplicate across pages");
@@ -633,16 +610,14 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
     assert_eq!(seen.len(), 250);
 
     // Agent filter, newest first over everything.
-    let by_a1 = within(
+    let by_a1 = answer(
         "by agent",
         calls.list_calls(pb::ListCallsRequest {
             agent_id: "a1".into(),
             ..Default::default()
         }),
     )
-    .await
-    .expect("list")
-    .into_inner();
+    .await;
     let ids: Vec<_> = by_a1.calls.iter().map(|c| c.call_id.clone()).collect();
     assert_eq!(ids.len(), 3);
     let times: Vec<_> = by_a1.calls.iter().map(|c| c.created_at_ms).collect();
@@ -651,19 +626,17 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
         "newest first: {times:?}"
     );
     // Status and time filters.
-    let ringing = within(
+    let ringing = answer(
         "ringing",
         calls.list_calls(pb::ListCallsRequest {
             status: pb::CallStatus::Ringing as i32,
             ..Default::default()
         }),
     )
-    .await
-    .expect("list")
-    .into_inner();
+    .await;
     assert!(ringing.calls.is_empty());
     let newest = by_a1.calls[0].created_at_ms;
-    let after = within(
+    let after = answer(
         "after",
         calls.list_calls(pb::ListCallsRequest {
             created_after_ms: newest,
@@ -671,11 +644,9 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
             ..Default::default()
         }),
     )
-    .await
-    .expect("list")
-    .into_inner();
+    .await;
     assert!(after.calls.is_empty());
-    let before = within(
+    let before = answer(
         "before",
         calls.list_calls(pb::ListCallsRequest {
             created_before_ms: newest + 1,
@@ -683,19 +654,15 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
             ..Default::default()
         }),
     )
-    .await
-    .expect("list")
-    .into_inner();
+    .await;
     assert_eq!(before.calls.len(), 3);
-    let usage = within(
+    let usage = answer(
         "campaign usage",
         calls.get_usage(pb::GetUsageRequest {
             scope: Some(pb::get_usage_request::Scope::CampaignId("spring".into())),
         }),
     )
-    .await
-    .expect("usage")
-    .into_inner();
+    .await;
     assert_eq!(usage.calls, 250);
 }
 

@@ -82,15 +82,13 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
     let got = get_call(&mut calls, &id).await;
     assert_eq!(got.last_seq, 6);
     assert_eq!(got.status, pb::CallStatus::InProgress as i32);
-    let usage = within(
+    let usage = answer(
         "usage",
         calls.get_usage(pb::GetUsageRequest {
             scope: Some(pb::get_usage_request::Scope::CallId(id.clone())),
         }),
     )
-    .await
-    .expect("usage")
-    .into_inner();
+    .await;
     assert_eq!(
         (usage.total_tokens, usage.input_tokens, usage.responses),
         (15, 15, 2),

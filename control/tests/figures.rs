@@ -22,10 +22,7 @@ async fn print_event_and_bulk_figures() {
 
     let bulk = bulk_calls("bulk", "agent", 1000, "+1415556");
     let t = Instant::now();
-    let created = within("bulk", calls.create_calls(bulk))
-        .await
-        .expect("bulk")
-        .into_inner();
+    let created = answer("bulk", calls.create_calls(bulk)).await;
     let bulk_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(created.calls.len(), 1000);
 
@@ -33,7 +30,7 @@ async fn print_event_and_bulk_figures() {
     let mut token = String::new();
     let mut listed = 0;
     loop {
-        let page = within(
+        let page = answer(
             "list",
             calls.list_calls(pb::ListCallsRequest {
                 campaign_id: "bulk".into(),
@@ -42,9 +39,7 @@ async fn print_event_and_bulk_figures() {
                 ..Default::default()
             }),
         )
-        .await
-        .expect("list")
-        .into_inner();
+        .await;
         listed += page.calls.len();
         if page.next_page_token.is_empty() {
             break;

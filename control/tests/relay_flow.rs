@@ -40,10 +40,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
         twilio_direction: "outbound-api".into(),
         account_sid: "AC1".into(),
     };
-    let admitted = within("admit", relay.admit(admit()))
-        .await
-        .expect("admitted")
-        .into_inner();
+    let admitted = answer("admit", relay.admit(admit())).await;
     let admitted_call = admitted.call.expect("call");
     assert_eq!(admitted_call.status, pb::CallStatus::Ringing as i32);
     assert_eq!(admitted_call.twilio_call_sid, "CA0001");
@@ -102,10 +99,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     assert_eq!(seqs, vec![2, 4, 5], "caller, assistant, dtmf once each");
 
     // A command to this live call reaches the relay (same replica here).
-    let sent = within("command", calls.send_command(say(&id, "One moment")))
-        .await
-        .expect("sent")
-        .into_inner();
+    let sent = answer("command", calls.send_command(say(&id, "One moment"))).await;
     match stream.next().await.expect("command") {
         Msg::Command(c) => assert_eq!(c.command_id, sent.command_id),
         other => panic!("expected command, got {other:?}"),
@@ -159,15 +153,13 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     )
     .await;
 
-    let usage = within(
+    let usage = answer(
         "usage",
         calls.get_usage(pb::GetUsageRequest {
             scope: Some(pb::get_usage_request::Scope::CampaignId("q1".into())),
         }),
     )
-    .await
-    .expect("usage")
-    .into_inner();
+    .await;
     assert_eq!((usage.total_tokens, usage.calls), (33, 1));
     let text = control.metrics_text();
     assert!(
@@ -310,10 +302,7 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
     .await
     .expect("default");
 
-    let a = within("admit", relay.admit(inbound("CA2", "+14155550123")))
-        .await
-        .expect("admit")
-        .into_inner();
+    let a = answer("admit", relay.admit(inbound("CA2", "+14155550123"))).await;
     let call = a.call.expect("call");
     assert_eq!(
         (call.agent_id.as_str(), call.direction, call.status),
@@ -323,19 +312,13 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
             pb::CallStatus::Ringing as i32
         )
     );
-    let again = within("admit again", relay.admit(inbound("CA2", "+14155550123")))
-        .await
-        .expect("admit")
-        .into_inner();
+    let again = answer("admit again", relay.admit(inbound("CA2", "+14155550123"))).await;
     assert_eq!(
         again.call.expect("call").call_id,
         call.call_id,
         "webhook retry returns the same call"
     );
-    let other = within("admit default", relay.admit(inbound("CA3", "+14155550999")))
-        .await
-        .expect("admit")
-        .into_inner();
+    let other = answer("admit default", relay.admit(inbound("CA3", "+14155550999"))).await;
     assert_eq!(other.agent.expect("agent").agent_id, "fallback");
 
     refused(

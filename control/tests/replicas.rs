@@ -39,15 +39,13 @@ async fn watches_on_one_replica_see_events_written_through_another() {
 
     // Watchers on B, opened before anything is written: one per call, one per campaign.
     let mut watch = watch_call(&mut calls_b, &id, 0).await;
-    let mut campaign = within(
+    let mut campaign = answer(
         "watch campaign",
         calls_b.watch_calls(pb::WatchCallsRequest {
             campaign_id: "camp".into(),
         }),
     )
-    .await
-    .expect("watch calls")
-    .into_inner();
+    .await;
 
     let mut stream = attach(&mut relay_a, &id, "relay-1", false)
         .await
@@ -143,13 +141,11 @@ async fn commands_reach_the_replica_holding_the_call() {
     stream.ack(event(&id, 1, started("relay-1"))).await;
     let mut sent = HashSet::new();
     for i in 0..5 {
-        let reply = within(
+        let reply = answer(
             "send via B",
             calls_b.send_command(say(&id, &format!("say {i}"))),
         )
-        .await
-        .expect("sent")
-        .into_inner();
+        .await;
         sent.insert(reply.command_id);
     }
     let mut received = HashSet::new();

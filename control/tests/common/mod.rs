@@ -30,6 +30,17 @@ pub async fn within<F: Future>(what: &'static str, fut: F) -> F::Output {
     }
 }
 
+/// Awaits an RPC that must succeed and returns its message.
+pub async fn answer<T, F>(what: &'static str, rpc: F) -> T
+where
+    F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match within(what, rpc).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => panic!("{what}: {status:?}"),
+    }
+}
+
 /// Awaits an RPC that must be refused with `code`; returns the status so the caller can
 /// check its message too.
 pub async fn refused<T, F>(what: &'static str, code: tonic::Code, rpc: F) -> tonic::Status
@@ -301,7 +312,7 @@ pub fn settings(name: &str) -> pb::AgentSettings {
 }
 
 pub async fn create_agent(agents: &mut AgentsRpc, id: &str) -> pb::Agent {
-    within(
+    answer(
         "create agent",
         agents.create_agent(pb::CreateAgentRequest {
             agent_id: id.to_owned(),
@@ -309,12 +320,10 @@ pub async fn create_agent(agents: &mut AgentsRpc, id: &str) -> pb::Agent {
         }),
     )
     .await
-    .expect("agent created")
-    .into_inner()
 }
 
 pub async fn create_call(calls: &mut CallsRpc, agent_id: &str, campaign: &str) -> pb::Call {
-    within(
+    answer(
         "create call",
         calls.create_call(pb::CreateCallRequest {
             agent_id: agent_id.to_owned(),
@@ -326,34 +335,28 @@ pub async fn create_call(calls: &mut CallsRpc, agent_id: &str, campaign: &str) -
         }),
     )
     .await
-    .expect("call created")
-    .into_inner()
     .call
     .expect("call in response")
 }
 
 pub async fn get_call(calls: &mut CallsRpc, call_id: &str) -> pb::Call {
-    within(
+    answer(
         "get call",
         calls.get_call(pb::GetCallRequest {
             call_id: call_id.to_owned(),
         }),
     )
     .await
-    .expect("get call")
-    .into_inner()
 }
 
 pub async fn transcript(calls: &mut CallsRpc, call_id: &str) -> pb::Transcript {
-    within(
+    answer(
         "transcript",
         calls.get_transcript(pb::GetTranscriptRequest {
             call_id: call_id.to_owned(),
         }),
     )
     .await
-    .expect("transcript")
-    .into_inner()
 }
 
 /// Opens a watch on one call's events after `after_seq`.
@@ -362,7 +365,7 @@ pub async fn watch_call(
     call_id: &str,
     after_seq: u64,
 ) -> tonic::Streaming<pb::CallEvent> {
-    within(
+    answer(
         "watch call",
         calls.watch_call(pb::WatchCallRequest {
             call_id: call_id.to_owned(),
@@ -370,21 +373,17 @@ pub async fn watch_call(
         }),
     )
     .await
-    .expect("watch")
-    .into_inner()
 }
 
 /// What the relay is told to do once a call's media stream has closed.
 pub async fn after_next(relay: &mut RelayRpc, call_id: &str) -> Option<pb::after_response::Next> {
-    within(
+    answer(
         "after",
         relay.after(pb::AfterRequest {
             call_id: call_id.to_owned(),
         }),
     )
     .await
-    .expect("after")
-    .into_inner()
     .next
 }
 
