@@ -21,7 +21,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    callbridge_relay::telemetry::init(&config);
     // tokio-tungstenite's rustls needs a process-wide crypto provider for wss://.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -34,14 +33,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "Relay failed.");
-            eprintln!("callbridge-relay: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    runtime.block_on(async {
+        // Inside the runtime: the OTLP exporter spawns its connection tasks on it.
+        let telemetry = callbridge_relay::telemetry::init(&config);
+        let code = match serve(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "Relay failed.");
+                eprintln!("callbridge-relay: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+        // Calls have drained by now; flush the spans the batch still holds.
+        telemetry.shutdown().await;
+        code
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -1,21 +1,120 @@
-//! Logging: `tracing-subscriber` with the filter from `RELAY_LOG` and text or JSON lines.
+//! Logging: `tracing-subscriber` with the filter from `RELAY_LOG` and text or JSON lines; plus
+//! optional OpenTelemetry trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
-use tracing_subscriber::EnvFilter;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::{Config, LogFormat};
 
+/// The `service.name` resource attribute unless `OTEL_SERVICE_NAME` overrides it.
+pub const SERVICE_NAME: &str = "callbridge-relay";
+
+/// How long shutdown waits for the last batch of spans to reach the collector.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it. Without an OTLP
+/// endpoint it holds nothing and shutdown is free.
+#[must_use = "dropping the handle skips the final span flush"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued, bounded by a timeout so a dead collector cannot
+    /// hold up process exit.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        // The SDK's shutdown blocks on the batch thread, which needs this runtime to run
+        // the gRPC export; keep it off the async workers.
+        let result =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT))
+                .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("callbridge-relay: trace flush failed: {e}"),
+            Err(e) => eprintln!("callbridge-relay: trace flush task failed: {e}"),
+        }
+    }
+}
+
 /// Installs the global subscriber. An invalid filter falls back to `info` with a warning.
-pub fn init(config: &Config) {
+/// Must run inside a tokio runtime: the OTLP exporter spawns its connection tasks on it.
+pub fn init(config: &Config) -> Telemetry {
     let (filter, bad) = match EnvFilter::try_new(&config.log) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match config.log_format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    let (provider, otel_error) = match otlp_endpoint() {
+        None => (None, None),
+        Some(endpoint) => match build_provider(&endpoint) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some((endpoint, e))),
+        },
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(env!("CARGO_PKG_NAME"))));
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .is_ok();
     if let Some(e) = bad {
         tracing::warn!(error = %e, "RELAY_LOG is not a valid filter; using info.");
     }
+    if let Some((endpoint, e)) = otel_error {
+        tracing::error!(endpoint = %endpoint, error = %e, "Cannot set up OTLP trace export; traces are off.");
+    } else if let Some(endpoint) = provider.as_ref().and(otlp_endpoint()) {
+        tracing::info!(endpoint = %endpoint, service_name = %service_name(), "Exporting traces over OTLP/gRPC.");
+    }
+    Telemetry {
+        // A second init in the same process keeps the first pipeline; this one has no
+        // layer to feed, so there is nothing to flush.
+        provider: provider.filter(|_| installed),
+    }
+}
+
+/// The standard OTLP endpoint variable; empty counts as unset.
+fn otlp_endpoint() -> Option<String> {
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn service_name() -> String {
+    std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| SERVICE_NAME.to_owned())
+}
+
+fn build_provider(
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name())
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
