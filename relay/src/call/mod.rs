@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -144,8 +145,10 @@ enum TwOut {
     Close(CloseCode, &'static str),
 }
 
+/// A frame for the model. Shared bytes: a caller frame kept for a resend
+/// ([`Call::utterance`]) is the same allocation as the one queued, not a copy.
 enum ModelOut {
-    Text(String),
+    Text(Utf8Bytes),
     Close,
 }
 
@@ -282,7 +285,7 @@ async fn model_writer(
         while let Some(out) = next.take() {
             match out {
                 ModelOut::Text(t) => {
-                    if let Err(e) = sink.feed(tungstenite::Message::text(t)).await {
+                    if let Err(e) = sink.feed(tungstenite::Message::Text(t)).await {
                         return format!("model write failed: {e}");
                     }
                 }
@@ -372,7 +375,7 @@ struct Call {
     handoff_wanted: bool,
     /// The caller's latest audio (`input_audio_buffer.append` events): the utterance the
     /// model has not transcribed yet, resent to a new session after a drop.
-    utterance: std::collections::VecDeque<String>,
+    utterance: std::collections::VecDeque<Utf8Bytes>,
     /// An utterance started and is not transcribed yet.
     utterance_open: bool,
     /// Frames resent to the current session when it was opened (outside the gap budget).
@@ -727,7 +730,7 @@ impl Call {
     }
 
     /// Keeps a caller frame for a resend (see [`Call::utterance`]).
-    fn remember(&mut self, frame: &str) {
+    fn remember(&mut self, frame: &Utf8Bytes) {
         let cap = if self.utterance_open {
             UTTERANCE_FRAMES
         } else {
@@ -736,7 +739,7 @@ impl Call {
         if self.utterance.len() >= cap {
             self.utterance.pop_front();
         }
-        self.utterance.push_back(frame.to_owned());
+        self.utterance.push_back(frame.clone());
     }
 
     fn lose_model(&mut self, why: String) {
@@ -925,7 +928,7 @@ impl Call {
     }
 
     fn send_model(&mut self, text: String) {
-        if self.model_tx.try_send(ModelOut::Text(text)).is_err() {
+        if self.model_tx.try_send(ModelOut::Text(text.into())).is_err() {
             self.deps.metrics.dropped_c2m().inc();
             warn!("Model queue full; a control message was dropped.");
         }
@@ -1110,7 +1113,8 @@ impl Call {
                     self.deps.metrics.dropped_c2m().inc();
                     return;
                 }
-                let frame = realtime::append(&media.payload);
+                // Exact capacity: the String becomes shared bytes without a copy.
+                let frame = Utf8Bytes::from(realtime::append(&media.payload));
                 if self.deps.config.model_reconnect_secs > 0 {
                     self.remember(&frame);
                 }
