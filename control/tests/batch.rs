@@ -104,15 +104,10 @@ async fn a_burst_is_stored_once_and_acked_up_to_the_gap() {
         seen.push(e);
     }
     assert_eq!(seen, stored_part(&id));
-    let text = control.metrics_text();
-    assert!(
-        text.contains("callbridge_control_events_stored_total 6"),
-        "{text}"
-    );
-    assert!(
-        text.contains("callbridge_control_events_duplicate_total 2"),
-        "{text}"
-    );
+    control.assert_metrics(&[
+        "callbridge_control_events_stored_total 6",
+        "callbridge_control_events_duplicate_total 2",
+    ]);
 }
 
 #[tokio::test]

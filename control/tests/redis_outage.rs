@@ -42,8 +42,7 @@ async fn redis_outage_flips_health_and_recovers_without_restart() {
     .await
     .expect_err("no redis");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let text = control.metrics_text();
-    assert!(text.contains("callbridge_control_redis_up 0"), "{text}");
+    control.assert_metrics(&["callbridge_control_redis_up 0"]);
 
     redis.restart().expect("redis back");
     control.wait_status(ServingStatus::Serving).await;

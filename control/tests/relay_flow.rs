@@ -161,19 +161,11 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     )
     .await;
     assert_eq!((usage.total_tokens, usage.calls), (33, 1));
-    let text = control.metrics_text();
-    assert!(
-        text.contains("callbridge_control_events_duplicate_total 2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("callbridge_control_events_stored_total 7"),
-        "{text}"
-    );
-    assert!(
-        text.contains("callbridge_control_commands_routed_total 1"),
-        "{text}"
-    );
+    control.assert_metrics(&[
+        "callbridge_control_events_duplicate_total 2",
+        "callbridge_control_events_stored_total 7",
+        "callbridge_control_commands_routed_total 1",
+    ]);
 }
 
 #[tokio::test]

@@ -253,6 +253,14 @@ impl Control {
         out
     }
 
+    /// Reads `/metrics` once and asserts every line in `lines` is in it.
+    pub fn assert_metrics(&self, lines: &[&str]) {
+        let text = self.metrics_text();
+        for line in lines {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
