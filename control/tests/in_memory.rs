@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use callbridge_control::config::Config;
-use callbridge_proto::pb;
 use common::*;
 use tonic::Code;
 
@@ -45,12 +44,9 @@ async fn serve_with_the_in_memory_store_runs_a_call_and_shuts_down() {
             .ok()
     })
     .await;
-    let mut agents =
-        pb::agents_client::AgentsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
-    let mut calls =
-        pb::calls_client::CallsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
-    let mut relay =
-        pb::relay_client::RelayClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
+    let mut agents = agents_client(channel.clone());
+    let mut calls = calls_client(channel.clone());
+    let mut relay = relay_client(channel);
     create_agent(&mut agents, "demo").await;
     let id = create_call(&mut calls, "demo", "").await.call_id;
     let mut watch = watch_call(&mut calls, &id, 0).await;

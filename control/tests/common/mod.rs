@@ -79,6 +79,18 @@ pub type AgentsRpc = pb::agents_client::AgentsClient<InterceptedService<Channel,
 pub type CallsRpc = pb::calls_client::CallsClient<InterceptedService<Channel, Bearer>>;
 pub type RelayRpc = pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>;
 
+pub fn agents_client(channel: Channel) -> AgentsRpc {
+    pb::agents_client::AgentsClient::with_interceptor(channel, Bearer::new(APP_TOKEN))
+}
+
+pub fn calls_client(channel: Channel) -> CallsRpc {
+    pb::calls_client::CallsClient::with_interceptor(channel, Bearer::new(APP_TOKEN))
+}
+
+pub fn relay_client(channel: Channel) -> RelayRpc {
+    pb::relay_client::RelayClient::with_interceptor(channel, Bearer::new(RELAY_TOKEN))
+}
+
 /// One control process on its own redis-server, with agent "a", one outbound call for
 /// it and that call's attach stream from "relay-1": where the relay-flow tests start.
 /// Fields are in drop order (the stream closes before control stops, control before
@@ -220,24 +232,15 @@ impl Control {
     }
 
     pub async fn agents(&self) -> AgentsRpc {
-        pb::agents_client::AgentsClient::with_interceptor(
-            self.channel().await,
-            Bearer::new(APP_TOKEN),
-        )
+        agents_client(self.channel().await)
     }
 
     pub async fn calls(&self) -> CallsRpc {
-        pb::calls_client::CallsClient::with_interceptor(
-            self.channel().await,
-            Bearer::new(APP_TOKEN),
-        )
+        calls_client(self.channel().await)
     }
 
     pub async fn relay(&self) -> RelayRpc {
-        pb::relay_client::RelayClient::with_interceptor(
-            self.channel().await,
-            Bearer::new(RELAY_TOKEN),
-        )
+        relay_client(self.channel().await)
     }
 
     /// `GET /metrics` over a raw HTTP/1.0 request.
