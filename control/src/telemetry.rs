@@ -97,13 +97,17 @@ fn service_name() -> String {
         .unwrap_or_else(|| SERVICE_NAME.to_owned())
 }
 
-fn build_provider(
-    endpoint: &str,
-) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+fn build_provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
+    // Built without TLS (collectors run beside the service); an https endpoint would fail
+    // every export silently, so refuse it here where the log says why.
+    if !endpoint.starts_with("http://") {
+        return Err("only plaintext http:// OTLP/gRPC endpoints are supported".to_owned());
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
-        .build()?;
+        .build()
+        .map_err(|e| e.to_string())?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name())
         .build();
