@@ -29,7 +29,7 @@ What it checks:
             targets of the workspace (cargo metadata)
   docker    Dockerfile targets, distroless runtime, numeric non-root USER, EXPOSE, every
             workspace member's manifest in the dependency-caching layer, and that layer
-            replayed (its COPYs and stub loop) and loaded by cargo --locked --offline;
+            replayed (its COPYs and stub loop) and loaded by cargo --locked;
             the built binaries need no shared library distroless/cc lacks (readelf)
   compose   build targets exist, env names and CLI flags of every service, depends_on,
             Redis AOF
@@ -775,7 +775,9 @@ def check_stub_layer() -> None:
         if not R.check(proc.returncode == 0, f"Dockerfile stub loop failed: {proc.stderr.strip()}"):
             return
         proc = subprocess.run(
-            ["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
+            # Not --offline: crates needed only on other targets (e.g. portable-atomic) are
+            # never downloaded by a local build, but the image's builder resolves them.
+            ["cargo", "metadata", "--locked", "--format-version", "1"],
             cwd=tmp, capture_output=True, text=True, timeout=60, check=False,
             env={**os.environ, "CARGO_TARGET_DIR": str(Path(tmp) / "target")},
         )
