@@ -54,6 +54,10 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long startup keeps trying to reach Redis.
 const STARTUP_REDIS_WAIT: Duration = Duration::from_secs(30);
+/// Health service name that answers SERVING while the process runs, whatever Redis does:
+/// for liveness probes, so a Redis outage takes replicas out of rotation (readiness on
+/// "") without restarting them.
+pub const LIVENESS_SERVICE: &str = "liveness";
 /// Full gRPC names of our services, as the health service knows them.
 const SERVICE_NAMES: [&str; 4] = [
     "",
@@ -176,6 +180,9 @@ async fn run<S: CallStore>(
     let tracker = shared.tracker.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(callbridge_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -243,7 +250,7 @@ async fn run<S: CallStore>(
     let server_token = token.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         server_token.cancelled().await;
-        for name in SERVICE_NAMES {
+        for name in SERVICE_NAMES.into_iter().chain([LIVENESS_SERVICE]) {
             health
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;

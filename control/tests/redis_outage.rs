@@ -18,6 +18,17 @@ async fn redis_outage_flips_health_and_recovers_without_restart() {
 
     redis.stop();
     control.wait_status(ServingStatus::NotServing).await;
+    // Liveness stays SERVING: restarting a replica would not bring Redis back.
+    let liveness = answer(
+        "liveness during outage",
+        tonic_health::pb::health_client::HealthClient::new(control.channel().await).check(
+            tonic_health::pb::HealthCheckRequest {
+                service: callbridge_control::LIVENESS_SERVICE.into(),
+            },
+        ),
+    )
+    .await;
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
     let code = eventually("RPCs answer UNAVAILABLE", || {
         let mut agents = agents.clone();
         async move {
