@@ -24,7 +24,6 @@ pub mod hub;
 pub mod metrics;
 mod service;
 pub mod store;
-pub mod telemetry;
 pub mod validate;
 
 use std::future::Future;

@@ -5,7 +5,16 @@ use callbridge_control::config::Config;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::from_env_or_exit();
-    let telemetry = callbridge_control::telemetry::init(&config.log, config.log_format);
+    let telemetry = callbridge_telemetry::init(callbridge_telemetry::Options {
+        service_name: "callbridge-control",
+        filter: &config.log,
+        filter_var: "CONTROL_LOG",
+        json: matches!(
+            config.log_format,
+            callbridge_control::config::LogFormat::Json
+        ),
+        output: callbridge_telemetry::Output::Stderr,
+    });
     let code = run(config).await;
     // After serve returns no more RPC spans start; flush what the batch still holds.
     telemetry.shutdown().await;

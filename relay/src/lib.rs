@@ -9,7 +9,7 @@
 //! - [`control`]: client of control's `Relay` service.
 //! - [`call`]: one call (call loop, writers, control link) and its pure state in `call::phase`.
 //! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours.
-//! - [`metrics`], [`telemetry`].
+//! - [`metrics`] (logging and traces: the `callbridge-telemetry` crate).
 //!
 //! Entry point: [`run`] takes a bound listener (so a caller knows the relay is reachable
 //! as soon as `bind` returned) and a shutdown future.
@@ -21,7 +21,6 @@ pub mod http;
 pub mod metrics;
 pub mod realtime;
 pub mod signature;
-pub mod telemetry;
 pub mod twilio;
 pub mod twiml;
 

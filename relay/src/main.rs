@@ -35,7 +35,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         // Inside the runtime: the OTLP exporter spawns its connection tasks on it.
-        let telemetry = callbridge_relay::telemetry::init(&config);
+        let telemetry = callbridge_telemetry::init(callbridge_telemetry::Options {
+            service_name: "callbridge-relay",
+            filter: &config.log,
+            filter_var: "RELAY_LOG",
+            json: matches!(config.log_format, callbridge_relay::config::LogFormat::Json),
+            output: callbridge_telemetry::Output::Stdout,
+        });
         let code = match serve(config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

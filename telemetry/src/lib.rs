@@ -1,5 +1,7 @@
-//! Logging setup: `tracing-subscriber` with the `CONTROL_LOG` filter, text or JSON; plus
-//! optional OpenTelemetry trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! Logging shared by `callbridge-relay` and `callbridge-control`: `tracing-subscriber` with
+//! the service's filter variable and text or JSON lines, plus optional OpenTelemetry trace
+//! export (OTLP/gRPC) when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. With it unset
+//! no exporter is built and nothing changes.
 
 use std::time::Duration;
 
@@ -10,10 +12,28 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::LogFormat;
+/// What a binary asks of its logging.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    /// `service.name` of exported spans unless `OTEL_SERVICE_NAME` overrides it; also the
+    /// prefix of the few messages printed when logging itself fails.
+    pub service_name: &'static str,
+    /// The `tracing` filter (e.g. `info,callbridge_relay=debug`).
+    pub filter: &'a str,
+    /// The variable the filter came from, named in the warning when it is invalid.
+    pub filter_var: &'static str,
+    /// One JSON object per line instead of human-readable text.
+    pub json: bool,
+    /// Where log lines go.
+    pub output: Output,
+}
 
-/// The `service.name` resource attribute unless `OTEL_SERVICE_NAME` overrides it.
-pub const SERVICE_NAME: &str = "callbridge-control";
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Stdout,
+    Stderr,
+}
 
 /// How long shutdown waits for the last batch of spans to reach the collector.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,6 +43,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 #[must_use = "dropping the handle skips the final span flush"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    service_name: &'static str,
 }
 
 impl Telemetry {
@@ -39,46 +60,60 @@ impl Telemetry {
                 .await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("callbridge-control: trace flush failed: {e}"),
-            Err(e) => eprintln!("callbridge-control: trace flush task failed: {e}"),
+            Ok(Err(e)) => eprintln!("{}: trace flush failed: {e}", self.service_name),
+            Err(e) => eprintln!("{}: trace flush task failed: {e}", self.service_name),
         }
     }
 }
 
-/// Installs the global subscriber (once per process; later calls are ignored). Must run
-/// inside a tokio runtime: the OTLP exporter spawns its connection tasks on it.
-pub fn init(filter: &str, format: LogFormat) -> Telemetry {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = match format {
-        LogFormat::Json => fmt.json().boxed(),
-        LogFormat::Text => fmt.boxed(),
+/// Installs the global subscriber. An invalid filter falls back to `info` with a warning.
+/// Must run inside a tokio runtime: the OTLP exporter spawns its connection tasks on it.
+pub fn init(options: Options<'_>) -> Telemetry {
+    let (filter, bad) = match EnvFilter::try_new(options.filter) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
     };
+    let fmt = match (options.output, options.json) {
+        (Output::Stdout, true) => tracing_subscriber::fmt::layer().json().boxed(),
+        (Output::Stdout, false) => tracing_subscriber::fmt::layer().boxed(),
+        (Output::Stderr, true) => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .boxed(),
+        (Output::Stderr, false) => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let service_name = service_name(options.service_name);
     let (provider, otel_error) = match otlp_endpoint() {
         None => (None, None),
-        Some(endpoint) => match build_provider(&endpoint) {
+        Some(endpoint) => match build_provider(&endpoint, &service_name) {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some((endpoint, e))),
         },
     };
     let otel = provider
         .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(env!("CARGO_PKG_NAME"))));
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(options.service_name)));
     let installed = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
         .is_ok();
+    if let Some(e) = bad {
+        tracing::warn!(error = %e, variable = options.filter_var, "Invalid log filter; using info.");
+    }
     if let Some((endpoint, e)) = otel_error {
         tracing::error!(endpoint = %endpoint, error = %e, "Cannot set up OTLP trace export; traces are off.");
     } else if let Some(endpoint) = provider.as_ref().and(otlp_endpoint()) {
-        tracing::info!(endpoint = %endpoint, service_name = %service_name(), "Exporting traces over OTLP/gRPC.");
+        tracing::info!(endpoint = %endpoint, service_name = %service_name, "Exporting traces over OTLP/gRPC.");
     }
     Telemetry {
         // A second init in the same process keeps the first pipeline; this one has no
         // layer to feed, so there is nothing to flush.
         provider: provider.filter(|_| installed),
+        service_name: options.service_name,
     }
 }
 
@@ -90,14 +125,14 @@ fn otlp_endpoint() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn service_name() -> String {
+fn service_name(default: &str) -> String {
     std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| SERVICE_NAME.to_owned())
+        .unwrap_or_else(|| default.to_owned())
 }
 
-fn build_provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
+fn build_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider, String> {
     // Built without TLS (collectors run beside the service); an https endpoint would fail
     // every export silently, so refuse it here where the log says why.
     if !endpoint.starts_with("http://") {
@@ -109,7 +144,7 @@ fn build_provider(endpoint: &str) -> Result<SdkTracerProvider, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name())
+        .with_service_name(service_name.to_owned())
         .build();
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
