@@ -245,8 +245,8 @@ impl World {
         .into_inner()
     }
 
-    /// Every stored event of a call, read back through `WatchCall` (the stream closes
-    /// after `ended`).
+    /// Every stored event of a call up to its final `ended`, read back through
+    /// `WatchCall` (a `HANDOFF` end is not final: the call goes on on another stream).
     pub async fn stored_events(&self, call_id: &str) -> Vec<pb::CallEvent> {
         let mut stream = with_timeout(
             RPC,
@@ -264,7 +264,8 @@ impl World {
             .await
             .expect("WatchCall streams")
         {
-            let ended = matches!(event.kind, Some(pb::call_event::Kind::Ended(_)));
+            let ended = matches!(&event.kind, Some(pb::call_event::Kind::Ended(e))
+                if e.reason != pb::EndReason::Handoff as i32);
             events.push(event);
             if ended {
                 break;

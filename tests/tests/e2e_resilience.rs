@@ -17,9 +17,7 @@ use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{
     CallReport, CallerConfig, CallerHandle, ClosedBy, LoadBalancer, SimCaller,
 };
-use callbridge_tests::{
-    READY, RPC, World, agent_settings, expected_transcript, flatten, with_timeout,
-};
+use callbridge_tests::{READY, World, agent_settings, expected_transcript, flatten, with_timeout};
 use serde_json::Value;
 
 const CALL: Duration = Duration::from_secs(90);
@@ -47,34 +45,6 @@ fn script(turns: usize, speech_ms: u32, answer_ms: u32) -> Conversation {
             })
             .collect(),
     }
-}
-
-/// Every stored event of a call up to its final `ended` (a `HANDOFF` end is not final).
-async fn events_until_final(world: &World, call_id: &str) -> Vec<pb::CallEvent> {
-    let mut stream = with_timeout(
-        RPC,
-        "WatchCall",
-        world.calls().watch_call(pb::WatchCallRequest {
-            call_id: call_id.to_owned(),
-            after_seq: 0,
-        }),
-    )
-    .await
-    .expect("WatchCall succeeds")
-    .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = with_timeout(RPC, "WatchCall event", stream.message())
-        .await
-        .expect("WatchCall streams")
-    {
-        let fin = matches!(&event.kind, Some(pb::call_event::Kind::Ended(e))
-            if e.reason != pb::EndReason::Handoff as i32);
-        events.push(event);
-        if fin {
-            break;
-        }
-    }
-    events
 }
 
 /// Checks what control stored for a call carried over `legs` streams: seqs 1..=last with
@@ -216,7 +186,7 @@ async fn a_model_socket_dropped_mid_call_reconnects_and_goes_on_with_the_context
         pb::EndReason::CallerHangup as i32,
         "{call:?}"
     );
-    let events = events_until_final(&world, &call_id).await;
+    let events = world.stored_events(&call_id).await;
     check_events(&events, 1, 0, "reconnect");
     let caller_lines: Vec<String> = flatten(&world.transcript(&call_id).await)
         .into_iter()
@@ -433,7 +403,7 @@ async fn a_rolling_restart_hands_every_live_call_off() {
             "call {n} ({}): {call:?}",
             cfg.call_sid
         );
-        let events = events_until_final(&world, &call_id).await;
+        let events = world.stored_events(&call_id).await;
         check_events(
             &events,
             report.legs.len(),
@@ -508,7 +478,7 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
             pb::EndReason::CallerHangup as i32,
             "call {n}: {call:?}"
         );
-        let events = events_until_final(&world, &call_id).await;
+        let events = world.stored_events(&call_id).await;
         check_events(&events, report.legs.len(), 0, &format!("call {n}"));
         // What control acknowledged before the kill is all there, once, in order.
         let caller_lines: Vec<String> = flatten(&world.transcript(&call_id).await)
@@ -592,7 +562,7 @@ async fn a_drain_deadline_sends_the_remaining_calls_to_the_fallback() {
         let call_id = call_id_of(&report);
         let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
         assert_eq!(call.end_reason, pb::EndReason::Drain as i32, "call {n}");
-        let events = events_until_final(&world, &call_id).await;
+        let events = world.stored_events(&call_id).await;
         check_events(&events, 1, 0, &format!("call {n}"));
         // What was said before the cut is stored.
         let turns = flatten(&world.transcript(&call_id).await);
@@ -662,7 +632,7 @@ async fn a_session_rollover_at_a_short_limit_is_seamless() {
     }
     let call_id = call_id_of(&report);
     world.wait_ended(&call_id, Duration::from_secs(10)).await;
-    let events = events_until_final(&world, &call_id).await;
+    let events = world.stored_events(&call_id).await;
     check_events(&events, 1, 0, "rollover");
     assert_eq!(
         flatten(&world.transcript(&call_id).await),
