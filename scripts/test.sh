@@ -14,6 +14,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # The distro package starts a system redis on 6379; the tests start their own servers.
 
+# A one-shot run (CI, a fresh clone) gains nothing from incremental artefacts: they only
+# cost disk (several GiB per clone) and write time.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
+
 echo "== format"
 cargo fmt --all --check
 echo "== clippy"
