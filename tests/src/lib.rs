@@ -22,6 +22,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod bench;
+
 pub use callbridge_testkit::with_timeout;
 
 /// The public base URL the relays are configured with (what Twilio would call).

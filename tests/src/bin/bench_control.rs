@@ -25,6 +25,11 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use callbridge_proto::pb;
 use callbridge_testkit::procs::{Proc, env, free_addr};
 use callbridge_testkit::redis_server::RedisServer;
+use callbridge_tests::bench::{
+    clock_ticks_per_sec, create_calls, json_f64 as f, load_average, machine, parse_key_value,
+    percentile, process_cpu_ms, self_cpu_ms,
+};
+use callbridge_tests::{Bearer, CallsClient};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -32,8 +37,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -84,33 +87,7 @@ struct Args {
     out: PathBuf,
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
-    Ok((k.to_owned(), v.to_owned()))
-}
-
-/// Adds `authorization: Bearer <token>` to every request.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl Bearer {
-    fn new(token: &str) -> anyhow::Result<Self> {
-        Ok(Self(format!("Bearer {token}").parse()?))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-type Authed = InterceptedService<Channel, Bearer>;
-type RelayClient = pb::relay_client::RelayClient<Authed>;
-type CallsClient = pb::calls_client::CallsClient<Authed>;
+type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>;
 
 /// The system under test: one control process on its own Redis.
 struct Bench {
@@ -162,9 +139,9 @@ impl Bench {
             control,
             control_pid,
             channels,
-            app: Bearer::new(APP_TOKEN)?,
-            relay: Bearer::new(RELAY_TOKEN)?,
-            clk_tck: clock_ticks_per_sec().await,
+            app: Bearer::new(APP_TOKEN),
+            relay: Bearer::new(RELAY_TOKEN),
+            clk_tck: clock_ticks_per_sec(),
         })
     }
 
@@ -202,32 +179,8 @@ impl Bench {
         n: u64,
         campaign: &str,
     ) -> anyhow::Result<Vec<String>> {
-        let mut ids = Vec::new();
         let mut calls = self.calls(0);
-        let all: Vec<u64> = (0..n).collect();
-        for chunk in all.chunks(500) {
-            let req = pb::CreateCallsRequest {
-                campaign_id: campaign.to_owned(),
-                calls: chunk
-                    .iter()
-                    .map(|i| pb::CreateCallRequest {
-                        agent_id: agent_id.to_owned(),
-                        direction: pb::Direction::Outbound as i32,
-                        from: "+14155550100".to_owned(),
-                        to: format!("+1415556{:04}", i % 10_000),
-                        campaign_id: campaign.to_owned(),
-                        metadata: Default::default(),
-                    })
-                    .collect(),
-            };
-            let created = timeout(STEP, calls.create_calls(req)).await??.into_inner();
-            ids.extend(
-                created
-                    .calls
-                    .into_iter()
-                    .filter_map(|c| c.call.map(|c| c.call_id)),
-            );
-        }
+        let ids = create_calls(&mut calls, agent_id, n as usize, campaign, STEP).await?;
         ensure!(
             ids.len() as u64 == n,
             "CreateCalls returned {} calls for {n}",
@@ -250,13 +203,13 @@ impl Bench {
 
     /// CPU seconds (user + system) the control process has used so far.
     fn control_cpu_secs(&self) -> anyhow::Result<f64> {
-        proc_cpu_secs(&format!("/proc/{}/stat", self.control_pid), self.clk_tck)
+        Ok(process_cpu_ms(self.control_pid, self.clk_tck)? / 1000.0)
     }
 
     /// CPU seconds this benchmark process (the load generator) has used so far: it
     /// shares the cores with control and Redis, so it is part of the picture.
     fn client_cpu_secs(&self) -> anyhow::Result<f64> {
-        proc_cpu_secs("/proc/self/stat", self.clk_tck)
+        Ok(self_cpu_ms(self.clk_tck)? / 1000.0)
     }
 
     async fn redis_cli(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -338,29 +291,6 @@ impl RedisSnapshot {
         out.sort_by_key(|c| std::cmp::Reverse(c.1));
         out
     }
-}
-
-fn proc_cpu_secs(stat_path: &str, clk_tck: f64) -> anyhow::Result<f64> {
-    let stat =
-        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
-    // Fields after the `(comm)` field, which may itself hold spaces: state is field 3,
-    // utime field 14, stime field 15.
-    let after = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(i).context("short stat")?.parse::<u64>()? as f64)
-    };
-    Ok((ticks(11)? + ticks(12)?) / clk_tck)
-}
-
-async fn clock_ticks_per_sec() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().await;
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        // Linux has used 100 on every mainstream architecture for decades.
-        .unwrap_or(100.0)
 }
 
 /// How one relay stream sends its events.
@@ -556,15 +486,6 @@ async fn drain_watch(
         "watch {call_id}: stream ended after {count} of {expected} events"
     );
     Ok((call_id, seen))
-}
-
-/// p-th percentile (0..=100) of sorted values, nearest-rank.
-fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 #[derive(Debug)]
@@ -803,43 +724,6 @@ async fn redis_benchmark(
     Ok(json!({"clients": clients, "pipeline": pipeline, "requests": requests, "xadd_per_sec": rps}))
 }
 
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, v)| v.trim().to_owned())
-            })
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    json!({
-        "cpu": cpu,
-        "cores": cores,
-        "load_average_at_start": load_average(),
-        "note": "bench client, control and redis share these cores",
-    })
-}
-
-/// The 1-minute load average: on a shared machine, other work skews every figure.
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_f64()
-        .unwrap_or(f64::NAN)
-}
-
 fn print_report(report: &Value) {
     println!();
     println!(
@@ -994,7 +878,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Every run, in order; the whole report as JSON.
 async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
-    let machine = machine();
+    let machine = machine("bench client, control and redis share these cores");
     let agent = bench.create_agent().await?;
     let mut throughput = Vec::new();
     for &calls in &args.levels {

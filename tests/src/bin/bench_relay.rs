@@ -41,6 +41,10 @@ use callbridge_testkit::redis_server::RedisServer;
 use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
 use callbridge_tests::Bearer;
+use callbridge_tests::bench::{
+    clock_ticks_per_sec, cores, create_calls, json_f64 as f, json_u64 as u, load_average, machine,
+    parse_key_value, percentile, process_cpu_ms, rss_kib, thread_cpu_ms,
+};
 use clap::Parser;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -90,7 +94,7 @@ struct Args {
     #[arg(long, default_value_t = 250)]
     ramp_per_sec: u64,
     /// Extra environment for the relay (repeatable), e.g. `--relay-env RELAY_LOG=info`.
-    #[arg(long, value_parser = parse_kv)]
+    #[arg(long, value_parser = parse_key_value)]
     relay_env: Vec<(String, String)>,
     /// Where the JSON result goes.
     #[arg(long, default_value = "bench-results/relay.json")]
@@ -107,12 +111,6 @@ struct Args {
     /// Fake-model worker threads.
     #[arg(long, default_value_t = 2)]
     fake_threads: usize,
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,31 +233,14 @@ impl ControlSide {
             self.channel.clone(),
             Bearer::new(APP_TOKEN),
         );
-        let mut ids = Vec::with_capacity(n);
-        let all: Vec<usize> = (0..n).collect();
-        for chunk in all.chunks(500) {
-            let req = pb::CreateCallsRequest {
-                campaign_id: format!("bench-{level}"),
-                calls: chunk
-                    .iter()
-                    .map(|i| pb::CreateCallRequest {
-                        agent_id: self.agent_id.clone(),
-                        direction: pb::Direction::Outbound as i32,
-                        from: "+14155550100".to_owned(),
-                        to: format!("+1415556{:04}", i % 10_000),
-                        campaign_id: format!("bench-{level}"),
-                        metadata: Default::default(),
-                    })
-                    .collect(),
-            };
-            let created = timeout(STEP, calls.create_calls(req)).await??.into_inner();
-            ids.extend(
-                created
-                    .calls
-                    .into_iter()
-                    .filter_map(|c| c.call.map(|c| c.call_id)),
-            );
-        }
+        let ids = create_calls(
+            &mut calls,
+            &self.agent_id,
+            n,
+            &format!("bench-{level}"),
+            STEP,
+        )
+        .await?;
         ensure!(ids.len() == n, "CreateCalls returned {} of {n}", ids.len());
         Ok(ids)
     }
@@ -274,7 +255,7 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
     };
     println!(
         "relay bench: {} CPUs, load average {:?}, {} s load per level, ramp {} calls/s",
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        cores(),
         load_average(),
         args.secs,
         args.ramp_per_sec
@@ -369,7 +350,7 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
     }
     let doc = json!({
         "bench": "relay",
-        "machine": machine(),
+        "machine": machine("relay, load generator and fake model share these cores"),
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec},
         "results": results,
@@ -610,14 +591,14 @@ async fn run_level(
 
     // Idle window: every call connected, no audio.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_cpu0 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let idle_cpu0 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
     let rss_idle = relay_pid.map(rss_kib).transpose()?;
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let idle_cpu1 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let idle_cpu1 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
 
     // Load window.
     let threads0 = thread_cpu_ms(clk_tck);
-    let cpu0 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let cpu0 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
     let started = Instant::now();
     go_tx.send_replace(Some(started));
     let mut rss_load_max = 0u64;
@@ -628,7 +609,7 @@ async fn run_level(
             rss_load_max = rss_load_max.max(rss_kib(p).unwrap_or(0));
         }
     }
-    let cpu1 = relay_pid.map(|p| proc_cpu_ms(p, clk_tck)).transpose()?;
+    let cpu1 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
     let threads1 = thread_cpu_ms(clk_tck);
     let load_secs = started.elapsed().as_secs_f64();
 
@@ -677,10 +658,7 @@ async fn run_level(
         }
     }
     rtts.sort_unstable();
-    let pct = |p: f64| -> Option<f64> {
-        let i = ((rtts.len() as f64 * p) as usize).min(rtts.len().checked_sub(1)?);
-        Some(f64::from(rtts[i]) / 1000.0)
-    };
+    let pct = |p: f64| percentile(&rtts, p).map(|us| f64::from(us) / 1000.0);
     let call_secs = n as f64 * load_secs;
     // Call-seconds of audio actually carried: when the machine falls behind, calls send
     // fewer than 50 frames/s, and dividing by wall time would flatter the relay.
@@ -714,8 +692,8 @@ async fn run_level(
         "load_secs": load_secs,
         "frames": {"sent": sent, "received": received, "lost": sent.saturating_sub(received),
                    "misrouted": misrouted, "marks_echoed": marks},
-        "rtt_ms": {"samples": rtts.len(), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
-                   "p999": pct(0.999), "max": rtts.last().map(|&v| f64::from(v) / 1000.0)},
+        "rtt_ms": {"samples": rtts.len(), "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0),
+                   "p999": pct(99.9), "max": rtts.last().map(|&v| f64::from(v) / 1000.0)},
         "relay": relay_json,
         "loadgen_cpu_pct": gen_ms / (load_secs * 10.0),
         "fake_cpu_pct": fake_ms / (load_secs * 10.0),
@@ -974,106 +952,6 @@ async fn dial(
         resp.status()
     );
     Ok(ws)
-}
-
-// ---- measurements ---------------------------------------------------------------------
-
-fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime (ms) from a `/proc/…/stat` text.
-fn stat_cpu_ms(stat: &str, clk_tck: f64) -> Option<f64> {
-    // Fields after `(comm)` (which may hold spaces): utime is the 12th, stime the 13th.
-    let after = stat.rsplit_once(')')?.1;
-    let mut it = after.split_whitespace().skip(11);
-    let u: f64 = it.next()?.parse().ok()?;
-    let s: f64 = it.next()?.parse().ok()?;
-    Some((u + s) * 1000.0 / clk_tck)
-}
-
-fn proc_cpu_ms(pid: u32, clk_tck: f64) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    stat_cpu_ms(&stat, clk_tck).context("malformed stat")
-}
-
-/// CPU ms of this process's threads, summed by thread name (`loadgen`, `fake-model`, …).
-fn thread_cpu_ms(clk_tck: f64) -> BTreeMap<String, f64> {
-    let mut by_name = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return by_name;
-    };
-    for entry in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let name = stat
-            .split_once('(')
-            .and_then(|(_, r)| r.rsplit_once(')'))
-            .map(|(n, _)| n.to_owned())
-            .unwrap_or_default();
-        if let Some(ms) = stat_cpu_ms(&stat, clk_tck) {
-            *by_name.entry(name).or_insert(0.0) += ms;
-        }
-    }
-    by_name
-}
-
-/// Resident set (KiB) from `/proc/<pid>/status`.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, v)| v.trim().to_owned())
-            })
-        })
-        .unwrap_or_default();
-    json!({
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        "load_average_at_start": load_average(),
-        "note": "relay, load generator and fake model share these cores",
-    })
-}
-
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
-
-fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_f64()
-        .unwrap_or(f64::NAN)
 }
 
 // ---- plot -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{CallReport, LoadBalancer, SimCaller};
+use callbridge_tests::bench::percentile;
 use callbridge_tests::{World, agent_settings, with_timeout};
 
 const CALL: Duration = Duration::from_secs(120);
@@ -58,12 +59,12 @@ fn summary(name: &str, mut ms: Vec<f64>) {
         return;
     }
     ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    let at = |p: f64| percentile(&ms, p).unwrap_or(f64::NAN);
     println!(
         "{name:<16} n={:<4} p50={:>7.1} ms  p99={:>7.1} ms  max={:>7.1} ms",
         ms.len(),
-        at(0.5),
-        at(0.99),
+        at(50.0),
+        at(99.0),
         ms[ms.len() - 1]
     );
 }
