@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: events/s through Relay.Attach streams at 1, 10 and 100 calls,
-# WatchCall latency at 100 calls, and redis-benchmark XADD on the same redis-server.
+# WatchCall latency at 100 calls, CreateCalls/ListCalls of 1,000 calls and one-at-a-time
+# events (bulk), and redis-benchmark XADD on the same redis-server.
 #   scripts/bench-control.sh [bench_control options…]   (e.g. --events 200000, --help)
 # Builds callbridge-control and bench_control in release, then runs the bench, which starts
 # its own redis-server (unix socket) and one control process on loopback. Prints a table

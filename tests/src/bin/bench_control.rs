@@ -11,7 +11,10 @@
 //! 2. **Watch latency** at `--watch-calls` calls: every call has a `WatchCall` watcher open
 //!    before its relay stream starts; each stream sends `--watch-rate` events per second.
 //!    For every event: send time, ack time, watcher receive time → p50/p99.
-//! 3. **Redis alone**: `redis-benchmark` XADD against the same server, for comparison.
+//! 3. **Bulk and serial**: one `CreateCalls` of `--bulk-calls` calls and `ListCalls` of them
+//!    all (pages of 500), timed; then `--serial-events` events on one relay stream with one
+//!    event in flight (each a full store + ack round trip).
+//! 4. **Redis alone**: `redis-benchmark` XADD against the same server, for comparison.
 //!
 //! Alongside each figure it reads the CPU the control process and Redis used and the Redis
 //! commands per event (`INFO commandstats`), which is where a slow path shows.
@@ -75,6 +78,14 @@ struct Args {
     /// Give up on one run after this many seconds.
     #[arg(long, default_value_t = 120)]
     run_timeout_secs: u64,
+    /// Calls of the bulk run: one timed `CreateCalls` of this many calls, then `ListCalls`
+    /// of them all in pages of 500 (0: skip both).
+    #[arg(long, default_value_t = 1000)]
+    bulk_calls: u64,
+    /// Events of the serial run: one relay stream, one event in flight at a time, so each
+    /// figure is a full store + ack round trip (0: skip).
+    #[arg(long, default_value_t = 2000)]
+    serial_events: u64,
     /// Requests of each `redis-benchmark` comparison run.
     #[arg(long, default_value_t = 200_000)]
     redis_requests: u64,
@@ -594,6 +605,94 @@ async fn join_all<T: 'static>(set: &mut JoinSet<anyhow::Result<T>>) -> anyhow::R
     Ok(out)
 }
 
+/// `ListCalls` pages the bulk run asks for.
+const LIST_PAGE: u32 = 500;
+
+/// The bulk and serial runs: what an application waits for when it creates a campaign and
+/// lists it, and what one event costs when nothing else is in flight (no pipelining).
+async fn bulk_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Value> {
+    let mut out = serde_json::Map::new();
+    if args.bulk_calls > 0 {
+        let n = args.bulk_calls;
+        let mut calls = bench.calls(0);
+        let cpu0 = bench.control_cpu_secs()?;
+        let t = Instant::now();
+        let ids = create_calls(&mut calls, agent, usize::try_from(n)?, "bulk", STEP).await?;
+        let create_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let cpu1 = bench.control_cpu_secs()?;
+        ensure!(
+            ids.len() as u64 == n,
+            "CreateCalls returned {} calls for {n}",
+            ids.len()
+        );
+        let t = Instant::now();
+        let (mut token, mut listed, mut pages) = (String::new(), 0u64, 0u64);
+        loop {
+            let req = pb::ListCallsRequest {
+                campaign_id: "bulk".to_owned(),
+                page_size: LIST_PAGE,
+                page_token: token.clone(),
+                ..Default::default()
+            };
+            let page = timeout(STEP, calls.list_calls(req)).await??.into_inner();
+            listed += page.calls.len() as u64;
+            pages += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            ensure!(pages <= n, "ListCalls did not end after {pages} pages");
+            token = page.next_page_token;
+        }
+        let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let cpu2 = bench.control_cpu_secs()?;
+        ensure!(listed == n, "ListCalls listed {listed} of {n} calls");
+        out.insert(
+            "create_calls".to_owned(),
+            json!({"calls": n, "batch": 500, "ms": create_ms,
+                   "calls_per_sec": n as f64 * 1000.0 / create_ms.max(1e-9),
+                   "control_cpu_ms": (cpu1 - cpu0) * 1000.0}),
+        );
+        out.insert(
+            "list_calls".to_owned(),
+            json!({"calls": listed, "page_size": LIST_PAGE, "pages": pages, "ms": list_ms,
+                   "control_cpu_ms": (cpu2 - cpu1) * 1000.0}),
+        );
+    }
+    if args.serial_events > 0 {
+        let ids = bench.prepare_calls(agent, 1, "serial").await?;
+        let id = ids.into_iter().next().context("one serial call")?;
+        // `started` and `ended` are part of the plan: serial_events + 2 events in all.
+        let plan = Plan {
+            events: args.serial_events + 2,
+            window: 1,
+            pace: None,
+        };
+        let base = Instant::now();
+        let cpu0 = bench.control_cpu_secs()?;
+        let trace = drive_call(bench.relay(0), id, plan, base).await?;
+        let secs = base.elapsed().as_secs_f64();
+        let cpu1 = bench.control_cpu_secs()?;
+        let events = trace.acked_us.len() as u64;
+        let rtt = quantiles(
+            trace
+                .sent_us
+                .iter()
+                .zip(&trace.acked_us)
+                .map(|(s, a)| *a as i64 - *s as i64)
+                .collect(),
+        );
+        out.insert(
+            "serial_events".to_owned(),
+            json!({"events": events, "seconds": secs,
+                   "us_per_event": secs * 1e6 / events as f64,
+                   "events_per_sec": events as f64 / secs,
+                   "send_to_ack": rtt.json(),
+                   "control_cpu_us_per_event": (cpu1 - cpu0) * 1e6 / events as f64}),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
 /// The watch-latency run: watchers first, then paced relay streams.
 async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Value> {
     let calls = args.watch_calls.max(1);
@@ -802,6 +901,40 @@ fn print_report(report: &Value) {
             f(w, &["redis_commands_per_event"])
         );
     }
+    let b = &report["bulk"];
+    if let Some(c) = b.get("create_calls") {
+        println!();
+        println!("bulk (one client, nothing else in flight)");
+        println!(
+            "  CreateCalls {} calls (batches of {}): {:>9.1} ms ({:.0} calls/s, control cpu {:.0} ms)",
+            c["calls"],
+            c["batch"],
+            f(c, &["ms"]),
+            f(c, &["calls_per_sec"]),
+            f(c, &["control_cpu_ms"])
+        );
+        let l = &b["list_calls"];
+        println!(
+            "  ListCalls {} calls ({} pages of {}): {:>9.1} ms (control cpu {:.0} ms)",
+            l["calls"],
+            l["pages"],
+            l["page_size"],
+            f(l, &["ms"]),
+            f(l, &["control_cpu_ms"])
+        );
+    }
+    if let Some(e) = b.get("serial_events") {
+        let q = &e["send_to_ack"];
+        println!(
+            "  serial events (window 1) {}: {:.1} us/event ({:.0} events/s), send → ack p50 {} ms, p99 {} ms, max {} ms",
+            e["events"],
+            f(e, &["us_per_event"]),
+            f(e, &["events_per_sec"]),
+            ms(q["p50_us"].as_i64().unwrap_or(0)),
+            ms(q["p99_us"].as_i64().unwrap_or(0)),
+            ms(q["max_us"].as_i64().unwrap_or(0))
+        );
+    }
     println!();
     println!("redis-benchmark XADD on the same server (unix socket)");
     for r in report["redis_benchmark"].as_array().into_iter().flatten() {
@@ -887,6 +1020,8 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
     }
     eprintln!("bench: watch latency with {} calls …", args.watch_calls);
     let watch = watch_run(bench, args, &agent).await?;
+    eprintln!("bench: bulk CreateCalls/ListCalls and serial events …");
+    let bulk = bulk_run(bench, args, &agent).await?;
     eprintln!("bench: redis-benchmark …");
     let mut redis_bench = Vec::new();
     for (clients, pipeline) in [(50, 1), (50, 16)] {
@@ -912,6 +1047,7 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
         "connections": args.connections,
         "throughput": throughput,
         "watch": watch,
+        "bulk": bulk,
         "redis_benchmark": redis_bench,
         "targets": [
             {"target": ">= 50000 events/s acked (best level)", "value": best_rate, "met": best_rate >= 50_000.0},
