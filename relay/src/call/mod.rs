@@ -4,22 +4,26 @@
 //! - the **call loop** ([`Call::run`]) owns both socket *read* halves, the pure state in
 //!   [`phase`], the timers and the tool bookkeeping. Every frame is parsed once, in place,
 //!   and answered without another task hop;
-//! - a **Twilio writer** task and a **model writer** task each own one socket's write half,
-//!   fed by a bounded channel (audio is `try_send`: a full queue drops and counts the frame;
-//!   a late frame is worse than a lost one). The model writer first dials the model, so the
-//!   caller's first frames wait in its channel until the socket is ready;
+//! - the call loop also owns both *write* halves, each behind an [`outbox::Outbox`]: a
+//!   bounded queue it writes out itself after every frame it handled (a full queue drops
+//!   and counts the audio frame; a late frame is worse than a lost one). A **dial** task
+//!   opens each model session and sets it up; the caller's first frames wait in the model
+//!   outbox until the socket arrives;
 //! - a **control link** task ([`control_link`]) owns the attach stream.
 //!
-//! Putting `phase` in the loop that reads both sockets (rather than in a supervisor fed by
-//! two reader tasks) keeps every audio frame at one task wake-up and needs no locks.
+//! Putting `phase` and both sockets in one loop (rather than a supervisor fed by reader
+//! tasks, with writer tasks behind channels) keeps every audio frame at one task wake-up
+//! and needs no locks.
 
 pub mod control_link;
+pub mod outbox;
 pub mod phase;
 pub mod replay;
 
-use std::future::Future;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use callbridge_proto::pb;
@@ -48,14 +52,19 @@ use crate::metrics::Metrics;
 use crate::realtime::{self, AgentView};
 use crate::twilio;
 use control_link::{LinkIn, LinkSetup};
+use outbox::Outbox;
 use phase::{Delta, Ending, Lifecycle, Out, Playback};
 use replay::Replay;
 
 type ModelWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type ModelRead = SplitStream<ModelWs>;
+type ModelSink = SplitSink<ModelWs, Message>;
+type TwilioSink = SplitSink<WebSocket, Message>;
+/// Where a dial task delivers its model session (set up), or why it could not.
+type Dialled = oneshot::Receiver<Result<ModelWs, String>>;
 
-/// Frames queued to Twilio (~5 s of 20 ms audio plus marks).
-const TWILIO_SLOTS: usize = 256;
+/// Messages queued to Twilio (~5 s of 20 ms audio, each with its mark).
+const TWILIO_SLOTS: usize = 512;
 /// Frames queued to the model; also holds the caller's audio while the model dials.
 const MODEL_SLOTS: usize = 512;
 /// Slots kept free in both queues for control frames (clear, truncate, close).
@@ -139,27 +148,6 @@ pub struct CallSetup {
     pub upgraded_at: Instant,
 }
 
-enum TwOut {
-    Text(String),
-    MediaMark(String, String),
-    Close(CloseCode, &'static str),
-}
-
-/// A frame for the model. Shared bytes: a caller frame kept for a resend
-/// ([`Call::utterance`]) is the same allocation as the one queued, not a copy.
-enum ModelOut {
-    Text(Utf8Bytes),
-    Close,
-}
-
-#[derive(Debug)]
-enum TaskExit {
-    Twilio,
-    /// A model writer ended: its session number and why.
-    Model(u32, String),
-    Link,
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -185,132 +173,68 @@ fn reason_label(r: EndReason) -> &'static str {
     }
 }
 
-/// Writes queued frames to Twilio, batching whatever is ready into one flush.
-async fn twilio_writer(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<TwOut>,
-) -> TaskExit {
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(out) = next.take() {
-            let r = match out {
-                TwOut::Text(t) => sink.feed(Message::text(t)).await,
-                TwOut::MediaMark(m, k) => match sink.feed(Message::text(m)).await {
-                    Ok(()) => sink.feed(Message::text(k)).await,
-                    Err(e) => Err(e),
-                },
-                TwOut::Close(code, reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        })))
-                        .await;
-                    let _ = sink.close().await;
-                    return TaskExit::Twilio;
-                }
-            };
-            if r.is_err() {
-                return TaskExit::Twilio;
-            }
-            n += 1;
-            if n < 32 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if sink.flush().await.is_err() {
-            return TaskExit::Twilio;
-        }
-    }
-    TaskExit::Twilio
-}
-
-/// Waits `delay` (reconnect backoff), dials the model, sends the session setup (the
-/// `session.update`, then any replayed conversation), hands the read half to the call,
-/// then writes queued frames (the caller's audio waited in `rx`). Returns why it ended.
-async fn model_writer(
+/// Waits `delay` (reconnect backoff), dials the model and sends the session setup (the
+/// `session.update`, then any replayed conversation): the session is configured and
+/// knows the conversation before the first caller frame reaches it.
+async fn dial_model(
     url: String,
     api_key: crate::config::Secret,
     connect_timeout: Duration,
     setup: Vec<String>,
     delay: Duration,
-    read_tx: oneshot::Sender<ModelRead>,
-    mut rx: mpsc::Receiver<ModelOut>,
-) -> String {
+) -> Result<ModelWs, String> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let mut req = match url.as_str().into_client_request() {
-        Ok(r) => r,
-        Err(e) => return format!("bad model URL: {e}"),
-    };
-    match format!("Bearer {}", api_key.expose()).parse() {
-        Ok(v) => {
-            req.headers_mut().insert(http::header::AUTHORIZATION, v);
-        }
-        Err(_) => return "API key is not a valid header value".to_owned(),
-    }
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad model URL: {e}"))?;
+    let auth = format!("Bearer {}", api_key.expose())
+        .parse()
+        .map_err(|_| "API key is not a valid header value".to_owned())?;
+    req.headers_mut().insert(http::header::AUTHORIZATION, auth);
     // The default 128 KiB read buffer per socket dominates a call's memory, and tungstenite
     // zero-fills the buffer's spare capacity before every read; pcmu deltas are a few KiB
-    // and the buffer grows when one is larger (docs/performance.md).
+    // and the buffer grows when one is larger (docs/performance.md). Writes are flushed
+    // once 8 KiB are buffered (frames are ~300 bytes; the default lets 128 KiB pile up).
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
         .max_message_size(Some(MODEL_MAX_MESSAGE))
         .max_frame_size(Some(MODEL_MAX_MESSAGE));
     let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
-    let ws = match tokio::time::timeout(connect_timeout, dial).await {
+    let mut ws = match tokio::time::timeout(connect_timeout, dial).await {
         Ok(Ok((ws, _))) => ws,
-        Ok(Err(e)) => return format!("model connect failed: {e}"),
-        Err(_) => return "model connect timed out".to_owned(),
+        Ok(Err(e)) => return Err(format!("model connect failed: {e}")),
+        Err(_) => return Err("model connect timed out".to_owned()),
     };
-    let (mut sink, read) = ws.split();
-    // The setup goes out before the call may switch its audio here (rollover): the
-    // session is configured and knows the conversation before the first caller frame.
     for text in setup {
-        if let Err(e) = sink.feed(tungstenite::Message::text(text)).await {
-            return format!("session setup failed: {e}");
-        }
+        ws.feed(Message::text(text))
+            .await
+            .map_err(|e| format!("session setup failed: {e}"))?;
     }
-    if let Err(e) = sink.flush().await {
-        return format!("session setup failed: {e}");
-    }
-    if read_tx.send(read).is_err() {
-        let _ = sink.close().await;
-        return "call gone".to_owned();
-    }
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(out) = next.take() {
-            match out {
-                ModelOut::Text(t) => {
-                    if let Err(e) = sink.feed(tungstenite::Message::Text(t)).await {
-                        return format!("model write failed: {e}");
-                    }
-                }
-                ModelOut::Close => {
-                    let _ = sink
-                        .send(tungstenite::Message::Close(Some(CloseFrame {
-                            code: CloseCode::Normal,
-                            reason: "call ended".into(),
-                        })))
-                        .await;
-                    let _ = sink.close().await;
-                    return "closed".to_owned();
-                }
-            }
-            n += 1;
-            if n < 32 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if let Err(e) = sink.flush().await {
-            return format!("model write failed: {e}");
-        }
-    }
-    let _ = sink.close().await;
-    "closed".to_owned()
+    ws.flush()
+        .await
+        .map_err(|e| format!("session setup failed: {e}"))?;
+    Ok(ws)
+}
+
+/// The close frame a model session gets when the relay is done with it.
+fn model_close() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "call ended".into(),
+    }))
+}
+
+/// Closes a model session the call no longer uses (after writing what it still had
+/// queued), in the background: the call goes on meanwhile. Tasks in `tasks` are aborted
+/// when the call is over.
+fn close_model_later(tasks: &mut JoinSet<()>, old: Outbox<ModelSink>) {
+    tasks.spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_WAIT, old.close(model_close())).await;
+    });
 }
 
 struct PendingTool {
@@ -329,8 +253,10 @@ struct Call {
     call_sid: String,
     life: Lifecycle,
     playback: Playback,
-    tw_tx: mpsc::Sender<TwOut>,
-    model_tx: mpsc::Sender<ModelOut>,
+    /// Twilio's write half and what waits for it.
+    tw: Outbox<TwilioSink>,
+    /// The current model session's write half (once dialled) and what waits for it.
+    model: Outbox<ModelSink>,
     link_tx: Option<mpsc::Sender<LinkIn>>,
     tools: Vec<PendingTool>,
     upgraded_at: Instant,
@@ -347,7 +273,7 @@ struct Call {
     barge_ins: u64,
     /// The conversation so far, for a new model session.
     replay: Replay,
-    /// Number of the model session `model_tx` feeds (0: the first).
+    /// Number of the model session `model` feeds (0: the first).
     model_gen: u32,
     /// The current session's socket is up (its read half arrived).
     model_up: bool,
@@ -363,8 +289,8 @@ struct Call {
     session_started: Instant,
     /// Model sessions opened so far (numbers the next one).
     sessions: u32,
-    /// A replacement session being opened at a quiet moment: its number and queue.
-    rollover: Option<(u32, mpsc::Sender<ModelOut>)>,
+    /// A replacement session being opened at a quiet moment: its number.
+    rollover: Option<u32>,
     /// No rollover attempt before this (after a failed one).
     rollover_not_before: Option<Instant>,
     /// The model heard the caller start speaking and not yet stop.
@@ -388,51 +314,43 @@ struct Call {
     partial_transcript: Option<(String, String)>,
 }
 
-/// Dials a model session in the background (after `delay`); returns its queue and where
-/// its read half will arrive.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; a struct adds nothing"
-)]
+/// Dials a model session in the background (after `delay`); returns where it arrives.
 fn spawn_model(
     tasks: &mut JoinSet<()>,
-    exit_tx: &mpsc::Sender<TaskExit>,
     deps: &CallDeps,
     agent: &AgentView,
     replay: &Replay,
-    gen_no: u32,
     delay: Duration,
     resumed_items: bool,
-) -> (mpsc::Sender<ModelOut>, oneshot::Receiver<ModelRead>) {
-    let (tx, rx) = mpsc::channel(MODEL_SLOTS);
-    let (read_tx, read_rx) = oneshot::channel();
+) -> Dialled {
+    let (tx, rx) = oneshot::channel();
     let mut setup = vec![agent.session_update()];
     if resumed_items {
         setup.extend(replay.items());
     }
-    let writer = model_writer(
+    let dial = dial_model(
         agent.url(&deps.config.openai_realtime_url),
         deps.config.openai_api_key.clone(),
         deps.config.connect_timeout(),
         setup,
         delay,
-        read_tx,
-        rx,
     );
-    let exit_tx = exit_tx.clone();
     tasks.spawn(async move {
-        let why = writer.await;
-        let _ = exit_tx.send(TaskExit::Model(gen_no, why)).await;
+        let result = dial.await;
+        if let Err(Ok(mut ws)) = tx.send(result) {
+            // The call is gone (or switched elsewhere) while this one dialled.
+            let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+        }
     });
-    (tx, read_rx)
+    rx
 }
 
-/// Waits for a model read half, if one is expected.
-async fn recv_read(
-    rx: &mut Option<oneshot::Receiver<ModelRead>>,
-) -> Result<ModelRead, oneshot::error::RecvError> {
+/// Waits for a dial to finish, if one is under way.
+async fn dialled(rx: &mut Option<Dialled>) -> Result<ModelWs, String> {
     match rx.as_mut() {
-        Some(r) => r.await,
+        Some(r) => r
+            .await
+            .unwrap_or_else(|_| Err("model dial task ended".to_owned())),
         None => std::future::pending().await,
     }
 }
@@ -446,25 +364,16 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     });
 
     let (tw_sink, mut tw_read) = ws.split();
-    // Tasks live in the JoinSet (aborted when it drops); their exits are reported on a
-    // channel, so the call loop does not poll the JoinSet's lock for every frame.
+    // Dials and closes of model sessions (aborted when the call is over).
     let mut tasks: JoinSet<()> = JoinSet::new();
-    let (exit_tx, mut exit_rx) = mpsc::channel::<TaskExit>(8);
-    let spawn = |tasks: &mut JoinSet<()>, fut: Pin<Box<dyn Future<Output = TaskExit> + Send>>| {
-        let exit_tx = exit_tx.clone();
-        tasks.spawn(async move {
-            let exit = fut.await;
-            let _ = exit_tx.send(exit).await;
-        });
-    };
-    let (tw_tx, tw_rx) = mpsc::channel(TWILIO_SLOTS);
-    spawn(&mut tasks, Box::pin(twilio_writer(tw_sink, tw_rx)));
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel(COMMAND_SLOTS);
     let mut link_tx = None;
     // The control link has a set of its own: it outlives the call's other tasks, until
-    // its events are acknowledged (see `flush_link`).
+    // its events are acknowledged (see `flush_link`). Its end is reported on a channel,
+    // so the call loop does not poll the JoinSet's lock for every frame.
     let mut link_task: JoinSet<()> = JoinSet::new();
+    let (link_gone_tx, mut link_gone) = mpsc::channel::<()>(1);
     let mut resumed = false;
     let mut history = Vec::new();
     if let (Some((ctx, stream)), Some(control)) = (setup.attach, deps.control.clone()) {
@@ -480,26 +389,21 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             capacity: deps.config.event_buffer,
             last_seq: ctx.last_seq,
         };
-        spawn(
-            &mut link_task,
-            Box::pin(async move {
-                control_link::run(link, stream, rx, cmd_tx).await;
-                TaskExit::Link
-            }),
-        );
+        link_task.spawn(async move {
+            control_link::run(link, stream, rx, cmd_tx).await;
+            let _ = link_gone_tx.send(()).await;
+        });
     } else {
         drop(cmd_tx);
     }
 
     // A resumed call's first session is told the conversation so far as items.
     let replay = Replay::from_history(history);
-    let (model_tx, read_rx) = spawn_model(
+    let dial_rx = spawn_model(
         &mut tasks,
-        &exit_tx,
         &deps,
         &setup.agent,
         &replay,
-        0,
         Duration::ZERO,
         resumed,
     );
@@ -514,8 +418,8 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         call_sid: String::new(),
         life: Lifecycle::default(),
         playback: Playback::new(barge_in),
-        tw_tx,
-        model_tx,
+        tw: Outbox::new(tw_sink, TWILIO_SLOTS),
+        model: Outbox::pending(MODEL_SLOTS),
         link_tx,
         tools: Vec::new(),
         upgraded_at: setup.upgraded_at,
@@ -553,10 +457,11 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     };
 
     let mut model_read: Option<ModelRead> = None;
-    let mut read_rx = Some(read_rx);
-    let mut roll_rx: Option<oneshot::Receiver<ModelRead>> = None;
-    let mut roll_ready: Option<ModelRead> = None;
+    let mut dial_rx = Some(dial_rx);
+    let mut roll_rx: Option<Dialled> = None;
+    let mut roll_ready: Option<ModelWs> = None;
     let mut commands_open = call.link_tx.is_some();
+    let mut link_open = call.link_tx.is_some();
     // Only calls stored by control can be resumed elsewhere.
     let handoff_possible = call.deps.config.drain_handoff && call.link_tx.is_some();
     // Registered once: a fresh `cancelled()` per frame would lock the shared token.
@@ -577,24 +482,32 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             }
             // Caller frames.
             msg = tw_read.next() => call.on_twilio(msg),
-            // The model socket is up (and set up): start reading it.
-            read = recv_read(&mut read_rx), if read_rx.is_some() => {
-                read_rx = None;
-                // On error the writer failed before dialling completed; its exit carries why.
-                if let Ok(r) = read {
-                    model_read = Some(r);
-                    call.model_up = true;
-                    call.model_ever_up = true;
-                    call.session_started = Instant::now();
-                    call.last_model_event = call.session_started;
+            // A socket that was full can take more.
+            r = call.tw.drive(), if call.tw.wants_drive() => call.on_twilio_written(r),
+            r = call.model.drive(), if call.model.wants_drive() => call.on_model_written(r),
+            // The model socket is up (and set up): start reading it, write what waited.
+            dial = dialled(&mut dial_rx), if dial_rx.is_some() => {
+                dial_rx = None;
+                match dial {
+                    Ok(ws) => {
+                        let (sink, read) = ws.split();
+                        call.model.open(sink);
+                        model_read = Some(read);
+                        call.model_up = true;
+                        call.model_ever_up = true;
+                        call.session_started = Instant::now();
+                        call.last_model_event = call.session_started;
+                    }
+                    Err(why) => call.lose_model(why),
                 }
             }
             // A replacement session is up and set up: switch to it between two frames.
-            read = recv_read(&mut roll_rx), if roll_rx.is_some() => {
+            dial = dialled(&mut roll_rx), if roll_rx.is_some() => {
                 roll_rx = None;
-                match read {
-                    Ok(r) => roll_ready = Some(r),
-                    Err(_) => {
+                match dial {
+                    Ok(ws) => roll_ready = Some(ws),
+                    Err(why) => {
+                        debug!(%why, "Replacement model session failed; the current one goes on.");
                         call.rollover = None;
                         call.rollover_not_before = Some(Instant::now() + ROLLOVER_RETRY);
                     }
@@ -607,15 +520,12 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
                 Some(c) => call.on_command(c),
                 None => commands_open = false,
             },
-            // A helper task ended: a writer failing ends the call; the link ending does not.
-            Some(done) = exit_rx.recv() => match done {
-                TaskExit::Twilio => call.end(Ending::new(EndReason::CallerHangup, "caller socket closed")),
-                TaskExit::Model(gen_no, why) => call.on_model_exit(gen_no, why),
-                TaskExit::Link => {
-                    call.link_tx = None;
-                    debug!("Control link ended.");
-                }
-            },
+            // The control link ended (control refused the call for good): the call goes on.
+            _ = link_gone.recv(), if link_open => {
+                link_open = false;
+                call.link_tx = None;
+                debug!("Control link ended.");
+            }
             // Timeouts: start, media, max duration, tools, goodbye playback.
             () = &mut timer => call.on_timer(),
         }
@@ -626,11 +536,13 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             && call.life.ending().is_none()
         {
             model_read = None;
-            read_rx = call.reconnect(why, &mut tasks, &exit_tx);
+            dial_rx = call.reconnect(why, &mut tasks);
         }
         if call.rollover.is_none() {
             roll_rx = None;
-            roll_ready = None;
+            if let Some(ws) = roll_ready.take() {
+                close_model_later(&mut tasks, Outbox::new(ws.split().0, 0));
+            }
         }
         if call.handoff_wanted && call.life.ending().is_none() && call.quiet() {
             call.end(Ending::new(
@@ -643,29 +555,35 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         if roll_ready.is_some()
             && call.life.ending().is_none()
             && call.quiet()
-            && let (Some(r), Some((gen_no, tx))) = (roll_ready.take(), call.rollover.take())
+            && let (Some(ws), Some(gen_no)) = (roll_ready.take(), call.rollover.take())
         {
-            let old = std::mem::replace(&mut call.model_tx, tx);
-            let _ = old.try_send(ModelOut::Close);
+            let (sink, read) = ws.split();
+            let old = std::mem::replace(&mut call.model, Outbox::new(sink, MODEL_SLOTS));
+            close_model_later(&mut tasks, old);
             call.model_gen = gen_no;
             // The old read half goes: nothing of the old session matters any more.
-            model_read = Some(r);
+            model_read = Some(read);
             call.session_started = Instant::now();
             call.last_model_event = call.session_started;
             call.deps.metrics.model_rollovers().inc();
             info!(session = gen_no, "Model session rolled over.");
         }
         if roll_rx.is_none() && roll_ready.is_none() && call.rollover_due() {
-            roll_rx = Some(call.start_rollover(&mut tasks, &exit_tx));
+            roll_rx = Some(call.start_rollover(&mut tasks));
         }
+        // Write what this turn queued now, without another turn of the loop; a socket
+        // that is full is driven by its select branch once it can take more.
+        call.write_ready().await;
         let next = call.next_deadline();
         if timer.deadline() != next {
             timer.as_mut().reset(next);
         }
     }
-    drop(exit_tx);
     let hard_stop = call.deps.hard_stop.clone();
-    call.finish(tasks, exit_rx, model_read).await;
+    if let Some(ws) = roll_ready.take() {
+        close_model_later(&mut tasks, Outbox::new(ws.split().0, 0));
+    }
+    call.finish(tasks, link_gone, model_read).await;
     // The call is over for Twilio and the model; only its events may be left to deliver.
     // Commands arriving meanwhile have no call to go to (and must not fill up and block
     // the link).
@@ -717,15 +635,39 @@ fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
 impl Call {
     // ---- Model sessions ------------------------------------------------------------------
 
-    /// A model writer ended. Only the current session's end matters; a failed rollover
-    /// is retried later; older sessions were closed on purpose.
-    fn on_model_exit(&mut self, gen_no: u32, why: String) {
-        if gen_no == self.model_gen {
-            self.lose_model(why);
-        } else if self.rollover.as_ref().is_some_and(|(g, _)| *g == gen_no) {
-            debug!(%why, "Replacement model session failed; the current one goes on.");
-            self.rollover = None;
-            self.rollover_not_before = Some(Instant::now() + ROLLOVER_RETRY);
+    /// A write to Twilio failed: the caller is gone.
+    fn on_twilio_written(&mut self, r: Result<(), tungstenite::Error>) {
+        if let Err(e) = r {
+            self.end(Ending::new(
+                EndReason::CallerHangup,
+                format!("caller socket write failed: {e}"),
+            ));
+        }
+    }
+
+    /// A write to the model failed: the session is lost.
+    fn on_model_written(&mut self, r: Result<(), tungstenite::Error>) {
+        if let Err(e) = r {
+            self.lose_model(format!("model write failed: {e}"));
+        }
+    }
+
+    /// Writes what is queued on both sockets as far as they take it now, without waiting.
+    async fn write_ready(&mut self) {
+        if !self.tw.wants_drive() && !self.model.wants_drive() {
+            return;
+        }
+        let (tw, model) = poll_fn(|cx| {
+            let tw = self.tw.poll_drive(cx);
+            let model = self.model.poll_drive(cx);
+            Poll::Ready((tw, model))
+        })
+        .await;
+        if let Poll::Ready(r) = tw {
+            self.on_twilio_written(r);
+        }
+        if let Poll::Ready(r) = model {
+            self.on_model_written(r);
         }
     }
 
@@ -751,12 +693,7 @@ impl Call {
     /// The current model session is gone: open a new one (after a backoff) that is told
     /// the conversation so far, unless the model has been away too long. Returns where
     /// the new session's read half will arrive.
-    fn reconnect(
-        &mut self,
-        why: String,
-        tasks: &mut JoinSet<()>,
-        exit_tx: &mpsc::Sender<TaskExit>,
-    ) -> Option<oneshot::Receiver<ModelRead>> {
+    fn reconnect(&mut self, why: String, tasks: &mut JoinSet<()>) -> Option<Dialled> {
         let now = Instant::now();
         let Some(limit) = self.deps.config.model_reconnect() else {
             self.end(Ending::new(EndReason::ModelUnavailable, why));
@@ -809,27 +746,20 @@ impl Call {
         self.rollover = None;
         let gen_no = self.sessions;
         self.sessions += 1;
-        let (tx, rx) = spawn_model(
-            tasks,
-            exit_tx,
-            &self.deps,
-            &self.agent,
-            &self.replay,
-            gen_no,
-            delay,
-            true,
-        );
+        let rx = spawn_model(tasks, &self.deps, &self.agent, &self.replay, delay, true);
         // The caller's words the old session had not transcribed go first.
+        let mut queue = Outbox::pending(MODEL_SLOTS);
         self.resent_frames = 0;
         if self.utterance_open {
             for frame in &self.utterance {
-                if tx.try_send(ModelOut::Text(frame.clone())).is_ok() {
+                if queue.push(Message::Text(frame.clone())).is_ok() {
                     self.resent_frames += 1;
                 }
             }
         }
-        // The old queue goes; the caller's audio now waits for the new session.
-        self.model_tx = tx;
+        // The caller's audio now waits for the new session; the old one is let go.
+        let old = std::mem::replace(&mut self.model, queue);
+        close_model_later(tasks, old);
         self.model_gen = gen_no;
         self.model_up = false;
         self.deps.metrics.model_reconnects().inc();
@@ -875,24 +805,18 @@ impl Call {
 
     /// Opens the replacement session (set up and told the conversation before the
     /// switch); returns where its read half will arrive.
-    fn start_rollover(
-        &mut self,
-        tasks: &mut JoinSet<()>,
-        exit_tx: &mpsc::Sender<TaskExit>,
-    ) -> oneshot::Receiver<ModelRead> {
+    fn start_rollover(&mut self, tasks: &mut JoinSet<()>) -> Dialled {
         let gen_no = self.sessions;
         self.sessions += 1;
-        let (tx, rx) = spawn_model(
+        let rx = spawn_model(
             tasks,
-            exit_tx,
             &self.deps,
             &self.agent,
             &self.replay,
-            gen_no,
             Duration::ZERO,
             true,
         );
-        self.rollover = Some((gen_no, tx));
+        self.rollover = Some(gen_no);
         debug!(session = gen_no, "Opening a replacement model session.");
         rx
     }
@@ -916,7 +840,7 @@ impl Call {
 
     fn send_twilio(&mut self, text: String) {
         // Control frames use the headroom audio leaves free.
-        if self.tw_tx.try_send(TwOut::Text(text)).is_err() {
+        if self.tw.push(Message::text(text)).is_err() {
             self.deps.metrics.dropped_m2c().inc();
         }
     }
@@ -928,7 +852,7 @@ impl Call {
     }
 
     fn send_model(&mut self, text: String) {
-        if self.model_tx.try_send(ModelOut::Text(text.into())).is_err() {
+        if self.model.push(Message::text(text)).is_err() {
             self.deps.metrics.dropped_c2m().inc();
             warn!("Model queue full; a control message was dropped.");
         }
@@ -1101,14 +1025,14 @@ impl Call {
                 // While a lost model is redialled, keep only the first GAP_FRAMES.
                 if self.model_ever_up
                     && !self.model_up
-                    && MODEL_SLOTS - self.model_tx.capacity() >= GAP_FRAMES + self.resent_frames
+                    && self.model.queued() >= GAP_FRAMES + self.resent_frames
                 {
                     self.dropped_in += 1;
                     self.deps.metrics.gap_dropped().inc();
                     return;
                 }
                 // Keep headroom so truncate/close never find the queue full.
-                if self.model_tx.capacity() <= HEADROOM {
+                if self.model.free() <= HEADROOM {
                     self.dropped_in += 1;
                     self.deps.metrics.dropped_c2m().inc();
                     return;
@@ -1118,7 +1042,7 @@ impl Call {
                 if self.deps.config.model_reconnect_secs > 0 {
                     self.remember(&frame);
                 }
-                if self.model_tx.try_send(ModelOut::Text(frame)).is_ok() {
+                if self.model.push(Message::Text(frame)).is_ok() {
                     self.frames_in += 1;
                     self.deps.metrics.frames_c2m().inc();
                 } else {
@@ -1292,7 +1216,8 @@ impl Call {
                     self.deps.metrics.dropped_m2c().inc();
                     return;
                 };
-                if self.tw_tx.capacity() <= HEADROOM {
+                // Two messages (media, mark) and the headroom.
+                if self.tw.free() <= HEADROOM + 1 {
                     self.dropped_out += 1;
                     self.deps.metrics.dropped_m2c().inc();
                     return;
@@ -1305,8 +1230,10 @@ impl Call {
                     return;
                 };
                 let mark = twilio::mark_frame(sid, &mark);
-                if self.tw_tx.try_send(TwOut::MediaMark(media, mark)).is_err() {
-                    // Cannot happen with the capacity check above (this loop is the only sender).
+                // Cannot fail with the room checked above (this loop is the only writer).
+                if self.tw.push(Message::text(media)).is_err()
+                    || self.tw.push(Message::text(mark)).is_err()
+                {
                     self.deps.metrics.dropped_m2c().inc();
                     return;
                 }
@@ -1632,7 +1559,7 @@ impl Call {
     async fn finish(
         mut self,
         mut tasks: JoinSet<()>,
-        mut exits: mpsc::Receiver<TaskExit>,
+        mut link_gone: mpsc::Receiver<()>,
         model_read: Option<ModelRead>,
     ) {
         let ending = self
@@ -1658,12 +1585,11 @@ impl Call {
             }));
         }
 
-        // Close the model first (also when it never finished dialling: aborting the
-        // writer below drops the half-open socket).
-        let _ = self.model_tx.try_send(ModelOut::Close);
-        if let Some((_, tx)) = self.rollover.take() {
-            let _ = tx.try_send(ModelOut::Close);
-        }
+        // Close the model first, while control acknowledges the end (a session still
+        // being dialled is closed by its dial task, or dropped when the tasks are aborted
+        // below).
+        let model = std::mem::replace(&mut self.model, Outbox::pending(0));
+        close_model_later(&mut tasks, model);
         drop(model_read);
 
         // Report the end and wait briefly for its ack, before Twilio is let go: Twilio
@@ -1678,22 +1604,12 @@ impl Call {
             let sent =
                 tokio::time::timeout(ENDED_ACK_WAIT, tx.send(LinkIn::Event(now_ms(), ended))).await;
             drop(tx);
-            if matches!(sent, Ok(Ok(()))) {
-                let wait_link = async {
-                    while let Some(done) = exits.recv().await {
-                        if matches!(done, TaskExit::Link) {
-                            return;
-                        }
-                    }
-                };
-                if tokio::time::timeout(ENDED_ACK_WAIT, wait_link)
+            if matches!(sent, Ok(Ok(())))
+                && tokio::time::timeout(ENDED_ACK_WAIT, link_gone.recv())
                     .await
                     .is_err()
-                {
-                    warn!(
-                        "Control did not acknowledge the end in time; still trying after the close."
-                    );
-                }
+            {
+                warn!("Control did not acknowledge the end in time; still trying after the close.");
             }
         }
 
@@ -1705,17 +1621,12 @@ impl Call {
             }
             _ => (CloseCode::Normal, "call ended"),
         };
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            if self.tw_tx.send(TwOut::Close(code, why)).await.is_err() {
-                return; // the writer is already gone
-            }
-            while let Some(done) = exits.recv().await {
-                if matches!(done, TaskExit::Twilio) {
-                    return;
-                }
-            }
-        })
-        .await;
+        let tw = std::mem::replace(&mut self.tw, Outbox::pending(0));
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: why.into(),
+        }));
+        let _ = tokio::time::timeout(CLOSE_WAIT, tw.close(close)).await;
         tasks.abort_all();
 
         let label = reason_label(ending.reason);
