@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Relay benchmark: N simulated calls through the real relay (release build) to the fake
 # Realtime server in echo mode, plus the same load straight to the echo fake (baseline),
-# standalone and production (control + redis) paths; N = 10, 100, 300, 1000 by default.
+# standalone and production (control + redis) paths; N = 10, 100, 300, 1000 by default;
+# then the hang-up and cold-start checks.
 #   scripts/bench-relay.sh [bench_relay options…]   (e.g. --calls 10,100 --secs 5, --help)
 # Builds callbridge-relay, callbridge-control and bench_relay in release, then runs the
 # bench, which starts its own redis-server (unix socket), control and one relay per level

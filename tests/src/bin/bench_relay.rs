@@ -22,6 +22,10 @@
 //! relay's marks back, as Twilio does); drain; hang-up (`stop`, close); then the fake's
 //! open-connection count must fall back to zero. Figures, not assertions.
 //!
+//! After the levels: the hang-up check (model sockets left open after each way a caller
+//! can hang up) and the cold-start check (frames sent from right after `start`, while the
+//! model is still being dialled, must all come back, the first one included).
+//!
 //!   scripts/bench-relay.sh            (release build, then this binary; --help for knobs)
 
 use std::collections::BTreeMap;
@@ -108,6 +112,13 @@ struct Args {
     /// Calls per way of hanging up in the hang-up check (0: skip it).
     #[arg(long, default_value_t = 20)]
     hangup_calls: usize,
+    /// Calls per path in the cold-start check: frames from right after `start` (0: skip).
+    #[arg(long, default_value_t = 20)]
+    coldstart_calls: usize,
+    /// Model dial time in the cold-start check, ms: a loopback proxy holds each new model
+    /// connection this long before connecting it to the fake (0: straight to the fake).
+    #[arg(long, default_value_t = 300)]
+    coldstart_dial_ms: u64,
     /// Fake-model worker threads.
     #[arg(long, default_value_t = 2)]
     fake_threads: usize,
@@ -139,6 +150,10 @@ fn main() -> anyhow::Result<()> {
     ensure!(
         (1..=120).contains(&args.secs) && args.idle_secs <= 60 && args.ramp_per_sec > 0,
         "--secs 1..=120, --idle-secs ≤ 60, --ramp-per-sec > 0"
+    );
+    ensure!(
+        args.hangup_calls <= 1000 && args.coldstart_calls <= 1000 && args.coldstart_dial_ms <= 4000,
+        "--hangup-calls ≤ 1000, --coldstart-calls ≤ 1000, --coldstart-dial-ms ≤ 4000 (below the relay's 5 s model connect timeout)"
     );
     let paths = args
         .paths
@@ -228,19 +243,12 @@ async fn start_control() -> anyhow::Result<ControlSide> {
 }
 
 impl ControlSide {
-    async fn create_calls(&self, n: usize, level: usize) -> anyhow::Result<Vec<String>> {
+    async fn create_calls(&self, n: usize, campaign: &str) -> anyhow::Result<Vec<String>> {
         let mut calls = pb::calls_client::CallsClient::with_interceptor(
             self.channel.clone(),
             Bearer::new(APP_TOKEN),
         );
-        let ids = create_calls(
-            &mut calls,
-            &self.agent_id,
-            n,
-            &format!("bench-{level}"),
-            STEP,
-        )
-        .await?;
+        let ids = create_calls(&mut calls, &self.agent_id, n, campaign, STEP).await?;
         ensure!(ids.len() == n, "CreateCalls returned {} of {n}", ids.len());
         Ok(ids)
     }
@@ -331,6 +339,14 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
     } else {
         Value::Null
     };
+    let coldstart = if args.coldstart_calls > 0 {
+        match coldstart_check(args, fake, control.as_ref()).await {
+            Ok(v) => v,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        }
+    } else {
+        Value::Null
+    };
     // Production vs standalone, per level.
     let mut ratios = Vec::new();
     for &n in &args.calls {
@@ -356,6 +372,7 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
         "results": results,
         "production_vs_standalone": ratios,
         "hangup_phases": hangups,
+        "coldstart": coldstart,
     });
     if let Some(dir) = std::path::Path::new(&args.out).parent() {
         std::fs::create_dir_all(dir)?;
@@ -381,7 +398,12 @@ struct Shared {
     go: watch::Receiver<Option<Instant>>,
     /// Calls whose stream is up (start sent / Realtime socket open).
     connected: AtomicU64,
-    secs: u64,
+    /// How long each call streams once it may.
+    stream: Duration,
+    /// How long a call waits for its last echoes after it stopped streaming.
+    drain: Duration,
+    /// Cold start: every call streams right after its `start` (no `go`, no clock spread).
+    cold: bool,
     epoch: Instant,
 }
 
@@ -394,7 +416,220 @@ struct CallOut {
     misrouted: u64,
     marks: u64,
     rtts_us: Vec<u32>,
+    /// Send stamp (µs since the epoch) of the call's first frame.
+    first_sent_us: Option<u64>,
+    /// Round trip of the first frame, once it came back.
+    first_rtt_us: Option<u32>,
     error: Option<String>,
+}
+
+/// How long each cold-start call streams, and how long it then waits for its echoes.
+const COLD_STREAM: Duration = Duration::from_millis(1500);
+const COLD_DRAIN: Duration = Duration::from_secs(3);
+
+/// The issue's "no frame dropped at call start": each caller sends `connected` + `start`
+/// and at once streams stamped 20 ms frames (the level's stamps) for 1.5 s, while the
+/// relay is still dialling the model (held `--coldstart-dial-ms` by [`SlowDial`]); then
+/// waits up to 3 s for the echoes. Per path (standalone; production when control runs):
+/// frames lost, whether each call's first frame came back, and how late (that includes
+/// the rest of the model dial). Fresh relay per path.
+async fn coldstart_check(
+    args: &Args,
+    fake: &FakeRealtime,
+    control: Option<&ControlSide>,
+) -> anyhow::Result<Value> {
+    let n = args.coldstart_calls;
+    let mut out = serde_json::Map::new();
+    println!(
+        "cold-start check ({n} calls each; frames from right after `start` for {} ms; model dial held {} ms):",
+        COLD_STREAM.as_millis(),
+        args.coldstart_dial_ms
+    );
+    for path in [Path::Standalone, Path::Production] {
+        let r = match (path, control) {
+            (Path::Production, None) => {
+                println!(
+                    "  {:<10} skipped: no control (--paths without production)",
+                    path.name()
+                );
+                json!({"skipped": "no control running (--paths without production)"})
+            }
+            _ => match coldstart_path(args, fake, path, control).await {
+                Ok(r) => {
+                    println!(
+                        "  {:<10} calls {:>4} conn {:>4} sent {:>6} echoed {:>6} lost {:>5} first frame back {:>4}/{:<4} first echo p50 {:>7.1} ms max {:>7.1} ms open after {:>3} errors {}",
+                        path.name(),
+                        u(&r, &["calls"]),
+                        u(&r, &["connected"]),
+                        u(&r, &["frames", "sent"]),
+                        u(&r, &["frames", "received"]),
+                        u(&r, &["frames", "lost"]),
+                        u(&r, &["first_frame_back"]),
+                        u(&r, &["calls"]),
+                        f(&r, &["first_echo_ms", "p50"]),
+                        f(&r, &["first_echo_ms", "max"]),
+                        u(&r, &["upstream_open_after_end"]),
+                        u(&r, &["caller_errors"]),
+                    );
+                    r
+                }
+                Err(e) => {
+                    println!("  {:<10} failed: {e:#}", path.name());
+                    json!({"error": format!("{e:#}")})
+                }
+            },
+        };
+        out.insert(path.name().to_owned(), r);
+    }
+    Ok(Value::Object(out))
+}
+
+/// Loopback TCP proxy in front of the fake model that holds every new connection for
+/// `delay` before connecting it through, so the relay's model dial takes about as long as a
+/// real one. Stops (with every connection it carries) when dropped.
+struct SlowDial {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Connections a [`SlowDial`] carries at once; more are refused (closed).
+const SLOW_DIAL_MAX: usize = 5000;
+
+impl SlowDial {
+    async fn start(upstream: SocketAddr, delay: Duration) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            // Dropped with this task: aborting the proxy closes every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                while conns.try_join_next().is_some() {}
+                if conns.len() >= SLOW_DIAL_MAX {
+                    continue;
+                }
+                conns.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let Ok(Ok(mut outbound)) = timeout(STEP, TcpStream::connect(upstream)).await
+                    else {
+                        return;
+                    };
+                    // 20 ms frames: Nagle + delayed ACK would add ~40 ms.
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for SlowDial {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn coldstart_path(
+    args: &Args,
+    fake: &FakeRealtime,
+    path: Path,
+    control: Option<&ControlSide>,
+) -> anyhow::Result<Value> {
+    let n = args.coldstart_calls;
+    let control = if path == Path::Production {
+        control
+    } else {
+        None
+    };
+    // A real model dial is a TLS + WebSocket handshake across the internet; on loopback
+    // the fake answers within a millisecond, before the caller's first frame is there.
+    let slow = if args.coldstart_dial_ms > 0 {
+        Some(SlowDial::start(fake.addr(), Duration::from_millis(args.coldstart_dial_ms)).await?)
+    } else {
+        None
+    };
+    let model_url = match &slow {
+        Some(s) => format!("ws://{}/v1/realtime", s.addr),
+        None => fake.url(),
+    };
+    let mut relay = start_relay(args, &model_url, control).await?;
+    let ids = match control {
+        Some(c) => c.create_calls(n, "bench-coldstart").await?,
+        None => Vec::new(),
+    };
+    let accepted_before = fake.connections_accepted();
+    let open_before = fake.connections_open();
+    // `go` is never waited on by a cold call; the sender only has to outlive the calls.
+    let (_go_tx, go_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        go: go_rx,
+        connected: AtomicU64::new(0),
+        stream: COLD_STREAM,
+        drain: COLD_DRAIN,
+        cold: true,
+        epoch: Instant::now(),
+    });
+    let ramp_started = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / args.ramp_per_sec as f64);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let target = Target::Relay {
+            addr: relay.proc.addr,
+            call_id: ids.get(i).cloned(),
+        };
+        tasks.spawn(one_call(i as u32, target, shared.clone()));
+        tokio::time::sleep_until((ramp_started + gap * (i as u32 + 1)).into()).await;
+    }
+    let mut outs = Vec::with_capacity(n);
+    let collect = async {
+        while let Some(r) = tasks.join_next().await {
+            outs.push(r.unwrap_or_else(|e| CallOut {
+                error: Some(format!("task: {e}")),
+                ..CallOut::default()
+            }));
+        }
+    };
+    if timeout(Duration::from_secs(30), collect).await.is_err() {
+        tasks.abort_all();
+    }
+    let close_deadline = Instant::now() + Duration::from_secs(10);
+    while fake.connections_open() > open_before && Instant::now() < close_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open_after = fake.connections_open().saturating_sub(open_before);
+    let model_sockets = fake.connections_accepted() - accepted_before;
+    relay.proc.kill();
+
+    let (mut sent, mut received, mut misrouted) = (0u64, 0u64, 0u64);
+    let mut firsts: Vec<u32> = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &outs {
+        sent += o.sent;
+        received += o.received;
+        misrouted += o.misrouted;
+        firsts.extend(o.first_rtt_us);
+        if let Some(e) = &o.error {
+            *errors.entry(e.clone()).or_default() += 1;
+        }
+    }
+    firsts.sort_unstable();
+    let ms = |us: Option<u32>| us.map(|us| f64::from(us) / 1000.0);
+    let connected = outs.iter().filter(|o| o.connected).count();
+    Ok(json!({
+        "calls": n,
+        "connected": connected,
+        "stream_ms": COLD_STREAM.as_millis() as u64,
+        "model_dial_ms": args.coldstart_dial_ms,
+        "frames": {"sent": sent, "received": received, "lost": sent.saturating_sub(received),
+                   "misrouted": misrouted},
+        "first_frame_back": firsts.len(),
+        "first_echo_ms": {"p50": ms(percentile(&firsts, 50.0)), "max": ms(firsts.last().copied())},
+        "model_sockets_opened": model_sockets,
+        "upstream_open_after_end": open_after,
+        "caller_errors": errors.values().sum::<u64>(),
+        "call_errors": errors,
+    }))
 }
 
 /// Ways a caller can end a call, at different phases of the relay's call setup.
@@ -409,7 +644,7 @@ const HANGUPS: [&str; 5] = [
 /// For each way of hanging up, `--hangup-calls` calls on a fresh standalone relay; then
 /// how many model sockets are still open once the relay had 10 s to close them.
 async fn hangup_phases(args: &Args, fake: &FakeRealtime) -> anyhow::Result<Value> {
-    let relay = start_relay(args, fake, None).await?;
+    let relay = start_relay(args, &fake.url(), None).await?;
     let addr = relay.proc.addr;
     let mut out = serde_json::Map::new();
     println!(
@@ -498,9 +733,10 @@ struct RelaySide {
     pid: u32,
 }
 
+/// Starts a fresh relay whose model is at `model_url`.
 async fn start_relay(
     args: &Args,
-    fake: &FakeRealtime,
+    model_url: &str,
     control: Option<&ControlSide>,
 ) -> anyhow::Result<RelaySide> {
     let addr = free_addr()?;
@@ -509,7 +745,7 @@ async fn start_relay(
         ("RELAY_LISTEN", &addr.to_string()),
         ("RELAY_PUBLIC_URL", &public),
         ("OPENAI_API_KEY", OPENAI_KEY),
-        ("OPENAI_REALTIME_URL", &fake.url()),
+        ("OPENAI_REALTIME_URL", model_url),
         ("TWILIO_AUTH_TOKEN", TWILIO_TOKEN),
         ("RELAY_ID", "relay-bench"),
         ("RELAY_LOG", "warn"),
@@ -541,11 +777,11 @@ async fn run_level(
 ) -> anyhow::Result<Value> {
     let relay = match path {
         Path::Baseline => None,
-        Path::Standalone => Some(start_relay(args, fake, None).await?),
-        Path::Production => Some(start_relay(args, fake, control).await?),
+        Path::Standalone => Some(start_relay(args, &fake.url(), None).await?),
+        Path::Production => Some(start_relay(args, &fake.url(), control).await?),
     };
     let ids = match (path, control) {
-        (Path::Production, Some(c)) => c.create_calls(n, n).await?,
+        (Path::Production, Some(c)) => c.create_calls(n, &format!("bench-{n}")).await?,
         (Path::Production, None) => bail!("production path without control"),
         _ => Vec::new(),
     };
@@ -558,7 +794,9 @@ async fn run_level(
     let shared = Arc::new(Shared {
         go: go_rx,
         connected: AtomicU64::new(0),
-        secs: args.secs,
+        stream: Duration::from_secs(args.secs),
+        drain: Duration::from_secs(2),
+        cold: false,
         epoch: Instant::now(),
     });
     // Ramp the calls in.
@@ -754,25 +992,34 @@ async fn call_inner(
     shared.connected.fetch_add(1, Ordering::Relaxed);
 
     let mut go = shared.go.clone();
-    let start = loop {
-        tokio::select! {
-            r = go.wait_for(Option::is_some) => {
-                break r.map_err(|_| anyhow!("bench gone"))?.unwrap_or_else(Instant::now);
+    let start = if shared.cold {
+        Instant::now()
+    } else {
+        loop {
+            tokio::select! {
+                r = go.wait_for(Option::is_some) => {
+                    break r.map_err(|_| anyhow!("bench gone"))?.unwrap_or_else(Instant::now);
+                }
+                // Keep reading while idle (session events, pings).
+                msg = timeout(STEP * 3, rx.next()) => match msg {
+                    Ok(Some(Ok(_))) => {}
+                    Ok(_) => bail!("socket closed before the load window"),
+                    Err(_) => bail!("no load window"),
+                },
             }
-            // Keep reading while idle (session events, pings).
-            msg = timeout(STEP * 3, rx.next()) => match msg {
-                Ok(Some(Ok(_))) => {}
-                Ok(_) => bail!("socket closed before the load window"),
-                Err(_) => bail!("no load window"),
-            },
         }
     };
-    // Calls' 20 ms clocks are spread over the frame period, as real calls would be.
-    let offset = FRAME.mul_f64(f64::from(idx % 97) / 97.0);
-    let end = start + Duration::from_secs(shared.secs);
+    // Calls' 20 ms clocks are spread over the frame period, as real calls would be; a cold
+    // call sends its first frame at once.
+    let offset = if shared.cold {
+        Duration::ZERO
+    } else {
+        FRAME.mul_f64(f64::from(idx % 97) / 97.0)
+    };
+    let end = start + shared.stream;
     let mut tick = tokio::time::interval_at((start + offset).into(), FRAME);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let drain_until = end + Duration::from_secs(2);
+    let drain_until = end + shared.drain;
     let mut sending = true;
     let mut buf = [0u8; STAMP_BYTES];
     let mut stamp = [0u8; STAMP_CHARS];
@@ -784,6 +1031,7 @@ async fn call_inner(
                     continue;
                 }
                 let us = shared.epoch.elapsed().as_micros() as u64;
+                out.first_sent_us.get_or_insert(us);
                 buf[..4].copy_from_slice(&idx.to_be_bytes());
                 buf[4..].copy_from_slice(&us.to_be_bytes());
                 B64.encode_slice(buf, &mut stamp).map_err(|e| anyhow!("stamp: {e}"))?;
@@ -851,9 +1099,13 @@ async fn on_frame(
             return Ok(());
         }
         let now_us = shared.epoch.elapsed().as_micros() as u64;
+        let rtt = u32::try_from(now_us.saturating_sub(sent_us)).unwrap_or(u32::MAX);
         out.received += 1;
-        out.rtts_us
-            .push(u32::try_from(now_us.saturating_sub(sent_us)).unwrap_or(u32::MAX));
+        out.rtts_us.push(rtt);
+        // Stamps grow with every frame, so the first frame's stamp is unique.
+        if out.first_sent_us == Some(sent_us) {
+            out.first_rtt_us = Some(rtt);
+        }
         return Ok(());
     }
     if twilio && text.contains(r#""event":"mark""#) {
