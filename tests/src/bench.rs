@@ -34,6 +34,8 @@ pub fn clock_ticks_per_sec() -> f64 {
 pub struct ProcStat<'a> {
     /// The command (thread) name, without its parentheses.
     pub comm: &'a str,
+    /// The parent's process id.
+    pub ppid: u32,
     /// User-mode CPU time, clock ticks.
     pub utime_ticks: u64,
     /// Kernel-mode CPU time, clock ticks.
@@ -46,12 +48,16 @@ impl<'a> ProcStat<'a> {
     pub fn parse(stat: &'a str) -> Option<Self> {
         let (head, after) = stat.rsplit_once(')')?;
         let (_, comm) = head.split_once('(')?;
-        // After `(comm)`: state is field 3 of the line, utime field 14, stime field 15.
-        let mut it = after.split_whitespace().skip(11);
+        // After `(comm)`: state is field 3 of the line, ppid field 4, utime field 14, stime
+        // field 15.
+        let mut it = after.split_whitespace().skip(1);
+        let ppid = it.next()?.parse().ok()?;
+        let mut it = it.skip(9);
         let utime_ticks = it.next()?.parse().ok()?;
         let stime_ticks = it.next()?.parse().ok()?;
         Some(Self {
             comm,
+            ppid,
             utime_ticks,
             stime_ticks,
         })
@@ -207,6 +213,25 @@ pub fn pin_process(pid: u32, cpus: &str) -> io::Result<()> {
     }
 }
 
+/// Child processes of this process whose command name is `comm` (e.g. `redis-server`,
+/// started by `callbridge_testkit::redis_server`, which does not expose its pid).
+pub fn children_named(comm: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .as_deref()
+                .and_then(ProcStat::parse)
+                .is_some_and(|s| s.ppid == me && s.comm == comm)
+        })
+        .collect()
+}
+
 /// The CPUs each thread of `pid` may run on (`Cpus_allowed_list`), distinct values: after
 /// pinning this should be exactly the list asked for.
 pub fn cpus_allowed(pid: u32) -> Vec<String> {
@@ -319,6 +344,7 @@ mod tests {
                     3 0 777 1000 200 18446744073709551615";
         let s = ProcStat::parse(line).expect("parses");
         assert_eq!(s.comm, "my (odd) name ");
+        assert_eq!(s.ppid, 1);
         assert_eq!((s.utime_ticks, s.stime_ticks), (1234, 56));
         assert!((s.cpu_ms(100.0) - 12_900.0).abs() < 1e-9);
         assert!((s.cpu_ms(250.0) - 5_160.0).abs() < 1e-9);
@@ -417,12 +443,14 @@ mod tests {
             .spawn()
             .expect("sleep");
         let pid = child.id();
+        let found = children_named("sleep");
         let pinned = pin_process(pid, "0");
         let allowed = cpus_allowed(pid);
         let _ = child.kill();
         let _ = child.wait();
         pinned.expect("taskset");
         assert_eq!(allowed, vec!["0".to_owned()]);
+        assert!(found.contains(&pid), "{pid} not among {found:?}");
         assert!(pin_process(u32::MAX, "0").is_err());
     }
 

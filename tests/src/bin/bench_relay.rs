@@ -46,8 +46,9 @@ use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
 use callbridge_tests::Bearer;
 use callbridge_tests::bench::{
-    clock_ticks_per_sec, cores, create_calls, json_f64 as f, json_u64 as u, load_average, machine,
-    parse_key_value, percentile, process_cpu_ms, rss_kib, thread_cpu_ms,
+    children_named, clock_ticks_per_sec, cpus_allowed, create_calls, json_f64 as f, json_u64 as u,
+    load_average, machine, parse_cpu_list, parse_key_value, percentile, pin_process,
+    process_cpu_ms, rss_kib, thread_cpu_ms,
 };
 use clap::Parser;
 use futures_util::stream::SplitSink;
@@ -119,6 +120,14 @@ struct Args {
     /// connection this long before connecting it to the fake (0: straight to the fake).
     #[arg(long, default_value_t = 300)]
     coldstart_dial_ms: u64,
+    /// Pin the relay, control and its redis-server to these CPUs (`taskset -c` list, e.g.
+    /// `1`). Default: no pinning (with --harness-cpus: the CPUs the bench had before).
+    #[arg(long, value_parser = parse_cpu_list)]
+    relay_cpus: Option<String>,
+    /// Pin this process (load generator and fake model) to these CPUs, before its runtimes
+    /// start. Default: no pinning.
+    #[arg(long, value_parser = parse_cpu_list)]
+    harness_cpus: Option<String>,
     /// Fake-model worker threads.
     #[arg(long, default_value_t = 2)]
     fake_threads: usize,
@@ -165,6 +174,19 @@ fn main() -> anyhow::Result<()> {
             other => Err(anyhow!("--paths: unknown path {other:?}")),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Counted before any pinning: the machine's cores, not the harness's share of them.
+    let machine = machine("relay, load generator and fake model share these cores");
+    let mut args = args;
+    if let Some(cpus) = &args.harness_cpus {
+        // The processes this one starts inherit its affinity: unless told otherwise they
+        // get back the CPUs this process had before.
+        if args.relay_cpus.is_none() {
+            args.relay_cpus = cpus_allowed(std::process::id()).into_iter().next();
+        }
+        // Only this thread exists yet; every runtime thread inherits its affinity.
+        pin_process(std::process::id(), cpus).context("--harness-cpus")?;
+    }
+    let args = args;
     // The fake gets its own runtime so its CPU can be told apart (thread names) from the
     // load generator's: both share the machine with the relay.
     let fake_rt = tokio::runtime::Builder::new_multi_thread()
@@ -178,7 +200,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let fake = fake_rt.block_on(async { FakeRealtime::builder().echo().start().await })?;
-    let r = rt.block_on(run(&args, &paths, &fake));
+    let r = rt.block_on(run(&args, &paths, &fake, machine));
     drop(fake);
     rt.shutdown_timeout(Duration::from_secs(2));
     fake_rt.shutdown_timeout(Duration::from_secs(2));
@@ -193,7 +215,8 @@ struct ControlSide {
     channel: tonic::transport::Channel,
 }
 
-async fn start_control() -> anyhow::Result<ControlSide> {
+/// Starts Redis and control (pinned to `cpus` when given).
+async fn start_control(cpus: Option<&str>) -> anyhow::Result<ControlSide> {
     let redis = RedisServer::unix().context("starting redis-server")?;
     let addr = free_addr()?;
     let mut control = Proc::spawn(
@@ -215,6 +238,13 @@ async fn start_control() -> anyhow::Result<ControlSide> {
         .wait_grpc_serving(Duration::from_secs(30))
         .await
         .map_err(|e| anyhow!("control not serving: {e}"))?;
+    if let Some(cpus) = cpus {
+        pin_process(control.pid().context("control pid")?, cpus).context("--relay-cpus")?;
+        // Redis is the production path's too; started by us, it has our affinity.
+        for pid in children_named("redis-server") {
+            pin_process(pid, cpus).context("--relay-cpus (redis-server)")?;
+        }
+    }
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect()
@@ -254,16 +284,21 @@ impl ControlSide {
     }
 }
 
-async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result<()> {
+async fn run(
+    args: &Args,
+    paths: &[Path],
+    fake: &FakeRealtime,
+    machine: Value,
+) -> anyhow::Result<()> {
     let clk_tck = clock_ticks_per_sec();
     let control = if paths.contains(&Path::Production) {
-        Some(start_control().await?)
+        Some(start_control(args.relay_cpus.as_deref()).await?)
     } else {
         None
     };
     println!(
         "relay bench: {} CPUs, load average {:?}, {} s load per level, ramp {} calls/s",
-        cores(),
+        machine["cores"],
         load_average(),
         args.secs,
         args.ramp_per_sec
@@ -364,9 +399,20 @@ async fn run(args: &Args, paths: &[Path], fake: &FakeRealtime) -> anyhow::Result
                 "rss_ratio": f(p, &["relay", "rss_kib_per_call_load"]) / f(s, &["relay", "rss_kib_per_call_load"])}));
         }
     }
+    let pinning = json!({
+        "relay_cpus": args.relay_cpus,
+        "harness_cpus": args.harness_cpus,
+        "method": "taskset -a -p -c: the relay, control and redis-server right after they start (every thread), this process before its runtimes start",
+        "harness_cpus_allowed": args.harness_cpus.as_ref().map(|_| cpus_allowed(std::process::id())),
+        "control_cpus_allowed": control.as_ref().filter(|_| args.relay_cpus.is_some())
+            .and_then(|c| c.control.pid()).map(cpus_allowed),
+        "redis_cpus_allowed": control.as_ref().filter(|_| args.relay_cpus.is_some())
+            .map(|_| children_named("redis-server").into_iter().flat_map(cpus_allowed).collect::<Vec<_>>()),
+    });
     let doc = json!({
         "bench": "relay",
-        "machine": machine("relay, load generator and fake model share these cores"),
+        "machine": machine,
+        "pinning": pinning,
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec},
         "results": results,
@@ -731,6 +777,8 @@ async fn hang_up_one(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
 struct RelaySide {
     proc: Proc,
     pid: u32,
+    /// The relay's threads' CPU lists after `--relay-cpus` pinning (`None`: not pinned).
+    cpus_allowed: Option<Vec<String>>,
 }
 
 /// Starts a fresh relay whose model is at `model_url`.
@@ -764,7 +812,20 @@ async fn start_relay(
         .await
         .map_err(|e| anyhow!("relay not healthy: {e}"))?;
     let pid = proc.pid().context("relay pid")?;
-    Ok(RelaySide { proc, pid })
+    // Pinned once healthy: its runtime's workers exist by then, and threads it starts
+    // later inherit the affinity of the thread that starts them.
+    let cpus_allowed = match &args.relay_cpus {
+        Some(cpus) => {
+            pin_process(pid, cpus).context("--relay-cpus")?;
+            Some(cpus_allowed(pid))
+        }
+        None => None,
+    };
+    Ok(RelaySide {
+        proc,
+        pid,
+        cpus_allowed,
+    })
 }
 
 async fn run_level(
@@ -873,6 +934,7 @@ async fn run_level(
     let close_secs = (close_deadline - Duration::from_secs(10))
         .elapsed()
         .as_secs_f64();
+    let relay_cpus_allowed = relay.as_ref().and_then(|r| r.cpus_allowed.clone());
     let relay_alive = match relay {
         Some(mut r) => {
             let alive = r.proc.is_running();
@@ -921,7 +983,7 @@ async fn run_level(
         }),
         _ => Value::Null,
     };
-    Ok(json!({
+    let mut level = json!({
         "path": path.name(),
         "calls": n,
         "connected": connected,
@@ -939,7 +1001,11 @@ async fn run_level(
         "upstream_close_wait_secs": close_secs,
         "call_errors": errors,
         "load_average": load_average(),
-    }))
+    });
+    if let Some(cpus) = relay_cpus_allowed {
+        level["relay_cpus_allowed"] = json!(cpus);
+    }
+    Ok(level)
 }
 
 enum Target {
