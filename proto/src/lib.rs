@@ -3,6 +3,8 @@
 //! The `.proto` source is `proto/proto/callbridge/v1/callbridge.proto`; it is compiled at
 //! build time (protox + tonic-prost-build), so there is no generated code to drift.
 
+pub mod codec;
+
 /// Generated types, clients and servers of `callbridge.v1`.
 #[allow(
     missing_docs,
