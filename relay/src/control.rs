@@ -5,6 +5,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_proto::pb::relay_client::RelayClient;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -70,8 +71,8 @@ impl std::fmt::Debug for Control {
 
 /// An open attach stream: the sender of requests and the stream of responses.
 pub struct AttachStream {
-    /// Requests up (events).
-    pub tx: mpsc::Sender<pb::AttachRequest>,
+    /// Requests up (events), boxed for the same reason as [`crate::call::control_link::LinkIn`].
+    pub tx: mpsc::Sender<Box<pb::AttachRequest>>,
     /// Responses down (acks, commands).
     pub rx: Streaming<pb::AttachResponse>,
 }
@@ -136,9 +137,12 @@ impl Control {
                     reconnect,
                 })),
             };
-            tx.send(open).await.map_err(|_| ControlError::NoContext)?;
+            tx.send(Box::new(open))
+                .await
+                .map_err(|_| ControlError::NoContext)?;
             let mut client = self.client.clone();
-            let mut stream = client.attach(ReceiverStream::new(rx)).await?.into_inner();
+            let up = ReceiverStream::new(rx).map(|r| *r);
+            let mut stream = client.attach(up).await?.into_inner();
             loop {
                 match stream.message().await? {
                     Some(pb::AttachResponse {

@@ -19,11 +19,13 @@ use tracing::{debug, info, warn};
 use crate::control::{AttachStream, Control};
 use crate::metrics::Metrics;
 
-/// What the call hands to the link.
+/// What the call hands to the link. Boxed: a channel allocates its slots 32 at a time,
+/// and at a thousand calls 32 inline events per call were ~3 KiB each, held for the
+/// whole call (docs/performance.md).
 #[derive(Debug)]
 pub enum LinkIn {
     /// An event, with its time.
-    Event(i64, pb::call_event::Kind),
+    Event(i64, Box<pb::call_event::Kind>),
 }
 
 /// Everything the link needs besides its channels.
@@ -66,8 +68,8 @@ async fn next_response(
 }
 
 async fn reserve(
-    tx: Option<mpsc::Sender<pb::AttachRequest>>,
-) -> Option<mpsc::OwnedPermit<pb::AttachRequest>> {
+    tx: Option<mpsc::Sender<Box<pb::AttachRequest>>>,
+) -> Option<mpsc::OwnedPermit<Box<pb::AttachRequest>>> {
     match tx {
         Some(tx) => tx.reserve_owned().await.ok(),
         None => std::future::pending().await,
@@ -109,7 +111,7 @@ pub async fn run(
     setup: LinkSetup,
     first: AttachStream,
     mut events: mpsc::Receiver<LinkIn>,
-    commands: mpsc::Sender<pb::Command>,
+    commands: mpsc::Sender<Box<pb::Command>>,
 ) {
     let LinkSetup {
         call_id,
@@ -147,7 +149,7 @@ pub async fn run(
             // The call's events: always drained first, so the call's try_send rarely fails.
             msg = events.recv(), if call_open => match msg {
                 Some(LinkIn::Event(at_ms, kind)) => {
-                    let is_final = matches!(kind, pb::call_event::Kind::Ended(_));
+                    let is_final = matches!(*kind, pb::call_event::Kind::Ended(_));
                     if gave_up {
                         // Control refused the call for good: this event cannot be stored.
                         metrics.events_overflow().inc();
@@ -166,7 +168,7 @@ pub async fn run(
                         call_id: call_id.clone(),
                         seq,
                         at_ms,
-                        kind: Some(kind),
+                        kind: Some(*kind),
                     });
                     metrics.event_queue_depth().inc();
                 }
@@ -181,7 +183,7 @@ pub async fn run(
                     }
                     pb::attach_response::Msg::Command(c) => {
                         // The call reads commands promptly; if it is gone, drop them.
-                        let _ = commands.send(c).await;
+                        let _ = commands.send(Box::new(c)).await;
                     }
                     pb::attach_response::Msg::Context(_) => {}
                 },
@@ -201,9 +203,9 @@ pub async fn run(
             // Send the next unsent event when the stream has room.
             permit = reserve(tx.clone()), if to_send => match permit {
                 Some(permit) => {
-                    permit.send(pb::AttachRequest {
+                    permit.send(Box::new(pb::AttachRequest {
                         msg: Some(pb::attach_request::Msg::Event(buf.events[buf.sent].clone())),
-                    });
+                    }));
                     buf.sent += 1;
                 }
                 None => {
@@ -216,7 +218,9 @@ pub async fn run(
             // Reconnect with backoff, to whichever control replica answers.
             () = sleep_until(retry_at), if !connected && !gave_up => {
                 metrics.control_reconnects().inc();
-                match control.attach(&call_id, &relay_id, true).await {
+                // Boxed: the attach future is large and rare; inline, every link task
+                // would carry its size for the whole call.
+                match Box::pin(control.attach(&call_id, &relay_id, true)).await {
                     Ok((ctx, stream)) => {
                         info!(call_id, last_seq = ctx.last_seq, "Attach stream reconnected.");
                         buf.ack(ctx.last_seq);

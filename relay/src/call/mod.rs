@@ -459,7 +459,9 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
     let mut model_read: Option<ModelRead> = None;
     let mut dial_rx = Some(dial_rx);
     let mut roll_rx: Option<Dialled> = None;
-    let mut roll_ready: Option<ModelWs> = None;
+    // Split at once: the halves are small handles, an unsplit socket is 1.4 KiB inline in
+    // this future for the whole call.
+    let mut roll_ready: Option<(ModelSink, ModelRead)> = None;
     let mut commands_open = call.link_tx.is_some();
     let mut link_open = call.link_tx.is_some();
     // Only calls stored by control can be resumed elsewhere.
@@ -505,7 +507,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             dial = dialled(&mut roll_rx), if roll_rx.is_some() => {
                 roll_rx = None;
                 match dial {
-                    Ok(ws) => roll_ready = Some(ws),
+                    Ok(ws) => roll_ready = Some(ws.split()),
                     Err(why) => {
                         debug!(%why, "Replacement model session failed; the current one goes on.");
                         call.rollover = None;
@@ -517,7 +519,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
             msg = next_model(&mut model_read), if model_read.is_some() => call.on_model(msg),
             // Commands from the application, through control.
             cmd = cmd_rx.recv(), if commands_open => match cmd {
-                Some(c) => call.on_command(c),
+                Some(c) => call.on_command(*c),
                 None => commands_open = false,
             },
             // The control link ended (control refused the call for good): the call goes on.
@@ -540,8 +542,8 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         }
         if call.rollover.is_none() {
             roll_rx = None;
-            if let Some(ws) = roll_ready.take() {
-                close_model_later(&mut tasks, Outbox::new(ws.split().0, 0));
+            if let Some((sink, _)) = roll_ready.take() {
+                close_model_later(&mut tasks, Outbox::new(sink, 0));
             }
         }
         if call.handoff_wanted && call.life.ending().is_none() && call.quiet() {
@@ -555,9 +557,8 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         if roll_ready.is_some()
             && call.life.ending().is_none()
             && call.quiet()
-            && let (Some(ws), Some(gen_no)) = (roll_ready.take(), call.rollover.take())
+            && let (Some((sink, read)), Some(gen_no)) = (roll_ready.take(), call.rollover.take())
         {
-            let (sink, read) = ws.split();
             let old = std::mem::replace(&mut call.model, Outbox::new(sink, MODEL_SLOTS));
             close_model_later(&mut tasks, old);
             call.model_gen = gen_no;
@@ -580,16 +581,18 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         }
     }
     let hard_stop = call.deps.hard_stop.clone();
-    if let Some(ws) = roll_ready.take() {
-        close_model_later(&mut tasks, Outbox::new(ws.split().0, 0));
+    if let Some((sink, _)) = roll_ready.take() {
+        close_model_later(&mut tasks, Outbox::new(sink, 0));
     }
-    call.finish(tasks, link_gone, model_read).await;
+    // Boxed, like the link flush: they run once, at the end; inline, their state would be
+    // part of every call's future from its start.
+    Box::pin(call.finish(tasks, link_gone, model_read)).await;
     // The call is over for Twilio and the model; only its events may be left to deliver.
     // Commands arriving meanwhile have no call to go to (and must not fill up and block
     // the link).
     drop(cmd_rx);
     drop(_active);
-    flush_link(link_task, hard_stop).await;
+    Box::pin(flush_link(link_task, hard_stop)).await;
 }
 
 /// Lets the control link deliver what control has not acknowledged yet (it ends once
@@ -833,7 +836,10 @@ impl Call {
             trace!(?kind, "Event (standalone, not stored).");
             return;
         };
-        if tx.try_send(LinkIn::Event(now_ms(), kind)).is_err() {
+        if tx
+            .try_send(LinkIn::Event(now_ms(), Box::new(kind)))
+            .is_err()
+        {
             self.deps.metrics.events_overflow().inc();
         }
     }
@@ -1601,8 +1607,11 @@ impl Call {
                 detail: ending.detail.clone(),
                 transfer_to: ending.transfer_to.clone(),
             });
-            let sent =
-                tokio::time::timeout(ENDED_ACK_WAIT, tx.send(LinkIn::Event(now_ms(), ended))).await;
+            let sent = tokio::time::timeout(
+                ENDED_ACK_WAIT,
+                tx.send(LinkIn::Event(now_ms(), Box::new(ended))),
+            )
+            .await;
             drop(tx);
             if matches!(sent, Ok(Ok(())))
                 && tokio::time::timeout(ENDED_ACK_WAIT, link_gone.recv())
