@@ -7,7 +7,7 @@
 //! - [`signature`]: `X-Twilio-Signature` checking.
 //! - [`twiml`]: TwiML answers.
 //! - [`control`]: client of control's `Relay` service.
-//! - [`call`]: one call (call loop, writers, control link) and its pure state in `call::phase`.
+//! - [`call`]: one call (call loop, socket outboxes, control link) and its pure state in `call::phase`.
 //! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours.
 //! - [`metrics`] (logging and traces: the `callbridge-telemetry` crate).
 //!
