@@ -627,23 +627,8 @@ async fn coldstart_path(
         tasks.spawn(one_call(i as u32, target, shared.clone()));
         tokio::time::sleep_until((ramp_started + gap * (i as u32 + 1)).into()).await;
     }
-    let mut outs = Vec::with_capacity(n);
-    let collect = async {
-        while let Some(r) = tasks.join_next().await {
-            outs.push(r.unwrap_or_else(|e| CallOut {
-                error: Some(format!("task: {e}")),
-                ..CallOut::default()
-            }));
-        }
-    };
-    if timeout(Duration::from_secs(30), collect).await.is_err() {
-        tasks.abort_all();
-    }
-    let close_deadline = Instant::now() + Duration::from_secs(10);
-    while fake.connections_open() > open_before && Instant::now() < close_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let open_after = fake.connections_open().saturating_sub(open_before);
+    let outs = collect_calls(tasks, n).await;
+    let (open_after, _) = wait_model_sockets_closed(fake, open_before).await;
     let model_sockets = fake.connections_accepted() - accepted_before;
     relay.proc.kill();
 
@@ -828,6 +813,38 @@ async fn start_relay(
     })
 }
 
+/// Waits (≤ 30 s) for every call task's report; a task that panicked or did not finish
+/// in time is reported as a failed call.
+async fn collect_calls(mut tasks: tokio::task::JoinSet<CallOut>, n: usize) -> Vec<CallOut> {
+    let mut outs = Vec::with_capacity(n);
+    let collect = async {
+        while let Some(r) = tasks.join_next().await {
+            outs.push(r.unwrap_or_else(|e| CallOut {
+                error: Some(format!("task: {e}")),
+                ..CallOut::default()
+            }));
+        }
+    };
+    if timeout(Duration::from_secs(30), collect).await.is_err() {
+        tasks.abort_all();
+    }
+    outs
+}
+
+/// Waits (≤ 10 s) for the fake's open model sockets to fall back to `open_before`; returns
+/// how many are still open above it and the seconds waited.
+async fn wait_model_sockets_closed(fake: &FakeRealtime, open_before: u64) -> (u64, f64) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    while fake.connections_open() > open_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (
+        fake.connections_open().saturating_sub(open_before),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
 async fn run_level(
     args: &Args,
     path: Path,
@@ -913,27 +930,9 @@ async fn run_level(
     let load_secs = started.elapsed().as_secs_f64();
 
     // Calls drain, hang up and report.
-    let mut outs = Vec::with_capacity(n);
-    let collect = async {
-        while let Some(r) = tasks.join_next().await {
-            outs.push(r.unwrap_or_else(|e| CallOut {
-                error: Some(format!("task: {e}")),
-                ..CallOut::default()
-            }));
-        }
-    };
-    if timeout(Duration::from_secs(30), collect).await.is_err() {
-        tasks.abort_all();
-    }
+    let mut outs = collect_calls(tasks, n).await;
     // After every hang-up, the relay must close every model socket.
-    let close_deadline = Instant::now() + Duration::from_secs(10);
-    while fake.connections_open() > open_before && Instant::now() < close_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let open_after = fake.connections_open().saturating_sub(open_before);
-    let close_secs = (close_deadline - Duration::from_secs(10))
-        .elapsed()
-        .as_secs_f64();
+    let (open_after, close_secs) = wait_model_sockets_closed(fake, open_before).await;
     let relay_cpus_allowed = relay.as_ref().and_then(|r| r.cpus_allowed.clone());
     let relay_alive = match relay {
         Some(mut r) => {
