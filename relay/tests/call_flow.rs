@@ -356,7 +356,7 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
     .await;
     let ended = wait_ended(&w.control).await;
     assert_eq!(ended.reason, EndReason::CallerHangup as i32);
-    // Twilio sees a normal close, the model socket is closed too.
+    // Twilio sees a normal close, the model socket is closed too, with a close frame.
     loop {
         match next_twilio(&mut tw).await {
             Ok(v) => assert_ne!(v["event"], "media", "no audio after the barge-in: {v}"),
@@ -366,7 +366,11 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
             }
         }
     }
-    model.next_of("__closed").await;
+    let closed = model.next_of("__closed").await;
+    assert_eq!(
+        closed["code"], 1000,
+        "the model session gets a normal close: {closed}"
+    );
 
     let events = w.control.events();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();

@@ -1591,11 +1591,14 @@ impl Call {
             }));
         }
 
-        // Close the model first, while control acknowledges the end (a session still
-        // being dialled is closed by its dial task, or dropped when the tasks are aborted
-        // below).
+        // Close the model first, while control acknowledges the end; its close is awaited
+        // (bounded) before the call's tasks are aborted, so the session gets its close
+        // frame. A session still being dialled is closed by its dial task, or dropped when
+        // the tasks are aborted below.
         let model = std::mem::replace(&mut self.model, Outbox::pending(0));
-        close_model_later(&mut tasks, model);
+        let model_closed = tokio::spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_WAIT, model.close(model_close())).await;
+        });
         drop(model_read);
 
         // Report the end and wait briefly for its ack, before Twilio is let go: Twilio
@@ -1636,6 +1639,7 @@ impl Call {
             reason: why.into(),
         }));
         let _ = tokio::time::timeout(CLOSE_WAIT, tw.close(close)).await;
+        let _ = model_closed.await;
         tasks.abort_all();
 
         let label = reason_label(ending.reason);

@@ -301,8 +301,15 @@ pub async fn start_model() -> FakeModel {
                                 let v: Value = serde_json::from_str(&t).unwrap();
                                 let _ = in_tx.send(v).await;
                             }
-                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                                let _ = in_tx.send(serde_json::json!({"type": "__closed"})).await;
+                            Some(Ok(Message::Close(frame))) => {
+                                // The close code the relay sent (null: a close frame without one).
+                                let code = frame.map(|f| u16::from(f.code));
+                                let _ = in_tx.send(serde_json::json!({"type": "__closed", "code": code})).await;
+                                return;
+                            }
+                            None | Some(Err(_)) => {
+                                // No close frame: the socket just ended.
+                                let _ = in_tx.send(serde_json::json!({"type": "__closed", "code": "none"})).await;
                                 return;
                             }
                             _ => {}
