@@ -64,7 +64,8 @@ pub enum LogFormat {
 #[command(
     name = "callbridge-control",
     version,
-    about = "callbridge control plane: agents, calls, events and command routing over gRPC"
+    about = "callbridge control plane: agents, calls, events and command routing over gRPC",
+    after_help = callbridge_telemetry::ENV_HELP
 )]
 struct Args {
     /// gRPC listen address.

@@ -91,7 +91,8 @@ pub enum LogFormat {
 #[command(
     name = "callbridge-relay",
     about = "Bridges Twilio Media Streams and the OpenAI Realtime API, one call per WebSocket.",
-    long_about = None
+    long_about = None,
+    after_help = callbridge_telemetry::ENV_HELP
 )]
 pub struct Config {
     /// HTTP/WS listen address.

@@ -12,6 +12,16 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
+/// The OpenTelemetry variables both binaries read straight from the environment (not
+/// through clap), for the end of their `--help`.
+pub const ENV_HELP: &str = "\
+Trace export (OpenTelemetry, read from the environment):
+  OTEL_EXPORTER_OTLP_ENDPOINT  OTLP/gRPC collector, e.g. http://collector:4317 (plaintext);
+                               when set, tracing spans are exported [default: unset, no export]
+  OTEL_SERVICE_NAME            service.name of the exported spans [default: the binary's name]
+  OTEL_TRACES_SAMPLER, OTEL_BSP_*, OTEL_RESOURCE_ATTRIBUTES
+                               the standard OpenTelemetry sampler, batch and resource settings";
+
 /// What a binary asks of its logging.
 #[derive(Debug, Clone, Copy)]
 pub struct Options<'a> {
