@@ -1010,3 +1010,42 @@ async fn oversized_and_early_messages_are_not_fatal() {
     );
     assert!(!w.control.kinds().contains(&"ended".to_owned()));
 }
+
+#[tokio::test]
+async fn a_dropped_model_session_hears_the_untranscribed_words_again() {
+    use base64::Engine;
+    let mut model = start_model().await;
+    let relay = start_relay(&model.url, None, |_| {}).await;
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream-simple")
+        .await
+        .unwrap();
+    let mut m = within("model dialled", model.conns.recv()).await.unwrap();
+    m.next_of("session.update").await;
+    send_json(&mut tw, start_msg()).await;
+    // The caller starts an utterance the model has not transcribed yet.
+    m.send(json!({"type":"input_audio_buffer.speech_started","item_id":"u1","audio_start_ms":0}))
+        .await;
+    let words: Vec<String> = (1..=5u8)
+        .map(|i| base64::engine::general_purpose::STANDARD.encode([i; 160]))
+        .collect();
+    for p in &words {
+        send_json(&mut tw, media_msg(p)).await;
+    }
+    for p in &words {
+        assert_eq!(
+            m.next_of("input_audio_buffer.append").await["audio"],
+            p.as_str()
+        );
+    }
+    // The session drops: the next one is set up and hears the same audio, in order,
+    // re-encoded from what the relay kept.
+    drop(m.tx);
+    let mut again = within("model redialled", model.conns.recv()).await.unwrap();
+    again.next_of("session.update").await;
+    for p in &words {
+        assert_eq!(
+            again.next_of("input_audio_buffer.append").await["audio"],
+            p.as_str()
+        );
+    }
+}

@@ -20,6 +20,7 @@ mod model_session;
 pub mod outbox;
 pub mod phase;
 pub mod replay;
+pub mod utterance;
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -55,6 +56,7 @@ use model_session::{close_model_later, dialled, model_close, spawn_model};
 use outbox::Outbox;
 use phase::{Delta, Ending, Lifecycle, Out, Playback};
 use replay::Replay;
+use utterance::Utterance;
 
 type ModelWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type ModelRead = SplitStream<ModelWs>;
@@ -235,9 +237,9 @@ struct Call {
     awaiting_answer: Option<Instant>,
     /// The relay is draining: hand the call off at the next quiet moment.
     handoff_wanted: bool,
-    /// The caller's latest audio (`input_audio_buffer.append` events): the utterance the
-    /// model has not transcribed yet, resent to a new session after a drop.
-    utterance: std::collections::VecDeque<Utf8Bytes>,
+    /// The caller's latest audio: the utterance the model has not transcribed yet, resent
+    /// to a new session after a drop (and a short pre-roll before any utterance).
+    utterance: Utterance,
     /// An utterance started and is not transcribed yet.
     utterance_open: bool,
     /// Frames resent to the current session when it was opened (outside the gap budget).
@@ -343,7 +345,7 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         caller_speaking: false,
         awaiting_answer: None,
         handoff_wanted: false,
-        utterance: std::collections::VecDeque::new(),
+        utterance: Utterance::default(),
         utterance_open: false,
         resent_frames: 0,
         last_model_event: now,
@@ -788,11 +790,11 @@ impl Call {
                     self.deps.metrics.dropped_c2m().inc();
                     return;
                 }
+                if self.deps.config.model_reconnect_secs > 0 {
+                    self.remember(&media.payload);
+                }
                 // Exact capacity: the String becomes shared bytes without a copy.
                 let frame = Utf8Bytes::from(realtime::append(&media.payload));
-                if self.deps.config.model_reconnect_secs > 0 {
-                    self.remember(&frame);
-                }
                 if self.model.push(Message::Text(frame)).is_ok() {
                     self.frames_in += 1;
                     self.deps.metrics.frames_c2m().inc();
@@ -1080,7 +1082,8 @@ impl Call {
             "conversation.item.input_audio_transcription.completed" => {
                 // The model has the words now: a new session gets them as an item.
                 self.utterance_open = false;
-                self.utterance.clear();
+                self.utterance
+                    .clear(PREROLL_FRAMES * utterance::FRAME_BYTES);
                 let item_id = ev.item_id.as_deref().unwrap_or("").to_owned();
                 let text = ev.transcript.as_deref().unwrap_or("").to_owned();
                 self.event(pb::call_event::Kind::Caller(pb::CallerSpeech {

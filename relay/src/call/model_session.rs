@@ -9,10 +9,10 @@ use futures_util::SinkExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, warn};
 
 use super::outbox::Outbox;
@@ -132,17 +132,14 @@ pub(super) async fn dialled(rx: &mut Option<Dialled>) -> Result<ModelWs, String>
 }
 
 impl Call {
-    /// Keeps a caller frame for a resend (see [`Call::utterance`]).
-    pub(super) fn remember(&mut self, frame: &Utf8Bytes) {
+    /// Keeps a caller frame (its base64 payload) for a resend (see [`Call::utterance`]).
+    pub(super) fn remember(&mut self, payload: &str) {
         let cap = if self.utterance_open {
             UTTERANCE_FRAMES
         } else {
             PREROLL_FRAMES
         };
-        if self.utterance.len() >= cap {
-            self.utterance.pop_front();
-        }
-        self.utterance.push_back(frame.clone());
+        self.utterance.push_base64(payload, cap);
     }
 
     pub(super) fn lose_model(&mut self, why: String) {
@@ -212,8 +209,8 @@ impl Call {
         let mut queue = Outbox::pending(MODEL_SLOTS);
         self.resent_frames = 0;
         if self.utterance_open {
-            for frame in &self.utterance {
-                if queue.push(Message::Text(frame.clone())).is_ok() {
+            for append in self.utterance.appends() {
+                if queue.push(Message::text(append)).is_ok() {
                     self.resent_frames += 1;
                 }
             }
