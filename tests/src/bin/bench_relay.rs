@@ -131,6 +131,10 @@ struct Args {
     /// Fake-model worker threads.
     #[arg(long, default_value_t = 2)]
     fake_threads: usize,
+    /// The fake tells the relay the caller is speaking from the first frame on (and never
+    /// stops), so every call keeps its whole resend window, as during a real utterance.
+    #[arg(long)]
+    speaking: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +203,15 @@ fn main() -> anyhow::Result<()> {
         .thread_name("loadgen")
         .enable_all()
         .build()?;
-    let fake = fake_rt.block_on(async { FakeRealtime::builder().echo().start().await })?;
+    let fake = fake_rt.block_on(async {
+        let builder = FakeRealtime::builder();
+        let builder = if args.speaking {
+            builder.echo_speaking()
+        } else {
+            builder.echo()
+        };
+        builder.start().await
+    })?;
     let r = rt.block_on(run(&args, &paths, &fake, machine));
     drop(fake);
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -414,7 +426,8 @@ async fn run(
         "machine": machine,
         "pinning": pinning,
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
-                 "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec},
+                 "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec,
+                 "speaking": args.speaking},
         "results": results,
         "production_vs_standalone": ratios,
         "hangup_phases": hangups,

@@ -50,6 +50,7 @@ pub struct FakeRealtimeBuilder {
     late_deltas: u32,
     silence_ms: u32,
     echo: bool,
+    echo_speaking: bool,
     reject_auth: bool,
     require_key: Option<String>,
     close_after: Option<Duration>,
@@ -71,6 +72,7 @@ impl Default for FakeRealtimeBuilder {
             late_deltas: 0,
             silence_ms: 200,
             echo: false,
+            echo_speaking: false,
             reject_auth: false,
             require_key: None,
             close_after: None,
@@ -127,6 +129,16 @@ impl FakeRealtimeBuilder {
     /// no voice detection, no script.
     pub fn echo(mut self) -> Self {
         self.echo = true;
+        self
+    }
+
+    /// Echo mode in which the caller is speaking for the whole connection: the first
+    /// append is preceded by `input_audio_buffer.speech_started`, and no `speech_stopped`
+    /// or transcript follows. A relay then keeps its whole resend window, as during a
+    /// real utterance (for memory benchmarks).
+    pub fn echo_speaking(mut self) -> Self {
+        self.echo = true;
+        self.echo_speaking = true;
         self
     }
 
@@ -837,6 +849,10 @@ impl Session {
         let before = self.appended_bytes;
         self.appended_bytes += bytes.len() as u64;
         if self.cfg.echo {
+            if self.cfg.echo_speaking && before == 0 {
+                self.emit(json!({"type": "input_audio_buffer.speech_started",
+                    "item_id": "item_caller", "audio_start_ms": 0}));
+            }
             self.emit(
                 json!({"type": "response.output_audio.delta", "response_id": "resp_echo",
                 "item_id": "item_echo", "output_index": 0, "content_index": 0, "delta": audio}),
@@ -1643,6 +1659,33 @@ mod tests {
         .await;
         let got = until(&mut ws, "response.output_audio.delta").await;
         assert_eq!(got.last().expect("delta")["delta"], payload);
+    }
+
+    #[tokio::test]
+    async fn echo_speaking_says_the_caller_speaks_once_then_echoes() {
+        let fake = FakeRealtime::builder()
+            .echo_speaking()
+            .start()
+            .await
+            .expect("start");
+        let mut ws = connect(&fake, Some("k")).await.expect("connect");
+        until(&mut ws, "session.created").await;
+        let payload = audio::b64(&audio::tone(500.0, 20, 0));
+        let append = json!({"type": "input_audio_buffer.append", "audio": payload});
+        send(&mut ws, append.clone()).await;
+        let first = until(&mut ws, "response.output_audio.delta").await;
+        let kinds: Vec<&str> = first.iter().filter_map(|v| v["type"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "input_audio_buffer.speech_started",
+                "response.output_audio.delta"
+            ]
+        );
+        send(&mut ws, append).await;
+        let second = until(&mut ws, "response.output_audio.delta").await;
+        assert_eq!(second.len(), 1, "no second speech_started: {second:?}");
+        assert_eq!(second[0]["delta"], payload);
     }
 
     #[tokio::test]
