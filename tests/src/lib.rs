@@ -182,16 +182,7 @@ impl World {
 
     /// The call as control stores it.
     pub async fn get_call(&self, call_id: &str) -> pb::Call {
-        with_timeout(
-            RPC,
-            "GetCall",
-            self.calls().get_call(pb::GetCallRequest {
-                call_id: call_id.to_owned(),
-            }),
-        )
-        .await
-        .expect("GetCall succeeds")
-        .into_inner()
+        get_call(&self.calls(), call_id).await
     }
 
     /// Finds the call of a Twilio call sid (newest calls first).
@@ -215,22 +206,7 @@ impl World {
     /// Waits until the call reached a final status (control stores the `ended` event
     /// asynchronously after the caller saw the stream end).
     pub async fn wait_ended(&self, call_id: &str, limit: Duration) -> pb::Call {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let call = self.get_call(call_id).await;
-            let status = pb::CallStatus::try_from(call.status).unwrap_or_default();
-            let done = matches!(
-                status,
-                pb::CallStatus::Completed
-                    | pb::CallStatus::Failed
-                    | pb::CallStatus::NoAnswer
-                    | pb::CallStatus::Canceled
-            );
-            if done || tokio::time::Instant::now() >= deadline {
-                return call;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_call_final(&self.calls(), call_id, limit).await
     }
 
     /// The stored transcript.
@@ -389,6 +365,40 @@ impl WorldBuilder {
             fake,
             channel,
         }
+    }
+}
+
+/// The call as control stores it, read with `client`.
+pub async fn get_call(client: &CallsClient, call_id: &str) -> pb::Call {
+    with_timeout(
+        RPC,
+        "GetCall",
+        client.clone().get_call(pb::GetCallRequest {
+            call_id: call_id.to_owned(),
+        }),
+    )
+    .await
+    .expect("GetCall succeeds")
+    .into_inner()
+}
+
+/// Waits (≤ `limit`) until the call reached a final status, and returns it as stored.
+pub async fn wait_call_final(client: &CallsClient, call_id: &str, limit: Duration) -> pb::Call {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let call = get_call(client, call_id).await;
+        let status = pb::CallStatus::try_from(call.status).unwrap_or_default();
+        let done = matches!(
+            status,
+            pb::CallStatus::Completed
+                | pb::CallStatus::Failed
+                | pb::CallStatus::NoAnswer
+                | pb::CallStatus::Canceled
+        );
+        if done || tokio::time::Instant::now() >= deadline {
+            return call;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

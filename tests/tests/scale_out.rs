@@ -36,7 +36,7 @@ use callbridge_testkit::sim_caller::{
 };
 use callbridge_tests::{
     APP_TOKEN, Bearer, CallsClient, OPENAI_KEY, PUBLIC_URL, READY, RELAY_TOKEN, RPC, TWILIO_TOKEN,
-    agent_settings, expected_transcript, flatten, with_timeout,
+    agent_settings, expected_transcript, flatten, wait_call_final, with_timeout,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -448,34 +448,6 @@ async fn stored_events(client: &CallsClient, call_id: &str) -> Vec<pb::CallEvent
     events
 }
 
-async fn wait_final(client: &CallsClient, call_id: &str) -> pb::Call {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let call = with_timeout(
-            RPC,
-            "GetCall",
-            client.clone().get_call(pb::GetCallRequest {
-                call_id: call_id.to_owned(),
-            }),
-        )
-        .await
-        .expect("GetCall succeeds")
-        .into_inner();
-        let status = pb::CallStatus::try_from(call.status).unwrap_or_default();
-        let done = matches!(
-            status,
-            pb::CallStatus::Completed
-                | pb::CallStatus::Failed
-                | pb::CallStatus::NoAnswer
-                | pb::CallStatus::Canceled
-        );
-        if done || Instant::now() >= deadline {
-            return call;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The relay's `callbridge_relay_control_reconnects_total`.
 async fn relay_reconnects(addr: SocketAddr) -> u64 {
     let resp = callbridge_testkit::http::request(
@@ -857,7 +829,7 @@ async fn run() {
         }
 
         let reader = &clients[n % 2];
-        let call = wait_final(reader, &d.call_id).await;
+        let call = wait_call_final(reader, &d.call_id, Duration::from_secs(20)).await;
         let (status, reason) = match d.kind {
             Kind::Plain => (pb::CallStatus::Completed, pb::EndReason::CallerHangup),
             _ => (pb::CallStatus::Completed, pb::EndReason::AppHangup),
@@ -1022,6 +994,57 @@ async fn run() {
 type RelayClient =
     pb::relay_client::RelayClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
+/// An agent and an outbound call created through `channel`, admitted as `twilio_call_sid`
+/// by a relay client (returned, to attach with).
+async fn admitted_call(
+    channel: &Channel,
+    marker: &str,
+    to: &str,
+    twilio_call_sid: &str,
+) -> (String, RelayClient) {
+    let agent = with_timeout(
+        RPC,
+        "CreateAgent",
+        agents_client(channel).create_agent(pb::CreateAgentRequest {
+            agent_id: String::new(),
+            settings: Some(agent_settings(marker, None)),
+        }),
+    )
+    .await
+    .expect("CreateAgent")
+    .into_inner();
+    let call_id = with_timeout(
+        RPC,
+        "CreateCall",
+        calls_client(channel).create_call(pb::CreateCallRequest {
+            agent_id: agent.agent_id,
+            direction: pb::Direction::Outbound as i32,
+            to: to.to_owned(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("CreateCall")
+    .into_inner()
+    .call
+    .expect("a call")
+    .call_id;
+    let mut relay: RelayClient =
+        pb::relay_client::RelayClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
+    with_timeout(
+        RPC,
+        "Admit",
+        relay.admit(pb::AdmitRequest {
+            call_id: call_id.clone(),
+            twilio_call_sid: twilio_call_sid.to_owned(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("Admit");
+    (call_id, relay)
+}
+
 /// Regression test of a control bug on a multi-node Redis Cluster. One control replica,
 /// one call attached by a hand-driven relay stream, one `SendCommand`: the command must be
 /// accepted AND come down the attach stream, whichever node the replica's command channel
@@ -1059,49 +1082,9 @@ async fn send_command_reaches_the_holder_whatever_node_its_channel_hashes_to() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let channel = connect(addr).await;
-        let agent = with_timeout(
-            RPC,
-            "CreateAgent",
-            agents_client(&channel).create_agent(pb::CreateAgentRequest {
-                agent_id: String::new(),
-                settings: Some(agent_settings("repro", None)),
-            }),
-        )
-        .await
-        .expect("CreateAgent")
-        .into_inner();
+        let (call_id, mut relay) =
+            admitted_call(&channel, "repro", "+14155550123", &format!("CArepro{node}")).await;
         let mut calls = calls_client(&channel);
-        let call_id = with_timeout(
-            RPC,
-            "CreateCall",
-            calls.create_call(pb::CreateCallRequest {
-                agent_id: agent.agent_id,
-                direction: pb::Direction::Outbound as i32,
-                to: "+14155550123".to_owned(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .expect("CreateCall")
-        .into_inner()
-        .call
-        .expect("a call")
-        .call_id;
-        let mut relay: RelayClient = pb::relay_client::RelayClient::with_interceptor(
-            channel.clone(),
-            Bearer::new(RELAY_TOKEN),
-        );
-        with_timeout(
-            RPC,
-            "Admit",
-            relay.admit(pb::AdmitRequest {
-                call_id: call_id.clone(),
-                twilio_call_sid: format!("CArepro{node}"),
-                ..Default::default()
-            }),
-        )
-        .await
-        .expect("Admit");
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tx.send(pb::AttachRequest {
             msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
@@ -1237,47 +1220,8 @@ async fn a_command_accepted_while_a_stream_reattaches_reaches_it() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let channel = connect(addr).await;
-    let agent = with_timeout(
-        RPC,
-        "CreateAgent",
-        agents_client(&channel).create_agent(pb::CreateAgentRequest {
-            agent_id: String::new(),
-            settings: Some(agent_settings("race", None)),
-        }),
-    )
-    .await
-    .expect("CreateAgent")
-    .into_inner();
     let calls = calls_client(&channel);
-    let call_id = with_timeout(
-        RPC,
-        "CreateCall",
-        calls.clone().create_call(pb::CreateCallRequest {
-            agent_id: agent.agent_id,
-            direction: pb::Direction::Outbound as i32,
-            to: "+14155550124".to_owned(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("CreateCall")
-    .into_inner()
-    .call
-    .expect("a call")
-    .call_id;
-    let mut relay: RelayClient =
-        pb::relay_client::RelayClient::with_interceptor(channel.clone(), Bearer::new(RELAY_TOKEN));
-    with_timeout(
-        RPC,
-        "Admit",
-        relay.admit(pb::AdmitRequest {
-            call_id: call_id.clone(),
-            twilio_call_sid: "CArace".to_owned(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("Admit");
+    let (call_id, mut relay) = admitted_call(&channel, "race", "+14155550124", "CArace").await;
 
     // First stream: `started` and a long conversation, all acknowledged, then the relay's
     // connection drops (no `ended`): the call stays live, its lease is released.
