@@ -541,12 +541,7 @@ async fn end_call_tool_waits_for_the_goodbye_to_play() {
         json!({"event":"dtmf","streamSid":"MZ1","dtmf":{"digit":"9"}}),
     )
     .await;
-    within("dtmf stored", async {
-        while !w.control.kinds().contains(&"dtmf".to_owned()) {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    w.control.wait_kind("dtmf").await;
     assert!(!w.control.kinds().contains(&"ended".to_owned()));
     // Twilio finished playing: now the call ends, as an agent hang-up.
     send_json(
@@ -607,12 +602,7 @@ async fn app_tools_and_commands_round_trip() {
     model
         .send(json!({"type":"response.function_call_arguments.done","call_id":"c1","name":"lookup","arguments":"{\"id\":7}"}))
         .await;
-    within("tool call stored", async {
-        while !w.control.kinds().contains(&"tool_call".to_owned()) {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    w.control.wait_kind("tool_call").await;
     let cmd = |id: &str, kind| pb::Command {
         command_id: id.to_owned(),
         kind: Some(kind),
@@ -746,12 +736,7 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
         .unwrap();
     let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
-    within("started", async {
-        while !w.control.kinds().contains(&"started".to_owned()) {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    w.control.wait_kind("started").await;
     w.relay.stop.take().unwrap().send(()).unwrap();
     within("readyz flips", async {
         loop {
@@ -780,12 +765,7 @@ async fn drain_hands_a_quiet_call_off_with_handoff() {
         .unwrap();
     let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
-    within("started", async {
-        while !w.control.kinds().contains(&"started".to_owned()) {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    w.control.wait_kind("started").await;
     w.relay.stop.take().unwrap().send(()).unwrap();
     // Nothing is playing and nobody speaks: the call is handed off at once, cleanly,
     // long before the grace is over.

@@ -76,6 +76,15 @@ impl FakeControl {
     pub fn kinds(&self) -> Vec<String> {
         self.events().iter().map(kind_name).collect()
     }
+    /// Waits (bounded) until an event of `kind` is stored.
+    pub async fn wait_kind(&self, kind: &str) {
+        within(&format!("{kind} stored"), async {
+            while !self.kinds().iter().any(|k| k == kind) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
 }
 
 pub fn kind_name(e: &pb::CallEvent) -> String {
