@@ -211,8 +211,6 @@ struct Call {
     barge_ins: u64,
     /// The conversation so far, for a new model session.
     replay: Replay,
-    /// Number of the model session `model` feeds (0: the first).
-    model_gen: u32,
     /// The current session's socket is up (its read half arrived).
     model_up: bool,
     /// A model session was up at least once (a first dial that fails is not retried).
@@ -332,7 +330,6 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         dropped_out: 0,
         barge_ins: 0,
         replay,
-        model_gen: 0,
         model_up: false,
         model_ever_up: false,
         model_lost: None,
@@ -458,7 +455,6 @@ pub async fn run(ws: WebSocket, setup: CallSetup, deps: CallDeps) {
         {
             let old = std::mem::replace(&mut call.model, Outbox::new(sink, MODEL_SLOTS));
             close_model_later(&mut tasks, old);
-            call.model_gen = gen_no;
             // The old read half goes: nothing of the old session matters any more.
             model_read = Some(read);
             call.session_started = Instant::now();

@@ -202,7 +202,6 @@ impl Call {
         self.awaiting_answer = None;
         // A replacement being opened is moot: the new session replaces both.
         self.rollover = None;
-        let gen_no = self.sessions;
         self.sessions += 1;
         let rx = spawn_model(tasks, &self.deps, &self.agent, &self.replay, delay, true);
         // The caller's words the old session had not transcribed go first.
@@ -218,7 +217,6 @@ impl Call {
         // The caller's audio now waits for the new session; the old one is let go.
         let old = std::mem::replace(&mut self.model, queue);
         close_model_later(tasks, old);
-        self.model_gen = gen_no;
         self.model_up = false;
         self.deps.metrics.model_reconnects().inc();
         Some(rx)
