@@ -917,6 +917,25 @@ def check_env_examples() -> None:
             crate_reads_env(CRATES[crate_key], m.group(1), str(path.relative_to(ROOT)))
             if m.group(1) in secrets:
                 R.check(m.group(2) == "", f"{path.relative_to(ROOT)}: {m.group(1)} must be left empty")
+        check_env_example_complete(crate_key, path)
+
+
+def check_env_example_complete(crate_key: str, path: Path) -> None:
+    """The example holds every setting the binary reads: its --help is the source."""
+    binary = DEBUG_BIN / f"callbridge-{crate_key}"
+    if not binary_ready(CRATES[crate_key], binary):
+        return
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    declared = set(re.findall(r"\[env: ([A-Z][A-Z0-9_]+)", out.stdout))
+    if not R.check(bool(declared), f"{binary.name} --help lists no [env: …] settings"):
+        return
+    listed = {
+        m.group(1)
+        for line in path.read_text().splitlines()
+        if (m := re.match(r"#?([A-Z][A-Z0-9_]+)=", line.strip()))
+    }
+    for name in sorted(declared):
+        R.check(name in listed, f"{path.relative_to(ROOT)}: misses {name}, which {binary.name} reads")
 
 
 # === dashboard and metric docs ===
