@@ -920,15 +920,56 @@ def check_env_examples() -> None:
         check_env_example_complete(crate_key, path)
 
 
-def check_env_example_complete(crate_key: str, path: Path) -> None:
-    """The example holds every setting the binary reads: its --help is the source."""
+def declared_settings(crate_key: str) -> set[str] | None:
+    """The env settings a binary reads, from its --help (clap's `[env: NAME]` lines): the
+    one source the docs and examples are checked against."""
     binary = DEBUG_BIN / f"callbridge-{crate_key}"
     if not binary_ready(CRATES[crate_key], binary):
-        return
+        return None
     out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
     declared = set(re.findall(r"\[env: ([A-Z][A-Z0-9_]+)", out.stdout))
-    if not R.check(bool(declared), f"{binary.name} --help lists no [env: …] settings"):
+    R.check(bool(declared), f"{binary.name} --help lists no [env: …] settings")
+    return declared or None
+
+
+# Each doc table of settings: (file, heading that opens the table's section, binary).
+SETTINGS_TABLES = [
+    ("README.md", "### relay (`callbridge-relay`)", "relay"),
+    ("README.md", "### control (`callbridge-control`)", "control"),
+    ("relay/README.md", "## Configuration", "relay"),
+]
+
+
+def check_settings_tables() -> None:
+    """README and relay/README tables list exactly the settings each binary declares."""
+    for rel, heading, crate_key in SETTINGS_TABLES:
+        declared = declared_settings(crate_key)
+        if declared is None:
+            continue
+        lines = (ROOT / rel).read_text().splitlines()
+        if not R.check(heading in lines, f"{rel}: no section {heading!r}"):
+            continue
+        listed: set[str] = set()
+        for line in lines[lines.index(heading) + 1:]:
+            if line.startswith("#"):
+                break
+            if line.startswith("| `"):
+                first_cell = line.split("|")[1]
+                listed |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", first_cell))
+        where = f"{rel} {heading.lstrip('# ')}"
+        for name in sorted(declared - listed):
+            R.check(False, f"{where}: misses {name}, which callbridge-{crate_key} reads")
+        for name in sorted(listed - declared):
+            R.check(False, f"{where}: lists {name}, which callbridge-{crate_key} does not declare")
+        R.passed += 1
+
+
+def check_env_example_complete(crate_key: str, path: Path) -> None:
+    """The example holds every setting the binary reads: its --help is the source."""
+    declared = declared_settings(crate_key)
+    if declared is None:
         return
+    binary = DEBUG_BIN / f"callbridge-{crate_key}"
     listed = {
         m.group(1)
         for line in path.read_text().splitlines()
@@ -1675,6 +1716,7 @@ def main() -> int:
     check_runtime_libs()
     check_compose(stages, load_compose())
     check_env_examples()
+    check_settings_tables()
     check_metrics_docs_and_dashboard()
     check_no_example_secrets(DEPLOY)
     if rendered.get("dev"):
