@@ -16,6 +16,12 @@
 //! | `CONTROL_METRICS_LISTEN` | Prometheus `/metrics` HTTP address; empty disables | `0.0.0.0:9090` |
 //! | `CONTROL_ID` | this replica's id (routes commands to it) | hostname + random suffix |
 //! | `CONTROL_SHUTDOWN_GRACE_SECS` | how long open streams may take to end on shutdown | `10` |
+//! | `TWILIO_ACCOUNT_SID` | account whose calls control places (`AC…`); unset: control never dials | unset |
+//! | `TWILIO_AUTH_TOKEN` | the account's auth token (secret), unless an API key is set | unset |
+//! | `TWILIO_API_KEY_SID`, `TWILIO_API_KEY_SECRET` | an API key (`SK…`) instead of the auth token (secret) | unset |
+//! | `TWILIO_API_BASE_URL` | Twilio REST base URL | `https://api.twilio.com` |
+//! | `TWILIO_HTTP_TIMEOUT_MS` | timeout of one REST request | `10000` |
+//! | `TWILIO_MAX_RETRIES` | retries of a request answered 429/5xx (backoff with jitter) | `4` |
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.
 
@@ -110,6 +116,8 @@ struct Args {
     /// Seconds open streams get to end on shutdown.
     #[arg(long, env = "CONTROL_SHUTDOWN_GRACE_SECS", default_value = "10")]
     shutdown_grace_secs: u64,
+    #[command(flatten)]
+    twilio: crate::twilio_rest::config::TwilioArgs,
 }
 
 /// Where state lives.
@@ -152,6 +160,8 @@ pub struct Config {
     pub control_id: String,
     /// Shutdown grace for open streams.
     pub shutdown_grace: Duration,
+    /// Twilio REST (placing and steering calls); `None`: control never dials.
+    pub twilio: Option<crate::twilio_rest::TwilioConfig>,
 }
 
 /// Configuration that cannot be used; names the variable.
@@ -325,6 +335,7 @@ impl Config {
             }
             None => default_control_id(),
         };
+        let twilio = args.twilio.into_config()?;
         Ok(Config {
             listen,
             store,
@@ -339,6 +350,7 @@ impl Config {
             metrics_listen,
             control_id,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+            twilio,
         })
     }
 }
@@ -429,6 +441,68 @@ mod tests {
         for (args, var) in cases {
             let err = parse(args).expect_err("invalid");
             assert_eq!(err.var, *var, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn twilio_settings_are_checked_and_redacted() {
+        let sid = "AC0123456789abcdef0123456789abcdef";
+        let config = parse(&["--app-tokens", "t"]).expect("valid");
+        assert!(config.twilio.is_none(), "no account: control does not dial");
+        let config = parse(&[
+            "--app-tokens",
+            "t",
+            "--twilio-account-sid",
+            sid,
+            "--twilio-auth-token",
+            "tok-secret-value",
+        ])
+        .expect("valid");
+        let twilio = config.twilio.as_ref().expect("configured");
+        assert_eq!(twilio.username, sid);
+        assert!(!format!("{config:?}").contains("tok-secret-value"));
+        let cases: &[(&[&str], &str)] = &[
+            (&["--twilio-account-sid", "AC1"], "TWILIO_ACCOUNT_SID"),
+            (&["--twilio-account-sid", sid], "TWILIO_AUTH_TOKEN"),
+            (
+                &[
+                    "--twilio-account-sid",
+                    sid,
+                    "--twilio-api-key-sid",
+                    "SK0123456789abcdef0123456789abcdef",
+                ],
+                "TWILIO_API_KEY_SECRET",
+            ),
+            (
+                &[
+                    "--twilio-account-sid",
+                    sid,
+                    "--twilio-auth-token",
+                    "x",
+                    "--twilio-api-base-url",
+                    "ftp://x",
+                ],
+                "TWILIO_API_BASE_URL",
+            ),
+            (
+                &[
+                    "--twilio-account-sid",
+                    sid,
+                    "--twilio-auth-token",
+                    "x",
+                    "--twilio-http-timeout-ms",
+                    "0",
+                ],
+                "TWILIO_HTTP_TIMEOUT_MS",
+            ),
+        ];
+        for (args, var) in cases {
+            let all: Vec<&str> = ["--app-tokens", "t"]
+                .iter()
+                .chain(args.iter())
+                .copied()
+                .collect();
+            assert_eq!(parse(&all).expect_err("invalid").var, *var, "{args:?}");
         }
     }
 

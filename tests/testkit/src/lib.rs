@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`conversation`]: the scripted call both fakes follow (serde-loadable).
 //! - [`fake_realtime`]: a fake OpenAI Realtime server speaking the GA protocol.
+//! - [`fake_twilio_rest`]: a fake Twilio REST API (Call resource), validated against Twilio's
+//!   OpenAPI description, with scriptable call lifecycles and signed status callbacks.
 //! - [`sim_caller`]: a simulated Twilio caller speaking Media Streams, signing like Twilio.
 //! - [`signature`]: Twilio's `X-Twilio-Signature` algorithm (checked against SDK vectors).
 //! - [`twiml`]: a small TwiML reader for what the relay answers.
@@ -16,6 +18,7 @@
 pub mod audio;
 pub mod conversation;
 pub mod fake_realtime;
+pub mod fake_twilio_rest;
 pub mod http;
 pub mod procs;
 pub mod redis_cluster;
