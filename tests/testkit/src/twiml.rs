@@ -1,8 +1,8 @@
 //! A tiny TwiML reader: enough of XML to find the verbs the relay answers with.
 //!
-//! Hand-written on purpose: the relay writes TwiML by hand too, and a strict reader here
-//! catches malformed output (unbalanced tags, unescaped attribute values) that Twilio
-//! would reject.
+//! Hand-written on purpose: it shares no code with the relay's writer (quick-xml), so a
+//! strict reader here catches malformed output (unbalanced tags, unescaped attribute
+//! values) that Twilio would reject.
 
 /// What a TwiML document asks Twilio to do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
