@@ -14,7 +14,6 @@
 //! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
 //! → 503, so Twilio's configured fallback URL takes over.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,8 +146,7 @@ async fn voice(
     let Some(control) = &deps.call.control else {
         return Ok(xml(twiml::connect_simple(&cfg.public_ws_base())));
     };
-    let query: HashMap<String, String> = serde_urlencoded_lite(&raw_query).into_iter().collect();
-    let call_id = query.get("callId").cloned().unwrap_or_default();
+    let call_id = query_param(&raw_query, "callId").unwrap_or_default();
     if !call_id.is_empty() && !valid_call_id(&call_id) {
         return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
     }
@@ -193,38 +191,12 @@ async fn voice(
     }
 }
 
-/// Minimal `application/x-www-form-urlencoded` parsing of a query string.
-fn serde_urlencoded_lite(q: &str) -> Vec<(String, String)> {
-    fn decode(s: &str) -> String {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < bytes.len() => {
-                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) => {
-                            out.push(b);
-                            i += 2;
-                        }
-                        None => out.push(b'%'),
-                    }
-                }
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(p), String::new()),
-        })
-        .collect()
+/// The first value of `name` in a raw query string, decoded as a form (`+` is a space,
+/// a malformed `%` escape is kept as written).
+fn query_param(raw_query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(raw_query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// `POST /api/twilio/after/{callId}` — what the caller gets after the stream.
@@ -572,12 +544,14 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        let q = serde_urlencoded_lite("callId=call_1&x=a%20b+c&flag&bad=%zz&tail=%4");
-        assert_eq!(q[0], ("callId".to_owned(), "call_1".to_owned()));
-        assert_eq!(q[1], ("x".to_owned(), "a b c".to_owned()));
-        assert_eq!(q[2], ("flag".to_owned(), String::new()));
-        assert_eq!(q[3], ("bad".to_owned(), "%zz".to_owned()));
-        assert_eq!(q[4], ("tail".to_owned(), "%4".to_owned()));
+        let q = "callId=call_1&x=a%20b+c&flag&bad=%zz&tail=%4&callId=second";
+        assert_eq!(query_param(q, "callId").as_deref(), Some("call_1"));
+        assert_eq!(query_param(q, "x").as_deref(), Some("a b c"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "bad").as_deref(), Some("%zz"));
+        assert_eq!(query_param(q, "tail").as_deref(), Some("%4"));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param("", "callId"), None);
     }
 
     #[test]

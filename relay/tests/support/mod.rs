@@ -454,11 +454,9 @@ pub async fn post_form(
         "wrong"
     };
     let sig = signature::compute(&Secret::new(token), &url, &params);
-    let body: String = form
-        .iter()
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
     let req = format!(
         "POST {path_and_query} HTTP/1.1\r\nHost: {}\r\nX-Twilio-Signature: {sig}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         relay.addr,
@@ -473,18 +471,6 @@ pub async fn get(relay: &RelayHandle, path: &str) -> (u16, Vec<(String, String)>
         relay.addr
     );
     raw_http(relay.addr, &req).await
-}
-
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn raw_http(addr: SocketAddr, req: &str) -> (u16, Vec<(String, String)>, String) {

@@ -48,28 +48,17 @@ pub enum HttpError {
     Malformed(String),
 }
 
-/// `application/x-www-form-urlencoded` encoding of one value.
+/// `application/x-www-form-urlencoded` encoding of one value, as Twilio sends it (space as
+/// `+`; `*`, `-`, `.`, `_` and alphanumerics as they are).
 pub fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
-                out.push(b as char);
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// Encodes a whole form.
 pub fn form_body(params: &[(String, String)]) -> String {
-    params
-        .iter()
-        .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish()
 }
 
 /// Sends one request and reads the whole response.
@@ -185,6 +174,17 @@ mod tests {
     fn form_encoding_is_twilio_style() {
         assert_eq!(form_encode("+14155550123"), "%2B14155550123");
         assert_eq!(form_encode("a b&c"), "a+b%26c");
+        assert_eq!(form_encode("A-z_0.9*"), "A-z_0.9*");
+        let params = [
+            ("From".to_owned(), "+1 555".to_owned()),
+            ("Body".to_owned(), "a=b&c=é".to_owned()),
+        ];
+        let body = form_body(&params);
+        assert_eq!(body, "From=%2B1+555&Body=a%3Db%26c%3D%C3%A9");
+        let back: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
+        assert_eq!(back, params);
     }
 
     #[test]
