@@ -4,6 +4,7 @@
 //! build time (protox + tonic-prost-build), so there is no generated code to drift.
 
 pub mod codec;
+pub mod paths;
 
 /// Generated types, clients and servers of `callbridge.v1`.
 #[allow(

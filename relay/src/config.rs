@@ -357,13 +357,7 @@ impl Config {
 
     /// The public base URL with `https`→`wss` and `http`→`ws`, for `<Stream url>`.
     pub fn public_ws_base(&self) -> String {
-        if let Some(rest) = self.public_url.strip_prefix("https://") {
-            format!("wss://{rest}")
-        } else if let Some(rest) = self.public_url.strip_prefix("http://") {
-            format!("ws://{rest}")
-        } else {
-            self.public_url.clone()
-        }
+        callbridge_proto::paths::ws_base(&self.public_url)
     }
 
     /// Start timeout as a duration.

@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use callbridge_proto::pb;
+use callbridge_proto::{paths, pb};
 use http::{HeaderValue, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -103,11 +103,12 @@ fn signed(deps: &Deps, url: &str, params: &[(String, String)], sig: Option<&str>
     }
 }
 
-fn full_url(base: &str, path: &str, raw_query: &str) -> String {
+/// `url` with the query string as Twilio sent it (Twilio signs it as requested).
+fn with_query(url: String, raw_query: &str) -> String {
     if raw_query.is_empty() {
-        format!("{base}{path}")
+        url
     } else {
-        format!("{base}{path}?{raw_query}")
+        format!("{url}?{raw_query}")
     }
 }
 
@@ -136,7 +137,7 @@ async fn voice(
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
-    let url = full_url(&cfg.public_url, "/api/twilio/voice", &raw_query);
+    let url = with_query(paths::voice_webhook(&cfg.public_url, None), &raw_query);
     if !signed(&deps, &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
@@ -146,7 +147,7 @@ async fn voice(
     let Some(control) = &deps.call.control else {
         return Ok(xml(twiml::connect_simple(&cfg.public_ws_base())));
     };
-    let call_id = query_param(&raw_query, "callId").unwrap_or_default();
+    let call_id = query_param(&raw_query, paths::CALL_ID_PARAM).unwrap_or_default();
     if !call_id.is_empty() && !valid_call_id(&call_id) {
         return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
     }
@@ -208,11 +209,7 @@ async fn after(
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
-    let url = full_url(
-        &cfg.public_url,
-        &format!("/api/twilio/after/{call_id}"),
-        &raw_query,
-    );
+    let url = with_query(paths::after(&cfg.public_url, &call_id), &raw_query);
     if !signed(&deps, &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
@@ -252,7 +249,7 @@ async fn media_stream(
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
-    let url = format!("{}/api/twilio/media-stream/{call_id}", cfg.public_ws_base());
+    let url = paths::media_stream(&cfg.public_ws_base(), &call_id);
     if !signed(&deps, &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
@@ -309,7 +306,7 @@ async fn media_stream_simple(
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
-    let url = format!("{}/api/twilio/media-stream-simple", cfg.public_ws_base());
+    let url = paths::media_stream_simple(&cfg.public_ws_base());
     if !signed(&deps, &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
@@ -468,6 +465,14 @@ async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
     Ok(text(status, body))
 }
 
+/// `/api/twilio/{segment}` (more segments may follow), from the shared path constants.
+fn twilio_path(segment: &'static str) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    let [api, twilio] = paths::PREFIX;
+    warp::path(api)
+        .and(warp::path(twilio))
+        .and(warp::path(segment))
+}
+
 /// Every route, with rejections mapped and security headers on HTTP answers.
 pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let healthz = warp::path!("healthz")
@@ -496,26 +501,32 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         });
     let form = warp::body::content_length_limit(MAX_FORM_BYTES)
         .and(warp::body::form::<Vec<(String, String)>>());
-    let voice = warp::path!("api" / "twilio" / "voice")
+    let voice = twilio_path(paths::VOICE)
+        .and(warp::path::end())
         .and(warp::post())
         .and(optional_raw_query())
         .and(signature_header())
         .and(form)
         .and(with_deps(deps.clone()))
         .and_then(voice);
-    let after = warp::path!("api" / "twilio" / "after" / String)
+    let after = twilio_path(paths::AFTER)
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
         .and(warp::post())
         .and(optional_raw_query())
         .and(signature_header())
         .and(form)
         .and(with_deps(deps.clone()))
         .and_then(after);
-    let stream = warp::path!("api" / "twilio" / "media-stream" / String)
+    let stream = twilio_path(paths::MEDIA_STREAM)
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
         .and(signature_header())
         .and(ws_upgrade())
         .and(with_deps(deps.clone()))
         .and_then(media_stream);
-    let simple = warp::path!("api" / "twilio" / "media-stream-simple")
+    let simple = twilio_path(paths::MEDIA_STREAM_SIMPLE)
+        .and(warp::path::end())
         .and(signature_header())
         .and(ws_upgrade())
         .and(with_deps(deps))

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::io;
 
-use callbridge_proto::pb;
+use callbridge_proto::{paths, pb};
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesText, Event};
 
@@ -58,8 +58,8 @@ fn empty(w: &mut Xml, name: &str) -> io::Result<()> {
 
 /// `<Connect action><Stream url><Parameter callId/></Stream></Connect>` for a control-backed call.
 pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &str) -> String {
-    let action = format!("{public_url}/api/twilio/after/{call_id}");
-    let url = format!("{public_ws_base}/api/twilio/media-stream/{call_id}");
+    let action = paths::after(public_url, call_id);
+    let url = paths::media_stream(public_ws_base, call_id);
     doc(|w| {
         w.create_element("Connect")
             .with_attribute(("action", &*xml_chars(&action)))
@@ -82,7 +82,7 @@ pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &str) -> 
 
 /// `<Connect><Stream>` to the standalone stream (no control, nothing to do afterwards).
 pub fn connect_simple(public_ws_base: &str) -> String {
-    let url = format!("{public_ws_base}/api/twilio/media-stream-simple");
+    let url = paths::media_stream_simple(public_ws_base);
     doc(|w| {
         w.create_element("Connect")
             .write_inner_content(|w| {

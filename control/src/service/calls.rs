@@ -39,16 +39,10 @@ fn urls(config: &Config, call_id: &str) -> (String, String) {
     match &config.relay_public_url {
         None => (String::new(), String::new()),
         Some(base) => {
-            let ws = if let Some(rest) = base.strip_prefix("https://") {
-                format!("wss://{rest}")
-            } else if let Some(rest) = base.strip_prefix("http://") {
-                format!("ws://{rest}")
-            } else {
-                base.clone()
-            };
+            use callbridge_proto::paths;
             (
-                format!("{base}/api/twilio/voice?callId={call_id}"),
-                format!("{ws}/api/twilio/media-stream/{call_id}"),
+                paths::voice_webhook(base, Some(call_id)),
+                paths::media_stream(&paths::ws_base(base), call_id),
             )
         }
     }
