@@ -551,7 +551,335 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
 
 #[cfg(test)]
 mod tests {
+    //! The handlers through `warp::test`, without sockets: signatures, refusals, the
+    //! draining answers and the upgrade checks. Control-backed answers (Admit, After,
+    //! Attach) are in `relay/tests/http_handlers.rs`, against a fake control plane.
+
     use super::*;
+    use crate::config::{Config, Secret};
+    use crate::metrics::Metrics;
+    use tokio_util::sync::CancellationToken;
+
+    const TOKEN: &str = "twilio-secret";
+    const PUBLIC: &str = "https://relay.example.com";
+
+    fn deps(tweak: impl FnOnce(&mut Config)) -> Deps {
+        let mut config = Config::for_tests(PUBLIC, "ws://127.0.0.1:9");
+        config.insecure_skip_signature = false;
+        config.twilio_auth_token = Some(Secret::new(TOKEN));
+        tweak(&mut config);
+        let control = crate::control::Control::from_config(&config).expect("control URL parses");
+        Deps {
+            call: CallDeps {
+                config: Arc::new(config),
+                metrics: Metrics::new(),
+                control,
+                relay_id: "relay-test".into(),
+                hard_stop: CancellationToken::new(),
+                drain: CancellationToken::new(),
+            },
+            draining: Arc::new(AtomicBool::new(false)),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn form(params: &[(&str, &str)]) -> (Vec<(String, String)>, String) {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&owned)
+            .finish();
+        (owned, body)
+    }
+
+    /// A webhook POST to `path_and_query`, signed over the public URL when `signed`.
+    fn post(
+        path_and_query: &str,
+        params: &[(&str, &str)],
+        signed: bool,
+    ) -> warp::test::RequestBuilder {
+        let (owned, body) = form(params);
+        let token = Secret::new(if signed { TOKEN } else { "wrong" });
+        let sig = signature::compute(&token, &format!("{PUBLIC}{path_and_query}"), &owned);
+        warp::test::request()
+            .method("POST")
+            .path(path_and_query)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(body)
+    }
+
+    /// A WebSocket upgrade request like Twilio's, signed over the `wss://` URL when `signed`.
+    /// warp::test has no connection to upgrade, so the upgrade itself fails after the 101
+    /// (logged at debug); what is tested is the answer.
+    fn upgrade_request(path: &str, signed: bool) -> warp::test::RequestBuilder {
+        let token = Secret::new(if signed { TOKEN } else { "wrong" });
+        let url = format!("{}{path}", paths::ws_base(PUBLIC));
+        let sig = signature::compute(&token, &url, &[]);
+        let mut pending = http::Request::new(());
+        warp::test::request()
+            .method("GET")
+            .path(path)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("x-twilio-signature", sig)
+            .extension(warp::hyper::upgrade::on(&mut pending))
+    }
+
+    fn body(r: &Response<bytes::Bytes>) -> &str {
+        std::str::from_utf8(r.body()).expect("UTF-8 body")
+    }
+
+    use http::Response;
+
+    #[tokio::test]
+    async fn signed_voice_webhook_answers_twiml_with_security_headers() {
+        let routes = routes(deps(|_| {}));
+        let r = post(
+            "/api/twilio/voice",
+            &[("CallSid", "CA1"), ("From", "+1 555")],
+            true,
+        )
+        .reply(&routes)
+        .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        assert_eq!(r.headers()["content-type"], twiml::CONTENT_TYPE);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(r.headers()["x-frame-options"], "DENY");
+        assert!(
+            body(&r).contains(
+                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\"/></Connect>"
+            ),
+            "{}",
+            body(&r)
+        );
+    }
+
+    #[tokio::test]
+    async fn unsigned_webhooks_are_403() {
+        let routes = routes(deps(|_| {}));
+        for path in [
+            "/api/twilio/voice",
+            "/api/twilio/voice?callId=c1",
+            "/api/twilio/after/c1",
+        ] {
+            let r = post(path, &[("CallSid", "CA1")], false)
+                .reply(&routes)
+                .await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+            assert_eq!(body(&r), "invalid X-Twilio-Signature\n");
+            let (_, form_body) = form(&[("CallSid", "CA1")]);
+            let r = warp::test::request()
+                .method("POST")
+                .path(path)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_body)
+                .reply(&routes)
+                .await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path} without a header");
+        }
+        // Signed over other parameters than those sent: the signature covers the form.
+        let (owned, _) = form(&[("CallSid", "CA1")]);
+        let sig = signature::compute(
+            &Secret::new(TOKEN),
+            &format!("{PUBLIC}/api/twilio/voice"),
+            &owned,
+        );
+        let (_, tampered) = form(&[("CallSid", "CA2")]);
+        let r = warp::test::request()
+            .method("POST")
+            .path("/api/twilio/voice")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(tampered)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn bad_forms_get_a_specific_status() {
+        let routes = routes(deps(|_| {}));
+        // Not a form at all.
+        let r = warp::test::request()
+            .method("POST")
+            .path("/api/twilio/voice")
+            .header("content-type", "application/json")
+            .body("{}")
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(body(&r), "expected application/x-www-form-urlencoded\n");
+        // Bytes that are not UTF-8 decode lossily (any form decodes into name/value
+        // pairs), so such a body can only fail its signature.
+        let r = warp::test::request()
+            .method("POST")
+            .path("/api/twilio/voice")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .body(b"a=\xff\xfe")
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{}", body(&r));
+        // Over the size limit.
+        let big = format!("Body={}", "x".repeat(MAX_FORM_BYTES as usize));
+        let r = warp::test::request()
+            .method("POST")
+            .path("/api/twilio/voice")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(big)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // A call id that cannot be one, signed: 400 naming the parameter.
+        let r = post("/api/twilio/after/a%2Fb", &[], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{}", body(&r));
+        assert_eq!(body(&r), "callId: invalid\n");
+    }
+
+    #[tokio::test]
+    async fn after_without_control_hangs_up() {
+        let routes = routes(deps(|_| {}));
+        let r = post("/api/twilio/after/call_1", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            body(&r).ends_with("<Response><Hangup/></Response>"),
+            "{}",
+            body(&r)
+        );
+    }
+
+    #[tokio::test]
+    async fn control_unreachable_is_503_for_the_webhook_and_an_apology_after() {
+        // Nothing listens on port 9: every call to control fails fast.
+        let routes = routes(deps(|c| {
+            c.control_url = Some("http://127.0.0.1:9".into());
+            c.upstream_connect_timeout_ms = 1000;
+        }));
+        let r = post("/api/twilio/voice", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(&r), "control plane unavailable\n");
+        let r = post("/api/twilio/after/call_1", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(body(&r).contains(&format!("<Say>{}</Say><Hangup/>", twiml::DEFAULT_APOLOGY)));
+    }
+
+    #[tokio::test]
+    async fn draining_turns_readyz_the_webhook_and_new_streams_away() {
+        let deps = deps(|_| {});
+        let routes = routes(deps.clone());
+        let get = |path: &str| warp::test::request().method("GET").path(path);
+        let r = get("/readyz").reply(&routes).await;
+        assert_eq!((r.status(), body(&r)), (StatusCode::OK, "ready\n"));
+
+        deps.draining.store(true, Ordering::Relaxed);
+        let r = get("/readyz").reply(&routes).await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        );
+        assert_eq!(
+            get("/healthz").reply(&routes).await.status(),
+            StatusCode::OK
+        );
+        let r = post("/api/twilio/voice", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n")
+        );
+        let r = upgrade_request("/api/twilio/media-stream-simple", true)
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n")
+        );
+        // An unsigned webhook is still refused as unsigned first.
+        let r = post("/api/twilio/voice", &[], false).reply(&routes).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn upgrades_are_checked_before_anything_else() {
+        let deps = deps(|_| {});
+        let routes = routes(deps.clone());
+        // A signed, well-formed upgrade to the standalone stream is accepted.
+        let r = upgrade_request("/api/twilio/media-stream-simple", true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            r.headers()["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+            "RFC 6455's sample key"
+        );
+        assert!(
+            r.headers().get("x-frame-options").is_none(),
+            "no HTTP headers on a 101"
+        );
+        // Unsigned: 403, nothing started.
+        let r = upgrade_request("/api/twilio/media-stream-simple", false)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // No upgrade header: not a route (404), whatever the signature.
+        let r = warp::test::request()
+            .method("GET")
+            .path("/api/twilio/media-stream-simple")
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::NOT_FOUND, "not found\n")
+        );
+        let r = upgrade_request("/api/twilio/media-stream-simple", true)
+            .header("sec-websocket-version", "8")
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "only version 13");
+        // Unknown paths, with a valid upgrade: 404.
+        for path in [
+            "/api/twilio/other",
+            "/api/twilio/media-stream",
+            "/api/twilio/media-stream/a/b",
+        ] {
+            let r = upgrade_request(path, true).reply(&routes).await;
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        }
+        // The control-backed stream does not exist without control.
+        let r = upgrade_request("/api/twilio/media-stream/call_1", true)
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (
+                StatusCode::NOT_FOUND,
+                "control-backed streams need CONTROL_URL\n"
+            )
+        );
+        // An impossible call id is unknown, before control is asked.
+        let r = upgrade_request("/api/twilio/media-stream/a%2Fb", true)
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::NOT_FOUND, "unknown call\n")
+        );
+    }
 
     #[test]
     fn query_parsing() {

@@ -51,6 +51,7 @@ pub struct ControlState {
     pub admit_error: Option<Code>,
     pub attach_error: Option<Code>,
     pub after: Option<pb::AfterResponse>,
+    pub after_error: Option<Code>,
     pub last_seq: u64,
     /// Every event received, in arrival order (duplicates included).
     pub events: Vec<pb::CallEvent>,
@@ -213,6 +214,9 @@ impl Relay for FakeControl {
         _req: Request<pb::AfterRequest>,
     ) -> Result<Response<pb::AfterResponse>, Status> {
         let st = self.state.lock().unwrap();
+        if let Some(code) = st.after_error {
+            return Err(Status::new(code, "refused by the fake"));
+        }
         Ok(Response::new(st.after.clone().unwrap_or(
             pb::AfterResponse {
                 next: Some(pb::after_response::Next::Hangup(pb::HangupNext {})),
