@@ -25,7 +25,6 @@
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -34,27 +33,8 @@ use clap::Parser;
 /// Exit code for bad configuration (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 
-/// A secret string whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself; only for comparison, never for logs.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// The secret type shared with the relay (`Debug`/`Display` print `[redacted]`).
+pub use callbridge_telemetry::Secret;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -268,11 +248,11 @@ impl Config {
         };
         let app_tokens: Vec<Secret> = split_list(args.app_tokens.as_deref())
             .into_iter()
-            .map(Secret)
+            .map(Secret::new)
             .collect();
         let relay_tokens: Vec<Secret> = split_list(args.relay_tokens.as_deref())
             .into_iter()
-            .map(Secret)
+            .map(Secret::new)
             .collect();
         let insecure_no_auth = match args.insecure_no_auth.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => true,

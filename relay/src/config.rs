@@ -30,9 +30,7 @@
 //! | `AGENT_TEMPERATURE` | standalone agent: temperature (URL parameter) | unset |
 //! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -49,33 +47,8 @@ pub const DEFAULT_VOICE: &str = "marin";
 const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise phone assistant. Keep answers short; \
      the caller hears you over a phone line.";
 
-/// A secret string: never printed, not even by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself; only for the places that must send or check it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+/// The secret type shared with control (`Debug`/`Display` print `[redacted]`).
+pub use callbridge_telemetry::Secret;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

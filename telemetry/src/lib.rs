@@ -2,6 +2,10 @@
 //! the service's filter variable and text or JSON lines, plus optional OpenTelemetry trace
 //! export (OTLP/gRPC) when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. With it unset
 //! no exporter is built and nothing changes.
+//!
+//! It also holds [`Secret`], the one redacting string type both binaries' configs use.
+
+mod secret;
 
 use std::time::Duration;
 
@@ -11,6 +15,8 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
+
+pub use crate::secret::Secret;
 
 /// The OpenTelemetry variables both binaries read straight from the environment (not
 /// through clap), for the end of their `--help`.
