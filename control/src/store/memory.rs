@@ -13,7 +13,7 @@ use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
     EventEffects, IndexCursor, StoreResult,
 };
-use crate::calls::status_rank;
+use crate::calls::{is_final, status_rank};
 use crate::hub::Hub;
 
 #[derive(Debug, Default)]
@@ -208,7 +208,7 @@ impl CallStore for MemoryStore {
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(AdmitOutcome::NotFound);
         };
-        if status_rank(call.status) >= 4 {
+        if is_final(call.status) {
             return Ok(AdmitOutcome::Ended);
         }
         for (field, value) in [
@@ -256,7 +256,7 @@ impl CallStore for MemoryStore {
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(AttachOutcome::NotFound);
         };
-        if status_rank(call.status) >= 4 {
+        if is_final(call.status) {
             return Ok(AttachOutcome::Ended);
         }
         if call.lease_held(now_ms) && !(reconnect && call.lease_relay == relay_id) {
@@ -287,7 +287,7 @@ impl CallStore for MemoryStore {
         }
         call.lease_until_ms = now_ms + lease_ms;
         let until = call.lease_until_ms;
-        if status_rank(call.status) < 4 {
+        if !is_final(call.status) {
             s.leases.insert(call_id.to_owned(), until);
         }
         Ok(true)
@@ -309,7 +309,7 @@ impl CallStore for MemoryStore {
         }
         call.lease_holder.clear();
         call.lease_until_ms = now_ms + lease_ms;
-        let (until, live) = (call.lease_until_ms, status_rank(call.status) < 4);
+        let (until, live) = (call.lease_until_ms, !is_final(call.status));
         if live {
             s.leases.insert(call_id.to_owned(), until);
         }
@@ -448,9 +448,7 @@ fn append_one(
         };
     }
     if let Some(before) = effects.require_lease_expired_before
-        && (call.lease_until_ms == 0
-            || call.lease_until_ms >= before
-            || status_rank(call.status) >= 4)
+        && (call.lease_until_ms == 0 || call.lease_until_ms >= before || is_final(call.status))
     {
         return AppendOutcome::ConditionFailed;
     }
@@ -460,7 +458,7 @@ fn append_one(
         .push(event.clone());
     call.last_seq = event.seq;
     apply_effects(call, effects);
-    if status_rank(call.status) >= 4 {
+    if is_final(call.status) {
         leases.remove(call_id);
     }
     AppendOutcome::Stored
@@ -486,19 +484,19 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
                 *field = value.clone();
             }
         }
-        if status_rank(call.status) < 4 {
+        if !is_final(call.status) {
             call.end_reason = 0;
             call.end_detail.clear();
         }
     }
-    if effects.handoff && status_rank(call.status) < 4 {
+    if effects.handoff && !is_final(call.status) {
         call.end_reason = pb::EndReason::Handoff as i32;
     }
     if let Some(new) = effects.new_status
         && status_rank(new) > status_rank(call.status)
     {
         call.status = new;
-        if status_rank(new) >= 4 {
+        if is_final(new) {
             call.ended_at_ms = effects.at_ms;
             call.lease_holder.clear();
             if let Some((reason, detail, transfer_to)) = &effects.ended {

@@ -26,6 +26,7 @@ use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
     EventEffects, IndexCursor, StoreResult, USAGE_FIELDS,
 };
+use crate::calls::status_rank;
 use crate::error::StoreError;
 use crate::hub::Hub;
 
@@ -85,22 +86,70 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
+        let prelude = lua_prelude();
+        let script = |body: &str| redis::Script::new(&format!("{prelude}{body}"));
         Scripts {
-            append: redis::Script::new(APPEND_LUA),
-            attach: redis::Script::new(ATTACH_LUA),
-            renew: redis::Script::new(RENEW_LUA),
-            release: redis::Script::new(RELEASE_LUA),
-            admit: redis::Script::new(ADMIT_LUA),
-            agent_cas: redis::Script::new(AGENT_CAS_LUA),
+            append: script(APPEND_LUA),
+            attach: script(ATTACH_LUA),
+            renew: script(RENEW_LUA),
+            release: script(RELEASE_LUA),
+            admit: script(ADMIT_LUA),
+            agent_cas: script(AGENT_CAS_LUA),
         }
     }
 }
 
-/// The status rank shared by the scripts: created 1, ringing 2, in progress 3, final 4.
-macro_rules! lua_rank {
-    () => {
-        "local function rank(s) if s >= 4 then return 4 end return s end\n"
-    };
+/// The constants the scripts share, written from the Rust side so that the scripts and
+/// the domain rules cannot drift apart: the proto numbers the scripts compare or store
+/// (`STATUS_<name>` from `pb::CallStatus`, `REASON_<name>` from `pb::EndReason`, named
+/// after the proto values), the ranks of [`status_rank`] as a table, and the bits of the
+/// append mask. The script bodies hold no enum number of their own (a test checks).
+fn lua_prelude() -> String {
+    use std::fmt::Write as _;
+    let mut lua = String::with_capacity(512);
+    let status = pb::CallStatus::Ringing;
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        lua,
+        "local STATUS_{} = {}",
+        status.as_str_name(),
+        status as i32
+    );
+    for reason in [pb::EndReason::Unspecified, pb::EndReason::Handoff] {
+        // Hash fields are strings, so the reasons are written as strings.
+        let _ = writeln!(
+            lua,
+            "local REASON_{} = '{}'",
+            reason.as_str_name(),
+            reason as i32
+        );
+    }
+    let ranks: Vec<String> = all_statuses()
+        .map(|s| format!("[{}] = {}", s as i32, status_rank(s as i32)))
+        .collect();
+    let _ = writeln!(lua, "local RANK = {{{}}}", ranks.join(", "));
+    let _ = writeln!(
+        lua,
+        "local FINAL = {}",
+        status_rank(pb::CallStatus::Completed as i32)
+    );
+    // Unknown numbers rank 0, as in `status_rank`.
+    lua.push_str("local function rank(s) return RANK[s] or 0 end\n");
+    for (name, bit) in [
+        ("STARTED", mask::STARTED),
+        ("ENDED", mask::ENDED),
+        ("HANDOFF", mask::HANDOFF),
+        ("USAGE", mask::USAGE),
+        ("LEASE_EXPIRED_BEFORE", mask::LEASE_EXPIRED_BEFORE),
+    ] {
+        let _ = writeln!(lua, "local MASK_{name} = {bit}");
+    }
+    lua
+}
+
+/// Every value of `pb::CallStatus` (prost enums have no iterator; the numbers are small).
+fn all_statuses() -> impl Iterator<Item = pb::CallStatus> {
+    (0..256).filter_map(|n| pb::CallStatus::try_from(n).ok())
 }
 
 /// Bits of the per-event mask of [`APPEND_LUA`], each followed by its extra arguments.
@@ -135,9 +184,7 @@ mod mask {
 /// relay one round trip. One bus message per run, a `BusEnvelope`: the prefix (field 1)
 /// and the event as field 2 (tag byte 0x12, varint length, bytes) if the run stored one,
 /// else each stored event as field 5 (tag byte 0x2a).
-const APPEND_LUA: &str = concat!(
-    lua_rank!(),
-    r"
+const APPEND_LUA: &str = r"
 local function varint(n)
   local s = ''
   while n >= 128 do
@@ -173,18 +220,18 @@ while i <= #ARGV do
   local m = tonumber(ARGV[i + 4])
   local x = i + 5
   local st, en, us, co
-  if bit(m, 1) then st = x; x = x + 3 end
-  if bit(m, 2) then en = x; x = x + 3 end
-  local handoff = bit(m, 4)
-  if bit(m, 8) then us = x; x = x + 9 end
-  if bit(m, 16) then co = x; x = x + 1 end
+  if bit(m, MASK_STARTED) then st = x; x = x + 3 end
+  if bit(m, MASK_ENDED) then en = x; x = x + 3 end
+  local handoff = bit(m, MASK_HANDOFF)
+  if bit(m, MASK_USAGE) then us = x; x = x + 9 end
+  if bit(m, MASK_LEASE_EXPIRED_BEFORE) then co = x; x = x + 1 end
   i = x
   if seq <= last then
     handled[#handled + 1] = 'D'
   elseif seq > last + 1 then
     code = -2
     break
-  elseif co and (lease_until == 0 or lease_until >= tonumber(ARGV[co]) or rank(cur) >= 4) then
+  elseif co and (lease_until == 0 or lease_until >= tonumber(ARGV[co]) or rank(cur) >= FINAL) then
     code = -3
     break
   else
@@ -204,16 +251,16 @@ while i <= #ARGV do
       if ARGV[st] ~= '' then set['sid'] = ARGV[st] end
       if ARGV[st + 1] ~= '' then set['stream_sid'] = ARGV[st + 1] end
       if ARGV[st + 2] ~= '' then set['relay'] = ARGV[st + 2] end
-      if rank(cur) < 4 then
-        set['end_reason'] = '0'
+      if rank(cur) < FINAL then
+        set['end_reason'] = REASON_END_REASON_UNSPECIFIED
         set['end_detail'] = ''
       end
     end
-    if handoff and rank(cur) < 4 then set['end_reason'] = '11' end
+    if handoff and rank(cur) < FINAL then set['end_reason'] = REASON_HANDOFF end
     if new > 0 and rank(new) > rank(cur) then
       cur = new
       set['status'] = new_s
-      if rank(new) >= 4 then
+      if rank(new) >= FINAL then
         set['ended'] = at
         set['lease_holder'] = ''
         if en then
@@ -247,17 +294,14 @@ if stored > 0 then
   redis.call('PUBLISH', ARGV[2], ARGV[3] .. tag .. table.concat(published, tag))
 end
 return {code, last, table.concat(handled)}
-"
-);
+";
 
 /// KEYS: call hash. ARGV: relay id, reconnect (0/1), holder, now ms, lease ms.
 /// Returns 1 attached, -1 not found, -2 ended, -3 held by another stream.
-const ATTACH_LUA: &str = concat!(
-    lua_rank!(),
-    r"
+const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
-if rank(cur) >= 4 then return -2 end
+if rank(cur) >= FINAL then return -2 end
 local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
@@ -268,8 +312,7 @@ end
 redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
   'lease_until', now + tonumber(ARGV[5]))
 return 1
-"
-);
+";
 
 /// KEYS: call hash. ARGV: holder, now ms, lease ms. Returns 1 renewed, 0 not the holder.
 const RENEW_LUA: &str = r"
@@ -286,22 +329,19 @@ return 1
 ";
 
 /// KEYS: call hash. ARGV: sid, from, to. Returns 1 admitted, -1 not found, -2 ended.
-const ADMIT_LUA: &str = concat!(
-    lua_rank!(),
-    r"
+const ADMIT_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
-if rank(cur) >= 4 then return -2 end
+if rank(cur) >= FINAL then return -2 end
 local fields = {'sid', 'from', 'to'}
 for i, f in ipairs(fields) do
   if ARGV[i] ~= '' and (redis.call('HGET', KEYS[1], f) or '') == '' then
     redis.call('HSET', KEYS[1], f, ARGV[i])
   end
 end
-if rank(cur) < 2 then redis.call('HSET', KEYS[1], 'status', 2) end
+if rank(cur) < rank(STATUS_RINGING) then redis.call('HSET', KEYS[1], 'status', STATUS_RINGING) end
 return 1
-"
-);
+";
 
 /// KEYS: agent hash. ARGV: expected version (0 any), new version (0 delete), encoded agent.
 /// Returns {1, v} done, {-1, 0} not found, {-2, current} conflict.
@@ -1337,6 +1377,172 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every script body, by name (without the prelude).
+    const BODIES: [(&str, &str); 6] = [
+        ("append", APPEND_LUA),
+        ("attach", ATTACH_LUA),
+        ("renew", RENEW_LUA),
+        ("release", RELEASE_LUA),
+        ("admit", ADMIT_LUA),
+        ("agent_cas", AGENT_CAS_LUA),
+    ];
+
+    /// The prelude's `local NAME = value` lines.
+    fn prelude_constants() -> Vec<(String, String)> {
+        lua_prelude()
+            .lines()
+            .filter_map(|line| line.strip_prefix("local "))
+            .filter_map(|rest| rest.split_once(" = "))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect()
+    }
+
+    /// The `STATUS_…`, `REASON_…` and `MASK_…` names a script body uses.
+    fn constants_used(body: &str) -> Vec<&str> {
+        let mut used = Vec::new();
+        for prefix in ["STATUS_", "REASON_", "MASK_"] {
+            for (at, _) in body.match_indices(prefix) {
+                let inside_a_name =
+                    body[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+                if inside_a_name {
+                    continue;
+                }
+                let end = body[at..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(body.len(), |n| at + n);
+                used.push(&body[at..end]);
+            }
+        }
+        used
+    }
+
+    #[test]
+    fn lua_constants_are_the_proto_enums() {
+        let constants = prelude_constants();
+        let value = |name: &str| {
+            constants
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{name} is not in the prelude"))
+        };
+        for (name, v) in &constants {
+            if let Some(proto) = name.strip_prefix("STATUS_") {
+                let status = pb::CallStatus::from_str_name(proto)
+                    .unwrap_or_else(|| panic!("{name} names no CallStatus"));
+                assert_eq!(*v, (status as i32).to_string(), "{name}");
+            } else if let Some(proto) = name.strip_prefix("REASON_") {
+                let reason = pb::EndReason::from_str_name(proto)
+                    .unwrap_or_else(|| panic!("{name} names no EndReason"));
+                assert_eq!(*v, format!("'{}'", reason as i32), "{name}");
+            }
+        }
+        assert_eq!(
+            value("REASON_HANDOFF"),
+            format!("'{}'", pb::EndReason::Handoff as i32)
+        );
+        // The rank table: every status, with the rank the domain gives it.
+        let table = value("RANK");
+        let entries: Vec<(i32, i32)> = table
+            .trim_matches(|c| c == '{' || c == '}')
+            .split(", ")
+            .map(|e| {
+                let (n, r) = e.split_once("] = ").expect("[n] = r");
+                (
+                    n.trim_start_matches('[').parse().expect("number"),
+                    r.parse().expect("rank"),
+                )
+            })
+            .collect();
+        let statuses: Vec<i32> = all_statuses().map(|s| s as i32).collect();
+        assert_eq!(
+            entries.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            statuses,
+            "every CallStatus, once"
+        );
+        let final_rank: i32 = value("FINAL").parse().expect("number");
+        for (n, rank) in entries {
+            assert_eq!(rank, status_rank(n), "rank of status {n}");
+            assert_eq!(rank == final_rank, crate::calls::is_final(n), "status {n}");
+        }
+        for (name, bit) in [
+            ("MASK_STARTED", mask::STARTED),
+            ("MASK_ENDED", mask::ENDED),
+            ("MASK_HANDOFF", mask::HANDOFF),
+            ("MASK_USAGE", mask::USAGE),
+            ("MASK_LEASE_EXPIRED_BEFORE", mask::LEASE_EXPIRED_BEFORE),
+        ] {
+            assert_eq!(value(name), bit.to_string(), "{name}");
+        }
+    }
+
+    /// The bodies take every status, reason and rank from the prelude: no quoted number
+    /// but the '0'/'1' flags, no number compared with a rank or written as a status or
+    /// end reason, and no constant the prelude does not declare.
+    #[test]
+    fn lua_script_bodies_hold_no_enum_numbers() {
+        let declared: Vec<String> = prelude_constants().into_iter().map(|(n, _)| n).collect();
+        let starts_with_number = |s: &str| {
+            let s = s.trim_start().trim_start_matches('\'');
+            s.starts_with(|c: char| c.is_ascii_digit())
+        };
+        let mut used_anywhere = Vec::new();
+        for (name, body) in BODIES {
+            for (at, _) in body.match_indices('\'') {
+                let rest = &body[at + 1..];
+                let literal = &rest[..rest.find('\'').unwrap_or(0)];
+                // '0' and '1' are flags and empty defaults; a status or reason in a
+                // hash field is caught below by the field it is written to.
+                let number = !literal.is_empty() && literal.bytes().all(|b| b.is_ascii_digit());
+                assert!(
+                    !number || literal == "0" || literal == "1",
+                    "{name}: quoted number '{literal}'"
+                );
+            }
+            for (at, _) in body.match_indices("rank(") {
+                let close = body[at..].find(')').expect("rank( closes") + at + 1;
+                let rest = body[close..].trim_start();
+                for op in [">=", "<=", "~=", "==", ">", "<"] {
+                    if let Some(operand) = rest.strip_prefix(op) {
+                        assert!(
+                            !starts_with_number(operand),
+                            "{name}: {} compared with a number",
+                            &body[at..close]
+                        );
+                        break;
+                    }
+                }
+            }
+            for field in [
+                "'status',",
+                "'end_reason',",
+                "['status'] =",
+                "['end_reason'] =",
+            ] {
+                for (at, _) in body.match_indices(field) {
+                    assert!(
+                        !starts_with_number(&body[at + field.len()..]),
+                        "{name}: {field} written as a number"
+                    );
+                }
+            }
+            for constant in constants_used(body) {
+                assert!(
+                    declared.iter().any(|d| d == constant),
+                    "{name}: {constant} is not declared in the prelude"
+                );
+                used_anywhere.push(constant);
+            }
+        }
+        for constant in &declared {
+            let shared = ["RANK", "FINAL"].contains(&constant.as_str());
+            assert!(
+                shared || used_anywhere.contains(&constant.as_str()),
+                "{constant} is declared but no script uses it"
+            );
+        }
+    }
 
     fn ev(seq: u64) -> pb::CallEvent {
         pb::CallEvent {
