@@ -1,41 +1,25 @@
-//! Errors of the control plane and their single mapping to gRPC statuses.
+//! Errors of the control plane: what went wrong in the domain's words ([`Error`]), what
+//! went wrong in the state store whatever its backend ([`StoreError`]), and the one
+//! mapping of both to gRPC statuses (`impl From<Error> for Status`).
 
 use tonic::{Code, Status};
 
-/// A failure of the state store (Redis or the in-memory store).
+/// A backend's own error, kept as the source of a [`StoreError`].
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failure of the state store, in terms every backend can report.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis cannot be reached (connection refused, dropped, timed out).
-    #[error("redis unavailable: {0}")]
-    Unavailable(#[source] redis::RedisError),
-    /// Redis answered with an error (script error, wrong type, …).
-    #[error("redis error: {0}")]
-    Redis(#[source] redis::RedisError),
+    /// The store cannot be reached (connection refused, dropped, timed out); retrying
+    /// later may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BackendError),
+    /// The store answered with an error (a script error, a wrong type, …).
+    #[error("store failed: {0}")]
+    Failed(#[source] BackendError),
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
-}
-
-impl From<redis::RedisError> for StoreError {
-    fn from(err: redis::RedisError) -> Self {
-        // Classified by kind, not by message text: anything about the link is a
-        // transient outage the client may retry.
-        if err.is_io_error()
-            || err.is_connection_dropped()
-            || err.is_connection_refusal()
-            || err.is_timeout()
-            || err.is_unrecoverable_error()
-            || matches!(
-                err.kind(),
-                redis::ErrorKind::ClusterConnectionNotFound
-                    | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
-            )
-        {
-            StoreError::Unavailable(err)
-        } else {
-            StoreError::Redis(err)
-        }
-    }
 }
 
 impl From<prost::DecodeError> for StoreError {
@@ -44,7 +28,8 @@ impl From<prost::DecodeError> for StoreError {
     }
 }
 
-/// A refused or failed request, as the domain sees it.
+/// A refused or failed request, in the domain's words. Each variant carries what its
+/// message needs; its gRPC code is decided in `From<Error> for Status` only.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input; `field` names the offending request field.
@@ -55,18 +40,85 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
-    /// The named thing does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The named thing exists already (or is held by someone else).
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The request is valid but the state does not allow it.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Optimistic concurrency conflict.
-    #[error("{0}")]
-    Aborted(String),
+    /// No call with this id.
+    #[error("call '{0}' not found")]
+    CallNotFound(String),
+    /// No agent with this id.
+    #[error("agent '{0}' not found")]
+    AgentNotFound(String),
+    /// No number route for this number (`DeleteNumberRoute`).
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// An inbound call to a number with no route, and no default agent.
+    #[error("no route for '{0}' and no default agent")]
+    NoAgentForNumber(String),
+    /// A call created without an agent, and no default agent is set.
+    #[error("{field}: empty and there is no default agent")]
+    NoDefaultAgent {
+        /// The request field that was empty.
+        field: String,
+    },
+    /// An agent with this id exists already.
+    #[error("agent '{0}' already exists")]
+    AgentExists(String),
+    /// Optimistic concurrency: the agent is at another version than the request expected.
+    #[error("agent '{agent_id}' is at version {current}, not expected_version {expected}")]
+    VersionConflict {
+        /// The agent.
+        agent_id: String,
+        /// Its stored version.
+        current: u64,
+        /// The version the request expected.
+        expected: u64,
+    },
+    /// The call has a final status: it cannot be admitted or attached again.
+    #[error("call '{0}' has ended")]
+    CallEnded(String),
+    /// A command for a call that is not in progress with an attach stream.
+    #[error("call '{call_id}' is not live (status {status}, attach stream {})", if *.attached { "open" } else { "absent" })]
+    CallNotLive {
+        /// The call.
+        call_id: String,
+        /// Its status, by proto name.
+        status: &'static str,
+        /// Whether an attach stream holds its lease.
+        attached: bool,
+    },
+    /// The call's lease names a control replica that no longer listens.
+    #[error("call '{0}' is not live: the control replica holding it is gone")]
+    HolderGone(String),
+    /// The agent of a call was deleted while the call lives.
+    #[error("agent '{agent_id}' of call '{call_id}' was deleted")]
+    AgentDeleted {
+        /// The call.
+        call_id: String,
+        /// Its deleted agent.
+        agent_id: String,
+    },
+    /// Another live attach stream holds the call's lease.
+    #[error("call '{0}' is attached by another stream")]
+    LeaseHeldElsewhere(String),
+    /// An event's seq is past the next one expected.
+    #[error("event seq {seq} leaves a gap after stored seq {last_seq}; resend from {}", .last_seq + 1)]
+    EventGap {
+        /// The refused event's seq.
+        seq: u64,
+        /// The newest stored seq.
+        last_seq: u64,
+    },
+    /// Stored events read back out of order (a store bug worth surfacing, never skipped).
+    #[error("stored events of call '{call_id}' jump from {from} to {to}")]
+    EventsOutOfOrder {
+        /// The call.
+        call_id: String,
+        /// The last seq sent.
+        from: u64,
+        /// The seq read next.
+        to: u64,
+    },
+    /// The attach stream's receiver went away before the call context was sent.
+    #[error("attach stream closed")]
+    AttachStreamClosed,
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -80,20 +132,34 @@ impl Error {
             message: message.into(),
         }
     }
+
+    /// The gRPC code the API answers this error with.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::CallNotFound(_)
+            | Error::AgentNotFound(_)
+            | Error::RouteNotFound(_)
+            | Error::NoAgentForNumber(_) => Code::NotFound,
+            Error::AgentExists(_) | Error::LeaseHeldElsewhere(_) => Code::AlreadyExists,
+            Error::NoDefaultAgent { .. }
+            | Error::CallEnded(_)
+            | Error::CallNotLive { .. }
+            | Error::HolderGone(_)
+            | Error::AgentDeleted { .. }
+            | Error::EventGap { .. }
+            | Error::EventsOutOfOrder { .. }
+            | Error::AttachStreamClosed => Code::FailedPrecondition,
+            Error::VersionConflict { .. } => Code::Aborted,
+            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            Error::Store(StoreError::Failed(_) | StoreError::Corrupt(_)) => Code::Internal,
+        }
+    }
 }
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        let code = match &err {
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Aborted(_) => Code::Aborted,
-            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            Error::Store(_) => Code::Internal,
-        };
-        Status::new(code, err.to_string())
+        Status::new(err.code(), err.to_string())
     }
 }
 
@@ -101,18 +167,125 @@ impl From<Error> for Status {
 mod tests {
     use super::*;
 
+    fn status(err: Error) -> Status {
+        err.into()
+    }
+
     #[test]
     fn status_mapping_names_the_field_and_code() {
-        let s: Status = Error::invalid("settings.voice", "unknown voice 'x'").into();
+        let s = status(Error::invalid("settings.voice", "unknown voice 'x'"));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("settings.voice"));
-        let s: Status = Error::Aborted("version".into()).into();
+        let s = status(Error::VersionConflict {
+            agent_id: "a".into(),
+            current: 3,
+            expected: 2,
+        });
         assert_eq!(s.code(), Code::Aborted);
-        let io = redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "refused",
-        ));
-        let s: Status = Error::from(StoreError::from(io)).into();
+        assert_eq!(
+            s.message(),
+            "agent 'a' is at version 3, not expected_version 2"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let s = status(StoreError::Unavailable(Box::new(io)).into());
         assert_eq!(s.code(), Code::Unavailable);
+        let s = status(StoreError::Corrupt("event entry without payload".into()).into());
+        assert_eq!(s.code(), Code::Internal);
+    }
+
+    #[test]
+    fn domain_errors_keep_their_codes_and_say_what_happened() {
+        let cases = [
+            (
+                Error::CallNotFound("c1".into()),
+                Code::NotFound,
+                "call 'c1' not found",
+            ),
+            (
+                Error::AgentNotFound("a".into()),
+                Code::NotFound,
+                "agent 'a' not found",
+            ),
+            (
+                Error::RouteNotFound("+1555".into()),
+                Code::NotFound,
+                "no route for +1555",
+            ),
+            (
+                Error::NoAgentForNumber("+1555".into()),
+                Code::NotFound,
+                "no route for '+1555' and no default agent",
+            ),
+            (
+                Error::NoDefaultAgent {
+                    field: "calls[2].agent_id".into(),
+                },
+                Code::FailedPrecondition,
+                "calls[2].agent_id: empty and there is no default agent",
+            ),
+            (
+                Error::AgentExists("a".into()),
+                Code::AlreadyExists,
+                "agent 'a' already exists",
+            ),
+            (
+                Error::CallEnded("c1".into()),
+                Code::FailedPrecondition,
+                "call 'c1' has ended",
+            ),
+            (
+                Error::CallNotLive {
+                    call_id: "c1".into(),
+                    status: "RINGING",
+                    attached: false,
+                },
+                Code::FailedPrecondition,
+                "call 'c1' is not live (status RINGING, attach stream absent)",
+            ),
+            (
+                Error::HolderGone("c1".into()),
+                Code::FailedPrecondition,
+                "call 'c1' is not live: the control replica holding it is gone",
+            ),
+            (
+                Error::AgentDeleted {
+                    call_id: "c1".into(),
+                    agent_id: "a".into(),
+                },
+                Code::FailedPrecondition,
+                "agent 'a' of call 'c1' was deleted",
+            ),
+            (
+                Error::LeaseHeldElsewhere("c1".into()),
+                Code::AlreadyExists,
+                "call 'c1' is attached by another stream",
+            ),
+            (
+                Error::EventGap {
+                    seq: 8,
+                    last_seq: 6,
+                },
+                Code::FailedPrecondition,
+                "event seq 8 leaves a gap after stored seq 6; resend from 7",
+            ),
+            (
+                Error::EventsOutOfOrder {
+                    call_id: "c1".into(),
+                    from: 3,
+                    to: 5,
+                },
+                Code::FailedPrecondition,
+                "stored events of call 'c1' jump from 3 to 5",
+            ),
+            (
+                Error::AttachStreamClosed,
+                Code::FailedPrecondition,
+                "attach stream closed",
+            ),
+        ];
+        for (err, code, message) in cases {
+            let s = status(err);
+            assert_eq!((s.code(), s.message()), (code, message));
+        }
     }
 }

@@ -20,10 +20,12 @@ const SERVICE: &str = "Agents";
 fn cas(outcome: AgentCas, agent_id: &str, expected: u64) -> Result<(), Error> {
     match outcome {
         AgentCas::Done => Ok(()),
-        AgentCas::NotFound => Err(Error::NotFound(format!("agent '{agent_id}' not found"))),
-        AgentCas::Conflict { current } => Err(Error::Aborted(format!(
-            "agent '{agent_id}' is at version {current}, not expected_version {expected}"
-        ))),
+        AgentCas::NotFound => Err(Error::AgentNotFound(agent_id.to_owned())),
+        AgentCas::Conflict { current } => Err(Error::VersionConflict {
+            agent_id: agent_id.to_owned(),
+            current,
+            expected,
+        }),
     }
 }
 
@@ -52,10 +54,7 @@ impl<S: CallStore> Agents for AgentsApi<S> {
                     updated_at_ms: now,
                 };
                 if !self.0.store.create_agent(&agent).await? {
-                    return Err(Error::AlreadyExists(format!(
-                        "agent '{}' already exists",
-                        agent.agent_id
-                    )));
+                    return Err(Error::AgentExists(agent.agent_id));
                 }
                 tracing::info!(agent_id = %agent.agent_id, "Agent created.");
                 Ok(agent)
@@ -187,7 +186,7 @@ impl<S: CallStore> Agents for AgentsApi<S> {
             .rpc(SERVICE, "DeleteNumberRoute", "", async {
                 validate::e164("number", &req.number)?;
                 if !self.0.store.delete_route(&req.number).await? {
-                    return Err(Error::NotFound(format!("no route for {}", req.number)));
+                    return Err(Error::RouteNotFound(req.number));
                 }
                 Ok(pb::DeleteNumberRouteResponse {})
             })

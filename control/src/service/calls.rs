@@ -87,12 +87,12 @@ impl<S: CallStore> CallsApi<S> {
             if default_agent.is_none() {
                 *default_agent = Some(self.0.store.get_default_agent().await?);
             }
-            default_agent.clone().flatten().ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "{}: empty and there is no default agent",
-                    field("agent_id")
-                ))
-            })?
+            default_agent
+                .clone()
+                .flatten()
+                .ok_or_else(|| Error::NoDefaultAgent {
+                    field: field("agent_id"),
+                })?
         } else {
             validate::ident(&field("agent_id"), &req.agent_id, 64)?;
             req.agent_id
@@ -140,10 +140,11 @@ async fn catch_up<S: CallStore>(
         for event in events {
             if event.seq != *last + 1 {
                 // Never skip: a hole in the stream is a store bug worth surfacing.
-                return Err(Error::FailedPrecondition(format!(
-                    "stored events of call '{call_id}' jump from {} to {}",
-                    *last, event.seq
-                )));
+                return Err(Error::EventsOutOfOrder {
+                    call_id: call_id.to_owned(),
+                    from: *last,
+                    to: event.seq,
+                });
             }
             *last = event.seq;
             let done = is_final_event(&event);
@@ -559,15 +560,11 @@ impl<S: CallStore> Calls for CallsApi<S> {
                     let status = pb::CallStatus::try_from(call.status)
                         .map(|s| s.as_str_name())
                         .unwrap_or("UNKNOWN");
-                    return Err(Error::FailedPrecondition(format!(
-                        "call '{}' is not live (status {status}, attach stream {})",
-                        req.call_id,
-                        if call.lease_held(now_ms()) {
-                            "open"
-                        } else {
-                            "absent"
-                        }
-                    )));
+                    return Err(Error::CallNotLive {
+                        call_id: req.call_id.clone(),
+                        status,
+                        attached: call.lease_held(now_ms()),
+                    });
                 }
                 let delivered = self
                     .0
@@ -575,10 +572,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                     .publish_command(call.lease_replica(), &req.call_id, &command)
                     .await?;
                 if !delivered {
-                    return Err(Error::FailedPrecondition(format!(
-                        "call '{}' is not live: the control replica holding it is gone",
-                        req.call_id
-                    )));
+                    return Err(Error::HolderGone(req.call_id.clone()));
                 }
                 Ok(pb::SendCommandResponse {
                     command_id: command.command_id,

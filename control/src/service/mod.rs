@@ -95,7 +95,7 @@ impl<S: CallStore> Shared<S> {
         self.store
             .get_call(call_id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("call '{call_id}' not found")))
+            .ok_or_else(|| Error::CallNotFound(call_id.to_owned()))
     }
 
     /// An agent that must exist.
@@ -103,7 +103,7 @@ impl<S: CallStore> Shared<S> {
         self.store
             .get_agent(agent_id)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("agent '{agent_id}' not found")))
+            .ok_or_else(|| Error::AgentNotFound(agent_id.to_owned()))
     }
 
     /// Stores one event (once) and tells watchers.
@@ -184,14 +184,12 @@ impl<S: CallStore> Shared<S> {
         let refused = match outcomes.last() {
             Some(AppendOutcome::Gap { last_seq }) => {
                 let seq = valid[outcomes.len() - 1].seq;
-                Some(Error::FailedPrecondition(format!(
-                    "event seq {seq} leaves a gap after stored seq {last_seq}; resend from {}",
-                    last_seq + 1
-                )))
+                Some(Error::EventGap {
+                    seq,
+                    last_seq: *last_seq,
+                })
             }
-            Some(AppendOutcome::NotFound) => {
-                Some(Error::NotFound(format!("call '{call_id}' not found")))
-            }
+            Some(AppendOutcome::NotFound) => Some(Error::CallNotFound(call_id.to_owned())),
             // Every valid event was handled: what stopped the run, if anything, is an
             // invalid event after them.
             _ if outcomes.len() == valid.len() => invalid,
@@ -247,8 +245,10 @@ impl<S: CallStore> Shared<S> {
                     self.metrics.relay_lost.inc();
                     tracing::info!(call_id = %call_id, "Call ended: relay lost.");
                 }
-                // Someone else (a relay event or another replica) got there first.
-                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                // Someone else (a relay event or another replica) got there first:
+                // the call's lease was renewed or it ended (`ConditionFailed`), the
+                // seq was taken (`Duplicate`), or events moved past it (a gap).
+                Ok(_) | Err(Error::EventGap { .. }) => {}
                 Err(err) => return Err(err),
             }
         }

@@ -295,12 +295,11 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     validate::ident("twilio_call_sid", &req.twilio_call_sid, 64)?;
                     let agent_id = match shared.store.get_route(&req.to).await? {
                         Some(agent) => agent,
-                        None => shared.store.get_default_agent().await?.ok_or_else(|| {
-                            Error::NotFound(format!(
-                                "no route for '{}' and no default agent",
-                                req.to
-                            ))
-                        })?,
+                        None => shared
+                            .store
+                            .get_default_agent()
+                            .await?
+                            .ok_or_else(|| Error::NoAgentForNumber(req.to.clone()))?,
                     };
                     let call = CallRecord {
                         call_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -323,17 +322,9 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     {
                         AdmitOutcome::Admitted => req.call_id.clone(),
                         AdmitOutcome::NotFound => {
-                            return Err(Error::NotFound(format!(
-                                "call '{}' not found",
-                                req.call_id
-                            )));
+                            return Err(Error::CallNotFound(req.call_id.clone()));
                         }
-                        AdmitOutcome::Ended => {
-                            return Err(Error::FailedPrecondition(format!(
-                                "call '{}' has ended",
-                                req.call_id
-                            )));
-                        }
+                        AdmitOutcome::Ended => return Err(Error::CallEnded(req.call_id.clone())),
                     }
                 };
                 let call = shared.call(&call_id).await?;
@@ -341,11 +332,9 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     .store
                     .get_agent(&call.agent_id)
                     .await?
-                    .ok_or_else(|| {
-                        Error::FailedPrecondition(format!(
-                            "agent '{}' of call '{call_id}' was deleted",
-                            call.agent_id
-                        ))
+                    .ok_or_else(|| Error::AgentDeleted {
+                        call_id: call_id.clone(),
+                        agent_id: call.agent_id.clone(),
                     })?;
                 tracing::info!(call_id = %call_id, agent_id = %call.agent_id, "Call admitted.");
                 Ok(pb::AdmitResponse {
@@ -392,14 +381,9 @@ impl<S: CallStore> Relay for RelayApi<S> {
                         .await?
                     {
                         AttachOutcome::Attached => Ok(()),
-                        AttachOutcome::NotFound => Err(Error::NotFound(format!("call '{}' not found", open.call_id))),
-                        AttachOutcome::Ended => {
-                            Err(Error::FailedPrecondition(format!("call '{}' has ended", open.call_id)))
-                        }
-                        AttachOutcome::Held => Err(Error::AlreadyExists(format!(
-                            "call '{}' is attached by another stream",
-                            open.call_id
-                        ))),
+                        AttachOutcome::NotFound => Err(Error::CallNotFound(open.call_id.clone())),
+                        AttachOutcome::Ended => Err(Error::CallEnded(open.call_id.clone())),
+                        AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(open.call_id.clone())),
                     }
                 }
                 .await;
@@ -409,8 +393,9 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 }
                 let context = async {
                     let call = shared.call(&open.call_id).await?;
-                    let agent = shared.store.get_agent(&call.agent_id).await?.ok_or_else(|| {
-                        Error::FailedPrecondition(format!("agent '{}' of this call was deleted", call.agent_id))
+                    let agent = shared.store.get_agent(&call.agent_id).await?.ok_or_else(|| Error::AgentDeleted {
+                        call_id: open.call_id.clone(),
+                        agent_id: call.agent_id.clone(),
                     })?;
                     let history = if call.last_seq > 0 {
                         calls::transcript(&read_all_events(&shared, &open.call_id).await?)
@@ -441,7 +426,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 {
                     let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
                     shared.hub.unregister(&open.call_id, &holder);
-                    return Err(Error::FailedPrecondition("attach stream closed".into()));
+                    return Err(Error::AttachStreamClosed);
                 }
                 shared.metrics.attached_calls.inc();
                 tracing::info!(relay_id = %open.relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");

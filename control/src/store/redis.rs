@@ -39,6 +39,28 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 /// Pause between pub/sub reconnect attempts.
 const PUBSUB_RETRY: Duration = Duration::from_millis(500);
 
+/// Redis errors in the store's backend-neutral terms, classified by kind (not by message
+/// text): anything about the link is a transient outage the client may retry.
+impl From<redis::RedisError> for StoreError {
+    fn from(err: redis::RedisError) -> Self {
+        let outage = err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+            || err.is_unrecoverable_error()
+            || matches!(
+                err.kind(),
+                redis::ErrorKind::ClusterConnectionNotFound
+                    | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
+            );
+        if outage {
+            StoreError::Unavailable(Box::new(err))
+        } else {
+            StoreError::Failed(Box::new(err))
+        }
+    }
+}
+
 /// A Redis connection of either shape.
 #[derive(Clone)]
 enum Conn {
@@ -1377,6 +1399,17 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_link_errors_are_outages_and_others_failures() {
+        let io = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(matches!(StoreError::from(io), StoreError::Unavailable(_)));
+        let script = redis::RedisError::from((redis::ErrorKind::Client, "bad script"));
+        assert!(matches!(StoreError::from(script), StoreError::Failed(_)));
+    }
 
     /// Every script body, by name (without the prelude).
     const BODIES: [(&str, &str); 6] = [
