@@ -365,14 +365,13 @@ if rank(cur) < rank(STATUS_RINGING) then redis.call('HSET', KEYS[1], 'status', S
 return 1
 ";
 
-/// KEYS: agent hash. ARGV: expected version (0 any), new version (0 delete), encoded agent.
-/// Returns {1, v} done, {-1, 0} not found, {-2, current} conflict.
+/// KEYS: agent hash. ARGV: expected version ('' any: deletes only), new version (0
+/// delete), encoded agent. Returns {1, v} done, {-1, 0} not found, {-2, current} conflict.
 const AGENT_CAS_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {-1, 0} end
 v = tonumber(v)
-local expected = tonumber(ARGV[1])
-if expected ~= 0 and expected ~= v then return {-2, v} end
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= v then return {-2, v} end
 if ARGV[2] == '0' then
   redis.call('DEL', KEYS[1])
 else
@@ -802,7 +801,12 @@ impl CallStore for RedisStore {
             .scripts
             .agent_cas
             .key(keys::agent(agent_id))
-            .arg(expected)
+            // 0 deletes whatever the version; a replace always names one.
+            .arg(if expected == 0 {
+                String::new()
+            } else {
+                expected.to_string()
+            })
             .arg(0)
             .arg("")
             .invoke_async(&mut conn)

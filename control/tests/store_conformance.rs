@@ -1,0 +1,832 @@
+//! The store conformance suite: one set of cases for the [`CallStore`] contract (calls,
+//! admission, leases, events, hand-off, ends, agents, routes), each run against both
+//! backends — the in-memory store and the Redis store on a throwaway `redis-server`.
+//! A case that passes on one and fails on the other is a bug in that store.
+//!
+//! Times are explicit `now_ms` arguments, so lease expiry is tested without waiting.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbridge_control::calls::event_effects;
+use callbridge_control::hub::Hub;
+use callbridge_control::store::memory::MemoryStore;
+use callbridge_control::store::redis::{RedisStore, RedisTarget};
+use callbridge_control::store::{
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallRecord, CallStore, IndexCursor,
+};
+use callbridge_proto::pb;
+use callbridge_testkit::redis_server::RedisServer;
+use common::within;
+use pb::call_event::Kind;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Each case, as a test per backend: `in_memory::<case>` and `on_redis::<case>`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod in_memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::memory_store()).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let backend = super::RedisBackend::start().await;
+                    super::$case(&backend.store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    create_get_list,
+    admit_and_attach,
+    leases,
+    event_append_with_sequence_gaps_and_duplicates,
+    hand_off_and_resume,
+    end_and_retention,
+    agent_versions,
+    number_routes,
+);
+
+const LEASE: i64 = 500;
+const T0: i64 = 1_700_000_000_000;
+
+fn memory_store() -> MemoryStore {
+    MemoryStore::new(Arc::new(Hub::new()), "replica-1")
+}
+
+/// A Redis store on its own `redis-server`; both stop when this is dropped.
+struct RedisBackend {
+    store: RedisStore,
+    shutdown: CancellationToken,
+    // Dropped last: the store's pub/sub task must not outlive its server by much.
+    _redis: RedisServer,
+}
+
+impl RedisBackend {
+    async fn start() -> Self {
+        let redis = RedisServer::unix().expect("redis-server starts");
+        let shutdown = CancellationToken::new();
+        let store = within(
+            "connect to redis",
+            RedisStore::connect(
+                &RedisTarget::Single(redis.url()),
+                Duration::from_secs(3600),
+                Arc::new(Hub::new()),
+                "replica-1",
+                &TaskTracker::new(),
+                shutdown.clone(),
+            ),
+        )
+        .await
+        .expect("connected");
+        RedisBackend {
+            store,
+            shutdown,
+            _redis: redis,
+        }
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+// --- helpers ---
+
+fn record(call_id: &str, created_at_ms: i64, campaign_id: &str) -> CallRecord {
+    CallRecord {
+        call_id: call_id.to_owned(),
+        agent_id: "agent-1".to_owned(),
+        direction: pb::Direction::Outbound as i32,
+        status: pb::CallStatus::Created as i32,
+        to: "+14155550123".to_owned(),
+        campaign_id: campaign_id.to_owned(),
+        created_at_ms,
+        ..CallRecord::default()
+    }
+}
+
+async fn create<S: CallStore>(s: &S, calls: &[CallRecord]) {
+    within("create_calls", s.create_calls(calls))
+        .await
+        .expect("created");
+}
+
+async fn get<S: CallStore>(s: &S, call_id: &str) -> CallRecord {
+    within("get_call", s.get_call(call_id))
+        .await
+        .expect("store reachable")
+        .unwrap_or_else(|| panic!("call {call_id} exists"))
+}
+
+fn event(call_id: &str, seq: u64, kind: Kind) -> pb::CallEvent {
+    pb::CallEvent {
+        call_id: call_id.to_owned(),
+        seq,
+        at_ms: T0 + i64::try_from(seq).expect("small") * 1000,
+        kind: Some(kind),
+    }
+}
+
+fn started(relay: &str, stream_sid: &str) -> Kind {
+    Kind::Started(pb::Started {
+        twilio_call_sid: "CA100".to_owned(),
+        stream_sid: stream_sid.to_owned(),
+        relay_id: relay.to_owned(),
+        ..Default::default()
+    })
+}
+
+fn ended(reason: pb::EndReason, detail: &str, transfer_to: &str) -> Kind {
+    Kind::Ended(pb::Ended {
+        reason: reason as i32,
+        detail: detail.to_owned(),
+        transfer_to: transfer_to.to_owned(),
+    })
+}
+
+fn usage(total: u64) -> Kind {
+    Kind::Usage(pb::Usage {
+        input_tokens: total / 2,
+        total_tokens: total,
+        ..Default::default()
+    })
+}
+
+/// Appends `events` as one run, with the domain's effects (and an optional lease
+/// condition on every event).
+async fn append_with<S: CallStore>(
+    s: &S,
+    call_id: &str,
+    events: &[pb::CallEvent],
+    lease_expired_before: Option<i64>,
+) -> Vec<AppendOutcome> {
+    let effects: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let mut effects = event_effects(e).expect("valid event");
+            effects.require_lease_expired_before = lease_expired_before;
+            effects
+        })
+        .collect();
+    within(
+        "append_events",
+        s.append_events(call_id, "", events, &effects),
+    )
+    .await
+    .expect("store reachable")
+}
+
+async fn append<S: CallStore>(
+    s: &S,
+    call_id: &str,
+    events: &[pb::CallEvent],
+) -> Vec<AppendOutcome> {
+    append_with(s, call_id, events, None).await
+}
+
+async fn attach<S: CallStore>(
+    s: &S,
+    call_id: &str,
+    relay: &str,
+    reconnect: bool,
+    holder: &str,
+    now_ms: i64,
+) -> AttachOutcome {
+    within(
+        "attach",
+        s.attach(call_id, relay, reconnect, holder, now_ms, LEASE),
+    )
+    .await
+    .expect("store reachable")
+}
+
+async fn expired<S: CallStore>(s: &S, now_ms: i64) -> Vec<String> {
+    let mut ids = within("expired_leases", s.expired_leases(now_ms, 100))
+        .await
+        .expect("store reachable");
+    ids.sort();
+    ids
+}
+
+async fn scan<S: CallStore>(
+    s: &S,
+    campaign: Option<&str>,
+    cursor: IndexCursor,
+    limit: usize,
+) -> Vec<(String, i64)> {
+    within(
+        "scan_index",
+        s.scan_index(campaign, cursor, i64::MIN, limit),
+    )
+    .await
+    .expect("store reachable")
+}
+
+const NEWEST: IndexCursor = IndexCursor {
+    score: i64::MAX,
+    skip: 0,
+};
+
+fn ids(page: &[(String, i64)]) -> Vec<&str> {
+    page.iter().map(|(id, _)| id.as_str()).collect()
+}
+
+fn agent(agent_id: &str, version: u64, name: &str) -> pb::Agent {
+    pb::Agent {
+        agent_id: agent_id.to_owned(),
+        version,
+        settings: Some(pb::AgentSettings {
+            name: name.to_owned(),
+            ..Default::default()
+        }),
+        created_at_ms: T0,
+        updated_at_ms: T0 + i64::try_from(version).expect("small"),
+    }
+}
+
+// --- cases ---
+
+/// A created call reads back field for field; many calls read in one go in the order
+/// asked; the indexes page newest first, ties by id descending, resumable by cursor.
+async fn create_get_list<S: CallStore>(s: &S) {
+    let full = CallRecord {
+        from: "+14155550100".to_owned(),
+        metadata: BTreeMap::from([
+            ("crm".to_owned(), "42".to_owned()),
+            ("note".to_owned(), "a \"quoted\" value".to_owned()),
+        ]),
+        ..record("c0", 10, "spring")
+    };
+    let calls = vec![
+        full.clone(),
+        record("c1", 10, "spring"),
+        record("c2", 10, ""),
+        record("c3", 20, "summer"),
+        record("c4", 20, "spring"),
+    ];
+    create(s, &calls).await;
+    assert_eq!(get(s, "c0").await, full, "every field round-trips");
+    assert_eq!(
+        within("get_call", s.get_call("missing")).await.expect("ok"),
+        None
+    );
+    let many = within(
+        "get_calls",
+        s.get_calls(&["c3".to_owned(), "missing".to_owned(), "c0".to_owned()]),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(many, vec![Some(calls[3].clone()), None, Some(full)]);
+    assert_eq!(
+        within("get_calls", s.get_calls(&[])).await.expect("ok"),
+        Vec::<Option<CallRecord>>::new()
+    );
+
+    let first = scan(s, None, NEWEST, 3).await;
+    assert_eq!(
+        first,
+        vec![("c4".into(), 20), ("c3".into(), 20), ("c2".into(), 10)]
+    );
+    let rest = scan(s, None, IndexCursor { score: 10, skip: 1 }, 10).await;
+    assert_eq!(ids(&rest), vec!["c1", "c0"]);
+    let spring = scan(s, Some("spring"), NEWEST, 10).await;
+    assert_eq!(ids(&spring), vec!["c4", "c1", "c0"]);
+    let newer = within("scan_index", s.scan_index(None, NEWEST, 15, 10))
+        .await
+        .expect("ok");
+    assert_eq!(ids(&newer), vec!["c4", "c3"], "min_score bounds the page");
+    assert!(scan(s, Some("autumn"), NEWEST, 10).await.is_empty());
+}
+
+/// Admission: a pre-created call moves to ringing and learns the sid and numbers it
+/// lacks; an inbound call is created once per Twilio sid; attach takes the lease.
+async fn admit_and_attach<S: CallStore>(s: &S) {
+    create(s, &[record("out", 1, "")]).await;
+    let admit = |id: &'static str, sid: &'static str, from: &'static str, to: &'static str| async move {
+        within("admit_existing", s.admit_existing(id, sid, from, to))
+            .await
+            .expect("ok")
+    };
+    assert_eq!(
+        admit("out", "CA1", "+14155550100", "+19995550000").await,
+        AdmitOutcome::Admitted
+    );
+    let got = get(s, "out").await;
+    assert_eq!(got.status, pb::CallStatus::Ringing as i32);
+    assert_eq!(got.twilio_call_sid, "CA1");
+    assert_eq!(got.from, "+14155550100", "an empty field is filled");
+    assert_eq!(got.to, "+14155550123", "a set field is kept");
+    // A webhook retry: admitted again, nothing moves back.
+    assert_eq!(admit("out", "CA1", "", "").await, AdmitOutcome::Admitted);
+    assert_eq!(get(s, "out").await.status, pb::CallStatus::Ringing as i32);
+    assert_eq!(
+        admit("missing", "CA9", "", "").await,
+        AdmitOutcome::NotFound
+    );
+
+    let inbound = |id: &str| CallRecord {
+        direction: pb::Direction::Inbound as i32,
+        status: pb::CallStatus::Ringing as i32,
+        twilio_call_sid: "CA2".to_owned(),
+        ..record(id, 5, "")
+    };
+    let first = within("admit_inbound", s.admit_inbound(&inbound("in-1")))
+        .await
+        .expect("ok");
+    assert_eq!(first, "in-1");
+    let retry = within("admit_inbound", s.admit_inbound(&inbound("in-2")))
+        .await
+        .expect("ok");
+    assert_eq!(retry, "in-1", "the sid's first call wins");
+    assert_eq!(
+        within("get_call", s.get_call("in-2")).await.expect("ok"),
+        None,
+        "the loser is not stored"
+    );
+    assert_eq!(ids(&scan(s, None, NEWEST, 10).await), vec!["in-1", "out"]);
+
+    assert_eq!(
+        attach(s, "in-1", "relay-1", false, "replica-1/s1", T0).await,
+        AttachOutcome::Attached
+    );
+    let got = get(s, "in-1").await;
+    assert_eq!(got.lease_holder, "replica-1/s1");
+    assert_eq!(got.lease_replica(), "replica-1");
+    assert_eq!(got.lease_relay, "relay-1");
+    assert_eq!(got.relay_id, "relay-1");
+    assert_eq!(got.lease_until_ms, T0 + LEASE);
+    assert!(got.lease_held(T0));
+    assert_eq!(
+        attach(s, "missing", "relay-1", false, "replica-1/s2", T0).await,
+        AttachOutcome::NotFound
+    );
+}
+
+/// One holder at a time: renewals extend it, another stream is refused while it runs
+/// (unless the same relay reconnects), a lapsed lease is free, release leaves a grace.
+async fn leases<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, ""), record("c2", 2, "")]).await;
+    assert_eq!(
+        attach(s, "c1", "r1", false, "x/1", T0).await,
+        AttachOutcome::Attached
+    );
+    // Steal refused, with or without the reconnect flag, from another relay.
+    assert_eq!(
+        attach(s, "c1", "r2", false, "x/2", T0 + 100).await,
+        AttachOutcome::Held
+    );
+    assert_eq!(
+        attach(s, "c1", "r2", true, "x/2", T0 + 100).await,
+        AttachOutcome::Held
+    );
+    assert_eq!(get(s, "c1").await.lease_holder, "x/1", "the holder is kept");
+    // Renew.
+    let renew = |holder: &'static str, now: i64| async move {
+        within("renew_lease", s.renew_lease("c1", holder, now, LEASE))
+            .await
+            .expect("ok")
+    };
+    assert!(renew("x/1", T0 + 300).await);
+    assert_eq!(get(s, "c1").await.lease_until_ms, T0 + 300 + LEASE);
+    assert!(expired(s, T0 + 600).await.is_empty(), "renewed, not lapsed");
+    // The same relay reconnecting takes over; the old stream can no longer renew.
+    assert_eq!(
+        attach(s, "c1", "r1", true, "y/3", T0 + 400).await,
+        AttachOutcome::Attached
+    );
+    assert!(!renew("x/1", T0 + 450).await);
+    assert!(renew("y/3", T0 + 450).await);
+    assert!(
+        !within("renew_lease", s.renew_lease("missing", "y/3", T0, LEASE))
+            .await
+            .expect("ok")
+    );
+    // Lapse: nobody renews; the sweeper sees it and anyone may attach.
+    let until = T0 + 450 + LEASE;
+    assert!(
+        expired(s, until).await.is_empty(),
+        "runs out after, not at, until"
+    );
+    assert_eq!(expired(s, until + 1).await, vec!["c1".to_owned()]);
+    assert_eq!(
+        attach(s, "c1", "r9", false, "z/9", until + 1).await,
+        AttachOutcome::Attached
+    );
+    assert!(expired(s, until + 1).await.is_empty());
+    // Release: the holder lets go, leaving one lease of grace for a reconnect.
+    within(
+        "release_lease",
+        s.release_lease("c1", "y/3", until + 10, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(
+        get(s, "c1").await.lease_holder,
+        "z/9",
+        "only the holder releases"
+    );
+    within(
+        "release_lease",
+        s.release_lease("c1", "z/9", until + 10, LEASE),
+    )
+    .await
+    .expect("ok");
+    let got = get(s, "c1").await;
+    assert_eq!(got.lease_holder, "");
+    assert_eq!(got.lease_until_ms, until + 10 + LEASE);
+    assert!(!got.lease_held(until + 10));
+    assert_eq!(
+        attach(s, "c1", "r2", false, "w/5", until + 11).await,
+        AttachOutcome::Attached,
+        "a released lease is free"
+    );
+    // Forgetting a lease takes it out of the sweeper's view only.
+    assert_eq!(expired(s, i64::MAX).await, vec!["c1".to_owned()]);
+    within("forget_lease", s.forget_lease("c1"))
+        .await
+        .expect("ok");
+    assert!(expired(s, i64::MAX).await.is_empty());
+    assert_eq!(get(s, "c1").await.lease_holder, "w/5");
+}
+
+/// Each seq is stored once, in order: duplicates are acknowledged without effect, a gap
+/// stops the run and names the last stored seq, usage adds up per stored event only.
+async fn event_append_with_sequence_gaps_and_duplicates<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let (st, dup) = (AppendOutcome::Stored, AppendOutcome::Duplicate);
+    assert_eq!(
+        append(s, "c1", &[event("c1", 1, usage(10))]).await,
+        vec![st]
+    );
+    assert_eq!(
+        append(s, "c1", &[event("c1", 1, usage(10))]).await,
+        vec![dup]
+    );
+    assert_eq!(
+        append(s, "c1", &[event("c1", 3, usage(10))]).await,
+        vec![AppendOutcome::Gap { last_seq: 1 }]
+    );
+    // A run: duplicates, new events, then a gap; the event after the gap is untouched.
+    let run = [
+        event("c1", 1, usage(10)),
+        event("c1", 2, usage(4)),
+        event("c1", 3, usage(6)),
+        event("c1", 5, usage(100)),
+        event("c1", 6, usage(100)),
+    ];
+    assert_eq!(
+        append(s, "c1", &run).await,
+        vec![dup, st, st, AppendOutcome::Gap { last_seq: 3 }]
+    );
+    let got = get(s, "c1").await;
+    assert_eq!(got.last_seq, 3);
+    assert_eq!(got.usage[2], 20, "total tokens of the stored events only");
+    assert_eq!(got.usage[0], 10, "input tokens");
+    assert_eq!(got.usage[8], 3, "one response per usage event");
+    let read = |after: u64, limit: usize| async move {
+        within("read_events", s.read_events("c1", after, limit))
+            .await
+            .expect("ok")
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(read(0, 100).await, vec![1, 2, 3]);
+    assert_eq!(read(1, 100).await, vec![2, 3]);
+    assert_eq!(read(0, 2).await, vec![1, 2]);
+    assert!(read(3, 100).await.is_empty());
+    let stored = within("read_events", s.read_events("c1", 1, 1))
+        .await
+        .expect("ok");
+    assert_eq!(stored, vec![run[1].clone()], "stored as sent");
+    assert_eq!(
+        append(s, "missing", &[event("missing", 1, usage(1))]).await,
+        vec![AppendOutcome::NotFound]
+    );
+    assert!(
+        within("read_events", s.read_events("missing", 0, 10))
+            .await
+            .expect("ok")
+            .is_empty()
+    );
+}
+
+/// A hand-off end keeps the call live and says so; the next `started` (another relay
+/// resuming) clears it, keeps the first start time and names the new relay.
+async fn hand_off_and_resume<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let st = AppendOutcome::Stored;
+    assert_eq!(
+        append(s, "c1", &[event("c1", 1, started("relay-1", "MZ1"))]).await,
+        vec![st]
+    );
+    let got = get(s, "c1").await;
+    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    assert_eq!(got.started_at_ms, T0 + 1000);
+    assert_eq!(
+        (
+            got.twilio_call_sid.as_str(),
+            got.stream_sid.as_str(),
+            got.relay_id.as_str()
+        ),
+        ("CA100", "MZ1", "relay-1")
+    );
+    assert_eq!(
+        append(
+            s,
+            "c1",
+            &[event("c1", 2, ended(pb::EndReason::Handoff, "drain", ""))]
+        )
+        .await,
+        vec![st]
+    );
+    let got = get(s, "c1").await;
+    assert_eq!(got.status, pb::CallStatus::InProgress as i32, "still live");
+    assert_eq!(got.end_reason, pb::EndReason::Handoff as i32);
+    assert_eq!(got.ended_at_ms, 0);
+    assert_eq!(
+        attach(s, "c1", "relay-2", false, "x/2", T0).await,
+        AttachOutcome::Attached,
+        "a handed-off call can be attached again"
+    );
+    assert_eq!(
+        append(s, "c1", &[event("c1", 3, started("relay-2", "MZ2"))]).await,
+        vec![st]
+    );
+    let got = get(s, "c1").await;
+    assert_eq!(got.end_reason, pb::EndReason::Unspecified as i32, "resumed");
+    assert_eq!(got.end_detail, "");
+    assert_eq!(got.started_at_ms, T0 + 1000, "the first start is kept");
+    assert_eq!(
+        (got.stream_sid.as_str(), got.relay_id.as_str()),
+        ("MZ2", "relay-2")
+    );
+    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+}
+
+/// A final end: status and reason once (the first end wins), the lease let go, no
+/// more admits or attaches; `RELAY_LOST` only after the lease ran out; the index trim
+/// drops old entries while the calls stay readable until they expire.
+async fn end_and_retention<S: CallStore>(s: &S) {
+    create(
+        s,
+        &[
+            record("c1", 10, ""),
+            record("c2", 20, ""),
+            record("c3", 30, ""),
+        ],
+    )
+    .await;
+    let st = AppendOutcome::Stored;
+    append(s, "c1", &[event("c1", 1, started("relay-1", "MZ1"))]).await;
+    attach(s, "c1", "relay-1", false, "x/1", T0).await;
+    let transfer = event(
+        "c1",
+        2,
+        ended(pb::EndReason::Transferred, "to sales", "+14155550199"),
+    );
+    assert_eq!(append(s, "c1", &[transfer]).await, vec![st]);
+    let got = get(s, "c1").await;
+    assert_eq!(got.status, pb::CallStatus::Completed as i32);
+    assert_eq!(got.end_reason, pb::EndReason::Transferred as i32);
+    assert_eq!(got.end_detail, "to sales");
+    assert_eq!(got.transfer_to, "+14155550199");
+    assert_eq!(got.ended_at_ms, T0 + 2000);
+    assert_eq!(got.lease_holder, "", "an ended call holds no lease");
+    assert!(
+        expired(s, i64::MAX).await.is_empty(),
+        "nothing left to sweep"
+    );
+    // History after the end is stored; the first end wins.
+    let late = [
+        event("c1", 3, usage(5)),
+        event("c1", 4, ended(pb::EndReason::InternalError, "late", "")),
+    ];
+    assert_eq!(append(s, "c1", &late).await, vec![st, st]);
+    let got = get(s, "c1").await;
+    assert_eq!(
+        (got.status, got.end_reason, got.last_seq),
+        (
+            pb::CallStatus::Completed as i32,
+            pb::EndReason::Transferred as i32,
+            4
+        )
+    );
+    assert_eq!(
+        within("admit_existing", s.admit_existing("c1", "CA1", "", ""))
+            .await
+            .expect("ok"),
+        AdmitOutcome::Ended
+    );
+    assert_eq!(
+        attach(s, "c1", "relay-1", true, "x/1", T0).await,
+        AttachOutcome::Ended
+    );
+
+    // RELAY_LOST: refused while the lease runs, stored once after it.
+    attach(s, "c2", "relay-1", false, "x/2", T0).await;
+    let lost = [event(
+        "c2",
+        1,
+        ended(pb::EndReason::RelayLost, "no stream", ""),
+    )];
+    assert_eq!(
+        append_with(s, "c2", &lost, Some(T0 + LEASE)).await,
+        vec![AppendOutcome::ConditionFailed],
+        "the lease runs until T0 + LEASE"
+    );
+    assert_eq!(get(s, "c2").await.last_seq, 0, "nothing stored");
+    assert_eq!(
+        append_with(s, "c2", &lost, Some(T0 + LEASE + 1)).await,
+        vec![st]
+    );
+    let got = get(s, "c2").await;
+    assert_eq!(
+        (got.status, got.end_reason),
+        (
+            pb::CallStatus::Failed as i32,
+            pb::EndReason::RelayLost as i32
+        )
+    );
+    // Never attached: no lease to have run out.
+    let never = [event("c3", 1, ended(pb::EndReason::RelayLost, "", ""))];
+    assert_eq!(
+        append_with(s, "c3", &never, Some(i64::MAX)).await,
+        vec![AppendOutcome::ConditionFailed]
+    );
+
+    // Retention: the all-calls index drops entries created before the cutoff; the
+    // calls themselves stay readable until they expire.
+    within("trim_index", s.trim_index(20)).await.expect("ok");
+    assert_eq!(ids(&scan(s, None, NEWEST, 10).await), vec!["c3", "c2"]);
+    assert_eq!(get(s, "c1").await.call_id, "c1");
+}
+
+/// Agents: created once, replaced and deleted only at the version the writer read;
+/// listed in id order; deleting one drops its routes and the default.
+async fn agent_versions<S: CallStore>(s: &S) {
+    let create_agent = |a: pb::Agent| async move {
+        within("create_agent", s.create_agent(&a))
+            .await
+            .expect("ok")
+    };
+    assert!(create_agent(agent("b", 1, "B")).await);
+    assert!(
+        !create_agent(agent("b", 1, "B again")).await,
+        "the id is taken"
+    );
+    assert!(create_agent(agent("a", 1, "A")).await);
+    assert!(create_agent(agent("c", 1, "C")).await);
+    let stored = within("get_agent", s.get_agent("b")).await.expect("ok");
+    assert_eq!(stored, Some(agent("b", 1, "B")));
+    assert_eq!(
+        within("get_agent", s.get_agent("z")).await.expect("ok"),
+        None
+    );
+
+    let replace = |a: pb::Agent, expected: u64| async move {
+        within("replace_agent", s.replace_agent(&a, expected))
+            .await
+            .expect("ok")
+    };
+    assert_eq!(replace(agent("b", 2, "B2"), 1).await, AgentCas::Done);
+    assert_eq!(
+        replace(agent("b", 2, "stale writer"), 1).await,
+        AgentCas::Conflict { current: 2 }
+    );
+    assert_eq!(
+        replace(agent("b", 1, "no version"), 0).await,
+        AgentCas::Conflict { current: 2 },
+        "replacing needs the version read"
+    );
+    assert_eq!(replace(agent("z", 2, "Z"), 1).await, AgentCas::NotFound);
+    let stored = within("get_agent", s.get_agent("b")).await.expect("ok");
+    assert_eq!(stored, Some(agent("b", 2, "B2")));
+
+    let list = |after: &'static str, limit: usize| async move {
+        within("list_agents", s.list_agents(after, limit))
+            .await
+            .expect("ok")
+            .into_iter()
+            .map(|a| a.agent_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list("", 10).await, vec!["a", "b", "c"]);
+    assert_eq!(list("", 2).await, vec!["a", "b"]);
+    assert_eq!(list("a", 10).await, vec!["b", "c"]);
+
+    within("set_route", s.set_route("+14155550001", "b"))
+        .await
+        .expect("ok");
+    within("set_route", s.set_route("+14155550002", "c"))
+        .await
+        .expect("ok");
+    within("set_default_agent", s.set_default_agent(Some("b")))
+        .await
+        .expect("ok");
+    let delete = |id: &'static str, expected: u64| async move {
+        within("delete_agent", s.delete_agent(id, expected))
+            .await
+            .expect("ok")
+    };
+    assert_eq!(delete("b", 1).await, AgentCas::Conflict { current: 2 });
+    assert_eq!(delete("b", 2).await, AgentCas::Done);
+    assert_eq!(delete("b", 0).await, AgentCas::NotFound);
+    assert_eq!(
+        delete("c", 0).await,
+        AgentCas::Done,
+        "0 deletes any version"
+    );
+    assert_eq!(
+        within("get_agent", s.get_agent("b")).await.expect("ok"),
+        None
+    );
+    assert_eq!(list("", 10).await, vec!["a"]);
+    assert!(
+        within("list_routes", s.list_routes())
+            .await
+            .expect("ok")
+            .is_empty(),
+        "the deleted agents' routes went with them"
+    );
+    assert_eq!(
+        within("get_default_agent", s.get_default_agent())
+            .await
+            .expect("ok"),
+        None
+    );
+}
+
+/// Number routes and the default agent.
+async fn number_routes<S: CallStore>(s: &S) {
+    let route =
+        |n: &'static str| async move { within("get_route", s.get_route(n)).await.expect("ok") };
+    assert_eq!(route("+14155550001").await, None);
+    within("set_route", s.set_route("+14155550002", "b"))
+        .await
+        .expect("ok");
+    within("set_route", s.set_route("+14155550001", "a"))
+        .await
+        .expect("ok");
+    within("set_route", s.set_route("+14155550002", "c"))
+        .await
+        .expect("ok");
+    assert_eq!(
+        route("+14155550002").await.as_deref(),
+        Some("c"),
+        "replaced"
+    );
+    assert_eq!(
+        within("list_routes", s.list_routes()).await.expect("ok"),
+        vec![
+            ("+14155550001".to_owned(), "a".to_owned()),
+            ("+14155550002".to_owned(), "c".to_owned()),
+        ],
+        "by number"
+    );
+    assert!(
+        within("delete_route", s.delete_route("+14155550001"))
+            .await
+            .expect("ok")
+    );
+    assert!(
+        !within("delete_route", s.delete_route("+14155550001"))
+            .await
+            .expect("ok")
+    );
+    assert_eq!(route("+14155550001").await, None);
+
+    let default = || async move {
+        within("get_default_agent", s.get_default_agent())
+            .await
+            .expect("ok")
+    };
+    assert_eq!(default().await, None);
+    within("set_default_agent", s.set_default_agent(Some("a")))
+        .await
+        .expect("ok");
+    assert_eq!(default().await.as_deref(), Some("a"));
+    within("set_default_agent", s.set_default_agent(Some("c")))
+        .await
+        .expect("ok");
+    assert_eq!(default().await.as_deref(), Some("c"));
+    within("set_default_agent", s.set_default_agent(None))
+        .await
+        .expect("ok");
+    assert_eq!(default().await, None);
+}
