@@ -28,13 +28,13 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 use tonic::Code;
 use tracing::{Instrument, debug, info_span, warn};
-use warp::hyper::upgrade::{OnUpgrade, Upgraded};
+use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::agent::AgentView;
 use crate::call::{self, CallDeps, CallSetup, TWILIO_MAX_MESSAGE};
 use crate::control::ControlError;
-use crate::realtime::AgentView;
 use crate::{signature, twiml};
 
 /// Largest webhook body accepted.
@@ -321,9 +321,6 @@ async fn media_stream_simple(
     };
     Ok(upgrade(ws, setup, deps, "standalone".to_owned()))
 }
-
-/// The upgraded Twilio socket.
-pub type TwilioWs = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Buffers of the Twilio socket, sized for its ~300-byte frames. tungstenite's default
 /// 128 KiB read buffer is zero-filled up to its capacity before every `read` (28% of the

@@ -7,16 +7,22 @@
 //! - [`signature`]: `X-Twilio-Signature` checking.
 //! - [`twiml`]: TwiML answers.
 //! - [`control`]: client of control's `Relay` service.
-//! - [`call`]: one call (call loop, socket outboxes, control link) and its pure state in `call::phase`.
-//! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours.
+//! - [`call`]: one call: the call loop over its components (model session, playback in
+//!   `call::phase`, deadlines, tools, counters), socket outboxes, control link.
+//! - [`agent`]: the agent a call runs with.
+//! - [`error`]: errors naming the failing side; how a call ended.
+//! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours
+//!   (and the Twilio socket type).
 //! - [`metrics`] (logging and traces: the `callbridge-telemetry` crate).
 //!
 //! Entry point: [`run`] takes a bound listener (so a caller knows the relay is reachable
 //! as soon as `bind` returned) and a shutdown future.
 
+pub mod agent;
 pub mod call;
 pub mod config;
 pub mod control;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod realtime;

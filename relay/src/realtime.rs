@@ -1,230 +1,119 @@
-//! OpenAI Realtime (GA) wire format (protocols.md §3): the agent settings a call runs
-//! with, the client events the relay sends, and a single-pass borrowed parse of server
-//! events.
-
-use std::borrow::Cow;
-use std::time::Duration;
+//! OpenAI Realtime (GA) wire format (protocols.md §3): the client events the relay sends
+//! (the session setup built from an [`AgentView`]), and a single-pass borrowed parse of
+//! server events with their type as a [`RealtimeEventKind`].
 
 use callbridge_proto::pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::{Config, DEFAULT_MODEL, DEFAULT_VOICE};
+use crate::agent::AgentView;
 use crate::twilio::{Str, push_json_str};
 
 /// Name of the built-in hang-up tool.
 pub const TOOL_END_CALL: &str = "end_call";
 /// Name of the built-in transfer tool.
 pub const TOOL_TRANSFER_CALL: &str = "transfer_call";
-/// Default hard limit of a call.
-pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
-
-/// The agent a call runs with, from control's `Agent` or the relay's own settings.
-#[derive(Clone, Debug, Default)]
-pub struct AgentView {
-    /// Agent id (empty for the standalone agent).
-    pub agent_id: String,
-    /// Realtime model.
-    pub model: String,
-    /// Output voice.
-    pub voice: String,
-    /// System prompt.
-    pub instructions: String,
-    /// Passed as `&temperature=` on the URL (GA has no session field for it).
-    pub temperature: Option<f64>,
-    /// Spoken first, if not empty.
-    pub greeting: String,
-    /// Turn detection; `None` means server VAD defaults.
-    pub turn_detection: Option<pb::TurnDetection>,
-    /// Input transcription model; empty turns it off.
-    pub transcription_model: String,
-    /// Application tools.
-    pub tools: Vec<pb::Tool>,
-    /// Built-in `end_call`.
-    pub end_call: bool,
-    /// Built-in `transfer_call`.
-    pub transfer_call: bool,
-    /// Numbers `transfer_call` may dial.
-    pub transfer_numbers: Vec<String>,
-    /// Hard limit of the call.
-    pub max_duration: Duration,
-}
-
-impl AgentView {
-    /// From control's agent.
-    pub fn from_agent(agent: &pb::Agent) -> Self {
-        let s = agent.settings.clone().unwrap_or_default();
-        let builtin = s.builtin_tools.clone().unwrap_or_default();
-        Self {
-            agent_id: agent.agent_id.clone(),
-            model: non_empty(s.model, DEFAULT_MODEL),
-            voice: non_empty(s.voice, DEFAULT_VOICE),
-            instructions: s.instructions,
-            temperature: s.temperature,
-            greeting: s.greeting,
-            turn_detection: s.turn_detection,
-            transcription_model: s.input_transcription_model,
-            tools: s.tools,
-            end_call: builtin.end_call,
-            transfer_call: builtin.transfer_call,
-            transfer_numbers: builtin.transfer_numbers,
-            max_duration: match s.max_call_duration_secs {
-                0 => DEFAULT_MAX_DURATION,
-                n => Duration::from_secs(u64::from(n)),
-            },
-        }
-    }
-
-    /// The standalone agent from the relay's configuration.
-    pub fn standalone(config: &Config) -> Self {
-        Self {
-            agent_id: String::new(),
-            model: config.agent_model.clone(),
-            voice: config.agent_voice.clone(),
-            instructions: config.agent_instructions.clone(),
-            temperature: config.agent_temperature,
-            greeting: config.agent_greeting.clone().unwrap_or_default(),
-            max_duration: DEFAULT_MAX_DURATION,
-            ..Self::default()
-        }
-    }
-
-    /// Whether the caller's speech should cut the assistant off (agent's
-    /// `interrupt_response`, default true).
-    pub fn barge_in_enabled(&self) -> bool {
-        self.turn_detection
-            .as_ref()
-            .and_then(|t| t.interrupt_response)
-            .unwrap_or(true)
-    }
-
-    /// The Realtime URL for this agent: `?model=` and, when set, `&temperature=`.
-    pub fn url(&self, base: &str) -> String {
-        let mut url = format!("{base}?model={}", url_component(&self.model));
-        if let Some(t) = self.temperature {
-            url.push_str(&format!("&temperature={t}"));
-        }
-        url
-    }
-
-    fn turn_detection_json(&self) -> Value {
-        use pb::turn_detection::Type;
-        let Some(td) = &self.turn_detection else {
-            return json!({ "type": "server_vad" });
-        };
-        let mut obj = serde_json::Map::new();
-        match Type::try_from(td.r#type).unwrap_or(Type::ServerVad) {
-            Type::None => return Value::Null,
-            Type::SemanticVad => {
-                obj.insert("type".into(), "semantic_vad".into());
-                if !td.eagerness.is_empty() {
-                    obj.insert("eagerness".into(), td.eagerness.clone().into());
-                }
-            }
-            Type::Unspecified | Type::ServerVad => {
-                obj.insert("type".into(), "server_vad".into());
-                if let Some(v) = td.threshold {
-                    obj.insert("threshold".into(), v.into());
-                }
-                if let Some(v) = td.prefix_padding_ms {
-                    obj.insert("prefix_padding_ms".into(), v.into());
-                }
-                if let Some(v) = td.silence_duration_ms {
-                    obj.insert("silence_duration_ms".into(), v.into());
-                }
+fn turn_detection_json(agent: &AgentView) -> Value {
+    use pb::turn_detection::Type;
+    let Some(td) = &agent.turn_detection else {
+        return json!({ "type": "server_vad" });
+    };
+    let mut obj = serde_json::Map::new();
+    match Type::try_from(td.r#type).unwrap_or(Type::ServerVad) {
+        Type::None => return Value::Null,
+        Type::SemanticVad => {
+            obj.insert("type".into(), "semantic_vad".into());
+            if !td.eagerness.is_empty() {
+                obj.insert("eagerness".into(), td.eagerness.clone().into());
             }
         }
-        if let Some(v) = td.create_response {
-            obj.insert("create_response".into(), v.into());
-        }
-        if let Some(v) = td.interrupt_response {
-            obj.insert("interrupt_response".into(), v.into());
-        }
-        Value::Object(obj)
-    }
-
-    fn tools_json(&self) -> Vec<Value> {
-        let mut tools = Vec::with_capacity(self.tools.len() + 2);
-        for t in &self.tools {
-            let params = if t.parameters_json.trim().is_empty() {
-                json!({ "type": "object", "properties": {} })
-            } else {
-                serde_json::from_str(&t.parameters_json)
-                    .unwrap_or_else(|_| json!({ "type": "object", "properties": {} }))
-            };
-            tools.push(json!({
-                "type": "function",
-                "name": t.name,
-                "description": t.description,
-                "parameters": params,
-            }));
-        }
-        if self.end_call {
-            tools.push(json!({
-                "type": "function",
-                "name": TOOL_END_CALL,
-                "description": "Hang up the call. Say a short goodbye first; the call ends when it has been heard.",
-                "parameters": { "type": "object", "properties": {
-                    "reason": { "type": "string", "description": "Why the call ends." } } },
-            }));
-        }
-        if self.transfer_call && !self.transfer_numbers.is_empty() {
-            tools.push(json!({
-                "type": "function",
-                "name": TOOL_TRANSFER_CALL,
-                "description": "Transfer the caller to a person at one of the allowed numbers. Tell the caller first.",
-                "parameters": { "type": "object", "properties": {
-                    "number": { "type": "string", "enum": self.transfer_numbers } },
-                    "required": ["number"] },
-            }));
-        }
-        tools
-    }
-
-    /// The first `session.update`: `audio/pcmu` both ways, voice, instructions, turn
-    /// detection, transcription, tools.
-    pub fn session_update(&self) -> String {
-        let mut input = serde_json::Map::new();
-        input.insert("format".into(), json!({ "type": "audio/pcmu" }));
-        input.insert("turn_detection".into(), self.turn_detection_json());
-        if !self.transcription_model.is_empty() {
-            input.insert(
-                "transcription".into(),
-                json!({ "model": self.transcription_model }),
-            );
-        }
-        json!({
-            "type": "session.update",
-            "session": {
-                "type": "realtime",
-                "output_modalities": ["audio"],
-                "instructions": self.instructions,
-                "audio": {
-                    "input": input,
-                    "output": { "format": { "type": "audio/pcmu" }, "voice": self.voice },
-                },
-                "tools": self.tools_json(),
-                "tool_choice": "auto",
+        Type::Unspecified | Type::ServerVad => {
+            obj.insert("type".into(), "server_vad".into());
+            if let Some(v) = td.threshold {
+                obj.insert("threshold".into(), v.into());
             }
-        })
-        .to_string()
+            if let Some(v) = td.prefix_padding_ms {
+                obj.insert("prefix_padding_ms".into(), v.into());
+            }
+            if let Some(v) = td.silence_duration_ms {
+                obj.insert("silence_duration_ms".into(), v.into());
+            }
+        }
     }
+    if let Some(v) = td.create_response {
+        obj.insert("create_response".into(), v.into());
+    }
+    if let Some(v) = td.interrupt_response {
+        obj.insert("interrupt_response".into(), v.into());
+    }
+    Value::Object(obj)
 }
 
-fn non_empty(s: String, default: &str) -> String {
-    if s.is_empty() { default.to_owned() } else { s }
-}
-
-fn url_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
+fn tools_json(agent: &AgentView) -> Vec<Value> {
+    let mut tools = Vec::with_capacity(agent.tools.len() + 2);
+    for t in &agent.tools {
+        let params = if t.parameters_json.trim().is_empty() {
+            json!({ "type": "object", "properties": {} })
         } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+            serde_json::from_str(&t.parameters_json)
+                .unwrap_or_else(|_| json!({ "type": "object", "properties": {} }))
+        };
+        tools.push(json!({
+            "type": "function",
+            "name": t.name,
+            "description": t.description,
+            "parameters": params,
+        }));
     }
-    out
+    if agent.end_call {
+        tools.push(json!({
+            "type": "function",
+            "name": TOOL_END_CALL,
+            "description": "Hang up the call. Say a short goodbye first; the call ends when it has been heard.",
+            "parameters": { "type": "object", "properties": {
+                "reason": { "type": "string", "description": "Why the call ends." } } },
+        }));
+    }
+    if agent.transfer_call && !agent.transfer_numbers.is_empty() {
+        tools.push(json!({
+            "type": "function",
+            "name": TOOL_TRANSFER_CALL,
+            "description": "Transfer the caller to a person at one of the allowed numbers. Tell the caller first.",
+            "parameters": { "type": "object", "properties": {
+                "number": { "type": "string", "enum": agent.transfer_numbers } },
+                "required": ["number"] },
+        }));
+    }
+    tools
+}
+
+/// The first `session.update`: `audio/pcmu` both ways, voice, instructions, turn
+/// detection, transcription, tools.
+pub fn session_update(agent: &AgentView) -> String {
+    let mut input = serde_json::Map::new();
+    input.insert("format".into(), json!({ "type": "audio/pcmu" }));
+    input.insert("turn_detection".into(), turn_detection_json(agent));
+    if !agent.transcription_model.is_empty() {
+        input.insert(
+            "transcription".into(),
+            json!({ "model": agent.transcription_model }),
+        );
+    }
+    json!({
+        "type": "session.update",
+        "session": {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "instructions": agent.instructions,
+            "audio": {
+                "input": input,
+                "output": { "format": { "type": "audio/pcmu" }, "voice": agent.voice },
+            },
+            "tools": tools_json(agent),
+            "tool_choice": "auto",
+        }
+    })
+    .to_string()
 }
 
 /// `session.update` changing only the instructions; the audio formats are repeated so no
@@ -288,12 +177,75 @@ pub fn function_output(call_id: &str, output: &str) -> String {
     .to_string()
 }
 
+/// The server event types the relay acts on; every other type is [`Self::Other`]. A call
+/// handles them in one exhaustive `match` (`call::model_side`), so a type added here is
+/// a compile error until it is handled there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealtimeEventKind {
+    /// `response.output_audio.delta`: assistant audio (the hot path).
+    OutputAudioDelta,
+    /// `response.output_audio.done`.
+    OutputAudioDone,
+    /// `response.output_audio_transcript.delta`.
+    OutputAudioTranscriptDelta,
+    /// `response.output_audio_transcript.done`.
+    OutputAudioTranscriptDone,
+    /// `response.created`.
+    ResponseCreated,
+    /// `response.done`.
+    ResponseDone,
+    /// `input_audio_buffer.speech_started`.
+    SpeechStarted,
+    /// `input_audio_buffer.speech_stopped`.
+    SpeechStopped,
+    /// `conversation.item.input_audio_transcription.completed`.
+    InputTranscriptionCompleted,
+    /// `response.function_call_arguments.done`.
+    FunctionCallArgumentsDone,
+    /// `error`.
+    Error,
+    /// `session.updated`.
+    SessionUpdated,
+    /// Any other type (the relay does not use it).
+    Other,
+}
+
+impl RealtimeEventKind {
+    /// From the `type` field; no allocation.
+    pub fn from_name(name: &str) -> Self {
+        // The audio delta is most of the traffic: compared first.
+        match name {
+            "response.output_audio.delta" => Self::OutputAudioDelta,
+            "response.output_audio.done" => Self::OutputAudioDone,
+            "response.output_audio_transcript.delta" => Self::OutputAudioTranscriptDelta,
+            "response.output_audio_transcript.done" => Self::OutputAudioTranscriptDone,
+            "response.created" => Self::ResponseCreated,
+            "response.done" => Self::ResponseDone,
+            "input_audio_buffer.speech_started" => Self::SpeechStarted,
+            "input_audio_buffer.speech_stopped" => Self::SpeechStopped,
+            "conversation.item.input_audio_transcription.completed" => {
+                Self::InputTranscriptionCompleted
+            }
+            "response.function_call_arguments.done" => Self::FunctionCallArgumentsDone,
+            "error" => Self::Error,
+            "session.updated" => Self::SessionUpdated,
+            _ => Self::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RealtimeEventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(crate::twilio::NameVisitor(Self::from_name))
+    }
+}
+
 /// One server event; only what routing needs, strings borrowed from the frame.
 #[derive(Debug, Deserialize)]
 pub struct ServerEvent<'a> {
     /// Event type.
-    #[serde(borrow, rename = "type")]
-    pub kind: Cow<'a, str>,
+    #[serde(rename = "type")]
+    pub kind: RealtimeEventKind,
     /// Audio (base64) or transcript delta.
     #[serde(borrow, default)]
     pub delta: Option<Str<'a>>,
@@ -448,7 +400,10 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, serde_json::Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
+    use crate::agent::DEFAULT_MAX_DURATION;
 
     fn agent() -> AgentView {
         AgentView {
@@ -472,7 +427,7 @@ mod tests {
 
     #[test]
     fn session_update_is_ga_shaped_with_pcmu() {
-        let v: Value = serde_json::from_str(&agent().session_update()).unwrap();
+        let v: Value = serde_json::from_str(&session_update(&agent())).unwrap();
         assert_eq!(v["type"], "session.update");
         let s = &v["session"];
         assert_eq!(s["type"], "realtime");
@@ -511,7 +466,7 @@ mod tests {
             r#type: Type::None as i32,
             ..Default::default()
         });
-        let v: Value = serde_json::from_str(&a.session_update()).unwrap();
+        let v: Value = serde_json::from_str(&session_update(&a)).unwrap();
         assert!(v["session"]["audio"]["input"]["turn_detection"].is_null());
         a.turn_detection = Some(pb::TurnDetection {
             r#type: Type::SemanticVad as i32,
@@ -519,7 +474,7 @@ mod tests {
             interrupt_response: Some(false),
             ..Default::default()
         });
-        let v: Value = serde_json::from_str(&a.session_update()).unwrap();
+        let v: Value = serde_json::from_str(&session_update(&a)).unwrap();
         let td = &v["session"]["audio"]["input"]["turn_detection"];
         assert_eq!(td["type"], "semantic_vad");
         assert_eq!(td["eagerness"], "low");
@@ -565,7 +520,7 @@ mod tests {
     fn parses_server_events() {
         let d = r#"{"type":"response.output_audio.delta","event_id":"e1","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"QUJD","obfuscation":"x"}"#;
         let e = parse(d).unwrap();
-        assert_eq!(e.kind, "response.output_audio.delta");
+        assert_eq!(e.kind, RealtimeEventKind::OutputAudioDelta);
         assert!(matches!(e.delta, Some(Str(Cow::Borrowed("QUJD")))));
         assert_eq!(e.item_id.as_deref(), Some("item_1"));
         let done = r#"{"type":"response.done","response":{"id":"resp_1","status":"completed","output":[{"type":"function_call","name":"x","call_id":"c"}],"usage":{"total_tokens":253,"input_tokens":132,"output_tokens":121,"input_token_details":{"text_tokens":119,"audio_tokens":13,"image_tokens":0,"cached_tokens":64},"output_token_details":{"text_tokens":30,"audio_tokens":91}}}}"#;

@@ -3,7 +3,10 @@
 
 use std::borrow::Cow;
 
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio_tungstenite::WebSocketStream;
+use warp::hyper::upgrade::Upgraded;
 
 /// A string borrowed from the frame when it has no escapes (serde does not borrow a
 /// `Cow` nested in an `Option`, but does inside this newtype).
@@ -18,13 +21,115 @@ impl std::ops::Deref for Str<'_> {
     }
 }
 
+/// The upgraded Twilio socket (upgraded by hand in `crate::http`, with buffers sized for
+/// Twilio's frames).
+pub type TwilioWs = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Twilio's call id (`CA…`), from the stream's `start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSid(String);
+
+impl CallSid {
+    /// `None` when empty (Twilio always sends one; a test client may not).
+    pub fn new(s: impl Into<String>) -> Option<Self> {
+        let s = s.into();
+        (!s.is_empty()).then_some(Self(s))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CallSid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Twilio's stream id (`MZ…`); only ids safe to write into JSON unescaped
+/// ([`is_safe_id`]) are made into one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSid(String);
+
+impl StreamSid {
+    /// `None` unless `s` is a safe id.
+    pub fn new(s: impl Into<String>) -> Option<Self> {
+        let s = s.into();
+        is_safe_id(&s).then_some(Self(s))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The Twilio events the relay knows; every other name is [`Self::Other`]. A call
+/// handles them in one exhaustive `match` (`call::twilio_side`), so an event added here
+/// is a compile error until it is handled there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwilioEventKind {
+    /// Caller audio (the hot path).
+    Media,
+    /// A mark the relay sent came back: its audio was played.
+    Mark,
+    /// A key press.
+    Dtmf,
+    /// The stream starts: ids and custom parameters.
+    Start,
+    /// The stream ends (the caller hung up, or the call moved on).
+    Stop,
+    /// The socket is open (the first message).
+    Connected,
+    /// Any other name.
+    Other,
+}
+
+impl TwilioEventKind {
+    /// From the `event` field; no allocation.
+    pub fn from_name(name: &str) -> Self {
+        // Media is nearly all the traffic: compared first.
+        match name {
+            "media" => Self::Media,
+            "mark" => Self::Mark,
+            "dtmf" => Self::Dtmf,
+            "start" => Self::Start,
+            "stop" => Self::Stop,
+            "connected" => Self::Connected,
+            _ => Self::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TwilioEventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(NameVisitor(Self::from_name))
+    }
+}
+
+/// Reads an event name and maps it, without allocating (borrowed or transient `&str`).
+pub(crate) struct NameVisitor<T>(pub(crate) fn(&str) -> T);
+
+impl<T> serde::de::Visitor<'_> for NameVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an event name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v))
+    }
+}
+
 /// One message from Twilio. Only the fields routing needs are read; strings borrow from
 /// the frame (the `Cow` only allocates if Twilio ever escapes a character).
 #[derive(Debug, Deserialize)]
 pub struct Inbound<'a> {
     /// `connected`, `start`, `media`, `mark`, `dtmf`, `stop`.
-    #[serde(borrow)]
-    pub event: Cow<'a, str>,
+    pub event: TwilioEventKind,
     /// Top-level stream id (absent on `connected`).
     #[serde(borrow, default, rename = "streamSid")]
     pub stream_sid: Option<Str<'a>>,
@@ -167,7 +272,7 @@ mod tests {
     fn parses_documented_samples() {
         let start = r#"{"event":"start","sequenceNumber":"1","start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},"customParameters":{"callId":"call_1"}},"streamSid":"MZ1"}"#;
         let m = parse(start).unwrap();
-        assert_eq!(m.event, "start");
+        assert_eq!(m.event, TwilioEventKind::Start);
         let s = m.start.unwrap();
         assert_eq!(s.stream_sid, "MZ1");
         assert_eq!(s.call_sid, "CA1");
@@ -185,7 +290,10 @@ mod tests {
         let dtmf = r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"1"}}"#;
         assert_eq!(parse(dtmf).unwrap().dtmf.unwrap().digit, "1");
         let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
-        assert_eq!(parse(connected).unwrap().event, "connected");
+        assert_eq!(parse(connected).unwrap().event, TwilioEventKind::Connected);
+        let other = r#"{"event":"future_event","streamSid":"MZ1"}"#;
+        assert_eq!(parse(other).unwrap().event, TwilioEventKind::Other);
+        assert!(parse(r#"{"event":7}"#).is_err());
         assert!(parse("not json").is_err());
         assert!(parse(r#"{"no_event":1}"#).is_err());
     }
@@ -222,5 +330,8 @@ mod tests {
         assert_eq!(v["event"], "clear");
         assert!(is_safe_id("MZ0123abc"));
         assert!(!is_safe_id("MZ\"x"));
+        assert!(StreamSid::new("MZ\"x").is_none());
+        assert_eq!(StreamSid::new("MZ1").unwrap().as_str(), "MZ1");
+        assert!(CallSid::new("").is_none());
     }
 }

@@ -105,6 +105,23 @@ impl Drop for Buffer {
     }
 }
 
+/// The link's state between turns of its loop.
+struct Link {
+    call_id: String,
+    relay_id: String,
+    control: Control,
+    metrics: Metrics,
+    capacity: usize,
+    buf: Buffer,
+    tx: Option<mpsc::Sender<Box<pb::AttachRequest>>>,
+    rx: Option<Streaming<pb::AttachResponse>>,
+    commands: mpsc::Sender<Box<pb::Command>>,
+    call_open: bool,
+    gave_up: bool,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
 /// Runs the link until the `ended` event is acknowledged, or the call is gone and nothing
 /// is left to send, or control refused the call for good.
 pub async fn run(
@@ -113,131 +130,171 @@ pub async fn run(
     mut events: mpsc::Receiver<LinkIn>,
     commands: mpsc::Sender<Box<pb::Command>>,
 ) {
-    let LinkSetup {
-        call_id,
-        relay_id,
-        control,
-        metrics,
-        capacity,
-        last_seq,
-    } = setup;
-    let mut buf = Buffer {
-        events: VecDeque::new(),
-        sent: 0,
-        next_seq: last_seq + 1,
-        final_seq: None,
-        metrics: metrics.clone(),
-    };
-    let mut tx = Some(first.tx);
-    let mut rx = Some(first.rx);
-    let mut call_open = true;
-    let mut gave_up = false;
-    let mut backoff = BACKOFF_MIN;
-    let mut retry_at = Instant::now();
-
-    loop {
-        if buf.acked_final() || (gave_up && (buf.final_seq.is_some() || !call_open)) {
-            return;
-        }
-        if !call_open && buf.events.is_empty() {
-            return;
-        }
-        let connected = tx.is_some();
-        let to_send = connected && buf.sent < buf.events.len();
+    let mut link = Link::new(setup, first, commands);
+    while !link.done() {
+        let connected = link.tx.is_some();
+        let to_send = connected && link.buf.sent < link.buf.events.len();
         tokio::select! {
             biased;
             // The call's events: always drained first, so the call's try_send rarely fails.
-            msg = events.recv(), if call_open => match msg {
-                Some(LinkIn::Event(at_ms, kind)) => {
-                    let is_final = matches!(*kind, pb::call_event::Kind::Ended(_));
-                    if gave_up {
-                        // Control refused the call for good: this event cannot be stored.
-                        metrics.events_overflow().inc();
-                        continue;
-                    }
-                    if buf.events.len() >= capacity && !is_final {
-                        metrics.events_overflow().inc();
-                        continue;
-                    }
-                    let seq = buf.next_seq;
-                    buf.next_seq += 1;
-                    if is_final {
-                        buf.final_seq = Some(seq);
-                    }
-                    buf.events.push_back(pb::CallEvent {
-                        call_id: call_id.clone(),
-                        seq,
-                        at_ms,
-                        kind: Some(*kind),
-                    });
-                    metrics.event_queue_depth().inc();
-                }
-                None => call_open = false,
-            },
+            msg = events.recv(), if link.call_open => link.on_event(msg),
             // Acks and commands from control; a broken stream schedules a reconnect.
-            resp = next_response(&mut rx), if connected => match resp {
-                Ok(Some(pb::AttachResponse { msg: Some(msg) })) => match msg {
-                    pb::attach_response::Msg::AckedSeq(n) => {
-                        buf.ack(n);
-                        backoff = BACKOFF_MIN;
-                    }
-                    pb::attach_response::Msg::Command(c) => {
-                        // The call reads commands promptly; if it is gone, drop them.
-                        let _ = commands.send(Box::new(c)).await;
-                    }
-                    pb::attach_response::Msg::Context(_) => {}
-                },
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    let why = match resp {
-                        Err(s) => format!("{:?}: {}", s.code(), s.message()),
-                        _ => "closed".to_owned(),
-                    };
-                    warn!(call_id, why, "Attach stream lost; reconnecting.");
-                    tx = None;
-                    rx = None;
-                    buf.sent = 0;
-                    retry_at = Instant::now() + backoff;
-                }
-            },
+            resp = next_response(&mut link.rx), if connected => link.on_response(resp).await,
             // Send the next unsent event when the stream has room.
-            permit = reserve(tx.clone()), if to_send => match permit {
-                Some(permit) => {
-                    permit.send(Box::new(pb::AttachRequest {
-                        msg: Some(pb::attach_request::Msg::Event(buf.events[buf.sent].clone())),
-                    }));
-                    buf.sent += 1;
-                }
-                None => {
-                    tx = None;
-                    rx = None;
-                    buf.sent = 0;
-                    retry_at = Instant::now() + backoff;
-                }
-            },
+            permit = reserve(link.tx.clone()), if to_send => link.on_room(permit),
             // Reconnect with backoff, to whichever control replica answers.
-            () = sleep_until(retry_at), if !connected && !gave_up => {
-                metrics.control_reconnects().inc();
-                // Boxed: the attach future is large and rare; inline, every link task
-                // would carry its size for the whole call.
-                match Box::pin(control.attach(&call_id, &relay_id, true)).await {
-                    Ok((ctx, stream)) => {
-                        info!(call_id, last_seq = ctx.last_seq, "Attach stream reconnected.");
-                        buf.ack(ctx.last_seq);
-                        buf.sent = 0;
-                        tx = Some(stream.tx);
-                        rx = Some(stream.rx);
-                    }
-                    Err(e) if permanent(e.code()) => {
-                        warn!(call_id, error = %e, "Control refused the call on reconnect; events are no longer stored.");
-                        gave_up = true;
-                    }
-                    Err(e) => {
-                        debug!(call_id, error = %e, "Attach reconnect failed.");
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        retry_at = Instant::now() + backoff;
-                    }
-                }
+            () = sleep_until(link.retry_at), if !connected && !link.gave_up => {
+                link.reconnect().await;
+            }
+        }
+    }
+}
+
+impl Link {
+    fn new(
+        setup: LinkSetup,
+        first: AttachStream,
+        commands: mpsc::Sender<Box<pb::Command>>,
+    ) -> Self {
+        let LinkSetup {
+            call_id,
+            relay_id,
+            control,
+            metrics,
+            capacity,
+            last_seq,
+        } = setup;
+        Self {
+            buf: Buffer {
+                events: VecDeque::new(),
+                sent: 0,
+                next_seq: last_seq + 1,
+                final_seq: None,
+                metrics: metrics.clone(),
+            },
+            call_id,
+            relay_id,
+            control,
+            metrics,
+            capacity,
+            tx: Some(first.tx),
+            rx: Some(first.rx),
+            commands,
+            call_open: true,
+            gave_up: false,
+            backoff: BACKOFF_MIN,
+            retry_at: Instant::now(),
+        }
+    }
+
+    /// Nothing is left to do: `ended` acknowledged, or nothing more can be stored or sent.
+    fn done(&self) -> bool {
+        let buf = &self.buf;
+        buf.acked_final()
+            || (self.gave_up && (buf.final_seq.is_some() || !self.call_open))
+            || (!self.call_open && buf.events.is_empty())
+    }
+
+    /// An event from the call: numbered and kept until acknowledged.
+    fn on_event(&mut self, msg: Option<LinkIn>) {
+        let Some(LinkIn::Event(at_ms, kind)) = msg else {
+            self.call_open = false;
+            return;
+        };
+        let is_final = matches!(*kind, pb::call_event::Kind::Ended(_));
+        // Control refused the call for good (this event cannot be stored), or the buffer is
+        // full (`ended` is always kept).
+        if self.gave_up || (self.buf.events.len() >= self.capacity && !is_final) {
+            self.metrics.events_overflow().inc();
+            return;
+        }
+        let seq = self.buf.next_seq;
+        self.buf.next_seq += 1;
+        if is_final {
+            self.buf.final_seq = Some(seq);
+        }
+        self.buf.events.push_back(pb::CallEvent {
+            call_id: self.call_id.clone(),
+            seq,
+            at_ms,
+            kind: Some(*kind),
+        });
+        self.metrics.event_queue_depth().inc();
+    }
+
+    async fn on_response(&mut self, resp: Result<Option<pb::AttachResponse>, tonic::Status>) {
+        let msg = match resp {
+            Ok(Some(pb::AttachResponse { msg: Some(msg) })) => msg,
+            Ok(Some(_)) => return,
+            Ok(None) => return self.stream_lost("closed".to_owned()),
+            Err(s) => return self.stream_lost(format!("{:?}: {}", s.code(), s.message())),
+        };
+        match msg {
+            pb::attach_response::Msg::AckedSeq(n) => {
+                self.buf.ack(n);
+                self.backoff = BACKOFF_MIN;
+            }
+            pb::attach_response::Msg::Command(c) => {
+                // The call reads commands promptly; if it is gone, drop them.
+                let _ = self.commands.send(Box::new(c)).await;
+            }
+            pb::attach_response::Msg::Context(_) => {}
+        }
+    }
+
+    fn stream_lost(&mut self, why: String) {
+        warn!(
+            call_id = self.call_id,
+            why, "Attach stream lost; reconnecting."
+        );
+        self.disconnect();
+    }
+
+    fn disconnect(&mut self) {
+        self.tx = None;
+        self.rx = None;
+        self.buf.sent = 0;
+        self.retry_at = Instant::now() + self.backoff;
+    }
+
+    fn on_room(&mut self, permit: Option<mpsc::OwnedPermit<Box<pb::AttachRequest>>>) {
+        let Some(permit) = permit else {
+            return self.disconnect();
+        };
+        permit.send(Box::new(pb::AttachRequest {
+            msg: Some(pb::attach_request::Msg::Event(
+                self.buf.events[self.buf.sent].clone(),
+            )),
+        }));
+        self.buf.sent += 1;
+    }
+
+    async fn reconnect(&mut self) {
+        self.metrics.control_reconnects().inc();
+        // Boxed: the attach future is large and rare; inline, every link task would carry
+        // its size for the whole call.
+        let attach = Box::pin(self.control.attach(&self.call_id, &self.relay_id, true)).await;
+        let call_id = &self.call_id;
+        match attach {
+            Ok((ctx, stream)) => {
+                info!(
+                    call_id,
+                    last_seq = ctx.last_seq,
+                    "Attach stream reconnected."
+                );
+                self.buf.ack(ctx.last_seq);
+                self.buf.sent = 0;
+                self.tx = Some(stream.tx);
+                self.rx = Some(stream.rx);
+            }
+            Err(e) if permanent(e.code()) => {
+                warn!(call_id, error = %e, "Control refused the call on reconnect; events are no longer stored.");
+                self.gave_up = true;
+            }
+            Err(e) => {
+                debug!(call_id, error = %e, "Attach reconnect failed.");
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.retry_at = Instant::now() + self.backoff;
             }
         }
     }

@@ -1,279 +1,785 @@
-//! A call's model sessions: dialling one and setting it up, replacing a lost one
-//! (reconnect with backoff, the conversation replayed) or an old one at a quiet moment
-//! (rollover), and letting a replaced one go. The call loop ([`super::run`]) switches
-//! between them; the state lives in [`Call`].
+//! A call's model session as a state machine: dialling the first session, ready, rolling
+//! over to a replacement at a quiet moment, reconnecting (with backoff) after a loss, and
+//! lost. Pure: no sockets, no clock (every method takes `now`). The call loop owns the
+//! sockets and the dial tasks and does what the [`Action`]s say; `super::dial` opens
+//! the sessions.
+//!
+//! Each [`State`] holds exactly the data valid in it: a rollover in flight always has its
+//! replacement (dialling or on standby), a reconnect always has its outage, and only a lost
+//! session has a reason it was lost.
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
-use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tracing::{debug, warn};
 
-use super::outbox::Outbox;
-use super::phase::Ending;
-use super::replay::Replay;
-use super::{
-    ANSWER_WAIT, CLOSE_WAIT, Call, CallDeps, Dialled, MAX_MODEL_SESSIONS, MODEL_MAX_MESSAGE,
-    MODEL_SLOTS, ModelSink, ModelWs, PREROLL_FRAMES, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN,
-    UTTERANCE_FRAMES,
-};
-use crate::realtime::AgentView;
-use callbridge_proto::pb::EndReason;
+use crate::error::RealtimeError;
 
-/// Waits `delay` (reconnect backoff), dials the model and sends the session setup (the
-/// `session.update`, then any replayed conversation): the session is configured and
-/// knows the conversation before the first caller frame reaches it.
-pub(super) async fn dial_model(
-    url: String,
-    api_key: crate::config::Secret,
-    connect_timeout: Duration,
-    setup: Vec<String>,
-    delay: Duration,
-) -> Result<ModelWs, String> {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let mut req = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| format!("bad model URL: {e}"))?;
-    let auth = format!("Bearer {}", api_key.expose())
-        .parse()
-        .map_err(|_| "API key is not a valid header value".to_owned())?;
-    req.headers_mut().insert(http::header::AUTHORIZATION, auth);
-    // The default 128 KiB read buffer per socket dominates a call's memory, and tungstenite
-    // zero-fills the buffer's spare capacity before every read; pcmu deltas are a few KiB
-    // and the buffer grows when one is larger (docs/performance.md). Writes are flushed
-    // once 8 KiB are buffered (frames are ~300 bytes; the default lets 128 KiB pile up).
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(8 * 1024)
-        .max_message_size(Some(MODEL_MAX_MESSAGE))
-        .max_frame_size(Some(MODEL_MAX_MESSAGE));
-    let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
-    let mut ws = match tokio::time::timeout(connect_timeout, dial).await {
-        Ok(Ok((ws, _))) => ws,
-        Ok(Err(e)) => return Err(format!("model connect failed: {e}")),
-        Err(_) => return Err("model connect timed out".to_owned()),
-    };
-    for text in setup {
-        ws.feed(Message::text(text))
-            .await
-            .map_err(|e| format!("session setup failed: {e}"))?;
-    }
-    ws.flush()
-        .await
-        .map_err(|e| format!("session setup failed: {e}"))?;
-    Ok(ws)
+/// Model sessions opened per call at most (a guard against a flapping model).
+pub const MAX_MODEL_SESSIONS: u32 = 64;
+/// First and largest pause before redialling a lost model.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`RECONNECT_BACKOFF_MIN`].
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Pause before trying again when a rollover session could not be opened.
+pub const ROLLOVER_RETRY: Duration = Duration::from_secs(5);
+
+/// The settings the machine runs with (from the relay's configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a lost model may be retried (`None`: a loss ends the call).
+    pub reconnect: Option<Duration>,
+    /// When a session is replaced (`None`: never).
+    pub rollover_after: Option<Duration>,
+    /// How long a session owing an answer may stay silent.
+    pub stall: Duration,
 }
 
-/// The close frame a model session gets when the relay is done with it.
-pub(super) fn model_close() -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "call ended".into(),
-    }))
+/// A run of failed sessions: since when the model is away, and how many redials so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outage {
+    /// When the outage started.
+    pub since: Instant,
+    /// Redials in this outage (for the backoff).
+    pub attempt: u32,
 }
 
-/// Closes a model session the call no longer uses (after writing what it still had
-/// queued), in the background: the call goes on meanwhile. Tasks in `tasks` are aborted
-/// when the call is over.
-pub(super) fn close_model_later(tasks: &mut JoinSet<()>, old: Outbox<ModelSink>) {
-    tasks.spawn(async move {
-        let _ = tokio::time::timeout(CLOSE_WAIT, old.close(model_close())).await;
-    });
+/// A replacement session during a rollover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// Being dialled and set up.
+    Dialling,
+    /// Set up; switched to at the next quiet moment.
+    Standby,
 }
 
-/// Dials a model session in the background (after `delay`); returns where it arrives.
-pub(super) fn spawn_model(
-    tasks: &mut JoinSet<()>,
-    deps: &CallDeps,
-    agent: &AgentView,
-    replay: &Replay,
-    delay: Duration,
-    resumed_items: bool,
-) -> Dialled {
-    let (tx, rx) = oneshot::channel();
-    let mut setup = vec![agent.session_update()];
-    if resumed_items {
-        setup.extend(replay.items());
-    }
-    let dial = dial_model(
-        agent.url(&deps.config.openai_realtime_url),
-        deps.config.openai_api_key.clone(),
-        deps.config.connect_timeout(),
-        setup,
-        delay,
-    );
-    tasks.spawn(async move {
-        let result = dial.await;
-        if let Err(Ok(mut ws)) = tx.send(result) {
-            // The call is gone (or switched elsewhere) while this one dialled.
-            let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+/// Where the model session is.
+#[derive(Debug)]
+pub enum State {
+    /// The call's first session is being dialled.
+    Dialling,
+    /// A session is up.
+    Ready {
+        /// When it opened.
+        since: Instant,
+        /// The last outage (a later loss within the reconnect limit continues it).
+        outage: Option<Outage>,
+    },
+    /// A session is up and its replacement is on the way.
+    RollingOver {
+        /// When the current session opened.
+        since: Instant,
+        /// The last outage.
+        outage: Option<Outage>,
+        /// The replacement's session number.
+        number: u32,
+        /// Where the replacement is.
+        replacement: Replacement,
+    },
+    /// The session was lost; a new one is being dialled (after a backoff).
+    Reconnecting {
+        /// The outage this redial is part of.
+        outage: Outage,
+        /// Caller frames queued for the new session before the gap began (they do not
+        /// count against the gap budget).
+        resent: usize,
+    },
+    /// The session went away this turn; [`ModelSession::after_turn`] decides what next.
+    Lost {
+        /// Why.
+        why: RealtimeError,
+        /// How long the lost session had been up (zero if it never came up).
+        lived: Duration,
+        /// The outage it was part of, if any.
+        outage: Option<Outage>,
+    },
+}
+
+/// What the call loop must do for the model session.
+#[derive(Debug)]
+pub enum Action {
+    /// Let the lost session go and dial a new one after `delay`, told the conversation.
+    Reconnect {
+        /// Why the old one was lost.
+        why: RealtimeError,
+        /// Backoff before the dial.
+        delay: Duration,
+        /// Redials in this outage, this one included.
+        attempt: u32,
+    },
+    /// No working session can be had: end the call (`MODEL_UNAVAILABLE`) with this detail.
+    GiveUp(String),
+    /// Quiet moment while draining: hand the call off.
+    Handoff,
+    /// Dial a replacement session (number `number`), told the conversation.
+    DialReplacement {
+        /// Its session number.
+        number: u32,
+    },
+    /// Switch to the replacement on standby now; the old session goes.
+    SwitchToReplacement {
+        /// Its session number.
+        number: u32,
+    },
+}
+
+/// What the call loop knows about the turn that just ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn {
+    /// The call is ending.
+    pub ending: bool,
+    /// Nothing is in flight on the call's side (see `Call::quiet`); the session adds its
+    /// own condition (not lost).
+    pub quiet: bool,
+    /// The relay is draining and wants to hand the call off.
+    pub handoff_wanted: bool,
+}
+
+/// The model session of one call.
+#[derive(Debug)]
+pub struct ModelSession {
+    state: State,
+    limits: Limits,
+    /// Sessions opened so far (numbers the next one).
+    sessions: u32,
+    /// A session was up at least once (a first dial that fails is not retried).
+    ever_up: bool,
+    /// When the current session last sent anything (stall detection).
+    last_event: Instant,
+    /// No rollover attempt before this (after a failed one).
+    rollover_not_before: Option<Instant>,
+}
+
+impl ModelSession {
+    /// The call's first session is being dialled.
+    pub fn new(limits: Limits, now: Instant) -> Self {
+        Self {
+            state: State::Dialling,
+            limits,
+            sessions: 1,
+            ever_up: false,
+            last_event: now,
+            rollover_not_before: None,
         }
-    });
-    rx
-}
-
-/// Waits for a dial to finish, if one is under way.
-pub(super) async fn dialled(rx: &mut Option<Dialled>) -> Result<ModelWs, String> {
-    match rx.as_mut() {
-        Some(r) => r
-            .await
-            .unwrap_or_else(|_| Err("model dial task ended".to_owned())),
-        None => std::future::pending().await,
     }
-}
 
-impl Call {
-    /// Keeps a caller frame (its base64 payload) for a resend (see [`Call::utterance`]).
-    pub(super) fn remember(&mut self, payload: &str) {
-        let cap = if self.utterance_open {
-            UTTERANCE_FRAMES
-        } else {
-            PREROLL_FRAMES
+    /// The state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Sessions opened so far.
+    pub fn sessions(&self) -> u32 {
+        self.sessions
+    }
+
+    /// A session is up (ready or rolling over).
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Ready { .. } | State::RollingOver { .. })
+    }
+
+    /// The session went away this turn.
+    pub fn is_lost(&self) -> bool {
+        matches!(self.state, State::Lost { .. })
+    }
+
+    /// While a lost session is redialled: the frames resent to the new one (the gap budget
+    /// comes on top). `None` otherwise.
+    pub fn gap_resent(&self) -> Option<usize> {
+        match self.state {
+            State::Reconnecting { resent, .. } => Some(resent),
+            _ => None,
+        }
+    }
+
+    /// Records how many frames were queued for the new session when it was dialled.
+    pub fn set_resent(&mut self, n: usize) {
+        if let State::Reconnecting { resent, .. } = &mut self.state {
+            *resent = n;
+        }
+    }
+
+    /// The current session sent something.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_event = now;
+    }
+
+    /// The session being dialled is up and set up.
+    pub fn dialled(&mut self, now: Instant) {
+        let outage = match self.state {
+            State::Dialling => None,
+            State::Reconnecting { outage, .. } => Some(outage),
+            _ => return,
         };
-        self.utterance.push_base64(payload, cap);
+        self.state = State::Ready { since: now, outage };
+        self.ever_up = true;
+        self.last_event = now;
     }
 
-    pub(super) fn lose_model(&mut self, why: String) {
-        if self.model_lost.is_none() {
-            self.model_lost = Some(why);
-        }
-    }
-
-    /// The current model session is gone: open a new one (after a backoff) that is told
-    /// the conversation so far, unless the model has been away too long. Returns where
-    /// the new session's read half will arrive.
-    pub(super) fn reconnect(&mut self, why: String, tasks: &mut JoinSet<()>) -> Option<Dialled> {
-        let now = Instant::now();
-        let Some(limit) = self.deps.config.model_reconnect() else {
-            self.end(Ending::new(EndReason::ModelUnavailable, why));
-            return None;
-        };
-        if !self.model_ever_up {
-            // Never reached: the fallback now serves the caller better than silence.
-            self.end(Ending::new(EndReason::ModelUnavailable, why));
-            return None;
-        }
-        // A session that stayed up for the whole limit ends the previous outage; one that
-        // died sooner (a flapping model) does not, so flapping ends the call in time too.
-        let lived = if self.model_up {
-            now.duration_since(self.session_started)
-        } else {
-            Duration::ZERO
-        };
-        if self.outage_since.is_none() || lived >= limit {
-            self.outage_since = Some(now);
-            self.reconnect_attempt = 0;
-        }
-        let since = self.outage_since.unwrap_or(now);
-        if now.duration_since(since) >= limit || self.sessions >= MAX_MODEL_SESSIONS {
-            self.end(Ending::new(
-                EndReason::ModelUnavailable,
-                format!(
-                    "{why}; no working model session for {} s",
-                    now.duration_since(since).as_secs()
-                ),
-            ));
-            return None;
-        }
-        let delay = match self.reconnect_attempt {
-            0 => Duration::ZERO,
-            n => (RECONNECT_BACKOFF_MIN * 2u32.saturating_pow(n - 1)).min(RECONNECT_BACKOFF_MAX),
-        };
-        self.reconnect_attempt += 1;
-        warn!(%why, attempt = self.reconnect_attempt, delay_ms = delay.as_millis() as u64, "Model session lost; reconnecting.");
-        if let Some((item, text)) = self.partial_transcript.take()
-            && self.playback.has_item(&item)
-        {
-            let outs = self.playback.transcript_done(&item, &text);
-            self.apply(outs);
-        }
-        let outs = self.playback.model_lost();
-        self.apply(outs);
-        self.caller_speaking = false;
-        self.awaiting_answer = None;
-        // A replacement being opened is moot: the new session replaces both.
-        self.rollover = None;
-        self.sessions += 1;
-        let rx = spawn_model(tasks, &self.deps, &self.agent, &self.replay, delay, true);
-        // The caller's words the old session had not transcribed go first.
-        let mut queue = Outbox::pending(MODEL_SLOTS);
-        self.resent_frames = 0;
-        if self.utterance_open {
-            for append in self.utterance.appends() {
-                if queue.push(Message::text(append)).is_ok() {
-                    self.resent_frames += 1;
-                }
+    /// The session (or the dial of one) failed. The first reason of a turn is kept.
+    pub fn lose(&mut self, why: RealtimeError, now: Instant) {
+        let (lived, outage) = match self.state {
+            State::Lost { .. } => return,
+            State::Dialling => (Duration::ZERO, None),
+            State::Ready { since, outage } | State::RollingOver { since, outage, .. } => {
+                (now.duration_since(since), outage)
             }
+            State::Reconnecting { outage, .. } => (Duration::ZERO, Some(outage)),
+        };
+        self.state = State::Lost { why, lived, outage };
+    }
+
+    /// The replacement dial finished. Returns whether the replacement is wanted (kept on
+    /// standby); a failed one is retried after [`ROLLOVER_RETRY`].
+    pub fn replacement_dialled(&mut self, ok: bool, now: Instant) -> bool {
+        let State::RollingOver {
+            since,
+            outage,
+            replacement,
+            ..
+        } = &mut self.state
+        else {
+            return false;
+        };
+        if ok {
+            *replacement = Replacement::Standby;
+            return true;
         }
-        // The caller's audio now waits for the new session; the old one is let go.
-        let old = std::mem::replace(&mut self.model, queue);
-        close_model_later(tasks, old);
-        self.model_up = false;
-        self.deps.metrics.model_reconnects().inc();
-        Some(rx)
+        self.state = State::Ready {
+            since: *since,
+            outage: *outage,
+        };
+        self.rollover_not_before = Some(now + ROLLOVER_RETRY);
+        false
     }
 
-    /// The model owes events: a response is running, or one was asked for (the caller
-    /// stopped speaking, or the relay sent `response.create`). Silence then is a stall.
-    pub(super) fn owes_answer(&self) -> bool {
-        self.model_up && (self.playback.responding() || self.awaiting_answer.is_some())
-    }
-
-    /// Nothing is in flight: no assistant audio queued or coming, the caller not
-    /// speaking, no answer or tool pending. A session switch or a hand-off here loses
-    /// nothing and is not heard.
-    pub(super) fn quiet(&self) -> bool {
-        self.started_at.is_some()
-            && self.playback.idle()
-            && !self.caller_speaking
-            && self
-                .awaiting_answer
-                .is_none_or(|t| t.elapsed() >= ANSWER_WAIT)
-            && self.tools.is_empty()
-            && !self.life.has_pending()
-            && self.model_lost.is_none()
-    }
-
-    /// When the current session should be replaced, if that is configured and not done.
-    pub(super) fn rollover_at(&self) -> Option<Instant> {
-        let after = self.deps.config.model_rollover_after()?;
-        if !self.model_up || self.rollover.is_some() || self.handoff_wanted {
+    /// When the current session should be replaced, if that is configured and not under
+    /// way (and not while a hand-off is wanted: the next relay starts a fresh session).
+    pub fn rollover_at(&self, handoff_wanted: bool) -> Option<Instant> {
+        let after = self.limits.rollover_after?;
+        let State::Ready { since, .. } = self.state else {
+            return None;
+        };
+        if handoff_wanted {
             return None;
         }
-        let at = self.session_started + after;
+        let at = since + after;
         Some(self.rollover_not_before.map_or(at, |t| t.max(at)))
     }
 
-    pub(super) fn rollover_due(&self) -> bool {
-        self.life.ending().is_none()
-            && self.rollover_at().is_some_and(|at| Instant::now() >= at)
-            && self.quiet()
+    /// When the model away counts as unavailable: the outage's start plus the reconnect
+    /// limit, while no session is up.
+    fn outage_deadline(&self) -> Option<Instant> {
+        let limit = self.limits.reconnect?;
+        let outage = match &self.state {
+            State::Reconnecting { outage, .. } => Some(*outage),
+            State::Lost { outage, .. } => *outage,
+            _ => None,
+        };
+        outage.map(|o| o.since + limit)
     }
 
-    /// Opens the replacement session (set up and told the conversation before the
-    /// switch); returns where its read half will arrive.
-    pub(super) fn start_rollover(&mut self, tasks: &mut JoinSet<()>) -> Dialled {
-        let gen_no = self.sessions;
+    /// When the session counts as stalled, if it owes an answer (`answer_due`).
+    fn stall_at(&self, answer_due: bool) -> Option<Instant> {
+        (self.is_up() && answer_due).then(|| self.last_event + self.limits.stall)
+    }
+
+    /// The session's next deadline: outage limit, stall, or a moment a rollover may
+    /// become due (only a future one: a past one would spin the loop).
+    pub fn next_deadline(
+        &self,
+        now: Instant,
+        answer_due: bool,
+        handoff_wanted: bool,
+    ) -> Option<Instant> {
+        let rollover = self.rollover_at(handoff_wanted).filter(|&at| at > now);
+        [self.outage_deadline(), self.stall_at(answer_due), rollover]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A timer fired: when the outage outlasted the reconnect limit, returns the detail to
+    /// end the call with (`MODEL_UNAVAILABLE`); a stalled session is lost (and redialled
+    /// after the turn).
+    pub fn on_timer(&mut self, now: Instant, answer_due: bool) -> Option<String> {
+        if let (Some(at), Some(limit)) = (self.outage_deadline(), self.limits.reconnect)
+            && now >= at
+        {
+            return Some(format!(
+                "no working model session for {} s",
+                limit.as_secs()
+            ));
+        }
+        if self.stall_at(answer_due).is_some_and(|at| now >= at) {
+            let secs = self.limits.stall.as_secs();
+            self.lose(RealtimeError::Stalled { secs }, now);
+        }
+        None
+    }
+
+    /// The rules after every turn of the call loop, in order: a lost session is redialled
+    /// (or the call gives up); at a quiet moment, a wanted hand-off happens, a replacement
+    /// on standby is switched to, or a due rollover starts.
+    pub fn after_turn(&mut self, now: Instant, turn: Turn) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if turn.ending {
+            return actions;
+        }
+        let state = std::mem::replace(&mut self.state, State::Dialling);
+        if let State::Lost { why, lived, outage } = state {
+            let action = self.recover(now, why, lived, outage);
+            let gave_up = matches!(action, Action::GiveUp(_));
+            actions.push(action);
+            if gave_up {
+                return actions;
+            }
+        } else {
+            self.state = state;
+        }
+        if !turn.quiet {
+            return actions;
+        }
+        if turn.handoff_wanted {
+            actions.push(Action::Handoff);
+            return actions;
+        }
+        if let State::RollingOver {
+            number,
+            outage,
+            replacement: Replacement::Standby,
+            ..
+        } = self.state
+        {
+            self.state = State::Ready { since: now, outage };
+            self.last_event = now;
+            actions.push(Action::SwitchToReplacement { number });
+        } else if self.rollover_at(false).is_some_and(|at| now >= at)
+            && let State::Ready { since, outage } = self.state
+        {
+            let number = self.sessions;
+            self.sessions += 1;
+            self.state = State::RollingOver {
+                since,
+                outage,
+                number,
+                replacement: Replacement::Dialling,
+            };
+            actions.push(Action::DialReplacement { number });
+        }
+        actions
+    }
+
+    /// A lost session: redial (after a backoff) unless the model has been away too long,
+    /// reconnecting is off, or it never came up (the fallback then serves the caller better
+    /// than silence).
+    fn recover(
+        &mut self,
+        now: Instant,
+        why: RealtimeError,
+        lived: Duration,
+        outage: Option<Outage>,
+    ) -> Action {
+        let limit = match self.limits.reconnect {
+            Some(limit) if self.ever_up => limit,
+            _ => {
+                let detail = why.to_string();
+                self.state = State::Lost { why, lived, outage };
+                return Action::GiveUp(detail);
+            }
+        };
+        // A session that stayed up for the whole limit ends the previous outage; one that
+        // died sooner (a flapping model) does not, so flapping ends the call in time too.
+        let mut outage = match outage {
+            Some(o) if lived < limit => o,
+            _ => Outage {
+                since: now,
+                attempt: 0,
+            },
+        };
+        let away = now.duration_since(outage.since);
+        if away >= limit || self.sessions >= MAX_MODEL_SESSIONS {
+            let detail = format!("{why}; no working model session for {} s", away.as_secs());
+            self.state = State::Lost {
+                why,
+                lived,
+                outage: Some(outage),
+            };
+            return Action::GiveUp(detail);
+        }
+        let delay = backoff(outage.attempt);
+        outage.attempt += 1;
         self.sessions += 1;
-        let rx = spawn_model(
-            tasks,
-            &self.deps,
-            &self.agent,
-            &self.replay,
-            Duration::ZERO,
-            true,
+        self.state = State::Reconnecting { outage, resent: 0 };
+        Action::Reconnect {
+            why,
+            delay,
+            attempt: outage.attempt,
+        }
+    }
+}
+
+/// Pause before the `attempt`-th redial of an outage (0: at once).
+fn backoff(attempt: u32) -> Duration {
+    match attempt {
+        0 => Duration::ZERO,
+        n => (RECONNECT_BACKOFF_MIN * 2u32.saturating_pow(n - 1)).min(RECONNECT_BACKOFF_MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn limits() -> Limits {
+        Limits {
+            reconnect: Some(10 * S),
+            rollover_after: Some(100 * S),
+            stall: 5 * S,
+        }
+    }
+
+    const QUIET: Turn = Turn {
+        ending: false,
+        quiet: true,
+        handoff_wanted: false,
+    };
+    const BUSY: Turn = Turn {
+        ending: false,
+        quiet: false,
+        handoff_wanted: false,
+    };
+
+    fn gone() -> RealtimeError {
+        RealtimeError::Gone
+    }
+
+    fn up(now: Instant) -> ModelSession {
+        let mut m = ModelSession::new(limits(), now);
+        m.dialled(now);
+        m
+    }
+
+    #[test]
+    fn dial_ok_makes_the_session_ready() {
+        let t0 = Instant::now();
+        let mut m = ModelSession::new(limits(), t0);
+        assert!(matches!(m.state(), State::Dialling));
+        assert!(!m.is_up());
+        assert!(m.after_turn(t0, QUIET).is_empty());
+        m.dialled(t0 + S);
+        assert!(matches!(m.state(), State::Ready { since, outage: None } if *since == t0 + S));
+        assert!(m.is_up());
+        assert_eq!(m.sessions(), 1);
+    }
+
+    #[test]
+    fn a_first_dial_that_fails_gives_up_at_once() {
+        let t0 = Instant::now();
+        let mut m = ModelSession::new(limits(), t0);
+        m.lose(RealtimeError::ConnectTimeout, t0);
+        let actions = m.after_turn(t0, QUIET);
+        assert!(
+            matches!(&actions[..], [Action::GiveUp(d)] if d == "model connect timed out"),
+            "{actions:?}"
         );
-        self.rollover = Some(gen_no);
-        debug!(session = gen_no, "Opening a replacement model session.");
-        rx
+        assert!(m.is_lost());
+    }
+
+    #[test]
+    fn no_reconnect_configured_gives_up_on_a_loss() {
+        let t0 = Instant::now();
+        let mut m = ModelSession::new(
+            Limits {
+                reconnect: None,
+                ..limits()
+            },
+            t0,
+        );
+        m.dialled(t0);
+        m.lose(gone(), t0 + S);
+        assert!(matches!(
+            &m.after_turn(t0 + S, BUSY)[..],
+            [Action::GiveUp(d)] if d == "model socket closed"
+        ));
+    }
+
+    #[test]
+    fn dial_fail_backs_off_and_retries_until_one_works() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.lose(gone(), t0 + 20 * S);
+        let mut delays = Vec::new();
+        let mut now = t0 + 20 * S;
+        for _ in 0..6 {
+            match &m.after_turn(now, BUSY)[..] {
+                [Action::Reconnect { delay, attempt, .. }] => {
+                    delays.push(*delay);
+                    assert_eq!(*attempt as usize, delays.len());
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(m.state(), State::Reconnecting { .. }));
+            assert!(m.gap_resent().is_some());
+            now += S / 10;
+            m.lose(RealtimeError::ConnectTimeout, now);
+        }
+        assert_eq!(
+            delays,
+            [0, 100, 200, 400, 800, 1600].map(Duration::from_millis)
+        );
+        // The seventh is capped.
+        assert!(matches!(
+            &m.after_turn(now, BUSY)[..],
+            [Action::Reconnect { delay, .. }] if *delay == RECONNECT_BACKOFF_MAX
+        ));
+        m.dialled(now + S);
+        assert!(m.is_up());
+        assert_eq!(m.sessions(), 8);
+    }
+
+    #[test]
+    fn an_outage_longer_than_the_limit_gives_up() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.lose(gone(), t0 + 20 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 20 * S, BUSY)[..],
+            [Action::Reconnect { .. }]
+        ));
+        // The redial's timer: the outage limit.
+        assert_eq!(m.next_deadline(t0, false, false), Some(t0 + 30 * S));
+        assert!(m.on_timer(t0 + 29 * S, false).is_none());
+        assert!(matches!(
+            m.on_timer(t0 + 30 * S, false),
+            Some(d) if d == "no working model session for 10 s"
+        ));
+        // A dial failing past the limit gives up too.
+        m.lose(RealtimeError::ConnectTimeout, t0 + 31 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 31 * S, BUSY)[..],
+            [Action::GiveUp(d)] if d.starts_with("model connect timed out; no working model session for 11 s")
+        ));
+    }
+
+    #[test]
+    fn a_flapping_model_continues_its_outage_a_stable_one_starts_anew() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.lose(gone(), t0 + 20 * S);
+        m.after_turn(t0 + 20 * S, BUSY);
+        m.dialled(t0 + 21 * S);
+        // Up for 2 s only (< the 10 s limit): the same outage, the backoff goes on.
+        m.lose(gone(), t0 + 23 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 23 * S, BUSY)[..],
+            [Action::Reconnect { attempt: 2, .. }]
+        ));
+        assert!(
+            matches!(m.state(), State::Reconnecting { outage, .. } if outage.since == t0 + 20 * S)
+        );
+        m.dialled(t0 + 24 * S);
+        // Up for 15 s: a new outage.
+        m.lose(gone(), t0 + 39 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 39 * S, BUSY)[..],
+            [Action::Reconnect { attempt: 1, delay, .. }] if delay.is_zero()
+        ));
+        assert!(
+            matches!(m.state(), State::Reconnecting { outage, .. } if outage.since == t0 + 39 * S)
+        );
+    }
+
+    #[test]
+    fn the_session_cap_gives_up() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        let mut now = t0;
+        loop {
+            now += 20 * S;
+            m.lose(gone(), now);
+            let actions = m.after_turn(now, BUSY);
+            if let [Action::GiveUp(d)] = &actions[..] {
+                assert!(d.contains("no working model session"), "{d}");
+                break;
+            }
+            assert!(matches!(&actions[..], [Action::Reconnect { .. }]));
+            m.dialled(now);
+        }
+        assert_eq!(m.sessions(), MAX_MODEL_SESSIONS);
+    }
+
+    #[test]
+    fn stall_loses_the_session_and_it_is_redialled() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        // Nothing owed: no stall deadline.
+        assert_eq!(m.next_deadline(t0, false, false), Some(t0 + 100 * S));
+        assert_eq!(m.next_deadline(t0, true, false), Some(t0 + 5 * S));
+        m.heard(t0 + 2 * S);
+        assert_eq!(m.next_deadline(t0, true, false), Some(t0 + 7 * S));
+        assert!(m.on_timer(t0 + 6 * S, true).is_none());
+        assert!(m.is_up());
+        assert!(m.on_timer(t0 + 7 * S, true).is_none());
+        assert!(matches!(
+            m.state(),
+            State::Lost { why: RealtimeError::Stalled { secs: 5 }, lived, .. } if *lived == 7 * S
+        ));
+        assert!(matches!(
+            &m.after_turn(t0 + 7 * S, QUIET)[..],
+            [Action::Reconnect {
+                why: RealtimeError::Stalled { .. },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn the_first_loss_of_a_turn_is_the_reason() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.lose(gone(), t0);
+        m.lose(RealtimeError::ConnectTimeout, t0);
+        assert!(matches!(
+            m.state(),
+            State::Lost {
+                why: RealtimeError::Gone,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rollover_waits_for_a_quiet_moment_then_switches_at_another() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        assert_eq!(m.rollover_at(false), Some(t0 + 100 * S));
+        assert!(m.after_turn(t0 + 99 * S, QUIET).is_empty());
+        assert!(
+            m.after_turn(t0 + 100 * S, BUSY).is_empty(),
+            "not while busy"
+        );
+        assert!(matches!(
+            &m.after_turn(t0 + 101 * S, QUIET)[..],
+            [Action::DialReplacement { number: 1 }]
+        ));
+        assert!(matches!(
+            m.state(),
+            State::RollingOver {
+                replacement: Replacement::Dialling,
+                ..
+            }
+        ));
+        assert_eq!(m.rollover_at(false), None, "one at a time");
+        assert!(m.after_turn(t0 + 102 * S, QUIET).is_empty());
+        assert!(m.replacement_dialled(true, t0 + 102 * S));
+        assert!(
+            m.after_turn(t0 + 103 * S, BUSY).is_empty(),
+            "not while busy"
+        );
+        assert!(matches!(
+            &m.after_turn(t0 + 104 * S, QUIET)[..],
+            [Action::SwitchToReplacement { number: 1 }]
+        ));
+        assert!(matches!(m.state(), State::Ready { since, .. } if *since == t0 + 104 * S));
+        assert_eq!(m.rollover_at(false), Some(t0 + 204 * S));
+        assert_eq!(m.sessions(), 2);
+    }
+
+    #[test]
+    fn a_failed_replacement_is_retried_later_and_the_session_goes_on() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.after_turn(t0 + 100 * S, QUIET);
+        assert!(!m.replacement_dialled(false, t0 + 101 * S));
+        assert!(matches!(m.state(), State::Ready { since, .. } if *since == t0));
+        assert_eq!(m.rollover_at(false), Some(t0 + 106 * S));
+        // The retry moment wakes the loop.
+        assert_eq!(
+            m.next_deadline(t0 + 101 * S, false, false),
+            Some(t0 + 106 * S)
+        );
+        assert!(m.after_turn(t0 + 105 * S, QUIET).is_empty());
+        assert!(matches!(
+            &m.after_turn(t0 + 106 * S, QUIET)[..],
+            [Action::DialReplacement { number: 2 }]
+        ));
+    }
+
+    #[test]
+    fn a_loss_during_a_rollover_drops_the_replacement_and_reconnects() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.after_turn(t0 + 100 * S, QUIET);
+        m.replacement_dialled(true, t0 + 100 * S);
+        m.lose(gone(), t0 + 100 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 100 * S, BUSY)[..],
+            [Action::Reconnect { .. }]
+        ));
+        // A replacement arriving now is not wanted.
+        assert!(!m.replacement_dialled(true, t0 + 100 * S));
+        assert!(matches!(m.state(), State::Reconnecting { .. }));
+    }
+
+    #[test]
+    fn handoff_happens_at_a_quiet_moment_and_stops_rollovers() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        let drain = Turn {
+            handoff_wanted: true,
+            ..QUIET
+        };
+        assert_eq!(m.rollover_at(true), None);
+        assert!(
+            m.after_turn(
+                t0,
+                Turn {
+                    quiet: false,
+                    ..drain
+                }
+            )
+            .is_empty()
+        );
+        assert!(matches!(
+            &m.after_turn(t0 + 200 * S, drain)[..],
+            [Action::Handoff]
+        ));
+        // Not while lost: the loss is handled first, then the moment counts.
+        m.lose(gone(), t0 + 201 * S);
+        assert!(matches!(
+            &m.after_turn(t0 + 201 * S, drain)[..],
+            [Action::Reconnect { .. }, Action::Handoff]
+        ));
+    }
+
+    #[test]
+    fn nothing_happens_once_the_call_is_ending() {
+        let t0 = Instant::now();
+        let mut m = up(t0);
+        m.lose(gone(), t0);
+        let ending = Turn {
+            ending: true,
+            ..QUIET
+        };
+        assert!(m.after_turn(t0 + 200 * S, ending).is_empty());
+        assert!(m.is_lost());
+    }
+
+    #[test]
+    fn no_rollover_configured_never_rolls_over() {
+        let t0 = Instant::now();
+        let mut m = ModelSession::new(
+            Limits {
+                rollover_after: None,
+                ..limits()
+            },
+            t0,
+        );
+        m.dialled(t0);
+        assert_eq!(m.rollover_at(false), None);
+        assert!(m.after_turn(t0 + 100_000 * S, QUIET).is_empty());
+        assert_eq!(m.next_deadline(t0, false, false), None);
     }
 }

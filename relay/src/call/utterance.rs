@@ -98,9 +98,86 @@ impl Utterance {
     }
 }
 
+/// Caller frames of the utterance in progress kept to resend to a new model session
+/// (3 s).
+pub const UTTERANCE_FRAMES: usize = 150;
+/// Caller frames kept before any utterance (300 ms: speech starts before the model's VAD
+/// says so).
+pub const PREROLL_FRAMES: usize = 15;
+
+/// The caller's latest audio and whether an utterance is open (started, not transcribed
+/// yet): the words a new model session must hear again after a drop.
+#[derive(Debug, Default)]
+pub struct CallerAudio {
+    frames: Utterance,
+    open: bool,
+}
+
+impl CallerAudio {
+    /// Keeps a caller frame (its base64 payload): the whole open utterance (up to
+    /// [`UTTERANCE_FRAMES`]), or a pre-roll of [`PREROLL_FRAMES`] when none is open.
+    pub fn remember(&mut self, payload: &str) {
+        let cap = if self.open {
+            UTTERANCE_FRAMES
+        } else {
+            PREROLL_FRAMES
+        };
+        self.frames.push_base64(payload, cap);
+    }
+
+    /// The model heard the caller start speaking.
+    pub fn speech_started(&mut self) {
+        self.open = true;
+    }
+
+    /// The model has the words now (a new session gets them as an item): only a pre-roll
+    /// is kept from here on.
+    pub fn transcribed(&mut self) {
+        self.open = false;
+        self.frames.clear(PREROLL_FRAMES * FRAME_BYTES);
+    }
+
+    /// The frames to resend to a new session: the open utterance, if there is one.
+    pub fn resend(&self) -> impl Iterator<Item = String> + '_ {
+        let n = if self.open { self.frames.len() } else { 0 };
+        self.frames.appends().take(n)
+    }
+
+    /// Frames kept.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Nothing kept.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_audio_keeps_a_preroll_then_the_open_utterance_for_a_resend() {
+        let mut a = CallerAudio::default();
+        for i in 0..40 {
+            a.remember(&frame(i));
+        }
+        assert_eq!(a.len(), PREROLL_FRAMES);
+        assert_eq!(a.resend().count(), 0, "nothing open: nothing to resend");
+        a.speech_started();
+        for i in 0..200u8 {
+            a.remember(&frame(i));
+        }
+        assert_eq!(a.len(), UTTERANCE_FRAMES);
+        let resent: Vec<String> = a.resend().collect();
+        assert_eq!(resent.len(), UTTERANCE_FRAMES);
+        assert_eq!(audio_of(&resent[UTTERANCE_FRAMES - 1]), vec![199u8; 160]);
+        a.transcribed();
+        assert!(a.is_empty());
+        assert_eq!(a.resend().count(), 0);
+    }
 
     fn frame(i: u8) -> String {
         STANDARD.encode([i; 160])

@@ -1,0 +1,116 @@
+//! The agent a call runs with: control's `Agent` or the relay's own settings, in the
+//! shape the call needs. Its wire form (`session.update`) is built by [`crate::realtime`].
+
+use std::time::Duration;
+
+use callbridge_proto::pb;
+
+use crate::config::{Config, DEFAULT_MODEL, DEFAULT_VOICE};
+
+/// Default hard limit of a call.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// The agent a call runs with, from control's `Agent` or the relay's own settings.
+#[derive(Clone, Debug, Default)]
+pub struct AgentView {
+    /// Agent id (empty for the standalone agent).
+    pub agent_id: String,
+    /// Realtime model.
+    pub model: String,
+    /// Output voice.
+    pub voice: String,
+    /// System prompt.
+    pub instructions: String,
+    /// Passed as `&temperature=` on the URL (GA has no session field for it).
+    pub temperature: Option<f64>,
+    /// Spoken first, if not empty.
+    pub greeting: String,
+    /// Turn detection; `None` means server VAD defaults.
+    pub turn_detection: Option<pb::TurnDetection>,
+    /// Input transcription model; empty turns it off.
+    pub transcription_model: String,
+    /// Application tools.
+    pub tools: Vec<pb::Tool>,
+    /// Built-in `end_call`.
+    pub end_call: bool,
+    /// Built-in `transfer_call`.
+    pub transfer_call: bool,
+    /// Numbers `transfer_call` may dial.
+    pub transfer_numbers: Vec<String>,
+    /// Hard limit of the call.
+    pub max_duration: Duration,
+}
+
+impl AgentView {
+    /// From control's agent.
+    pub fn from_agent(agent: &pb::Agent) -> Self {
+        let s = agent.settings.clone().unwrap_or_default();
+        let builtin = s.builtin_tools.clone().unwrap_or_default();
+        Self {
+            agent_id: agent.agent_id.clone(),
+            model: non_empty(s.model, DEFAULT_MODEL),
+            voice: non_empty(s.voice, DEFAULT_VOICE),
+            instructions: s.instructions,
+            temperature: s.temperature,
+            greeting: s.greeting,
+            turn_detection: s.turn_detection,
+            transcription_model: s.input_transcription_model,
+            tools: s.tools,
+            end_call: builtin.end_call,
+            transfer_call: builtin.transfer_call,
+            transfer_numbers: builtin.transfer_numbers,
+            max_duration: match s.max_call_duration_secs {
+                0 => DEFAULT_MAX_DURATION,
+                n => Duration::from_secs(u64::from(n)),
+            },
+        }
+    }
+
+    /// The standalone agent from the relay's configuration.
+    pub fn standalone(config: &Config) -> Self {
+        Self {
+            agent_id: String::new(),
+            model: config.agent_model.clone(),
+            voice: config.agent_voice.clone(),
+            instructions: config.agent_instructions.clone(),
+            temperature: config.agent_temperature,
+            greeting: config.agent_greeting.clone().unwrap_or_default(),
+            max_duration: DEFAULT_MAX_DURATION,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the caller's speech should cut the assistant off (agent's
+    /// `interrupt_response`, default true).
+    pub fn barge_in_enabled(&self) -> bool {
+        self.turn_detection
+            .as_ref()
+            .and_then(|t| t.interrupt_response)
+            .unwrap_or(true)
+    }
+
+    /// The Realtime URL for this agent: `?model=` and, when set, `&temperature=`.
+    pub fn url(&self, base: &str) -> String {
+        let mut url = format!("{base}?model={}", url_component(&self.model));
+        if let Some(t) = self.temperature {
+            url.push_str(&format!("&temperature={t}"));
+        }
+        url
+    }
+}
+
+fn non_empty(s: String, default: &str) -> String {
+    if s.is_empty() { default.to_owned() } else { s }
+}
+
+fn url_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
