@@ -70,7 +70,11 @@ impl Metrics {
             active_calls.clone(),
         );
         let calls_total = Family::<Labels, Counter>::default();
-        registry.register("calls", "Calls ended, by end reason", calls_total.clone());
+        registry.register(
+            "calls",
+            "Calls ended, by how they ended (error::EndKind::label)",
+            calls_total.clone(),
+        );
         let frames = Family::<Labels, Counter>::default();
         registry.register(
             "frames",
@@ -203,7 +207,7 @@ impl Metrics {
     pub fn active_calls(&self) -> &Gauge {
         &self.inner.active_calls
     }
-    /// Counts an ended call by reason (a lowercase reason name).
+    /// Counts an ended call by how it ended ([`crate::error::EndKind::label`]).
     pub fn call_ended(&self, reason: &'static str) {
         let counter = resolve(&self.inner.calls_total, ("reason", reason));
         counter.inc();

@@ -517,6 +517,46 @@ mod tests {
     }
 
     #[test]
+    fn event_types_map_to_kinds_and_unknown_ones_to_other() {
+        use RealtimeEventKind as K;
+        for (name, kind) in [
+            ("response.output_audio.delta", K::OutputAudioDelta),
+            ("response.output_audio.done", K::OutputAudioDone),
+            (
+                "response.output_audio_transcript.delta",
+                K::OutputAudioTranscriptDelta,
+            ),
+            (
+                "response.output_audio_transcript.done",
+                K::OutputAudioTranscriptDone,
+            ),
+            ("response.created", K::ResponseCreated),
+            ("response.done", K::ResponseDone),
+            ("input_audio_buffer.speech_started", K::SpeechStarted),
+            ("input_audio_buffer.speech_stopped", K::SpeechStopped),
+            (
+                "conversation.item.input_audio_transcription.completed",
+                K::InputTranscriptionCompleted,
+            ),
+            (
+                "response.function_call_arguments.done",
+                K::FunctionCallArgumentsDone,
+            ),
+            ("error", K::Error),
+            ("session.updated", K::SessionUpdated),
+            ("session.created", K::Other),
+            ("rate_limits.updated", K::Other),
+        ] {
+            let frame = format!(r#"{{"type":"{name}"}}"#);
+            assert_eq!(parse(&frame).unwrap().kind, kind, "{name}");
+        }
+        // An escaped name still parses (serde hands the visitor an unescaped copy).
+        assert_eq!(parse(r#"{"type":"err\u006fr"}"#).unwrap().kind, K::Error);
+        assert!(parse(r#"{"type":1}"#).is_err());
+        assert!(parse(r#"{"delta":"x"}"#).is_err(), "the type is required");
+    }
+
+    #[test]
     fn parses_server_events() {
         let d = r#"{"type":"response.output_audio.delta","event_id":"e1","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"QUJD","obfuscation":"x"}"#;
         let e = parse(d).unwrap();
