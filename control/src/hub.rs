@@ -10,7 +10,24 @@ use std::sync::{Arc, Mutex};
 use callbridge_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::store::BusMessage;
+/// A message carried between replicas.
+#[derive(Debug, Clone)]
+pub enum BusMessage {
+    /// A stored event (for watchers everywhere).
+    Event {
+        /// The call's campaign (for `WatchCalls` filters).
+        campaign_id: String,
+        /// The event.
+        event: pb::CallEvent,
+    },
+    /// A command for a call attached to the receiving replica.
+    Command {
+        /// The call.
+        call_id: String,
+        /// The command.
+        command: pb::Command,
+    },
+}
 
 /// Live events buffered per replica before slow watchers lag (and catch up from the store).
 const EVENT_FANOUT_CAPACITY: usize = 1024;

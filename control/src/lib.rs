@@ -4,11 +4,15 @@
 //! Layout:
 //! - [`config`]: environment variables (one table), parsed and validated before any socket opens.
 //! - [`serve`]: runs the gRPC server on a bound listener until a shutdown future fires.
-//! - `service/`: the `Agents`, `Calls` and `Relay` services; proto ⇄ domain only.
-//! - [`calls`]: lifecycle rules (status order, event effects, transcripts, after-stream decision).
+//! - `service/`: the `Agents` (`agents`), `Calls` (`calls_api`) and `Relay` (`relay`)
+//!   services; proto ⇄ domain only.
+//! - [`domain`]: what a call is ([`domain::record`]) and its lifecycle rules
+//!   ([`domain::call`]: status order, event effects, transcripts, after-stream decision);
+//!   imports neither gRPC services nor stores.
+//! - [`hub`]: replica-local fan-out of events to watchers and of commands to attach
+//!   streams, and the [`hub::BusMessage`] the stores feed it.
 //! - [`validate`]: input checks, each naming the offending field.
 //! - [`store`]: the [`store::CallStore`] trait, its Redis and in-memory implementations, key names.
-//! - [`hub`]: replica-local fan-out of events to watchers and of commands to attach streams.
 //! - [`auth`]: bearer tokens per API, compared in constant time.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
@@ -17,8 +21,8 @@
 //! the `RELAY_LOST` sweeper, and the pub/sub listener of the bus.
 
 pub mod auth;
-pub mod calls;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod hub;
 pub mod metrics;
@@ -228,7 +232,7 @@ async fn run<S: CallStore>(
 
     let agents = pb::agents_server::AgentsServer::new(service::agents::AgentsApi(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
-    let calls = pb::calls_server::CallsServer::new(service::calls::CallsApi(shared.clone()))
+    let calls = pb::calls_server::CallsServer::new(service::calls_api::CallsApi(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
     let relay = pb::relay_server::RelayServer::new(service::relay::RelayApi(shared.clone()))
         .max_decoding_message_size(MAX_MESSAGE);
@@ -351,7 +355,8 @@ async fn sweep<S: CallStore>(shared: Arc<Shared<S>>) {
         if last_trim.elapsed() > Duration::from_secs(60) {
             last_trim = tokio::time::Instant::now();
             // A day of slack beyond retention: calls live on after their last event.
-            let cutoff = calls::now_ms().saturating_sub(retention_ms.saturating_add(86_400_000));
+            let cutoff =
+                domain::call::now_ms().saturating_sub(retention_ms.saturating_add(86_400_000));
             if let Err(err) = shared.store.trim_index(cutoff).await {
                 tracing::debug!(error = %err, "Index trim failed.");
             }

@@ -7,11 +7,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callbridge_control::calls::event_effects;
+use callbridge_control::domain::call::event_effects;
+use callbridge_control::domain::record::CallRecord;
 use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
-use callbridge_control::store::{AppendOutcome, CallRecord, CallStore};
+use callbridge_control::store::{AppendOutcome, CallStore};
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;
 use common::*;

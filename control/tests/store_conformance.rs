@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callbridge_control::calls::event_effects;
+use callbridge_control::domain::call::event_effects;
+use callbridge_control::domain::record::CallRecord;
 use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
 use callbridge_control::store::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallRecord, CallStore, IndexCursor,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor,
 };
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;

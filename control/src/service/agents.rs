@@ -7,7 +7,7 @@ use pb::agents_server::Agents;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, decode_token, encode_token};
-use crate::calls::now_ms;
+use crate::domain::call::now_ms;
 use crate::error::Error;
 use crate::store::{AgentCas, CallStore};
 use crate::validate;

@@ -2,7 +2,7 @@
 //! replica lives in [`Shared`].
 
 pub(crate) mod agents;
-pub(crate) mod calls;
+pub(crate) mod calls_api;
 pub(crate) mod relay;
 
 use std::future::Future;
@@ -15,12 +15,13 @@ use tokio_util::task::TaskTracker;
 use tonic::{Response, Status};
 use tracing::Instrument;
 
-use crate::calls::{event_effects, now_ms};
 use crate::config::Config;
+use crate::domain::call::{event_effects, now_ms};
+use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{AppendOutcome, CallRecord, CallStore};
+use crate::store::{AppendOutcome, CallStore};
 
 /// Everything one replica's RPCs share. Cheap handles only.
 pub(crate) struct Shared<S> {
@@ -219,7 +220,7 @@ impl<S: CallStore> Shared<S> {
                 self.store.forget_lease(&call_id).await?;
                 continue;
             };
-            if crate::calls::is_final(call.status) {
+            if crate::domain::call::is_final(call.status) {
                 self.store.forget_lease(&call_id).await?;
                 continue;
             }

@@ -13,10 +13,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::Shared;
-use super::calls::read_all_events;
-use crate::calls::{self, call_to_pb, is_final_event, now_ms};
+use super::calls_api::read_all_events;
+use crate::domain::call::{self as rules, call_to_pb, is_final_event, now_ms};
+use crate::domain::record::CallRecord;
 use crate::error::Error;
-use crate::store::{AdmitOutcome, AppendOutcome, AttachOutcome, CallRecord, CallStore};
+use crate::store::{AdmitOutcome, AppendOutcome, AttachOutcome, CallStore};
 use crate::validate;
 
 /// The `Relay` service.
@@ -398,7 +399,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                         agent_id: call.agent_id.clone(),
                     })?;
                     let history = if call.last_seq > 0 {
-                        calls::transcript(&read_all_events(&shared, &open.call_id).await?)
+                        rules::transcript(&read_all_events(&shared, &open.call_id).await?)
                     } else {
                         Vec::new()
                     };
@@ -457,7 +458,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 let call = self.0.call(&req.call_id).await?;
                 let agent = self.0.store.get_agent(&call.agent_id).await?;
                 Ok(pb::AfterResponse {
-                    next: Some(calls::after(&call, agent.as_ref(), now_ms())),
+                    next: Some(rules::after(&call, agent.as_ref(), now_ms())),
                 })
             })
             .await

@@ -10,11 +10,11 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
-    EventEffects, IndexCursor, StoreResult,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
 };
-use crate::calls::{is_final, status_rank};
-use crate::hub::Hub;
+use crate::domain::call::{is_final, status_rank};
+use crate::domain::record::{CallRecord, EventEffects};
+use crate::hub::{BusMessage, Hub};
 
 #[derive(Debug, Default)]
 struct State {
@@ -511,7 +511,7 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calls::event_effects;
+    use crate::domain::call::event_effects;
 
     fn store() -> MemoryStore {
         MemoryStore::new(Arc::new(Hub::new()), "replica-1")

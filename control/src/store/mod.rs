@@ -5,28 +5,26 @@
 //!
 //! Every rule that must hold across replicas (status moves one way, an event is stored
 //! once, a lease has one holder) is applied *inside* the store in one atomic step (a Lua
-//! script in Redis, one mutex section in memory). The domain code in `calls.rs` decides
+//! script in Redis, one mutex section in memory). The domain code in `domain/call.rs` decides
 //! *what* should change; the store makes it happen atomically or reports why not.
 
 pub(crate) mod keys;
 pub mod memory;
 pub mod redis;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use callbridge_proto::pb;
 
+use crate::domain::record::{CallRecord, EventEffects};
 use crate::error::StoreError;
 
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Usage counters kept per call, in the order of [`USAGE_FIELDS`].
-pub type UsageCounters = [u64; 9];
-
-/// Hash field names of the usage counters (the last one counts responses).
+/// Hash field names of the usage counters, in the order of
+/// [`UsageCounters`](crate::domain::record::UsageCounters) (the last one counts responses).
 pub const USAGE_FIELDS: [&str; 9] = [
     "u_in",
     "u_out",
@@ -38,88 +36,6 @@ pub const USAGE_FIELDS: [&str; 9] = [
     "u_out_audio",
     "u_resp",
 ];
-
-/// One call as stored.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CallRecord {
-    /// Call id.
-    pub call_id: String,
-    /// Agent id.
-    pub agent_id: String,
-    /// `pb::Direction` number.
-    pub direction: i32,
-    /// `pb::CallStatus` number.
-    pub status: i32,
-    /// Caller number.
-    pub from: String,
-    /// Called number.
-    pub to: String,
-    /// Campaign, if any.
-    pub campaign_id: String,
-    /// Twilio call sid.
-    pub twilio_call_sid: String,
-    /// Twilio stream sid.
-    pub stream_sid: String,
-    /// Relay that holds or last held the attach stream.
-    pub relay_id: String,
-    /// Creation time (ms).
-    pub created_at_ms: i64,
-    /// First `started` event time (ms).
-    pub started_at_ms: i64,
-    /// End time (ms).
-    pub ended_at_ms: i64,
-    /// `pb::EndReason` number.
-    pub end_reason: i32,
-    /// End detail.
-    pub end_detail: String,
-    /// Transfer target when ended by a transfer.
-    pub transfer_to: String,
-    /// Application metadata.
-    pub metadata: BTreeMap<String, String>,
-    /// Newest stored event seq.
-    pub last_seq: u64,
-    /// Attach stream holding the lease (`replica/stream`), empty when released.
-    pub lease_holder: String,
-    /// Relay id of the lease holder.
-    pub lease_relay: String,
-    /// When the lease runs out (ms); 0 if never attached.
-    pub lease_until_ms: i64,
-    /// Usage totals.
-    pub usage: UsageCounters,
-}
-
-impl CallRecord {
-    /// The replica id part of the lease holder.
-    pub fn lease_replica(&self) -> &str {
-        self.lease_holder
-            .split_once('/')
-            .map_or("", |(replica, _)| replica)
-    }
-
-    /// Whether an attach stream holds the lease at `now_ms`.
-    pub fn lease_held(&self, now_ms: i64) -> bool {
-        !self.lease_holder.is_empty() && self.lease_until_ms > now_ms
-    }
-}
-
-/// What storing an event changes on the call, decided by the domain.
-#[derive(Debug, Clone, Default)]
-pub struct EventEffects {
-    /// Status to move to (only applied if it moves forward).
-    pub new_status: Option<i32>,
-    /// A `started` event: sid, stream sid, relay id, at.
-    pub started: Option<(String, String, String)>,
-    /// A final `ended` event: reason, detail, transfer target.
-    pub ended: Option<(i32, String, String)>,
-    /// A `HANDOFF` end: records the reason but keeps the call live.
-    pub handoff: bool,
-    /// Usage to add.
-    pub usage: Option<UsageCounters>,
-    /// Only store if the call's lease ran out before this time (ms) and it is not ended.
-    pub require_lease_expired_before: Option<i64>,
-    /// Event time (ms) used for timestamps.
-    pub at_ms: i64,
-}
 
 /// Outcome of storing one event ([`CallStore::append_events`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,25 +101,6 @@ pub struct IndexCursor {
     pub score: i64,
     /// How many entries with exactly `score` were visited already.
     pub skip: u64,
-}
-
-/// A message carried between replicas.
-#[derive(Debug, Clone)]
-pub enum BusMessage {
-    /// A stored event (for watchers everywhere).
-    Event {
-        /// The call's campaign (for `WatchCalls` filters).
-        campaign_id: String,
-        /// The event.
-        event: pb::CallEvent,
-    },
-    /// A command for a call attached to the receiving replica.
-    Command {
-        /// The call.
-        call_id: String,
-        /// The command.
-        command: pb::Command,
-    },
 }
 
 /// The state store, shared by every RPC of one replica.

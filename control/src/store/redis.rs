@@ -23,12 +23,13 @@ use tokio_util::task::TaskTracker;
 
 use super::keys;
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, BusMessage, CallRecord, CallStore,
-    EventEffects, IndexCursor, StoreResult, USAGE_FIELDS,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
+    USAGE_FIELDS,
 };
-use crate::calls::status_rank;
+use crate::domain::call::status_rank;
+use crate::domain::record::{CallRecord, EventEffects};
 use crate::error::StoreError;
-use crate::hub::Hub;
+use crate::hub::{BusMessage, Hub};
 
 /// How long one Redis command may take before it counts as an outage.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1501,7 +1502,11 @@ mod tests {
         let final_rank: i32 = value("FINAL").parse().expect("number");
         for (n, rank) in entries {
             assert_eq!(rank, status_rank(n), "rank of status {n}");
-            assert_eq!(rank == final_rank, crate::calls::is_final(n), "status {n}");
+            assert_eq!(
+                rank == final_rank,
+                crate::domain::call::is_final(n),
+                "status {n}"
+            );
         }
         for (name, bit) in [
             ("MASK_STARTED", mask::STARTED),

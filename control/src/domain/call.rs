@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use callbridge_proto::pb;
 use pb::call_event::Kind;
 
+use super::record::{CallRecord, EventEffects, UsageCounters};
 use crate::error::Error;
-use crate::store::{CallRecord, EventEffects, UsageCounters};
 
 /// Position of a status in the one-way order; all final statuses share the top rank.
 pub fn status_rank(status: i32) -> i32 {

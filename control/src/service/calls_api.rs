@@ -12,10 +12,11 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{Shared, decode_token, encode_token};
-use crate::calls::{self, call_to_pb, is_final, is_final_event, now_ms};
 use crate::config::Config;
+use crate::domain::call::{self as rules, call_to_pb, is_final, is_final_event, now_ms};
+use crate::domain::record::CallRecord;
 use crate::error::Error;
-use crate::store::{CallRecord, CallStore, IndexCursor};
+use crate::store::{CallStore, IndexCursor};
 use crate::validate;
 
 /// The `Calls` service.
@@ -432,7 +433,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 let events = read_all_events(&self.0, &req.call_id).await?;
                 Ok(pb::Transcript {
                     call_id: req.call_id.clone(),
-                    turns: calls::transcript(&events),
+                    turns: rules::transcript(&events),
                 })
             })
             .await
@@ -449,7 +450,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 match req.scope {
                     Some(Scope::CallId(call_id)) => {
                         validate::call_id("call_id", &call_id)?;
-                        Ok(calls::usage_of(&self.0.call(&call_id).await?))
+                        Ok(rules::usage_of(&self.0.call(&call_id).await?))
                     }
                     Some(Scope::CampaignId(campaign_id)) => {
                         validate::ident("campaign_id", &campaign_id, 64)?;
@@ -481,7 +482,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                                 };
                             }
                             for call in self.0.store.get_calls(&ids).await?.into_iter().flatten() {
-                                calls::add_usage(&mut total, &calls::usage_of(&call));
+                                rules::add_usage(&mut total, &rules::usage_of(&call));
                             }
                             if n < 500 {
                                 break;
