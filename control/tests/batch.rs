@@ -149,7 +149,7 @@ fn call(call_id: &str) -> CallRecord {
     CallRecord {
         call_id: call_id.to_owned(),
         agent_id: "a".to_owned(),
-        status: pb::CallStatus::Ringing as i32,
+        status: pb::CallStatus::Ringing,
         campaign_id: "spring".to_owned(),
         created_at_ms: 1,
         ..CallRecord::default()
@@ -201,7 +201,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
     assert_eq!(stored, stored_part(id));
     let got = stored_call(store, id).await;
     assert_eq!(got.last_seq, 6);
-    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    assert_eq!(got.status, pb::CallStatus::InProgress);
     assert_eq!(got.started_at_ms, 1_700_000_000_001);
     assert_eq!(got.relay_id, "relay-1");
     assert_eq!(
@@ -221,8 +221,8 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
     assert_eq!(run(store, id, &tail).await, vec![s, s, s]);
     let got = stored_call(store, id).await;
     assert_eq!(got.last_seq, 9);
-    assert_eq!(got.status, pb::CallStatus::Completed as i32);
-    assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);
+    assert_eq!(got.status, pb::CallStatus::Completed);
+    assert_eq!(got.end_reason, Some(pb::EndReason::CallerHangup));
     assert_eq!(got.started_at_ms, 1_700_000_000_001, "first start kept");
     assert_eq!((got.usage[2], got.usage[8]), (16, 3));
     // Unknown call: the first event says so.

@@ -112,8 +112,8 @@ fn record(call_id: &str, created_at_ms: i64, campaign_id: &str) -> CallRecord {
     CallRecord {
         call_id: call_id.to_owned(),
         agent_id: "agent-1".to_owned(),
-        direction: pb::Direction::Outbound as i32,
-        status: pb::CallStatus::Created as i32,
+        direction: pb::Direction::Outbound,
+        status: pb::CallStatus::Created,
         to: "+14155550123".to_owned(),
         campaign_id: campaign_id.to_owned(),
         created_at_ms,
@@ -328,21 +328,21 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
         AdmitOutcome::Admitted
     );
     let got = get(s, "out").await;
-    assert_eq!(got.status, pb::CallStatus::Ringing as i32);
+    assert_eq!(got.status, pb::CallStatus::Ringing);
     assert_eq!(got.twilio_call_sid, "CA1");
     assert_eq!(got.from, "+14155550100", "an empty field is filled");
     assert_eq!(got.to, "+14155550123", "a set field is kept");
     // A webhook retry: admitted again, nothing moves back.
     assert_eq!(admit("out", "CA1", "", "").await, AdmitOutcome::Admitted);
-    assert_eq!(get(s, "out").await.status, pb::CallStatus::Ringing as i32);
+    assert_eq!(get(s, "out").await.status, pb::CallStatus::Ringing);
     assert_eq!(
         admit("missing", "CA9", "", "").await,
         AdmitOutcome::NotFound
     );
 
     let inbound = |id: &str| CallRecord {
-        direction: pb::Direction::Inbound as i32,
-        status: pb::CallStatus::Ringing as i32,
+        direction: pb::Direction::Inbound,
+        status: pb::CallStatus::Ringing,
         twilio_call_sid: "CA2".to_owned(),
         ..record(id, 5, "")
     };
@@ -537,7 +537,7 @@ async fn hand_off_and_resume<S: CallStore>(s: &S) {
         vec![st]
     );
     let got = get(s, "c1").await;
-    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    assert_eq!(got.status, pb::CallStatus::InProgress);
     assert_eq!(got.started_at_ms, T0 + 1000);
     assert_eq!(
         (
@@ -557,8 +557,8 @@ async fn hand_off_and_resume<S: CallStore>(s: &S) {
         vec![st]
     );
     let got = get(s, "c1").await;
-    assert_eq!(got.status, pb::CallStatus::InProgress as i32, "still live");
-    assert_eq!(got.end_reason, pb::EndReason::Handoff as i32);
+    assert_eq!(got.status, pb::CallStatus::InProgress, "still live");
+    assert_eq!(got.end_reason, Some(pb::EndReason::Handoff));
     assert_eq!(got.ended_at_ms, 0);
     assert_eq!(
         attach(s, "c1", "relay-2", false, "x/2", T0).await,
@@ -570,14 +570,14 @@ async fn hand_off_and_resume<S: CallStore>(s: &S) {
         vec![st]
     );
     let got = get(s, "c1").await;
-    assert_eq!(got.end_reason, pb::EndReason::Unspecified as i32, "resumed");
+    assert_eq!(got.end_reason, None, "resumed");
     assert_eq!(got.end_detail, "");
     assert_eq!(got.started_at_ms, T0 + 1000, "the first start is kept");
     assert_eq!(
         (got.stream_sid.as_str(), got.relay_id.as_str()),
         ("MZ2", "relay-2")
     );
-    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    assert_eq!(got.status, pb::CallStatus::InProgress);
 }
 
 /// A final end: status and reason once (the first end wins), the lease let go, no
@@ -603,8 +603,8 @@ async fn end_and_retention<S: CallStore>(s: &S) {
     );
     assert_eq!(append(s, "c1", &[transfer]).await, vec![st]);
     let got = get(s, "c1").await;
-    assert_eq!(got.status, pb::CallStatus::Completed as i32);
-    assert_eq!(got.end_reason, pb::EndReason::Transferred as i32);
+    assert_eq!(got.status, pb::CallStatus::Completed);
+    assert_eq!(got.end_reason, Some(pb::EndReason::Transferred));
     assert_eq!(got.end_detail, "to sales");
     assert_eq!(got.transfer_to, "+14155550199");
     assert_eq!(got.ended_at_ms, T0 + 2000);
@@ -623,8 +623,8 @@ async fn end_and_retention<S: CallStore>(s: &S) {
     assert_eq!(
         (got.status, got.end_reason, got.last_seq),
         (
-            pb::CallStatus::Completed as i32,
-            pb::EndReason::Transferred as i32,
+            pb::CallStatus::Completed,
+            Some(pb::EndReason::Transferred),
             4
         )
     );
@@ -659,10 +659,7 @@ async fn end_and_retention<S: CallStore>(s: &S) {
     let got = get(s, "c2").await;
     assert_eq!(
         (got.status, got.end_reason),
-        (
-            pb::CallStatus::Failed as i32,
-            pb::EndReason::RelayLost as i32
-        )
+        (pb::CallStatus::Failed, Some(pb::EndReason::RelayLost))
     );
     // Never attached: no lease to have run out.
     let never = [event("c3", 1, ended(pb::EndReason::RelayLost, "", ""))];

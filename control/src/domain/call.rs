@@ -6,27 +6,25 @@ use std::collections::HashMap;
 use callbridge_proto::pb;
 use pb::call_event::Kind;
 
-use super::record::{CallRecord, EventEffects, UsageCounters};
+use super::record::{self, CallRecord, EventEffects, UsageCounters};
 use crate::error::Error;
 
 /// Position of a status in the one-way order; all final statuses share the top rank.
-pub fn status_rank(status: i32) -> i32 {
-    match pb::CallStatus::try_from(status) {
-        Ok(pb::CallStatus::Created) => 1,
-        Ok(pb::CallStatus::Ringing) => 2,
-        Ok(pb::CallStatus::InProgress) => 3,
-        Ok(
-            pb::CallStatus::Completed
-            | pb::CallStatus::Failed
-            | pb::CallStatus::NoAnswer
-            | pb::CallStatus::Canceled,
-        ) => 4,
-        Ok(pb::CallStatus::Unspecified) | Err(_) => 0,
+pub fn status_rank(status: pb::CallStatus) -> i32 {
+    match status {
+        pb::CallStatus::Created => 1,
+        pb::CallStatus::Ringing => 2,
+        pb::CallStatus::InProgress => 3,
+        pb::CallStatus::Completed
+        | pb::CallStatus::Failed
+        | pb::CallStatus::NoAnswer
+        | pb::CallStatus::Canceled => 4,
+        pb::CallStatus::Unspecified => 0,
     }
 }
 
 /// Whether a status is final.
-pub fn is_final(status: i32) -> bool {
+pub fn is_final(status: pb::CallStatus) -> bool {
     status_rank(status) >= 4
 }
 
@@ -53,7 +51,7 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
     };
     match kind {
         Kind::Started(started) => {
-            effects.new_status = Some(pb::CallStatus::InProgress as i32);
+            effects.new_status = Some(pb::CallStatus::InProgress);
             effects.started = Some((
                 started.twilio_call_sid.clone(),
                 started.stream_sid.clone(),
@@ -61,8 +59,7 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
             ));
         }
         Kind::Ended(ended) => {
-            let reason =
-                pb::EndReason::try_from(ended.reason).unwrap_or(pb::EndReason::Unspecified);
+            let reason = record::end_reason(ended.reason).unwrap_or(pb::EndReason::Unspecified);
             if reason == pb::EndReason::Handoff {
                 effects.handoff = true;
             } else {
@@ -72,12 +69,8 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
                     }
                     _ => pb::CallStatus::Completed,
                 };
-                effects.new_status = Some(status as i32);
-                effects.ended = Some((
-                    ended.reason,
-                    ended.detail.clone(),
-                    ended.transfer_to.clone(),
-                ));
+                effects.new_status = Some(status);
+                effects.ended = Some((reason, ended.detail.clone(), ended.transfer_to.clone()));
             }
         }
         Kind::Usage(usage) => effects.usage = Some(usage_counters(usage)),
@@ -142,8 +135,8 @@ pub fn call_to_pb(call: &CallRecord) -> pb::Call {
     pb::Call {
         call_id: call.call_id.clone(),
         agent_id: call.agent_id.clone(),
-        direction: call.direction,
-        status: call.status,
+        direction: call.direction as i32,
+        status: call.status as i32,
         from: call.from.clone(),
         to: call.to.clone(),
         campaign_id: call.campaign_id.clone(),
@@ -153,7 +146,7 @@ pub fn call_to_pb(call: &CallRecord) -> pb::Call {
         created_at_ms: call.created_at_ms,
         started_at_ms: call.started_at_ms,
         ended_at_ms: call.ended_at_ms,
-        end_reason: call.end_reason,
+        end_reason: call.end_reason.map_or(0, |r| r as i32),
         end_detail: call.end_detail.clone(),
         metadata: call.metadata.clone().into_iter().collect(),
         usage: Some(usage_of(call)),
@@ -237,7 +230,7 @@ pub fn after(
     now_ms: i64,
 ) -> pb::after_response::Next {
     use pb::after_response::Next;
-    let reason = pb::EndReason::try_from(call.end_reason).unwrap_or(pb::EndReason::Unspecified);
+    let reason = call.end_reason.unwrap_or(pb::EndReason::Unspecified);
     if is_final(call.status) {
         return match reason {
             pb::EndReason::Transferred if !call.transfer_to.is_empty() => {
@@ -280,13 +273,13 @@ mod tests {
     #[test]
     fn status_order_is_one_way() {
         use pb::CallStatus::*;
-        assert!(status_rank(Created as i32) < status_rank(Ringing as i32));
-        assert!(status_rank(Ringing as i32) < status_rank(InProgress as i32));
+        assert!(status_rank(Created) < status_rank(Ringing));
+        assert!(status_rank(Ringing) < status_rank(InProgress));
         for s in [Completed, Failed, NoAnswer, Canceled] {
-            assert!(status_rank(InProgress as i32) < status_rank(s as i32));
-            assert!(is_final(s as i32));
+            assert!(status_rank(InProgress) < status_rank(s));
+            assert!(is_final(s));
         }
-        assert_eq!(status_rank(Completed as i32), status_rank(Canceled as i32));
+        assert_eq!(status_rank(Completed), status_rank(Canceled));
     }
 
     #[test]
@@ -303,11 +296,11 @@ mod tests {
         };
         assert_eq!(
             end(pb::EndReason::CallerHangup).new_status,
-            Some(pb::CallStatus::Completed as i32)
+            Some(pb::CallStatus::Completed)
         );
         assert_eq!(
             end(pb::EndReason::InternalError).new_status,
-            Some(pb::CallStatus::Failed as i32)
+            Some(pb::CallStatus::Failed)
         );
         let handoff = end(pb::EndReason::Handoff);
         assert_eq!(handoff.new_status, None);
@@ -379,8 +372,8 @@ mod tests {
     fn after_follows_the_contract_notes() {
         use pb::after_response::Next;
         let mut call = CallRecord {
-            status: pb::CallStatus::Completed as i32,
-            end_reason: pb::EndReason::Transferred as i32,
+            status: pb::CallStatus::Completed,
+            end_reason: Some(pb::EndReason::Transferred),
             transfer_to: "+15550001111".into(),
             ..Default::default()
         };
@@ -388,14 +381,14 @@ mod tests {
             after(&call, None, 0),
             Next::DialNumber("+15550001111".into())
         );
-        call.end_reason = pb::EndReason::ModelUnavailable as i32;
+        call.end_reason = Some(pb::EndReason::ModelUnavailable);
         assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
-        call.end_reason = pb::EndReason::Drain as i32;
+        call.end_reason = Some(pb::EndReason::Drain);
         assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
-        call.end_reason = pb::EndReason::CallerHangup as i32;
+        call.end_reason = Some(pb::EndReason::CallerHangup);
         assert!(matches!(after(&call, None, 0), Next::Hangup(_)));
         let live_unleased = CallRecord {
-            status: pb::CallStatus::InProgress as i32,
+            status: pb::CallStatus::InProgress,
             lease_until_ms: 10,
             ..Default::default()
         };

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use callbridge_proto::pb;
+
 /// Usage counters kept per call, in the order of `store::USAGE_FIELDS`.
 pub type UsageCounters = [u64; 9];
 
@@ -14,10 +16,10 @@ pub struct CallRecord {
     pub call_id: String,
     /// Agent id.
     pub agent_id: String,
-    /// `pb::Direction` number.
-    pub direction: i32,
-    /// `pb::CallStatus` number.
-    pub status: i32,
+    /// Inbound or outbound.
+    pub direction: pb::Direction,
+    /// Where the call is in its life.
+    pub status: pb::CallStatus,
     /// Caller number.
     pub from: String,
     /// Called number.
@@ -36,8 +38,8 @@ pub struct CallRecord {
     pub started_at_ms: i64,
     /// End time (ms).
     pub ended_at_ms: i64,
-    /// `pb::EndReason` number.
-    pub end_reason: i32,
+    /// Why it ended (or was handed off); `None` while it never did.
+    pub end_reason: Option<pb::EndReason>,
     /// End detail.
     pub end_detail: String,
     /// Transfer target when ended by a transfer.
@@ -74,11 +76,11 @@ impl CallRecord {
 #[derive(Debug, Clone, Default)]
 pub struct EventEffects {
     /// Status to move to (only applied if it moves forward).
-    pub new_status: Option<i32>,
+    pub new_status: Option<pb::CallStatus>,
     /// A `started` event: sid, stream sid, relay id, at.
     pub started: Option<(String, String, String)>,
     /// A final `ended` event: reason, detail, transfer target.
-    pub ended: Option<(i32, String, String)>,
+    pub ended: Option<(pb::EndReason, String, String)>,
     /// A `HANDOFF` end: records the reason but keeps the call live.
     pub handoff: bool,
     /// Usage to add.
@@ -87,4 +89,22 @@ pub struct EventEffects {
     pub require_lease_expired_before: Option<i64>,
     /// Event time (ms) used for timestamps.
     pub at_ms: i64,
+}
+
+/// A stored or sent end reason number as the record holds it: `None` for
+/// `END_REASON_UNSPECIFIED` and for numbers this build does not know.
+pub fn end_reason(number: i32) -> Option<pb::EndReason> {
+    pb::EndReason::try_from(number)
+        .ok()
+        .filter(|r| *r != pb::EndReason::Unspecified)
+}
+
+/// A stored status number; numbers this build does not know read as unspecified.
+pub fn call_status(number: i32) -> pb::CallStatus {
+    pb::CallStatus::try_from(number).unwrap_or(pb::CallStatus::Unspecified)
+}
+
+/// A stored direction number; numbers this build does not know read as unspecified.
+pub fn direction(number: i32) -> pb::Direction {
+    pb::Direction::try_from(number).unwrap_or(pb::Direction::Unspecified)
 }

@@ -102,8 +102,8 @@ impl<S: CallStore> CallsApi<S> {
         Ok(CallRecord {
             call_id: uuid::Uuid::new_v4().simple().to_string(),
             agent_id,
-            direction: direction as i32,
-            status: pb::CallStatus::Created as i32,
+            direction,
+            status: pb::CallStatus::Created,
             from: req.from,
             to: req.to,
             campaign_id: if req.campaign_id.is_empty() {
@@ -394,7 +394,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                         };
                         // Expired calls leave index entries behind until trimmed.
                         let Some(call) = record else { continue };
-                        if (req.status == 0 || call.status == req.status)
+                        if (req.status == 0 || call.status as i32 == req.status)
                             && (req.agent_id.is_empty() || call.agent_id == req.agent_id)
                         {
                             calls_out.push(call_to_pb(&call));
@@ -555,15 +555,11 @@ impl<S: CallStore> Calls for CallsApi<S> {
                     command.command_id = uuid::Uuid::new_v4().simple().to_string();
                 }
                 let call = self.0.call(&req.call_id).await?;
-                let live =
-                    call.status == pb::CallStatus::InProgress as i32 && call.lease_held(now_ms());
+                let live = call.status == pb::CallStatus::InProgress && call.lease_held(now_ms());
                 if !live {
-                    let status = pb::CallStatus::try_from(call.status)
-                        .map(|s| s.as_str_name())
-                        .unwrap_or("UNKNOWN");
                     return Err(Error::CallNotLive {
                         call_id: req.call_id.clone(),
-                        status,
+                        status: call.status.as_str_name(),
                         attached: call.lease_held(now_ms()),
                     });
                 }

@@ -305,8 +305,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     let call = CallRecord {
                         call_id: uuid::Uuid::new_v4().simple().to_string(),
                         agent_id,
-                        direction: pb::Direction::Inbound as i32,
-                        status: pb::CallStatus::Ringing as i32,
+                        direction: pb::Direction::Inbound,
+                        status: pb::CallStatus::Ringing,
                         from: req.from.clone(),
                         to: req.to.clone(),
                         twilio_call_sid: req.twilio_call_sid.clone(),

@@ -220,8 +220,8 @@ impl CallStore for MemoryStore {
                 *field = value.to_owned();
             }
         }
-        if status_rank(call.status) < status_rank(pb::CallStatus::Ringing as i32) {
-            call.status = pb::CallStatus::Ringing as i32;
+        if status_rank(call.status) < status_rank(pb::CallStatus::Ringing) {
+            call.status = pb::CallStatus::Ringing;
         }
         if !twilio_call_sid.is_empty() {
             s.sids
@@ -485,12 +485,12 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
             }
         }
         if !is_final(call.status) {
-            call.end_reason = 0;
+            call.end_reason = None;
             call.end_detail.clear();
         }
     }
     if effects.handoff && !is_final(call.status) {
-        call.end_reason = pb::EndReason::Handoff as i32;
+        call.end_reason = Some(pb::EndReason::Handoff);
     }
     if let Some(new) = effects.new_status
         && status_rank(new) > status_rank(call.status)
@@ -500,7 +500,7 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
             call.ended_at_ms = effects.at_ms;
             call.lease_holder.clear();
             if let Some((reason, detail, transfer_to)) = &effects.ended {
-                call.end_reason = *reason;
+                call.end_reason = Some(*reason).filter(|r| *r != pb::EndReason::Unspecified);
                 call.end_detail = detail.clone();
                 call.transfer_to = transfer_to.clone();
             }
@@ -521,7 +521,7 @@ mod tests {
         CallRecord {
             call_id: id.into(),
             agent_id: "a".into(),
-            status: pb::CallStatus::Created as i32,
+            status: pb::CallStatus::Created,
             created_at_ms: 1,
             ..CallRecord::default()
         }
@@ -602,10 +602,10 @@ mod tests {
         append(&s, ev(3, started)).await;
         append(&s, ev(4, end(pb::EndReason::InternalError))).await;
         let c = s.get_call("c1").await.expect("ok").expect("exists");
-        assert_eq!(c.status, pb::CallStatus::Completed as i32);
+        assert_eq!(c.status, pb::CallStatus::Completed);
         assert_eq!(
             c.end_reason,
-            pb::EndReason::CallerHangup as i32,
+            Some(pb::EndReason::CallerHangup),
             "the first end wins"
         );
         assert_eq!(
@@ -673,8 +673,8 @@ mod tests {
             AppendOutcome::Duplicate
         );
         let c = s.get_call("c1").await.expect("ok").expect("exists");
-        assert_eq!(c.status, pb::CallStatus::Failed as i32);
-        assert_eq!(c.end_reason, pb::EndReason::RelayLost as i32);
+        assert_eq!(c.status, pb::CallStatus::Failed);
+        assert_eq!(c.end_reason, Some(pb::EndReason::RelayLost));
         assert!(s.expired_leases(i64::MAX, 10).await.expect("ok").is_empty());
     }
 

@@ -27,7 +27,7 @@ use super::{
     USAGE_FIELDS,
 };
 use crate::domain::call::status_rank;
-use crate::domain::record::{CallRecord, EventEffects};
+use crate::domain::record::{self, CallRecord, EventEffects};
 use crate::error::StoreError;
 use crate::hub::{BusMessage, Hub};
 
@@ -148,13 +148,13 @@ fn lua_prelude() -> String {
         );
     }
     let ranks: Vec<String> = all_statuses()
-        .map(|s| format!("[{}] = {}", s as i32, status_rank(s as i32)))
+        .map(|s| format!("[{}] = {}", s as i32, status_rank(s)))
         .collect();
     let _ = writeln!(lua, "local RANK = {{{}}}", ranks.join(", "));
     let _ = writeln!(
         lua,
         "local FINAL = {}",
-        status_rank(pb::CallStatus::Completed as i32)
+        status_rank(pb::CallStatus::Completed)
     );
     // Unknown numbers rank 0, as in `status_rank`.
     lua.push_str("local function rank(s) return RANK[s] or 0 end\n");
@@ -670,8 +670,8 @@ fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
     let mut fields = vec![
         ("id", call.call_id.clone()),
         ("agent", call.agent_id.clone()),
-        ("dir", call.direction.to_string()),
-        ("status", call.status.to_string()),
+        ("dir", (call.direction as i32).to_string()),
+        ("status", (call.status as i32).to_string()),
         ("from", call.from.clone()),
         ("to", call.to.clone()),
         ("campaign", call.campaign_id.clone()),
@@ -681,7 +681,10 @@ fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
         ("created", call.created_at_ms.to_string()),
         ("started", call.started_at_ms.to_string()),
         ("ended", call.ended_at_ms.to_string()),
-        ("end_reason", call.end_reason.to_string()),
+        (
+            "end_reason",
+            call.end_reason.map_or(0, |r| r as i32).to_string(),
+        ),
         ("end_detail", call.end_detail.clone()),
         ("transfer_to", call.transfer_to.clone()),
         (
@@ -710,8 +713,8 @@ fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
     let mut call = CallRecord {
         call_id: take("id"),
         agent_id: take("agent"),
-        direction: num(take("dir")),
-        status: num(take("status")),
+        direction: record::direction(num(take("dir"))),
+        status: record::call_status(num(take("status"))),
         from: take("from"),
         to: take("to"),
         campaign_id: take("campaign"),
@@ -721,7 +724,7 @@ fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
         created_at_ms: num(take("created")),
         started_at_ms: num(take("started")),
         ended_at_ms: num(take("ended")),
-        end_reason: num(take("end_reason")),
+        end_reason: record::end_reason(num(take("end_reason"))),
         end_detail: take("end_detail"),
         transfer_to: take("transfer_to"),
         metadata: serde_json::from_str(&take("meta")).unwrap_or_default(),
@@ -1150,13 +1153,13 @@ impl CallStore for RedisStore {
             cmd.arg(event.seq)
                 .arg(&bytes[..])
                 .arg(effects.at_ms)
-                .arg(effects.new_status.unwrap_or(0))
+                .arg(effects.new_status.map_or(0, |s| s as i32))
                 .arg(bits);
             if let Some((sid, stream_sid, relay)) = &effects.started {
                 cmd.arg(sid).arg(stream_sid).arg(relay);
             }
             if let Some((reason, detail, transfer_to)) = &effects.ended {
-                cmd.arg(*reason).arg(detail).arg(transfer_to);
+                cmd.arg(*reason as i32).arg(detail).arg(transfer_to);
             }
             if let Some(usage) = &effects.usage {
                 for value in usage {
@@ -1501,10 +1504,11 @@ mod tests {
         );
         let final_rank: i32 = value("FINAL").parse().expect("number");
         for (n, rank) in entries {
-            assert_eq!(rank, status_rank(n), "rank of status {n}");
+            let status = pb::CallStatus::try_from(n).expect("a CallStatus");
+            assert_eq!(rank, status_rank(status), "rank of status {n}");
             assert_eq!(
                 rank == final_rank,
-                crate::domain::call::is_final(n),
+                crate::domain::call::is_final(status),
                 "status {n}"
             );
         }
