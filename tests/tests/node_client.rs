@@ -21,10 +21,11 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::procs::{Proc, env, free_addr};
 use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::with_timeout;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -40,15 +41,11 @@ const STEP: Duration = Duration::from_secs(10);
 /// Bound on the whole Node script (npm-free start of node plus a handful of RPCs).
 const NODE_RUN: Duration = Duration::from_secs(60);
 
-/// Awaits `fut` for at most `limit`, failing the test with `what` on expiry.
+/// Awaits `fut` for at most `limit`, failing the test with `what` on expiry (the test
+/// kit's timeout helper, arguments in this file's order).
+#[track_caller]
 fn within<F: Future>(what: &str, limit: Duration, fut: F) -> impl Future<Output = F::Output> {
-    let what = what.to_owned();
-    async move {
-        match timeout(limit, fut).await {
-            Ok(out) => out,
-            Err(_) => panic!("timed out after {limit:?}: {what}"),
-        }
-    }
+    with_timeout(limit, what.to_owned(), fut)
 }
 
 fn workspace_root() -> PathBuf {

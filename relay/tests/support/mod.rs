@@ -1,5 +1,6 @@
 //! In-test peers for the relay's component tests: a fake control plane (tonic, loopback),
-//! a tiny fake Realtime server and a Twilio-like WebSocket client. Only Twilio and OpenAI
+//! the test kit's fake Realtime server in manual mode (the test plays the model) and a
+//! Twilio-like WebSocket client. Only Twilio and OpenAI
 //! (and here control's behaviour) are faked; the relay is the real server on 127.0.0.1:0.
 
 // Test support: a failed unwrap is a failed test, with its location; the fakes share
@@ -22,6 +23,7 @@ use callbridge_proto::pb;
 use callbridge_proto::pb::relay_server::{Relay, RelayServer};
 use callbridge_relay::config::{Config, Secret};
 use callbridge_relay::{Metrics, signature};
+use callbridge_testkit::fake_realtime::FakeRealtime;
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,12 +37,13 @@ use tonic::{Code, Request, Response, Status, Streaming};
 pub const TWILIO_TOKEN: &str = "twilio-secret";
 pub const STEP: Duration = Duration::from_secs(5);
 
-/// Every await in a test goes through this.
-pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(STEP, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
+/// Every await in a test goes through this: the test kit's timeout helper with one step.
+#[track_caller]
+pub fn within<F: std::future::Future>(
+    what: impl std::fmt::Display,
+    f: F,
+) -> impl std::future::Future<Output = F::Output> {
+    callbridge_testkit::with_timeout(STEP, what, f)
 }
 
 // ---- fake control -------------------------------------------------------------------------
@@ -238,105 +241,23 @@ pub async fn start_control(fake: FakeControl) -> SocketAddr {
 
 // ---- fake model ---------------------------------------------------------------------------
 
-pub struct ModelConn {
-    /// Client events, parsed.
-    pub rx: mpsc::Receiver<Value>,
-    /// Server events to send.
-    pub tx: mpsc::Sender<Message>,
-    pub authorization: String,
-    pub uri: String,
-}
-
-impl ModelConn {
-    /// Next client event of a type, skipping others.
-    pub async fn next_of(&mut self, ty: &str) -> Value {
-        within(&format!("model receives {ty}"), async {
-            loop {
-                let v = self.rx.recv().await.expect("model connection open");
-                if v["type"] == ty {
-                    return v;
-                }
-            }
-        })
-        .await
-    }
-    pub async fn send(&self, v: Value) {
-        self.tx.send(Message::text(v.to_string())).await.unwrap();
-    }
-}
+/// A model connection the test plays (the test kit's fake Realtime server, manual mode).
+pub use callbridge_testkit::fake_realtime::ManualConn as ModelConn;
 
 pub struct FakeModel {
     pub url: String,
     pub conns: mpsc::Receiver<ModelConn>,
+    /// Serves until dropped.
+    pub server: FakeRealtime,
 }
 
 pub async fn start_model() -> FakeModel {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
-    let (conn_tx, conns) = mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let conn_tx = conn_tx.clone();
-            tokio::spawn(async move {
-                let seen = Arc::new(Mutex::new((String::new(), String::new())));
-                let seen2 = seen.clone();
-                let cb =
-                    move |req: &tungstenite::handshake::server::Request,
-                          resp: tungstenite::handshake::server::Response| {
-                        let auth = req
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        *seen2.lock().unwrap() = (auth, req.uri().to_string());
-                        Ok(resp)
-                    };
-                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, cb).await else {
-                    return;
-                };
-                let (mut sink, mut stream) = ws.split();
-                let (in_tx, in_rx) = mpsc::channel(1024);
-                let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
-                let (authorization, uri) = seen.lock().unwrap().clone();
-                let _ = conn_tx
-                    .send(ModelConn {
-                        rx: in_rx,
-                        tx: out_tx,
-                        authorization,
-                        uri,
-                    })
-                    .await;
-                loop {
-                    tokio::select! {
-                        m = stream.next() => match m {
-                            Some(Ok(Message::Text(t))) => {
-                                let v: Value = serde_json::from_str(&t).unwrap();
-                                let _ = in_tx.send(v).await;
-                            }
-                            Some(Ok(Message::Close(frame))) => {
-                                // The close code the relay sent (null: a close frame without one).
-                                let code = frame.map(|f| u16::from(f.code));
-                                let _ = in_tx.send(serde_json::json!({"type": "__closed", "code": code})).await;
-                                return;
-                            }
-                            None | Some(Err(_)) => {
-                                // No close frame: the socket just ended.
-                                let _ = in_tx.send(serde_json::json!({"type": "__closed", "code": "none"})).await;
-                                return;
-                            }
-                            _ => {}
-                        },
-                        m = out_rx.recv() => match m {
-                            Some(m) => { if sink.send(m).await.is_err() { return; } }
-                            None => { let _ = sink.close().await; return; }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    FakeModel { url, conns }
+    let (server, conns) = FakeRealtime::builder().start_manual().await.unwrap();
+    FakeModel {
+        url: server.url(),
+        conns,
+        server,
+    }
 }
 
 // ---- relay --------------------------------------------------------------------------------

@@ -16,6 +16,10 @@
 //! Speech during an answer cancels it (`turn_detected`), optionally after a few late
 //! deltas. `conversation.item.truncate` is checked against the audio produced for the item.
 //! Everything the client sent is recorded per connection for assertions.
+//!
+//! For component tests that play the model themselves, [`FakeRealtimeBuilder::start_manual`]
+//! does the same handshake and bookkeeping but hands each connection to the test as a
+//! [`ManualConn`]: client events arrive parsed, server events are whatever the test sends.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -205,10 +210,31 @@ impl FakeRealtimeBuilder {
 
     /// Serves on an already bound listener.
     pub fn start_on(self, listener: TcpListener) -> FakeRealtime {
+        self.serve(listener, None)
+    }
+
+    /// Binds `127.0.0.1:0` and serves connections the test plays itself: each accepted
+    /// (authorised) connection arrives on the receiver as a [`ManualConn`], and nothing is
+    /// scripted (no `session.created` either). Handshake checks, counters and
+    /// [`FakeRealtime::connections`] (uri, closed) work as in scripted mode.
+    pub async fn start_manual(self) -> std::io::Result<(FakeRealtime, mpsc::Receiver<ManualConn>)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (tx, rx) = mpsc::channel(16);
+        Ok((self.serve(listener, Some(tx)), rx))
+    }
+
+    fn serve(
+        self,
+        listener: TcpListener,
+        manual: Option<mpsc::Sender<ManualConn>>,
+    ) -> FakeRealtime {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            manual,
+            ..Shared::default()
+        });
         let (kill_tx, _) = tokio::sync::watch::channel(0u64);
         let accept = tokio::spawn(accept_loop(
             listener,
@@ -233,6 +259,110 @@ struct Shared {
     rejected: AtomicU64,
     stalled: AtomicBool,
     conns: Mutex<Vec<Arc<Mutex<ConnRecord>>>>,
+    /// Manual mode: where accepted connections go.
+    manual: Option<mpsc::Sender<ManualConn>>,
+}
+
+/// How long [`ManualConn::next_of`] waits for an event.
+const MANUAL_STEP: Duration = Duration::from_secs(5);
+
+/// A model connection the test plays by hand ([`FakeRealtimeBuilder::start_manual`]).
+#[derive(Debug)]
+pub struct ManualConn {
+    /// Client events, parsed, in order. The last one is `{"type": "__closed", "code": …}`:
+    /// the close code the client sent, `null` for a close frame without one, `"none"`
+    /// when the socket ended without a close frame.
+    pub rx: mpsc::Receiver<Value>,
+    /// Server messages to send. Dropping it closes the socket with a close frame.
+    pub tx: mpsc::Sender<Message>,
+    /// The handshake's `Authorization` header, as sent.
+    pub authorization: String,
+    /// Request target of the handshake (path and query).
+    pub uri: String,
+}
+
+impl ManualConn {
+    /// The next client event of type `ty`, skipping others; panics after 5 s or when the
+    /// connection is gone.
+    #[track_caller]
+    pub fn next_of<'a>(&'a mut self, ty: &'a str) -> impl std::future::Future<Output = Value> + 'a {
+        crate::with_timeout(MANUAL_STEP, format!("model receives {ty}"), async move {
+            loop {
+                let v = self.rx.recv().await.expect("model connection open");
+                if v["type"] == ty {
+                    return v;
+                }
+            }
+        })
+    }
+
+    /// Sends a server event; panics when the connection is gone.
+    pub async fn send(&self, v: Value) {
+        self.tx
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("model connection open");
+    }
+}
+
+/// Manual mode: relays between the socket and the test's [`ManualConn`] until either side
+/// ends (or the test calls [`FakeRealtime::close_all`]).
+async fn play_manual(
+    ws: tokio_tungstenite::WebSocketStream<TcpStream>,
+    info: HandshakeInfo,
+    to_test: &mpsc::Sender<ManualConn>,
+    kill: &mut tokio::sync::watch::Receiver<u64>,
+) {
+    let (mut sink, mut stream) = ws.split();
+    let (in_tx, rx) = mpsc::channel(1024);
+    let (tx, mut out_rx) = mpsc::channel::<Message>(1024);
+    let conn = ManualConn {
+        rx,
+        tx,
+        authorization: info.authorization,
+        uri: info.uri,
+    };
+    if to_test.send(conn).await.is_err() {
+        return;
+    }
+    let closed = |code: Value| json!({"type": "__closed", "code": code});
+    loop {
+        tokio::select! {
+            m = stream.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let v = serde_json::from_str(&t).unwrap_or_else(|_| json!({"type": "__malformed", "text": t.as_str()}));
+                    let _ = in_tx.send(v).await;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(Value::Null, |f| json!(u16::from(f.code)));
+                    let _ = in_tx.send(closed(code)).await;
+                    return;
+                }
+                None | Some(Err(_)) => {
+                    let _ = in_tx.send(closed(json!("none"))).await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+            m = out_rx.recv() => match m {
+                Some(m) => {
+                    if sink.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    let _ = sink.close().await;
+                    return;
+                }
+            },
+            changed = kill.changed() => {
+                if changed.is_ok() {
+                    let _ = sink.send(close_msg("fake: closed by test")).await;
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// A running fake; stops serving when dropped.
@@ -408,6 +538,7 @@ async fn accept_loop(
 
 struct HandshakeInfo {
     uri: String,
+    authorization: String,
     beta: bool,
     authorized: bool,
 }
@@ -423,6 +554,7 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let mut info = HandshakeInfo {
         uri: String::new(),
+        authorization: String::new(),
         beta: false,
         authorized: false,
     };
@@ -434,10 +566,12 @@ async fn serve_conn(
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         info.uri = req.uri().to_string();
         info.beta = req.headers().contains_key("openai-beta");
-        let bearer = req
+        let authorization = req
             .headers()
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.to_str().ok());
+        info.authorization = authorization.unwrap_or_default().to_owned();
+        let bearer = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         info.authorized = !cfg.reject_auth
@@ -490,6 +624,15 @@ async fn serve_conn(
         &no_errors
     };
     kill.mark_unchanged();
+    if let Some(to_test) = &shared.manual {
+        play_manual(ws, info, to_test, &mut kill).await;
+        let mut rec = lock(&record);
+        rec.closed = true;
+        rec.closed_at = Some(Instant::now());
+        drop(rec);
+        shared.open.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
     let (mut sink, mut source) = ws.split();
     let mut session = Session::new(conn_id, cfg.clone(), record.clone());
     let close_at = cfg
@@ -1435,6 +1578,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn manual_mode_hands_each_connection_to_the_test() {
+        let (fake, mut conns) = FakeRealtime::builder().start_manual().await.expect("bind");
+        let mut ws = connect(&fake, Some("sk-manual")).await.expect("accepted");
+        let mut conn = crate::with_timeout(LIMIT, "a manual connection", conns.recv())
+            .await
+            .expect("connection handed over");
+        assert_eq!(conn.authorization, "Bearer sk-manual");
+        assert_eq!(conn.uri, "/v1/realtime?model=gpt-realtime");
+        // Nothing scripted: the first server event is the test's.
+        conn.send(json!({"type": "session.created", "session": {}}))
+            .await;
+        let seen = until(&mut ws, "session.created").await;
+        assert_eq!(types(&seen), ["session.created"]);
+        // Client events arrive parsed; next_of skips other types.
+        send(
+            &mut ws,
+            json!({"type": "input_audio_buffer.append", "audio": "AA=="}),
+        )
+        .await;
+        send(&mut ws, json!({"type": "response.create"})).await;
+        assert_eq!(
+            conn.next_of("response.create").await["type"],
+            "response.create"
+        );
+        // The client's close code is reported, and the connection is recorded as closed.
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        }))
+        .await
+        .expect("close");
+        assert_eq!(conn.next_of("__closed").await["code"], 1001);
+        assert!(
+            crate::eventually(LIMIT, || fake.connections_open() == 0).await,
+            "closed"
+        );
+        assert_eq!(fake.connections_accepted(), 1);
+        assert!(fake.connection(0).expect("recorded").closed);
+
+        // Dropping the sender closes the socket with a close frame.
+        let mut ws = connect(&fake, Some("sk-manual")).await.expect("accepted");
+        let conn = crate::with_timeout(LIMIT, "a second connection", conns.recv())
+            .await
+            .expect("connection handed over");
+        drop(conn.tx);
+        let closed = crate::with_timeout(LIMIT, "close frame", ws.next()).await;
+        assert!(matches!(closed, Some(Ok(Message::Close(_)))), "{closed:?}");
+        // Handshake checks still apply.
+        assert!(connect(&fake, None).await.is_err());
+        assert_eq!(fake.handshakes_rejected(), 1);
     }
 
     fn types(events: &[Value]) -> Vec<&str> {

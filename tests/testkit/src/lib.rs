@@ -30,12 +30,13 @@ pub mod twiml;
 use std::future::Future;
 use std::time::Duration;
 
-/// Runs `fut` under `limit`, panicking with `what` when it takes longer: every await in a
-/// test goes through this, so a hang fails fast with a message.
+/// Runs `fut` under `limit`, panicking with `what` and the caller's location when it
+/// takes longer: every await in a test goes through this (or a wrapper of it with a fixed
+/// limit), so a hang fails fast with a message.
 #[track_caller]
 pub fn with_timeout<F: Future>(
     limit: Duration,
-    what: &'static str,
+    what: impl std::fmt::Display,
     fut: F,
 ) -> impl Future<Output = F::Output> {
     let caller = std::panic::Location::caller();
