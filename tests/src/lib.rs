@@ -4,6 +4,8 @@
 //! - this file: [`World`], the harness the end-to-end tests share: a throwaway
 //!   `redis-server`, the REAL `callbridge-control` and `callbridge-relay` binaries as child
 //!   processes, the fake OpenAI Realtime server, authenticated gRPC clients and callers.
+//! - [`scenario`]: an end-to-end test written as the call it describes
+//!   (`Scenario::inbound().caller_says(..).agent_replies(..).caller_hangs_up()`).
 //! - `tests/*.rs`: the end-to-end tests.
 //! - `src/bin/callbridge-demo.rs`: the demo (everything in-process, no Redis, no keys).
 //! - `src/bin/bench_control.rs`: the control-plane benchmark.
@@ -23,6 +25,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub mod bench;
+pub mod scenario;
 
 pub use callbridge_testkit::with_timeout;
 

@@ -7,53 +7,42 @@ use callbridge_proto::pb;
 use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{ClosedBy, SimCaller};
-use callbridge_tests::{
-    PUBLIC_URL, World, agent_settings, expected_transcript, flatten, with_timeout,
-};
+use callbridge_tests::scenario::Scenario;
+use callbridge_tests::{PUBLIC_URL, World, agent_settings, flatten, with_timeout};
 
 const CALL: Duration = Duration::from_secs(60);
 
-/// The call id from the `<Parameter name="callId">` of the webhook's TwiML.
-fn call_id_of(report: &callbridge_testkit::sim_caller::CallReport) -> String {
-    let twiml = report
-        .webhook
-        .twiml
-        .as_ref()
-        .expect("webhook answered TwiML");
-    twiml
-        .parameters
-        .iter()
-        .find(|(k, _)| k == "callId")
-        .map(|(_, v)| v.clone())
-        .expect("callId parameter")
+/// The sample call (`Conversation::sample`), written out: a greeting and two exchanges.
+fn opening_hours_call() -> Scenario {
+    Scenario::inbound()
+        .agent_greets("Hello, thanks for calling. How can I help?", 800)
+        .caller_says("What are your opening hours?", 600)
+        .agent_replies("We are open nine to five, Monday to Friday.", 1000)
+        .caller_says("Thank you, goodbye.", 500)
+        .agent_replies("Goodbye, have a nice day.", 600)
+        .caller_hangs_up()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_call_is_stored_as_said_in_order() {
-    let script = Conversation::sample();
+    let call = opening_hours_call();
+    assert_eq!(call.script(), Conversation::sample());
     // The model sends audio faster than real time, as OpenAI does; Twilio buffers it.
-    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+    let world = World::builder(FakeRealtime::builder().script(call.script()).speed(2.0))
         .start()
         .await;
-    let greeting = script.greeting.as_ref().map(|g| g.text.as_str());
     world
-        .default_agent(agent_settings("full-call", greeting))
+        .default_agent(agent_settings(
+            "full-call",
+            Some("Hello, thanks for calling. How can I help?"),
+        ))
         .await;
 
-    let caller = world.caller(script.clone());
-    let call_sid = caller.call_sid.clone();
-    let report = with_timeout(CALL, "the call", SimCaller::new(caller).run())
-        .await
-        .expect("the call runs");
+    let placed = call.place(&world).await;
 
     // Webhook → TwiML pointing at the public URLs, signed stream accepted.
-    assert_eq!(
-        report.webhook.response.status, 200,
-        "{}",
-        report.webhook.response.body
-    );
-    let call_id = call_id_of(&report);
-    let twiml = report.webhook.twiml.as_ref().expect("twiml");
+    let call_id = &placed.call_id;
+    let twiml = placed.report.webhook.twiml.as_ref().expect("twiml");
     assert_eq!(
         twiml.stream_url.as_deref(),
         Some(format!("wss://relay.callbridge.test/api/twilio/media-stream/{call_id}").as_str())
@@ -62,14 +51,9 @@ async fn a_full_call_is_stored_as_said_in_order() {
         twiml.connect_action.as_deref(),
         Some(format!("{PUBLIC_URL}/api/twilio/after/{call_id}").as_str())
     );
-    let leg = report.leg().expect("a stream leg");
-    assert!(leg.protocol_errors.is_empty(), "{:?}", leg.protocol_errors);
+    placed.heard_every_reply();
+    let leg = placed.leg();
     assert_eq!(leg.turns_spoken, vec![0, 1]);
-    assert!(
-        leg.answer_timeouts.is_empty(),
-        "answers missing: {:?}",
-        leg.answer_timeouts
-    );
     assert_eq!(leg.closed_by, ClosedBy::Caller);
     assert!(leg.clears.is_empty(), "nobody barged in: {:?}", leg.clears);
 
@@ -78,6 +62,7 @@ async fn a_full_call_is_stored_as_said_in_order() {
     assert_eq!(world.fake.connections_accepted(), 1);
     let produced_ms: u64 = model.responses.iter().map(|r| r.audio_sent_ms).sum();
     assert_eq!(produced_ms, 800 + 1000 + 600);
+    assert_eq!(produced_ms, call.agent_audio_ms());
     assert_eq!(leg.media_bytes_received, produced_ms * 8);
     assert!(!leg.marks_echoed.is_empty());
 
@@ -105,22 +90,26 @@ async fn a_full_call_is_stored_as_said_in_order() {
         model.caller_transcripts,
         vec!["What are your opening hours?", "Thank you, goodbye."]
     );
+    assert_eq!(model.caller_transcripts, call.caller_lines());
 
     // Control stored the call and its transcript, in order, as said.
-    let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
-    assert_eq!(call.status, pb::CallStatus::Completed as i32, "{call:?}");
+    let (stored, transcript) = placed.stored(&world).await;
     assert_eq!(
-        call.end_reason,
-        pb::EndReason::CallerHangup as i32,
-        "{call:?}"
+        stored.status,
+        pb::CallStatus::Completed as i32,
+        "{stored:?}"
     );
-    assert_eq!(call.twilio_call_sid, call_sid);
-    assert_eq!(call.stream_sid, leg.stream_sid);
-    let usage = call.usage.expect("usage totals");
+    assert_eq!(
+        stored.end_reason,
+        pb::EndReason::CallerHangup as i32,
+        "{stored:?}"
+    );
+    assert_eq!(stored.twilio_call_sid, placed.call_sid);
+    assert_eq!(stored.stream_sid, leg.stream_sid);
+    let usage = stored.usage.expect("usage totals");
     assert_eq!(usage.responses, 3);
     assert!(usage.output_audio_tokens > 0);
-    let transcript = world.transcript(&call_id).await;
-    assert_eq!(flatten(&transcript), expected_transcript(&script));
+    assert_eq!(flatten(&transcript), call.expected_transcript());
     let seqs: Vec<u64> = transcript.turns.iter().map(|t| t.seq).collect();
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
@@ -134,53 +123,38 @@ async fn a_full_call_is_stored_as_said_in_order() {
     }
 }
 
-fn barge_in_script() -> Conversation {
-    Conversation {
-        greeting: None,
-        turns: vec![
-            Turn::new(
-                "Tell me everything about your plans",
-                500,
-                AgentReply::says(
-                    "We have three plans: basic, plus and premium, and each of them comes \
-                     with a different set of features that I will now describe in detail",
-                    3000,
-                ),
-            )
-            .barge_in_after(800),
-            Turn::new(
-                "Just the basic plan please",
-                500,
-                AgentReply::says("The basic plan is ten dollars a month", 600),
-            ),
-        ],
-    }
+/// The caller asks a question, talks over the long answer after 800 ms, and asks again.
+fn barge_in_call() -> Scenario {
+    Scenario::inbound()
+        .caller_says("Tell me everything about your plans", 500)
+        .agent_replies(
+            "We have three plans: basic, plus and premium, and each of them comes \
+             with a different set of features that I will now describe in detail",
+            3000,
+        )
+        .caller_interrupts_after(800)
+        .caller_says("Just the basic plan please", 500)
+        .agent_replies("The basic plan is ten dollars a month", 600)
+        .caller_hangs_up()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
-    let script = barge_in_script();
+    let call = barge_in_call();
     let late = 3;
     // 20 ms deltas sent faster than real time: Twilio holds unplayed audio when the
     // caller barges in, so "sent" and "heard" differ. A few deltas still arrive after
     // speech_started; the relay must drop them.
     let fake = FakeRealtime::builder()
-        .script(script.clone())
+        .script(call.script())
         .chunk_ms(20)
         .speed(1.5)
         .late_deltas(late);
     let world = World::builder(fake).start().await;
     world.default_agent(agent_settings("barge-in", None)).await;
 
-    let report = with_timeout(
-        CALL,
-        "the call",
-        SimCaller::new(world.caller(script.clone())).run(),
-    )
-    .await
-    .expect("the call runs");
-    let call_id = call_id_of(&report);
-    let leg = report.leg().expect("a stream leg");
+    let placed = call.place(&world).await;
+    let leg = placed.leg();
     assert!(leg.protocol_errors.is_empty(), "{:?}", leg.protocol_errors);
     assert_eq!(leg.turns_spoken, vec![0, 1]);
 
@@ -226,10 +200,9 @@ async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
     );
 
     // Control stored the interruption with the same heard time.
-    let _ = world.wait_ended(&call_id, Duration::from_secs(10)).await;
-    let transcript = world.transcript(&call_id).await;
+    let (_, transcript) = placed.stored(&world).await;
     let flat = flatten(&transcript);
-    assert_eq!(flat, expected_transcript(&script));
+    assert_eq!(flat, call.expected_transcript());
     let interrupted: Vec<&pb::AssistantSpeech> = transcript
         .turns
         .iter()
@@ -245,7 +218,7 @@ async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
         "stored heard {stored} ms, truncated at {} ms",
         truncate.audio_end_ms
     );
-    let events = world.stored_events(&call_id).await;
+    let events = world.stored_events(&placed.call_id).await;
     assert_eq!(
         events
             .iter()
