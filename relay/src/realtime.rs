@@ -1,5 +1,5 @@
-//! OpenAI Realtime (GA) wire format (protocols.md §3): the client events the relay sends
-//! (the session setup built from an [`AgentView`]), and a single-pass borrowed parse of
+//! OpenAI Realtime (GA) wire format (`docs/protocols.md`, "OpenAI Realtime"): the client events the
+//! relay sends (the session setup built from an [`AgentView`]), and a single-pass borrowed parse of
 //! server events with their type as a [`RealtimeEventKind`].
 
 use callbridge_proto::pb;
@@ -117,7 +117,7 @@ pub fn session_update(agent: &AgentView) -> String {
 }
 
 /// `session.update` changing only the instructions; the audio formats are repeated so no
-/// update can ever leave the session on PCM16 (protocols.md §4.3 pitfall 10).
+/// update can ever leave the session on PCM16 (`docs/protocols.md`, "Pitfalls" 10).
 pub fn update_instructions(instructions: &str) -> String {
     json!({
         "type": "session.update",

@@ -1,4 +1,4 @@
-//! Twilio request signatures (`X-Twilio-Signature`), protocols.md §2.
+//! Twilio request signatures (`X-Twilio-Signature`), `docs/protocols.md`, "Signatures".
 //!
 //! The signed string is the public URL Twilio requested (scheme, host, optional port, path
 //! and query exactly as configured) followed by every form parameter, sorted by name, as

@@ -1,5 +1,5 @@
-//! Twilio Media Streams wire format (protocols.md §1): borrowed parsing of what Twilio
-//! sends, and outgoing frames built straight into one `String` each.
+//! Twilio Media Streams wire format (`docs/protocols.md`, "Twilio Media Streams"): borrowed parsing
+//! of what Twilio sends, and outgoing frames built straight into one `String` each.
 
 use std::borrow::Cow;
 

@@ -1,5 +1,5 @@
-//! The call's pure state: lifecycle (which end, reported once) and playback bookkeeping
-//! for barge-in (protocols.md §4.4). No IO, no clocks: the call loop feeds it facts and
+//! The call's pure state: lifecycle (which end, reported once) and playback bookkeeping for
+//! barge-in (`docs/protocols.md`, "Barge-in"). No IO, no clocks: the call loop feeds it facts and
 //! executes the [`Out`]s it returns, in order.
 //!
 //! Playback model: every model audio delta forwarded to Twilio is followed by a mark named
@@ -180,7 +180,7 @@ impl Playback {
         if self.is_discarded(response_id) {
             return Delta::Drop;
         }
-        // A new item id starts fresh per-item state (protocols.md §4.3 pitfall 1).
+        // A new item id starts fresh per-item state (`docs/protocols.md`, "Pitfalls" 1).
         let idx = match self.items.iter().rposition(|i| i.item_id == item_id) {
             Some(i) => i,
             None => {

@@ -1,9 +1,9 @@
 //! The conversation so far, kept so a new model session can be told what was said
 //! (model reconnect, session rollover, a call resumed on another relay).
 //!
-//! Replayed as `conversation.item.create` items (protocols.md §3): caller turns as user
-//! `input_text` messages, assistant turns as assistant `output_text` messages cut to what
-//! the caller heard, tool calls and results as `function_call` + `function_call_output`.
+//! Replayed as `conversation.item.create` items (`docs/protocols.md`, "OpenAI Realtime"): caller
+//! turns as user `input_text` messages, assistant turns as assistant `output_text` messages cut to
+//! what the caller heard, tool calls and results as `function_call` + `function_call_output`.
 //! Bounded: the oldest turns go first once [`MAX_ITEMS`] or [`MAX_BYTES`] is reached.
 
 use std::collections::VecDeque;

@@ -68,7 +68,7 @@ pub fn unb64(text: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
-/// Byte length of base64 text without decoding it (protocols.md §5).
+/// Byte length of base64 text without decoding it (`docs/protocols.md`, "Audio").
 pub fn b64_len(text: &str) -> usize {
     let pad = text.bytes().rev().take_while(|&b| b == b'=').count();
     (text.len() * 3 / 4).saturating_sub(pad)

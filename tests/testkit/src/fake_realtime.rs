@@ -8,14 +8,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Behaviour (protocols.md §3): checks `Authorization: Bearer …` on the handshake, sends
-//! `session.created`, answers `session.update` with `session.updated`, "hears" the caller
-//! by looking at the appended μ-law (a chunk with any non-silent byte is speech; a run of
-//! silence ends the segment), transcribes the n-th segment as the script's n-th caller
-//! line and answers with the scripted reply as paced `response.output_audio.delta`s.
-//! Speech during an answer cancels it (`turn_detected`), optionally after a few late
-//! deltas. `conversation.item.truncate` is checked against the audio produced for the item.
-//! Everything the client sent is recorded per connection for assertions.
+//! Behaviour (`docs/protocols.md`, "OpenAI Realtime"): checks `Authorization: Bearer …` on the
+//! handshake, sends `session.created`, answers `session.update` with `session.updated`, "hears" the
+//! caller by looking at the appended μ-law (a chunk with any non-silent byte is speech; a run of
+//! silence ends the segment), transcribes the n-th segment as the script's n-th caller line and
+//! answers with the scripted reply as paced `response.output_audio.delta`s. Speech during an answer
+//! cancels it (`turn_detected`), optionally after a few late deltas. `conversation.item.truncate`
+//! is checked against the audio produced for the item. Everything the client sent is recorded per
+//! connection for assertions.
 //!
 //! For component tests that play the model themselves, [`FakeRealtimeBuilder::start_manual`]
 //! does the same handshake and bookkeeping but hands each connection to the test as a

@@ -1,4 +1,5 @@
-//! Twilio request signing (`X-Twilio-Signature`), as Twilio computes it (protocols.md §2).
+//! Twilio request signing (`X-Twilio-Signature`), as Twilio computes it (`docs/protocols.md`,
+//! "Signatures").
 //!
 //! The fakes sign; the relay verifies. Keeping an independent implementation here means a
 //! bug in the relay's verifier cannot be masked by sharing code with the signer.

@@ -1,12 +1,12 @@
 //! A simulated Twilio caller: the voice webhook, the Media Streams WebSocket and the
 //! `<Connect action>` request, each signed like Twilio signs them.
 //!
-//! It plays a [`Conversation`] script: silence (0xFF) between turns and a μ-law tone
-//! while "speaking", at the real 20 ms frame pace. Audio from the relay goes into a play
-//! queue that drains at real time (8 bytes/ms, or faster with `playback_speed`); a `mark`
-//! is echoed when everything queued before it has played (at once when nothing is queued);
-//! `clear` drops the queue and echoes every pending mark at once (protocols.md §1.5).
-//! Everything the relay sent is recorded for assertions.
+//! It plays a [`Conversation`] script: silence (0xFF) between turns and a μ-law tone while
+//! "speaking", at the real 20 ms frame pace. Audio from the relay goes into a play queue that
+//! drains at real time (8 bytes/ms, or faster with `playback_speed`); a `mark` is echoed when
+//! everything queued before it has played (at once when nothing is queued); `clear` drops the queue
+//! and echoes every pending mark at once (`docs/protocols.md`, "Marks and clear"). Everything the
+//! relay sent is recorded for assertions.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -1,9 +1,9 @@
 //! The two fakes talking to each other through a tiny relay stand-in written here.
 //!
-//! The stand-in does what protocols.md §4.4 recommends (marks after every media message,
-//! heard ms from echoed marks, `clear` then truncate on barge-in, late deltas dropped), so
-//! these tests check the fakes' side of each protocol: signing, TwiML, the play queue
-//! and mark semantics of the caller; VAD, transcripts, cancel and truncate of the model.
+//! The stand-in does what `docs/protocols.md`, "Barge-in" recommends (marks after every media
+//! message, heard ms from echoed marks, `clear` then truncate on barge-in, late deltas dropped), so
+//! these tests check the fakes' side of each protocol: signing, TwiML, the play queue and mark
+//! semantics of the caller; VAD, transcripts, cancel and truncate of the model.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -138,7 +138,7 @@ async fn webhook(mut stream: TcpStream) {
     let _ = stream.write_all(resp.as_bytes()).await;
 }
 
-/// Per-item playback bookkeeping from marks (protocols.md §4.4).
+/// Per-item playback bookkeeping from marks (`docs/protocols.md`, "Barge-in").
 #[derive(Default)]
 struct Item {
     sent_ms: u64,
