@@ -139,7 +139,14 @@ pub async fn run(
             // The call's events: always drained first, so the call's try_send rarely fails.
             msg = events.recv(), if link.call_open => link.on_event(msg),
             // Acks and commands from control; a broken stream schedules a reconnect.
-            resp = next_response(&mut link.rx), if connected => link.on_response(resp).await,
+            resp = next_response(&mut link.rx), if connected => {
+                // Only the boxed command is held across the send: an inline response
+                // (with its call context) would sit in every link task's future.
+                if let Some(c) = link.on_response(resp) {
+                    // The call reads commands promptly; if it is gone, drop them.
+                    let _ = link.commands.send(c).await;
+                }
+            }
             // Send the next unsent event when the stream has room.
             permit = reserve(link.tx.clone()), if to_send => link.on_room(permit),
             // Reconnect with backoff, to whichever control replica answers.
@@ -222,10 +229,14 @@ impl Link {
         self.metrics.event_queue_depth().inc();
     }
 
-    async fn on_response(&mut self, resp: Result<Option<pb::AttachResponse>, tonic::Status>) {
+    /// An ack, a command (returned, for the call) or the stream's end.
+    fn on_response(
+        &mut self,
+        resp: Result<Option<pb::AttachResponse>, tonic::Status>,
+    ) -> Option<Box<pb::Command>> {
         let msg = match resp {
             Ok(Some(pb::AttachResponse { msg: Some(msg) })) => msg,
-            Ok(Some(_)) => return,
+            Ok(Some(_)) => return None,
             Ok(None) => return self.stream_lost("closed".to_owned()),
             Err(s) => return self.stream_lost(format!("{:?}: {}", s.code(), s.message())),
         };
@@ -233,21 +244,20 @@ impl Link {
             pb::attach_response::Msg::AckedSeq(n) => {
                 self.buf.ack(n);
                 self.backoff = BACKOFF_MIN;
+                None
             }
-            pb::attach_response::Msg::Command(c) => {
-                // The call reads commands promptly; if it is gone, drop them.
-                let _ = self.commands.send(Box::new(c)).await;
-            }
-            pb::attach_response::Msg::Context(_) => {}
+            pb::attach_response::Msg::Command(c) => Some(Box::new(c)),
+            pb::attach_response::Msg::Context(_) => None,
         }
     }
 
-    fn stream_lost(&mut self, why: String) {
+    fn stream_lost(&mut self, why: String) -> Option<Box<pb::Command>> {
         warn!(
             call_id = self.call_id,
             why, "Attach stream lost; reconnecting."
         );
         self.disconnect();
+        None
     }
 
     fn disconnect(&mut self) {
