@@ -22,13 +22,20 @@
 //! | `TWILIO_API_BASE_URL` | Twilio REST base URL | `https://api.twilio.com` |
 //! | `TWILIO_HTTP_TIMEOUT_MS` | timeout of one REST request | `10000` |
 //! | `TWILIO_MAX_RETRIES` | retries of a request answered 429/5xx (backoff with jitter) | `4` |
+//! | `CONTROL_TLS_CERT_FILE`, `CONTROL_TLS_KEY_FILE` | PEM certificate chain and key: gRPC over TLS (reloaded when the files change) | unset: plaintext h2c |
+//! | `CONTROL_TLS_CLIENT_CA_FILE` | PEM CA that every gRPC client must present a certificate from (mTLS) | unset: no client certificate asked |
+//! | `REDIS_CA_FILE` | PEM CA that the Redis server certificate must chain to (`rediss://` only) | unset: the system roots |
+//! | `REDIS_CERT_FILE`, `REDIS_KEY_FILE` | PEM client certificate and key presented to Redis (`rediss://` only) | unset |
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::tls::{KeyPairFiles, ServerTls};
 
 /// Exit code for bad configuration (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -98,6 +105,26 @@ struct Args {
     shutdown_grace_secs: u64,
     #[command(flatten)]
     twilio: crate::twilio_rest::config::TwilioArgs,
+    /// PEM certificate chain of the gRPC server; with CONTROL_TLS_KEY_FILE, gRPC is served
+    /// over TLS only (the files are re-read when they change). Unset: plaintext h2c.
+    #[arg(long, env = "CONTROL_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the gRPC server certificate.
+    #[arg(long, env = "CONTROL_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle; set: every gRPC client must present a certificate issued by it (mTLS).
+    #[arg(long, env = "CONTROL_TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<PathBuf>,
+    /// PEM CA bundle the Redis server certificate must chain to (rediss:// only). Unset:
+    /// the system's roots.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to Redis (rediss:// only; with REDIS_KEY_FILE).
+    #[arg(long, env = "REDIS_CERT_FILE")]
+    redis_cert_file: Option<PathBuf>,
+    /// PEM private key of REDIS_CERT_FILE.
+    #[arg(long, env = "REDIS_KEY_FILE")]
+    redis_key_file: Option<PathBuf>,
 }
 
 /// Where state lives.
@@ -142,6 +169,36 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Twilio REST (placing and steering calls); `None`: control never dials.
     pub twilio: Option<crate::twilio_rest::TwilioConfig>,
+    /// gRPC over TLS; `None`: plaintext h2c.
+    pub grpc_tls: Option<ServerTls>,
+    /// TLS files for `rediss://` connections; `None`: defaults (system roots, no client
+    /// certificate) or plaintext.
+    pub redis_tls: Option<RedisTlsFiles>,
+}
+
+/// The files behind a `rediss://` connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTlsFiles {
+    /// CA the server must chain to; `None`: the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (mTLS).
+    pub client: Option<KeyPairFiles>,
+}
+
+impl RedisTlsFiles {
+    /// The PEM contents, as the redis crate takes them.
+    pub fn read(&self) -> std::io::Result<redis::TlsCertificates> {
+        Ok(redis::TlsCertificates {
+            root_cert: self.ca.as_deref().map(std::fs::read).transpose()?,
+            client_tls: match &self.client {
+                Some(pair) => Some(redis::ClientTlsConfig {
+                    client_cert: std::fs::read(&pair.cert)?,
+                    client_key: std::fs::read(&pair.key)?,
+                }),
+                None => None,
+            },
+        })
+    }
 }
 
 /// Configuration that cannot be used; names the variable.
@@ -171,7 +228,81 @@ fn split_list(value: Option<&str>) -> Vec<String> {
         .collect()
 }
 
+/// Both halves of a certificate/key pair, or neither; the half that is missing is named.
+fn key_pair(
+    cert: Option<PathBuf>,
+    cert_var: &'static str,
+    key: Option<PathBuf>,
+    key_var: &'static str,
+) -> Result<Option<KeyPairFiles>, ConfigError> {
+    let cert = cert.filter(|p| !p.as_os_str().is_empty());
+    let key = key.filter(|p| !p.as_os_str().is_empty());
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(bad(key_var, format!("required when {cert_var} is set"))),
+        (None, Some(_)) => Err(bad(cert_var, format!("required when {key_var} is set"))),
+        (Some(cert), Some(key)) => {
+            let pair = KeyPairFiles { cert, key };
+            pair.load().map_err(|e| bad(cert_var, e.to_string()))?;
+            Ok(Some(pair))
+        }
+    }
+}
+
+/// The TLS files of the Redis connection, checked against the URLs they go with.
+fn redis_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    store: &StoreConfig,
+) -> Result<Option<RedisTlsFiles>, ConfigError> {
+    let ca = ca.filter(|p| !p.as_os_str().is_empty());
+    let client = key_pair(cert, "REDIS_CERT_FILE", key, "REDIS_KEY_FILE")?;
+    if let Some(ca) = &ca {
+        crate::tls::certificates(ca).map_err(|e| bad("REDIS_CA_FILE", e.to_string()))?;
+    }
+    let (var, urls): (&'static str, Vec<&str>) = match store {
+        StoreConfig::Memory => ("REDIS_URL", vec![]),
+        StoreConfig::Redis(url) => ("REDIS_URL", vec![url.as_str()]),
+        StoreConfig::Cluster(nodes) => (
+            "REDIS_CLUSTER_NODES",
+            nodes.iter().map(String::as_str).collect(),
+        ),
+    };
+    let tls_urls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls_urls != 0 && tls_urls != urls.len() {
+        return Err(bad(
+            var,
+            "mixes rediss:// and plaintext nodes; use rediss:// for all of them",
+        ));
+    }
+    if ca.is_none() && client.is_none() {
+        return Ok(None);
+    }
+    if tls_urls == 0 {
+        let which = if ca.is_some() {
+            "REDIS_CA_FILE"
+        } else {
+            "REDIS_CERT_FILE"
+        };
+        return Err(bad(
+            which,
+            format!("only used with rediss:// URLs, and {var} has none"),
+        ));
+    }
+    Ok(Some(RedisTlsFiles { ca, client }))
+}
+
 fn check_redis_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
+    // The redis crate turns verification off for `#insecure`, and only when built with
+    // its insecure feature, which this binary is not: say so instead of failing at connect.
+    if url.starts_with("rediss://") && url.contains('#') {
+        return Err(bad(
+            var,
+            "rediss://…#insecure (no certificate verification) is not supported; \
+             set REDIS_CA_FILE to the CA that issued the server's certificate",
+        ));
+    }
     if !(url.starts_with("redis://")
         || url.starts_with("rediss://")
         || url.starts_with("redis+unix://")
@@ -220,7 +351,7 @@ impl Config {
         Self::from_args(args)
     }
 
-    fn from_args(args: Args) -> Result<Self, ConfigError> {
+    fn from_args(mut args: Args) -> Result<Self, ConfigError> {
         let listen = args
             .listen
             .parse()
@@ -246,6 +377,45 @@ impl Config {
             }
             (None, true) => StoreConfig::Memory,
         };
+        let redis_tls = redis_tls(
+            args.redis_ca_file.take(),
+            args.redis_cert_file.take(),
+            args.redis_key_file.take(),
+            &store,
+        )?;
+        let grpc_tls = match key_pair(
+            args.tls_cert_file.take(),
+            "CONTROL_TLS_CERT_FILE",
+            args.tls_key_file.take(),
+            "CONTROL_TLS_KEY_FILE",
+        )? {
+            Some(pair) => {
+                let tls = ServerTls {
+                    pair,
+                    client_ca: args
+                        .tls_client_ca_file
+                        .take()
+                        .filter(|p| !p.as_os_str().is_empty()),
+                };
+                tls.check()
+                    .map_err(|e| bad("CONTROL_TLS_CLIENT_CA_FILE", e.to_string()))?;
+                Some(tls)
+            }
+            None => {
+                if args
+                    .tls_client_ca_file
+                    .as_ref()
+                    .is_some_and(|p| !p.as_os_str().is_empty())
+                {
+                    return Err(bad(
+                        "CONTROL_TLS_CLIENT_CA_FILE",
+                        "client certificates need TLS: set CONTROL_TLS_CERT_FILE and CONTROL_TLS_KEY_FILE too",
+                    ));
+                }
+                None
+            }
+        };
+
         let app_tokens: Vec<Secret> = split_list(args.app_tokens.as_deref())
             .into_iter()
             .map(Secret::new)
@@ -331,6 +501,8 @@ impl Config {
             control_id,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
             twilio,
+            grpc_tls,
+            redis_tls,
         })
     }
 }

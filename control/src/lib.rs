@@ -16,6 +16,7 @@
 //! - [`auth`]: bearer tokens per API, compared in constant time.
 //! - [`metrics`]: Prometheus metrics and `/metrics`.
 //! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
+//! - [`tls`]: the gRPC listener over TLS (certificates reloaded on change) and PEM files.
 //!
 //! Background work on every replica: a Redis health probe (1 s; drives `grpc.health.v1`),
 //! the `RELAY_LOST` sweeper, and the pub/sub listener of the bus.
@@ -29,6 +30,7 @@ pub mod metrics;
 mod service;
 pub mod store;
 pub mod twilio_rest;
+pub mod tls;
 pub mod validate;
 
 use std::future::Future;
@@ -84,6 +86,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS files could not be used (they were fine when the configuration was read).
+    #[error("TLS set-up failed: {0}")]
+    Tls(#[from] tls::TlsFileError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -153,8 +158,9 @@ async fn connect_redis(
 ) -> Result<RedisStore, ServeError> {
     let deadline = tokio::time::Instant::now() + STARTUP_REDIS_WAIT;
     loop {
-        match RedisStore::connect(
+        match RedisStore::connect_tls(
             target,
+            config.redis_tls.as_ref(),
             config.retention,
             hub.clone(),
             &config.control_id,
@@ -248,19 +254,40 @@ async fn run<S: CallStore>(
     if let Some(reflection) = reflection {
         router = router.add_service(reflection);
     }
-    // Acks and watch frames are small: without NODELAY they wait for Nagle and the
-    // peer's delayed ACK (40 ms stalls measured in docs/benchmarks/control.md).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_token = token.clone();
-    let server = router.serve_with_incoming_shutdown(incoming, async move {
+    let stopped = async move {
         server_token.cancelled().await;
         for name in SERVICE_NAMES.into_iter().chain([LIVENESS_SERVICE]) {
             health
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
         }
-    });
-    let mut server = std::pin::pin!(server);
+    };
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match &config.grpc_tls {
+        None => {
+            // Acks and watch frames are small: without NODELAY they wait for Nagle and the
+            // peer's delayed ACK (40 ms stalls measured in docs/benchmarks/control.md).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(settings) => {
+            // gRPC is HTTP/2 only: a client that cannot agree on h2 is refused in the
+            // handshake rather than after it.
+            let (tls_config, resolver) =
+                tls::server_config(settings, &[b"h2"]).map_err(ServeError::Tls)?;
+            tracker.spawn(tls::watch(settings.pair.clone(), resolver, token.clone()));
+            tracing::info!(
+                client_certificates = settings.client_ca.is_some(),
+                "gRPC over TLS."
+            );
+            let incoming = tls::incoming(listener, tls_config, token.clone());
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
+    let mut server = server;
     let result = tokio::select! {
         result = &mut server => result,
         () = token.cancelled() => {
@@ -307,7 +334,11 @@ async fn probe_redis<S: CallStore>(
             Ok(Err(err)) => {
                 shared.note_store_failure();
                 if serving != Some(false) {
-                    tracing::warn!(error = %err, "Redis is unreachable; health NOT_SERVING.");
+                    if tls::is_tls_failure(&err) {
+                        tracing::warn!(error = %err, "Redis TLS connection failed (certificate or handshake); health NOT_SERVING.");
+                    } else {
+                        tracing::warn!(error = %err, "Redis is unreachable; health NOT_SERVING.");
+                    }
                 }
                 false
             }

@@ -5,6 +5,10 @@ use callbridge_control::config::Config;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::from_env_or_exit();
+    if let Err(err) = callbridge_telemetry::check_env() {
+        eprintln!("callbridge-control: invalid configuration: {err}");
+        std::process::exit(callbridge_control::config::EXIT_CONFIG);
+    }
     let telemetry = callbridge_telemetry::init(callbridge_telemetry::Options {
         service_name: "callbridge-control",
         filter: &config.log,

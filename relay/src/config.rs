@@ -5,8 +5,10 @@
 //! |---|---|---|
 //! | `RELAY_LISTEN` | HTTP/WS listen address | `0.0.0.0:8080` |
 //! | `RELAY_PUBLIC_URL` | public `https://` base URL Twilio reaches; TwiML and signatures use it | required |
-//! | `CONTROL_URL` | control plane gRPC address (`http://host:port`); unset: standalone mode | unset |
+//! | `CONTROL_URL` | control plane gRPC address: `https://host:port` (TLS) or `http://host:port` (plaintext h2c); unset: standalone mode | unset |
 //! | `RELAY_CONTROL_TOKEN` | bearer token presented to control | unset |
+//! | `CONTROL_CA_FILE` | PEM CA bundle that control's certificate must chain to (`https://` only) | unset: the webpki roots |
+//! | `CONTROL_CLIENT_CERT_FILE`, `CONTROL_CLIENT_KEY_FILE` | PEM client certificate and key presented to control (mTLS; `https://` only) | unset |
 //! | `OPENAI_API_KEY` | model API key | required |
 //! | `OPENAI_REALTIME_URL` | Realtime endpoint | `wss://api.openai.com/v1/realtime` |
 //! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
@@ -31,6 +33,7 @@
 //! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -75,9 +78,20 @@ pub struct Config {
     /// signatures. http:// is accepted for local tests (streams then use ws://).
     #[arg(long, env = "RELAY_PUBLIC_URL")]
     pub public_url: String,
-    /// Control plane gRPC address (http://host:port). Unset: standalone mode, nothing stored.
+    /// Control plane gRPC address: https://host:port (TLS) or http://host:port (plaintext
+    /// h2c). Unset: standalone mode, nothing stored.
     #[arg(long, env = "CONTROL_URL")]
     pub control_url: Option<String>,
+    /// PEM CA bundle control's certificate must chain to (https:// CONTROL_URL only).
+    /// Unset: the webpki roots (Mozilla's list, compiled in).
+    #[arg(long, env = "CONTROL_CA_FILE")]
+    pub control_ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to control (mTLS; with CONTROL_CLIENT_KEY_FILE).
+    #[arg(long, env = "CONTROL_CLIENT_CERT_FILE")]
+    pub control_client_cert_file: Option<PathBuf>,
+    /// PEM private key of CONTROL_CLIENT_CERT_FILE.
+    #[arg(long, env = "CONTROL_CLIENT_KEY_FILE")]
+    pub control_client_key_file: Option<PathBuf>,
     /// Bearer token presented to the control plane.
     #[arg(long, env = "RELAY_CONTROL_TOKEN", hide_env_values = true)]
     pub control_token: Option<Secret>,
@@ -194,6 +208,9 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_url: public_url.trim_end_matches('/').to_owned(),
             control_url: None,
+            control_ca_file: None,
+            control_client_cert_file: None,
+            control_client_key_file: None,
             control_token: None,
             openai_api_key: Secret::new("sk-test"),
             openai_realtime_url: realtime_url.to_owned(),
@@ -301,6 +318,7 @@ impl Config {
         {
             self.relay_id = None;
         }
+        crate::control_tls::check(&self)?;
         Ok(self)
     }
 

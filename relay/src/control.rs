@@ -79,11 +79,16 @@ pub struct AttachStream {
 
 impl Control {
     /// A lazily connecting client for `config.control_url` (None in standalone mode).
-    pub fn from_config(config: &Config) -> Result<Option<Self>, tonic::transport::Error> {
+    pub fn from_config(config: &Config) -> Result<Option<Self>, crate::RelayError> {
         let Some(url) = &config.control_url else {
             return Ok(None);
         };
-        let endpoint = Endpoint::from_shared(url.clone())?
+        let mut endpoint = Endpoint::from_shared(url.clone())?;
+        // Config validation allows only http:// and https://; https is never dialled plain.
+        if url.starts_with("https://") {
+            endpoint = endpoint.tls_config(crate::control_tls::client_config(config)?)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(config.connect_timeout())
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

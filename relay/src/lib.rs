@@ -23,6 +23,7 @@ pub mod call;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod control_tls;
 pub mod http;
 pub mod metrics;
 pub mod realtime;
@@ -52,6 +53,9 @@ pub enum RelayError {
     /// `CONTROL_URL` is not a usable endpoint.
     #[error("CONTROL_URL: {0}")]
     ControlUrl(#[from] tonic::transport::Error),
+    /// The TLS files towards control cannot be used (they could when the config was read).
+    #[error(transparent)]
+    ControlTls(#[from] control_tls::ControlTlsError),
 }
 
 /// Sets `TCP_NODELAY` on the listening socket, which Linux copies to every accepted one

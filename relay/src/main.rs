@@ -21,6 +21,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    if let Err(e) = callbridge_telemetry::check_env() {
+        eprintln!("callbridge-relay: invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     // tokio-tungstenite's rustls needs a process-wide crypto provider for wss://.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

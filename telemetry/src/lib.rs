@@ -22,8 +22,12 @@ pub use crate::secret::Secret;
 /// through clap), for the end of their `--help`.
 pub const ENV_HELP: &str = "\
 Trace export (OpenTelemetry, read from the environment):
-  OTEL_EXPORTER_OTLP_ENDPOINT  OTLP/gRPC collector, e.g. http://collector:4317 (plaintext);
-                               when set, tracing spans are exported [default: unset, no export]
+  OTEL_EXPORTER_OTLP_ENDPOINT  OTLP/gRPC collector: https://collector:4317 (TLS) or
+                               http://collector:4317 (plaintext); when set, tracing spans are
+                               exported; any other scheme exits 64 [default: unset, no export]
+  OTEL_EXPORTER_OTLP_CERTIFICATE
+                               PEM CA bundle the collector's certificate must chain to
+                               (https:// only) [default: the webpki roots]
   OTEL_SERVICE_NAME            service.name of the exported spans [default: the binary's name]
   OTEL_TRACES_SAMPLER, OTEL_BSP_*, OTEL_RESOURCE_ATTRIBUTES
                                the standard OpenTelemetry sampler, batch and resource settings";
@@ -148,17 +152,86 @@ fn service_name(default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
-fn build_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider, String> {
-    // Built without TLS (collectors run beside the service); an https endpoint would fail
-    // every export silently, so refuse it here where the log says why.
-    if !endpoint.starts_with("http://") {
-        return Err("only plaintext http:// OTLP/gRPC endpoints are supported".to_owned());
+/// An OTLP setting the binary cannot honour; names the variable (the binaries exit 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct OtlpConfigError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The CA bundle for an `https://` collector, from the standard variable; empty counts as unset.
+fn otlp_ca_file() -> Option<String> {
+    std::env::var("OTEL_EXPORTER_OTLP_CERTIFICATE")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Checks the OTLP variables before anything starts: an endpoint is `https://` (TLS) or
+/// `http://` (plaintext), and a CA file goes with `https://` and can be read. A scheme
+/// the exporter cannot honour would otherwise fail every export with only a log line.
+pub fn check_env() -> Result<(), OtlpConfigError> {
+    check(otlp_endpoint().as_deref(), otlp_ca_file().as_deref()).map(|_| ())
+}
+
+/// The TLS settings for `endpoint` (`None`: plaintext).
+fn check(
+    endpoint: Option<&str>,
+    ca_file: Option<&str>,
+) -> Result<Option<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig>, OtlpConfigError> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+    let bad = |var, reason: String| OtlpConfigError { var, reason };
+    let https = match endpoint {
+        None => false,
+        Some(e) if e.starts_with("https://") => true,
+        Some(e) if e.starts_with("http://") => false,
+        Some(_) => {
+            return Err(bad(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "must start with https:// (TLS) or http:// (plaintext)".to_owned(),
+            ));
+        }
+    };
+    match (https, ca_file) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(bad(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            "only used with an https:// OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+        )),
+        (true, None) => Ok(Some(ClientTlsConfig::new().with_webpki_roots())),
+        (true, Some(path)) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                bad(
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                    format!("cannot read {path}: {e}"),
+                )
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(bad(
+                    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                    format!("{path} holds no PEM certificate"),
+                ));
+            }
+            Ok(Some(
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            ))
+        }
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+}
+
+fn build_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithTonicConfig as _;
+    let tls = check(Some(endpoint), otlp_ca_file().as_deref()).map_err(|e| e.to_string())?;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint)
-        .build()
-        .map_err(|e| e.to_string())?;
+        .with_endpoint(endpoint);
+    if let Some(tls) = tls {
+        builder = builder.with_tls_config(tls);
+    }
+    let exporter = builder.build().map_err(|e| e.to_string())?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name.to_owned())
         .build();
@@ -166,4 +239,22 @@ fn build_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvide
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_schemes_are_https_or_http_and_anything_else_names_the_variable() {
+        assert!(check(None, None).expect("unset").is_none());
+        assert!(check(Some("http://c:4317"), None).expect("plain").is_none());
+        assert!(check(Some("https://c:4317"), None).expect("tls").is_some());
+        let err = check(Some("grpc://c:4317"), None).expect_err("scheme");
+        assert_eq!(err.var, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let err = check(Some("http://c:4317"), Some("/ca.pem")).expect_err("CA with http");
+        assert_eq!(err.var, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+        let err = check(Some("https://c:4317"), Some("/nonexistent/ca.pem")).expect_err("no file");
+        assert_eq!(err.var, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+    }
 }

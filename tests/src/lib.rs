@@ -17,12 +17,13 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
+use callbridge_testkit::pki::{PemPair, TestCa, Usage};
 use callbridge_testkit::procs::{Proc, free_addr};
-use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_testkit::sim_caller::{CallerConfig, LoadBalancer};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 pub mod bench;
 pub mod scenario;
@@ -79,6 +80,78 @@ pub struct WorldBuilder {
     control_env: Vec<(String, String)>,
     relay_env: Vec<(String, String)>,
     redis_tcp: bool,
+    tls: bool,
+}
+
+/// The certificates of a world with TLS on every hop (see [`WorldBuilder::tls`]).
+pub struct WorldTls {
+    /// The CA that issued every certificate below.
+    pub ca: TestCa,
+    /// Control's gRPC certificate, at the fixed paths control reads (replace the contents
+    /// to rotate it).
+    pub control: PemPair,
+    /// The client certificate of the relays and of the test's own clients.
+    pub client: PemPair,
+    /// Redis's server certificate.
+    pub redis_server: PemPair,
+    /// Control's client certificate towards Redis.
+    pub redis_client: PemPair,
+}
+
+impl WorldTls {
+    /// A fresh CA and its certificates.
+    pub fn generate() -> anyhow::Result<Self> {
+        let ca = TestCa::new("world")?;
+        let control = ca.mounted(&ca.issue("control", Usage::Server)?, "control")?;
+        Ok(Self {
+            client: ca.issue("relay", Usage::Client)?,
+            redis_server: ca.issue("redis", Usage::Server)?,
+            redis_client: ca.issue("control-to-redis", Usage::Client)?,
+            control,
+            ca,
+        })
+    }
+
+    /// A client TLS config trusting the CA and presenting `identity` (if any).
+    pub fn client_config(&self, identity: Option<&PemPair>) -> ClientTlsConfig {
+        let ca = std::fs::read(self.ca.ca_file()).expect("CA file");
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(pair) = identity {
+            let cert = std::fs::read(&pair.cert).expect("cert file");
+            let key = std::fs::read(&pair.key).expect("key file");
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+
+    /// Control's environment for TLS on gRPC (mTLS) and towards Redis (mTLS).
+    pub fn control_env(&self) -> Vec<(String, String)> {
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        vec![
+            ("CONTROL_TLS_CERT_FILE".to_owned(), path(&self.control.cert)),
+            ("CONTROL_TLS_KEY_FILE".to_owned(), path(&self.control.key)),
+            (
+                "CONTROL_TLS_CLIENT_CA_FILE".to_owned(),
+                path(self.ca.ca_file()),
+            ),
+            ("REDIS_CA_FILE".to_owned(), path(self.ca.ca_file())),
+            ("REDIS_CERT_FILE".to_owned(), path(&self.redis_client.cert)),
+            ("REDIS_KEY_FILE".to_owned(), path(&self.redis_client.key)),
+        ]
+    }
+
+    /// A relay's environment for mTLS towards control.
+    pub fn relay_env(&self) -> Vec<(String, String)> {
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        vec![
+            ("CONTROL_CA_FILE".to_owned(), path(self.ca.ca_file())),
+            (
+                "CONTROL_CLIENT_CERT_FILE".to_owned(),
+                path(&self.client.cert),
+            ),
+            ("CONTROL_CLIENT_KEY_FILE".to_owned(), path(&self.client.key)),
+        ]
+    }
 }
 
 /// Everything an end-to-end test needs, all on loopback; dropped = all stopped.
@@ -89,6 +162,9 @@ pub struct World {
     pub redis: RedisServer,
     pub fake: FakeRealtime,
     channel: Channel,
+    /// The certificates, when built with [`WorldBuilder::tls`] (dropped last: the
+    /// processes read their files).
+    pub tls: Option<WorldTls>,
 }
 
 impl World {
@@ -101,7 +177,14 @@ impl World {
             control_env: Vec::new(),
             relay_env: Vec::new(),
             redis_tcp: false,
+            tls: false,
         }
+    }
+
+    /// The URL of control's gRPC API (`https://` in a TLS world).
+    pub fn control_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.control.addr)
     }
 
     /// The `Agents` API as an application.
@@ -258,8 +341,9 @@ impl World {
     /// Restarts control (same address, same Redis) and waits until it serves.
     pub async fn restart_control(&mut self) {
         self.control.restart().expect("control restarts");
+        let tls = self.tls.as_ref().map(|t| t.client_config(Some(&t.client)));
         self.control
-            .wait_grpc_serving(READY)
+            .wait_grpc_serving_tls(tls, READY)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -297,12 +381,28 @@ impl WorldBuilder {
         self
     }
 
+    /// TLS on every hop: Redis on `rediss://` with client certificates, control's gRPC
+    /// over TLS asking for client certificates, the relays and the test's clients on
+    /// `https://` presenting one. Certificates come from a fresh test CA.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Starts Redis, control, the fake model and the relays; waits until all are ready.
     pub async fn start(self) -> World {
-        let redis = if self.redis_tcp {
-            RedisServer::tcp()
-        } else {
-            RedisServer::unix()
+        let tls = self
+            .tls
+            .then(|| WorldTls::generate().expect("test certificates"));
+        let redis = match &tls {
+            Some(tls) => RedisServer::tls(&RedisTls {
+                cert: tls.redis_server.cert.clone(),
+                key: tls.redis_server.key.clone(),
+                client_ca: tls.ca.ca_file().to_owned(),
+                require_client_cert: true,
+            }),
+            None if self.redis_tcp => RedisServer::tcp(),
+            None => RedisServer::unix(),
         }
         .expect("redis-server starts");
         let fake = self.fake.start().await.expect("fake realtime starts");
@@ -316,20 +416,28 @@ impl WorldBuilder {
             ("RELAY_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
             ("CONTROL_LOG".to_owned(), "info".to_owned()),
         ];
+        if let Some(tls) = &tls {
+            control_env.extend(tls.control_env());
+        }
         control_env.extend(self.control_env);
         let mut control =
             Proc::spawn("callbridge-control", control_env, control_addr).expect("control spawns");
+        let client_tls = tls.as_ref().map(|t| t.client_config(Some(&t.client)));
         control
-            .wait_grpc_serving(READY)
+            .wait_grpc_serving_tls(client_tls.clone(), READY)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
+        let control_url = match &tls {
+            Some(_) => format!("https://{control_addr}"),
+            None => format!("http://{control_addr}"),
+        };
         let mut relays = Vec::new();
         for n in 0..self.relays {
             let addr = free_addr().expect("a free port");
             let mut env = vec![
                 ("RELAY_LISTEN".to_owned(), addr.to_string()),
                 ("RELAY_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
-                ("CONTROL_URL".to_owned(), format!("http://{control_addr}")),
+                ("CONTROL_URL".to_owned(), control_url.clone()),
                 ("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()),
                 ("OPENAI_API_KEY".to_owned(), OPENAI_KEY.to_owned()),
                 ("OPENAI_REALTIME_URL".to_owned(), fake.url()),
@@ -344,6 +452,9 @@ impl WorldBuilder {
                     "true".to_owned(),
                 ));
             }
+            if let Some(tls) = &tls {
+                env.extend(tls.relay_env());
+            }
             env.extend(self.relay_env.iter().cloned());
             let mut relay = Proc::spawn("callbridge-relay", env, addr).expect("relay spawns");
             relay
@@ -352,21 +463,20 @@ impl WorldBuilder {
                 .unwrap_or_else(|e| panic!("{e}"));
             relays.push(relay);
         }
-        let channel = with_timeout(
-            RPC,
-            "connect to control",
-            tonic::transport::Endpoint::from_shared(format!("http://{control_addr}"))
-                .expect("valid url")
-                .connect(),
-        )
-        .await
-        .expect("control reachable");
+        let mut endpoint = tonic::transport::Endpoint::from_shared(control_url).expect("valid url");
+        if let Some(client_tls) = client_tls {
+            endpoint = endpoint.tls_config(client_tls).expect("tls config");
+        }
+        let channel = with_timeout(RPC, "connect to control", endpoint.connect())
+            .await
+            .expect("control reachable");
         World {
             relays,
             control,
             redis,
             fake,
             channel,
+            tls,
         }
     }
 }

@@ -21,6 +21,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::RedisTlsFiles;
+
 use super::keys;
 use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
@@ -419,9 +421,31 @@ impl RedisStore {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
+        Self::connect_tls(target, None, retention, hub, replica_id, tracker, shutdown).await
+    }
+
+    /// [`RedisStore::connect`] with a CA and client certificate for `rediss://` URLs (read
+    /// from their files now, so every later reconnection uses the same ones).
+    pub async fn connect_tls(
+        target: &RedisTarget,
+        tls: Option<&RedisTlsFiles>,
+        retention: Duration,
+        hub: Arc<Hub>,
+        replica_id: &str,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let certs = match tls {
+            Some(files) => Some(files.read().map_err(|e| {
+                let e =
+                    std::io::Error::new(e.kind(), format!("cannot read the Redis TLS files: {e}"));
+                StoreError::from(redis::RedisError::from(e))
+            })?),
+            None => None,
+        };
         let (conn, pubsub_urls) = match target {
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(nodelay(url)?)?;
+                let client = client(url, certs.as_ref())?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -431,8 +455,7 @@ impl RedisStore {
                 (Conn::Single(manager), vec![url.clone()])
             }
             RedisTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+                let client = cluster_builder(nodes, certs.as_ref())
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .build()?;
@@ -449,7 +472,7 @@ impl RedisStore {
         match target {
             RedisTarget::Single(_) => {
                 let channels = vec![keys::events_channel(), commands];
-                tracker.spawn(run_subscriber(pubsub_urls, channels, hub, shutdown));
+                tracker.spawn(run_subscriber(pubsub_urls, certs, channels, hub, shutdown));
             }
             RedisTarget::Cluster(nodes) => {
                 // Events: PUBLISH is broadcast to the whole cluster, so a subscriber on
@@ -457,10 +480,10 @@ impl RedisStore {
                 // owning the channel's slot only, and its receiver count (which tells
                 // SendCommand whether the holding replica listens) counts that node's
                 // subscribers, so the command channel is subscribed there (SSUBSCRIBE).
-                let sub = subscribe_sharded(nodes, &commands, hub.clone()).await?;
+                let sub = subscribe_sharded(nodes, certs.as_ref(), &commands, hub.clone()).await?;
                 tracker.spawn(keep_sharded_subscription(sub, commands, shutdown.clone()));
                 let channels = vec![keys::events_channel()];
-                tracker.spawn(run_subscriber(pubsub_urls, channels, hub, shutdown));
+                tracker.spawn(run_subscriber(pubsub_urls, certs, channels, hub, shutdown));
             }
         }
         Ok(store)
@@ -485,6 +508,30 @@ fn nodelay(url: &str) -> Result<redis::ConnectionInfo, StoreError> {
     Ok(info.set_tcp_settings(tcp))
 }
 
+/// A client for `url`, with `certs` when it is a `rediss://` URL.
+fn client(url: &str, certs: Option<&redis::TlsCertificates>) -> Result<redis::Client, StoreError> {
+    let info = nodelay(url)?;
+    Ok(match certs {
+        Some(certs) if url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(info, certs.clone())?
+        }
+        _ => redis::Client::open(info)?,
+    })
+}
+
+/// A cluster client builder for `nodes` with TCP_NODELAY and `certs`, if any.
+fn cluster_builder(
+    nodes: &[String],
+    certs: Option<&redis::TlsCertificates>,
+) -> redis::cluster::ClusterClientBuilder {
+    let builder = redis::cluster::ClusterClient::builder(nodes.to_vec())
+        .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    match certs {
+        Some(certs) => builder.certs(certs.clone()),
+        None => builder,
+    }
+}
+
 /// How often the sharded command subscription is renewed. The cluster connection
 /// resubscribes by itself after a disconnection or a slot-map change it notices; renewing
 /// makes it notice a move of the channel's slot (the renewal is redirected) even when
@@ -495,6 +542,7 @@ const SHARDED_RENEW: Duration = Duration::from_secs(2);
 /// slot; its messages are decoded and dispatched to `hub` as commands.
 async fn subscribe_sharded(
     nodes: &[String],
+    certs: Option<&redis::TlsCertificates>,
     channel: &str,
     hub: Arc<Hub>,
 ) -> Result<redis::cluster_async::ClusterConnection, StoreError> {
@@ -509,8 +557,7 @@ async fn subscribe_sharded(
         }
         Ok(())
     };
-    let client = redis::cluster::ClusterClient::builder(nodes.to_vec())
-        .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+    let client = cluster_builder(nodes, certs)
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
         .use_protocol(redis::ProtocolVersion::RESP3)
@@ -548,13 +595,14 @@ async fn keep_sharded_subscription(
 /// recovered by watchers' catch-up reads.
 async fn run_subscriber(
     urls: Vec<String>,
+    certs: Option<redis::TlsCertificates>,
     channels: Vec<String>,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) {
     let clients = match urls
         .iter()
-        .map(|url| nodelay(url).and_then(|info| Ok(redis::Client::open(info)?)))
+        .map(|url| client(url, certs.as_ref()))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(c) if !c.is_empty() => c,

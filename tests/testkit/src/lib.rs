@@ -11,6 +11,7 @@
 //! - [`twiml`]: a small TwiML reader for what the relay answers.
 //! - [`audio`]: μ-law tone/silence generation and the fake's speech test.
 //! - [`http`]: a minimal HTTP/1.1 client (forms with a chosen `Host`).
+//! - [`pki`]: a throwaway CA issuing server/client certificates (rcgen) as PEM files.
 //! - [`procs`]: spawns the real `callbridge-control` / `callbridge-relay` binaries.
 //! - [`redis_server`]: a throwaway `redis-server` (unix socket or loopback port), killed on drop.
 //! - [`redis_cluster`]: a throwaway multi-master Redis Cluster on loopback, killed on drop.
@@ -20,6 +21,7 @@ pub mod conversation;
 pub mod fake_realtime;
 pub mod fake_twilio_rest;
 pub mod http;
+pub mod pki;
 pub mod procs;
 pub mod redis_cluster;
 pub mod redis_server;

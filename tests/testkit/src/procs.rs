@@ -177,12 +177,27 @@ impl Proc {
 
     /// Waits until gRPC health says SERVING (control; NOT_SERVING while Redis is down).
     pub async fn wait_grpc_serving(&mut self, limit: Duration) -> Result<(), String> {
+        self.wait_grpc_serving_tls(None, limit).await
+    }
+
+    /// [`Proc::wait_grpc_serving`] over TLS (`https://`) when `tls` is given.
+    pub async fn wait_grpc_serving_tls(
+        &mut self,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+        limit: Duration,
+    ) -> Result<(), String> {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let deadline = tokio::time::Instant::now() + limit;
-        let url = format!("http://{}", self.addr);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", self.addr);
         loop {
-            let last = match tonic::transport::Endpoint::from_shared(url.clone()) {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(url.clone()).and_then(|ep| match &tls {
+                    Some(tls) => ep.tls_config(tls.clone()),
+                    None => Ok(ep),
+                });
+            let last = match endpoint {
                 Err(e) => return Err(format!("bad url {url}: {e}")),
                 Ok(ep) => match ep.connect_timeout(Duration::from_secs(1)).connect().await {
                     Err(e) => format!("connect: {e}"),

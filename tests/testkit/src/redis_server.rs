@@ -16,6 +16,25 @@ use std::time::{Duration, Instant};
 enum Endpoint {
     Unix(PathBuf),
     Tcp(u16),
+    /// A TLS port for the system under test, and a plaintext one (loopback only) for the
+    /// kit's readiness check and for admin commands such as a certificate swap.
+    Tls {
+        plain: u16,
+        tls: u16,
+    },
+}
+
+/// TLS files of a [`RedisServer::tls`] server.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    /// Server certificate (PEM).
+    pub cert: PathBuf,
+    /// Server key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Whether clients must present a certificate.
+    pub require_client_cert: bool,
 }
 
 /// A running `redis-server` child process.
@@ -68,6 +87,51 @@ impl RedisServer {
         Self::start(dir, Endpoint::Tcp(port), extra_args)
     }
 
+    /// Starts a server whose clients speak TLS on [`RedisServer::url`] (`rediss://`), with
+    /// the Debian build's own TLS support (built against OpenSSL; the system under test
+    /// uses rustls).
+    pub fn tls(tls: &RedisTls) -> std::io::Result<Self> {
+        let dir = temp_dir("cb-redis-tls")?;
+        let endpoint = Endpoint::Tls {
+            plain: free_port()?,
+            tls: free_port()?,
+        };
+        let auth = if tls.require_client_cert { "yes" } else { "no" };
+        let args = [
+            "--tls-cert-file",
+            &tls.cert.to_string_lossy(),
+            "--tls-key-file",
+            &tls.key.to_string_lossy(),
+            "--tls-ca-cert-file",
+            &tls.client_ca.to_string_lossy(),
+            "--tls-auth-clients",
+            auth,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Self::start(dir, endpoint, args)
+    }
+
+    /// Runs one command on the plaintext admin port (TLS servers and TCP servers), e.g.
+    /// `CONFIG SET tls-cert-file …`; returns the first line of the answer.
+    pub fn admin(&self, args: &[&str]) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        let port = match self.endpoint {
+            Endpoint::Tcp(p) | Endpoint::Tls { plain: p, .. } => p,
+            Endpoint::Unix(_) => return Err(std::io::Error::other("no TCP admin port")),
+        };
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(cmd.as_bytes())?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        Ok(line.trim_end().to_owned())
+    }
+
     fn start(dir: PathBuf, endpoint: Endpoint, extra_args: Vec<String>) -> std::io::Result<Self> {
         let mut server = Self {
             dir,
@@ -93,6 +157,10 @@ impl RedisServer {
             }
             Endpoint::Tcp(port) => {
                 cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+            }
+            Endpoint::Tls { plain, tls } => {
+                cmd.args(["--port", &plain.to_string(), "--bind", "127.0.0.1"]);
+                cmd.args(["--tls-port", &tls.to_string()]);
             }
         }
         cmd.args(&self.extra_args);
@@ -143,9 +211,11 @@ impl RedisServer {
             Endpoint::Unix(sock) => std::os::unix::net::UnixStream::connect(sock)
                 .map(exchange)
                 .unwrap_or(false),
-            Endpoint::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port))
-                .map(exchange)
-                .unwrap_or(false),
+            Endpoint::Tcp(port) | Endpoint::Tls { plain: port, .. } => {
+                std::net::TcpStream::connect(("127.0.0.1", *port))
+                    .map(exchange)
+                    .unwrap_or(false)
+            }
         }
     }
 
@@ -154,13 +224,14 @@ impl RedisServer {
         match &self.endpoint {
             Endpoint::Unix(sock) => format!("redis+unix://{}", sock.display()),
             Endpoint::Tcp(port) => format!("redis://127.0.0.1:{port}"),
+            Endpoint::Tls { tls, .. } => format!("rediss://127.0.0.1:{tls}"),
         }
     }
 
-    /// The TCP port, for TCP servers.
+    /// The TCP port, for TCP servers (the TLS one for TLS servers).
     pub fn port(&self) -> Option<u16> {
         match self.endpoint {
-            Endpoint::Tcp(port) => Some(port),
+            Endpoint::Tcp(port) | Endpoint::Tls { tls: port, .. } => Some(port),
             Endpoint::Unix(_) => None,
         }
     }
