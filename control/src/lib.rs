@@ -29,8 +29,8 @@ pub mod hub;
 pub mod metrics;
 mod service;
 pub mod store;
-pub mod twilio_rest;
 pub mod tls;
+pub mod twilio_rest;
 pub mod validate;
 
 use std::future::Future;
