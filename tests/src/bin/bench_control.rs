@@ -21,18 +21,18 @@
 //! Prints a table and writes a JSON file (`--out`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use callbridge_proto::pb;
 use callbridge_testkit::procs::{Proc, env, free_addr};
-use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_tests::bench::{
     clock_ticks_per_sec, create_calls, json_f64 as f, load_average, machine, parse_key_value,
     percentile, process_cpu_ms, self_cpu_ms,
 };
-use callbridge_tests::{Bearer, CallsClient};
+use callbridge_tests::{Bearer, CallsClient, WorldTls};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -96,6 +96,11 @@ struct Args {
     /// Where to write the JSON result.
     #[arg(long, default_value = "bench-results/control.json")]
     out: PathBuf,
+    /// TLS on both of control's hops: Redis on `rediss://` with a client certificate, and
+    /// gRPC over TLS with client certificates (mTLS), from a CA generated for the run.
+    /// redis-cli and redis-benchmark use Redis's plaintext loopback port.
+    #[arg(long)]
+    tls: bool,
 }
 
 type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, Bearer>>;
@@ -103,7 +108,10 @@ type RelayClient = pb::relay_client::RelayClient<InterceptedService<Channel, Bea
 /// The system under test: one control process on its own Redis.
 struct Bench {
     redis: RedisServer,
-    redis_sock: PathBuf,
+    /// How redis-cli and redis-benchmark reach the server (`-s SOCK` or `-h … -p …`).
+    redis_cli_target: Vec<String>,
+    /// The certificates of a `--tls` run (kept for as long as control reads them).
+    _tls: Option<WorldTls>,
     control: Proc,
     control_pid: u32,
     channels: Vec<Channel>,
@@ -114,8 +122,39 @@ struct Bench {
 
 impl Bench {
     async fn start(args: &Args) -> anyhow::Result<Self> {
-        let redis = RedisServer::unix().context("starting redis-server")?;
-        let redis_sock = redis.dir().join("redis.sock");
+        let tls = if args.tls {
+            Some(WorldTls::generate().context("test certificates")?)
+        } else {
+            None
+        };
+        let (redis, redis_cli_target) = match &tls {
+            Some(tls) => {
+                let redis = RedisServer::tls(&RedisTls {
+                    cert: tls.redis_server.cert.clone(),
+                    key: tls.redis_server.key.clone(),
+                    client_ca: tls.ca.ca_file().to_owned(),
+                    require_client_cert: true,
+                })
+                .context("starting redis-server with TLS")?;
+                let port = redis.admin_port().context("admin port")?;
+                let target = vec![
+                    "-h".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "-p".to_owned(),
+                    port.to_string(),
+                ];
+                (redis, target)
+            }
+            None => {
+                let redis = RedisServer::unix().context("starting redis-server")?;
+                let sock = redis
+                    .dir()
+                    .join("redis.sock")
+                    .to_string_lossy()
+                    .into_owned();
+                (redis, vec!["-s".to_owned(), sock])
+            }
+        };
         let addr = free_addr()?;
         let redis_url = redis.url();
         let mut control_env = env([
@@ -129,24 +168,33 @@ impl Bench {
             ("CONTROL_METRICS_LISTEN", ""),
             ("CONTROL_LOG", "warn"),
         ]);
+        if let Some(tls) = &tls {
+            control_env.extend(tls.control_env());
+        }
         control_env.extend(args.control_env.iter().cloned());
         // Found in CALLBRIDGE_BIN_DIR or next to this binary (target/release).
         let mut control = Proc::spawn("callbridge-control", control_env, addr)
             .context("starting callbridge-control (scripts/bench-control.sh builds it)")?;
+        let client_tls = tls.as_ref().map(|t| t.client_config(Some(&t.client)));
         control
-            .wait_grpc_serving(Duration::from_secs(30))
+            .wait_grpc_serving_tls(client_tls.clone(), Duration::from_secs(30))
             .await
             .map_err(|e| anyhow!("control not serving: {e}"))?;
         let control_pid = control.pid().context("control has a pid")?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
+        if let Some(client_tls) = client_tls {
+            endpoint = endpoint.tls_config(client_tls)?;
+        }
         let channels = (0..args.connections.max(1))
             .map(|_| endpoint.connect_lazy())
             .collect();
         Ok(Self {
             redis,
-            redis_sock,
+            redis_cli_target,
+            _tls: tls,
             control,
             control_pid,
             channels,
@@ -227,8 +275,7 @@ impl Bench {
         let out = timeout(
             STEP,
             Command::new("redis-cli")
-                .arg("-s")
-                .arg(&self.redis_sock)
+                .args(&self.redis_cli_target)
                 .args(args)
                 .kill_on_drop(true)
                 .output(),
@@ -585,6 +632,7 @@ async fn throughput_level(
     Ok(json!({
         "calls": calls,
         "events": events,
+        "tls": args.tls,
         "window": args.window,
         "seconds": secs,
         "events_per_sec": rate,
@@ -786,7 +834,7 @@ async fn watch_run(bench: &Bench, args: &Args, agent: &str) -> anyhow::Result<Va
 
 /// `redis-benchmark` XADD against the same server: the floor control stands on.
 async fn redis_benchmark(
-    sock: &Path,
+    target: &[String],
     requests: u64,
     clients: u32,
     pipeline: u32,
@@ -794,8 +842,7 @@ async fn redis_benchmark(
     let out = timeout(
         Duration::from_secs(120),
         Command::new("redis-benchmark")
-            .arg("-s")
-            .arg(sock)
+            .args(target)
             .args(["-n", &requests.to_string(), "-c", &clients.to_string()])
             .args(["-P", &pipeline.to_string(), "-q"])
             .args(["XADD", "redisbench", "*", "f", "v"])
@@ -1026,7 +1073,13 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
     let mut redis_bench = Vec::new();
     for (clients, pipeline) in [(50, 1), (50, 16)] {
         redis_bench.push(
-            redis_benchmark(&bench.redis_sock, args.redis_requests, clients, pipeline).await?,
+            redis_benchmark(
+                &bench.redis_cli_target,
+                args.redis_requests,
+                clients,
+                pipeline,
+            )
+            .await?,
         );
     }
 

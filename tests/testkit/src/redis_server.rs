@@ -236,6 +236,14 @@ impl RedisServer {
         }
     }
 
+    /// The plaintext loopback port of a TLS or TCP server (for redis-cli and the like).
+    pub fn admin_port(&self) -> Option<u16> {
+        match self.endpoint {
+            Endpoint::Tcp(p) | Endpoint::Tls { plain: p, .. } => Some(p),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
     /// The server's working directory.
     pub fn dir(&self) -> &Path {
         &self.dir
