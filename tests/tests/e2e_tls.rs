@@ -215,21 +215,27 @@ async fn bad_certificates_and_plaintext_get_unavailable_naming_tls_and_nothing_c
     // A refused client certificate reaches a TLS 1.3 client only as a closed connection
     // (its side of the handshake was already done), so control logs every refusal with
     // the peer and the reason; one line per case.
-    let log = world.control.log_text();
-    let refusals = log
-        .lines()
-        .filter(|l| l.contains("TLS handshake failed"))
-        .count();
-    assert!(refusals >= total, "{refusals} refusals logged:\n{log}");
-    for reason in [
+    // The client may see its error before control has written the line: wait for them.
+    let reasons = [
         "UnknownCA",
         "UnknownIssuer",
         "certificate expired",
         "peer sent no certificates",
         "InvalidContentType",
-    ] {
-        assert!(log.contains(reason), "control logs {reason}:\n{log}");
-    }
+    ];
+    let all_logged = || {
+        let log = world.control.log_text();
+        let refusals = log
+            .lines()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .count();
+        refusals >= total && reasons.iter().all(|r| log.contains(r))
+    };
+    assert!(
+        callbridge_testkit::eventually(WAIT, all_logged).await,
+        "one refusal per case, each with its reason ({reasons:?}):\n{}",
+        world.control.log_text()
+    );
     assert!(world.control.is_running());
     wait_health(&world, ServingStatus::Serving).await;
 }
@@ -386,12 +392,13 @@ async fn a_rotated_certificate_is_presented_to_new_connections_while_20_calls_go
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
+    let reloaded = || {
         world
             .control
             .log_text()
             .contains("TLS certificate reloaded")
-    );
+    };
+    assert!(callbridge_testkit::eventually(WAIT, reloaded).await);
     // A new client connection (the test's, with the relay's certificate) works on it.
     wait_health(&world, ServingStatus::Serving).await;
 
