@@ -983,7 +983,9 @@ fn print_report(report: &Value) {
         );
     }
     println!();
-    println!("redis-benchmark XADD on the same server (unix socket)");
+    println!(
+        "redis-benchmark XADD on the same server (unix socket; its plaintext loopback port with --tls)"
+    );
     for r in report["redis_benchmark"].as_array().into_iter().flatten() {
         println!(
             "  {:>3} clients, pipeline {:>2}: {:>10.0} XADD/s",

@@ -41,15 +41,15 @@ use base64::engine::general_purpose::STANDARD as B64;
 use callbridge_proto::pb;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::procs::{Proc, env, free_addr};
-use callbridge_testkit::redis_server::RedisServer;
+use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
-use callbridge_tests::Bearer;
 use callbridge_tests::bench::{
     children_named, clock_ticks_per_sec, cpus_allowed, create_calls, json_f64 as f, json_u64 as u,
     load_average, machine, parse_cpu_list, parse_key_value, percentile, pin_process,
     process_cpu_ms, rss_kib, thread_cpu_ms,
 };
+use callbridge_tests::{Bearer, WorldTls};
 use clap::Parser;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -135,6 +135,11 @@ struct Args {
     /// stops), so every call keeps its whole resend window, as during a real utterance.
     #[arg(long)]
     speaking: bool,
+    /// Production path with TLS on every internal hop: Redis on `rediss://` with a client
+    /// certificate, control's gRPC over TLS with client certificates, the relay on an
+    /// `https://` CONTROL_URL presenting one (certificates from a CA generated for the run).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,32 +227,49 @@ fn main() -> anyhow::Result<()> {
 /// Control + Redis for the production path; kept for the whole run.
 struct ControlSide {
     _redis: RedisServer,
+    /// The certificates of a `--tls` run (kept while the processes read them).
+    tls: Option<WorldTls>,
     control: Proc,
     agent_id: String,
     channel: tonic::transport::Channel,
 }
 
 /// Starts Redis and control (pinned to `cpus` when given).
-async fn start_control(cpus: Option<&str>) -> anyhow::Result<ControlSide> {
-    let redis = RedisServer::unix().context("starting redis-server")?;
+async fn start_control(cpus: Option<&str>, tls: bool) -> anyhow::Result<ControlSide> {
+    let tls = if tls {
+        Some(WorldTls::generate().context("test certificates")?)
+    } else {
+        None
+    };
+    let redis = match &tls {
+        Some(tls) => RedisServer::tls(&RedisTls {
+            cert: tls.redis_server.cert.clone(),
+            key: tls.redis_server.key.clone(),
+            client_ca: tls.ca.ca_file().to_owned(),
+            require_client_cert: true,
+        }),
+        None => RedisServer::unix(),
+    }
+    .context("starting redis-server")?;
     let addr = free_addr()?;
-    let mut control = Proc::spawn(
-        "callbridge-control",
-        env([
-            ("CONTROL_LISTEN", &addr.to_string()),
-            ("REDIS_URL", &redis.url()),
-            ("CONTROL_APP_TOKENS", APP_TOKEN),
-            ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
-            ("RELAY_PUBLIC_URL", "http://127.0.0.1:9"),
-            ("CONTROL_ID", "control-bench"),
-            ("CONTROL_METRICS_LISTEN", ""),
-            ("CONTROL_LOG", "warn"),
-        ]),
-        addr,
-    )
-    .context("starting callbridge-control (scripts/bench-relay.sh builds it)")?;
+    let mut control_env = env([
+        ("CONTROL_LISTEN", &addr.to_string()),
+        ("REDIS_URL", &redis.url()),
+        ("CONTROL_APP_TOKENS", APP_TOKEN),
+        ("CONTROL_RELAY_TOKENS", RELAY_TOKEN),
+        ("RELAY_PUBLIC_URL", "http://127.0.0.1:9"),
+        ("CONTROL_ID", "control-bench"),
+        ("CONTROL_METRICS_LISTEN", ""),
+        ("CONTROL_LOG", "warn"),
+    ]);
+    if let Some(tls) = &tls {
+        control_env.extend(tls.control_env());
+    }
+    let mut control = Proc::spawn("callbridge-control", control_env, addr)
+        .context("starting callbridge-control (scripts/bench-relay.sh builds it)")?;
+    let client_tls = tls.as_ref().map(|t| t.client_config(Some(&t.client)));
     control
-        .wait_grpc_serving(Duration::from_secs(30))
+        .wait_grpc_serving_tls(client_tls.clone(), Duration::from_secs(30))
         .await
         .map_err(|e| anyhow!("control not serving: {e}"))?;
     if let Some(cpus) = cpus {
@@ -257,10 +279,13 @@ async fn start_control(cpus: Option<&str>) -> anyhow::Result<ControlSide> {
             pin_process(pid, cpus).context("--relay-cpus (redis-server)")?;
         }
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?.tcp_nodelay(true);
+    if let Some(client_tls) = client_tls {
+        endpoint = endpoint.tls_config(client_tls)?;
+    }
+    let channel = endpoint.connect().await?;
     let mut agents =
         pb::agents_client::AgentsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
     let agent = timeout(
@@ -278,6 +303,7 @@ async fn start_control(cpus: Option<&str>) -> anyhow::Result<ControlSide> {
     .into_inner();
     Ok(ControlSide {
         _redis: redis,
+        tls,
         control,
         agent_id: agent.agent_id,
         channel,
@@ -304,7 +330,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let clk_tck = clock_ticks_per_sec();
     let control = if paths.contains(&Path::Production) {
-        Some(start_control(args.relay_cpus.as_deref()).await?)
+        Some(start_control(args.relay_cpus.as_deref(), args.tls).await?)
     } else {
         None
     };
@@ -424,6 +450,7 @@ async fn run(
     let doc = json!({
         "bench": "relay",
         "machine": machine,
+        "tls": args.tls,
         "pinning": pinning,
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec,
@@ -797,10 +824,14 @@ async fn start_relay(
         ("RELAY_LOG", "warn"),
     ]);
     if let Some(c) = control {
+        let scheme = if c.tls.is_some() { "https" } else { "http" };
         e.push((
             "CONTROL_URL".to_owned(),
-            format!("http://{}", c.control.addr),
+            format!("{scheme}://{}", c.control.addr),
         ));
+        if let Some(tls) = &c.tls {
+            e.extend(tls.relay_env());
+        }
         e.push(("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()));
     }
     e.extend(args.relay_env.iter().cloned());
