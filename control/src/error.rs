@@ -116,6 +116,28 @@ pub enum Error {
         /// The seq read next.
         to: u64,
     },
+    /// `CreateCall.dial` on a replica that cannot dial.
+    #[error("dial: {0}")]
+    DialingUnavailable(&'static str),
+    /// A Twilio status report names a call that belongs to another Twilio call.
+    #[error("call '{0}' belongs to another Twilio call")]
+    WrongTwilioCall(String),
+    /// Twilio refused a change to a call (e.g. 21220, not in progress).
+    #[error("Twilio refused to end call '{call_id}': {source}")]
+    TwilioRefused {
+        /// The call.
+        call_id: String,
+        /// Twilio's answer.
+        source: crate::twilio_rest::TwilioError,
+    },
+    /// Twilio could not be reached (or kept answering 429/5xx).
+    #[error("Twilio could not be asked to end call '{call_id}': {source}")]
+    TwilioUnavailable {
+        /// The call.
+        call_id: String,
+        /// What went wrong.
+        source: crate::twilio_rest::TwilioError,
+    },
     /// The attach stream's receiver went away before the call context was sent.
     #[error("attach stream closed")]
     AttachStreamClosed,
@@ -149,7 +171,11 @@ impl Error {
             | Error::AgentDeleted { .. }
             | Error::EventGap { .. }
             | Error::EventsOutOfOrder { .. }
-            | Error::AttachStreamClosed => Code::FailedPrecondition,
+            | Error::AttachStreamClosed
+            | Error::DialingUnavailable(_)
+            | Error::WrongTwilioCall(_)
+            | Error::TwilioRefused { .. } => Code::FailedPrecondition,
+            Error::TwilioUnavailable { .. } => Code::Unavailable,
             Error::VersionConflict { .. } => Code::Aborted,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(StoreError::Failed(_) | StoreError::Corrupt(_)) => Code::Internal,

@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod config;
+mod dialer;
 pub mod domain;
 pub mod error;
 pub mod hub;

@@ -287,6 +287,7 @@ async fn bad_input_is_refused_naming_the_field() {
         metadata: (0..meta)
             .map(|i| (format!("k{i}"), "v".to_owned()))
             .collect(),
+        dial: None,
     };
     for (req, field) in [
         (call("4155550123", 0), "to"),
@@ -558,6 +559,7 @@ async fn list_calls_is_newest_first_filtered_and_paged() {
                 to: format!("+1415555{i:04}"),
                 campaign_id: String::new(),
                 metadata: [("row".to_owned(), i.to_string())].into_iter().collect(),
+                dial: None,
             })
             .collect(),
     };

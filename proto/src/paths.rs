@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `POST /api/twilio/voice[?callId=]` | voice webhook |
 //! | `POST /api/twilio/after/{callId}` | `<Connect action>`: what comes after the stream |
+//! | `POST /api/twilio/status[?callId=]` | Twilio status and async AMD callbacks |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream |
 //!
@@ -23,6 +24,8 @@ pub const AFTER: &str = "after";
 pub const MEDIA_STREAM: &str = "media-stream";
 /// Last segment of the standalone media stream.
 pub const MEDIA_STREAM_SIMPLE: &str = "media-stream-simple";
+/// Last segment of the status-callback route.
+pub const STATUS: &str = "status";
 /// Query parameter of the voice webhook naming a call created beforehand (`CreateCall`).
 pub const CALL_ID_PARAM: &str = "callId";
 
@@ -48,6 +51,18 @@ pub fn ws_base(public_url: &str) -> String {
 /// The voice webhook, with `?callId=` for a call created beforehand.
 pub fn voice_webhook(base: &str, call_id: Option<&str>) -> String {
     let url = join(base, VOICE, None);
+    match call_id {
+        Some(id) => {
+            let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+            format!("{url}?{CALL_ID_PARAM}={id}")
+        }
+        None => url,
+    }
+}
+
+/// The status (and async AMD) callback URL, with `?callId=` for a call control dialled.
+pub fn status_callback(base: &str, call_id: Option<&str>) -> String {
+    let url = join(base, STATUS, None);
     match call_id {
         Some(id) => {
             let id: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();

@@ -126,6 +126,18 @@ impl Control {
         }
     }
 
+    /// `Relay.ReportTwilioStatus`.
+    pub async fn report_twilio_status(
+        &self,
+        req: pb::TwilioStatusReport,
+    ) -> Result<pb::TwilioStatusAck, ControlError> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.timeout, client.report_twilio_status(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(ControlError::Timeout(self.timeout)),
+        }
+    }
+
     /// Opens `Relay.Attach` and waits for the call context (the first reply).
     pub async fn attach(
         &self,

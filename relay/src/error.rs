@@ -200,9 +200,15 @@ impl EndKind {
             EndReason::MediaTimeout => Self::MediaTimeout,
             EndReason::Drain => Self::Drain,
             EndReason::Handoff => Self::Handoff,
-            EndReason::RelayLost | EndReason::InternalError | EndReason::Unspecified => {
-                Self::InternalError
-            }
+            // The DIAL_* reasons are control's, for calls that never reached a relay.
+            EndReason::RelayLost
+            | EndReason::InternalError
+            | EndReason::Unspecified
+            | EndReason::DialBusy
+            | EndReason::DialNoAnswer
+            | EndReason::DialFailed
+            | EndReason::DialCanceled
+            | EndReason::DialCompleted => Self::InternalError,
         }
     }
 }
@@ -223,6 +229,13 @@ pub fn reason_label(r: EndReason) -> &'static str {
         EndReason::Drain => "drain",
         EndReason::Handoff => "handoff",
         EndReason::InternalError => "internal_error",
+        // Control's reasons for dialled calls that never had a stream; a relay never
+        // ends a call with them.
+        EndReason::DialBusy
+        | EndReason::DialNoAnswer
+        | EndReason::DialFailed
+        | EndReason::DialCanceled
+        | EndReason::DialCompleted => "dial",
     }
 }
 

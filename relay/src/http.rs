@@ -75,7 +75,7 @@ fn signature_header() -> impl Filter<Extract = (Option<String>,), Error = Reject
     warp::header::optional::<String>("x-twilio-signature")
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response {
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response {
     warp::reply::with_status(body, status).into_response()
 }
 
@@ -83,7 +83,7 @@ fn xml(body: String) -> Response {
     warp::reply::with_header(body, "content-type", twiml::CONTENT_TYPE).into_response()
 }
 
-fn valid_call_id(id: &str) -> bool {
+pub(crate) fn valid_call_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_CALL_ID
         && id
@@ -92,7 +92,12 @@ fn valid_call_id(id: &str) -> bool {
 }
 
 /// Checks the Twilio signature of a request to `url` with `params`.
-fn signed(deps: &Deps, url: &str, params: &[(String, String)], sig: Option<&str>) -> bool {
+pub(crate) fn signed(
+    deps: &Deps,
+    url: &str,
+    params: &[(String, String)],
+    sig: Option<&str>,
+) -> bool {
     let cfg = &deps.call.config;
     if cfg.insecure_skip_signature {
         return true;
@@ -104,7 +109,7 @@ fn signed(deps: &Deps, url: &str, params: &[(String, String)], sig: Option<&str>
 }
 
 /// `url` with the query string as Twilio sent it (Twilio signs it as requested).
-fn with_query(url: String, raw_query: &str) -> String {
+pub(crate) fn with_query(url: String, raw_query: &str) -> String {
     if raw_query.is_empty() {
         url
     } else {
@@ -112,7 +117,7 @@ fn with_query(url: String, raw_query: &str) -> String {
     }
 }
 
-fn param<'a>(form: &'a [(String, String)], name: &str) -> &'a str {
+pub(crate) fn param<'a>(form: &'a [(String, String)], name: &str) -> &'a str {
     form.iter()
         .find(|(k, _)| k == name)
         .map_or("", |(_, v)| v.as_str())
@@ -194,7 +199,7 @@ async fn voice(
 
 /// The first value of `name` in a raw query string, decoded as a form (`+` is a space,
 /// a malformed `%` escape is kept as written).
-fn query_param(raw_query: &str, name: &str) -> Option<String> {
+pub(crate) fn query_param(raw_query: &str, name: &str) -> Option<String> {
     form_urlencoded::parse(raw_query.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -463,7 +468,9 @@ async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
 }
 
 /// `/api/twilio/{segment}` (more segments may follow), from the shared path constants.
-fn twilio_path(segment: &'static str) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+pub(crate) fn twilio_path(
+    segment: &'static str,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     let [api, twilio] = paths::PREFIX;
     warp::path(api)
         .and(warp::path(twilio))
@@ -522,6 +529,7 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and(ws_upgrade())
         .and(with_deps(deps.clone()))
         .and_then(media_stream);
+    let status = crate::status_callback::route(deps.clone());
     let simple = twilio_path(paths::MEDIA_STREAM_SIMPLE)
         .and(warp::path::end())
         .and(signature_header())
@@ -536,6 +544,8 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .or(voice)
         .unify()
         .or(after)
+        .unify()
+        .or(status)
         .unify()
         .or(simple)
         .unify()

@@ -28,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod realtime;
 pub mod signature;
+pub mod status_callback;
 pub mod twilio;
 pub mod twiml;
 

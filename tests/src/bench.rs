@@ -314,6 +314,7 @@ pub async fn create_calls(
                     to: format!("+1415556{:04}", i % 10_000),
                     campaign_id: campaign.to_owned(),
                     metadata: Default::default(),
+                    dial: None,
                 })
                 .collect(),
         };

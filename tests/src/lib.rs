@@ -507,6 +507,7 @@ pub async fn wait_call_final(client: &CallsClient, call_id: &str, limit: Duratio
                 | pb::CallStatus::Failed
                 | pb::CallStatus::NoAnswer
                 | pb::CallStatus::Canceled
+                | pb::CallStatus::Busy
         );
         if done || tokio::time::Instant::now() >= deadline {
             return call;

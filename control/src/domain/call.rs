@@ -18,7 +18,8 @@ pub fn status_rank(status: pb::CallStatus) -> i32 {
         pb::CallStatus::Completed
         | pb::CallStatus::Failed
         | pb::CallStatus::NoAnswer
-        | pb::CallStatus::Canceled => 4,
+        | pb::CallStatus::Canceled
+        | pb::CallStatus::Busy => 4,
         pb::CallStatus::Unspecified => 0,
     }
 }
@@ -64,9 +65,12 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
                 effects.handoff = true;
             } else {
                 let status = match reason {
-                    pb::EndReason::InternalError | pb::EndReason::RelayLost => {
-                        pb::CallStatus::Failed
-                    }
+                    pb::EndReason::InternalError
+                    | pb::EndReason::RelayLost
+                    | pb::EndReason::DialFailed => pb::CallStatus::Failed,
+                    pb::EndReason::DialBusy => pb::CallStatus::Busy,
+                    pb::EndReason::DialNoAnswer => pb::CallStatus::NoAnswer,
+                    pb::EndReason::DialCanceled => pb::CallStatus::Canceled,
                     _ => pb::CallStatus::Completed,
                 };
                 effects.new_status = Some(status);
@@ -152,6 +156,11 @@ pub fn call_to_pb(call: &CallRecord) -> pb::Call {
         usage: Some(usage_of(call)),
         last_seq: call.last_seq,
         transfer_to: call.transfer_to.clone(),
+        dialed: call.dialed,
+        twilio_status: call.twilio_status.clone(),
+        twilio_error_code: call.twilio_error_code,
+        twilio_error_message: call.twilio_error_message.clone(),
+        answered_by: call.answered_by.clone(),
     }
 }
 

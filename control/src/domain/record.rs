@@ -56,6 +56,17 @@ pub struct CallRecord {
     pub lease_until_ms: i64,
     /// Usage totals.
     pub usage: UsageCounters,
+    /// Control placed the call through Twilio's REST API.
+    pub dialed: bool,
+    /// Twilio's own status (`queued` … `canceled`), newest by Twilio's order.
+    pub twilio_status: String,
+    /// Highest `SequenceNumber` of the status callbacks seen.
+    pub twilio_seq: u32,
+    /// Twilio's error code / message when it refused the call.
+    pub twilio_error_code: u32,
+    pub twilio_error_message: String,
+    /// Answering-machine verdict.
+    pub answered_by: String,
 }
 
 impl CallRecord {

@@ -84,6 +84,16 @@ impl<S: CallStore> CallsApi<S> {
             }
         }
         validate::metadata(&field("metadata"), &req.metadata)?;
+        if let Some(dial) = &req.dial {
+            if !campaign_id.is_empty() {
+                return Err(Error::invalid(
+                    field("dial"),
+                    "CreateCalls only registers calls; dial them one CreateCall at a time",
+                ));
+            }
+            crate::dialer::check_dial(prefix, direction, dial)?;
+            crate::dialer::dialer(&self.0)?;
+        }
         let agent_id = if req.agent_id.is_empty() {
             if default_agent.is_none() {
                 *default_agent = Some(self.0.store.get_default_agent().await?);
@@ -113,6 +123,7 @@ impl<S: CallStore> CallsApi<S> {
             },
             created_at_ms: now,
             metadata: req.metadata.into_iter().collect(),
+            dialed: req.dial.is_some(),
             ..CallRecord::default()
         })
     }
@@ -262,12 +273,17 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "CreateCall", "", async {
-                let call = self.prepare("", req, "", &mut None, now_ms()).await?;
+                let dial = req.dial.clone();
+                let mut call = self.prepare("", req, "", &mut None, now_ms()).await?;
                 self.0
                     .store
                     .create_calls(std::slice::from_ref(&call))
                     .await?;
-                tracing::info!(call_id = %call.call_id, "Call created.");
+                tracing::info!(call_id = %call.call_id, dialed = call.dialed, "Call created.");
+                if let Some(dial) = dial {
+                    crate::dialer::place(&self.0, &call, &dial).await?;
+                    call = self.0.call(&call.call_id).await?;
+                }
                 Ok(self.response(&call))
             })
             .await
@@ -556,6 +572,16 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 }
                 let call = self.0.call(&req.call_id).await?;
                 let live = call.status == pb::CallStatus::InProgress && call.lease_held(now_ms());
+                // A call with no stream to hang up may still be ringing or connected at
+                // Twilio: end it there.
+                if !live
+                    && matches!(command.kind, Some(pb::command::Kind::Hangup(_)))
+                    && crate::dialer::hang_up(&self.0, &call).await?
+                {
+                    return Ok(pb::SendCommandResponse {
+                        command_id: command.command_id,
+                    });
+                }
                 if !live {
                     return Err(Error::CallNotLive {
                         call_id: req.call_id.clone(),

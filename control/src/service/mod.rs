@@ -37,6 +37,8 @@ pub(crate) struct Shared<S> {
     /// could not be renewed during an outage, so the sweeper waits one full lease after
     /// it before ending anything, giving live streams time to renew.
     store_failed_at_ms: AtomicI64,
+    /// Twilio's REST API, when an account is configured (calls control dials).
+    pub(crate) twilio: Option<crate::twilio_rest::TwilioRest>,
 }
 
 impl<S> Shared<S> {
@@ -49,7 +51,13 @@ impl<S> Shared<S> {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
+        let twilio = config.twilio.clone().and_then(|twilio| {
+            crate::twilio_rest::TwilioRest::new(twilio)
+                .map_err(|err| tracing::error!(error = %err, "Twilio REST client unusable; dialling is off."))
+                .ok()
+        });
         Shared {
+            twilio,
             store,
             hub,
             metrics,

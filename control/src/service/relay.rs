@@ -463,4 +463,28 @@ impl<S: CallStore> Relay for RelayApi<S> {
             })
             .await
     }
+
+    async fn report_twilio_status(
+        &self,
+        request: Request<pb::TwilioStatusReport>,
+    ) -> Result<Response<pb::TwilioStatusAck>, Status> {
+        let req = request.into_inner();
+        self.0
+            .rpc(SERVICE, "ReportTwilioStatus", &req.call_id, async {
+                if req.call_id.is_empty() {
+                    crate::dialer::check_sid("twilio_call_sid", &req.twilio_call_sid)?;
+                } else {
+                    validate::call_id("call_id", &req.call_id)?;
+                }
+                if req.call_status.is_empty() && req.answered_by.is_empty() {
+                    return Err(Error::invalid(
+                        "call_status",
+                        "a report needs a call status or an answering-machine verdict",
+                    ));
+                }
+                let applied = crate::dialer::apply_report(&self.0, &req).await?;
+                Ok(pb::TwilioStatusAck { applied })
+            })
+            .await
+    }
 }

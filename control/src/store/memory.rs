@@ -11,6 +11,7 @@ use callbridge_proto::pb;
 
 use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
+    TwilioUpdate, twilio_rank,
 };
 use crate::domain::call::{is_final, status_rank};
 use crate::domain::record::{CallRecord, EventEffects};
@@ -229,6 +230,47 @@ impl CallStore for MemoryStore {
                 .or_insert_with(|| call_id.to_owned());
         }
         Ok(AdmitOutcome::Admitted)
+    }
+
+    async fn record_twilio(&self, call_id: &str, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get_mut(call_id) else {
+            return Ok(None);
+        };
+        let mut changed = false;
+        if !u.sid.is_empty() && call.twilio_call_sid.is_empty() {
+            call.twilio_call_sid = u.sid.clone();
+            changed = true;
+        }
+        if twilio_rank(&u.status) > twilio_rank(&call.twilio_status) {
+            call.twilio_status = u.status.clone();
+            changed = true;
+        }
+        if let Some(seq) = u.seq {
+            call.twilio_seq = call.twilio_seq.max(seq);
+        }
+        if let Some((code, message)) = &u.error {
+            call.twilio_error_code = *code;
+            call.twilio_error_message = message.clone();
+            changed = true;
+        }
+        if !u.answered_by.is_empty() && call.answered_by.is_empty() {
+            call.answered_by = u.answered_by.clone();
+            changed = true;
+        }
+        Ok(Some(changed))
+    }
+
+    async fn call_id_by_sid(&self, sid: &str) -> StoreResult<Option<String>> {
+        let s = self.lock();
+        if let Some(id) = s.sids.get(sid) {
+            return Ok(Some(id.clone()));
+        }
+        // Pre-created calls record their sid on the call only.
+        Ok(s.calls
+            .values()
+            .find(|c| c.twilio_call_sid == sid)
+            .map(|c| c.call_id.clone()))
     }
 
     async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {

@@ -103,6 +103,32 @@ pub struct IndexCursor {
     pub skip: u64,
 }
 
+/// What Twilio said about a call (a REST answer or a callback); empty fields say nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TwilioUpdate {
+    /// Recorded where the call has none yet.
+    pub sid: String,
+    /// Twilio's status; applied only if it is later in Twilio's order than the stored one.
+    pub status: String,
+    /// `SequenceNumber`, when a callback carried one.
+    pub seq: Option<u32>,
+    /// Error code and message (a refused create).
+    pub error: Option<(u32, String)>,
+    /// AMD verdict; the first one stays.
+    pub answered_by: String,
+}
+
+/// Position of a Twilio status in its one-way order; all final statuses share the top.
+pub fn twilio_rank(status: &str) -> u8 {
+    match status {
+        "" => 0,
+        "queued" | "initiated" => 1,
+        "ringing" => 2,
+        "in-progress" | "answered" => 3,
+        _ => 4,
+    }
+}
+
 /// The state store, shared by every RPC of one replica.
 ///
 /// Futures are `Send` so handlers can be spawned; each method is one atomic step.
@@ -249,6 +275,17 @@ pub trait CallStore: Send + Sync + 'static {
     /// Drops entries created before `cutoff_ms` from the all-calls index (their calls
     /// have expired; campaign indexes expire as whole keys).
     fn trim_index(&self, cutoff_ms: i64) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Applies what Twilio said about a call ([`TwilioUpdate`]) in one atomic step;
+    /// `None` if there is no such call, else whether anything changed.
+    fn record_twilio(
+        &self,
+        call_id: &str,
+        update: &TwilioUpdate,
+    ) -> impl Future<Output = StoreResult<Option<bool>>> + Send;
+    /// The call id admitted for a Twilio call sid (inbound calls' status callbacks).
+    fn call_id_by_sid(&self, sid: &str)
+    -> impl Future<Output = StoreResult<Option<String>>> + Send;
 
     // --- bus ---
 

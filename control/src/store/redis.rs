@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::RedisTlsFiles;
 
+use super::TwilioUpdate;
 use super::keys;
 use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
@@ -107,6 +108,7 @@ struct Scripts {
     release: redis::Script,
     admit: redis::Script,
     agent_cas: redis::Script,
+    twilio: redis::Script,
 }
 
 impl Scripts {
@@ -120,6 +122,7 @@ impl Scripts {
             release: script(RELEASE_LUA),
             admit: script(ADMIT_LUA),
             agent_cas: script(AGENT_CAS_LUA),
+            twilio: script(TWILIO_LUA),
         }
     }
 }
@@ -381,6 +384,42 @@ else
   redis.call('HSET', KEYS[1], 'v', ARGV[2], 'pb', ARGV[3])
 end
 return {1, v}
+";
+
+/// KEYS: call hash. ARGV: sid, status, seq (-1: none), error code ('' none), error
+/// message, answered by. Returns -1 not found, else 1 changed / 0 nothing new. The status
+/// order is `twilio_rank` in store/mod.rs.
+const TWILIO_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local function trank(s)
+  if s == '' then return 0 end
+  if s == 'queued' or s == 'initiated' then return 1 end
+  if s == 'ringing' then return 2 end
+  if s == 'in-progress' or s == 'answered' then return 3 end
+  return 4
+end
+local changed = 0
+if ARGV[1] ~= '' and (redis.call('HGET', KEYS[1], 'sid') or '') == '' then
+  redis.call('HSET', KEYS[1], 'sid', ARGV[1])
+  changed = 1
+end
+if trank(ARGV[2]) > trank(redis.call('HGET', KEYS[1], 'tw_status') or '') then
+  redis.call('HSET', KEYS[1], 'tw_status', ARGV[2])
+  changed = 1
+end
+local seq = tonumber(ARGV[3])
+if seq >= 0 and seq > tonumber(redis.call('HGET', KEYS[1], 'tw_seq') or '-1') then
+  redis.call('HSET', KEYS[1], 'tw_seq', seq)
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'tw_err', ARGV[4], 'tw_msg', ARGV[5])
+  changed = 1
+end
+if ARGV[6] ~= '' and (redis.call('HGET', KEYS[1], 'amd') or '') == '' then
+  redis.call('HSET', KEYS[1], 'amd', ARGV[6])
+  changed = 1
+end
+return changed
 ";
 
 /// The Redis store.
@@ -743,6 +782,12 @@ fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
         ("lease_holder", call.lease_holder.clone()),
         ("lease_relay", call.lease_relay.clone()),
         ("lease_until", call.lease_until_ms.to_string()),
+        ("dial", u8::from(call.dialed).to_string()),
+        ("tw_status", call.twilio_status.clone()),
+        ("tw_seq", call.twilio_seq.to_string()),
+        ("tw_err", call.twilio_error_code.to_string()),
+        ("tw_msg", call.twilio_error_message.clone()),
+        ("amd", call.answered_by.clone()),
     ];
     for (name, value) in USAGE_FIELDS.iter().zip(call.usage) {
         fields.push((name, value.to_string()));
@@ -781,6 +826,12 @@ fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
         lease_relay: take("lease_relay"),
         lease_until_ms: num(take("lease_until")),
         usage: [0; 9],
+        dialed: take("dial") == "1",
+        twilio_status: take("tw_status"),
+        twilio_seq: num(take("tw_seq")),
+        twilio_error_code: num(take("tw_err")),
+        twilio_error_message: take("tw_msg"),
+        answered_by: take("amd"),
     };
     for (slot, name) in call.usage.iter_mut().zip(USAGE_FIELDS) {
         *slot = num(take(name));
@@ -1059,6 +1110,32 @@ impl CallStore for RedisStore {
                 .await?;
         }
         Ok(outcome)
+    }
+
+    async fn record_twilio(&self, call_id: &str, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
+        let (code, message) = match &u.error {
+            Some((code, message)) => (code.to_string(), message.clone()),
+            None => (String::new(), String::new()),
+        };
+        let mut invocation = self.scripts.twilio.key(keys::call(call_id));
+        invocation
+            .arg(&u.sid)
+            .arg(&u.status)
+            .arg(u.seq.map_or(-1, i64::from))
+            .arg(code)
+            .arg(message)
+            .arg(&u.answered_by);
+        let mut conn = self.conn();
+        let result: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        Ok((result >= 0).then_some(result == 1))
+    }
+
+    async fn call_id_by_sid(&self, sid: &str) -> StoreResult<Option<String>> {
+        self.query(redis::cmd("GET").arg(keys::twilio_sid(sid)))
+            .await
     }
 
     async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {

@@ -343,6 +343,7 @@ pub async fn create_call(calls: &mut CallsRpc, agent_id: &str, campaign: &str) -
             to: "+14155550123".to_owned(),
             campaign_id: campaign.to_owned(),
             metadata: Default::default(),
+            dial: None,
         }),
     )
     .await

@@ -66,6 +66,8 @@ pub struct ControlState {
     /// Stop acknowledging (events stay unacked).
     pub no_acks: bool,
     pub commands: Option<mpsc::Receiver<pb::Command>>,
+    /// Every Twilio status report forwarded.
+    pub status_reports: Vec<pb::TwilioStatusReport>,
 }
 
 #[derive(Clone, Default)]
@@ -225,6 +227,18 @@ impl Relay for FakeControl {
                 next: Some(pb::after_response::Next::Hangup(pb::HangupNext {})),
             },
         )))
+    }
+
+    async fn report_twilio_status(
+        &self,
+        req: Request<pb::TwilioStatusReport>,
+    ) -> Result<Response<pb::TwilioStatusAck>, Status> {
+        self.state
+            .lock()
+            .unwrap()
+            .status_reports
+            .push(req.into_inner());
+        Ok(Response::new(pb::TwilioStatusAck { applied: true }))
     }
 }
 

@@ -215,6 +215,9 @@ struct State {
 
 struct Inner {
     cfg: FakeTwilioConfig,
+    /// Where answered calls go (set after start: the relays start after control, which
+    /// needs the fake's URL first).
+    relay: Mutex<Option<RelayTarget>>,
     spec: Spec,
     started: Instant,
     state: Mutex<State>,
@@ -226,6 +229,13 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn relay(&self) -> Option<RelayTarget> {
+        self.relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -256,6 +266,7 @@ impl FakeTwilio {
     pub async fn start(cfg: FakeTwilioConfig) -> Result<Self, FakeTwilioError> {
         let spec = Spec::load(&cfg.spec_path)?;
         let inner = Arc::new(Inner {
+            relay: Mutex::new(cfg.relay.clone()),
             cfg,
             spec,
             started: Instant::now(),
@@ -296,6 +307,15 @@ impl FakeTwilio {
     /// What control's `TWILIO_API_BASE_URL` should be.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Sends answered calls and callbacks to these relays from now on.
+    pub fn set_relay(&self, target: RelayTarget) {
+        *self
+            .inner
+            .relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(target);
     }
 
     /// Scripts the calls placed to `to`.
@@ -982,7 +1002,7 @@ async fn media(
             call.to.clone(),
         )
     };
-    let Some(target) = &inner.cfg.relay else {
+    let Some(target) = &inner.relay() else {
         return Err(CallerError::Config("no relay configured".into()));
     };
     let call_id = url
@@ -1142,7 +1162,7 @@ async fn amd_callback(inner: &Arc<Inner>, sid: &str, answered_by: &str, detect_m
 /// Posts one signed callback to the relays (like Twilio, to the public URL).
 async fn post(inner: &Arc<Inner>, url: &str, params: Vec<(String, String)>) {
     let at = inner.started.elapsed();
-    let status = match &inner.cfg.relay {
+    let status = match &inner.relay() {
         Some(target) => {
             let mut cfg = match target.relays.pick() {
                 Ok(addr) => {
