@@ -17,7 +17,7 @@ use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
 use callbridge_control::store::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, TwilioUpdate,
 };
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;
@@ -58,6 +58,7 @@ conformance!(
     end_and_retention,
     agent_versions,
     number_routes,
+    twilio_status_moves_one_way,
 );
 
 const LEASE: i64 = 500;
@@ -827,4 +828,79 @@ async fn number_routes<S: CallStore>(s: &S) {
         .await
         .expect("ok");
     assert_eq!(default().await, None);
+}
+
+/// What Twilio reports about a dialled call: the sid is set once, the status only moves
+/// forward in Twilio's order (late or repeated callbacks change nothing), the highest
+/// sequence number is kept, the first AMD verdict stays, and the sid finds the call.
+async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
+    let mut call = record("dialled", 1, "");
+    call.dialed = true;
+    create(s, &[call]).await;
+    let update = |status: &str, seq: Option<u32>| TwilioUpdate {
+        sid: "CA0123456789abcdef0123456789abcdef".to_owned(),
+        status: status.to_owned(),
+        seq,
+        ..TwilioUpdate::default()
+    };
+    let apply = |u: TwilioUpdate| async move {
+        within("record_twilio", s.record_twilio("dialled", &u))
+            .await
+            .expect("store reachable")
+    };
+    assert_eq!(apply(update("queued", None)).await, Some(true));
+    assert_eq!(apply(update("ringing", Some(1))).await, Some(true));
+    assert_eq!(apply(update("busy", Some(3))).await, Some(true));
+    // Out of order: the older `in-progress` and `ringing` arrive after `busy`.
+    assert_eq!(apply(update("in-progress", Some(2))).await, Some(false));
+    assert_eq!(apply(update("ringing", Some(1))).await, Some(false));
+    let got = get(s, "dialled").await;
+    assert!(got.dialed);
+    assert_eq!(got.twilio_status, "busy");
+    assert_eq!(got.twilio_seq, 3);
+    assert_eq!(got.twilio_call_sid, "CA0123456789abcdef0123456789abcdef");
+    let refused = TwilioUpdate {
+        error: Some((21211, "Invalid 'To' Phone Number".to_owned())),
+        answered_by: "machine_end_beep".to_owned(),
+        ..TwilioUpdate::default()
+    };
+    assert_eq!(apply(refused).await, Some(true));
+    let later = TwilioUpdate {
+        answered_by: "human".to_owned(),
+        ..TwilioUpdate::default()
+    };
+    assert_eq!(apply(later).await, Some(false), "the first verdict stays");
+    let got = get(s, "dialled").await;
+    assert_eq!(
+        (got.twilio_error_code, got.twilio_error_message.as_str()),
+        (21211, "Invalid 'To' Phone Number")
+    );
+    assert_eq!(got.answered_by, "machine_end_beep");
+    assert_eq!(
+        within(
+            "record_twilio",
+            s.record_twilio("missing", &update("ringing", None))
+        )
+        .await
+        .expect("store reachable"),
+        None
+    );
+    // The sid of an admitted call finds it (inbound status callbacks carry no call id).
+    create(s, &[record("inbound-ish", 2, "")]).await;
+    within(
+        "admit_existing",
+        s.admit_existing("inbound-ish", "CA00000000000000000000000000000abc", "", ""),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(
+        within(
+            "call_id_by_sid",
+            s.call_id_by_sid("CA00000000000000000000000000000abc")
+        )
+        .await
+        .expect("store reachable")
+        .as_deref(),
+        Some("inbound-ish")
+    );
 }
