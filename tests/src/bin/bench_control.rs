@@ -632,7 +632,6 @@ async fn throughput_level(
     Ok(json!({
         "calls": calls,
         "events": events,
-        "tls": args.tls,
         "window": args.window,
         "seconds": secs,
         "events_per_sec": rate,
@@ -1098,6 +1097,7 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
         "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "machine": machine,
         "load_average_at_end": load_average(),
+        "tls": args.tls,
         "window": args.window,
         "connections": args.connections,
         "throughput": throughput,
