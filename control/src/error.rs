@@ -141,6 +141,18 @@ pub enum Error {
     /// The attach stream's receiver went away before the call context was sent.
     #[error("attach stream closed")]
     AttachStreamClosed,
+    /// Another attach stream took the call's lease from this one.
+    #[error("the call was attached by another stream")]
+    LeaseLost,
+    /// The store answered in a way its contract rules out.
+    #[error("unexpected store outcome {0}")]
+    UnexpectedStoreOutcome(String),
+    /// This replica is shutting down; `then` tells the client what to do (`; reconnect`).
+    #[error("control plane shutting down{then}")]
+    ShuttingDown {
+        /// What the client should do next, with its leading `; `, or empty.
+        then: &'static str,
+    },
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -175,8 +187,9 @@ impl Error {
             | Error::DialingUnavailable(_)
             | Error::WrongTwilioCall(_)
             | Error::TwilioRefused { .. } => Code::FailedPrecondition,
-            Error::TwilioUnavailable { .. } => Code::Unavailable,
-            Error::VersionConflict { .. } => Code::Aborted,
+            Error::TwilioUnavailable { .. } | Error::ShuttingDown { .. } => Code::Unavailable,
+            Error::VersionConflict { .. } | Error::LeaseLost => Code::Aborted,
+            Error::UnexpectedStoreOutcome(_) => Code::Internal,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(StoreError::Failed(_) | StoreError::Corrupt(_)) => Code::Internal,
         }
@@ -307,6 +320,23 @@ mod tests {
                 Error::AttachStreamClosed,
                 Code::FailedPrecondition,
                 "attach stream closed",
+            ),
+            (
+                Error::LeaseLost,
+                Code::Aborted,
+                "the call was attached by another stream",
+            ),
+            (
+                Error::UnexpectedStoreOutcome("Some(NotFound)".into()),
+                Code::Internal,
+                "unexpected store outcome Some(NotFound)",
+            ),
+            (
+                Error::ShuttingDown {
+                    then: "; reconnect",
+                },
+                Code::Unavailable,
+                "control plane shutting down; reconnect",
             ),
         ];
         for (err, code, message) in cases {

@@ -203,7 +203,7 @@ async fn watch_call<S: CallStore>(
         tokio::select! {
             // Replica shutting down: end the stream; the client re-watches from its last seq.
             () = shared.shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("control plane shutting down; watch again from your last seq"))).await;
+                let _ = tx.send(Err(Error::ShuttingDown { then: "; watch again from your last seq" }.into())).await;
                 return;
             }
             // The client went away.
@@ -241,7 +241,7 @@ async fn watch_calls<S: CallStore>(
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                let _ = tx.send(Err(Error::ShuttingDown { then: "" }.into())).await;
                 return;
             }
             () = tx.closed() => return,

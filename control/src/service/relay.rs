@@ -190,11 +190,8 @@ impl<S: CallStore> AttachStream<S> {
             return Err(end);
         }
         if outcomes.len() < batch.len() {
-            self.fail(Status::internal(format!(
-                "unexpected store outcome {:?}",
-                outcomes.last()
-            )))
-            .await;
+            self.fail(Error::UnexpectedStoreOutcome(format!("{:?}", outcomes.last())).into())
+                .await;
             return Err(StreamEnd::Released);
         }
         Ok(())
@@ -211,7 +208,7 @@ impl<S: CallStore> AttachStream<S> {
             tokio::select! {
                 // Replica shutting down: the relay re-attaches (reconnect) elsewhere.
                 () = self.shared.shutdown.cancelled() => {
-                    self.fail(Status::unavailable("control plane shutting down; reconnect")).await;
+                    self.fail(Error::ShuttingDown { then: "; reconnect" }.into()).await;
                     return if ended { StreamEnd::CallEnded } else { StreamEnd::Released };
                 }
                 // Up: events from the relay, with every event already waiting behind
@@ -265,7 +262,7 @@ impl<S: CallStore> AttachStream<S> {
                     match self.shared.store.renew_lease(&self.call.call_id, &self.holder, now_ms(), lease_ms(&self.shared)).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            self.fail(Status::aborted("the call was attached by another stream")).await;
+                            self.fail(Error::LeaseLost.into()).await;
                             return StreamEnd::Released;
                         }
                         // Redis outage: keep the call going; the next tick retries.
