@@ -10,20 +10,22 @@ use std::sync::{Arc, Mutex};
 use callbridge_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::domain::ids::{CallId, CampaignId, LeaseHolder};
+
 /// A message carried between replicas.
 #[derive(Debug, Clone)]
 pub enum BusMessage {
     /// A stored event (for watchers everywhere).
     Event {
         /// The call's campaign (for `WatchCalls` filters).
-        campaign_id: String,
+        campaign_id: Option<CampaignId>,
         /// The event.
         event: pb::CallEvent,
     },
     /// A command for a call attached to the receiving replica.
     Command {
         /// The call.
-        call_id: String,
+        call_id: CallId,
         /// The command.
         command: pb::Command,
     },
@@ -39,8 +41,8 @@ type EventTx = broadcast::Sender<Arc<HubEvent>>;
 /// A stored event with the campaign it belongs to.
 #[derive(Debug, Clone)]
 pub struct HubEvent {
-    /// The call's campaign ("" if none).
-    pub campaign_id: String,
+    /// The call's campaign, if any.
+    pub campaign_id: Option<CampaignId>,
     /// The event.
     pub event: pb::CallEvent,
 }
@@ -48,7 +50,7 @@ pub struct HubEvent {
 /// An attach stream registered on this replica.
 #[derive(Debug)]
 struct Attached {
-    holder: String,
+    holder: LeaseHolder,
     commands: mpsc::Sender<pb::Command>,
 }
 
@@ -63,8 +65,8 @@ pub struct Hub {
     events: EventTx,
     /// The events of each call someone watches (`WatchCall`): a watcher wakes for its
     /// call only, not for every event of the replica.
-    calls: Mutex<HashMap<String, EventTx>>,
-    attached: Mutex<HashMap<String, Attached>>,
+    calls: Mutex<HashMap<CallId, EventTx>>,
+    attached: Mutex<HashMap<CallId, Attached>>,
 }
 
 impl Default for Hub {
@@ -90,7 +92,7 @@ impl Hub {
             BusMessage::Event { campaign_id, event } => {
                 let event = Arc::new(HubEvent { campaign_id, event });
                 // No receivers is normal (nobody watching).
-                if let Some(tx) = lock(&self.calls).get(&event.event.call_id) {
+                if let Some(tx) = lock(&self.calls).get(event.event.call_id.as_str()) {
                     let _ = tx.send(event.clone());
                 }
                 if self.events.receiver_count() > 0 {
@@ -109,14 +111,14 @@ impl Hub {
 
     /// Subscribes to the events of one call stored from now on; dropping the
     /// subscription unsubscribes.
-    pub fn subscribe_call(self: &Arc<Self>, call_id: &str) -> CallEvents {
+    pub fn subscribe_call(self: &Arc<Self>, call_id: &CallId) -> CallEvents {
         let rx = lock(&self.calls)
-            .entry(call_id.to_owned())
+            .entry(call_id.clone())
             .or_insert_with(|| broadcast::channel(CALL_FANOUT_CAPACITY).0)
             .subscribe();
         CallEvents {
             hub: self.clone(),
-            call_id: call_id.to_owned(),
+            call_id: call_id.clone(),
             rx,
         }
     }
@@ -138,15 +140,15 @@ impl Hub {
     /// once the lease names this replica then always finds a stream to buffer it in.
     pub fn register(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         commands: mpsc::Sender<pb::Command>,
     ) -> Option<Replaced> {
         self.lock()
             .insert(
-                call_id.to_owned(),
+                call_id.clone(),
                 Attached {
-                    holder: holder.to_owned(),
+                    holder: holder.clone(),
                     commands,
                 },
             )
@@ -157,16 +159,16 @@ impl Hub {
     /// replaced, and hands that stream whatever `buffered` took meanwhile.
     pub fn unregister_restoring(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         replaced: Option<Replaced>,
         buffered: &mut mpsc::Receiver<pb::Command>,
     ) {
         {
             let mut map = self.lock();
-            if map.get(call_id).is_some_and(|a| a.holder == holder) {
+            if map.get(call_id).is_some_and(|a| a.holder == *holder) {
                 match replaced {
-                    Some(Replaced(previous)) => map.insert(call_id.to_owned(), previous),
+                    Some(Replaced(previous)) => map.insert(call_id.clone(), previous),
                     None => map.remove(call_id),
                 };
             }
@@ -177,9 +179,9 @@ impl Hub {
     }
 
     /// Removes the registration if it is still `holder`'s.
-    pub fn unregister(&self, call_id: &str, holder: &str) {
+    pub fn unregister(&self, call_id: &CallId, holder: &LeaseHolder) {
         let mut map = self.lock();
-        if map.get(call_id).is_some_and(|a| a.holder == holder) {
+        if map.get(call_id).is_some_and(|a| a.holder == *holder) {
             map.remove(call_id);
         }
     }
@@ -189,7 +191,7 @@ impl Hub {
         self.lock().len()
     }
 
-    fn deliver_command(&self, call_id: &str, command: pb::Command) -> bool {
+    fn deliver_command(&self, call_id: &CallId, command: pb::Command) -> bool {
         let map = self.lock();
         match map.get(call_id) {
             // try_send: a stream that does not drain its commands must not stall the bus.
@@ -198,7 +200,7 @@ impl Hub {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attached>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CallId, Attached>> {
         lock(&self.attached)
     }
 }
@@ -213,7 +215,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct CallEvents {
     hub: Arc<Hub>,
-    call_id: String,
+    call_id: CallId,
     rx: broadcast::Receiver<Arc<HubEvent>>,
 }
 
@@ -241,9 +243,17 @@ impl Drop for CallEvents {
 mod tests {
     use super::*;
 
+    fn id(s: &str) -> CallId {
+        CallId::parse("call_id", s).expect("valid")
+    }
+
+    fn holder(stream: &str) -> LeaseHolder {
+        LeaseHolder::new("replica", stream)
+    }
+
     fn event(call_id: &str, seq: u64) -> BusMessage {
         BusMessage::Event {
-            campaign_id: "q".into(),
+            campaign_id: Some(CampaignId::parse("campaign_id", "q").expect("valid")),
             event: pb::CallEvent {
                 call_id: call_id.into(),
                 seq,
@@ -252,11 +262,11 @@ mod tests {
         }
     }
 
-    fn command(id: &str) -> BusMessage {
+    fn command(command_id: &str) -> BusMessage {
         BusMessage::Command {
-            call_id: "c".into(),
+            call_id: id("c"),
             command: pb::Command {
-                command_id: id.into(),
+                command_id: command_id.into(),
                 kind: None,
             },
         }
@@ -266,14 +276,14 @@ mod tests {
     fn a_failed_registration_gives_the_call_and_its_buffered_commands_back() {
         let hub = Hub::new();
         let (old_tx, mut old_rx) = mpsc::channel(4);
-        assert!(hub.register("c", "old", old_tx).is_none());
+        assert!(hub.register(&id("c"), &holder("old"), old_tx).is_none());
         let (new_tx, mut new_rx) = mpsc::channel(4);
-        let replaced = hub.register("c", "new", new_tx);
+        let replaced = hub.register(&id("c"), &holder("new"), new_tx);
         assert!(
             hub.dispatch(command("during")),
             "buffered by the new stream"
         );
-        hub.unregister_restoring("c", "new", replaced, &mut new_rx);
+        hub.unregister_restoring(&id("c"), &holder("new"), replaced, &mut new_rx);
         assert!(hub.dispatch(command("after")));
         let ids: Vec<String> = std::iter::from_fn(|| old_rx.try_recv().ok())
             .map(|c| c.command_id)
@@ -286,8 +296,8 @@ mod tests {
     fn a_failed_first_registration_leaves_nothing() {
         let hub = Hub::new();
         let (tx, mut rx) = mpsc::channel(4);
-        let replaced = hub.register("c", "only", tx);
-        hub.unregister_restoring("c", "only", replaced, &mut rx);
+        let replaced = hub.register(&id("c"), &holder("only"), tx);
+        hub.unregister_restoring(&id("c"), &holder("only"), replaced, &mut rx);
         assert_eq!(hub.attached_count(), 0);
         assert!(!hub.dispatch(command("late")));
     }
@@ -296,9 +306,9 @@ mod tests {
     async fn call_watchers_get_their_call_only_and_unsubscribe_on_drop() {
         let hub = Arc::new(Hub::new());
         let mut all = hub.subscribe();
-        let mut a1 = hub.subscribe_call("a");
-        let mut a2 = hub.subscribe_call("a");
-        let b = hub.subscribe_call("b");
+        let mut a1 = hub.subscribe_call(&id("a"));
+        let mut a2 = hub.subscribe_call(&id("a"));
+        let b = hub.subscribe_call(&id("b"));
         assert_eq!(hub.watched_calls(), 2);
         hub.dispatch(event("b", 1));
         hub.dispatch(event("a", 1));

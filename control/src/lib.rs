@@ -6,9 +6,10 @@
 //! - [`serve`]: runs the gRPC server on a bound listener until a shutdown future fires.
 //! - `service/`: the `Agents` (`agents`), `Calls` (`calls_api`) and `Relay` (`relay`)
 //!   services; proto ⇄ domain only.
-//! - [`domain`]: what a call is ([`domain::record`]) and its lifecycle rules
-//!   ([`domain::call`]: status order, event effects, transcripts, after-stream decision);
-//!   imports neither gRPC services nor stores.
+//! - [`domain`]: the ids of a call as types, parsed once at the gRPC edge
+//!   ([`domain::ids`]), what a call is ([`domain::record`]), its lifecycle rules
+//!   ([`domain::call`]: status order, event effects, transcripts, after-stream decision)
+//!   and Twilio's statuses ([`domain::twilio`]); imports neither gRPC services nor stores.
 //! - [`hub`]: replica-local fan-out of events to watchers and of commands to attach
 //!   streams, and the [`hub::BusMessage`] the stores feed it.
 //! - [`validate`]: input checks, each naming the offending field.

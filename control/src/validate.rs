@@ -63,7 +63,7 @@ pub fn e164(field: &str, value: &str) -> Result {
     }
 }
 
-/// An identifier `[a-zA-Z0-9_-]{1,max}`.
+/// An identifier `[a-zA-Z0-9_-]{1,max}` (the ids of `domain::ids` are checked with it).
 pub fn ident(field: &str, value: &str, max: usize) -> Result {
     if value.is_empty() {
         return Err(Error::invalid(field, "is required"));
@@ -79,11 +79,6 @@ pub fn ident(field: &str, value: &str, max: usize) -> Result {
         ));
     }
     Ok(())
-}
-
-/// A call id as generated (uuid) or given by a relay; checked before it becomes a key.
-pub fn call_id(field: &str, value: &str) -> Result {
-    ident(field, value, 64)
 }
 
 fn text(field: &str, value: &str, max: usize) -> Result {

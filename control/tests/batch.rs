@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_control::domain::call::event_effects;
+use callbridge_control::domain::ids::{AgentId, CallId, CampaignId};
 use callbridge_control::domain::record::CallRecord;
 use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
@@ -145,14 +146,24 @@ async fn events_before_an_invalid_one_in_a_burst_are_stored_and_acked() {
     );
 }
 
+fn cid(call_id: &str) -> CallId {
+    CallId::parse("call_id", call_id).expect("a valid call id")
+}
+
+fn spring() -> CampaignId {
+    CampaignId::parse("campaign_id", "spring").expect("valid")
+}
+
 fn call(call_id: &str) -> CallRecord {
     CallRecord {
-        call_id: call_id.to_owned(),
-        agent_id: "a".to_owned(),
-        status: pb::CallStatus::Ringing,
-        campaign_id: "spring".to_owned(),
-        created_at_ms: 1,
-        ..CallRecord::default()
+        campaign_id: Some(spring()),
+        ..CallRecord::new(
+            cid(call_id),
+            AgentId::parse("agent_id", "a").expect("valid"),
+            pb::Direction::Outbound,
+            pb::CallStatus::Ringing,
+            1,
+        )
     }
 }
 
@@ -168,14 +179,14 @@ async fn run<S: CallStore>(
         .collect();
     within(
         "append_events",
-        store.append_events(call_id, "spring", events, &effects),
+        store.append_events(&cid(call_id), Some(&spring()), events, &effects),
     )
     .await
     .expect("store reachable")
 }
 
 async fn stored_call<S: CallStore>(store: &S, call_id: &str) -> CallRecord {
-    within("get", store.get_call(call_id))
+    within("get", store.get_call(&cid(call_id)))
         .await
         .expect("get")
         .expect("exists")
@@ -195,7 +206,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
         vec![s, s, s, s, d, d, s, s, AppendOutcome::Gap { last_seq: 6 }],
         "handling stops at the gap; seq 9 is untouched"
     );
-    let stored = within("read", store.read_events(id, 0, 100))
+    let stored = within("read", store.read_events(&cid(id), 0, 100))
         .await
         .expect("read");
     assert_eq!(stored, stored_part(id));
@@ -203,7 +214,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
     assert_eq!(got.last_seq, 6);
     assert_eq!(got.status, pb::CallStatus::InProgress);
     assert_eq!(got.started_at_ms, 1_700_000_000_001);
-    assert_eq!(got.relay_id, "relay-1");
+    assert_eq!(got.relay_id.as_ref().map(|r| r.as_str()), Some("relay-1"));
     assert_eq!(
         (got.usage[2], got.usage[8]),
         (15, 2),
@@ -239,7 +250,7 @@ async fn check_store<S: CallStore>(store: &S, hub: &Hub) {
         if e.event.call_id != id {
             continue; // a late probe
         }
-        assert_eq!(e.campaign_id, "spring");
+        assert_eq!(e.campaign_id, Some(spring()));
         seen.push(e.event.clone());
     }
     assert_eq!(seen, want, "each stored event published once, in order");
@@ -283,7 +294,9 @@ async fn append_events_on_redis() {
         async move {
             let e = event("probe", seq, caller("x"));
             let effects = [event_effects(&e).expect("valid")];
-            let _ = store.append_events("probe", "", &[e], &effects).await;
+            let _ = store
+                .append_events(&cid("probe"), None, &[e], &effects)
+                .await;
             tokio::time::timeout(Duration::from_millis(200), bus.recv())
                 .await
                 .ok()

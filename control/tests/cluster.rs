@@ -58,7 +58,7 @@ async fn a_call_runs_on_redis_cluster() {
         "admit",
         relay.admit(pb::AdmitRequest {
             call_id: id.clone(),
-            twilio_call_sid: "CA9".into(),
+            twilio_call_sid: "CA00000000000000000000000000000009".into(),
             ..Default::default()
         }),
     )

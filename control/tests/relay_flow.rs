@@ -34,7 +34,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     // Admission moves created → ringing and records the Twilio sid; a retry is the same call.
     let admit = || pb::AdmitRequest {
         call_id: call.call_id.clone(),
-        twilio_call_sid: "CA0001".into(),
+        twilio_call_sid: common::CALL_SID.into(),
         from: "+14155550100".into(),
         to: "+14155550123".into(),
         twilio_direction: "outbound-api".into(),
@@ -43,7 +43,7 @@ async fn a_call_from_admission_to_after_stores_each_event_once() {
     let admitted = answer("admit", relay.admit(admit())).await;
     let admitted_call = admitted.call.expect("call");
     assert_eq!(admitted_call.status, pb::CallStatus::Ringing as i32);
-    assert_eq!(admitted_call.twilio_call_sid, "CA0001");
+    assert_eq!(admitted_call.twilio_call_sid, common::CALL_SID);
     assert_eq!(admitted.agent.expect("agent").agent_id, "sales");
     within("admit again", relay.admit(admit()))
         .await
@@ -254,9 +254,10 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
     let control = Control::start(ControlOpts::new(&redis.url(), "inbound")).await;
     let mut agents = control.agents().await;
     let mut relay = control.relay().await;
+    // `CA2` stands for Twilio's `CA` and 32 hex digits, ending in 2.
     let inbound = |sid: &str, to: &str| pb::AdmitRequest {
         call_id: String::new(),
-        twilio_call_sid: sid.into(),
+        twilio_call_sid: format!("CA{:0>32}", &sid[2..]),
         from: "+14155550100".into(),
         to: to.into(),
         twilio_direction: "inbound".into(),
@@ -322,6 +323,23 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
         }),
     )
     .await;
+    for (case, call_id) in [("inbound", ""), ("pre-created", "doesnotexist")] {
+        let err = refused(
+            case,
+            Code::InvalidArgument,
+            relay.admit(pb::AdmitRequest {
+                call_id: call_id.into(),
+                twilio_call_sid: "CA5".into(),
+                ..inbound("CA5", "+14155550123")
+            }),
+        )
+        .await;
+        assert_eq!(
+            err.message(),
+            "twilio_call_sid: not a Twilio call sid (CA + 32 hex digits)",
+            "{case}"
+        );
+    }
     refused(
         "unknown call",
         Code::NotFound,

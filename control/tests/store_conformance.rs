@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_control::domain::call::event_effects;
+use callbridge_control::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use callbridge_control::domain::record::CallRecord;
+use callbridge_control::domain::twilio::TwilioCallStatus;
 use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
@@ -109,16 +111,42 @@ impl Drop for RedisBackend {
 
 // --- helpers ---
 
+fn cid(call_id: &str) -> CallId {
+    CallId::parse("call_id", call_id).expect("a valid call id")
+}
+
+fn aid(agent_id: &str) -> AgentId {
+    AgentId::parse("agent_id", agent_id).expect("a valid agent id")
+}
+
+/// A Twilio-shaped sid from a short one: `CA1` is `CA` and 31 zeros and `1`.
+fn sid(short: &str) -> CallSid {
+    let digits = short.strip_prefix("CA").expect("CA…");
+    CallSid::parse("sid", format!("CA{digits:0>32}")).expect("a valid sid")
+}
+
+/// `replica/stream`.
+fn holder(replica_stream: &str) -> LeaseHolder {
+    let (replica, stream) = replica_stream.split_once('/').expect("replica/stream");
+    LeaseHolder::new(replica, stream)
+}
+
+/// An optional id or text as stored ("" for none).
+fn text<T: AsRef<str>>(value: &Option<T>) -> &str {
+    value.as_ref().map_or("", AsRef::as_ref)
+}
+
 fn record(call_id: &str, created_at_ms: i64, campaign_id: &str) -> CallRecord {
     CallRecord {
-        call_id: call_id.to_owned(),
-        agent_id: "agent-1".to_owned(),
-        direction: pb::Direction::Outbound,
-        status: pb::CallStatus::Created,
         to: "+14155550123".to_owned(),
-        campaign_id: campaign_id.to_owned(),
-        created_at_ms,
-        ..CallRecord::default()
+        campaign_id: CampaignId::parse_optional("campaign_id", campaign_id).expect("valid"),
+        ..CallRecord::new(
+            cid(call_id),
+            aid("agent-1"),
+            pb::Direction::Outbound,
+            pb::CallStatus::Created,
+            created_at_ms,
+        )
     }
 }
 
@@ -129,7 +157,7 @@ async fn create<S: CallStore>(s: &S, calls: &[CallRecord]) {
 }
 
 async fn get<S: CallStore>(s: &S, call_id: &str) -> CallRecord {
-    within("get_call", s.get_call(call_id))
+    within("get_call", s.get_call(&cid(call_id)))
         .await
         .expect("store reachable")
         .unwrap_or_else(|| panic!("call {call_id} exists"))
@@ -146,7 +174,7 @@ fn event(call_id: &str, seq: u64, kind: Kind) -> pb::CallEvent {
 
 fn started(relay: &str, stream_sid: &str) -> Kind {
     Kind::Started(pb::Started {
-        twilio_call_sid: "CA100".to_owned(),
+        twilio_call_sid: sid("CA100").into_string(),
         stream_sid: stream_sid.to_owned(),
         relay_id: relay.to_owned(),
         ..Default::default()
@@ -187,7 +215,7 @@ async fn append_with<S: CallStore>(
         .collect();
     within(
         "append_events",
-        s.append_events(call_id, "", events, &effects),
+        s.append_events(&cid(call_id), None, events, &effects),
     )
     .await
     .expect("store reachable")
@@ -211,16 +239,26 @@ async fn attach<S: CallStore>(
 ) -> AttachOutcome {
     within(
         "attach",
-        s.attach(call_id, relay, reconnect, holder, now_ms, LEASE),
+        s.attach(
+            &cid(call_id),
+            &RelayId::parse("relay_id", relay).expect("valid"),
+            reconnect,
+            &self::holder(holder),
+            now_ms,
+            LEASE,
+        ),
     )
     .await
     .expect("store reachable")
 }
 
 async fn expired<S: CallStore>(s: &S, now_ms: i64) -> Vec<String> {
-    let mut ids = within("expired_leases", s.expired_leases(now_ms, 100))
+    let mut ids: Vec<String> = within("expired_leases", s.expired_leases(now_ms, 100))
         .await
-        .expect("store reachable");
+        .expect("store reachable")
+        .into_iter()
+        .map(CallId::into_string)
+        .collect();
     ids.sort();
     ids
 }
@@ -231,12 +269,16 @@ async fn scan<S: CallStore>(
     cursor: IndexCursor,
     limit: usize,
 ) -> Vec<(String, i64)> {
+    let campaign = campaign.map(|c| CampaignId::parse("campaign_id", c).expect("valid"));
     within(
         "scan_index",
-        s.scan_index(campaign, cursor, i64::MIN, limit),
+        s.scan_index(campaign.as_ref(), cursor, i64::MIN, limit),
     )
     .await
     .expect("store reachable")
+    .into_iter()
+    .map(|(id, score)| (id.into_string(), score))
+    .collect()
 }
 
 const NEWEST: IndexCursor = IndexCursor {
@@ -244,8 +286,8 @@ const NEWEST: IndexCursor = IndexCursor {
     skip: 0,
 };
 
-fn ids(page: &[(String, i64)]) -> Vec<&str> {
-    page.iter().map(|(id, _)| id.as_str()).collect()
+fn ids<T: AsRef<str>>(page: &[(T, i64)]) -> Vec<&str> {
+    page.iter().map(|(id, _)| id.as_ref()).collect()
 }
 
 fn agent(agent_id: &str, version: u64, name: &str) -> pb::Agent {
@@ -284,12 +326,14 @@ async fn create_get_list<S: CallStore>(s: &S) {
     create(s, &calls).await;
     assert_eq!(get(s, "c0").await, full, "every field round-trips");
     assert_eq!(
-        within("get_call", s.get_call("missing")).await.expect("ok"),
+        within("get_call", s.get_call(&cid("missing")))
+            .await
+            .expect("ok"),
         None
     );
     let many = within(
         "get_calls",
-        s.get_calls(&["c3".to_owned(), "missing".to_owned(), "c0".to_owned()]),
+        s.get_calls(&[cid("c3"), cid("missing"), cid("c0")]),
     )
     .await
     .expect("ok");
@@ -320,9 +364,12 @@ async fn create_get_list<S: CallStore>(s: &S) {
 async fn admit_and_attach<S: CallStore>(s: &S) {
     create(s, &[record("out", 1, "")]).await;
     let admit = |id: &'static str, sid: &'static str, from: &'static str, to: &'static str| async move {
-        within("admit_existing", s.admit_existing(id, sid, from, to))
-            .await
-            .expect("ok")
+        within(
+            "admit_existing",
+            s.admit_existing(&cid(id), Some(&self::sid(sid)), from, to),
+        )
+        .await
+        .expect("ok")
     };
     assert_eq!(
         admit("out", "CA1", "+14155550100", "+19995550000").await,
@@ -330,7 +377,7 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
     );
     let got = get(s, "out").await;
     assert_eq!(got.status, pb::CallStatus::Ringing);
-    assert_eq!(got.twilio_call_sid, "CA1");
+    assert_eq!(got.twilio_call_sid, Some(sid("CA1")));
     assert_eq!(got.from, "+14155550100", "an empty field is filled");
     assert_eq!(got.to, "+14155550123", "a set field is kept");
     // A webhook retry: admitted again, nothing moves back.
@@ -344,7 +391,7 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
     let inbound = |id: &str| CallRecord {
         direction: pb::Direction::Inbound,
         status: pb::CallStatus::Ringing,
-        twilio_call_sid: "CA2".to_owned(),
+        twilio_call_sid: Some(sid("CA2")),
         ..record(id, 5, "")
     };
     let first = within("admit_inbound", s.admit_inbound(&inbound("in-1")))
@@ -356,7 +403,9 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
         .expect("ok");
     assert_eq!(retry, "in-1", "the sid's first call wins");
     assert_eq!(
-        within("get_call", s.get_call("in-2")).await.expect("ok"),
+        within("get_call", s.get_call(&cid("in-2")))
+            .await
+            .expect("ok"),
         None,
         "the loser is not stored"
     );
@@ -367,10 +416,10 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
         AttachOutcome::Attached
     );
     let got = get(s, "in-1").await;
-    assert_eq!(got.lease_holder, "replica-1/s1");
+    assert_eq!(text(&got.lease_holder), "replica-1/s1");
     assert_eq!(got.lease_replica(), "replica-1");
-    assert_eq!(got.lease_relay, "relay-1");
-    assert_eq!(got.relay_id, "relay-1");
+    assert_eq!(text(&got.lease_relay), "relay-1");
+    assert_eq!(text(&got.relay_id), "relay-1");
     assert_eq!(got.lease_until_ms, T0 + LEASE);
     assert!(got.lease_held(T0));
     assert_eq!(
@@ -396,12 +445,19 @@ async fn leases<S: CallStore>(s: &S) {
         attach(s, "c1", "r2", true, "x/2", T0 + 100).await,
         AttachOutcome::Held
     );
-    assert_eq!(get(s, "c1").await.lease_holder, "x/1", "the holder is kept");
+    assert_eq!(
+        text(&get(s, "c1").await.lease_holder),
+        "x/1",
+        "the holder is kept"
+    );
     // Renew.
     let renew = |holder: &'static str, now: i64| async move {
-        within("renew_lease", s.renew_lease("c1", holder, now, LEASE))
-            .await
-            .expect("ok")
+        within(
+            "renew_lease",
+            s.renew_lease(&cid("c1"), &self::holder(holder), now, LEASE),
+        )
+        .await
+        .expect("ok")
     };
     assert!(renew("x/1", T0 + 300).await);
     assert_eq!(get(s, "c1").await.lease_until_ms, T0 + 300 + LEASE);
@@ -414,9 +470,12 @@ async fn leases<S: CallStore>(s: &S) {
     assert!(!renew("x/1", T0 + 450).await);
     assert!(renew("y/3", T0 + 450).await);
     assert!(
-        !within("renew_lease", s.renew_lease("missing", "y/3", T0, LEASE))
-            .await
-            .expect("ok")
+        !within(
+            "renew_lease",
+            s.renew_lease(&cid("missing"), &holder("y/3"), T0, LEASE)
+        )
+        .await
+        .expect("ok")
     );
     // Lapse: nobody renews; the sweeper sees it and anyone may attach.
     let until = T0 + 450 + LEASE;
@@ -433,23 +492,23 @@ async fn leases<S: CallStore>(s: &S) {
     // Release: the holder lets go, leaving one lease of grace for a reconnect.
     within(
         "release_lease",
-        s.release_lease("c1", "y/3", until + 10, LEASE),
+        s.release_lease(&cid("c1"), &holder("y/3"), until + 10, LEASE),
     )
     .await
     .expect("ok");
     assert_eq!(
-        get(s, "c1").await.lease_holder,
+        text(&get(s, "c1").await.lease_holder),
         "z/9",
         "only the holder releases"
     );
     within(
         "release_lease",
-        s.release_lease("c1", "z/9", until + 10, LEASE),
+        s.release_lease(&cid("c1"), &holder("z/9"), until + 10, LEASE),
     )
     .await
     .expect("ok");
     let got = get(s, "c1").await;
-    assert_eq!(got.lease_holder, "");
+    assert_eq!(text(&got.lease_holder), "");
     assert_eq!(got.lease_until_ms, until + 10 + LEASE);
     assert!(!got.lease_held(until + 10));
     assert_eq!(
@@ -459,11 +518,11 @@ async fn leases<S: CallStore>(s: &S) {
     );
     // Forgetting a lease takes it out of the sweeper's view only.
     assert_eq!(expired(s, i64::MAX).await, vec!["c1".to_owned()]);
-    within("forget_lease", s.forget_lease("c1"))
+    within("forget_lease", s.forget_lease(&cid("c1")))
         .await
         .expect("ok");
     assert!(expired(s, i64::MAX).await.is_empty());
-    assert_eq!(get(s, "c1").await.lease_holder, "w/5");
+    assert_eq!(text(&get(s, "c1").await.lease_holder), "w/5");
 }
 
 /// Each seq is stored once, in order: duplicates are acknowledged without effect, a gap
@@ -501,7 +560,7 @@ async fn event_append_with_sequence_gaps_and_duplicates<S: CallStore>(s: &S) {
     assert_eq!(got.usage[0], 10, "input tokens");
     assert_eq!(got.usage[8], 3, "one response per usage event");
     let read = |after: u64, limit: usize| async move {
-        within("read_events", s.read_events("c1", after, limit))
+        within("read_events", s.read_events(&cid("c1"), after, limit))
             .await
             .expect("ok")
             .iter()
@@ -512,7 +571,7 @@ async fn event_append_with_sequence_gaps_and_duplicates<S: CallStore>(s: &S) {
     assert_eq!(read(1, 100).await, vec![2, 3]);
     assert_eq!(read(0, 2).await, vec![1, 2]);
     assert!(read(3, 100).await.is_empty());
-    let stored = within("read_events", s.read_events("c1", 1, 1))
+    let stored = within("read_events", s.read_events(&cid("c1"), 1, 1))
         .await
         .expect("ok");
     assert_eq!(stored, vec![run[1].clone()], "stored as sent");
@@ -521,7 +580,7 @@ async fn event_append_with_sequence_gaps_and_duplicates<S: CallStore>(s: &S) {
         vec![AppendOutcome::NotFound]
     );
     assert!(
-        within("read_events", s.read_events("missing", 0, 10))
+        within("read_events", s.read_events(&cid("missing"), 0, 10))
             .await
             .expect("ok")
             .is_empty()
@@ -542,11 +601,11 @@ async fn hand_off_and_resume<S: CallStore>(s: &S) {
     assert_eq!(got.started_at_ms, T0 + 1000);
     assert_eq!(
         (
-            got.twilio_call_sid.as_str(),
-            got.stream_sid.as_str(),
-            got.relay_id.as_str()
+            text(&got.twilio_call_sid),
+            text(&got.stream_sid),
+            text(&got.relay_id)
         ),
-        ("CA100", "MZ1", "relay-1")
+        (sid("CA100").as_str(), "MZ1", "relay-1")
     );
     assert_eq!(
         append(
@@ -572,10 +631,10 @@ async fn hand_off_and_resume<S: CallStore>(s: &S) {
     );
     let got = get(s, "c1").await;
     assert_eq!(got.end_reason, None, "resumed");
-    assert_eq!(got.end_detail, "");
+    assert_eq!(text(&got.end_detail), "");
     assert_eq!(got.started_at_ms, T0 + 1000, "the first start is kept");
     assert_eq!(
-        (got.stream_sid.as_str(), got.relay_id.as_str()),
+        (text(&got.stream_sid), text(&got.relay_id)),
         ("MZ2", "relay-2")
     );
     assert_eq!(got.status, pb::CallStatus::InProgress);
@@ -606,10 +665,10 @@ async fn end_and_retention<S: CallStore>(s: &S) {
     let got = get(s, "c1").await;
     assert_eq!(got.status, pb::CallStatus::Completed);
     assert_eq!(got.end_reason, Some(pb::EndReason::Transferred));
-    assert_eq!(got.end_detail, "to sales");
-    assert_eq!(got.transfer_to, "+14155550199");
+    assert_eq!(text(&got.end_detail), "to sales");
+    assert_eq!(text(&got.transfer_to), "+14155550199");
     assert_eq!(got.ended_at_ms, T0 + 2000);
-    assert_eq!(got.lease_holder, "", "an ended call holds no lease");
+    assert_eq!(text(&got.lease_holder), "", "an ended call holds no lease");
     assert!(
         expired(s, i64::MAX).await.is_empty(),
         "nothing left to sweep"
@@ -630,9 +689,12 @@ async fn end_and_retention<S: CallStore>(s: &S) {
         )
     );
     assert_eq!(
-        within("admit_existing", s.admit_existing("c1", "CA1", "", ""))
-            .await
-            .expect("ok"),
+        within(
+            "admit_existing",
+            s.admit_existing(&cid("c1"), Some(&sid("CA1")), "", "")
+        )
+        .await
+        .expect("ok"),
         AdmitOutcome::Ended
     );
     assert_eq!(
@@ -691,10 +753,14 @@ async fn agent_versions<S: CallStore>(s: &S) {
     );
     assert!(create_agent(agent("a", 1, "A")).await);
     assert!(create_agent(agent("c", 1, "C")).await);
-    let stored = within("get_agent", s.get_agent("b")).await.expect("ok");
+    let stored = within("get_agent", s.get_agent(&aid("b")))
+        .await
+        .expect("ok");
     assert_eq!(stored, Some(agent("b", 1, "B")));
     assert_eq!(
-        within("get_agent", s.get_agent("z")).await.expect("ok"),
+        within("get_agent", s.get_agent(&aid("z")))
+            .await
+            .expect("ok"),
         None
     );
 
@@ -714,11 +780,14 @@ async fn agent_versions<S: CallStore>(s: &S) {
         "replacing needs the version read"
     );
     assert_eq!(replace(agent("z", 2, "Z"), 1).await, AgentCas::NotFound);
-    let stored = within("get_agent", s.get_agent("b")).await.expect("ok");
+    let stored = within("get_agent", s.get_agent(&aid("b")))
+        .await
+        .expect("ok");
     assert_eq!(stored, Some(agent("b", 2, "B2")));
 
     let list = |after: &'static str, limit: usize| async move {
-        within("list_agents", s.list_agents(after, limit))
+        let after = (!after.is_empty()).then(|| aid(after));
+        within("list_agents", s.list_agents(after.as_ref(), limit))
             .await
             .expect("ok")
             .into_iter()
@@ -729,17 +798,17 @@ async fn agent_versions<S: CallStore>(s: &S) {
     assert_eq!(list("", 2).await, vec!["a", "b"]);
     assert_eq!(list("a", 10).await, vec!["b", "c"]);
 
-    within("set_route", s.set_route("+14155550001", "b"))
+    within("set_route", s.set_route("+14155550001", &aid("b")))
         .await
         .expect("ok");
-    within("set_route", s.set_route("+14155550002", "c"))
+    within("set_route", s.set_route("+14155550002", &aid("c")))
         .await
         .expect("ok");
-    within("set_default_agent", s.set_default_agent(Some("b")))
+    within("set_default_agent", s.set_default_agent(Some(&aid("b"))))
         .await
         .expect("ok");
     let delete = |id: &'static str, expected: u64| async move {
-        within("delete_agent", s.delete_agent(id, expected))
+        within("delete_agent", s.delete_agent(&aid(id), expected))
             .await
             .expect("ok")
     };
@@ -752,7 +821,9 @@ async fn agent_versions<S: CallStore>(s: &S) {
         "0 deletes any version"
     );
     assert_eq!(
-        within("get_agent", s.get_agent("b")).await.expect("ok"),
+        within("get_agent", s.get_agent(&aid("b")))
+            .await
+            .expect("ok"),
         None
     );
     assert_eq!(list("", 10).await, vec!["a"]);
@@ -776,25 +847,25 @@ async fn number_routes<S: CallStore>(s: &S) {
     let route =
         |n: &'static str| async move { within("get_route", s.get_route(n)).await.expect("ok") };
     assert_eq!(route("+14155550001").await, None);
-    within("set_route", s.set_route("+14155550002", "b"))
+    within("set_route", s.set_route("+14155550002", &aid("b")))
         .await
         .expect("ok");
-    within("set_route", s.set_route("+14155550001", "a"))
+    within("set_route", s.set_route("+14155550001", &aid("a")))
         .await
         .expect("ok");
-    within("set_route", s.set_route("+14155550002", "c"))
+    within("set_route", s.set_route("+14155550002", &aid("c")))
         .await
         .expect("ok");
     assert_eq!(
-        route("+14155550002").await.as_deref(),
+        route("+14155550002").await.as_ref().map(AgentId::as_str),
         Some("c"),
         "replaced"
     );
     assert_eq!(
         within("list_routes", s.list_routes()).await.expect("ok"),
         vec![
-            ("+14155550001".to_owned(), "a".to_owned()),
-            ("+14155550002".to_owned(), "c".to_owned()),
+            ("+14155550001".to_owned(), aid("a")),
+            ("+14155550002".to_owned(), aid("c")),
         ],
         "by number"
     );
@@ -816,14 +887,14 @@ async fn number_routes<S: CallStore>(s: &S) {
             .expect("ok")
     };
     assert_eq!(default().await, None);
-    within("set_default_agent", s.set_default_agent(Some("a")))
+    within("set_default_agent", s.set_default_agent(Some(&aid("a"))))
         .await
         .expect("ok");
-    assert_eq!(default().await.as_deref(), Some("a"));
-    within("set_default_agent", s.set_default_agent(Some("c")))
+    assert_eq!(default().await.as_ref().map(AgentId::as_str), Some("a"));
+    within("set_default_agent", s.set_default_agent(Some(&aid("c"))))
         .await
         .expect("ok");
-    assert_eq!(default().await.as_deref(), Some("c"));
+    assert_eq!(default().await.as_ref().map(AgentId::as_str), Some("c"));
     within("set_default_agent", s.set_default_agent(None))
         .await
         .expect("ok");
@@ -837,14 +908,15 @@ async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
     let mut call = record("dialled", 1, "");
     call.dialed = true;
     create(s, &[call]).await;
+    let dialled_sid = CallSid::parse("sid", "CA0123456789abcdef0123456789abcdef").expect("valid");
     let update = |status: &str, seq: Option<u32>| TwilioUpdate {
-        sid: "CA0123456789abcdef0123456789abcdef".to_owned(),
-        status: status.to_owned(),
+        sid: Some(dialled_sid.clone()),
+        status: Some(TwilioCallStatus::from_name(status).expect("a Twilio status")),
         seq,
         ..TwilioUpdate::default()
     };
     let apply = |u: TwilioUpdate| async move {
-        within("record_twilio", s.record_twilio("dialled", &u))
+        within("record_twilio", s.record_twilio(&cid("dialled"), &u))
             .await
             .expect("store reachable")
     };
@@ -856,17 +928,20 @@ async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
     assert_eq!(apply(update("ringing", Some(1))).await, Some(false));
     let got = get(s, "dialled").await;
     assert!(got.dialed);
-    assert_eq!(got.twilio_status, "busy");
+    assert_eq!(got.twilio_status, Some(TwilioCallStatus::Busy));
     assert_eq!(got.twilio_seq, 3);
-    assert_eq!(got.twilio_call_sid, "CA0123456789abcdef0123456789abcdef");
+    assert_eq!(
+        text(&got.twilio_call_sid),
+        "CA0123456789abcdef0123456789abcdef"
+    );
     let refused = TwilioUpdate {
         error: Some((21211, "Invalid 'To' Phone Number".to_owned())),
-        answered_by: "machine_end_beep".to_owned(),
+        answered_by: Some("machine_end_beep".to_owned()),
         ..TwilioUpdate::default()
     };
     assert_eq!(apply(refused).await, Some(true));
     let later = TwilioUpdate {
-        answered_by: "human".to_owned(),
+        answered_by: Some("human".to_owned()),
         ..TwilioUpdate::default()
     };
     assert_eq!(apply(later).await, Some(false), "the first verdict stays");
@@ -875,11 +950,11 @@ async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
         (got.twilio_error_code, got.twilio_error_message.as_str()),
         (21211, "Invalid 'To' Phone Number")
     );
-    assert_eq!(got.answered_by, "machine_end_beep");
+    assert_eq!(text(&got.answered_by), "machine_end_beep");
     assert_eq!(
         within(
             "record_twilio",
-            s.record_twilio("missing", &update("ringing", None))
+            s.record_twilio(&cid("missing"), &update("ringing", None))
         )
         .await
         .expect("store reachable"),
@@ -889,18 +964,16 @@ async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
     create(s, &[record("inbound-ish", 2, "")]).await;
     within(
         "admit_existing",
-        s.admit_existing("inbound-ish", "CA00000000000000000000000000000abc", "", ""),
+        s.admit_existing(&cid("inbound-ish"), Some(&sid("CAabc")), "", ""),
     )
     .await
     .expect("ok");
     assert_eq!(
-        within(
-            "call_id_by_sid",
-            s.call_id_by_sid("CA00000000000000000000000000000abc")
-        )
-        .await
-        .expect("store reachable")
-        .as_deref(),
+        within("call_id_by_sid", s.call_id_by_sid(&sid("CAabc")))
+            .await
+            .expect("store reachable")
+            .as_ref()
+            .map(CallId::as_str),
         Some("inbound-ish")
     );
 }

@@ -33,6 +33,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+/// The Twilio call sid the test plays the relay for (Twilio's shape: `CA`, 32 hex digits).
+const NODE_SID: &str = "CA0000000000000000000000000000c0de";
 const APP_TOKEN: &str = "node-test-app-token";
 const RELAY_TOKEN: &str = "node-test-relay-token";
 const PUBLIC_URL: &str = "https://relay.node-test.example";
@@ -361,7 +363,7 @@ async fn node_client_creates_reads_and_watches_a_call() {
     let run = run_node(&control, APP_TOKEN, |call_id| {
         let control = &control;
         async move {
-            let command_id = act_as_relay(control, &call_id, "CAnodeclienttest0001").await;
+            let command_id = act_as_relay(control, &call_id, NODE_SID).await;
             (call_id, command_id)
         }
     })
@@ -396,7 +398,7 @@ async fn node_client_creates_reads_and_watches_a_call() {
     .into_inner();
     assert_eq!(call.status, pb::CallStatus::Completed as i32);
     assert_eq!(call.last_seq, 3);
-    assert_eq!(call.twilio_call_sid, "CAnodeclienttest0001");
+    assert_eq!(call.twilio_call_sid, NODE_SID);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1083,7 +1083,7 @@ async fn send_command_reaches_the_holder_whatever_node_its_channel_hashes_to() {
             .unwrap_or_else(|e| panic!("{e}"));
         let channel = connect(addr).await;
         let (call_id, mut relay) =
-            admitted_call(&channel, "repro", "+14155550123", &format!("CArepro{node}")).await;
+            admitted_call(&channel, "repro", "+14155550123", &format!("CA{node:032x}")).await;
         let mut calls = calls_client(&channel);
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tx.send(pb::AttachRequest {
@@ -1109,7 +1109,7 @@ async fn send_command_reaches_the_holder_whatever_node_its_channel_hashes_to() {
                 seq: 1,
                 at_ms: 1,
                 kind: Some(pb::call_event::Kind::Started(pb::Started {
-                    twilio_call_sid: format!("CArepro{node}"),
+                    twilio_call_sid: format!("CA{node:032x}"),
                     stream_sid: "MZrepro".to_owned(),
                     relay_id: "relay-repro".to_owned(),
                     resumed: false,
@@ -1199,6 +1199,9 @@ async fn hand_attach(
     (tx, down)
 }
 
+/// The Twilio call sid of the race case's call.
+const RACE_SID: &str = "CA00000000000000000000000000000ace";
+
 /// Regression test of a control race: on attach, control used to write the lease (naming
 /// itself) BEFORE it registered the stream in its local hub, with the context reads in
 /// between; a `SendCommand` in that window was accepted (the lease is held, this replica's
@@ -1221,7 +1224,7 @@ async fn a_command_accepted_while_a_stream_reattaches_reaches_it() {
         .unwrap_or_else(|e| panic!("{e}"));
     let channel = connect(addr).await;
     let calls = calls_client(&channel);
-    let (call_id, mut relay) = admitted_call(&channel, "race", "+14155550124", "CArace").await;
+    let (call_id, mut relay) = admitted_call(&channel, "race", "+14155550124", RACE_SID).await;
 
     // First stream: `started` and a long conversation, all acknowledged, then the relay's
     // connection drops (no `ended`): the call stays live, its lease is released.
@@ -1231,7 +1234,7 @@ async fn a_command_accepted_while_a_stream_reattaches_reaches_it() {
         for seq in 1..=HISTORY {
             let kind = if seq == 1 {
                 pb::call_event::Kind::Started(pb::Started {
-                    twilio_call_sid: "CArace".to_owned(),
+                    twilio_call_sid: RACE_SID.to_owned(),
                     stream_sid: "MZrace".to_owned(),
                     relay_id: "relay-repro".to_owned(),
                     resumed: false,

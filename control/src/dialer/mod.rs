@@ -11,10 +11,12 @@
 use callbridge_proto::pb;
 
 use crate::domain::call::{is_final, now_ms};
+use crate::domain::ids::{CallId, CallSid};
 use crate::domain::record::CallRecord;
+use crate::domain::twilio::{self, TwilioCallStatus};
 use crate::error::Error;
 use crate::service::Shared;
-use crate::store::{AppendOutcome, CallStore, TwilioUpdate, twilio_rank};
+use crate::store::{AppendOutcome, CallStore, TwilioUpdate};
 use crate::twilio_rest::{CreateCall, TwilioError, TwilioRest, UpdateCall};
 
 /// The Twilio events a dialled call reports.
@@ -38,15 +40,53 @@ pub(crate) fn dialer<S>(shared: &Shared<S>) -> Result<(&TwilioRest, &str), Error
     Ok((twilio, base))
 }
 
-/// A Twilio call sid: `CA` and 32 hex digits.
-pub(crate) fn check_sid(field: &str, sid: &str) -> Result<(), Error> {
-    if sid.len() == 34 && sid.starts_with("CA") && sid[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            field,
-            "not a Twilio call sid (CA + 32 hex digits)",
-        ))
+/// A status or AMD callback the relay forwarded (`Relay.ReportTwilioStatus`), checked.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Report {
+    /// The call (`?callId=` of a call control dialled); `None`: found by `sid`.
+    pub(crate) call_id: Option<CallId>,
+    /// Twilio's sid of the call; always there when `call_id` is not.
+    pub(crate) sid: Option<CallSid>,
+    /// `CallStatus`; `None` for an AMD callback.
+    pub(crate) status: Option<TwilioCallStatus>,
+    pub(crate) sequence_number: u32,
+    pub(crate) call_duration_secs: u32,
+    pub(crate) sip_response_code: u32,
+    /// `AnsweredBy` of an AMD callback.
+    pub(crate) answered_by: Option<String>,
+    /// `ErrorCode` and `ErrorMessage`, when Twilio sent a code.
+    pub(crate) error: Option<(u32, String)>,
+}
+
+impl Report {
+    /// Checks a report's fields, naming the first bad one.
+    pub(crate) fn parse(req: pb::TwilioStatusReport) -> Result<Self, Error> {
+        let (call_id, sid) = if req.call_id.is_empty() {
+            let sid = CallSid::parse("twilio_call_sid", req.twilio_call_sid)?;
+            (None, Some(sid))
+        } else {
+            let call_id = CallId::parse("call_id", req.call_id)?;
+            (
+                Some(call_id),
+                CallSid::parse_optional("twilio_call_sid", req.twilio_call_sid)?,
+            )
+        };
+        if req.call_status.is_empty() && req.answered_by.is_empty() {
+            return Err(Error::invalid(
+                "call_status",
+                "a report needs a call status or an answering-machine verdict",
+            ));
+        }
+        Ok(Report {
+            call_id,
+            sid,
+            status: TwilioCallStatus::parse_optional("call_status", &req.call_status)?,
+            sequence_number: req.sequence_number,
+            call_duration_secs: req.call_duration_secs,
+            sip_response_code: req.sip_response_code,
+            answered_by: (!req.answered_by.is_empty()).then_some(req.answered_by),
+            error: (req.error_code > 0).then_some((req.error_code, req.error_message)),
+        })
     }
 }
 
@@ -85,8 +125,8 @@ pub(crate) fn check_dial(
 }
 
 /// The relay URL Twilio posts status (and AMD) callbacks of `call_id` to.
-pub(crate) fn status_callback_url(base: &str, call_id: &str) -> String {
-    callbridge_proto::paths::status_callback(base, Some(call_id))
+pub(crate) fn status_callback_url(base: &str, call_id: &CallId) -> String {
+    callbridge_proto::paths::status_callback(base, Some(call_id.as_str()))
 }
 
 /// The Twilio create request for a stored call.
@@ -100,7 +140,7 @@ pub(crate) fn create_request(base: &str, call: &CallRecord, dial: &pb::DialOptio
     CreateCall {
         to: call.to.clone(),
         from: call.from.clone(),
-        url: callbridge_proto::paths::voice_webhook(base, Some(&call.call_id)),
+        url: callbridge_proto::paths::voice_webhook(base, Some(call.call_id.as_str())),
         status_callback: Some(callback),
         status_callback_events: EVENTS.to_vec(),
         timeout_secs: (dial.timeout_secs > 0).then_some(dial.timeout_secs),
@@ -122,13 +162,18 @@ pub(crate) async fn place<S: CallStore>(
     match twilio.create_call(&request).await {
         Ok(created) => {
             tracing::info!(call_id = %call.call_id, sid = %created.sid, "Twilio is placing the call.");
+            // Twilio's answer, not a client's input: what does not parse is not recorded
+            // (the status callbacks will say it again).
+            let sid = CallSid::parse("sid", created.sid)
+                .map_err(|err| tracing::warn!(error = %err, "Twilio answered an odd sid."))
+                .ok();
             shared
                 .store
                 .record_twilio(
                     &call.call_id,
                     &TwilioUpdate {
-                        sid: created.sid,
-                        status: created.status,
+                        sid,
+                        status: TwilioCallStatus::from_name(&created.status),
                         ..TwilioUpdate::default()
                     },
                 )
@@ -145,7 +190,7 @@ pub(crate) async fn place<S: CallStore>(
                 .record_twilio(
                     &call.call_id,
                     &TwilioUpdate {
-                        status: "failed".into(),
+                        status: Some(TwilioCallStatus::Failed),
                         error: Some((code, message.clone())),
                         ..TwilioUpdate::default()
                     },
@@ -162,23 +207,11 @@ pub(crate) async fn place<S: CallStore>(
     Ok(())
 }
 
-/// The end reason of a final Twilio status.
-fn end_reason(twilio_status: &str) -> Option<pb::EndReason> {
-    Some(match twilio_status {
-        "busy" => pb::EndReason::DialBusy,
-        "no-answer" => pb::EndReason::DialNoAnswer,
-        "failed" => pb::EndReason::DialFailed,
-        "canceled" => pb::EndReason::DialCanceled,
-        "completed" => pb::EndReason::DialCompleted,
-        _ => return None,
-    })
-}
-
 /// Ends a call with a final `ended` event, unless a stream holds its lease (that stream
 /// ends it) or it has ended already. Returns whether this call ended it.
 async fn end_without_stream<S: CallStore>(
     shared: &Shared<S>,
-    call_id: &str,
+    call_id: &CallId,
     reason: pb::EndReason,
     detail: String,
 ) -> Result<bool, Error> {
@@ -189,7 +222,7 @@ async fn end_without_stream<S: CallStore>(
             return Ok(false);
         }
         let event = pb::CallEvent {
-            call_id: call_id.to_owned(),
+            call_id: call_id.to_string(),
             seq: call.last_seq + 1,
             at_ms: now,
             kind: Some(pb::call_event::Kind::Ended(pb::Ended {
@@ -201,12 +234,9 @@ async fn end_without_stream<S: CallStore>(
         // A call that never had a stream has no lease to wait for (and no stream will
         // come after a final Twilio status); one that had a stream must have lost it.
         let condition = (call.lease_until_ms > 0).then_some(now + 1);
-        match shared
-            .record_event(&call.campaign_id, &event, condition)
-            .await
-        {
+        match shared.record_event(&call, &event, condition).await {
             Ok(AppendOutcome::Stored) => {
-                tracing::info!(call_id, ?reason, "Dialled call ended without a stream.");
+                tracing::info!(%call_id, ?reason, "Dialled call ended without a stream.");
                 return Ok(true);
             }
             // A relay event took the seq, or a stream attached: look again.
@@ -220,52 +250,50 @@ async fn end_without_stream<S: CallStore>(
 /// Applies a status or AMD callback the relay forwarded. Whether it changed anything.
 pub(crate) async fn apply_report<S: CallStore>(
     shared: &Shared<S>,
-    report: &pb::TwilioStatusReport,
+    report: &Report,
 ) -> Result<bool, Error> {
-    let call_id = if report.call_id.is_empty() {
-        match shared.store.call_id_by_sid(&report.twilio_call_sid).await? {
+    let call_id = match (&report.call_id, &report.sid) {
+        (Some(call_id), _) => call_id.clone(),
+        (None, Some(sid)) => match shared.store.call_id_by_sid(sid).await? {
             Some(id) => id,
             // A callback for a call control never saw (another system's call on the
             // same account, or one long expired): nothing to do.
             None => return Ok(false),
-        }
-    } else {
-        report.call_id.clone()
+        },
+        (None, None) => return Ok(false),
     };
     let call = shared.call(&call_id).await?;
-    if !call.twilio_call_sid.is_empty()
-        && !report.twilio_call_sid.is_empty()
-        && call.twilio_call_sid != report.twilio_call_sid
+    if let (Some(stored), Some(reported)) = (&call.twilio_call_sid, &report.sid)
+        && stored != reported
     {
-        return Err(Error::WrongTwilioCall(call_id));
+        return Err(Error::WrongTwilioCall(call_id.to_string()));
     }
-    let error = (report.error_code > 0).then(|| (report.error_code, report.error_message.clone()));
     let changed = shared
         .store
         .record_twilio(
             &call_id,
             &TwilioUpdate {
-                sid: report.twilio_call_sid.clone(),
-                status: report.call_status.clone(),
-                seq: (!report.call_status.is_empty()).then_some(report.sequence_number),
-                error,
+                sid: report.sid.clone(),
+                status: report.status,
+                seq: report.status.map(|_| report.sequence_number),
+                error: report.error.clone(),
                 answered_by: report.answered_by.clone(),
             },
         )
         .await?
-        .ok_or_else(|| Error::CallNotFound(call_id.clone()))?;
-    if !report.answered_by.is_empty() {
-        tracing::info!(call_id = %call_id, answered_by = %report.answered_by, "Answering-machine verdict.");
+        .ok_or_else(|| Error::CallNotFound(call_id.to_string()))?;
+    if let Some(answered_by) = &report.answered_by {
+        tracing::info!(call_id = %call_id, answered_by = %answered_by, "Answering-machine verdict.");
     }
     // A final status ends a call that has no stream; the rank check makes a stale or
     // repeated callback a no-op.
     let mut ended = false;
-    if twilio_rank(&report.call_status) == 4
-        && let Some(reason) = end_reason(&report.call_status)
+    if let Some(status) = report.status
+        && let Some(reason) = status.end_reason()
     {
         let detail = match (report.sip_response_code, report.call_duration_secs) {
-            (0, secs) => format!("twilio {} after {secs} s", report.call_status),
-            (sip, secs) => format!("twilio {} (SIP {sip}) after {secs} s", report.call_status),
+            (0, secs) => format!("twilio {status} after {secs} s"),
+            (sip, secs) => format!("twilio {status} (SIP {sip}) after {secs} s"),
         };
         ended = end_without_stream(shared, &call_id, reason, detail).await?;
     }
@@ -282,28 +310,28 @@ pub(crate) async fn hang_up<S: CallStore>(
     let Some(twilio) = shared.twilio.as_ref() else {
         return Ok(false);
     };
-    if call.twilio_call_sid.is_empty()
-        || is_final(call.status)
-        || twilio_rank(&call.twilio_status) == 4
-    {
+    let Some(sid) = &call.twilio_call_sid else {
+        return Ok(false);
+    };
+    if is_final(call.status) || call.twilio_status.is_some_and(TwilioCallStatus::is_final) {
         return Ok(false);
     }
-    let update = if twilio_rank(&call.twilio_status) >= 3 {
+    let update = if twilio::rank(call.twilio_status) >= 3 {
         UpdateCall::Complete
     } else {
         UpdateCall::Cancel
     };
-    let answer = match twilio.update_call(&call.twilio_call_sid, &update).await {
+    let answer = match twilio.update_call(sid.as_str(), &update).await {
         Ok(answer) => answer,
         Err(source) if source.is_refusal() => {
             return Err(Error::TwilioRefused {
-                call_id: call.call_id.clone(),
+                call_id: call.call_id.to_string(),
                 source,
             });
         }
         Err(source) => {
             return Err(Error::TwilioUnavailable {
-                call_id: call.call_id.clone(),
+                call_id: call.call_id.to_string(),
                 source,
             });
         }
@@ -312,12 +340,15 @@ pub(crate) async fn hang_up<S: CallStore>(
     // Twilio's answer already says how it ended; its callback will say it again.
     apply_report(
         shared,
-        &pb::TwilioStatusReport {
-            call_id: call.call_id.clone(),
-            twilio_call_sid: call.twilio_call_sid.clone(),
-            call_status: answer.status,
+        &Report {
+            call_id: Some(call.call_id.clone()),
+            sid: Some(sid.clone()),
+            status: TwilioCallStatus::from_name(&answer.status),
             sequence_number: call.twilio_seq,
-            ..Default::default()
+            call_duration_secs: 0,
+            sip_response_code: 0,
+            answered_by: None,
+            error: None,
         },
     )
     .await?;
@@ -331,10 +362,15 @@ mod tests {
     #[test]
     fn create_request_points_twilio_at_the_relay() {
         let call = CallRecord {
-            call_id: "c1".into(),
             to: "+14155550123".into(),
             from: "+14155550100".into(),
-            ..Default::default()
+            ..CallRecord::new(
+                CallId::parse("call_id", "c1").expect("valid"),
+                crate::domain::ids::AgentId::parse("agent_id", "a").expect("valid"),
+                pb::Direction::Outbound,
+                pb::CallStatus::Created,
+                0,
+            )
         };
         let dial = pb::DialOptions {
             timeout_secs: 20,
@@ -359,12 +395,51 @@ mod tests {
     }
 
     #[test]
-    fn final_statuses_have_end_reasons() {
-        assert_eq!(end_reason("busy"), Some(pb::EndReason::DialBusy));
-        assert_eq!(end_reason("no-answer"), Some(pb::EndReason::DialNoAnswer));
-        assert_eq!(end_reason("ringing"), None);
-        assert_eq!(twilio_rank("initiated"), twilio_rank("queued"));
-        assert!(twilio_rank("ringing") < twilio_rank("in-progress"));
-        assert!(twilio_rank("in-progress") < twilio_rank("completed"));
+    fn reports_are_checked_field_by_field() {
+        let sid = "CA0123456789abcdef0123456789abcdef";
+        let by_sid = Report::parse(pb::TwilioStatusReport {
+            twilio_call_sid: sid.into(),
+            call_status: "no-answer".into(),
+            sequence_number: 3,
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(by_sid.call_id, None);
+        assert_eq!(by_sid.sid.as_ref().map(CallSid::as_str), Some(sid));
+        assert_eq!(by_sid.status, Some(TwilioCallStatus::NoAnswer));
+        let refused = |report: pb::TwilioStatusReport| {
+            Report::parse(report).expect_err("refused").to_string()
+        };
+        assert_eq!(
+            refused(pb::TwilioStatusReport {
+                twilio_call_sid: "CA1".into(),
+                call_status: "busy".into(),
+                ..Default::default()
+            }),
+            "twilio_call_sid: not a Twilio call sid (CA + 32 hex digits)"
+        );
+        assert_eq!(
+            refused(pb::TwilioStatusReport {
+                call_id: "c 1".into(),
+                call_status: "busy".into(),
+                ..Default::default()
+            }),
+            "call_id: 'c 1' must be 1..=64 of [a-zA-Z0-9_-]"
+        );
+        assert_eq!(
+            refused(pb::TwilioStatusReport {
+                call_id: "c1".into(),
+                ..Default::default()
+            }),
+            "call_status: a report needs a call status or an answering-machine verdict"
+        );
+        assert_eq!(
+            refused(pb::TwilioStatusReport {
+                call_id: "c1".into(),
+                call_status: "on-hold".into(),
+                ..Default::default()
+            }),
+            "call_status: unknown Twilio call status 'on-hold'"
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use callbridge_proto::pb;
 use pb::call_event::Kind;
 
-use super::record::{self, CallRecord, EventEffects, UsageCounters};
+use super::ids::{CallSid, RelayId, StreamSid, or_empty};
+use super::record::{self, CallRecord, EndedEffect, EventEffects, StartedEffect, UsageCounters};
 use crate::error::Error;
 
 /// Position of a status in the one-way order; all final statuses share the top rank.
@@ -36,7 +37,8 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// What storing `event` changes on its call. Refuses events without a kind.
+/// What storing `event` changes on its call. Refuses events without a kind, and ids in a
+/// `started` event that are not ids.
 pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
     let kind = event
         .kind
@@ -53,11 +55,20 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
     match kind {
         Kind::Started(started) => {
             effects.new_status = Some(pb::CallStatus::InProgress);
-            effects.started = Some((
-                started.twilio_call_sid.clone(),
-                started.stream_sid.clone(),
-                started.relay_id.clone(),
-            ));
+            effects.started = Some(StartedEffect {
+                twilio_call_sid: CallSid::parse_optional(
+                    "event.started.twilio_call_sid",
+                    started.twilio_call_sid.as_str(),
+                )?,
+                stream_sid: StreamSid::parse_optional(
+                    "event.started.stream_sid",
+                    started.stream_sid.as_str(),
+                )?,
+                relay_id: RelayId::parse_optional(
+                    "event.started.relay_id",
+                    started.relay_id.as_str(),
+                )?,
+            });
         }
         Kind::Ended(ended) => {
             let reason = record::end_reason(ended.reason).unwrap_or(pb::EndReason::Unspecified);
@@ -74,7 +85,11 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
                     _ => pb::CallStatus::Completed,
                 };
                 effects.new_status = Some(status);
-                effects.ended = Some((reason, ended.detail.clone(), ended.transfer_to.clone()));
+                effects.ended = Some(EndedEffect {
+                    reason,
+                    detail: ended.detail.clone(),
+                    transfer_to: ended.transfer_to.clone(),
+                });
             }
         }
         Kind::Usage(usage) => effects.usage = Some(usage_counters(usage)),
@@ -134,33 +149,36 @@ pub fn add_usage(a: &mut pb::Usage, b: &pb::Usage) {
     a.calls += b.calls;
 }
 
-/// The API view of a stored call.
+/// The API view of a stored call: where the typed ids become proto strings again
+/// (none as "").
 pub fn call_to_pb(call: &CallRecord) -> pb::Call {
     pb::Call {
-        call_id: call.call_id.clone(),
-        agent_id: call.agent_id.clone(),
+        call_id: call.call_id.to_string(),
+        agent_id: call.agent_id.to_string(),
         direction: call.direction as i32,
         status: call.status as i32,
         from: call.from.clone(),
         to: call.to.clone(),
-        campaign_id: call.campaign_id.clone(),
-        twilio_call_sid: call.twilio_call_sid.clone(),
-        stream_sid: call.stream_sid.clone(),
-        relay_id: call.relay_id.clone(),
+        campaign_id: or_empty(call.campaign_id.as_ref()).to_owned(),
+        twilio_call_sid: or_empty(call.twilio_call_sid.as_ref()).to_owned(),
+        stream_sid: or_empty(call.stream_sid.as_ref()).to_owned(),
+        relay_id: or_empty(call.relay_id.as_ref()).to_owned(),
         created_at_ms: call.created_at_ms,
         started_at_ms: call.started_at_ms,
         ended_at_ms: call.ended_at_ms,
         end_reason: call.end_reason.map_or(0, |r| r as i32),
-        end_detail: call.end_detail.clone(),
+        end_detail: call.end_detail.clone().unwrap_or_default(),
         metadata: call.metadata.clone().into_iter().collect(),
         usage: Some(usage_of(call)),
         last_seq: call.last_seq,
-        transfer_to: call.transfer_to.clone(),
+        transfer_to: call.transfer_to.clone().unwrap_or_default(),
         dialed: call.dialed,
-        twilio_status: call.twilio_status.clone(),
+        twilio_status: call
+            .twilio_status
+            .map_or_else(String::new, |s| s.as_str().to_owned()),
         twilio_error_code: call.twilio_error_code,
         twilio_error_message: call.twilio_error_message.clone(),
-        answered_by: call.answered_by.clone(),
+        answered_by: call.answered_by.clone().unwrap_or_default(),
     }
 }
 
@@ -242,8 +260,8 @@ pub fn after(
     let reason = call.end_reason.unwrap_or(pb::EndReason::Unspecified);
     if is_final(call.status) {
         return match reason {
-            pb::EndReason::Transferred if !call.transfer_to.is_empty() => {
-                Next::DialNumber(call.transfer_to.clone())
+            pb::EndReason::Transferred if call.transfer_to.is_some() => {
+                Next::DialNumber(call.transfer_to.clone().unwrap_or_default())
             }
             // DRAIN: a relay shut down before it found a quiet moment to hand the call
             // off; the caller is better off with the agent's fallback than a hang-up.
@@ -269,6 +287,7 @@ pub fn after(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::{AgentId, CallId, LeaseHolder};
 
     fn ev(seq: u64, kind: Kind) -> pb::CallEvent {
         pb::CallEvent {
@@ -316,6 +335,49 @@ mod tests {
         assert!(handoff.handoff && handoff.ended.is_none());
         let err = event_effects(&pb::CallEvent::default()).expect_err("no kind");
         assert!(err.to_string().contains("event.kind"));
+    }
+
+    #[test]
+    fn started_events_carry_checked_ids() {
+        let started = |sid: &str, stream: &str| {
+            event_effects(&ev(
+                1,
+                Kind::Started(pb::Started {
+                    twilio_call_sid: sid.into(),
+                    stream_sid: stream.into(),
+                    relay_id: "relay-1".into(),
+                    resumed: false,
+                }),
+            ))
+        };
+        let sid = "CA0123456789abcdef0123456789abcdef";
+        let effects = started(sid, "MZ1").expect("valid");
+        assert_eq!(effects.new_status, Some(pb::CallStatus::InProgress));
+        let got = effects.started.expect("a started effect");
+        assert_eq!(
+            got.twilio_call_sid.map(CallSid::into_string).as_deref(),
+            Some(sid)
+        );
+        assert_eq!(
+            got.stream_sid.map(StreamSid::into_string).as_deref(),
+            Some("MZ1")
+        );
+        let none = started("", "").expect("absent ids are none").started;
+        assert_eq!(
+            none.map(|s| (s.twilio_call_sid, s.stream_sid)),
+            Some((None, None))
+        );
+        let err = started("CA1", "MZ1").expect_err("not a sid");
+        assert!(
+            err.to_string()
+                .starts_with("event.started.twilio_call_sid:"),
+            "{err}"
+        );
+        let err = started(sid, "MZ 1").expect_err("not an id");
+        assert!(
+            err.to_string().starts_with("event.started.stream_sid:"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -380,11 +442,20 @@ mod tests {
     #[test]
     fn after_follows_the_contract_notes() {
         use pb::after_response::Next;
+        let blank = || {
+            CallRecord::new(
+                CallId::parse("call_id", "c").expect("valid"),
+                AgentId::parse("agent_id", "a").expect("valid"),
+                pb::Direction::Inbound,
+                pb::CallStatus::Created,
+                0,
+            )
+        };
         let mut call = CallRecord {
             status: pb::CallStatus::Completed,
             end_reason: Some(pb::EndReason::Transferred),
-            transfer_to: "+15550001111".into(),
-            ..Default::default()
+            transfer_to: Some("+15550001111".into()),
+            ..blank()
         };
         assert_eq!(
             after(&call, None, 0),
@@ -399,11 +470,11 @@ mod tests {
         let live_unleased = CallRecord {
             status: pb::CallStatus::InProgress,
             lease_until_ms: 10,
-            ..Default::default()
+            ..blank()
         };
         assert!(matches!(after(&live_unleased, None, 100), Next::Resume(_)));
         let live_leased = CallRecord {
-            lease_holder: "r/1".into(),
+            lease_holder: Some(LeaseHolder::new("r", "1")),
             lease_until_ms: 1000,
             ..live_unleased
         };

@@ -1,6 +1,9 @@
-//! The control plane's domain, free of gRPC and storage: what a call is ([`record`]) and
-//! the rules of its life ([`call`]). The services and the stores import it; it imports
+//! The control plane's domain, free of gRPC and storage: the ids a call is made of
+//! ([`ids`]), what a call is ([`record`]), the rules of its life ([`call`]) and of
+//! Twilio's view of it ([`twilio`]). The services and the stores import it; it imports
 //! neither.
 
 pub mod call;
+pub mod ids;
 pub mod record;
+pub mod twilio;

@@ -6,16 +6,20 @@ use std::collections::BTreeMap;
 
 use callbridge_proto::pb;
 
+use super::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamSid};
+use super::twilio::TwilioCallStatus;
+
 /// Usage counters kept per call, in the order of `store::USAGE_FIELDS`.
 pub type UsageCounters = [u64; 9];
 
-/// One call as stored.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// One call as stored. An id that may be absent is an `Option` (the store writes none
+/// as an empty field).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CallRecord {
     /// Call id.
-    pub call_id: String,
+    pub call_id: CallId,
     /// Agent id.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Inbound or outbound.
     pub direction: pb::Direction,
     /// Where the call is in its life.
@@ -25,13 +29,13 @@ pub struct CallRecord {
     /// Called number.
     pub to: String,
     /// Campaign, if any.
-    pub campaign_id: String,
-    /// Twilio call sid.
-    pub twilio_call_sid: String,
-    /// Twilio stream sid.
-    pub stream_sid: String,
+    pub campaign_id: Option<CampaignId>,
+    /// Twilio call sid, once known.
+    pub twilio_call_sid: Option<CallSid>,
+    /// Twilio stream sid, once a stream started.
+    pub stream_sid: Option<StreamSid>,
     /// Relay that holds or last held the attach stream.
-    pub relay_id: String,
+    pub relay_id: Option<RelayId>,
     /// Creation time (ms).
     pub created_at_ms: i64,
     /// First `started` event time (ms).
@@ -40,47 +44,107 @@ pub struct CallRecord {
     pub ended_at_ms: i64,
     /// Why it ended (or was handed off); `None` while it never did.
     pub end_reason: Option<pb::EndReason>,
-    /// End detail.
-    pub end_detail: String,
+    /// End detail, if the end said one.
+    pub end_detail: Option<String>,
     /// Transfer target when ended by a transfer.
-    pub transfer_to: String,
+    pub transfer_to: Option<String>,
     /// Application metadata.
     pub metadata: BTreeMap<String, String>,
     /// Newest stored event seq.
     pub last_seq: u64,
-    /// Attach stream holding the lease (`replica/stream`), empty when released.
-    pub lease_holder: String,
+    /// Attach stream holding the lease; `None` when released.
+    pub lease_holder: Option<LeaseHolder>,
     /// Relay id of the lease holder.
-    pub lease_relay: String,
+    pub lease_relay: Option<RelayId>,
     /// When the lease runs out (ms); 0 if never attached.
     pub lease_until_ms: i64,
     /// Usage totals.
     pub usage: UsageCounters,
     /// Control placed the call through Twilio's REST API.
     pub dialed: bool,
-    /// Twilio's own status (`queued` … `canceled`), newest by Twilio's order.
-    pub twilio_status: String,
+    /// Twilio's own status, newest by Twilio's order.
+    pub twilio_status: Option<TwilioCallStatus>,
     /// Highest `SequenceNumber` of the status callbacks seen.
     pub twilio_seq: u32,
     /// Twilio's error code / message when it refused the call.
     pub twilio_error_code: u32,
     pub twilio_error_message: String,
     /// Answering-machine verdict.
-    pub answered_by: String,
+    pub answered_by: Option<String>,
 }
 
 impl CallRecord {
-    /// The replica id part of the lease holder.
+    /// A call with nothing known yet but its ids, direction, status and creation time.
+    pub fn new(
+        call_id: CallId,
+        agent_id: AgentId,
+        direction: pb::Direction,
+        status: pb::CallStatus,
+        created_at_ms: i64,
+    ) -> Self {
+        CallRecord {
+            call_id,
+            agent_id,
+            direction,
+            status,
+            from: String::new(),
+            to: String::new(),
+            campaign_id: None,
+            twilio_call_sid: None,
+            stream_sid: None,
+            relay_id: None,
+            created_at_ms,
+            started_at_ms: 0,
+            ended_at_ms: 0,
+            end_reason: None,
+            end_detail: None,
+            transfer_to: None,
+            metadata: BTreeMap::new(),
+            last_seq: 0,
+            lease_holder: None,
+            lease_relay: None,
+            lease_until_ms: 0,
+            usage: [0; 9],
+            dialed: false,
+            twilio_status: None,
+            twilio_seq: 0,
+            twilio_error_code: 0,
+            twilio_error_message: String::new(),
+            answered_by: None,
+        }
+    }
+
+    /// The control replica whose attach stream holds the lease ("" if none does).
     pub fn lease_replica(&self) -> &str {
-        self.lease_holder
-            .split_once('/')
-            .map_or("", |(replica, _)| replica)
+        self.lease_holder.as_ref().map_or("", LeaseHolder::replica)
     }
 
     /// Whether an attach stream holds the lease at `now_ms`.
     pub fn lease_held(&self, now_ms: i64) -> bool {
-        !self.lease_holder.is_empty() && self.lease_until_ms > now_ms
+        self.lease_holder.is_some() && self.lease_until_ms > now_ms
     }
+}
+
+/// What a `started` event records on its call (each only when the event carries it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StartedEffect {
+    /// Twilio's call sid.
+    pub twilio_call_sid: Option<CallSid>,
+    /// Twilio's stream sid.
+    pub stream_sid: Option<StreamSid>,
+    /// The relay carrying the stream.
+    pub relay_id: Option<RelayId>,
+}
+
+/// What a final `ended` event records on its call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedEffect {
+    /// Why it ended.
+    pub reason: pb::EndReason,
+    /// The relay's detail ("" when none).
+    pub detail: String,
+    /// Transfer target ("" when none).
+    pub transfer_to: String,
 }
 
 /// What storing an event changes on the call, decided by the domain.
@@ -88,10 +152,10 @@ impl CallRecord {
 pub struct EventEffects {
     /// Status to move to (only applied if it moves forward).
     pub new_status: Option<pb::CallStatus>,
-    /// A `started` event: sid, stream sid, relay id, at.
-    pub started: Option<(String, String, String)>,
-    /// A final `ended` event: reason, detail, transfer target.
-    pub ended: Option<(pb::EndReason, String, String)>,
+    /// A `started` event.
+    pub started: Option<StartedEffect>,
+    /// A final `ended` event.
+    pub ended: Option<EndedEffect>,
     /// A `HANDOFF` end: records the reason but keeps the call live.
     pub handoff: bool,
     /// Usage to add.

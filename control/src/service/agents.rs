@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Shared, decode_token, encode_token};
 use crate::domain::call::now_ms;
+use crate::domain::ids::AgentId;
 use crate::error::Error;
 use crate::store::{AgentCas, CallStore};
 use crate::validate;
@@ -17,12 +18,12 @@ pub(crate) struct AgentsApi<S>(pub(crate) Arc<Shared<S>>);
 
 const SERVICE: &str = "Agents";
 
-fn cas(outcome: AgentCas, agent_id: &str, expected: u64) -> Result<(), Error> {
+fn cas(outcome: AgentCas, agent_id: &AgentId, expected: u64) -> Result<(), Error> {
     match outcome {
         AgentCas::Done => Ok(()),
-        AgentCas::NotFound => Err(Error::AgentNotFound(agent_id.to_owned())),
+        AgentCas::NotFound => Err(Error::AgentNotFound(agent_id.to_string())),
         AgentCas::Conflict { current } => Err(Error::VersionConflict {
-            agent_id: agent_id.to_owned(),
+            agent_id: agent_id.to_string(),
             current,
             expected,
         }),
@@ -38,16 +39,14 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "CreateAgent", "", async {
-                let agent_id = if req.agent_id.is_empty() {
-                    uuid::Uuid::new_v4().simple().to_string()
-                } else {
-                    validate::ident("agent_id", &req.agent_id, 64)?;
-                    req.agent_id
+                let agent_id = match AgentId::parse_optional("agent_id", req.agent_id)? {
+                    Some(agent_id) => agent_id,
+                    None => AgentId::generate(),
                 };
                 let settings = validate::agent_settings(req.settings)?;
                 let now = now_ms();
                 let agent = pb::Agent {
-                    agent_id,
+                    agent_id: agent_id.into_string(),
                     version: 1,
                     settings: Some(settings),
                     created_at_ms: now,
@@ -69,7 +68,7 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "ReplaceAgent", "", async {
-                validate::ident("agent_id", &req.agent_id, 64)?;
+                let agent_id = AgentId::parse("agent_id", req.agent_id)?;
                 let settings = validate::agent_settings(req.settings)?;
                 if req.expected_version == 0 {
                     return Err(Error::invalid(
@@ -77,9 +76,9 @@ impl<S: CallStore> Agents for AgentsApi<S> {
                         "is required (the version you read)",
                     ));
                 }
-                let current = self.0.agent(&req.agent_id).await?;
+                let current = self.0.agent(&agent_id).await?;
                 let agent = pb::Agent {
-                    agent_id: req.agent_id.clone(),
+                    agent_id: agent_id.to_string(),
                     version: req.expected_version + 1,
                     settings: Some(settings),
                     created_at_ms: current.created_at_ms,
@@ -90,7 +89,7 @@ impl<S: CallStore> Agents for AgentsApi<S> {
                     .store
                     .replace_agent(&agent, req.expected_version)
                     .await?;
-                cas(outcome, &req.agent_id, req.expected_version)?;
+                cas(outcome, &agent_id, req.expected_version)?;
                 Ok(agent)
             })
             .await
@@ -103,8 +102,8 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "GetAgent", "", async {
-                validate::ident("agent_id", &req.agent_id, 64)?;
-                self.0.agent(&req.agent_id).await
+                let agent_id = AgentId::parse("agent_id", req.agent_id.as_str())?;
+                self.0.agent(&agent_id).await
             })
             .await
     }
@@ -118,13 +117,14 @@ impl<S: CallStore> Agents for AgentsApi<S> {
             .rpc(SERVICE, "ListAgents", "", async {
                 let limit = validate::page_size("page_size", req.page_size)?;
                 let after = if req.page_token.is_empty() {
-                    String::new()
+                    None
                 } else {
-                    decode_token(&req.page_token)
-                        .ok_or_else(|| Error::invalid("page_token", "not a token from this API"))?
+                    let not_ours = || Error::invalid("page_token", "not a token from this API");
+                    let id = decode_token(&req.page_token).ok_or_else(not_ours)?;
+                    Some(AgentId::parse("page_token", id).map_err(|_| not_ours())?)
                 };
                 // One extra tells whether another page exists.
-                let mut agents = self.0.store.list_agents(&after, limit + 1).await?;
+                let mut agents = self.0.store.list_agents(after.as_ref(), limit + 1).await?;
                 let next_page_token = if agents.len() > limit {
                     agents.truncate(limit);
                     agents
@@ -149,13 +149,13 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "DeleteAgent", "", async {
-                validate::ident("agent_id", &req.agent_id, 64)?;
+                let agent_id = AgentId::parse("agent_id", req.agent_id)?;
                 let outcome = self
                     .0
                     .store
-                    .delete_agent(&req.agent_id, req.expected_version)
+                    .delete_agent(&agent_id, req.expected_version)
                     .await?;
-                cas(outcome, &req.agent_id, req.expected_version)?;
+                cas(outcome, &agent_id, req.expected_version)?;
                 Ok(pb::DeleteAgentResponse {})
             })
             .await
@@ -169,9 +169,9 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         self.0
             .rpc(SERVICE, "SetNumberRoute", "", async {
                 validate::e164("number", &req.number)?;
-                validate::ident("agent_id", &req.agent_id, 64)?;
-                self.0.agent(&req.agent_id).await?;
-                self.0.store.set_route(&req.number, &req.agent_id).await?;
+                let agent_id = AgentId::parse("agent_id", req.agent_id.as_str())?;
+                self.0.agent(&agent_id).await?;
+                self.0.store.set_route(&req.number, &agent_id).await?;
                 Ok(req)
             })
             .await
@@ -205,7 +205,10 @@ impl<S: CallStore> Agents for AgentsApi<S> {
                     .list_routes()
                     .await?
                     .into_iter()
-                    .map(|(number, agent_id)| pb::NumberRoute { number, agent_id })
+                    .map(|(number, agent_id)| pb::NumberRoute {
+                        number,
+                        agent_id: agent_id.into_string(),
+                    })
                     .collect();
                 Ok(pb::ListNumberRoutesResponse { routes })
             })
@@ -219,12 +222,12 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "SetDefaultAgent", "", async {
-                if req.agent_id.is_empty() {
-                    self.0.store.set_default_agent(None).await?;
-                } else {
-                    validate::ident("agent_id", &req.agent_id, 64)?;
-                    self.0.agent(&req.agent_id).await?;
-                    self.0.store.set_default_agent(Some(&req.agent_id)).await?;
+                match AgentId::parse_optional("agent_id", req.agent_id.as_str())? {
+                    None => self.0.store.set_default_agent(None).await?,
+                    Some(agent_id) => {
+                        self.0.agent(&agent_id).await?;
+                        self.0.store.set_default_agent(Some(&agent_id)).await?;
+                    }
                 }
                 Ok(req)
             })
@@ -238,7 +241,13 @@ impl<S: CallStore> Agents for AgentsApi<S> {
         self.0
             .rpc(SERVICE, "GetDefaultAgent", "", async {
                 Ok(pb::DefaultAgent {
-                    agent_id: self.0.store.get_default_agent().await?.unwrap_or_default(),
+                    agent_id: self
+                        .0
+                        .store
+                        .get_default_agent()
+                        .await?
+                        .map(AgentId::into_string)
+                        .unwrap_or_default(),
                 })
             })
             .await

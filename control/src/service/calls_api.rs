@@ -14,6 +14,7 @@ use tracing::Instrument;
 use super::{Shared, decode_token, encode_token};
 use crate::config::Config;
 use crate::domain::call::{self as rules, call_to_pb, is_final, is_final_event, now_ms};
+use crate::domain::ids::{AgentId, CallId, CampaignId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::store::{CallStore, IndexCursor};
@@ -36,7 +37,8 @@ const LIST_SCAN_LIMIT: usize = 5000;
 type EventStream = ReceiverStream<Result<pb::CallEvent, Status>>;
 
 /// URLs Twilio should use for a call, from `RELAY_PUBLIC_URL`.
-fn urls(config: &Config, call_id: &str) -> (String, String) {
+fn urls(config: &Config, call_id: &CallId) -> (String, String) {
+    let call_id = call_id.as_str();
     match &config.relay_public_url {
         None => (String::new(), String::new()),
         Some(base) => {
@@ -55,8 +57,8 @@ impl<S: CallStore> CallsApi<S> {
         &self,
         prefix: &str,
         req: pb::CreateCallRequest,
-        campaign_id: &str,
-        default_agent: &mut Option<Option<String>>,
+        campaign_id: Option<&CampaignId>,
+        default_agent: &mut Option<Option<AgentId>>,
         now: i64,
     ) -> Result<CallRecord, Error> {
         let field = |name: &str| format!("{prefix}{name}");
@@ -71,21 +73,18 @@ impl<S: CallStore> CallsApi<S> {
         if !req.from.is_empty() {
             validate::e164(&field("from"), &req.from)?;
         }
-        if !req.campaign_id.is_empty() {
-            validate::ident(&field("campaign_id"), &req.campaign_id, 64)?;
-            if !campaign_id.is_empty() && req.campaign_id != campaign_id {
-                return Err(Error::invalid(
-                    field("campaign_id"),
-                    format!(
-                        "'{}' differs from the request's campaign '{campaign_id}'",
-                        req.campaign_id
-                    ),
-                ));
-            }
+        let own_campaign = CampaignId::parse_optional(&field("campaign_id"), req.campaign_id)?;
+        if let (Some(own), Some(campaign_id)) = (&own_campaign, campaign_id)
+            && own != campaign_id
+        {
+            return Err(Error::invalid(
+                field("campaign_id"),
+                format!("'{own}' differs from the request's campaign '{campaign_id}'"),
+            ));
         }
         validate::metadata(&field("metadata"), &req.metadata)?;
         if let Some(dial) = &req.dial {
-            if !campaign_id.is_empty() {
+            if campaign_id.is_some() {
                 return Err(Error::invalid(
                     field("dial"),
                     "CreateCalls only registers calls; dial them one CreateCall at a time",
@@ -105,26 +104,22 @@ impl<S: CallStore> CallsApi<S> {
                     field: field("agent_id"),
                 })?
         } else {
-            validate::ident(&field("agent_id"), &req.agent_id, 64)?;
-            req.agent_id
+            AgentId::parse(&field("agent_id"), req.agent_id)?
         };
         self.0.agent(&agent_id).await?;
         Ok(CallRecord {
-            call_id: uuid::Uuid::new_v4().simple().to_string(),
-            agent_id,
-            direction,
-            status: pb::CallStatus::Created,
             from: req.from,
             to: req.to,
-            campaign_id: if req.campaign_id.is_empty() {
-                campaign_id.to_owned()
-            } else {
-                req.campaign_id
-            },
-            created_at_ms: now,
+            campaign_id: own_campaign.or_else(|| campaign_id.cloned()),
             metadata: req.metadata.into_iter().collect(),
             dialed: req.dial.is_some(),
-            ..CallRecord::default()
+            ..CallRecord::new(
+                CallId::generate(),
+                agent_id,
+                direction,
+                pb::CallStatus::Created,
+                now,
+            )
         })
     }
 
@@ -142,7 +137,7 @@ impl<S: CallStore> CallsApi<S> {
 /// (or the call is final with nothing left), i.e. the watch is over.
 async fn catch_up<S: CallStore>(
     shared: &Shared<S>,
-    call_id: &str,
+    call_id: &CallId,
     last: &mut u64,
     tx: &mpsc::Sender<Result<pb::CallEvent, Status>>,
 ) -> Result<bool, Error> {
@@ -153,7 +148,7 @@ async fn catch_up<S: CallStore>(
             if event.seq != *last + 1 {
                 // Never skip: a hole in the stream is a store bug worth surfacing.
                 return Err(Error::EventsOutOfOrder {
-                    call_id: call_id.to_owned(),
+                    call_id: call_id.to_string(),
                     from: *last,
                     to: event.seq,
                 });
@@ -178,7 +173,7 @@ async fn catch_up<S: CallStore>(
 /// no duplicate; ends after the final `ended` event.
 async fn watch_call<S: CallStore>(
     shared: Arc<Shared<S>>,
-    call_id: String,
+    call_id: CallId,
     mut last: u64,
     mut live: crate::hub::CallEvents,
     tx: mpsc::Sender<Result<pb::CallEvent, Status>>,
@@ -209,7 +204,7 @@ async fn watch_call<S: CallStore>(
             // The client went away.
             () = tx.closed() => return,
             message = live.recv() => match message {
-                Ok(hub_event) if hub_event.event.call_id == call_id => {
+                Ok(hub_event) if call_id == hub_event.event.call_id.as_str() => {
                     let event = &hub_event.event;
                     if event.seq == last + 1 {
                         last = event.seq;
@@ -234,7 +229,7 @@ async fn watch_call<S: CallStore>(
 /// One `WatchCalls` stream: live events of a campaign (or all), best effort.
 async fn watch_calls<S: CallStore>(
     shared: Arc<Shared<S>>,
-    campaign_id: String,
+    campaign_id: Option<CampaignId>,
     mut live: broadcast::Receiver<Arc<crate::hub::HubEvent>>,
     tx: mpsc::Sender<Result<pb::CallEvent, Status>>,
 ) {
@@ -247,7 +242,7 @@ async fn watch_calls<S: CallStore>(
             () = tx.closed() => return,
             message = live.recv() => match message {
                 Ok(hub_event) => {
-                    let wanted = campaign_id.is_empty() || hub_event.campaign_id == campaign_id;
+                    let wanted = campaign_id.is_none() || hub_event.campaign_id == campaign_id;
                     if wanted && tx.send(Ok(hub_event.event.clone())).await.is_err() {
                         return;
                     }
@@ -274,7 +269,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
         self.0
             .rpc(SERVICE, "CreateCall", "", async {
                 let dial = req.dial.clone();
-                let mut call = self.prepare("", req, "", &mut None, now_ms()).await?;
+                let mut call = self.prepare("", req, None, &mut None, now_ms()).await?;
                 self.0
                     .store
                     .create_calls(std::slice::from_ref(&call))
@@ -296,11 +291,15 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "CreateCalls", "", async {
-                validate::ident("campaign_id", &req.campaign_id, 64)?;
+                let campaign_id = CampaignId::parse("campaign_id", req.campaign_id)?;
                 if req.calls.is_empty() || req.calls.len() > validate::MAX_BULK {
                     return Err(Error::invalid(
                         "calls",
-                        format!("{} calls; 1..={} allowed", req.calls.len(), validate::MAX_BULK),
+                        format!(
+                            "{} calls; 1..={} allowed",
+                            req.calls.len(),
+                            validate::MAX_BULK
+                        ),
                     ));
                 }
                 let now = now_ms();
@@ -310,12 +309,12 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 for (i, call) in req.calls.into_iter().enumerate() {
                     let prefix = format!("calls[{i}].");
                     records.push(
-                        self.prepare(&prefix, call, &req.campaign_id, &mut default_agent, now)
+                        self.prepare(&prefix, call, Some(&campaign_id), &mut default_agent, now)
                             .await?,
                     );
                 }
                 self.0.store.create_calls(&records).await?;
-                tracing::info!(campaign_id = %req.campaign_id, count = records.len(), "Calls created.");
+                tracing::info!(campaign_id = %campaign_id, count = records.len(), "Calls created.");
                 Ok(pb::CreateCallsResponse {
                     calls: records.iter().map(|c| self.response(c)).collect(),
                 })
@@ -330,8 +329,8 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "GetCall", &req.call_id, async {
-                validate::call_id("call_id", &req.call_id)?;
-                Ok(call_to_pb(&self.0.call(&req.call_id).await?))
+                let call_id = CallId::parse("call_id", req.call_id.as_str())?;
+                Ok(call_to_pb(&self.0.call(&call_id).await?))
             })
             .await
     }
@@ -350,15 +349,9 @@ impl<S: CallStore> Calls for CallsApi<S> {
                         format!("unknown status {}", req.status),
                     ));
                 }
-                if !req.agent_id.is_empty() {
-                    validate::ident("agent_id", &req.agent_id, 64)?;
-                }
-                let campaign = if req.campaign_id.is_empty() {
-                    None
-                } else {
-                    validate::ident("campaign_id", &req.campaign_id, 64)?;
-                    Some(req.campaign_id.as_str())
-                };
+                let agent = AgentId::parse_optional("agent_id", req.agent_id.as_str())?;
+                let campaign = CampaignId::parse_optional("campaign_id", req.campaign_id.as_str())?;
+                let campaign = campaign.as_ref();
                 let min_score = if req.created_after_ms > 0 {
                     req.created_after_ms.saturating_add(1)
                 } else {
@@ -396,7 +389,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                         .scan_index(campaign, cursor, min_score, batch_size)
                         .await?;
                     let exhausted = batch.len() < batch_size;
-                    let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                    let ids: Vec<CallId> = batch.iter().map(|(id, _)| id.clone()).collect();
                     let records = self.0.store.get_calls(&ids).await?;
                     for ((_, score), record) in batch.into_iter().zip(records) {
                         scanned += 1;
@@ -411,7 +404,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                         // Expired calls leave index entries behind until trimmed.
                         let Some(call) = record else { continue };
                         if (req.status == 0 || call.status as i32 == req.status)
-                            && (req.agent_id.is_empty() || call.agent_id == req.agent_id)
+                            && agent.as_ref().is_none_or(|a| call.agent_id == *a)
                         {
                             calls_out.push(call_to_pb(&call));
                             if calls_out.len() == limit {
@@ -444,11 +437,11 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "GetTranscript", &req.call_id, async {
-                validate::call_id("call_id", &req.call_id)?;
-                self.0.call(&req.call_id).await?;
-                let events = read_all_events(&self.0, &req.call_id).await?;
+                let call_id = CallId::parse("call_id", req.call_id.as_str())?;
+                self.0.call(&call_id).await?;
+                let events = read_all_events(&self.0, &call_id).await?;
                 Ok(pb::Transcript {
-                    call_id: req.call_id.clone(),
+                    call_id: call_id.into_string(),
                     turns: rules::transcript(&events),
                 })
             })
@@ -465,11 +458,11 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 use pb::get_usage_request::Scope;
                 match req.scope {
                     Some(Scope::CallId(call_id)) => {
-                        validate::call_id("call_id", &call_id)?;
+                        let call_id = CallId::parse("call_id", call_id)?;
                         Ok(rules::usage_of(&self.0.call(&call_id).await?))
                     }
                     Some(Scope::CampaignId(campaign_id)) => {
-                        validate::ident("campaign_id", &campaign_id, 64)?;
+                        let campaign_id = CampaignId::parse("campaign_id", campaign_id)?;
                         let mut total = pb::Usage::default();
                         let mut cursor = IndexCursor {
                             score: i64::MAX,
@@ -482,7 +475,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                                 .scan_index(Some(&campaign_id), cursor, i64::MIN, 500)
                                 .await?;
                             let n = batch.len();
-                            let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+                            let ids: Vec<CallId> = batch.iter().map(|(id, _)| id.clone()).collect();
                             if let Some((_, score)) = batch.last() {
                                 let same = batch.iter().filter(|(_, s)| s == score).count() as u64;
                                 cursor = if *score == cursor.score {
@@ -520,15 +513,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let shared = self.0.clone();
         self.0
             .rpc(SERVICE, "WatchCall", &req.call_id, async {
-                validate::call_id("call_id", &req.call_id)?;
+                let call_id = CallId::parse("call_id", req.call_id.as_str())?;
                 // Subscribe before reading the store, so nothing falls between the two.
-                let live = shared.hub.subscribe_call(&req.call_id);
-                shared.call(&req.call_id).await?;
+                let live = shared.hub.subscribe_call(&call_id);
+                shared.call(&call_id).await?;
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-                let span = tracing::info_span!("watch_call", call_id = %req.call_id);
+                let span = tracing::info_span!("watch_call", call_id = %call_id);
                 shared.tracker.spawn(
-                    watch_call(shared.clone(), req.call_id.clone(), req.after_seq, live, tx)
-                        .instrument(span),
+                    watch_call(shared.clone(), call_id, req.after_seq, live, tx).instrument(span),
                 );
                 Ok(ReceiverStream::new(rx))
             })
@@ -543,15 +535,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let shared = self.0.clone();
         self.0
             .rpc(SERVICE, "WatchCalls", "", async {
-                if !req.campaign_id.is_empty() {
-                    validate::ident("campaign_id", &req.campaign_id, 64)?;
-                }
+                let campaign_id =
+                    CampaignId::parse_optional("campaign_id", req.campaign_id.as_str())?;
                 let live = shared.hub.subscribe();
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_calls", campaign_id = %req.campaign_id);
-                shared.tracker.spawn(
-                    watch_calls(shared.clone(), req.campaign_id.clone(), live, tx).instrument(span),
-                );
+                shared
+                    .tracker
+                    .spawn(watch_calls(shared.clone(), campaign_id, live, tx).instrument(span));
                 Ok(ReceiverStream::new(rx))
             })
             .await
@@ -564,13 +555,13 @@ impl<S: CallStore> Calls for CallsApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "SendCommand", &req.call_id, async {
-                validate::call_id("call_id", &req.call_id)?;
+                let call_id = CallId::parse("call_id", req.call_id.as_str())?;
                 validate::command(req.command.as_ref())?;
                 let mut command = req.command.unwrap_or_default();
                 if command.command_id.is_empty() {
                     command.command_id = uuid::Uuid::new_v4().simple().to_string();
                 }
-                let call = self.0.call(&req.call_id).await?;
+                let call = self.0.call(&call_id).await?;
                 let live = call.status == pb::CallStatus::InProgress && call.lease_held(now_ms());
                 // A call with no stream to hang up may still be ringing or connected at
                 // Twilio: end it there.
@@ -584,7 +575,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 }
                 if !live {
                     return Err(Error::CallNotLive {
-                        call_id: req.call_id.clone(),
+                        call_id: call_id.to_string(),
                         status: call.status.as_str_name(),
                         attached: call.lease_held(now_ms()),
                     });
@@ -592,10 +583,10 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 let delivered = self
                     .0
                     .store
-                    .publish_command(call.lease_replica(), &req.call_id, &command)
+                    .publish_command(call.lease_replica(), &call_id, &command)
                     .await?;
                 if !delivered {
-                    return Err(Error::HolderGone(req.call_id.clone()));
+                    return Err(Error::HolderGone(call_id.to_string()));
                 }
                 Ok(pb::SendCommandResponse {
                     command_id: command.command_id,
@@ -608,7 +599,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
 /// Every stored event of a call, in order.
 pub(crate) async fn read_all_events<S: CallStore>(
     shared: &Shared<S>,
-    call_id: &str,
+    call_id: &CallId,
 ) -> Result<Vec<pb::CallEvent>, Error> {
     let mut events = Vec::new();
     loop {
@@ -631,7 +622,7 @@ mod tests {
         let mut config = crate::config::Config::from_args_iter(["x", "--insecure-no-auth", "true"])
             .expect("valid");
         config.relay_public_url = Some("https://relay.example.com".into());
-        let (hook, stream) = urls(&config, "abc");
+        let (hook, stream) = urls(&config, &CallId::parse("call_id", "abc").expect("valid"));
         assert_eq!(
             hook,
             "https://relay.example.com/api/twilio/voice?callId=abc"

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::domain::call::{event_effects, now_ms};
+use crate::domain::ids::{AgentId, CallId, CampaignId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::hub::Hub;
@@ -100,32 +101,32 @@ impl<S: CallStore> Shared<S> {
     }
 
     /// A call that must exist.
-    pub(crate) async fn call(&self, call_id: &str) -> Result<CallRecord, Error> {
+    pub(crate) async fn call(&self, call_id: &CallId) -> Result<CallRecord, Error> {
         self.store
             .get_call(call_id)
             .await?
-            .ok_or_else(|| Error::CallNotFound(call_id.to_owned()))
+            .ok_or_else(|| Error::CallNotFound(call_id.to_string()))
     }
 
     /// An agent that must exist.
-    pub(crate) async fn agent(&self, agent_id: &str) -> Result<pb::Agent, Error> {
+    pub(crate) async fn agent(&self, agent_id: &AgentId) -> Result<pb::Agent, Error> {
         self.store
             .get_agent(agent_id)
             .await?
-            .ok_or_else(|| Error::AgentNotFound(agent_id.to_owned()))
+            .ok_or_else(|| Error::AgentNotFound(agent_id.to_string()))
     }
 
-    /// Stores one event (once) and tells watchers.
+    /// Stores one event of `call` (once) and tells watchers.
     pub(crate) async fn record_event(
         &self,
-        campaign_id: &str,
+        call: &CallRecord,
         event: &pb::CallEvent,
         require_lease_expired_before: Option<i64>,
     ) -> Result<AppendOutcome, Error> {
         let (outcomes, refused) = self
             .record_events(
-                &event.call_id,
-                campaign_id,
+                &call.call_id,
+                call.campaign_id.as_ref(),
                 std::slice::from_ref(event),
                 require_lease_expired_before,
             )
@@ -145,8 +146,8 @@ impl<S: CallStore> Shared<S> {
     /// `Duplicate` outcome may be acknowledged.
     pub(crate) async fn record_events(
         &self,
-        call_id: &str,
-        campaign_id: &str,
+        call_id: &CallId,
+        campaign_id: Option<&CampaignId>,
         events: &[pb::CallEvent],
         require_lease_expired_before: Option<i64>,
     ) -> (Vec<AppendOutcome>, Option<Error>) {
@@ -198,7 +199,7 @@ impl<S: CallStore> Shared<S> {
                     last_seq: *last_seq,
                 })
             }
-            Some(AppendOutcome::NotFound) => Some(Error::CallNotFound(call_id.to_owned())),
+            Some(AppendOutcome::NotFound) => Some(Error::CallNotFound(call_id.to_string())),
             // Every valid event was handled: what stopped the run, if anything, is an
             // invalid event after them.
             _ if outcomes.len() == valid.len() => invalid,
@@ -236,7 +237,7 @@ impl<S: CallStore> Shared<S> {
                 continue; // renewed meanwhile; its index entry is refreshed too
             }
             let event = pb::CallEvent {
-                call_id: call_id.clone(),
+                call_id: call_id.to_string(),
                 seq: call.last_seq + 1,
                 at_ms: now,
                 kind: Some(pb::call_event::Kind::Ended(pb::Ended {
@@ -245,10 +246,7 @@ impl<S: CallStore> Shared<S> {
                     transfer_to: String::new(),
                 })),
             };
-            match self
-                .record_event(&call.campaign_id, &event, Some(now))
-                .await
-            {
+            match self.record_event(&call, &event, Some(now)).await {
                 Ok(AppendOutcome::Stored) => {
                     ended += 1;
                     self.metrics.relay_lost.inc();

@@ -15,10 +15,10 @@ use tracing::Instrument;
 use super::Shared;
 use super::calls_api::read_all_events;
 use crate::domain::call::{self as rules, call_to_pb, is_final_event, now_ms};
+use crate::domain::ids::{CallId, CallSid, LeaseHolder, RelayId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::store::{AdmitOutcome, AppendOutcome, AttachOutcome, CallStore};
-use crate::validate;
 
 /// The `Relay` service.
 pub(crate) struct RelayApi<S>(pub(crate) Arc<Shared<S>>);
@@ -45,7 +45,7 @@ fn lease_ms<S>(shared: &Shared<S>) -> i64 {
 struct AttachStream<S> {
     shared: Arc<Shared<S>>,
     call: CallRecord,
-    holder: String,
+    holder: LeaseHolder,
     inbound: Streaming<pb::AttachRequest>,
     commands: mpsc::Receiver<pb::Command>,
     tx: AttachTx,
@@ -117,13 +117,13 @@ impl<S: CallStore> AttachStream<S> {
         match request.msg {
             Some(pb::attach_request::Msg::Event(mut event)) => {
                 if event.call_id.is_empty() {
-                    event.call_id.clone_from(&self.call.call_id);
+                    event.call_id = self.call.call_id.to_string();
                 }
                 // Stored events always carry a time (transcripts order by it).
                 if event.at_ms <= 0 {
                     event.at_ms = now_ms();
                 }
-                if event.call_id != self.call.call_id {
+                if self.call.call_id != event.call_id.as_str() {
                     return Err(Stop::Refused(
                         Error::invalid(
                             "event.call_id",
@@ -158,7 +158,12 @@ impl<S: CallStore> AttachStream<S> {
         }
         let (outcomes, refused) = self
             .shared
-            .record_events(&self.call.call_id, &self.call.campaign_id, batch, None)
+            .record_events(
+                &self.call.call_id,
+                self.call.campaign_id.as_ref(),
+                batch,
+                None,
+            )
             .await;
         let mut acked = None;
         for (event, outcome) in batch.iter().zip(&outcomes) {
@@ -286,11 +291,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
         let shared = &self.0;
         shared
             .rpc(SERVICE, "Admit", &req.call_id, async {
-                if req.twilio_call_sid.len() > 64 {
-                    return Err(Error::invalid("twilio_call_sid", "at most 64 characters"));
-                }
                 let call_id = if req.call_id.is_empty() {
-                    validate::ident("twilio_call_sid", &req.twilio_call_sid, 64)?;
+                    let sid = CallSid::parse("twilio_call_sid", req.twilio_call_sid.as_str())?;
                     let agent_id = match shared.store.get_route(&req.to).await? {
                         Some(agent) => agent,
                         None => shared
@@ -300,29 +302,32 @@ impl<S: CallStore> Relay for RelayApi<S> {
                             .ok_or_else(|| Error::NoAgentForNumber(req.to.clone()))?,
                     };
                     let call = CallRecord {
-                        call_id: uuid::Uuid::new_v4().simple().to_string(),
-                        agent_id,
-                        direction: pb::Direction::Inbound,
-                        status: pb::CallStatus::Ringing,
                         from: req.from.clone(),
                         to: req.to.clone(),
-                        twilio_call_sid: req.twilio_call_sid.clone(),
-                        created_at_ms: now_ms(),
-                        ..CallRecord::default()
+                        twilio_call_sid: Some(sid),
+                        ..CallRecord::new(
+                            CallId::generate(),
+                            agent_id,
+                            pb::Direction::Inbound,
+                            pb::CallStatus::Ringing,
+                            now_ms(),
+                        )
                     };
                     shared.store.admit_inbound(&call).await?
                 } else {
-                    validate::call_id("call_id", &req.call_id)?;
+                    let sid =
+                        CallSid::parse_optional("twilio_call_sid", req.twilio_call_sid.as_str())?;
+                    let call_id = CallId::parse("call_id", req.call_id.as_str())?;
                     match shared
                         .store
-                        .admit_existing(&req.call_id, &req.twilio_call_sid, &req.from, &req.to)
+                        .admit_existing(&call_id, sid.as_ref(), &req.from, &req.to)
                         .await?
                     {
-                        AdmitOutcome::Admitted => req.call_id.clone(),
+                        AdmitOutcome::Admitted => call_id,
                         AdmitOutcome::NotFound => {
-                            return Err(Error::CallNotFound(req.call_id.clone()));
+                            return Err(Error::CallNotFound(call_id.to_string()));
                         }
-                        AdmitOutcome::Ended => return Err(Error::CallEnded(req.call_id.clone())),
+                        AdmitOutcome::Ended => return Err(Error::CallEnded(call_id.to_string())),
                     }
                 };
                 let call = shared.call(&call_id).await?;
@@ -331,8 +336,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     .get_agent(&call.agent_id)
                     .await?
                     .ok_or_else(|| Error::AgentDeleted {
-                        call_id: call_id.clone(),
-                        agent_id: call.agent_id.clone(),
+                        call_id: call_id.to_string(),
+                        agent_id: call.agent_id.to_string(),
                     })?;
                 tracing::info!(call_id = %call_id, agent_id = %call.agent_id, "Call admitted.");
                 Ok(pb::AdmitResponse {
@@ -363,40 +368,40 @@ impl<S: CallStore> Relay for RelayApi<S> {
         self.0
             .rpc(SERVICE, "Attach", &call_id, async move {
                 let open = open?;
-                validate::call_id("open.call_id", &open.call_id)?;
-                validate::ident("open.relay_id", &open.relay_id, 128)?;
-                let holder = format!("{}/{}", shared.config.control_id, uuid::Uuid::new_v4().simple());
+                let call_id = CallId::parse("open.call_id", open.call_id.as_str())?;
+                let relay_id = RelayId::parse("open.relay_id", open.relay_id.as_str())?;
+                let holder = LeaseHolder::new_stream(&shared.config.control_id);
                 let lease = lease_ms(&shared);
                 // Registered before the lease names this replica: SendCommand accepts a
                 // command as soon as it does, and the command must find this stream
                 // (buffered until the context is sent and the stream runs).
                 let (command_tx, mut command_rx) = mpsc::channel(COMMAND_BUFFER);
-                let replaced = shared.hub.register(&open.call_id, &holder, command_tx);
+                let replaced = shared.hub.register(&call_id, &holder, command_tx);
                 let attached = async {
                     match shared
                         .store
-                        .attach(&open.call_id, &open.relay_id, open.reconnect, &holder, now_ms(), lease)
+                        .attach(&call_id, &relay_id, open.reconnect, &holder, now_ms(), lease)
                         .await?
                     {
                         AttachOutcome::Attached => Ok(()),
-                        AttachOutcome::NotFound => Err(Error::CallNotFound(open.call_id.clone())),
-                        AttachOutcome::Ended => Err(Error::CallEnded(open.call_id.clone())),
-                        AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(open.call_id.clone())),
+                        AttachOutcome::NotFound => Err(Error::CallNotFound(call_id.to_string())),
+                        AttachOutcome::Ended => Err(Error::CallEnded(call_id.to_string())),
+                        AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(call_id.to_string())),
                     }
                 }
                 .await;
                 if let Err(err) = attached {
-                    shared.hub.unregister_restoring(&open.call_id, &holder, replaced, &mut command_rx);
+                    shared.hub.unregister_restoring(&call_id, &holder, replaced, &mut command_rx);
                     return Err(err);
                 }
                 let context = async {
-                    let call = shared.call(&open.call_id).await?;
+                    let call = shared.call(&call_id).await?;
                     let agent = shared.store.get_agent(&call.agent_id).await?.ok_or_else(|| Error::AgentDeleted {
-                        call_id: open.call_id.clone(),
-                        agent_id: call.agent_id.clone(),
+                        call_id: call_id.to_string(),
+                        agent_id: call.agent_id.to_string(),
                     })?;
                     let history = if call.last_seq > 0 {
-                        rules::transcript(&read_all_events(&shared, &open.call_id).await?)
+                        rules::transcript(&read_all_events(&shared, &call_id).await?)
                     } else {
                         Vec::new()
                     };
@@ -406,8 +411,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 let (call, agent, history) = match context {
                     Ok(c) => c,
                     Err(err) => {
-                        let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
-                        shared.hub.unregister(&open.call_id, &holder);
+                        let _ = shared.store.release_lease(&call_id, &holder, now_ms(), lease).await;
+                        shared.hub.unregister(&call_id, &holder);
                         return Err(err);
                     }
                 };
@@ -422,13 +427,13 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     .try_send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Context(context)) }))
                     .is_err()
                 {
-                    let _ = shared.store.release_lease(&open.call_id, &holder, now_ms(), lease).await;
-                    shared.hub.unregister(&open.call_id, &holder);
+                    let _ = shared.store.release_lease(&call_id, &holder, now_ms(), lease).await;
+                    shared.hub.unregister(&call_id, &holder);
                     return Err(Error::AttachStreamClosed);
                 }
                 shared.metrics.attached_calls.inc();
-                tracing::info!(relay_id = %open.relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");
-                let span = tracing::info_span!("attach", call_id = %open.call_id, relay_id = %open.relay_id);
+                tracing::info!(relay_id = %relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");
+                let span = tracing::info_span!("attach", call_id = %call_id, relay_id = %relay_id);
                 let stream = AttachStream {
                     shared: shared.clone(),
                     call,
@@ -451,8 +456,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "After", &req.call_id, async {
-                validate::call_id("call_id", &req.call_id)?;
-                let call = self.0.call(&req.call_id).await?;
+                let call_id = CallId::parse("call_id", req.call_id.as_str())?;
+                let call = self.0.call(&call_id).await?;
                 let agent = self.0.store.get_agent(&call.agent_id).await?;
                 Ok(pb::AfterResponse {
                     next: Some(rules::after(&call, agent.as_ref(), now_ms())),
@@ -468,18 +473,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
         let req = request.into_inner();
         self.0
             .rpc(SERVICE, "ReportTwilioStatus", &req.call_id, async {
-                if req.call_id.is_empty() {
-                    crate::dialer::check_sid("twilio_call_sid", &req.twilio_call_sid)?;
-                } else {
-                    validate::call_id("call_id", &req.call_id)?;
-                }
-                if req.call_status.is_empty() && req.answered_by.is_empty() {
-                    return Err(Error::invalid(
-                        "call_status",
-                        "a report needs a call status or an answering-machine verdict",
-                    ));
-                }
-                let applied = crate::dialer::apply_report(&self.0, &req).await?;
+                let report = crate::dialer::Report::parse(req.clone())?;
+                let applied = crate::dialer::apply_report(&self.0, &report).await?;
                 Ok(pb::TwilioStatusAck { applied })
             })
             .await

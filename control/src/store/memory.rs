@@ -11,24 +11,26 @@ use callbridge_proto::pb;
 
 use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
-    TwilioUpdate, twilio_rank,
+    TwilioUpdate,
 };
 use crate::domain::call::{is_final, status_rank};
+use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use crate::domain::record::{CallRecord, EventEffects};
+use crate::domain::twilio;
 use crate::hub::{BusMessage, Hub};
 
 #[derive(Debug, Default)]
 struct State {
     agents: BTreeMap<String, pb::Agent>,
-    routes: BTreeMap<String, String>,
-    default_agent: Option<String>,
-    calls: HashMap<String, CallRecord>,
-    events: HashMap<String, Vec<pb::CallEvent>>,
-    sids: HashMap<String, String>,
+    routes: BTreeMap<String, AgentId>,
+    default_agent: Option<AgentId>,
+    calls: HashMap<CallId, CallRecord>,
+    events: HashMap<CallId, Vec<pb::CallEvent>>,
+    sids: HashMap<CallSid, CallId>,
     /// (created ms, call id) of every call.
-    index: BTreeSet<(i64, String)>,
-    campaigns: HashMap<String, BTreeSet<(i64, String)>>,
-    leases: HashMap<String, i64>,
+    index: BTreeSet<(i64, CallId)>,
+    campaigns: HashMap<CampaignId, BTreeSet<(i64, CallId)>>,
+    leases: HashMap<CallId, i64>,
 }
 
 /// The in-memory store.
@@ -57,11 +59,11 @@ impl MemoryStore {
 }
 
 fn index_page(
-    index: Option<&BTreeSet<(i64, String)>>,
+    index: Option<&BTreeSet<(i64, CallId)>>,
     cursor: IndexCursor,
     min_score: i64,
     limit: usize,
-) -> Vec<(String, i64)> {
+) -> Vec<(CallId, i64)> {
     let Some(index) = index else {
         return Vec::new();
     };
@@ -96,8 +98,8 @@ impl CallStore for MemoryStore {
         Ok(true)
     }
 
-    async fn get_agent(&self, agent_id: &str) -> StoreResult<Option<pb::Agent>> {
-        Ok(self.lock().agents.get(agent_id).cloned())
+    async fn get_agent(&self, agent_id: &AgentId) -> StoreResult<Option<pb::Agent>> {
+        Ok(self.lock().agents.get(agent_id.as_str()).cloned())
     }
 
     async fn replace_agent(&self, agent: &pb::Agent, expected: u64) -> StoreResult<AgentCas> {
@@ -114,9 +116,9 @@ impl CallStore for MemoryStore {
         Ok(AgentCas::Done)
     }
 
-    async fn delete_agent(&self, agent_id: &str, expected: u64) -> StoreResult<AgentCas> {
+    async fn delete_agent(&self, agent_id: &AgentId, expected: u64) -> StoreResult<AgentCas> {
         let mut s = self.lock();
-        let Some(current) = s.agents.get(agent_id) else {
+        let Some(current) = s.agents.get(agent_id.as_str()) else {
             return Ok(AgentCas::NotFound);
         };
         if expected != 0 && current.version != expected {
@@ -124,27 +126,34 @@ impl CallStore for MemoryStore {
                 current: current.version,
             });
         }
-        s.agents.remove(agent_id);
+        s.agents.remove(agent_id.as_str());
         s.routes.retain(|_, a| a != agent_id);
-        if s.default_agent.as_deref() == Some(agent_id) {
+        if s.default_agent.as_ref() == Some(agent_id) {
             s.default_agent = None;
         }
         Ok(AgentCas::Done)
     }
 
-    async fn list_agents(&self, after: &str, limit: usize) -> StoreResult<Vec<pb::Agent>> {
+    async fn list_agents(
+        &self,
+        after: Option<&AgentId>,
+        limit: usize,
+    ) -> StoreResult<Vec<pb::Agent>> {
         let s = self.lock();
+        let from = after.map_or(std::ops::Bound::Unbounded, |a| {
+            std::ops::Bound::Excluded(a.as_str())
+        });
         Ok(s.agents
-            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .range::<str, _>((from, std::ops::Bound::Unbounded))
             .take(limit)
             .map(|(_, a)| a.clone())
             .collect())
     }
 
-    async fn set_route(&self, number: &str, agent_id: &str) -> StoreResult<()> {
+    async fn set_route(&self, number: &str, agent_id: &AgentId) -> StoreResult<()> {
         self.lock()
             .routes
-            .insert(number.to_owned(), agent_id.to_owned());
+            .insert(number.to_owned(), agent_id.clone());
         Ok(())
     }
 
@@ -152,11 +161,11 @@ impl CallStore for MemoryStore {
         Ok(self.lock().routes.remove(number).is_some())
     }
 
-    async fn get_route(&self, number: &str) -> StoreResult<Option<String>> {
+    async fn get_route(&self, number: &str) -> StoreResult<Option<AgentId>> {
         Ok(self.lock().routes.get(number).cloned())
     }
 
-    async fn list_routes(&self) -> StoreResult<Vec<(String, String)>> {
+    async fn list_routes(&self) -> StoreResult<Vec<(String, AgentId)>> {
         Ok(self
             .lock()
             .routes
@@ -165,12 +174,12 @@ impl CallStore for MemoryStore {
             .collect())
     }
 
-    async fn set_default_agent(&self, agent_id: Option<&str>) -> StoreResult<()> {
-        self.lock().default_agent = agent_id.map(str::to_owned);
+    async fn set_default_agent(&self, agent_id: Option<&AgentId>) -> StoreResult<()> {
+        self.lock().default_agent = agent_id.cloned();
         Ok(())
     }
 
-    async fn get_default_agent(&self) -> StoreResult<Option<String>> {
+    async fn get_default_agent(&self) -> StoreResult<Option<AgentId>> {
         Ok(self.lock().default_agent.clone())
     }
 
@@ -178,9 +187,9 @@ impl CallStore for MemoryStore {
         let mut s = self.lock();
         for call in calls {
             s.index.insert((call.created_at_ms, call.call_id.clone()));
-            if !call.campaign_id.is_empty() {
+            if let Some(campaign_id) = &call.campaign_id {
                 s.campaigns
-                    .entry(call.campaign_id.clone())
+                    .entry(campaign_id.clone())
                     .or_default()
                     .insert((call.created_at_ms, call.call_id.clone()));
             }
@@ -189,19 +198,19 @@ impl CallStore for MemoryStore {
         Ok(())
     }
 
-    async fn get_call(&self, call_id: &str) -> StoreResult<Option<CallRecord>> {
+    async fn get_call(&self, call_id: &CallId) -> StoreResult<Option<CallRecord>> {
         Ok(self.lock().calls.get(call_id).cloned())
     }
 
-    async fn get_calls(&self, call_ids: &[String]) -> StoreResult<Vec<Option<CallRecord>>> {
+    async fn get_calls(&self, call_ids: &[CallId]) -> StoreResult<Vec<Option<CallRecord>>> {
         let s = self.lock();
         Ok(call_ids.iter().map(|id| s.calls.get(id).cloned()).collect())
     }
 
     async fn admit_existing(
         &self,
-        call_id: &str,
-        twilio_call_sid: &str,
+        call_id: &CallId,
+        twilio_call_sid: Option<&CallSid>,
         from: &str,
         to: &str,
     ) -> StoreResult<AdmitOutcome> {
@@ -212,11 +221,10 @@ impl CallStore for MemoryStore {
         if is_final(call.status) {
             return Ok(AdmitOutcome::Ended);
         }
-        for (field, value) in [
-            (&mut call.twilio_call_sid, twilio_call_sid),
-            (&mut call.from, from),
-            (&mut call.to, to),
-        ] {
+        if call.twilio_call_sid.is_none() {
+            call.twilio_call_sid = twilio_call_sid.cloned();
+        }
+        for (field, value) in [(&mut call.from, from), (&mut call.to, to)] {
             if field.is_empty() {
                 *field = value.to_owned();
             }
@@ -224,26 +232,24 @@ impl CallStore for MemoryStore {
         if status_rank(call.status) < status_rank(pb::CallStatus::Ringing) {
             call.status = pb::CallStatus::Ringing;
         }
-        if !twilio_call_sid.is_empty() {
-            s.sids
-                .entry(twilio_call_sid.to_owned())
-                .or_insert_with(|| call_id.to_owned());
+        if let Some(sid) = twilio_call_sid {
+            s.sids.entry(sid.clone()).or_insert_with(|| call_id.clone());
         }
         Ok(AdmitOutcome::Admitted)
     }
 
-    async fn record_twilio(&self, call_id: &str, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
+    async fn record_twilio(&self, call_id: &CallId, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
         let mut s = self.lock();
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(None);
         };
         let mut changed = false;
-        if !u.sid.is_empty() && call.twilio_call_sid.is_empty() {
+        if u.sid.is_some() && call.twilio_call_sid.is_none() {
             call.twilio_call_sid = u.sid.clone();
             changed = true;
         }
-        if twilio_rank(&u.status) > twilio_rank(&call.twilio_status) {
-            call.twilio_status = u.status.clone();
+        if twilio::rank(u.status) > twilio::rank(call.twilio_status) {
+            call.twilio_status = u.status;
             changed = true;
         }
         if let Some(seq) = u.seq {
@@ -254,14 +260,14 @@ impl CallStore for MemoryStore {
             call.twilio_error_message = message.clone();
             changed = true;
         }
-        if !u.answered_by.is_empty() && call.answered_by.is_empty() {
+        if u.answered_by.is_some() && call.answered_by.is_none() {
             call.answered_by = u.answered_by.clone();
             changed = true;
         }
         Ok(Some(changed))
     }
 
-    async fn call_id_by_sid(&self, sid: &str) -> StoreResult<Option<String>> {
+    async fn call_id_by_sid(&self, sid: &CallSid) -> StoreResult<Option<CallId>> {
         let s = self.lock();
         if let Some(id) = s.sids.get(sid) {
             return Ok(Some(id.clone()));
@@ -269,17 +275,18 @@ impl CallStore for MemoryStore {
         // Pre-created calls record their sid on the call only.
         Ok(s.calls
             .values()
-            .find(|c| c.twilio_call_sid == sid)
+            .find(|c| c.twilio_call_sid.as_ref() == Some(sid))
             .map(|c| c.call_id.clone()))
     }
 
-    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {
+    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<CallId> {
         let mut s = self.lock();
-        if let Some(existing) = s.sids.get(&call.twilio_call_sid) {
-            return Ok(existing.clone());
+        if let Some(sid) = &call.twilio_call_sid {
+            if let Some(existing) = s.sids.get(sid) {
+                return Ok(existing.clone());
+            }
+            s.sids.insert(sid.clone(), call.call_id.clone());
         }
-        s.sids
-            .insert(call.twilio_call_sid.clone(), call.call_id.clone());
         s.index.insert((call.created_at_ms, call.call_id.clone()));
         s.calls.insert(call.call_id.clone(), call.clone());
         Ok(call.call_id.clone())
@@ -287,10 +294,10 @@ impl CallStore for MemoryStore {
 
     async fn attach(
         &self,
-        call_id: &str,
-        relay_id: &str,
+        call_id: &CallId,
+        relay_id: &RelayId,
         reconnect: bool,
-        holder: &str,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<AttachOutcome> {
@@ -301,22 +308,22 @@ impl CallStore for MemoryStore {
         if is_final(call.status) {
             return Ok(AttachOutcome::Ended);
         }
-        if call.lease_held(now_ms) && !(reconnect && call.lease_relay == relay_id) {
+        if call.lease_held(now_ms) && !(reconnect && call.lease_relay.as_ref() == Some(relay_id)) {
             return Ok(AttachOutcome::Held);
         }
-        call.lease_holder = holder.to_owned();
-        call.lease_relay = relay_id.to_owned();
-        call.relay_id = relay_id.to_owned();
+        call.lease_holder = Some(holder.clone());
+        call.lease_relay = Some(relay_id.clone());
+        call.relay_id = Some(relay_id.clone());
         call.lease_until_ms = now_ms + lease_ms;
         let until = call.lease_until_ms;
-        s.leases.insert(call_id.to_owned(), until);
+        s.leases.insert(call_id.clone(), until);
         Ok(AttachOutcome::Attached)
     }
 
     async fn renew_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<bool> {
@@ -324,21 +331,21 @@ impl CallStore for MemoryStore {
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(false);
         };
-        if call.lease_holder != holder {
+        if call.lease_holder.as_ref() != Some(holder) {
             return Ok(false);
         }
         call.lease_until_ms = now_ms + lease_ms;
         let until = call.lease_until_ms;
         if !is_final(call.status) {
-            s.leases.insert(call_id.to_owned(), until);
+            s.leases.insert(call_id.clone(), until);
         }
         Ok(true)
     }
 
     async fn release_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<()> {
@@ -346,22 +353,22 @@ impl CallStore for MemoryStore {
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(());
         };
-        if call.lease_holder != holder {
+        if call.lease_holder.as_ref() != Some(holder) {
             return Ok(());
         }
-        call.lease_holder.clear();
+        call.lease_holder = None;
         call.lease_until_ms = now_ms + lease_ms;
         let (until, live) = (call.lease_until_ms, !is_final(call.status));
         if live {
-            s.leases.insert(call_id.to_owned(), until);
+            s.leases.insert(call_id.clone(), until);
         }
         Ok(())
     }
 
     async fn append_events(
         &self,
-        call_id: &str,
-        campaign_id: &str,
+        call_id: &CallId,
+        campaign_id: Option<&CampaignId>,
         events: &[pb::CallEvent],
         effects: &[EventEffects],
     ) -> StoreResult<Vec<AppendOutcome>> {
@@ -380,7 +387,7 @@ impl CallStore for MemoryStore {
         for (event, outcome) in events.iter().zip(&outcomes) {
             if *outcome == AppendOutcome::Stored {
                 self.hub.dispatch(BusMessage::Event {
-                    campaign_id: campaign_id.to_owned(),
+                    campaign_id: campaign_id.cloned(),
                     event: event.clone(),
                 });
             }
@@ -390,7 +397,7 @@ impl CallStore for MemoryStore {
 
     async fn read_events(
         &self,
-        call_id: &str,
+        call_id: &CallId,
         after_seq: u64,
         limit: usize,
     ) -> StoreResult<Vec<pb::CallEvent>> {
@@ -407,7 +414,7 @@ impl CallStore for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<CallId>> {
         let s = self.lock();
         Ok(s.leases
             .iter()
@@ -417,18 +424,18 @@ impl CallStore for MemoryStore {
             .collect())
     }
 
-    async fn forget_lease(&self, call_id: &str) -> StoreResult<()> {
+    async fn forget_lease(&self, call_id: &CallId) -> StoreResult<()> {
         self.lock().leases.remove(call_id);
         Ok(())
     }
 
     async fn scan_index(
         &self,
-        campaign_id: Option<&str>,
+        campaign_id: Option<&CampaignId>,
         cursor: IndexCursor,
         min_score: i64,
         limit: usize,
-    ) -> StoreResult<Vec<(String, i64)>> {
+    ) -> StoreResult<Vec<(CallId, i64)>> {
         let s = self.lock();
         let index = match campaign_id {
             Some(c) => s.campaigns.get(c),
@@ -445,7 +452,7 @@ impl CallStore for MemoryStore {
     async fn publish_command(
         &self,
         replica_id: &str,
-        call_id: &str,
+        call_id: &CallId,
         command: &pb::Command,
     ) -> StoreResult<bool> {
         // One process: only this replica exists.
@@ -453,7 +460,7 @@ impl CallStore for MemoryStore {
             return Ok(false);
         }
         self.hub.dispatch(BusMessage::Command {
-            call_id: call_id.to_owned(),
+            call_id: call_id.clone(),
             command: command.clone(),
         });
         Ok(true)
@@ -468,7 +475,7 @@ impl CallStore for MemoryStore {
 /// append script.
 fn append_one(
     s: &mut State,
-    call_id: &str,
+    call_id: &CallId,
     event: &pb::CallEvent,
     effects: &EventEffects,
 ) -> AppendOutcome {
@@ -495,7 +502,7 @@ fn append_one(
         return AppendOutcome::ConditionFailed;
     }
     events
-        .entry(call_id.to_owned())
+        .entry(call_id.clone())
         .or_default()
         .push(event.clone());
     call.last_seq = event.seq;
@@ -513,22 +520,23 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
             *total += add;
         }
     }
-    if let Some((sid, stream_sid, relay)) = &effects.started {
+    if let Some(started) = &effects.started {
         if call.started_at_ms == 0 {
             call.started_at_ms = effects.at_ms;
         }
-        for (field, value) in [
-            (&mut call.twilio_call_sid, sid),
-            (&mut call.stream_sid, stream_sid),
-            (&mut call.relay_id, relay),
-        ] {
-            if !value.is_empty() {
-                *field = value.clone();
-            }
+        // Only what the event carries overwrites what the call has.
+        if started.twilio_call_sid.is_some() {
+            call.twilio_call_sid.clone_from(&started.twilio_call_sid);
+        }
+        if started.stream_sid.is_some() {
+            call.stream_sid.clone_from(&started.stream_sid);
+        }
+        if started.relay_id.is_some() {
+            call.relay_id.clone_from(&started.relay_id);
         }
         if !is_final(call.status) {
             call.end_reason = None;
-            call.end_detail.clear();
+            call.end_detail = None;
         }
     }
     if effects.handoff && !is_final(call.status) {
@@ -540,11 +548,11 @@ fn apply_effects(call: &mut CallRecord, effects: &EventEffects) {
         call.status = new;
         if is_final(new) {
             call.ended_at_ms = effects.at_ms;
-            call.lease_holder.clear();
-            if let Some((reason, detail, transfer_to)) = &effects.ended {
-                call.end_reason = Some(*reason).filter(|r| *r != pb::EndReason::Unspecified);
-                call.end_detail = detail.clone();
-                call.transfer_to = transfer_to.clone();
+            call.lease_holder = None;
+            if let Some(ended) = &effects.ended {
+                call.end_reason = Some(ended.reason).filter(|r| *r != pb::EndReason::Unspecified);
+                call.end_detail = Some(ended.detail.clone()).filter(|d| !d.is_empty());
+                call.transfer_to = Some(ended.transfer_to.clone()).filter(|t| !t.is_empty());
             }
         }
     }
@@ -555,18 +563,31 @@ mod tests {
     use super::*;
     use crate::domain::call::event_effects;
 
+    fn id(s: &str) -> CallId {
+        CallId::parse("call_id", s).expect("valid")
+    }
+
+    fn holder(s: &str) -> LeaseHolder {
+        let (replica, stream) = s.split_once('/').expect("replica/stream");
+        LeaseHolder::new(replica, stream)
+    }
+
+    fn relay(s: &str) -> RelayId {
+        RelayId::parse("relay_id", s).expect("valid")
+    }
+
     fn store() -> MemoryStore {
         MemoryStore::new(Arc::new(Hub::new()), "replica-1")
     }
 
-    fn call(id: &str) -> CallRecord {
-        CallRecord {
-            call_id: id.into(),
-            agent_id: "a".into(),
-            status: pb::CallStatus::Created,
-            created_at_ms: 1,
-            ..CallRecord::default()
-        }
+    fn call(call_id: &str) -> CallRecord {
+        CallRecord::new(
+            id(call_id),
+            AgentId::parse("agent_id", "a").expect("valid"),
+            pb::Direction::Outbound,
+            pb::CallStatus::Created,
+            1,
+        )
     }
 
     fn ev(seq: u64, kind: pb::call_event::Kind) -> pb::CallEvent {
@@ -585,8 +606,8 @@ mod tests {
     ) -> AppendOutcome {
         let outcomes = s
             .append_events(
-                &e.call_id,
-                "",
+                &id(&e.call_id),
+                None,
                 std::slice::from_ref(e),
                 std::slice::from_ref(effects),
             )
@@ -626,11 +647,11 @@ mod tests {
             AppendOutcome::Gap { last_seq: 1 }
         );
         assert_eq!(append(&s, ev(2, usage(7))).await, AppendOutcome::Stored);
-        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        let c = s.get_call(&id("c1")).await.expect("ok").expect("exists");
         assert_eq!(c.last_seq, 2);
         assert_eq!(c.usage[2], 12, "the duplicate was not counted");
         assert_eq!(c.usage[8], 2);
-        let stored = s.read_events("c1", 0, 10).await.expect("read");
+        let stored = s.read_events(&id("c1"), 0, 10).await.expect("read");
         assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
     }
 
@@ -643,7 +664,7 @@ mod tests {
         append(&s, ev(2, end(pb::EndReason::CallerHangup))).await;
         append(&s, ev(3, started)).await;
         append(&s, ev(4, end(pb::EndReason::InternalError))).await;
-        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        let c = s.get_call(&id("c1")).await.expect("ok").expect("exists");
         assert_eq!(c.status, pb::CallStatus::Completed);
         assert_eq!(
             c.end_reason,
@@ -651,7 +672,7 @@ mod tests {
             "the first end wins"
         );
         assert_eq!(
-            s.admit_existing("c1", "CA1", "", "").await.expect("ok"),
+            s.admit_existing(&id("c1"), None, "", "").await.expect("ok"),
             AdmitOutcome::Ended
         );
     }
@@ -660,10 +681,10 @@ mod tests {
     async fn leases_have_one_holder_except_for_a_reconnecting_relay() {
         let s = store();
         s.create_calls(&[call("c1")]).await.expect("created");
-        let attach = |relay: &'static str, reconnect: bool, holder: &'static str| {
+        let attach = |by: &'static str, reconnect: bool, stream: &'static str| {
             let s = s.clone();
             async move {
-                s.attach("c1", relay, reconnect, holder, 1000, 500)
+                s.attach(&id("c1"), &relay(by), reconnect, &holder(stream), 1000, 500)
                     .await
                     .expect("ok")
             }
@@ -673,17 +694,25 @@ mod tests {
         assert_eq!(attach("r2", true, "x/2").await, AttachOutcome::Held);
         assert_eq!(attach("r1", true, "y/3").await, AttachOutcome::Attached);
         // The replaced holder can no longer renew.
-        assert!(!s.renew_lease("c1", "x/1", 1100, 500).await.expect("ok"));
-        assert!(s.renew_lease("c1", "y/3", 1100, 500).await.expect("ok"));
+        assert!(
+            !s.renew_lease(&id("c1"), &holder("x/1"), 1100, 500)
+                .await
+                .expect("ok")
+        );
+        assert!(
+            s.renew_lease(&id("c1"), &holder("y/3"), 1100, 500)
+                .await
+                .expect("ok")
+        );
         assert_eq!(
-            s.attach("nope", "r1", false, "x/1", 0, 1)
+            s.attach(&id("nope"), &relay("r1"), false, &holder("x/1"), 0, 1)
                 .await
                 .expect("ok"),
             AttachOutcome::NotFound
         );
         // After the lease runs out anyone may attach.
         assert_eq!(
-            s.attach("c1", "r9", false, "z/9", 5000, 500)
+            s.attach(&id("c1"), &relay("r9"), false, &holder("z/9"), 5000, 500)
                 .await
                 .expect("ok"),
             AttachOutcome::Attached
@@ -694,7 +723,7 @@ mod tests {
     async fn relay_lost_is_recorded_once_and_only_after_the_lease() {
         let s = store();
         s.create_calls(&[call("c1")]).await.expect("created");
-        s.attach("c1", "r1", false, "x/1", 1000, 500)
+        s.attach(&id("c1"), &relay("r1"), false, &holder("x/1"), 1000, 500)
             .await
             .expect("ok");
         let lost = ev(1, end(pb::EndReason::RelayLost));
@@ -714,7 +743,7 @@ mod tests {
             append_one_event(&s, &lost, &effects).await,
             AppendOutcome::Duplicate
         );
-        let c = s.get_call("c1").await.expect("ok").expect("exists");
+        let c = s.get_call(&id("c1")).await.expect("ok").expect("exists");
         assert_eq!(c.status, pb::CallStatus::Failed);
         assert_eq!(c.end_reason, Some(pb::EndReason::RelayLost));
         assert!(s.expired_leases(i64::MAX, 10).await.expect("ok").is_empty());
@@ -743,7 +772,7 @@ mod tests {
             .await
             .expect("ok");
         assert_eq!(
-            first.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            first.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             vec!["c4", "c3", "c2"]
         );
         let rest = s
@@ -751,7 +780,7 @@ mod tests {
             .await
             .expect("ok");
         assert_eq!(
-            rest.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            rest.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             vec!["c1", "c0"]
         );
     }
@@ -761,23 +790,23 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let s = MemoryStore::new(hub.clone(), "replica-1");
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        hub.register("c1", "replica-1/s", tx);
+        hub.register(&id("c1"), &holder("replica-1/s"), tx);
         let cmd = pb::Command {
             command_id: "k".into(),
             kind: None,
         };
         assert!(
-            !s.publish_command("replica-2", "c1", &cmd)
+            !s.publish_command("replica-2", &id("c1"), &cmd)
                 .await
                 .expect("ok")
         );
         assert!(
-            s.publish_command("replica-1", "c1", &cmd)
+            s.publish_command("replica-1", &id("c1"), &cmd)
                 .await
                 .expect("ok")
         );
         assert_eq!(rx.try_recv().expect("delivered").command_id, "k");
-        hub.unregister("c1", "someone-else/s");
+        hub.unregister(&id("c1"), &holder("someone-else/s"));
         assert_eq!(hub.attached_count(), 1, "only the holder unregisters");
     }
 }

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 
+use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use crate::domain::record::{CallRecord, EventEffects};
+use crate::domain::twilio::TwilioCallStatus;
 use crate::error::StoreError;
 
 /// Result of a store operation.
@@ -103,30 +105,20 @@ pub struct IndexCursor {
     pub skip: u64,
 }
 
-/// What Twilio said about a call (a REST answer or a callback); empty fields say nothing.
+/// What Twilio said about a call (a REST answer or a callback); `None` says nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TwilioUpdate {
     /// Recorded where the call has none yet.
-    pub sid: String,
-    /// Twilio's status; applied only if it is later in Twilio's order than the stored one.
-    pub status: String,
+    pub sid: Option<CallSid>,
+    /// Twilio's status; applied only if it is later in Twilio's order
+    /// ([`TwilioCallStatus::rank`]) than the stored one.
+    pub status: Option<TwilioCallStatus>,
     /// `SequenceNumber`, when a callback carried one.
     pub seq: Option<u32>,
     /// Error code and message (a refused create).
     pub error: Option<(u32, String)>,
     /// AMD verdict; the first one stays.
-    pub answered_by: String,
-}
-
-/// Position of a Twilio status in its one-way order; all final statuses share the top.
-pub fn twilio_rank(status: &str) -> u8 {
-    match status {
-        "" => 0,
-        "queued" | "initiated" => 1,
-        "ringing" => 2,
-        "in-progress" | "answered" => 3,
-        _ => 4,
-    }
+    pub answered_by: Option<String>,
 }
 
 /// The state store, shared by every RPC of one replica.
@@ -140,7 +132,7 @@ pub trait CallStore: Send + Sync + 'static {
     /// One agent.
     fn get_agent(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
     ) -> impl Future<Output = StoreResult<Option<pb::Agent>>> + Send;
     /// Replaces an agent if its stored version is `expected` (`agent.version` is the new one).
     fn replace_agent(
@@ -151,34 +143,34 @@ pub trait CallStore: Send + Sync + 'static {
     /// Deletes an agent if its version is `expected` (0: any).
     fn delete_agent(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         expected: u64,
     ) -> impl Future<Output = StoreResult<AgentCas>> + Send;
-    /// Agents with id > `after`, in id order.
+    /// Agents with id > `after` (all when `None`), in id order.
     fn list_agents(
         &self,
-        after: &str,
+        after: Option<&AgentId>,
         limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<pb::Agent>>> + Send;
     /// Sets (replaces) a number route.
     fn set_route(
         &self,
         number: &str,
-        agent_id: &str,
+        agent_id: &AgentId,
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Deletes a number route; `false` if there was none.
     fn delete_route(&self, number: &str) -> impl Future<Output = StoreResult<bool>> + Send;
     /// The agent for a number.
-    fn get_route(&self, number: &str) -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    fn get_route(&self, number: &str) -> impl Future<Output = StoreResult<Option<AgentId>>> + Send;
     /// Every route, by number.
-    fn list_routes(&self) -> impl Future<Output = StoreResult<Vec<(String, String)>>> + Send;
+    fn list_routes(&self) -> impl Future<Output = StoreResult<Vec<(String, AgentId)>>> + Send;
     /// Sets or clears the default agent.
     fn set_default_agent(
         &self,
-        agent_id: Option<&str>,
+        agent_id: Option<&AgentId>,
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// The default agent.
-    fn get_default_agent(&self) -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    fn get_default_agent(&self) -> impl Future<Output = StoreResult<Option<AgentId>>> + Send;
 
     // --- calls ---
 
@@ -187,47 +179,47 @@ pub trait CallStore: Send + Sync + 'static {
     /// One call.
     fn get_call(
         &self,
-        call_id: &str,
+        call_id: &CallId,
     ) -> impl Future<Output = StoreResult<Option<CallRecord>>> + Send;
     /// Many calls at once (few round trips), in the order asked; `None` for missing ones.
     fn get_calls(
         &self,
-        call_ids: &[String],
+        call_ids: &[CallId],
     ) -> impl Future<Output = StoreResult<Vec<Option<CallRecord>>>> + Send;
     /// Admits a pre-created call: records sid/from/to where empty, `created → ringing`.
     fn admit_existing(
         &self,
-        call_id: &str,
-        twilio_call_sid: &str,
+        call_id: &CallId,
+        twilio_call_sid: Option<&CallSid>,
         from: &str,
         to: &str,
     ) -> impl Future<Output = StoreResult<AdmitOutcome>> + Send;
-    /// Creates an inbound call unless the Twilio sid was admitted already; returns the
-    /// call id that owns the sid.
-    fn admit_inbound(&self, call: &CallRecord) -> impl Future<Output = StoreResult<String>> + Send;
+    /// Creates an inbound call unless its Twilio sid (`call.twilio_call_sid`, which an
+    /// inbound call has) was admitted already; returns the call id that owns the sid.
+    fn admit_inbound(&self, call: &CallRecord) -> impl Future<Output = StoreResult<CallId>> + Send;
     /// Takes the call's lease for an attach stream.
     fn attach(
         &self,
-        call_id: &str,
-        relay_id: &str,
+        call_id: &CallId,
+        relay_id: &RelayId,
         reconnect: bool,
-        holder: &str,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> impl Future<Output = StoreResult<AttachOutcome>> + Send;
     /// Extends the lease; `false` if `holder` no longer holds it.
     fn renew_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
     /// Releases the lease held by `holder`, leaving `lease_ms` for a reconnect.
     fn release_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
@@ -243,15 +235,15 @@ pub trait CallStore: Send + Sync + 'static {
     /// events were appended one by one; the run costs one round trip.
     fn append_events(
         &self,
-        call_id: &str,
-        campaign_id: &str,
+        call_id: &CallId,
+        campaign_id: Option<&CampaignId>,
         events: &[pb::CallEvent],
         effects: &[EventEffects],
     ) -> impl Future<Output = StoreResult<Vec<AppendOutcome>>> + Send;
     /// Stored events with seq > `after_seq`, in order, at most `limit`.
     fn read_events(
         &self,
-        call_id: &str,
+        call_id: &CallId,
         after_seq: u64,
         limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<pb::CallEvent>>> + Send;
@@ -260,18 +252,18 @@ pub trait CallStore: Send + Sync + 'static {
         &self,
         now_ms: i64,
         limit: usize,
-    ) -> impl Future<Output = StoreResult<Vec<String>>> + Send;
+    ) -> impl Future<Output = StoreResult<Vec<CallId>>> + Send;
     /// Forgets a call in the lease index.
-    fn forget_lease(&self, call_id: &str) -> impl Future<Output = StoreResult<()>> + Send;
+    fn forget_lease(&self, call_id: &CallId) -> impl Future<Output = StoreResult<()>> + Send;
     /// Call ids from a creation-time index (all calls or one campaign), newest first,
     /// starting at `cursor`, not older than `min_score`.
     fn scan_index(
         &self,
-        campaign_id: Option<&str>,
+        campaign_id: Option<&CampaignId>,
         cursor: IndexCursor,
         min_score: i64,
         limit: usize,
-    ) -> impl Future<Output = StoreResult<Vec<(String, i64)>>> + Send;
+    ) -> impl Future<Output = StoreResult<Vec<(CallId, i64)>>> + Send;
     /// Drops entries created before `cutoff_ms` from the all-calls index (their calls
     /// have expired; campaign indexes expire as whole keys).
     fn trim_index(&self, cutoff_ms: i64) -> impl Future<Output = StoreResult<()>> + Send;
@@ -280,12 +272,14 @@ pub trait CallStore: Send + Sync + 'static {
     /// `None` if there is no such call, else whether anything changed.
     fn record_twilio(
         &self,
-        call_id: &str,
+        call_id: &CallId,
         update: &TwilioUpdate,
     ) -> impl Future<Output = StoreResult<Option<bool>>> + Send;
     /// The call id admitted for a Twilio call sid (inbound calls' status callbacks).
-    fn call_id_by_sid(&self, sid: &str)
-    -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    fn call_id_by_sid(
+        &self,
+        sid: &CallSid,
+    ) -> impl Future<Output = StoreResult<Option<CallId>>> + Send;
 
     // --- bus ---
 
@@ -293,7 +287,7 @@ pub trait CallStore: Send + Sync + 'static {
     fn publish_command(
         &self,
         replica_id: &str,
-        call_id: &str,
+        call_id: &CallId,
         command: &pb::Command,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
 

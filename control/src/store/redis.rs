@@ -30,7 +30,11 @@ use super::{
     USAGE_FIELDS,
 };
 use crate::domain::call::status_rank;
+use crate::domain::ids::{
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamSid, or_empty,
+};
 use crate::domain::record::{self, CallRecord, EventEffects};
+use crate::domain::twilio::TwilioCallStatus;
 use crate::error::StoreError;
 use crate::hub::{BusMessage, Hub};
 
@@ -388,7 +392,7 @@ return {1, v}
 
 /// KEYS: call hash. ARGV: sid, status, seq (-1: none), error code ('' none), error
 /// message, answered by. Returns -1 not found, else 1 changed / 0 nothing new. The status
-/// order is `twilio_rank` in store/mod.rs.
+/// order is `TwilioCallStatus::rank` (domain/twilio.rs).
 const TWILIO_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local function trank(s)
@@ -730,6 +734,7 @@ fn decode_bus(is_event: bool, payload: &[u8], mut deliver: impl FnMut(BusMessage
         if event.is_none() && events.is_empty() {
             return false;
         }
+        let campaign_id = (!campaign_id.is_empty()).then(|| CampaignId::from_stored(campaign_id));
         for event in event.into_iter().chain(events) {
             deliver(BusMessage::Event {
                 campaign_id: campaign_id.clone(),
@@ -741,7 +746,7 @@ fn decode_bus(is_event: bool, payload: &[u8], mut deliver: impl FnMut(BusMessage
         match envelope.command {
             Some(command) => {
                 deliver(BusMessage::Command {
-                    call_id: envelope.call_id,
+                    call_id: CallId::from_stored(envelope.call_id),
                     command,
                 });
                 true
@@ -753,18 +758,20 @@ fn decode_bus(is_event: bool, payload: &[u8], mut deliver: impl FnMut(BusMessage
 
 // === record <-> hash ===
 
+/// The hash fields of a record; an absent id or text is an empty field, as it always was.
 fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
+    let text = |value: &Option<String>| value.clone().unwrap_or_default();
     let mut fields = vec![
-        ("id", call.call_id.clone()),
-        ("agent", call.agent_id.clone()),
+        ("id", call.call_id.to_string()),
+        ("agent", call.agent_id.to_string()),
         ("dir", (call.direction as i32).to_string()),
         ("status", (call.status as i32).to_string()),
         ("from", call.from.clone()),
         ("to", call.to.clone()),
-        ("campaign", call.campaign_id.clone()),
-        ("sid", call.twilio_call_sid.clone()),
-        ("stream_sid", call.stream_sid.clone()),
-        ("relay", call.relay_id.clone()),
+        ("campaign", or_empty(call.campaign_id.as_ref()).to_owned()),
+        ("sid", or_empty(call.twilio_call_sid.as_ref()).to_owned()),
+        ("stream_sid", or_empty(call.stream_sid.as_ref()).to_owned()),
+        ("relay", or_empty(call.relay_id.as_ref()).to_owned()),
         ("created", call.created_at_ms.to_string()),
         ("started", call.started_at_ms.to_string()),
         ("ended", call.ended_at_ms.to_string()),
@@ -772,22 +779,32 @@ fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
             "end_reason",
             call.end_reason.map_or(0, |r| r as i32).to_string(),
         ),
-        ("end_detail", call.end_detail.clone()),
-        ("transfer_to", call.transfer_to.clone()),
+        ("end_detail", text(&call.end_detail)),
+        ("transfer_to", text(&call.transfer_to)),
         (
             "meta",
             serde_json::to_string(&call.metadata).unwrap_or_else(|_| "{}".to_owned()),
         ),
         ("last_seq", call.last_seq.to_string()),
-        ("lease_holder", call.lease_holder.clone()),
-        ("lease_relay", call.lease_relay.clone()),
+        (
+            "lease_holder",
+            or_empty(call.lease_holder.as_ref()).to_owned(),
+        ),
+        (
+            "lease_relay",
+            or_empty(call.lease_relay.as_ref()).to_owned(),
+        ),
         ("lease_until", call.lease_until_ms.to_string()),
         ("dial", u8::from(call.dialed).to_string()),
-        ("tw_status", call.twilio_status.clone()),
+        (
+            "tw_status",
+            call.twilio_status
+                .map_or_else(String::new, |s| s.as_str().to_owned()),
+        ),
         ("tw_seq", call.twilio_seq.to_string()),
         ("tw_err", call.twilio_error_code.to_string()),
         ("tw_msg", call.twilio_error_message.clone()),
-        ("amd", call.answered_by.clone()),
+        ("amd", text(&call.answered_by)),
     ];
     for (name, value) in USAGE_FIELDS.iter().zip(call.usage) {
         fields.push((name, value.to_string()));
@@ -799,45 +816,51 @@ fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
     if h.is_empty() {
         return None;
     }
+    // A hash without its id is a partial write of a call that expired meanwhile.
+    let call_id = h.remove("id").filter(|id| !id.is_empty())?;
     let mut take = |k: &str| h.remove(k).unwrap_or_default();
     fn num<T: std::str::FromStr + Default>(s: String) -> T {
         s.parse().unwrap_or_default()
     }
+    // Stored values are read as written (checked when they entered); empty is none.
+    fn some(s: String) -> Option<String> {
+        (!s.is_empty()).then_some(s)
+    }
     let mut call = CallRecord {
-        call_id: take("id"),
-        agent_id: take("agent"),
+        call_id: CallId::from_stored(call_id),
+        agent_id: AgentId::from_stored(take("agent")),
         direction: record::direction(num(take("dir"))),
         status: record::call_status(num(take("status"))),
         from: take("from"),
         to: take("to"),
-        campaign_id: take("campaign"),
-        twilio_call_sid: take("sid"),
-        stream_sid: take("stream_sid"),
-        relay_id: take("relay"),
+        campaign_id: some(take("campaign")).map(CampaignId::from_stored),
+        twilio_call_sid: some(take("sid")).map(CallSid::from_stored),
+        stream_sid: some(take("stream_sid")).map(StreamSid::from_stored),
+        relay_id: some(take("relay")).map(RelayId::from_stored),
         created_at_ms: num(take("created")),
         started_at_ms: num(take("started")),
         ended_at_ms: num(take("ended")),
         end_reason: record::end_reason(num(take("end_reason"))),
-        end_detail: take("end_detail"),
-        transfer_to: take("transfer_to"),
+        end_detail: some(take("end_detail")),
+        transfer_to: some(take("transfer_to")),
         metadata: serde_json::from_str(&take("meta")).unwrap_or_default(),
         last_seq: num(take("last_seq")),
-        lease_holder: take("lease_holder"),
-        lease_relay: take("lease_relay"),
+        lease_holder: some(take("lease_holder")).map(LeaseHolder::from_stored),
+        lease_relay: some(take("lease_relay")).map(RelayId::from_stored),
         lease_until_ms: num(take("lease_until")),
         usage: [0; 9],
         dialed: take("dial") == "1",
-        twilio_status: take("tw_status"),
+        // A status this build does not know reads as none.
+        twilio_status: TwilioCallStatus::from_name(&take("tw_status")),
         twilio_seq: num(take("tw_seq")),
         twilio_error_code: num(take("tw_err")),
         twilio_error_message: take("tw_msg"),
-        answered_by: take("amd"),
+        answered_by: some(take("amd")),
     };
     for (slot, name) in call.usage.iter_mut().zip(USAGE_FIELDS) {
         *slot = num(take(name));
     }
-    // A hash without its id is a partial write of a call that expired meanwhile.
-    (!call.call_id.is_empty()).then_some(call)
+    Some(call)
 }
 
 fn decode_agent(bytes: Option<Vec<u8>>) -> StoreResult<Option<pb::Agent>> {
@@ -877,9 +900,13 @@ impl CallStore for RedisStore {
         Ok(true)
     }
 
-    async fn get_agent(&self, agent_id: &str) -> StoreResult<Option<pb::Agent>> {
+    async fn get_agent(&self, agent_id: &AgentId) -> StoreResult<Option<pb::Agent>> {
         let bytes: Option<Vec<u8>> = self
-            .query(redis::cmd("HGET").arg(keys::agent(agent_id)).arg("pb"))
+            .query(
+                redis::cmd("HGET")
+                    .arg(keys::agent(agent_id.as_str()))
+                    .arg("pb"),
+            )
             .await?;
         decode_agent(bytes)
     }
@@ -898,12 +925,12 @@ impl CallStore for RedisStore {
         Ok(cas_outcome(reply))
     }
 
-    async fn delete_agent(&self, agent_id: &str, expected: u64) -> StoreResult<AgentCas> {
+    async fn delete_agent(&self, agent_id: &AgentId, expected: u64) -> StoreResult<AgentCas> {
         let mut conn = self.conn();
         let reply: (i64, u64) = self
             .scripts
             .agent_cas
-            .key(keys::agent(agent_id))
+            .key(keys::agent(agent_id.as_str()))
             // 0 deletes whatever the version; a replace always names one.
             .arg(if expected == 0 {
                 String::new()
@@ -917,28 +944,32 @@ impl CallStore for RedisStore {
         let outcome = cas_outcome(reply);
         if outcome == AgentCas::Done {
             let _: () = self
-                .query(redis::cmd("ZREM").arg(keys::agents_index()).arg(agent_id))
+                .query(
+                    redis::cmd("ZREM")
+                        .arg(keys::agents_index())
+                        .arg(agent_id.as_str()),
+                )
                 .await?;
             for (number, target) in self.list_routes().await? {
-                if target == agent_id {
+                if target == *agent_id {
                     let _: () = self
                         .query(redis::cmd("HDEL").arg(keys::routes()).arg(number))
                         .await?;
                 }
             }
-            if self.get_default_agent().await?.as_deref() == Some(agent_id) {
+            if self.get_default_agent().await?.as_ref() == Some(agent_id) {
                 self.set_default_agent(None).await?;
             }
         }
         Ok(outcome)
     }
 
-    async fn list_agents(&self, after: &str, limit: usize) -> StoreResult<Vec<pb::Agent>> {
-        let min = if after.is_empty() {
-            "-".to_owned()
-        } else {
-            format!("({after}")
-        };
+    async fn list_agents(
+        &self,
+        after: Option<&AgentId>,
+        limit: usize,
+    ) -> StoreResult<Vec<pb::Agent>> {
+        let min = after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
         let ids: Vec<String> = self
             .query(
                 redis::cmd("ZRANGEBYLEX")
@@ -952,19 +983,19 @@ impl CallStore for RedisStore {
             .await?;
         let mut agents = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(agent) = self.get_agent(&id).await? {
+            if let Some(agent) = self.get_agent(&AgentId::from_stored(id)).await? {
                 agents.push(agent);
             }
         }
         Ok(agents)
     }
 
-    async fn set_route(&self, number: &str, agent_id: &str) -> StoreResult<()> {
+    async fn set_route(&self, number: &str, agent_id: &AgentId) -> StoreResult<()> {
         self.query(
             redis::cmd("HSET")
                 .arg(keys::routes())
                 .arg(number)
-                .arg(agent_id),
+                .arg(agent_id.as_str()),
         )
         .await
     }
@@ -976,25 +1007,34 @@ impl CallStore for RedisStore {
         Ok(n > 0)
     }
 
-    async fn get_route(&self, number: &str) -> StoreResult<Option<String>> {
-        self.query(redis::cmd("HGET").arg(keys::routes()).arg(number))
-            .await
+    async fn get_route(&self, number: &str) -> StoreResult<Option<AgentId>> {
+        let agent: Option<String> = self
+            .query(redis::cmd("HGET").arg(keys::routes()).arg(number))
+            .await?;
+        Ok(agent.map(AgentId::from_stored))
     }
 
-    async fn list_routes(&self) -> StoreResult<Vec<(String, String)>> {
+    async fn list_routes(&self) -> StoreResult<Vec<(String, AgentId)>> {
         let map: HashMap<String, String> = self
             .query(redis::cmd("HGETALL").arg(keys::routes()))
             .await?;
-        let mut routes: Vec<_> = map.into_iter().collect();
+        let mut routes: Vec<_> = map
+            .into_iter()
+            .map(|(number, agent)| (number, AgentId::from_stored(agent)))
+            .collect();
         routes.sort();
         Ok(routes)
     }
 
-    async fn set_default_agent(&self, agent_id: Option<&str>) -> StoreResult<()> {
+    async fn set_default_agent(&self, agent_id: Option<&AgentId>) -> StoreResult<()> {
         match agent_id {
             Some(id) => {
-                self.query(redis::cmd("SET").arg(keys::default_agent()).arg(id))
-                    .await
+                self.query(
+                    redis::cmd("SET")
+                        .arg(keys::default_agent())
+                        .arg(id.as_str()),
+                )
+                .await
             }
             None => {
                 self.query(redis::cmd("DEL").arg(keys::default_agent()))
@@ -1003,9 +1043,11 @@ impl CallStore for RedisStore {
         }
     }
 
-    async fn get_default_agent(&self) -> StoreResult<Option<String>> {
-        self.query(redis::cmd("GET").arg(keys::default_agent()))
-            .await
+    async fn get_default_agent(&self) -> StoreResult<Option<AgentId>> {
+        let agent: Option<String> = self
+            .query(redis::cmd("GET").arg(keys::default_agent()))
+            .await?;
+        Ok(agent.map(AgentId::from_stored))
     }
 
     async fn create_calls(&self, calls: &[CallRecord]) -> StoreResult<()> {
@@ -1016,14 +1058,14 @@ impl CallStore for RedisStore {
             index
                 .arg(keys::calls_index())
                 .arg(call.created_at_ms)
-                .arg(&call.call_id);
+                .arg(call.call_id.as_str());
             cmds.push(index);
-            if !call.campaign_id.is_empty() {
-                let campaign = keys::campaign_index(&call.campaign_id);
+            if let Some(campaign_id) = &call.campaign_id {
+                let campaign = keys::campaign_index(campaign_id.as_str());
                 let mut add = redis::cmd("ZADD");
                 add.arg(&campaign)
                     .arg(call.created_at_ms)
-                    .arg(&call.call_id);
+                    .arg(call.call_id.as_str());
                 // The campaign view lives a day beyond its newest call's retention.
                 let mut expire = redis::cmd("PEXPIRE");
                 expire
@@ -1036,14 +1078,14 @@ impl CallStore for RedisStore {
         self.run_all(cmds).await
     }
 
-    async fn get_call(&self, call_id: &str) -> StoreResult<Option<CallRecord>> {
+    async fn get_call(&self, call_id: &CallId) -> StoreResult<Option<CallRecord>> {
         let h: HashMap<String, String> = self
-            .query(redis::cmd("HGETALL").arg(keys::call(call_id)))
+            .query(redis::cmd("HGETALL").arg(keys::call(call_id.as_str())))
             .await?;
         Ok(call_from_fields(h))
     }
 
-    async fn get_calls(&self, call_ids: &[String]) -> StoreResult<Vec<Option<CallRecord>>> {
+    async fn get_calls(&self, call_ids: &[CallId]) -> StoreResult<Vec<Option<CallRecord>>> {
         if call_ids.is_empty() {
             // An empty pipeline is a client error in redis-rs.
             return Ok(Vec::new());
@@ -1053,7 +1095,7 @@ impl CallStore for RedisStore {
             Conn::Single(_) => {
                 let mut pipe = redis::pipe();
                 for id in call_ids {
-                    pipe.cmd("HGETALL").arg(keys::call(id));
+                    pipe.cmd("HGETALL").arg(keys::call(id.as_str()));
                 }
                 pipe.query_async(&mut conn).await?
             }
@@ -1064,7 +1106,7 @@ impl CallStore for RedisStore {
                     let mut conn = self.conn();
                     async move {
                         redis::cmd("HGETALL")
-                            .arg(keys::call(id))
+                            .arg(keys::call(id.as_str()))
                             .query_async::<HashMap<String, String>>(&mut conn)
                             .await
                     }
@@ -1077,8 +1119,8 @@ impl CallStore for RedisStore {
 
     async fn admit_existing(
         &self,
-        call_id: &str,
-        twilio_call_sid: &str,
+        call_id: &CallId,
+        twilio_call_sid: Option<&CallSid>,
         from: &str,
         to: &str,
     ) -> StoreResult<AdmitOutcome> {
@@ -1086,8 +1128,8 @@ impl CallStore for RedisStore {
         let code: i64 = self
             .scripts
             .admit
-            .key(keys::call(call_id))
-            .arg(twilio_call_sid)
+            .key(keys::call(call_id.as_str()))
+            .arg(or_empty(twilio_call_sid))
             .arg(from)
             .arg(to)
             .invoke_async(&mut conn)
@@ -1097,12 +1139,14 @@ impl CallStore for RedisStore {
             -2 => AdmitOutcome::Ended,
             _ => AdmitOutcome::NotFound,
         };
-        if outcome == AdmitOutcome::Admitted && !twilio_call_sid.is_empty() {
+        if outcome == AdmitOutcome::Admitted
+            && let Some(sid) = twilio_call_sid
+        {
             let _: () = self
                 .query(
                     redis::cmd("SET")
-                        .arg(keys::twilio_sid(twilio_call_sid))
-                        .arg(call_id)
+                        .arg(keys::twilio_sid(sid.as_str()))
+                        .arg(call_id.as_str())
                         .arg("NX")
                         .arg("PX")
                         .arg(self.retention_ms),
@@ -1112,19 +1156,19 @@ impl CallStore for RedisStore {
         Ok(outcome)
     }
 
-    async fn record_twilio(&self, call_id: &str, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
+    async fn record_twilio(&self, call_id: &CallId, u: &TwilioUpdate) -> StoreResult<Option<bool>> {
         let (code, message) = match &u.error {
             Some((code, message)) => (code.to_string(), message.clone()),
             None => (String::new(), String::new()),
         };
-        let mut invocation = self.scripts.twilio.key(keys::call(call_id));
+        let mut invocation = self.scripts.twilio.key(keys::call(call_id.as_str()));
         invocation
-            .arg(&u.sid)
-            .arg(&u.status)
+            .arg(or_empty(u.sid.as_ref()))
+            .arg(u.status.map_or("", TwilioCallStatus::as_str))
             .arg(u.seq.map_or(-1, i64::from))
             .arg(code)
             .arg(message)
-            .arg(&u.answered_by);
+            .arg(u.answered_by.as_deref().unwrap_or(""));
         let mut conn = self.conn();
         let result: i64 = invocation
             .invoke_async(&mut conn)
@@ -1133,21 +1177,23 @@ impl CallStore for RedisStore {
         Ok((result >= 0).then_some(result == 1))
     }
 
-    async fn call_id_by_sid(&self, sid: &str) -> StoreResult<Option<String>> {
-        self.query(redis::cmd("GET").arg(keys::twilio_sid(sid)))
-            .await
+    async fn call_id_by_sid(&self, sid: &CallSid) -> StoreResult<Option<CallId>> {
+        let id: Option<String> = self
+            .query(redis::cmd("GET").arg(keys::twilio_sid(sid.as_str())))
+            .await?;
+        Ok(id.map(CallId::from_stored))
     }
 
-    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<String> {
+    async fn admit_inbound(&self, call: &CallRecord) -> StoreResult<CallId> {
         // Write the call first, then claim the sid: whoever sees the sid taken can
         // read the winner's call at once. The loser deletes its unindexed hash.
-        let key = keys::call(&call.call_id);
+        let key = keys::call(call.call_id.as_str());
         self.run_all(self.write_call_cmds(call)).await?;
         let claimed: Option<String> = self
             .query(
                 redis::cmd("SET")
-                    .arg(keys::twilio_sid(&call.twilio_call_sid))
-                    .arg(&call.call_id)
+                    .arg(keys::twilio_sid(or_empty(call.twilio_call_sid.as_ref())))
+                    .arg(call.call_id.as_str())
                     .arg("NX")
                     .arg("GET")
                     .arg("PX")
@@ -1156,14 +1202,14 @@ impl CallStore for RedisStore {
             .await?;
         if let Some(existing) = claimed {
             let _: () = self.query(redis::cmd("DEL").arg(&key)).await?;
-            return Ok(existing);
+            return Ok(CallId::from_stored(existing));
         }
         let _: () = self
             .query(
                 redis::cmd("ZADD")
                     .arg(keys::calls_index())
                     .arg(call.created_at_ms)
-                    .arg(&call.call_id),
+                    .arg(call.call_id.as_str()),
             )
             .await?;
         Ok(call.call_id.clone())
@@ -1171,10 +1217,10 @@ impl CallStore for RedisStore {
 
     async fn attach(
         &self,
-        call_id: &str,
-        relay_id: &str,
+        call_id: &CallId,
+        relay_id: &RelayId,
         reconnect: bool,
-        holder: &str,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<AttachOutcome> {
@@ -1182,10 +1228,10 @@ impl CallStore for RedisStore {
             .lease_script(
                 self.scripts
                     .attach
-                    .key(keys::call(call_id))
-                    .arg(relay_id)
+                    .key(keys::call(call_id.as_str()))
+                    .arg(relay_id.as_str())
                     .arg(u8::from(reconnect))
-                    .arg(holder)
+                    .arg(holder.as_str())
                     .arg(now_ms)
                     .arg(lease_ms),
                 call_id,
@@ -1202,8 +1248,8 @@ impl CallStore for RedisStore {
 
     async fn renew_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<bool> {
@@ -1215,8 +1261,8 @@ impl CallStore for RedisStore {
 
     async fn release_lease(
         &self,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<()> {
@@ -1227,8 +1273,8 @@ impl CallStore for RedisStore {
 
     async fn append_events(
         &self,
-        call_id: &str,
-        campaign_id: &str,
+        call_id: &CallId,
+        campaign_id: Option<&CampaignId>,
         events: &[pb::CallEvent],
         effects: &[EventEffects],
     ) -> StoreResult<Vec<AppendOutcome>> {
@@ -1237,7 +1283,7 @@ impl CallStore for RedisStore {
             return Ok(Vec::new());
         }
         let prefix = BusEnvelope {
-            campaign_id: campaign_id.to_owned(),
+            campaign_id: or_empty(campaign_id).to_owned(),
             ..Default::default()
         }
         .encode_to_vec();
@@ -1247,8 +1293,8 @@ impl CallStore for RedisStore {
         cmd.arg("EVALSHA")
             .arg(self.scripts.append.get_hash())
             .arg(2)
-            .arg(keys::call(call_id))
-            .arg(keys::call_events(call_id))
+            .arg(keys::call(call_id.as_str()))
+            .arg(keys::call_events(call_id.as_str()))
             .arg(self.retention_ms)
             .arg(keys::events_channel())
             .arg(prefix);
@@ -1280,11 +1326,15 @@ impl CallStore for RedisStore {
                 .arg(effects.at_ms)
                 .arg(effects.new_status.map_or(0, |s| s as i32))
                 .arg(bits);
-            if let Some((sid, stream_sid, relay)) = &effects.started {
-                cmd.arg(sid).arg(stream_sid).arg(relay);
+            if let Some(started) = &effects.started {
+                cmd.arg(or_empty(started.twilio_call_sid.as_ref()))
+                    .arg(or_empty(started.stream_sid.as_ref()))
+                    .arg(or_empty(started.relay_id.as_ref()));
             }
-            if let Some((reason, detail, transfer_to)) = &effects.ended {
-                cmd.arg(*reason as i32).arg(detail).arg(transfer_to);
+            if let Some(ended) = &effects.ended {
+                cmd.arg(ended.reason as i32)
+                    .arg(&ended.detail)
+                    .arg(&ended.transfer_to);
             }
             if let Some(usage) = &effects.usage {
                 for value in usage {
@@ -1332,14 +1382,14 @@ impl CallStore for RedisStore {
 
     async fn read_events(
         &self,
-        call_id: &str,
+        call_id: &CallId,
         after_seq: u64,
         limit: usize,
     ) -> StoreResult<Vec<pb::CallEvent>> {
         let entries: Vec<(String, Vec<Vec<u8>>)> = self
             .query(
                 redis::cmd("XRANGE")
-                    .arg(keys::call_events(call_id))
+                    .arg(keys::call_events(call_id.as_str()))
                     .arg(format!("{}-0", after_seq.saturating_add(1)))
                     .arg("+")
                     .arg("COUNT")
@@ -1357,43 +1407,54 @@ impl CallStore for RedisStore {
             .collect()
     }
 
-    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
-        self.query(
-            redis::cmd("ZRANGEBYSCORE")
-                .arg(keys::leases_index())
-                .arg("-inf")
-                .arg(format!("({now_ms}"))
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit),
-        )
-        .await
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<CallId>> {
+        let ids: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(keys::leases_index())
+                    .arg("-inf")
+                    .arg(format!("({now_ms}"))
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        Ok(ids.into_iter().map(CallId::from_stored).collect())
     }
 
-    async fn forget_lease(&self, call_id: &str) -> StoreResult<()> {
-        self.query(redis::cmd("ZREM").arg(keys::leases_index()).arg(call_id))
-            .await
+    async fn forget_lease(&self, call_id: &CallId) -> StoreResult<()> {
+        self.query(
+            redis::cmd("ZREM")
+                .arg(keys::leases_index())
+                .arg(call_id.as_str()),
+        )
+        .await
     }
 
     async fn scan_index(
         &self,
-        campaign_id: Option<&str>,
+        campaign_id: Option<&CampaignId>,
         cursor: IndexCursor,
         min_score: i64,
         limit: usize,
-    ) -> StoreResult<Vec<(String, i64)>> {
-        let key = campaign_id.map_or_else(keys::calls_index, keys::campaign_index);
-        self.query(
-            redis::cmd("ZREVRANGEBYSCORE")
-                .arg(key)
-                .arg(cursor.score)
-                .arg(min_score)
-                .arg("WITHSCORES")
-                .arg("LIMIT")
-                .arg(cursor.skip)
-                .arg(limit),
-        )
-        .await
+    ) -> StoreResult<Vec<(CallId, i64)>> {
+        let key = campaign_id.map_or_else(keys::calls_index, |c| keys::campaign_index(c.as_str()));
+        let page: Vec<(String, i64)> = self
+            .query(
+                redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(key)
+                    .arg(cursor.score)
+                    .arg(min_score)
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(cursor.skip)
+                    .arg(limit),
+            )
+            .await?;
+        Ok(page
+            .into_iter()
+            .map(|(id, score)| (CallId::from_stored(id), score))
+            .collect())
     }
 
     async fn trim_index(&self, cutoff_ms: i64) -> StoreResult<()> {
@@ -1409,11 +1470,11 @@ impl CallStore for RedisStore {
     async fn publish_command(
         &self,
         replica_id: &str,
-        call_id: &str,
+        call_id: &CallId,
         command: &pb::Command,
     ) -> StoreResult<bool> {
         let envelope = BusEnvelope {
-            call_id: call_id.to_owned(),
+            call_id: call_id.to_string(),
             command: Some(command.clone()),
             ..Default::default()
         };
@@ -1442,7 +1503,7 @@ impl CallStore for RedisStore {
 impl RedisStore {
     /// HSET of a whole call record plus its TTL (one key, one slot).
     fn write_call_cmds(&self, call: &CallRecord) -> Vec<Cmd> {
-        let key = keys::call(&call.call_id);
+        let key = keys::call(call.call_id.as_str());
         let mut hset = redis::cmd("HSET");
         hset.arg(&key);
         for (field, value) in call_to_fields(call) {
@@ -1486,7 +1547,7 @@ impl RedisStore {
     async fn lease_script(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
-        call_id: &str,
+        call_id: &CallId,
         until_ms: i64,
     ) -> StoreResult<i64> {
         let mut conn = self.conn();
@@ -1501,15 +1562,15 @@ impl RedisStore {
     async fn holder_script(
         &self,
         script: &redis::Script,
-        call_id: &str,
-        holder: &str,
+        call_id: &CallId,
+        holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
     ) -> StoreResult<i64> {
         self.lease_script(
             script
-                .key(keys::call(call_id))
-                .arg(holder)
+                .key(keys::call(call_id.as_str()))
+                .arg(holder.as_str())
                 .arg(now_ms)
                 .arg(lease_ms),
             call_id,
@@ -1518,12 +1579,12 @@ impl RedisStore {
         .await
     }
 
-    async fn index_lease(&self, call_id: &str, until_ms: i64) -> StoreResult<()> {
+    async fn index_lease(&self, call_id: &CallId, until_ms: i64) -> StoreResult<()> {
         self.query(
             redis::cmd("ZADD")
                 .arg(keys::leases_index())
                 .arg(until_ms)
-                .arg(call_id),
+                .arg(call_id.as_str()),
         )
         .await
     }
@@ -1726,8 +1787,13 @@ mod tests {
     fn decoded(is_event: bool, payload: &[u8]) -> Option<Vec<(String, u64)>> {
         let mut got = Vec::new();
         let ok = decode_bus(is_event, payload, |m| match m {
-            BusMessage::Event { campaign_id, event } => got.push((campaign_id, event.seq)),
-            BusMessage::Command { call_id, .. } => got.push((call_id, 0)),
+            BusMessage::Event { campaign_id, event } => {
+                got.push((
+                    campaign_id.map(CampaignId::into_string).unwrap_or_default(),
+                    event.seq,
+                ));
+            }
+            BusMessage::Command { call_id, .. } => got.push((call_id.into_string(), 0)),
         });
         ok.then_some(got)
     }

@@ -450,9 +450,12 @@ pub fn event(call_id: &str, seq: u64, kind: pb::call_event::Kind) -> pb::CallEve
     }
 }
 
+/// The Twilio call sid the tests' calls have (Twilio's shape: `CA` and 32 hex digits).
+pub const CALL_SID: &str = "CA00000000000000000000000000000001";
+
 pub fn started(relay: &str) -> pb::call_event::Kind {
     pb::call_event::Kind::Started(pb::Started {
-        twilio_call_sid: "CA0001".into(),
+        twilio_call_sid: CALL_SID.into(),
         stream_sid: "MZ0001".into(),
         relay_id: relay.into(),
         resumed: false,

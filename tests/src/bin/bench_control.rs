@@ -249,7 +249,8 @@ impl Bench {
         for (i, id) in ids.iter().enumerate() {
             let req = pb::AdmitRequest {
                 call_id: id.clone(),
-                twilio_call_sid: format!("CAbench{campaign}{i:06}"),
+                // Control's call ids are 32 hex digits: with `CA`, a Twilio-shaped sid.
+                twilio_call_sid: format!("CA{id}"),
                 from: "+14155550100".to_owned(),
                 to: "+14155550199".to_owned(),
                 twilio_direction: "outbound-api".to_owned(),
@@ -378,7 +379,7 @@ fn event(call_id: &str, seq: u64, last: u64) -> pb::AttachRequest {
     use pb::call_event::Kind;
     let kind = if seq == 1 {
         Kind::Started(pb::Started {
-            twilio_call_sid: format!("CAbench{call_id}"),
+            twilio_call_sid: format!("CA{call_id}"),
             stream_sid: format!("MZbench{call_id}"),
             relay_id: "relay-bench".to_owned(),
             resumed: false,
