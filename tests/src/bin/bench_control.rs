@@ -246,7 +246,7 @@ impl Bench {
             ids.len()
         );
         let mut relay = self.relay(0);
-        for (i, id) in ids.iter().enumerate() {
+        for id in &ids {
             let req = pb::AdmitRequest {
                 call_id: id.clone(),
                 // Control's call ids are 32 hex digits: with `CA`, a Twilio-shaped sid.
