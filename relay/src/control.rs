@@ -13,6 +13,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
+use crate::call_id::CallId;
 use crate::config::Config;
 
 /// Slots of the outbound half of an attach stream.
@@ -115,10 +116,10 @@ impl Control {
     }
 
     /// `Relay.After`.
-    pub async fn after(&self, call_id: &str) -> Result<pb::AfterResponse, ControlError> {
+    pub async fn after(&self, call_id: &CallId) -> Result<pb::AfterResponse, ControlError> {
         let mut client = self.client.clone();
         let req = pb::AfterRequest {
-            call_id: call_id.to_owned(),
+            call_id: call_id.as_str().to_owned(),
         };
         match tokio::time::timeout(self.timeout, client.after(req)).await {
             Ok(r) => Ok(r?.into_inner()),
@@ -141,7 +142,7 @@ impl Control {
     /// Opens `Relay.Attach` and waits for the call context (the first reply).
     pub async fn attach(
         &self,
-        call_id: &str,
+        call_id: &CallId,
         relay_id: &str,
         reconnect: bool,
     ) -> Result<(pb::CallContext, AttachStream), ControlError> {
@@ -149,7 +150,7 @@ impl Control {
             let (tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
             let open = pb::AttachRequest {
                 msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
-                    call_id: call_id.to_owned(),
+                    call_id: call_id.as_str().to_owned(),
                     relay_id: relay_id.to_owned(),
                     reconnect,
                 })),

@@ -34,6 +34,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::agent::AgentView;
 use crate::call::{self, CallDeps, CallSetup, TWILIO_MAX_MESSAGE};
+use crate::call_id::{self as ids, CallId};
 use crate::control::ControlError;
 use crate::{signature, twiml};
 
@@ -43,8 +44,6 @@ const MAX_FORM_BYTES: u64 = 64 * 1024;
 const TWILIO_READ_BUFFER: usize = 4 * 1024;
 /// Frames written before a flush forces them out; the writer flushes every batch anyway.
 const TWILIO_WRITE_BUFFER: usize = 8 * 1024;
-/// Longest call id accepted in a path.
-const MAX_CALL_ID: usize = 128;
 
 /// Shared by every request; clone-cheap.
 #[derive(Clone)]
@@ -81,14 +80,6 @@ pub(crate) fn text(status: StatusCode, body: &'static str) -> Response {
 
 fn xml(body: String) -> Response {
     warp::reply::with_header(body, "content-type", twiml::CONTENT_TYPE).into_response()
-}
-
-pub(crate) fn valid_call_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_CALL_ID
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
 }
 
 /// Checks the Twilio signature of a request to `url` with `params`.
@@ -152,12 +143,13 @@ async fn voice(
     let Some(control) = &deps.call.control else {
         return Ok(xml(twiml::connect_simple(&cfg.public_ws_base())));
     };
-    let call_id = query_param(&raw_query, paths::CALL_ID_PARAM).unwrap_or_default();
-    if !call_id.is_empty() && !valid_call_id(&call_id) {
+    let Ok(call_id) =
+        CallId::parse_optional(query_param(&raw_query, paths::CALL_ID_PARAM).unwrap_or_default())
+    else {
         return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
-    }
+    };
     let req = pb::AdmitRequest {
-        call_id,
+        call_id: ids::to_proto(call_id.as_ref()),
         twilio_call_sid: param(&form, "CallSid").to_owned(),
         from: param(&form, "From").to_owned(),
         to: param(&form, "To").to_owned(),
@@ -173,6 +165,13 @@ async fn voice(
                     "control answered without a call\n",
                 ));
             };
+            let Ok(call_id) = CallId::parse(call.call_id) else {
+                warn!("Admit answered with an invalid call id.");
+                return Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    "control answered with an invalid call id\n",
+                ));
+            };
             let settings = resp.agent.as_ref().and_then(|a| a.settings.as_ref());
             if settings.and_then(|s| s.realtime_enabled) == Some(false) {
                 let fb = settings.and_then(|s| s.fallback.as_ref());
@@ -181,7 +180,7 @@ async fn voice(
             Ok(xml(twiml::connect_stream(
                 &cfg.public_url,
                 &cfg.public_ws_base(),
-                &call.call_id,
+                &call_id,
             )))
         }
         Err(e) => {
@@ -218,9 +217,9 @@ async fn after(
     if !signed(&deps, &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
-    if !valid_call_id(&call_id) {
+    let Ok(call_id) = CallId::parse(call_id) else {
         return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
-    }
+    };
     let Some(control) = &deps.call.control else {
         return Ok(xml(twiml::hangup()));
     };
@@ -258,9 +257,9 @@ async fn media_stream(
     if !signed(&deps, &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
-    if !valid_call_id(&call_id) {
+    let Ok(call_id) = CallId::parse(call_id) else {
         return Ok(text(StatusCode::NOT_FOUND, "unknown call\n"));
-    }
+    };
     if deps.draining() {
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
@@ -275,7 +274,7 @@ async fn media_stream(
     let (ctx, stream) = match control.attach(&call_id, &deps.call.relay_id, false).await {
         Ok(ok) => ok,
         Err(e) => {
-            debug!(call_id, error = %e, "Attach refused; upgrade refused.");
+            debug!(%call_id, error = %e, "Attach refused; upgrade refused.");
             let body = match e.code() {
                 Code::NotFound => "unknown call\n",
                 Code::FailedPrecondition => "call has ended\n",
@@ -288,20 +287,21 @@ async fn media_stream(
     let agent = match ctx.agent.as_ref() {
         Some(a) => AgentView::from_agent(a),
         None => {
-            warn!(call_id, "Call context without agent.");
+            warn!(%call_id, "Call context without agent.");
             return Ok(text(
                 StatusCode::BAD_GATEWAY,
                 "call context without agent\n",
             ));
         }
     };
+    let span_id = call_id.to_string();
     let setup = CallSetup {
-        call_id: call_id.clone(),
+        call_id: Some(call_id),
         agent,
         attach: Some((ctx, stream)),
         upgraded_at: Instant::now(),
     };
-    Ok(upgrade(ws, setup, deps, call_id))
+    Ok(upgrade(ws, setup, deps, span_id))
 }
 
 /// `WS /api/twilio/media-stream-simple` — the standalone agent, nothing stored.
@@ -319,7 +319,7 @@ async fn media_stream_simple(
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
     let setup = CallSetup {
-        call_id: String::new(),
+        call_id: None,
         agent: AgentView::standalone(&cfg),
         attach: None,
         upgraded_at: Instant::now(),
@@ -898,13 +898,5 @@ mod tests {
         assert_eq!(query_param(q, "tail").as_deref(), Some("%4"));
         assert_eq!(query_param(q, "missing"), None);
         assert_eq!(query_param("", "callId"), None);
-    }
-
-    #[test]
-    fn call_ids() {
-        assert!(valid_call_id("call_123-abc.1"));
-        assert!(!valid_call_id(""));
-        assert!(!valid_call_id("a/b"));
-        assert!(!valid_call_id(&"a".repeat(129)));
     }
 }

@@ -6,6 +6,7 @@
 //! - [`http`]: warp routes (webhooks, media streams, health, metrics) and security headers.
 //! - [`signature`]: `X-Twilio-Signature` checking.
 //! - [`twiml`]: TwiML answers.
+//! - [`call_id`]: callbridge's call id, checked where it enters.
 //! - [`control`]: client of control's `Relay` service.
 //! - [`call`]: one call: the call loop over its components (model session, playback in
 //!   `call::phase`, deadlines, tools, counters), socket outboxes, control link.
@@ -20,6 +21,7 @@
 
 pub mod agent;
 pub mod call;
+pub mod call_id;
 pub mod config;
 pub mod control;
 pub mod control_tls;

@@ -17,9 +17,8 @@ use warp::{Filter, Rejection};
 
 use callbridge_proto::paths;
 
-use crate::http::{
-    Deps, param as form_param, query_param, signed, text, twilio_path, valid_call_id, with_query,
-};
+use crate::call_id::{self, CallId};
+use crate::http::{Deps, param as form_param, query_param, signed, text, twilio_path, with_query};
 
 /// Largest callback body accepted.
 const MAX_FORM_BYTES: u64 = 16 * 1024;
@@ -42,10 +41,9 @@ fn report(
     raw_query: &str,
     form: &[(String, String)],
 ) -> Result<pb::TwilioStatusReport, &'static str> {
-    let call_id = query_param(raw_query, paths::CALL_ID_PARAM).unwrap_or_default();
-    if !call_id.is_empty() && !valid_call_id(&call_id) {
-        return Err("callId: invalid\n");
-    }
+    let call_id =
+        CallId::parse_optional(query_param(raw_query, paths::CALL_ID_PARAM).unwrap_or_default())
+            .map_err(|_| "callId: invalid\n")?;
     let number = |name: &str| -> Result<u32, &'static str> {
         match form_param(form, name) {
             "" => Ok(0),
@@ -53,7 +51,7 @@ fn report(
         }
     };
     let report = pb::TwilioStatusReport {
-        call_id,
+        call_id: call_id::to_proto(call_id.as_ref()),
         twilio_call_sid: form_param(form, "CallSid").to_owned(),
         account_sid: form_param(form, "AccountSid").to_owned(),
         call_status: form_param(form, "CallStatus").to_owned(),

@@ -11,6 +11,8 @@ use callbridge_proto::{paths, pb};
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesText, Event};
 
+use crate::call_id::CallId;
+
 /// Content type of every TwiML answer.
 pub const CONTENT_TYPE: &str = "application/xml";
 
@@ -57,9 +59,9 @@ fn empty(w: &mut Xml, name: &str) -> io::Result<()> {
 }
 
 /// `<Connect action><Stream url><Parameter callId/></Stream></Connect>` for a control-backed call.
-pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &str) -> String {
-    let action = paths::after(public_url, call_id);
-    let url = paths::media_stream(public_ws_base, call_id);
+pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &CallId) -> String {
+    let action = paths::after(public_url, call_id.as_str());
+    let url = paths::media_stream(public_ws_base, call_id.as_str());
     doc(|w| {
         w.create_element("Connect")
             .with_attribute(("action", &*xml_chars(&action)))
@@ -70,7 +72,7 @@ pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &str) -> 
                     .write_inner_content(|w| {
                         w.create_element("Parameter")
                             .with_attribute(("name", "callId"))
-                            .with_attribute(("value", &*xml_chars(call_id)))
+                            .with_attribute(("value", call_id.as_str()))
                             .write_empty()
                             .map(drop)
                     })
@@ -262,7 +264,8 @@ mod tests {
 
     #[test]
     fn connect_stream_has_action_stream_and_parameter() {
-        let x = connect_stream("https://r.example.com", "wss://r.example.com", "call_1");
+        let id = CallId::parse("call_1").expect("valid");
+        let x = connect_stream("https://r.example.com", "wss://r.example.com", &id);
         assert_eq!(
             x,
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"https://r.example.com/api/twilio/after/call_1\" method=\"POST\"><Stream url=\"wss://r.example.com/api/twilio/media-stream/call_1\"><Parameter name=\"callId\" value=\"call_1\"/></Stream></Connect></Response>"
@@ -271,8 +274,9 @@ mod tests {
 
     #[test]
     fn values_are_escaped() {
-        let x = connect_stream("https://r", "wss://r", "a&b\"<c>");
-        assert!(x.contains("value=\"a&amp;b&quot;&lt;c&gt;\""), "{x}");
+        // (A call id cannot hold such characters: `CallId` refuses them where it enters.)
+        let x = dial("a&b\"<c>");
+        assert!(x.contains("<Dial>a&amp;b&quot;&lt;c&gt;</Dial>"), "{x}");
         assert!(!x.contains("a&b"));
         let s = say_and_hangup("Tom & Jerry's <show>");
         assert!(
@@ -392,11 +396,19 @@ mod tests {
             assert_eq!(find(&nodes, "Say").text, carried(&a), "{ctx}");
             find(&nodes, "Hangup");
 
-            let nodes = read(&connect_stream("https://r.example", "wss://r.example", &a));
+            // A call id made of what `a` holds that a call id may hold.
+            let id: String = a
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                .chain(std::iter::once('x'))
+                .take(crate::call_id::MAX_LEN)
+                .collect();
+            let id = CallId::parse(id).expect("only allowed characters");
+            let nodes = read(&connect_stream("https://r.example", "wss://r.example", &id));
             let param = find(&nodes, "Parameter");
             assert_eq!(param.attr("name"), Some("callId"), "{ctx}");
-            assert_eq!(param.attr("value"), Some(carried(&a).as_str()), "{ctx}");
-            let action = format!("https://r.example/api/twilio/after/{}", carried(&a));
+            assert_eq!(param.attr("value"), Some(id.as_str()), "{ctx}");
+            let action = format!("https://r.example/api/twilio/after/{id}");
             assert_eq!(
                 find(&nodes, "Connect").attr("action"),
                 Some(action.as_str()),

@@ -16,6 +16,7 @@ use tokio::time::{Instant, sleep_until};
 use tonic::{Code, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::call_id::CallId;
 use crate::control::{AttachStream, Control};
 use crate::metrics::Metrics;
 
@@ -31,7 +32,7 @@ pub enum LinkIn {
 /// Everything the link needs besides its channels.
 pub struct LinkSetup {
     /// The call.
-    pub call_id: String,
+    pub call_id: CallId,
     /// This relay.
     pub relay_id: String,
     /// Control client for reconnects.
@@ -107,7 +108,7 @@ impl Drop for Buffer {
 
 /// The link's state between turns of its loop.
 struct Link {
-    call_id: String,
+    call_id: CallId,
     relay_id: String,
     control: Control,
     metrics: Metrics,
@@ -221,7 +222,7 @@ impl Link {
             self.buf.final_seq = Some(seq);
         }
         self.buf.events.push_back(pb::CallEvent {
-            call_id: self.call_id.clone(),
+            call_id: self.call_id.as_str().to_owned(),
             seq,
             at_ms,
             kind: Some(*kind),
@@ -253,7 +254,7 @@ impl Link {
 
     fn stream_lost(&mut self, why: String) -> Option<Box<pb::Command>> {
         warn!(
-            call_id = self.call_id,
+            call_id = %self.call_id,
             why, "Attach stream lost; reconnecting."
         );
         self.disconnect();
@@ -288,7 +289,7 @@ impl Link {
         match attach {
             Ok((ctx, stream)) => {
                 info!(
-                    call_id,
+                    %call_id,
                     last_seq = ctx.last_seq,
                     "Attach stream reconnected."
                 );
@@ -298,11 +299,11 @@ impl Link {
                 self.rx = Some(stream.rx);
             }
             Err(e) if permanent(e.code()) => {
-                warn!(call_id, error = %e, "Control refused the call on reconnect; events are no longer stored.");
+                warn!(%call_id, error = %e, "Control refused the call on reconnect; events are no longer stored.");
                 self.gave_up = true;
             }
             Err(e) => {
-                debug!(call_id, error = %e, "Attach reconnect failed.");
+                debug!(%call_id, error = %e, "Attach reconnect failed.");
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.retry_at = Instant::now() + self.backoff;
             }

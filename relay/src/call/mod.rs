@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::agent::AgentView;
+use crate::call_id::CallId;
 use crate::config::Config;
 use crate::control::{AttachStream, Control};
 use crate::error::{EndKind, RealtimeError, TwilioError};
@@ -139,8 +140,8 @@ pub struct CallDeps {
 
 /// What the HTTP layer learned before the upgrade.
 pub struct CallSetup {
-    /// Call id (empty for standalone).
-    pub call_id: String,
+    /// Call id (None for standalone).
+    pub call_id: Option<CallId>,
     /// The agent.
     pub agent: AgentView,
     /// The open attach stream and its context (None for standalone).
@@ -224,8 +225,8 @@ enum Wake {
 /// The call loop's state: the sockets' write halves and the components.
 struct Call {
     deps: CallDeps,
-    /// The call id from the path (empty for standalone), checked against `start`.
-    call_id: String,
+    /// The call id from the path (None for standalone), checked against `start`.
+    call_id: Option<CallId>,
     agent: AgentView,
     resumed: bool,
     stream_sid: Option<StreamSid>,
@@ -279,7 +280,7 @@ struct LinkParts {
 }
 
 fn start_link(
-    call_id: &str,
+    call_id: Option<&CallId>,
     attach: Option<(pb::CallContext, AttachStream)>,
     deps: &CallDeps,
 ) -> LinkParts {
@@ -292,7 +293,9 @@ fn start_link(
         resumed: false,
         history: Vec::new(),
     };
-    let (Some((ctx, stream)), Some(control)) = (attach, deps.control.clone()) else {
+    let (Some((ctx, stream)), Some(control), Some(call_id)) =
+        (attach, deps.control.clone(), call_id)
+    else {
         return parts;
     };
     let (tx, rx) = mpsc::channel(LINK_SLOTS);
@@ -303,7 +306,7 @@ fn start_link(
         ctx.call.as_ref().is_some_and(|c| c.started_at_ms > 0) || !ctx.history.is_empty();
     parts.history = ctx.history;
     let link = LinkSetup {
-        call_id: call_id.to_owned(),
+        call_id: call_id.clone(),
         relay_id: deps.relay_id.to_string(),
         control,
         metrics: deps.metrics.clone(),
@@ -325,7 +328,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, deps: CallDeps) {
         metrics.active_calls().dec();
     });
     let (tw_sink, tw_read) = ws.split();
-    let mut link = start_link(&setup.call_id, setup.attach, &deps);
+    let mut link = start_link(setup.call_id.as_ref(), setup.attach, &deps);
     let hard_stop = deps.hard_stop.clone();
     let mut call = Call::new(
         setup.call_id,
@@ -440,7 +443,7 @@ fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
 
 impl Call {
     fn new(
-        call_id: String,
+        call_id: Option<CallId>,
         agent: AgentView,
         upgraded_at: Instant,
         deps: CallDeps,

@@ -21,12 +21,12 @@ enum Entry {
     User(String),
     Assistant(String),
     Call {
-        call_id: String,
+        tool_call_id: String,
         name: String,
         arguments: String,
     },
     Output {
-        call_id: String,
+        tool_call_id: String,
         output: String,
     },
 }
@@ -36,11 +36,14 @@ impl Entry {
         match self {
             Entry::User(t) | Entry::Assistant(t) => t.len(),
             Entry::Call {
-                call_id,
+                tool_call_id,
                 name,
                 arguments,
-            } => call_id.len() + name.len() + arguments.len(),
-            Entry::Output { call_id, output } => call_id.len() + output.len(),
+            } => tool_call_id.len() + name.len() + arguments.len(),
+            Entry::Output {
+                tool_call_id,
+                output,
+            } => tool_call_id.len() + output.len(),
         }
     }
 }
@@ -103,7 +106,7 @@ impl Replay {
 
     fn push_call(&mut self, c: pb::ToolCall) {
         self.push(Entry::Call {
-            call_id: c.tool_call_id,
+            tool_call_id: c.tool_call_id,
             name: c.name,
             arguments: c.arguments_json,
         });
@@ -111,7 +114,7 @@ impl Replay {
 
     fn push_output(&mut self, o: pb::ToolResult) {
         self.push(Entry::Output {
-            call_id: o.tool_call_id,
+            tool_call_id: o.tool_call_id,
             output: o.output,
         });
     }
@@ -142,19 +145,22 @@ impl Replay {
                 Entry::Assistant(text) => json!({"type": "message", "role": "assistant",
                     "content": [{"type": "output_text", "text": text}]}),
                 Entry::Call {
-                    call_id,
+                    tool_call_id,
                     name,
                     arguments,
                 } => {
-                    calls.push(call_id);
-                    json!({"type": "function_call", "call_id": call_id, "name": name,
+                    calls.push(tool_call_id);
+                    json!({"type": "function_call", "call_id": tool_call_id, "name": name,
                         "arguments": arguments})
                 }
-                Entry::Output { call_id, output } => {
-                    if !calls.contains(&call_id.as_str()) {
+                Entry::Output {
+                    tool_call_id,
+                    output,
+                } => {
+                    if !calls.contains(&tool_call_id.as_str()) {
                         continue;
                     }
-                    json!({"type": "function_call_output", "call_id": call_id,
+                    json!({"type": "function_call_output", "call_id": tool_call_id,
                         "output": output})
                 }
             };

@@ -137,9 +137,8 @@ impl Call {
             .custom_parameters
             .as_ref()
             .and_then(|p| p.get("callId"));
-        if let Some(param) = param
-            && !self.call_id.is_empty()
-            && *param != self.call_id
+        if let (Some(param), Some(call_id)) = (param, &self.call_id)
+            && param.as_str() != call_id.as_str()
         {
             self.bad_twilio("start for another call id");
             warn!(param = %param, "Twilio start names another call id.");
