@@ -3,11 +3,11 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `CONTROL_LISTEN` | gRPC listen address | `0.0.0.0:50051` |
-//! | `REDIS_URL` | `redis://`, `rediss://` or `redis+unix://` URL | unset: in-memory store (one process, nothing survives a restart) |
-//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs, instead of `REDIS_URL` (Redis ≥ 7: commands use sharded pub/sub) | unset |
-//! | `CONTROL_APP_TOKENS` | comma-separated bearer tokens for `Agents` and `Calls` | unset |
-//! | `CONTROL_RELAY_TOKENS` | comma-separated bearer tokens for `Relay` | unset |
-//! | `CONTROL_INSECURE_NO_AUTH` | `true` allows starting with no tokens at all (no auth) | `false` |
+//! | `REDIS_URL` | `redis://`, `rediss://` or `redis+unix://` URL (secret: may carry the password) | unset: in-memory store (one process, nothing survives a restart) |
+//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs (secret), instead of `REDIS_URL` (Redis ≥ 7: commands use sharded pub/sub) | unset |
+//! | `CONTROL_APP_TOKENS` | comma-separated bearer tokens for `Agents` and `Calls`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
+//! | `CONTROL_RELAY_TOKENS` | comma-separated bearer tokens for `Relay`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
+//! | `CONTROL_INSECURE_NO_AUTH` | `true` allows starting with no tokens at all (no auth), and tokens shorter than 32 bytes | `false` |
 //! | `RELAY_PUBLIC_URL` | public `https://` base URL of the relays, for webhook/stream URLs | unset: URLs left empty |
 //! | `CONTROL_LOG` | log filter (`tracing` env-filter syntax) | `info` |
 //! | `CONTROL_LOG_FORMAT` | `text` or `json` | `text` |
@@ -65,10 +65,10 @@ struct Args {
     #[arg(long, env = "CONTROL_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
     /// Redis URL (redis://, rediss://, redis+unix://). Unset: in-memory store (one process only).
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Comma-separated Redis Cluster seed node URLs (instead of REDIS_URL).
-    #[arg(long, env = "REDIS_CLUSTER_NODES")]
+    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
     redis_cluster_nodes: Option<String>,
     /// Comma-separated bearer tokens accepted on the public API (Agents, Calls).
     #[arg(long, env = "CONTROL_APP_TOKENS", hide_env_values = true)]
@@ -127,15 +127,15 @@ struct Args {
     redis_key_file: Option<PathBuf>,
 }
 
-/// Where state lives.
+/// Where state lives. The URLs are secrets: they may carry Redis's password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// In-process memory (demo, unit tests).
     Memory,
     /// One Redis server.
-    Redis(String),
+    Redis(Secret),
     /// Redis Cluster seed nodes.
-    Cluster(Vec<String>),
+    Cluster(Vec<Secret>),
 }
 
 /// Validated configuration, immutable after start.
@@ -263,10 +263,10 @@ fn redis_tls(
     }
     let (var, urls): (&'static str, Vec<&str>) = match store {
         StoreConfig::Memory => ("REDIS_URL", vec![]),
-        StoreConfig::Redis(url) => ("REDIS_URL", vec![url.as_str()]),
+        StoreConfig::Redis(url) => ("REDIS_URL", vec![url.expose()]),
         StoreConfig::Cluster(nodes) => (
             "REDIS_CLUSTER_NODES",
-            nodes.iter().map(String::as_str).collect(),
+            nodes.iter().map(Secret::expose).collect(),
         ),
     };
     let tls_urls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
@@ -367,13 +367,13 @@ impl Config {
             }
             (Some(url), true) => {
                 check_redis_url("REDIS_URL", &url)?;
-                StoreConfig::Redis(url)
+                StoreConfig::Redis(Secret::new(url))
             }
             (None, false) => {
                 for node in &cluster {
                     check_redis_url("REDIS_CLUSTER_NODES", node)?;
                 }
-                StoreConfig::Cluster(cluster)
+                StoreConfig::Cluster(cluster.into_iter().map(Secret::new).collect())
             }
             (None, true) => StoreConfig::Memory,
         };
@@ -434,6 +434,7 @@ impl Config {
                 ));
             }
         };
+        check_token_lengths(&app_tokens, &relay_tokens, insecure_no_auth)?;
         if app_tokens.is_empty() && relay_tokens.is_empty() && !insecure_no_auth {
             return Err(bad(
                 "CONTROL_APP_TOKENS",
@@ -507,6 +508,51 @@ impl Config {
     }
 }
 
+/// Every token must be header text, and outside the insecure mode long enough not to be
+/// guessed (a short one is most likely a placeholder left in a manifest). The error names
+/// the variable and the position, never the token.
+fn check_token_lengths(
+    app_tokens: &[Secret],
+    relay_tokens: &[Secret],
+    insecure_no_auth: bool,
+) -> Result<(), ConfigError> {
+    for (var, tokens) in [
+        ("CONTROL_APP_TOKENS", app_tokens),
+        ("CONTROL_RELAY_TOKENS", relay_tokens),
+    ] {
+        // A token no header can carry would never match: refused even in insecure mode.
+        if let Some(i) = tokens
+            .iter()
+            .position(|t| !callbridge_telemetry::is_header_token(t.expose()))
+        {
+            return Err(bad(
+                var,
+                format!(
+                    "token {} of {} is not valid HTTP header text (visible ASCII, no spaces)",
+                    i + 1,
+                    tokens.len()
+                ),
+            ));
+        }
+        if insecure_no_auth {
+            continue;
+        }
+        if let Some(i) = tokens.iter().position(|t| !t.long_enough()) {
+            return Err(bad(
+                var,
+                format!(
+                    "token {} of {} is shorter than {} bytes (allowed only with \
+                     CONTROL_INSECURE_NO_AUTH=true)",
+                    i + 1,
+                    tokens.len(),
+                    callbridge_telemetry::MIN_SECRET_BYTES
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Hostname plus a random suffix, so two replicas on one host still differ.
 fn default_control_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -527,6 +573,9 @@ fn default_control_id() -> String {
 mod tests {
     use super::*;
 
+    /// A token long enough for the secure mode.
+    const T: &str = "app-token-0123456789abcdef-012345";
+
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         Config::from_args_iter(std::iter::once("callbridge-control").chain(args.iter().copied()))
     }
@@ -544,13 +593,16 @@ mod tests {
     fn tokens_are_split_and_redacted() {
         let config = parse(&[
             "--app-tokens",
-            "app-secret-one, app-secret-two,",
+            "app-secret-one-0123456789abcdef01, app-secret-two-0123456789abcdef01,",
             "--relay-tokens",
-            "relay-secret",
+            "relay-secret-0123456789abcdef0123",
         ])
         .expect("valid");
         assert_eq!(config.app_tokens.len(), 2);
-        assert_eq!(config.app_tokens[1].expose(), "app-secret-two");
+        assert_eq!(
+            config.app_tokens[1].expose(),
+            "app-secret-two-0123456789abcdef01"
+        );
         let shown = format!("{config:?}");
         assert!(
             !shown.contains("secret-") && !shown.contains("relay-secret"),
@@ -561,27 +613,24 @@ mod tests {
     #[test]
     fn bad_values_name_their_variable() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--app-tokens", "t", "--listen", "nope"], "CONTROL_LISTEN"),
+            (&["--app-tokens", T, "--listen", "nope"], "CONTROL_LISTEN"),
+            (&["--app-tokens", T, "--redis-url", "http://x"], "REDIS_URL"),
             (
-                &["--app-tokens", "t", "--redis-url", "http://x"],
-                "REDIS_URL",
-            ),
-            (
-                &["--app-tokens", "t", "--lease-secs", "0"],
+                &["--app-tokens", T, "--lease-secs", "0"],
                 "CONTROL_LEASE_SECS",
             ),
             (
-                &["--app-tokens", "t", "--relay-public-url", "ftp://x"],
+                &["--app-tokens", T, "--relay-public-url", "ftp://x"],
                 "RELAY_PUBLIC_URL",
             ),
             (
-                &["--app-tokens", "t", "--metrics-listen", "x"],
+                &["--app-tokens", T, "--metrics-listen", "x"],
                 "CONTROL_METRICS_LISTEN",
             ),
             (
                 &[
                     "--app-tokens",
-                    "t",
+                    T,
                     "--redis-url",
                     "redis://a",
                     "--redis-cluster-nodes",
@@ -599,11 +648,11 @@ mod tests {
     #[test]
     fn twilio_settings_are_checked_and_redacted() {
         let sid = "AC0123456789abcdef0123456789abcdef";
-        let config = parse(&["--app-tokens", "t"]).expect("valid");
+        let config = parse(&["--app-tokens", T]).expect("valid");
         assert!(config.twilio.is_none(), "no account: control does not dial");
         let config = parse(&[
             "--app-tokens",
-            "t",
+            T,
             "--twilio-account-sid",
             sid,
             "--twilio-auth-token",
@@ -649,7 +698,7 @@ mod tests {
             ),
         ];
         for (args, var) in cases {
-            let all: Vec<&str> = ["--app-tokens", "t"]
+            let all: Vec<&str> = ["--app-tokens", T]
                 .iter()
                 .chain(args.iter())
                 .copied()
@@ -660,8 +709,58 @@ mod tests {
 
     #[test]
     fn empty_metrics_listen_disables_metrics() {
-        let config = parse(&["--app-tokens", "t", "--metrics-listen", ""]).expect("valid");
+        let config = parse(&["--app-tokens", T, "--metrics-listen", ""]).expect("valid");
         assert!(config.metrics_listen.is_none());
         assert!(config.control_id.len() > 9);
+    }
+
+    #[test]
+    fn short_tokens_are_refused_outside_the_insecure_mode() {
+        for (flag, var) in [
+            ("--app-tokens", "CONTROL_APP_TOKENS"),
+            ("--relay-tokens", "CONTROL_RELAY_TOKENS"),
+        ] {
+            let list = format!("{T},short-secret");
+            let err = parse(&[flag, &list]).expect_err("short token");
+            assert_eq!(err.var, var);
+            assert!(err.message.contains("token 2 of 2"), "{err}");
+            assert!(
+                !err.to_string().contains("short-secret"),
+                "not echoed: {err}"
+            );
+            let config = parse(&[flag, &list, "--insecure-no-auth", "true"]).expect("insecure");
+            assert!(config.insecure_no_auth);
+        }
+        assert!(parse(&["--app-tokens", T, "--relay-tokens", T]).is_ok());
+        let err = parse(&["--relay-tokens", "caf\u{e9}", "--insecure-no-auth", "true"])
+            .expect_err("not header text");
+        assert_eq!(err.var, "CONTROL_RELAY_TOKENS");
+        assert!(err.message.contains("header text"), "{err}");
+    }
+
+    #[test]
+    fn redis_urls_are_redacted() {
+        let config = parse(&[
+            "--app-tokens",
+            T,
+            "--redis-url",
+            "redis://:hunter2-password@127.0.0.1:6379/0",
+        ])
+        .expect("valid");
+        assert!(matches!(&config.store, StoreConfig::Redis(u) if u.expose().contains("hunter2")));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let config = parse(&[
+            "--app-tokens",
+            T,
+            "--redis-cluster-nodes",
+            "redis://:pw-one@127.0.0.1:7000,redis://:pw-two@127.0.0.1:7001",
+        ])
+        .expect("valid");
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("pw-one") && !shown.contains("pw-two"),
+            "{shown}"
+        );
     }
 }

@@ -128,8 +128,10 @@ pub async fn serve(
     };
     let target = match &config.store {
         StoreConfig::Memory => None,
-        StoreConfig::Redis(url) => Some(RedisTarget::Single(url.clone())),
-        StoreConfig::Cluster(nodes) => Some(RedisTarget::Cluster(nodes.clone())),
+        StoreConfig::Redis(url) => Some(RedisTarget::Single(url.expose().to_owned())),
+        StoreConfig::Cluster(nodes) => Some(RedisTarget::Cluster(
+            nodes.iter().map(|n| n.expose().to_owned()).collect(),
+        )),
     };
     let result = match target {
         None => {

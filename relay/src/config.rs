@@ -12,7 +12,8 @@
 //! | `OPENAI_API_KEY` | model API key | required |
 //! | `OPENAI_REALTIME_URL` | Realtime endpoint | `wss://api.openai.com/v1/realtime` |
 //! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
-//! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only) | `false` |
+//! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only; logs a warning at start; short tokens allowed) | `false` |
+//! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host | `false` |
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
 //! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
 //! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
@@ -37,6 +38,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use tonic::metadata::{Ascii, MetadataValue};
 
 /// Exit code for invalid configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -107,6 +109,10 @@ pub struct Config {
     /// Accept requests without a valid Twilio signature (local testing only).
     #[arg(long, env = "RELAY_INSECURE_SKIP_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure_skip_signature: bool,
+    /// Allow the insecure settings towards hosts that are not loopback: skipping
+    /// signatures with a non-loopback RELAY_PUBLIC_URL, a ws:// model URL off loopback.
+    #[arg(long, env = "RELAY_INSECURE_ALLOW_PUBLIC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_allow_public: bool,
     /// Seconds live calls may run on after SIGTERM before they are cut.
     #[arg(long, env = "RELAY_DRAIN_GRACE_SECS", default_value_t = 30)]
     pub drain_grace_secs: u64,
@@ -216,6 +222,7 @@ impl Config {
             openai_realtime_url: realtime_url.to_owned(),
             twilio_auth_token: None,
             insecure_skip_signature: true,
+            insecure_allow_public: false,
             drain_grace_secs: 30,
             drain_handoff: true,
             model_reconnect_secs: 10,
@@ -319,7 +326,85 @@ impl Config {
             self.relay_id = None;
         }
         crate::control_tls::check(&self)?;
+        self.check_control_token()?;
+        self.check_insecure()?;
         Ok(self)
+    }
+
+    /// The control token must make a valid `authorization` header (else calls would go
+    /// out with no auth at all) and, outside the insecure mode, be long enough not to be
+    /// guessed.
+    fn check_control_token(&mut self) -> Result<(), ConfigError> {
+        if self
+            .control_token
+            .as_ref()
+            .is_some_and(|t| t.expose().is_empty())
+        {
+            self.control_token = None;
+        }
+        let Some(token) = &self.control_token else {
+            return Ok(());
+        };
+        if bearer_header(token).is_none() {
+            return Err(invalid(
+                "RELAY_CONTROL_TOKEN",
+                "is not valid HTTP header text (visible ASCII, no spaces)",
+            ));
+        }
+        if !token.long_enough() && !self.insecure_skip_signature {
+            return Err(invalid(
+                "RELAY_CONTROL_TOKEN",
+                format!(
+                    "shorter than {} bytes (allowed only with RELAY_INSECURE_SKIP_SIGNATURE=true)",
+                    callbridge_telemetry::MIN_SECRET_BYTES
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The insecure settings stay on loopback unless RELAY_INSECURE_ALLOW_PUBLIC says
+    /// otherwise: skipping signatures where Twilio (or anyone) can reach the relay, and
+    /// sending the API key over `ws://` to another machine.
+    fn check_insecure(&self) -> Result<(), ConfigError> {
+        if self.insecure_allow_public {
+            return Ok(());
+        }
+        if self.insecure_skip_signature && !url_host(&self.public_url).is_some_and(is_loopback) {
+            return Err(invalid(
+                "RELAY_INSECURE_SKIP_SIGNATURE",
+                "true with a RELAY_PUBLIC_URL that is not loopback: anyone who reaches the \
+                 relay could place calls on its model key; set RELAY_INSECURE_ALLOW_PUBLIC=true \
+                 if that is really wanted",
+            ));
+        }
+        if self.openai_realtime_url.starts_with("ws://")
+            && !url_host(&self.openai_realtime_url).is_some_and(is_loopback)
+        {
+            return Err(invalid(
+                "OPENAI_REALTIME_URL",
+                "ws:// to a host that is not loopback would send OPENAI_API_KEY in clear; use \
+                 wss:// (or set RELAY_INSECURE_ALLOW_PUBLIC=true)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a person starting this relay must be told loudly (logged at `warn` at start).
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut warnings = Vec::new();
+        if self.insecure_skip_signature {
+            warnings.push(
+                "RELAY_INSECURE_SKIP_SIGNATURE=true: requests are NOT checked for Twilio's \
+                 signature; anyone who reaches this relay can start calls. Local testing only.",
+            );
+        }
+        if self.insecure_allow_public {
+            warnings.push(
+                "RELAY_INSECURE_ALLOW_PUBLIC=true: the insecure settings apply beyond loopback.",
+            );
+        }
+        warnings
     }
 
     /// The relay id: configured, else hostname plus a random suffix.
@@ -393,6 +478,37 @@ impl Config {
     }
 }
 
+/// `Bearer <token>` as gRPC metadata; `None` unless the token is visible ASCII without
+/// spaces (the header type would take other bytes, but control could never match them).
+pub fn bearer_header(token: &Secret) -> Option<MetadataValue<Ascii>> {
+    if !callbridge_telemetry::is_header_token(token.expose()) {
+        return None;
+    }
+    MetadataValue::try_from(format!("Bearer {}", token.expose())).ok()
+}
+
+/// The host of `scheme://[user@]host[:port][/path]`, without IPv6 brackets.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split_once(']')?.0
+    } else {
+        host_port.split(':').next()?
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// `localhost` or a loopback address (127.0.0.0/8, ::1): traffic that never leaves the
+/// machine.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,7 +563,112 @@ mod tests {
         assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"), "{err}");
         let mut args = BASE[..4].to_vec();
         args.extend(["--insecure-skip-signature", "true"]);
+        args.extend(["--insecure-allow-public", "true"]);
         assert!(parse(&args).unwrap().insecure_skip_signature);
+    }
+
+    const LONG_TOKEN: &str = "relay-token-0123456789abcdef-0123";
+
+    #[test]
+    fn control_token_must_be_header_text_and_long_outside_insecure_mode() {
+        let with_token = |token: &str, extra: &[&'static str]| {
+            let mut args = BASE.to_vec();
+            args.extend(["--control-url", "http://control:50051"]);
+            args.extend(["--control-token", token]);
+            args.extend(extra.iter().copied());
+            parse(&args)
+        };
+        let c = with_token(LONG_TOKEN, &[]).unwrap();
+        assert!(bearer_header(c.control_token.as_ref().unwrap()).is_some());
+        for bad in [
+            "tok\nen-0123456789abcdef-0123456789",
+            "t\u{e9}-0123456789abcdef-0123456789ab",
+        ] {
+            let err = with_token(bad, &["--insecure-skip-signature", "true"]).unwrap_err();
+            assert!(err.to_string().contains("RELAY_CONTROL_TOKEN"), "{err}");
+            assert!(err.to_string().contains("header"), "{err}");
+            assert!(
+                !err.to_string().contains(bad),
+                "the token is not echoed: {err}"
+            );
+        }
+        let err = with_token("short", &[]).unwrap_err();
+        assert!(err.to_string().contains("RELAY_CONTROL_TOKEN"), "{err}");
+        // The insecure mode (on loopback) accepts a short token.
+        let mut args = vec![
+            "--public-url",
+            "http://127.0.0.1:8080",
+            "--openai-api-key",
+            "sk",
+        ];
+        args.extend([
+            "--insecure-skip-signature",
+            "true",
+            "--control-token",
+            "short",
+        ]);
+        assert!(parse(&args).is_ok());
+        // An empty token is no token.
+        assert!(with_token("", &[]).unwrap().control_token.is_none());
+    }
+
+    #[test]
+    fn insecure_settings_stay_on_loopback_unless_allowed() {
+        let insecure = |public: &'static str, model: &'static str, allow: bool| {
+            let mut args = vec!["--public-url", public, "--openai-api-key", "sk-1"];
+            args.extend(["--openai-realtime-url", model]);
+            args.extend(["--insecure-skip-signature", "true"]);
+            if allow {
+                args.extend(["--insecure-allow-public", "true"]);
+            }
+            parse(&args)
+        };
+        for public in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:8080",
+            "https://127.0.0.2",
+        ] {
+            let c = insecure(public, "ws://127.0.0.1:9000/v1/realtime", false).unwrap();
+            assert_eq!(c.warnings().len(), 1, "a loud warning: {public}");
+        }
+        for public in [
+            "https://relay.example.com",
+            "http://relay:8080",
+            "http://127.0.0.1.evil.example",
+            "http://localhost@relay.example.com",
+        ] {
+            let err = insecure(public, "wss://api.openai.com/v1/realtime", false).unwrap_err();
+            assert!(
+                err.to_string().contains("RELAY_INSECURE_SKIP_SIGNATURE"),
+                "{public}: {err}"
+            );
+            let c = insecure(public, "wss://api.openai.com/v1/realtime", true).unwrap();
+            assert_eq!(c.warnings().len(), 2);
+        }
+        // A ws:// model off loopback is refused even with signatures checked.
+        let mut args = BASE.to_vec();
+        args.extend([
+            "--openai-realtime-url",
+            "ws://fake-realtime:9000/v1/realtime",
+        ]);
+        let err = parse(&args).unwrap_err();
+        assert!(err.to_string().contains("OPENAI_REALTIME_URL"), "{err}");
+        args.extend(["--insecure-allow-public", "true"]);
+        assert!(parse(&args).is_ok());
+        assert!(parse(&BASE).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn url_hosts_are_found_behind_user_and_port() {
+        assert_eq!(
+            url_host("https://a.example.com:443/x"),
+            Some("a.example.com")
+        );
+        assert_eq!(url_host("ws://u:p@[::1]:9/x"), Some("::1"));
+        assert_eq!(url_host("http://127.0.0.1"), Some("127.0.0.1"));
+        assert_eq!(url_host("http://"), None);
+        assert!(is_loopback("LOCALHOST") && is_loopback("127.9.9.9") && !is_loopback("10.0.0.1"));
     }
 
     #[test]

@@ -95,10 +95,15 @@ impl Control {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let token = config
-            .control_token
-            .as_ref()
-            .and_then(|t| MetadataValue::try_from(format!("Bearer {}", t.expose()).as_str()).ok());
+        // A token that is not header text must stop the relay, not turn into "no auth"
+        // (config validation refuses it first; this covers configs built in code).
+        let token = match &config.control_token {
+            Some(t) => Some(
+                crate::config::bearer_header(t)
+                    .ok_or(crate::RelayError::ControlTokenNotHeaderText)?,
+            ),
+            None => None,
+        };
         let client = RelayClient::with_interceptor(endpoint.connect_lazy(), Auth(token));
         Ok(Some(Self {
             client,

@@ -59,6 +59,9 @@ pub enum RelayError {
     /// The TLS files towards control cannot be used (they could when the config was read).
     #[error(transparent)]
     ControlTls(#[from] control_tls::ControlTlsError),
+    /// `RELAY_CONTROL_TOKEN` cannot be sent as an `authorization` header.
+    #[error("RELAY_CONTROL_TOKEN: not valid HTTP header text")]
+    ControlTokenNotHeaderText,
 }
 
 /// Sets `TCP_NODELAY` on the listening socket, which Linux copies to every accepted one

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
             json: matches!(config.log_format, callbridge_relay::config::LogFormat::Json),
             output: callbridge_telemetry::Output::Stdout,
         });
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let code = match serve(config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -690,6 +690,49 @@ def check_no_example_secrets(path: Path) -> None:
             )
 
 
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def check_image_pins(rendered: dict[str, list[dict[str, Any]]], compose: dict[str, Any]) -> None:
+    """Every third-party image is pinned by digest: the Dockerfile's base images (ARG
+    defaults and literal FROMs), compose images not built here, and the manifests' images
+    other than callbridge's own (those are pinned by the release's tag). A tag alone can
+    be moved under us; a digest cannot."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    stage_names: set[str] = set()
+    for line in text.splitlines():
+        s = line.strip()
+        m = re.match(r"ARG\s+(\w*IMAGE\w*)=(\S+)", s)
+        if m:
+            R.check(DIGEST.search(m.group(2)) is not None,
+                    f"Dockerfile: ARG {m.group(1)}={m.group(2)} is not pinned by @sha256 digest")
+        m = re.match(r"FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", s, re.I)
+        if m:
+            image = m.group(1)
+            if not (image.startswith("${") or image.lower() in stage_names or image == "scratch"):
+                R.check(DIGEST.search(image) is not None,
+                        f"Dockerfile: FROM {image} is not pinned by @sha256 digest")
+            if m.group(2):
+                stage_names.add(m.group(2).lower())
+    services = compose.get("services", {})
+    built = {svc.get("image") for svc in services.values() if svc.get("build")}
+    for name, svc in services.items():
+        image = str(svc.get("image", ""))
+        if image and not svc.get("build") and image not in built:
+            R.check(DIGEST.search(image) is not None,
+                    f"compose service {name}: image {image} is not pinned by @sha256 digest")
+    for overlay, objs in rendered.items():
+        for w in workloads(objs):
+            spec = w["spec"]["template"]["spec"]
+            for c in spec["containers"] + spec.get("initContainers", []):
+                image = c.get("image", "")
+                if image_name(image) in IMAGE_CRATE:
+                    continue
+                R.check(DIGEST.search(image) is not None,
+                        f"{overlay} {w['kind']} {w['metadata']['name']}: image {image} "
+                        f"is not pinned by @sha256 digest")
+
+
 _ADAPTER: set[str] | None = None
 
 
@@ -1267,8 +1310,8 @@ def check_live(dev: list[dict[str, Any]]) -> None:
             env.update({
                 "CONTROL_LISTEN": "127.0.0.1:0",
                 "CONTROL_METRICS_LISTEN": "127.0.0.1:0",
-                "CONTROL_APP_TOKENS": "deploy-check-app-token",
-                "CONTROL_RELAY_TOKENS": "deploy-check-relay-token",
+                "CONTROL_APP_TOKENS": "deploy-check-app-token-0123456789abcdef",
+                "CONTROL_RELAY_TOKENS": "deploy-check-relay-token-0123456789abcdef",
                 "CONTROL_ID": "deploy-check-control",
             })
             env.pop("REDIS_URL", None)
@@ -1290,7 +1333,7 @@ def check_live(dev: list[dict[str, Any]]) -> None:
             env = dict(cms["relay-config"])
             env.update({
                 "RELAY_LISTEN": "127.0.0.1:0",
-                "RELAY_CONTROL_TOKEN": "deploy-check-relay-token",
+                "RELAY_CONTROL_TOKEN": "deploy-check-relay-token-0123456789abcdef",
                 "OPENAI_API_KEY": "sk-deploy-check",
                 "TWILIO_AUTH_TOKEN": "deploy-check-twilio-token",
                 "RELAY_ID": "deploy-check-relay",
@@ -1312,7 +1355,7 @@ def check_live(dev: list[dict[str, Any]]) -> None:
 def check_control_tokens(port: int) -> None:
     """The Secrets' tokens do what docs/operations.md says: app tokens open the public API
     only, and anything else is refused (probes stay open without a token)."""
-    app = {"authorization": "Bearer deploy-check-app-token"}
+    app = {"authorization": "Bearer deploy-check-app-token-0123456789abcdef"}
     cases = [
         ("no token", "/callbridge.v1.Agents/ListAgents", {}, {"16"}),
         ("a wrong token", "/callbridge.v1.Agents/ListAgents",
@@ -1659,12 +1702,18 @@ def self_test(dev: list[dict[str, Any]], stages: dict[str, str]) -> None:
         ("Service selecting no pods",
          lambda o: set_(find(o, "Service", "control")["spec"], "selector", {"app": "nobody"}),
          lambda o: check_wiring("t", o), "selects no pods"),
+        ("third-party image by tag only",
+         lambda o: set_(find(o, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0],
+                        "image", "redis:7.4-bookworm"),
+         lambda o: check_image_pins({"t": o}, {}), "redis:7.4-bookworm is not pinned"),
     ]
     compose = load_compose()
     bad_compose = copy.deepcopy(compose)
     bad_compose["services"]["relay"]["environment"]["RELAY_NOT_A_SETTING"] = "1"
     bad_aof = copy.deepcopy(compose)
     bad_aof["services"]["redis"]["command"] = ["redis-server"]
+    bad_pin = copy.deepcopy(compose)
+    bad_pin["services"]["redis"]["image"] = "redis:7"
 
     saved = R
     results: list[tuple[str, bool, list[str]]] = []
@@ -1681,9 +1730,11 @@ def self_test(dev: list[dict[str, Any]], stages: dict[str, str]) -> None:
         for what, doc, expect in (
             ("compose env var the relay does not read", bad_compose, "RELAY_NOT_A_SETTING"),
             ("compose Redis without AOF", bad_aof, "AOF must be on"),
+            ("compose image by tag only", bad_pin, "redis:7 is not pinned"),
         ):
             R = Report()
             check_compose(stages, doc)
+            check_image_pins({}, doc)
             if "RELAY_NOT" in expect and not CRATES["relay"].landed:
                 results.append((what, True, []))
                 continue
@@ -1728,6 +1779,7 @@ def main() -> int:
     check_stub_layer()
     check_runtime_libs()
     check_compose(stages, load_compose())
+    check_image_pins(rendered, load_compose())
     check_env_examples()
     check_settings_tables()
     check_metrics_docs_and_dashboard()

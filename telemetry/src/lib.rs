@@ -16,7 +16,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-pub use crate::secret::Secret;
+pub use crate::secret::{MIN_SECRET_BYTES, Secret, is_header_token};
 
 /// The OpenTelemetry variables both binaries read straight from the environment (not
 /// through clap), for the end of their `--help`.

@@ -24,6 +24,24 @@ impl Secret {
 
 const REDACTED: &str = "[redacted]";
 
+/// Shortest bearer token or shared secret the binaries accept outside their insecure
+/// (local testing) modes: 32 bytes is 256 bits of a random token, out of reach of
+/// guessing; anything shorter is likely a placeholder left in a manifest.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Whether `token` can travel as a bearer token in an `authorization` header and be
+/// compared byte for byte on the other side: visible ASCII, no spaces, not empty.
+pub fn is_header_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl Secret {
+    /// Whether the value is at least [`MIN_SECRET_BYTES`] long.
+    pub fn long_enough(&self) -> bool {
+        self.0.len() >= MIN_SECRET_BYTES
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(REDACTED)

@@ -33,9 +33,9 @@ pub use callbridge_testkit::with_timeout;
 /// The public base URL the relays are configured with (what Twilio would call).
 pub const PUBLIC_URL: &str = "https://relay.callbridge.test";
 /// Token of the application API.
-pub const APP_TOKEN: &str = "app-token-e2e";
+pub const APP_TOKEN: &str = "app-token-e2e-0123456789abcdef0123";
 /// Token of the relay API.
-pub const RELAY_TOKEN: &str = "relay-token-e2e";
+pub const RELAY_TOKEN: &str = "relay-token-e2e-0123456789abcdef012";
 /// Twilio auth token shared by the relay and the simulated callers.
 pub const TWILIO_TOKEN: &str = "twilio-token-e2e";
 /// OpenAI key the relay presents to the fake.
@@ -451,6 +451,8 @@ impl WorldBuilder {
                     "RELAY_INSECURE_SKIP_SIGNATURE".to_owned(),
                     "true".to_owned(),
                 ));
+                // PUBLIC_URL is not loopback (it only names the relay in signatures).
+                env.push(("RELAY_INSECURE_ALLOW_PUBLIC".to_owned(), "true".to_owned()));
             }
             if let Some(tls) = &tls {
                 env.extend(tls.relay_env());

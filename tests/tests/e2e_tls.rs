@@ -450,7 +450,10 @@ fn settings_the_binaries_cannot_honour_exit_64_naming_the_variable() {
     let ca_file = ca.ca_file().to_string_lossy().into_owned();
     let cert = pair.cert.to_string_lossy().into_owned();
     let key = pair.key.to_string_lossy().into_owned();
-    let base_control = [("CONTROL_APP_TOKENS", "t"), ("CONTROL_METRICS_LISTEN", "")];
+    let base_control = [
+        ("CONTROL_APP_TOKENS", "app-token-0123456789abcdef-0123456"),
+        ("CONTROL_METRICS_LISTEN", ""),
+    ];
     let control_cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (
             vec![("REDIS_URL", "rediss://127.0.0.1:6380/#insecure")],
@@ -513,6 +516,7 @@ fn settings_the_binaries_cannot_honour_exit_64_naming_the_variable() {
         ("RELAY_PUBLIC_URL", "https://relay.example.com"),
         ("OPENAI_API_KEY", "sk-x"),
         ("RELAY_INSECURE_SKIP_SIGNATURE", "true"),
+        ("RELAY_INSECURE_ALLOW_PUBLIC", "true"),
     ];
     let relay_cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("CONTROL_URL", "grpc://control:50051")], "CONTROL_URL"),

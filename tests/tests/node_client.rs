@@ -35,8 +35,8 @@ use tonic::{Request, Status};
 
 /// The Twilio call sid the test plays the relay for (Twilio's shape: `CA`, 32 hex digits).
 const NODE_SID: &str = "CA0000000000000000000000000000c0de";
-const APP_TOKEN: &str = "node-test-app-token";
-const RELAY_TOKEN: &str = "node-test-relay-token";
+const APP_TOKEN: &str = "node-test-app-token-0123456789abcdef0";
+const RELAY_TOKEN: &str = "node-test-relay-token-0123456789abcd";
 const PUBLIC_URL: &str = "https://relay.node-test.example";
 /// Bound on one RPC or one step of the exchange with the Node process.
 const STEP: Duration = Duration::from_secs(10);

@@ -84,6 +84,10 @@ pub fn event_effects(event: &pb::CallEvent) -> Result<EventEffects, Error> {
                     pb::EndReason::DialCanceled => pb::CallStatus::Canceled,
                     _ => pb::CallStatus::Completed,
                 };
+                // The relay's word goes into a `<Dial>` and the record: only a number.
+                if !ended.transfer_to.is_empty() {
+                    crate::validate::e164("event.ended.transfer_to", &ended.transfer_to)?;
+                }
                 effects.new_status = Some(status);
                 effects.ended = Some(EndedEffect {
                     reason,
@@ -335,6 +339,34 @@ mod tests {
         assert!(handoff.handoff && handoff.ended.is_none());
         let err = event_effects(&pb::CallEvent::default()).expect_err("no kind");
         assert!(err.to_string().contains("event.kind"));
+    }
+
+    #[test]
+    fn ended_events_carry_only_e164_transfer_targets() {
+        let transferred = |to: &str| {
+            event_effects(&ev(
+                1,
+                Kind::Ended(pb::Ended {
+                    reason: pb::EndReason::Transferred as i32,
+                    detail: String::new(),
+                    transfer_to: to.into(),
+                }),
+            ))
+        };
+        let effects = transferred("+15550001111").expect("valid");
+        assert_eq!(effects.ended.expect("ended").transfer_to, "+15550001111");
+        for bad in [
+            "sip:evil@example.com",
+            "+1555<Dial>",
+            "15550001111",
+            "+0123",
+        ] {
+            let err = transferred(bad).expect_err(bad);
+            assert!(
+                err.to_string().contains("event.ended.transfer_to"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -190,7 +190,9 @@ impl<S: CallStore> AttachStream<S> {
                 Some(_) => outcomes.len() - 1,
             };
             let seq = batch.get(at).map(|e| e.seq);
-            tracing::info!(error = %err, ?seq, "Event refused; stream ends.");
+            // The message may quote what the relay sent (a number, free text): debug only.
+            tracing::info!(?seq, "Event refused; stream ends.");
+            tracing::debug!(error = %err, ?seq, "Refused event.");
             self.fail(err.into()).await;
             return Err(end);
         }

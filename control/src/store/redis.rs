@@ -442,13 +442,22 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-/// Where to connect.
-#[derive(Debug, Clone)]
+/// Where to connect. `Debug` leaves the URLs out: they may carry Redis's password.
+#[derive(Clone)]
 pub enum RedisTarget {
     /// One server URL.
     Single(String),
     /// Cluster seed URLs.
     Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(_) => f.write_str("Single([redacted])"),
+            Self::Cluster(nodes) => write!(f, "Cluster([{} redacted])", nodes.len()),
+        }
+    }
 }
 
 impl RedisStore {

@@ -17,8 +17,8 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-pub const APP_TOKEN: &str = "app-token-for-tests";
-pub const RELAY_TOKEN: &str = "relay-token-for-tests";
+pub const APP_TOKEN: &str = "app-token-for-tests-0123456789abcdef";
+pub const RELAY_TOKEN: &str = "relay-token-for-tests-0123456789abcd";
 /// Limit for any single await in a test.
 pub const STEP: Duration = Duration::from_secs(15);
 

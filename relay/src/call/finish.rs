@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::control_link::LinkIn;
 use super::dial::{close_model_later, model_close};
@@ -124,8 +124,6 @@ impl Call {
                 $level!(
                     reason = kind.label(),
                     side = kind.side().as_str(),
-                    detail = %ending.detail,
-                    transfer_to = %ending.transfer_to,
                     duration_ms,
                     frames_in = c.frames_in,
                     frames_out = c.frames_out,
@@ -140,6 +138,11 @@ impl Call {
             end_line!(info);
         } else {
             end_line!(warn);
+        }
+        // Free text (a model's or application's words) and phone numbers stay out of the
+        // default log level.
+        if !ending.detail.is_empty() || !ending.transfer_to.is_empty() {
+            debug!(detail = %ending.detail, transfer_to = %ending.transfer_to, "Call end detail.");
         }
     }
 }

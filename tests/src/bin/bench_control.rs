@@ -43,8 +43,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-const APP_TOKEN: &str = "bench-app-token";
-const RELAY_TOKEN: &str = "bench-relay-token";
+const APP_TOKEN: &str = "bench-app-token-0123456789abcdef0123";
+const RELAY_TOKEN: &str = "bench-relay-token-0123456789abcdef01";
 /// Bound on any single wait for the server (an ack, a watch event, an RPC).
 const STEP: Duration = Duration::from_secs(15);
 

@@ -62,8 +62,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-const APP_TOKEN: &str = "bench-app";
-const RELAY_TOKEN: &str = "bench-relay";
+const APP_TOKEN: &str = "bench-app-token-0123456789abcdef0123";
+const RELAY_TOKEN: &str = "bench-relay-token-0123456789abcdef01";
 const TWILIO_TOKEN: &str = "bench-twilio";
 const OPENAI_KEY: &str = "sk-bench";
 /// One 20 ms μ-law frame.

@@ -18,8 +18,8 @@ use callbridge_tests::{Bearer, expected_transcript, flatten};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-const APP_TOKEN: &str = "demo-app-token";
-const RELAY_TOKEN: &str = "demo-relay-token";
+const APP_TOKEN: &str = "demo-app-token-0123456789abcdef01234";
+const RELAY_TOKEN: &str = "demo-relay-token-0123456789abcdef012";
 const TWILIO_TOKEN: &str = "demo-twilio-token";
 /// The whole demo must finish well inside a minute.
 const DEADLINE: Duration = Duration::from_secs(50);
