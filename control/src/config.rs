@@ -26,6 +26,9 @@
 //! | `CONTROL_TLS_CLIENT_CA_FILE` | PEM CA that every gRPC client must present a certificate from (mTLS) | unset: no client certificate asked |
 //! | `REDIS_CA_FILE` | PEM CA that the Redis server certificate must chain to (`rediss://` only) | unset: the system roots |
 //! | `REDIS_CERT_FILE`, `REDIS_KEY_FILE` | PEM client certificate and key presented to Redis (`rediss://` only) | unset |
+//! | `CONTROL_METRICS_HEADER_TIMEOUT_MS` | a metrics client must send a whole request head this soon after connecting or after its previous answer | `5000` |
+//! | `CONTROL_METRICS_MAX_CONNECTIONS` | connections open at once on the metrics listener; above it accepting pauses | `64` |
+//! | `CONTROL_METRICS_TLS_CERT_FILE`, `CONTROL_METRICS_TLS_KEY_FILE` | PEM certificate chain and key: `/metrics` over TLS (reloaded when the files change) | unset: plaintext |
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.
 
@@ -105,6 +108,8 @@ struct Args {
     shutdown_grace_secs: u64,
     #[command(flatten)]
     twilio: crate::twilio_rest::config::TwilioArgs,
+    #[command(flatten)]
+    limits: crate::limits::LimitsArgs,
     /// PEM certificate chain of the gRPC server; with CONTROL_TLS_KEY_FILE, gRPC is served
     /// over TLS only (the files are re-read when they change). Unset: plaintext h2c.
     #[arg(long, env = "CONTROL_TLS_CERT_FILE")]
@@ -174,6 +179,8 @@ pub struct Config {
     /// TLS files for `rediss://` connections; `None`: defaults (system roots, no client
     /// certificate) or plaintext.
     pub redis_tls: Option<RedisTlsFiles>,
+    /// Listener limits (metrics listener).
+    pub limits: crate::limits::Limits,
 }
 
 /// The files behind a `rediss://` connection.
@@ -229,7 +236,7 @@ fn split_list(value: Option<&str>) -> Vec<String> {
 }
 
 /// Both halves of a certificate/key pair, or neither; the half that is missing is named.
-fn key_pair(
+pub(crate) fn key_pair(
     cert: Option<PathBuf>,
     cert_var: &'static str,
     key: Option<PathBuf>,
@@ -487,6 +494,7 @@ impl Config {
             None => default_control_id(),
         };
         let twilio = args.twilio.into_config()?;
+        let limits = args.limits.into_limits(metrics_listen.is_some())?;
         Ok(Config {
             listen,
             store,
@@ -504,6 +512,7 @@ impl Config {
             twilio,
             grpc_tls,
             redis_tls,
+            limits,
         })
     }
 }

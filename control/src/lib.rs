@@ -15,7 +15,7 @@
 //! - [`validate`]: input checks, each naming the offending field.
 //! - [`store`]: the [`store::CallStore`] trait, its Redis and in-memory implementations, key names.
 //! - [`auth`]: bearer tokens per API, compared in constant time.
-//! - [`metrics`]: Prometheus metrics and `/metrics`.
+//! - [`metrics`]: Prometheus metrics and `/metrics`; [`limits`]: its listener's limits.
 //! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
 //! - [`tls`]: the gRPC listener over TLS (certificates reloaded on change) and PEM files.
 //!
@@ -28,6 +28,7 @@ mod dialer;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 mod service;
 pub mod store;
@@ -211,12 +212,28 @@ async fn run<S: CallStore>(
     tracker.spawn(probe_redis(shared.clone(), health.clone()));
     tracker.spawn(sweep(shared.clone()));
     if let Some(listener) = metrics_listener {
-        tracing::info!(addr = ?listener.local_addr().ok(), "Metrics listening.");
-        let token = token.clone();
+        let tls = match &config.limits.metrics_tls {
+            Some(pair) => {
+                let settings = tls::ServerTls {
+                    pair: pair.clone(),
+                    client_ca: None,
+                };
+                let (tls_config, resolver) =
+                    tls::server_config(&settings, &[b"http/1.1"]).map_err(ServeError::Tls)?;
+                tracker.spawn(tls::watch(pair.clone(), resolver, token.clone()));
+                Some(callbridge_telemetry::listener::TlsAcceptor::from(
+                    tls_config,
+                ))
+            }
+            None => None,
+        };
+        tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "Metrics listening.");
         tracker.spawn(metrics::serve_metrics(
             shared.metrics.clone(),
             listener,
-            token.cancelled_owned(),
+            tls,
+            config.limits.metrics,
+            token.clone(),
         ));
     }
 

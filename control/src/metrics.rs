@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use callbridge_telemetry::listener;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,11 +154,15 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// Serves `GET /metrics` on `listener` (over TLS when `tls` is set) until `shutdown`, on
+/// the shared accept loop: a client that does not send its request head within the
+/// header timeout is closed, and at most `limits.max_connections` are open at once.
 pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    tls: Option<listener::TlsAcceptor>,
+    limits: listener::Limits,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let route = warp::path("metrics")
         .and(warp::path::end())
@@ -175,11 +180,16 @@ pub async fn serve_metrics(
         // Boxing pins the filter's lifetimes down, so the server future is `Send` for
         // any spawner (rustc cannot prove it through the generic path filter).
         .boxed();
-    warp::serve(route)
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    let service = hyper_util::service::TowerToHyperService::new(warp::service(route));
+    listener::serve(
+        listener,
+        tls,
+        service,
+        limits,
+        Arc::new(listener::NoObserver),
+        shutdown,
+    )
+    .await;
 }
 
 /// Binds the metrics address.

@@ -32,6 +32,11 @@
 //! | `AGENT_MODEL` | standalone agent: model | `gpt-realtime` |
 //! | `AGENT_TEMPERATURE` | standalone agent: temperature (URL parameter) | unset |
 //! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
+//! | `RELAY_METRICS_ADDR` | Prometheus `/metrics` listen address (the public port does not serve it); empty disables | `0.0.0.0:9091` |
+//! | `RELAY_METRICS_TLS_CERT_FILE`, `RELAY_METRICS_TLS_KEY_FILE` | PEM certificate chain and key: `/metrics` over TLS (reloaded when the files change) | unset: plaintext |
+//! | `RELAY_HEADER_TIMEOUT_MS` | a client must send a whole request head this soon after connecting or after its previous answer (slow or idle clients are closed), on both listeners | `5000` |
+//! | `RELAY_MAX_CONNECTIONS` | connections open at once on the public listener, WebSockets included; above it the relay stops accepting (clients wait in the backlog) | `4096` |
+//! | `RELAY_MAX_CALLS` | calls carried at once; above it new webhooks and stream upgrades answer 503 | sized from the memory limit (see `capacity`) |
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -171,6 +176,32 @@ pub struct Config {
     /// Standalone agent: greeting spoken first.
     #[arg(long, env = "AGENT_GREETING")]
     pub agent_greeting: Option<String>,
+
+    // Listeners and limits (issue 12 item 4): `listen` and `capacity` use them.
+    /// Prometheus /metrics listen address, apart from the public port; empty disables it.
+    #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_addr: String,
+    /// `RELAY_METRICS_ADDR` parsed (`None`: no metrics listener); set by `validate`.
+    #[arg(skip)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the metrics listener; with RELAY_METRICS_TLS_KEY_FILE,
+    /// /metrics is served over TLS only (the files are re-read when they change).
+    #[arg(long, env = "RELAY_METRICS_TLS_CERT_FILE")]
+    pub metrics_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of RELAY_METRICS_TLS_CERT_FILE.
+    #[arg(long, env = "RELAY_METRICS_TLS_KEY_FILE")]
+    pub metrics_tls_key_file: Option<PathBuf>,
+    /// Milliseconds a client has to send a request head, after connecting or after its
+    /// previous answer; also bounds a TLS handshake on the metrics listener.
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT_MS", default_value_t = 5000)]
+    pub header_timeout_ms: u64,
+    /// Connections open at once on the public listener, WebSockets included.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Calls carried at once (default: sized from the memory limit, at most
+    /// RELAY_MAX_CONNECTIONS); above it new webhooks and upgrades answer 503.
+    #[arg(long, env = "RELAY_MAX_CALLS")]
+    pub max_calls: Option<usize>,
 }
 
 /// Why a configuration was refused.
@@ -241,6 +272,13 @@ impl Config {
             agent_model: DEFAULT_MODEL.to_owned(),
             agent_temperature: None,
             agent_greeting: None,
+            metrics_addr: String::new(),
+            metrics_listen: None,
+            metrics_tls_cert_file: None,
+            metrics_tls_key_file: None,
+            header_timeout_ms: 5000,
+            max_connections: 4096,
+            max_calls: None,
         }
     }
 
@@ -328,6 +366,7 @@ impl Config {
         crate::control_tls::check(&self)?;
         self.check_control_token()?;
         self.check_insecure()?;
+        self.validate_listeners()?;
         Ok(self)
     }
 
@@ -405,6 +444,58 @@ impl Config {
             );
         }
         warnings
+    }
+
+    /// `RELAY_METRICS_ADDR`, the listener limits and `RELAY_MAX_CALLS`.
+    fn validate_listeners(&mut self) -> Result<(), ConfigError> {
+        let addr = self.metrics_addr.trim();
+        self.metrics_listen = if addr.is_empty() {
+            None
+        } else {
+            let parsed: SocketAddr = addr
+                .parse()
+                .map_err(|_| invalid("RELAY_METRICS_ADDR", "must be host:port (or empty)"))?;
+            if parsed.port() != 0 && parsed.port() == self.listen.port() {
+                return Err(invalid(
+                    "RELAY_METRICS_ADDR",
+                    "must use another port than RELAY_LISTEN",
+                ));
+            }
+            Some(parsed)
+        };
+        crate::listen::check_metrics_tls(self)?;
+        if !(1..=600_000).contains(&self.header_timeout_ms) {
+            return Err(invalid(
+                "RELAY_HEADER_TIMEOUT_MS",
+                "must be within 1..=600000",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("RELAY_MAX_CONNECTIONS", "must be > 0"));
+        }
+        self.max_calls = Some(match self.max_calls {
+            Some(0) => return Err(invalid("RELAY_MAX_CALLS", "must be > 0")),
+            Some(n) if n > self.max_connections => {
+                return Err(invalid(
+                    "RELAY_MAX_CALLS",
+                    "must not exceed RELAY_MAX_CONNECTIONS (every call holds a connection)",
+                ));
+            }
+            Some(n) => n,
+            None => crate::capacity::sized_from_memory().min(self.max_connections),
+        });
+        Ok(())
+    }
+
+    /// The header-read (and keep-alive idle) timeout of both listeners.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// `RELAY_MAX_CALLS` in force (sized from memory when unset).
+    pub fn max_calls(&self) -> usize {
+        self.max_calls
+            .unwrap_or_else(|| crate::capacity::sized_from_memory().min(self.max_connections))
     }
 
     /// The relay id: configured, else hostname plus a random suffix.
@@ -541,6 +632,21 @@ mod tests {
         assert_eq!(c.start_timeout(), Duration::from_millis(5000));
         assert!(!c.has_control());
         assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
+        assert_eq!(
+            c.metrics_listen,
+            Some(SocketAddr::from(([0, 0, 0, 0], 9091)))
+        );
+        assert_eq!(c.header_timeout(), Duration::from_millis(5000));
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(
+            c.max_calls(),
+            crate::capacity::sized_from_memory().min(4096)
+        );
+        let mut off = BASE.to_vec();
+        off.extend(["--metrics-addr", "", "--max-calls", "7"]);
+        let c = parse(&off).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.max_calls(), 7);
     }
 
     #[test]
@@ -679,6 +785,22 @@ mod tests {
             ("--control-url", "grpc://x", "CONTROL_URL"),
             ("--agent-temperature", "2.0", "AGENT_TEMPERATURE"),
             ("--start-timeout-ms", "0", "RELAY_START_TIMEOUT_MS"),
+            ("--metrics-addr", "nowhere", "RELAY_METRICS_ADDR"),
+            ("--metrics-addr", "127.0.0.1:8080", "RELAY_METRICS_ADDR"),
+            ("--header-timeout-ms", "0", "RELAY_HEADER_TIMEOUT_MS"),
+            ("--max-connections", "0", "RELAY_MAX_CONNECTIONS"),
+            ("--max-calls", "0", "RELAY_MAX_CALLS"),
+            ("--max-calls", "5000", "RELAY_MAX_CALLS"),
+            (
+                "--metrics-tls-cert-file",
+                "/nonexistent.pem",
+                "RELAY_METRICS_TLS_KEY_FILE",
+            ),
+            (
+                "--metrics-tls-key-file",
+                "/nonexistent.pem",
+                "RELAY_METRICS_TLS_CERT_FILE",
+            ),
         ] {
             let mut args: Vec<&str> = BASE.to_vec();
             match args.iter().position(|a| *a == flag) {

@@ -6,9 +6,11 @@
 //! | `POST /api/twilio/after/{callId}` | `<Connect action>` → TwiML for what comes next |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream |
-//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness, readiness (503 while draining), Prometheus |
+//! | `GET /healthz`, `GET /readyz` | liveness, readiness (503 while draining) |
 //!
-//! Anything else is 404 without an upgrade. Twilio requests must carry a valid
+//! Anything else is 404 without an upgrade; `/metrics` is served on its own listener
+//! ([`crate::listen`]). Above `RELAY_MAX_CALLS` the webhook and both stream routes answer
+//! 503 with `Retry-After` ([`crate::capacity`]). Twilio requests must carry a valid
 //! `X-Twilio-Signature` (403 otherwise). Control errors at webhook time: no agent for the
 //! number (`NOT_FOUND`) → 200 TwiML that apologises and hangs up (Twilio needs TwiML, and
 //! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
@@ -35,6 +37,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::agent::AgentView;
 use crate::call::{self, CallDeps, CallSetup, TWILIO_MAX_MESSAGE};
 use crate::call_id::{self as ids, CallId};
+use crate::capacity::{AtCapacity, Refused, below_max_calls};
 use crate::control::ControlError;
 use crate::{signature, twiml};
 
@@ -446,6 +449,9 @@ fn add_security_headers(reply: impl Reply) -> Response {
 }
 
 async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
+    if err.find::<AtCapacity>().is_some() {
+        return Ok(crate::capacity::refusal());
+    }
     let status = if err.find::<warp::reject::PayloadTooLarge>().is_some() {
         StatusCode::PAYLOAD_TOO_LARGE
     } else if err.find::<warp::reject::LengthRequired>().is_some() {
@@ -492,22 +498,12 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
                 text(StatusCode::OK, "ready\n")
             }
         });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_deps(deps.clone()))
-        .map(|deps: Deps| {
-            warp::reply::with_header(
-                deps.call.metrics.encode(),
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .into_response()
-        });
     let form = warp::body::content_length_limit(MAX_FORM_BYTES)
         .and(warp::body::form::<Vec<(String, String)>>());
     let voice = twilio_path(paths::VOICE)
         .and(warp::path::end())
         .and(warp::post())
+        .and(below_max_calls(deps.clone(), Refused::Webhook))
         .and(optional_raw_query())
         .and(signature_header())
         .and(form)
@@ -527,6 +523,7 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and(warp::path::end())
         .and(signature_header())
         .and(ws_upgrade())
+        .and(below_max_calls(deps.clone(), Refused::Stream))
         .and(with_deps(deps.clone()))
         .and_then(media_stream);
     let status = crate::status_callback::route(deps.clone());
@@ -534,12 +531,11 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and(warp::path::end())
         .and(signature_header())
         .and(ws_upgrade())
+        .and(below_max_calls(deps.clone(), Refused::Stream))
         .and(with_deps(deps))
         .and_then(media_stream_simple);
     healthz
         .or(readyz)
-        .unify()
-        .or(metrics)
         .unify()
         .or(voice)
         .unify()

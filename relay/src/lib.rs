@@ -3,7 +3,9 @@
 //!
 //! Layout:
 //! - [`config`]: environment/flags, validation, the settings table.
-//! - [`http`]: warp routes (webhooks, media streams, health, metrics) and security headers.
+//! - [`http`]: warp routes (webhooks, media streams, health) and security headers.
+//! - [`listen`]: the public and metrics listeners (header timeout, connection cap, TLS for
+//!   `/metrics`); [`capacity`]: `RELAY_MAX_CALLS`.
 //! - [`signature`]: `X-Twilio-Signature` checking.
 //! - [`twiml`]: TwiML answers.
 //! - [`call_id`]: callbridge's call id, checked where it enters.
@@ -22,11 +24,13 @@
 pub mod agent;
 pub mod call;
 pub mod call_id;
+pub mod capacity;
 pub mod config;
 pub mod control;
 pub mod control_tls;
 pub mod error;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod realtime;
 pub mod signature;
@@ -62,13 +66,17 @@ pub enum RelayError {
     /// `RELAY_CONTROL_TOKEN` cannot be sent as an `authorization` header.
     #[error("RELAY_CONTROL_TOKEN: not valid HTTP header text")]
     ControlTokenNotHeaderText,
-}
-
-/// Sets `TCP_NODELAY` on the listening socket, which Linux copies to every accepted one
-/// (warp offers no hook per connection). Without it, a 20 ms media frame to Twilio waits
-/// for the ACK of the previous one whenever the round trip to Twilio exceeds 20 ms.
-fn no_delay(listener: &TcpListener) -> std::io::Result<()> {
-    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+    /// `RELAY_METRICS_ADDR` cannot be bound.
+    #[error("cannot bind RELAY_METRICS_ADDR {addr}: {source}")]
+    MetricsBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics certificate cannot be used (it could when the config was read).
+    #[error("RELAY_METRICS_TLS_CERT_FILE: {0}")]
+    MetricsTls(#[from] callbridge_telemetry::tls::TlsFileError),
 }
 
 /// Runs the relay on `listener` until `shutdown` resolves, then drains: `/readyz` answers
@@ -112,20 +120,17 @@ pub async fn run_with_metrics(
         tracker: TaskTracker::new(),
     };
     let grace = deps.call.config.drain_grace();
-    if let Err(e) = no_delay(&listener) {
-        warn!(error = %e, "Cannot set TCP_NODELAY on the listener; audio to Twilio may wait for Nagle.");
-    }
+    let max_calls = deps.call.config.max_calls();
+    metrics.listeners().set_max_calls(max_calls);
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    info!(%addr, %relay_id, "Relay listening.");
+    info!(%addr, %relay_id, max_calls, "Relay listening.");
 
     let stop_listening = CancellationToken::new();
-    let server = warp::serve(http::routes(deps.clone()))
-        .incoming(listener)
-        .graceful(stop_listening.clone().cancelled_owned())
-        .run();
+    let metrics_server = serve_metrics(&deps.call.config, &metrics, &stop_listening).await?;
+    let server = listen::serve_public(listener, deps.clone(), stop_listening.clone());
     let mut server = std::pin::pin!(server);
 
     tokio::select! {
@@ -167,25 +172,45 @@ pub async fn run_with_metrics(
     }
     stop_listening.cancel();
     let _ = tokio::time::timeout(HARD_STOP_WAIT, server).await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = tokio::time::timeout(HARD_STOP_WAIT, metrics_server).await;
+    }
     info!("Relay stopped.");
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_sockets_have_no_nagle_delay() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        no_delay(&listener).expect("set on the listener");
-        let addr = listener.local_addr().expect("addr");
-        let (accepted, _client) =
-            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
-        let (accepted, _) = accepted.expect("accept");
-        assert!(
-            accepted.nodelay().expect("read option"),
-            "inherited from the listener"
-        );
-    }
+/// Binds `RELAY_METRICS_ADDR` and serves `/metrics` there (over TLS when a certificate is
+/// set) until `stop`; it keeps answering through the drain.
+async fn serve_metrics(
+    config: &Config,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, RelayError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::MetricsBind { addr, source })?;
+    let tls = match listen::metrics_tls_files(config) {
+        Some(files) => {
+            let (acceptor, resolver) = listen::metrics_tls(&files)?;
+            tokio::spawn(callbridge_telemetry::tls::watch(
+                files,
+                resolver,
+                stop.clone(),
+            ));
+            Some(acceptor)
+        }
+        None => None,
+    };
+    let bound = listener.local_addr().map_or(addr, |a| a);
+    info!(addr = %bound, tls = tls.is_some(), "Metrics listening.");
+    Ok(Some(tokio::spawn(listen::serve_metrics(
+        listener,
+        tls,
+        metrics.clone(),
+        listen::metrics_limits(config),
+        stop.clone(),
+    ))))
 }

@@ -40,6 +40,7 @@ struct Inner {
     model_rollovers: Counter,
     handoffs: Counter,
     gap_dropped: Counter,
+    listeners: crate::listen::ListenerMetrics,
 }
 
 fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
@@ -160,6 +161,8 @@ impl Metrics {
             gap_dropped.clone(),
         );
 
+        let listeners = crate::listen::ListenerMetrics::register(&mut registry);
+
         // One statement each: `get_or_create` returns a read guard, and a second call on the
         // same family while it is alive would wait for the write lock forever.
         let frames_c2m = resolve(&frames, ("direction", "caller_to_model"));
@@ -189,6 +192,7 @@ impl Metrics {
             model_rollovers,
             handoffs,
             gap_dropped,
+            listeners,
         };
         Self {
             inner: Arc::new(inner),
@@ -285,6 +289,11 @@ impl Metrics {
     pub fn draining(&self) -> &Gauge {
         &self.inner.draining
     }
+
+    /// The public listener's and `RELAY_MAX_CALLS`'s metrics.
+    pub fn listeners(&self) -> &crate::listen::ListenerMetrics {
+        &self.inner.listeners
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +321,12 @@ mod tests {
             "callbridge_relay_time_to_first_audio_seconds_count 1",
             "callbridge_relay_control_reconnects_total",
             "callbridge_relay_draining",
+            "callbridge_relay_http_connections",
+            "callbridge_relay_http_header_timeouts_total",
+            "callbridge_relay_http_accept_paused_total",
+            "callbridge_relay_over_capacity_total{kind=\"webhook\"}",
+            "callbridge_relay_over_capacity_total{kind=\"stream\"}",
+            "callbridge_relay_max_calls",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

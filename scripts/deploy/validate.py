@@ -446,9 +446,14 @@ def check_relay(name: str, objs: list[dict[str, Any]]) -> None:
         R.check(ports.get(get.get("port")) == port, f"{name}: relay {kind}Probe port")
         crate_serves_path(CRATES["relay"], path, f"{name}: relay {kind}Probe")
     ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    # /metrics has its own listener (RELAY_METRICS_ADDR), never the public port.
+    metrics_port = listen_port(env.get("RELAY_METRICS_ADDR")) or 9091
+    R.check(metrics_port != port, f"{name}: relay RELAY_METRICS_ADDR must not be the public port")
+    R.check(metrics_port in ports.values(), f"{name}: relay containerPort for RELAY_METRICS_ADDR")
     R.check(
-        ann.get("prometheus.io/port") == str(port) and ann.get("prometheus.io/path") == "/metrics",
-        f"{name}: relay scrape annotations must point at {port}/metrics",
+        ann.get("prometheus.io/port") == str(metrics_port)
+        and ann.get("prometheus.io/path") == "/metrics",
+        f"{name}: relay scrape annotations must point at {metrics_port}/metrics",
     )
     crate_serves_path(CRATES["relay"], "/metrics", f"{name}: relay scrape annotation")
 
@@ -768,7 +773,7 @@ def check_dockerfile(bins: dict[str, set[str]] | None) -> dict[str, str]:
         elif current:
             stages[current].append(s)
     for target, (binaries, ports) in {
-        "relay": (["callbridge-relay"], {8080}),
+        "relay": (["callbridge-relay"], {8080, 9091}),
         "control": (["callbridge-control"], {50051, 9090}),
         "testkit": (["fake-realtime", "sim-caller"], set()),
     }.items():
@@ -952,8 +957,10 @@ def check_compose(stages: dict[str, str], doc: dict[str, Any]) -> None:
                     R.check(f'"{var}"' in text, f"{where}: {binary} never reads {var}")
         if target == "relay":
             port = listen_port(env.get("RELAY_LISTEN")) or 8080
+            metrics_port = listen_port(env.get("RELAY_METRICS_ADDR")) or 9091
             published = [str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])]
-            R.check(all(p == str(port) for p in published), f"{where}: ports vs RELAY_LISTEN")
+            R.check(all(p in (str(port), str(metrics_port)) for p in published),
+                    f"{where}: ports vs RELAY_LISTEN and RELAY_METRICS_ADDR")
     redis = services.get("redis", {})
     cmd = " ".join(str(c) for c in redis.get("command", []))
     R.check("--appendonly yes" in cmd, "compose redis: AOF must be on (--appendonly yes)")
@@ -1294,6 +1301,26 @@ def start_control(procs: Procs, env: dict[str, str]) -> tuple[int | None, int | 
     return grpc_port, metrics_port
 
 
+def start_relay(procs: Procs, env: dict[str, str]
+                ) -> tuple[subprocess.Popen[bytes], int | None, int | None]:
+    """Starts the relay with its metrics listener on a free port and tells the public port
+    (it answers /healthz) from the metrics port (it answers /metrics) by asking both."""
+    env = {**env, "RELAY_METRICS_ADDR": "127.0.0.1:0"}
+    relay = procs.start("relay", [str(DEBUG_BIN / "callbridge-relay")], env)
+    ports = wait_ports(relay, 2, "callbridge-relay")
+    public = metrics = None
+    for p in sorted(ports):
+        if http_get(p, "/healthz")[0] == 200:
+            public = p
+        elif http_get(p, "/metrics")[0] == 200:
+            metrics = p
+    R.check(
+        public is not None and metrics is not None,
+        f"live: relay should serve probes and /metrics on two ports (saw {sorted(ports)})",
+    )
+    return relay, public, metrics
+
+
 def check_live(dev: list[dict[str, Any]]) -> None:
     """The binaries, configured from the dev overlay's ConfigMaps, answer what the
     manifests probe and scrape."""
@@ -1344,10 +1371,9 @@ def check_live(dev: list[dict[str, Any]]) -> None:
             else:
                 # No control to talk to: the relay's standalone mode serves every probe too.
                 env.pop("CONTROL_URL", None)
-            relay = procs.start("relay", [str(DEBUG_BIN / "callbridge-relay")], env)
-            ports = wait_ports(relay, 1, "callbridge-relay")
-            if ports:
-                check_relay_live(relay, min(ports))
+            relay, public, metrics = start_relay(procs, env)
+            if public and metrics:
+                check_relay_live(relay, public, metrics)
     finally:
         procs.close()
 
@@ -1372,11 +1398,13 @@ def check_control_tokens(port: int) -> None:
                                 f"{message!r}, expected {sorted(want)}")
 
 
-def check_relay_live(relay: subprocess.Popen[bytes], port: int) -> None:
+def check_relay_live(relay: subprocess.Popen[bytes], port: int, metrics_port: int) -> None:
     for path in ("/healthz", "/readyz"):
         status, _ = http_get(port, path)
         R.check(status == 200, f"live: relay GET {path} -> {status}, probes expect 200")
-    status, body = http_get(port, "/metrics")
+    status, _ = http_get(port, "/metrics")
+    R.check(status == 404, f"live: relay GET /metrics on the public port -> {status}, expected 404")
+    status, body = http_get(metrics_port, "/metrics")
     R.check(status == 200 and "callbridge_relay_" in body, f"live: relay GET /metrics -> {status}")
     check_exported_metrics(body, "relay")
     if "callbridge_relay_active_calls" not in body:
@@ -1412,14 +1440,14 @@ def compose_value(value: str) -> str:
     return value.replace("$$", "$")
 
 
-def drain_during_call(relay: subprocess.Popen[bytes], port: int,
+def drain_during_call(relay: subprocess.Popen[bytes], port: int, metrics_port: int,
                       caller: subprocess.Popen[bytes]) -> bool:
     """SIGTERM the relay while it carries the call, as a rollout does, and check what the
     Deployment's probes rely on: readiness 503, liveness 200, the draining gauge at 1, and
     (checked by the caller) the call itself going on to its normal end."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and caller.poll() is None:
-        if re.search(r"^callbridge_relay_active_calls [1-9]", http_get(port, "/metrics")[1], re.M):
+        if re.search(r"^callbridge_relay_active_calls [1-9]", http_get(metrics_port, "/metrics")[1], re.M):
             break
         time.sleep(0.02)
     else:
@@ -1434,7 +1462,7 @@ def drain_during_call(relay: subprocess.Popen[bytes], port: int,
     R.check(ready == 503, f"compose replay: /readyz -> {ready} while draining a live call, expected 503")
     live = http_get(port, "/healthz")[0]
     R.check(live == 200, f"compose replay: /healthz -> {live} while draining, expected 200 (liveness)")
-    metrics = http_get(port, "/metrics")[1]
+    metrics = http_get(metrics_port, "/metrics")[1]
     R.check(re.search(r"^callbridge_relay_draining 1", metrics, re.M) is not None,
             "compose replay: callbridge_relay_draining is not 1 while draining")
     R.check(re.search(r"^callbridge_relay_active_calls [1-9]", metrics, re.M) is not None,
@@ -1503,9 +1531,8 @@ def check_compose_replay(calls: int = 1) -> None:
             "OPENAI_REALTIME_URL": env["OPENAI_REALTIME_URL"].replace(
                 "fake-realtime:9000", f"127.0.0.1:{min(fake_ports)}"),
         })
-        relay = procs.start("relay", [str(DEBUG_BIN / "callbridge-relay")], env)
-        relay_ports = wait_ports(relay, 1, "callbridge-relay")
-        if not relay_ports:
+        relay, relay_port, relay_metrics = start_relay(procs, env)
+        if not (relay_port and relay_metrics):
             return
 
         # seed-agent, as its grpcurl commands do.
@@ -1539,9 +1566,8 @@ def check_compose_replay(calls: int = 1) -> None:
             cmd += ["--calls", str(calls)]
         idle_rss, cpu_before, peak_rss = proc_rss_kib(relay.pid), proc_cpu_ms(relay.pid), 0
         caller = procs.start("sim-caller", [str(DEBUG_BIN / "sim-caller"), *cmd,
-                                            "--connect", f"127.0.0.1:{min(relay_ports)}"], {})
-        relay_port = min(relay_ports)
-        drained = calls == 1 and drain_during_call(relay, relay_port, caller)
+                                            "--connect", f"127.0.0.1:{relay_port}"], {})
+        drained = calls == 1 and drain_during_call(relay, relay_port, relay_metrics, caller)
         deadline = time.monotonic() + 60
         while caller.poll() is None and time.monotonic() < deadline:
             peak_rss = max(peak_rss, proc_rss_kib(relay.pid))

@@ -3,9 +3,14 @@
 //! export (OTLP/gRPC) when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. With it unset
 //! no exporter is built and nothing changes.
 //!
-//! It also holds [`Secret`], the one redacting string type both binaries' configs use.
+//! It also holds [`Secret`], the one redacting string type both binaries' configs use, and
+//! [`listener`], the HTTP/1.1 accept loop (timeouts, connection cap, optional TLS) both
+//! binaries serve their warp routes with, and [`tls`], server certificates reloaded on
+//! change.
 
+pub mod listener;
 mod secret;
+pub mod tls;
 
 use std::time::Duration;
 

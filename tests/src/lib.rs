@@ -158,6 +158,8 @@ impl WorldTls {
 pub struct World {
     // Field order is drop order: relays first, then control, then Redis.
     pub relays: Vec<Proc>,
+    /// Each relay's `RELAY_METRICS_ADDR` (same order as `relays`).
+    pub relay_metrics: Vec<SocketAddr>,
     pub control: Proc,
     pub redis: RedisServer,
     pub fake: FakeRealtime,
@@ -432,10 +434,13 @@ impl WorldBuilder {
             None => format!("http://{control_addr}"),
         };
         let mut relays = Vec::new();
+        let mut relay_metrics = Vec::new();
         for n in 0..self.relays {
             let addr = free_addr().expect("a free port");
+            let metrics_addr = free_addr().expect("a free port");
             let mut env = vec![
                 ("RELAY_LISTEN".to_owned(), addr.to_string()),
+                ("RELAY_METRICS_ADDR".to_owned(), metrics_addr.to_string()),
                 ("RELAY_PUBLIC_URL".to_owned(), PUBLIC_URL.to_owned()),
                 ("CONTROL_URL".to_owned(), control_url.clone()),
                 ("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()),
@@ -464,6 +469,7 @@ impl WorldBuilder {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             relays.push(relay);
+            relay_metrics.push(metrics_addr);
         }
         let mut endpoint = tonic::transport::Endpoint::from_shared(control_url).expect("valid url");
         if let Some(client_tls) = client_tls {
@@ -474,6 +480,7 @@ impl WorldBuilder {
             .expect("control reachable");
         World {
             relays,
+            relay_metrics,
             control,
             redis,
             fake,

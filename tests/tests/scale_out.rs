@@ -196,9 +196,16 @@ fn control_id_on(cluster: &RedisCluster, port: u16, prefix: &str) -> String {
         .expect("an id whose channel hashes to the node")
 }
 
-fn relay_env(addr: SocketAddr, control: SocketAddr, fake: &str, id: &str) -> Vec<(String, String)> {
+fn relay_env(
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    control: SocketAddr,
+    fake: &str,
+    id: &str,
+) -> Vec<(String, String)> {
     [
         ("RELAY_LISTEN", addr.to_string()),
+        ("RELAY_METRICS_ADDR", metrics.to_string()),
         ("RELAY_PUBLIC_URL", PUBLIC_URL.to_owned()),
         ("CONTROL_URL", format!("http://{control}")),
         ("RELAY_CONTROL_TOKEN", RELAY_TOKEN.to_owned()),
@@ -448,7 +455,7 @@ async fn stored_events(client: &CallsClient, call_id: &str) -> Vec<pb::CallEvent
     events
 }
 
-/// The relay's `callbridge_relay_control_reconnects_total`.
+/// The relay's `callbridge_relay_control_reconnects_total`, from its metrics listener.
 async fn relay_reconnects(addr: SocketAddr) -> u64 {
     let resp = callbridge_testkit::http::request(
         addr,
@@ -546,9 +553,18 @@ async fn run() {
 
     // Relays 0 and 2 attach through A, relay 1 through B.
     let mut relays = Vec::new();
+    let mut relay_metrics = Vec::new();
     for (i, control) in [addr_a, addr_b, addr_a].into_iter().enumerate() {
         let addr = free_addr().expect("a free port");
-        let env = relay_env(addr, control, &fake.url(), &format!("relay-scale-{i}"));
+        let metrics = free_addr().expect("a free port");
+        relay_metrics.push(metrics);
+        let env = relay_env(
+            addr,
+            metrics,
+            control,
+            &fake.url(),
+            &format!("relay-scale-{i}"),
+        );
         let mut relay = Proc::spawn("callbridge-relay", env, addr).expect("relay spawns");
         relay
             .wait_http_ok("/healthz", READY)
@@ -953,9 +969,9 @@ async fn run() {
     // The kill really hit live attach streams: relays on A reconnected, the one on B did not
     // need to.
     let reconnects = [
-        relay_reconnects(relay_addrs[0]).await,
-        relay_reconnects(relay_addrs[1]).await,
-        relay_reconnects(relay_addrs[2]).await,
+        relay_reconnects(relay_metrics[0]).await,
+        relay_reconnects(relay_metrics[1]).await,
+        relay_reconnects(relay_metrics[2]).await,
     ];
     assert!(
         reconnects[0] + reconnects[2] > 0,

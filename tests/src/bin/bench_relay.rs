@@ -816,6 +816,8 @@ async fn start_relay(
     let public = format!("http://{addr}");
     let mut e = env([
         ("RELAY_LISTEN", &addr.to_string()),
+        // No metrics listener: nothing here scrapes it, and a fixed port could be taken.
+        ("RELAY_METRICS_ADDR", ""),
         ("RELAY_PUBLIC_URL", &public),
         ("OPENAI_API_KEY", OPENAI_KEY),
         ("OPENAI_REALTIME_URL", model_url),

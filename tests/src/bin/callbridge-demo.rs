@@ -155,6 +155,8 @@ async fn demo() -> anyhow::Result<()> {
         TWILIO_TOKEN.to_owned(),
         "--relay-id".to_owned(),
         "relay-demo".to_owned(),
+        "--metrics-addr".to_owned(),
+        String::new(),
     ])
     .map_err(|e| anyhow::anyhow!("relay config: {e}"))?;
     let (stop_relay, relay_stopped) = oneshot::channel::<()>();
