@@ -35,7 +35,7 @@ async fn handlers() -> Handlers {
     config.insecure_skip_signature = false;
     config.twilio_auth_token = Some(Secret::new(TWILIO_TOKEN));
     config.control_url = Some(format!("http://{addr}"));
-    config.control_token = Some(Secret::new("relay-token"));
+    config.control_token = Some(Secret::new("relay-token-0123456789abcdef-0123456"));
     let deps = Deps {
         call: call::CallDeps {
             control: control::Control::from_config(&config).unwrap(),

@@ -429,6 +429,7 @@ fn bad_listener_settings_exit_64_naming_the_variable() {
         ("RELAY_PUBLIC_URL", "https://relay.example.com"),
         ("OPENAI_API_KEY", "sk-x"),
         ("RELAY_INSECURE_SKIP_SIGNATURE", "true"),
+        ("RELAY_INSECURE_ALLOW_PUBLIC", "true"),
     ];
     let relay_cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (

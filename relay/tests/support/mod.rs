@@ -298,7 +298,7 @@ pub async fn start_relay(
     config.insecure_skip_signature = false;
     config.twilio_auth_token = Some(Secret::new(TWILIO_TOKEN));
     config.control_url = control.map(|a| format!("http://{a}"));
-    config.control_token = Some(Secret::new("relay-token"));
+    config.control_token = Some(Secret::new("relay-token-0123456789abcdef-0123456"));
     tweak(&mut config);
     let config = config.validate().unwrap();
     let metrics = Metrics::new();
