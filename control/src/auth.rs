@@ -62,6 +62,14 @@ impl Auth {
         self
     }
 
+    /// Which entry of `list` is `token`; every entry is compared, in constant time each.
+    fn position(list: &[Secret], token: &[u8]) -> Option<usize> {
+        list.iter().enumerate().fold(None, |found, (i, secret)| {
+            let hit = bool::from(secret.expose().as_bytes().ct_eq(token));
+            found.or(hit.then_some(i))
+        })
+    }
+
     fn matches(list: &[Secret], token: &[u8]) -> bool {
         // Every entry is compared (no early exit) so timing does not reveal which one matched.
         list.iter().fold(false, |found, secret| {
@@ -70,9 +78,12 @@ impl Auth {
     }
 
     /// Checks the `authorization` header of a request.
-    pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    pub fn check(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<crate::grpc_limits::TokenId, Status> {
         if self.open {
-            return Ok(());
+            return Ok(crate::grpc_limits::TokenId(None));
         }
         let header = metadata
             .get("authorization")
@@ -86,8 +97,8 @@ impl Auth {
             .ok_or_else(|| Status::unauthenticated("authorization must be 'Bearer <token>'"))?
             .trim()
             .as_bytes();
-        if Self::matches(&self.accepted, token) {
-            return Ok(());
+        if let Some(index) = Self::position(&self.accepted, token) {
+            return Ok(crate::grpc_limits::TokenId(Some(index)));
         }
         if Self::matches(&self.other, token) {
             let kind = match self.api {
@@ -107,25 +118,30 @@ impl Auth {
 }
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if let Err(status) = self.check(request.metadata()) {
-            if let Some(metrics) = &self.metrics {
-                metrics
-                    .auth_refused
-                    .get_or_create(&AuthLabels {
-                        api: self.api.label(),
-                    })
-                    .inc();
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        // Which token it was: the watch-stream cap counts per token.
+        let status = match self.check(request.metadata()) {
+            Ok(token) => {
+                request.extensions_mut().insert(token);
+                return Ok(request);
             }
-            // The token itself is never logged.
-            tracing::debug!(
-                api = self.api.label(),
-                reason = status.message(),
-                "Request refused."
-            );
-            return Err(status);
+            Err(status) => status,
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .auth_refused
+                .get_or_create(&AuthLabels {
+                    api: self.api.label(),
+                })
+                .inc();
         }
-        Ok(request)
+        // The token itself is never logged.
+        tracing::debug!(
+            api = self.api.label(),
+            reason = status.message(),
+            "Request refused."
+        );
+        Err(status)
     }
 }
 

@@ -29,6 +29,11 @@
 //! | `CONTROL_METRICS_HEADER_TIMEOUT_MS` | a metrics client must send a whole request head this soon after connecting or after its previous answer | `5000` |
 //! | `CONTROL_METRICS_MAX_CONNECTIONS` | connections open at once on the metrics listener; above it accepting pauses | `64` |
 //! | `CONTROL_METRICS_TLS_CERT_FILE`, `CONTROL_METRICS_TLS_KEY_FILE` | PEM certificate chain and key: `/metrics` over TLS (reloaded when the files change) | unset: plaintext |
+//! | `CONTROL_GRPC_MAX_CONCURRENT_STREAMS` | gRPC streams per HTTP/2 connection (a relay's attach streams share one connection) | `8192` |
+//! | `CONTROL_GRPC_UNARY_TIMEOUT_MS` | a unary call answers `DEADLINE_EXCEEDED` after this long; streams are never timed | `30000` |
+//! | `CONTROL_GRPC_MAX_HEADER_LIST_BYTES` | largest gRPC metadata a client may send | `16384` |
+//! | `CONTROL_WATCH_STREAMS_PER_TOKEN` | `WatchCall` + `WatchCalls` streams one app token may hold open per replica (`RESOURCE_EXHAUSTED` above) | `100` |
+//! | `CONTROL_GRPC_REFLECTION` | serve gRPC reflection | on only with `CONTROL_INSECURE_NO_AUTH=true` |
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.
 
@@ -179,7 +184,7 @@ pub struct Config {
     /// TLS files for `rediss://` connections; `None`: defaults (system roots, no client
     /// certificate) or plaintext.
     pub redis_tls: Option<RedisTlsFiles>,
-    /// Listener limits (metrics listener).
+    /// Listener and gRPC limits, and reflection.
     pub limits: crate::limits::Limits,
 }
 
@@ -494,7 +499,9 @@ impl Config {
             None => default_control_id(),
         };
         let twilio = args.twilio.into_config()?;
-        let limits = args.limits.into_limits(metrics_listen.is_some())?;
+        let limits = args
+            .limits
+            .into_limits(metrics_listen.is_some(), insecure_no_auth)?;
         Ok(Config {
             listen,
             store,

@@ -153,6 +153,21 @@ pub enum Error {
         /// What the client should do next, with its leading `; `, or empty.
         then: &'static str,
     },
+    /// The application token already holds `CONTROL_WATCH_STREAMS_PER_TOKEN` watch streams.
+    #[error(
+        "this token already has {cap} watch streams open on this replica \
+         (CONTROL_WATCH_STREAMS_PER_TOKEN); close one first"
+    )]
+    TooManyWatchStreams {
+        /// The limit.
+        cap: usize,
+    },
+    /// A unary call ran past `CONTROL_GRPC_UNARY_TIMEOUT_MS`.
+    #[error("the call took longer than CONTROL_GRPC_UNARY_TIMEOUT_MS ({ms} ms)")]
+    UnaryTimeout {
+        /// The limit in milliseconds.
+        ms: u128,
+    },
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -190,6 +205,8 @@ impl Error {
             Error::TwilioUnavailable { .. } | Error::ShuttingDown { .. } => Code::Unavailable,
             Error::VersionConflict { .. } | Error::LeaseLost => Code::Aborted,
             Error::UnexpectedStoreOutcome(_) => Code::Internal,
+            Error::TooManyWatchStreams { .. } => Code::ResourceExhausted,
+            Error::UnaryTimeout { .. } => Code::DeadlineExceeded,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(StoreError::Failed(_) | StoreError::Corrupt(_)) => Code::Internal,
         }

@@ -15,7 +15,9 @@
 //! - [`validate`]: input checks, each naming the offending field.
 //! - [`store`]: the [`store::CallStore`] trait, its Redis and in-memory implementations, key names.
 //! - [`auth`]: bearer tokens per API, compared in constant time.
-//! - [`metrics`]: Prometheus metrics and `/metrics`; [`limits`]: its listener's limits.
+//! - [`metrics`]: Prometheus metrics and `/metrics`; [`limits`]: the listeners' limits
+//!   (settings); [`grpc_limits`]: the unary deadline that spares streams, and the cap on
+//!   watch streams per token.
 //! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
 //! - [`tls`]: the gRPC listener over TLS (certificates reloaded on change) and PEM files.
 //!
@@ -27,6 +29,7 @@ pub mod config;
 mod dialer;
 pub mod domain;
 pub mod error;
+pub mod grpc_limits;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -198,16 +201,24 @@ async fn run<S: CallStore>(
     health
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(callbridge_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| {
-            // The descriptor set is generated at build time; failing here is a build bug.
-            tracing::error!(error = %e, "Reflection descriptor set is invalid.");
-            e
+    // Reflection lists every method to whoever asks: on by default only in the insecure
+    // (no-auth, local) mode, else when CONTROL_GRPC_REFLECTION=true.
+    let reflection = config
+        .limits
+        .grpc_reflection
+        .then(|| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(callbridge_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| {
+                    // The descriptor set is generated at build time; failing here is a build bug.
+                    tracing::error!(error = %e, "Reflection descriptor set is invalid.");
+                    e
+                })
+                .ok()
         })
-        .ok();
+        .flatten();
 
     tracker.spawn(probe_redis(shared.clone(), health.clone()));
     tracker.spawn(sweep(shared.clone()));
@@ -266,12 +277,35 @@ async fn run<S: CallStore>(
 
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, control_id = %config.control_id, lease_secs = config.lease.as_secs(), "Control plane listening.");
+    let limits = &config.limits;
+    let streaming = Arc::new(grpc_limits::streaming_methods(&[
+        callbridge_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]));
     let mut router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_service(health_service)
-        .add_service(InterceptedService::new(agents, app_auth.clone()))
-        .add_service(InterceptedService::new(calls, app_auth))
-        .add_service(InterceptedService::new(relay, relay_auth));
+        .max_concurrent_streams(limits.grpc_max_concurrent_streams)
+        .http2_max_header_list_size(limits.grpc_max_header_list_bytes)
+        .add_service(grpc_limits::UnaryTimeout::new(
+            health_service,
+            limits.grpc_unary_timeout,
+            streaming.clone(),
+        ))
+        .add_service(grpc_limits::UnaryTimeout::new(
+            InterceptedService::new(agents, app_auth.clone()),
+            limits.grpc_unary_timeout,
+            streaming.clone(),
+        ))
+        .add_service(grpc_limits::UnaryTimeout::new(
+            InterceptedService::new(calls, app_auth),
+            limits.grpc_unary_timeout,
+            streaming.clone(),
+        ))
+        .add_service(grpc_limits::UnaryTimeout::new(
+            InterceptedService::new(relay, relay_auth),
+            limits.grpc_unary_timeout,
+            streaming.clone(),
+        ));
     if let Some(reflection) = reflection {
         router = router.add_service(reflection);
     }

@@ -399,7 +399,11 @@ async fn bad_input_is_refused_naming_the_field() {
 #[tokio::test]
 async fn tokens_are_checked_per_api_and_probes_need_none() {
     let redis = RedisServer::unix().expect("redis");
-    let control = Control::start(ControlOpts::new(&redis.url(), "api-auth")).await;
+    // Reflection is off by default outside the insecure mode; this test asks for it.
+    let mut opts = ControlOpts::new(&redis.url(), "api-auth");
+    opts.extra_env
+        .push(("CONTROL_GRPC_REFLECTION".into(), "true".into()));
+    let control = Control::start(opts).await;
     let channel = control.channel().await;
     let agents_with =
         |b: Bearer| pb::agents_client::AgentsClient::with_interceptor(channel.clone(), b);

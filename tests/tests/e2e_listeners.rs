@@ -2,7 +2,9 @@
 //! binaries over loopback: half-sent requests are closed within the header timeout while a
 //! live call keeps every frame, the connection cap pauses accepting, `RELAY_MAX_CALLS`
 //! turns the next call away with 503, `/metrics` lives on its own port (over TLS when a
-//! certificate is set), and every new bad setting exits 64 naming its variable.
+//! certificate is set), control caps watch streams per token without cutting streams at the
+//! unary deadline, reflection is off unless asked for, and every new bad setting exits 64
+//! naming its variable.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -406,6 +408,141 @@ async fn metrics_listeners_serve_tls_with_a_certificate_from_the_test_ca() {
     );
 }
 
+/// A `WatchCall` on `call_id` as `token`; the open stream, or the refusal.
+async fn watch(
+    world: &World,
+    token: &str,
+    call_id: &str,
+) -> Result<tonic::Streaming<pb::CallEvent>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(world.control_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("control reachable");
+    let mut client = pb::calls_client::CallsClient::with_interceptor(
+        channel,
+        callbridge_tests::Bearer::new(token),
+    );
+    with_timeout(
+        WAIT,
+        "WatchCall",
+        client.watch_call(pb::WatchCallRequest {
+            call_id: call_id.to_owned(),
+            after_seq: 0,
+        }),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_capped_per_token_and_outlive_the_unary_deadline() {
+    const OTHER_TOKEN: &str = "app-token-second-0123456789abcdef";
+    let tokens = format!("{},{OTHER_TOKEN}", callbridge_tests::APP_TOKEN);
+    let world = World::builder(FakeRealtime::builder())
+        .control_env("CONTROL_APP_TOKENS", &tokens)
+        .control_env("CONTROL_WATCH_STREAMS_PER_TOKEN", "2")
+        .control_env("CONTROL_GRPC_UNARY_TIMEOUT_MS", "300")
+        .start()
+        .await;
+    let agent = world.default_agent(agent_settings("watch-cap", None)).await;
+    let call_id = world.create_call(&agent, "+15550002222").await;
+    let app = callbridge_tests::APP_TOKEN;
+    let first = watch(&world, app, &call_id).await.expect("first watch");
+    let _second = watch(&world, app, &call_id).await.expect("second watch");
+    let refused = watch(&world, app, &call_id).await.expect_err("third watch");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("CONTROL_WATCH_STREAMS_PER_TOKEN"),
+        "{refused:?}"
+    );
+    // Another token has places of its own.
+    let _other = watch(&world, OTHER_TOKEN, &call_id)
+        .await
+        .expect("another token's watch");
+    // Well past the unary deadline the two streams still hold their places: a deadline
+    // that cut them would have freed both.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let still = watch(&world, app, &call_id)
+        .await
+        .expect_err("still capped");
+    assert_eq!(still.code(), tonic::Code::ResourceExhausted);
+    // Unary calls go on working under the short deadline.
+    assert_eq!(world.get_call(&call_id).await.call_id, call_id);
+    // A stream that ends frees its place.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..100 {
+        match watch(&world, app, &call_id).await {
+            Ok(stream) => {
+                reopened = Some(stream);
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reopened.is_some(), "a closed watch frees its place");
+}
+
+/// Asks control's reflection service for its services.
+async fn reflection_services(world: &World) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tonic::transport::Endpoint::from_shared(world.control_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("control reachable");
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = with_timeout(
+        WAIT,
+        "reflection",
+        ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::once(request)),
+    )
+    .await?
+    .into_inner();
+    let answer = with_timeout(WAIT, "reflection answer", stream.message())
+        .await?
+        .expect("an answer");
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_is_off_by_default_and_on_when_asked_for() {
+    let world = World::builder(FakeRealtime::builder()).start().await;
+    let off = reflection_services(&world)
+        .await
+        .expect_err("no reflection");
+    assert_eq!(off.code(), tonic::Code::Unimplemented, "{off:?}");
+    drop(world);
+    let world = World::builder(FakeRealtime::builder())
+        .control_env("CONTROL_GRPC_REFLECTION", "true")
+        .start()
+        .await;
+    let services = reflection_services(&world).await.expect("reflection");
+    assert!(
+        services.iter().any(|s| s == "callbridge.v1.Calls"),
+        "{services:?}"
+    );
+}
+
 /// Runs `binary` with only `env` and returns its exit code and stderr.
 fn run_config(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let out = std::process::Command::new(bin_dir().join(binary))
@@ -496,6 +633,26 @@ fn bad_listener_settings_exit_64_naming_the_variable() {
         (
             vec![("CONTROL_METRICS_MAX_CONNECTIONS", "0")],
             "CONTROL_METRICS_MAX_CONNECTIONS",
+        ),
+        (
+            vec![("CONTROL_GRPC_MAX_CONCURRENT_STREAMS", "0")],
+            "CONTROL_GRPC_MAX_CONCURRENT_STREAMS",
+        ),
+        (
+            vec![("CONTROL_GRPC_UNARY_TIMEOUT_MS", "0")],
+            "CONTROL_GRPC_UNARY_TIMEOUT_MS",
+        ),
+        (
+            vec![("CONTROL_GRPC_MAX_HEADER_LIST_BYTES", "100")],
+            "CONTROL_GRPC_MAX_HEADER_LIST_BYTES",
+        ),
+        (
+            vec![("CONTROL_WATCH_STREAMS_PER_TOKEN", "0")],
+            "CONTROL_WATCH_STREAMS_PER_TOKEN",
+        ),
+        (
+            vec![("CONTROL_GRPC_REFLECTION", "maybe")],
+            "CONTROL_GRPC_REFLECTION",
         ),
         (
             vec![("CONTROL_METRICS_TLS_CERT_FILE", &cert)],

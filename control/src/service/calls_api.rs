@@ -36,6 +36,16 @@ const LIST_SCAN_LIMIT: usize = 5000;
 
 type EventStream = ReceiverStream<Result<pb::CallEvent, Status>>;
 
+/// The token a request was authenticated with (put there by the auth interceptor; a
+/// request that bypassed it counts as the open bucket).
+fn watch_token<T>(request: &Request<T>) -> crate::grpc_limits::TokenId {
+    request
+        .extensions()
+        .get::<crate::grpc_limits::TokenId>()
+        .copied()
+        .unwrap_or(crate::grpc_limits::TokenId(None))
+}
+
 /// URLs Twilio should use for a call, from `RELAY_PUBLIC_URL`.
 fn urls(config: &Config, call_id: &CallId) -> (String, String) {
     let call_id = call_id.as_str();
@@ -509,18 +519,26 @@ impl<S: CallStore> Calls for CallsApi<S> {
         &self,
         request: Request<pb::WatchCallRequest>,
     ) -> Result<Response<Self::WatchCallStream>, Status> {
+        let token = watch_token(&request);
         let req = request.into_inner();
         let shared = self.0.clone();
         self.0
             .rpc(SERVICE, "WatchCall", &req.call_id, async {
                 let call_id = CallId::parse("call_id", req.call_id.as_str())?;
+                // Held by the stream's task: freed when the stream ends.
+                let slot = shared.watch_slots.acquire(token)?;
                 // Subscribe before reading the store, so nothing falls between the two.
                 let live = shared.hub.subscribe_call(&call_id);
                 shared.call(&call_id).await?;
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_call", call_id = %call_id);
+                let task = watch_call(shared.clone(), call_id, req.after_seq, live, tx);
                 shared.tracker.spawn(
-                    watch_call(shared.clone(), call_id, req.after_seq, live, tx).instrument(span),
+                    async move {
+                        let _slot = slot;
+                        task.await;
+                    }
+                    .instrument(span),
                 );
                 Ok(ReceiverStream::new(rx))
             })
@@ -531,18 +549,25 @@ impl<S: CallStore> Calls for CallsApi<S> {
         &self,
         request: Request<pb::WatchCallsRequest>,
     ) -> Result<Response<Self::WatchCallsStream>, Status> {
+        let token = watch_token(&request);
         let req = request.into_inner();
         let shared = self.0.clone();
         self.0
             .rpc(SERVICE, "WatchCalls", "", async {
+                let slot = shared.watch_slots.acquire(token)?;
                 let campaign_id =
                     CampaignId::parse_optional("campaign_id", req.campaign_id.as_str())?;
                 let live = shared.hub.subscribe();
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_calls", campaign_id = %req.campaign_id);
-                shared
-                    .tracker
-                    .spawn(watch_calls(shared.clone(), campaign_id, live, tx).instrument(span));
+                let task = watch_calls(shared.clone(), campaign_id, live, tx);
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        task.await;
+                    }
+                    .instrument(span),
+                );
                 Ok(ReceiverStream::new(rx))
             })
             .await

@@ -40,6 +40,8 @@ pub(crate) struct Shared<S> {
     store_failed_at_ms: AtomicI64,
     /// Twilio's REST API, when an account is configured (calls control dials).
     pub(crate) twilio: Option<crate::twilio_rest::TwilioRest>,
+    /// Open watch streams per application token (`CONTROL_WATCH_STREAMS_PER_TOKEN`).
+    pub(crate) watch_slots: Arc<crate::grpc_limits::WatchSlots>,
 }
 
 impl<S> Shared<S> {
@@ -57,7 +59,10 @@ impl<S> Shared<S> {
                 .map_err(|err| tracing::error!(error = %err, "Twilio REST client unusable; dialling is off."))
                 .ok()
         });
+        let watch_slots =
+            crate::grpc_limits::WatchSlots::new(config.limits.watch_streams_per_token);
         Shared {
+            watch_slots,
             twilio,
             store,
             hub,
