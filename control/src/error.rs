@@ -98,6 +98,12 @@ pub enum Error {
     /// Another live attach stream holds the call's lease.
     #[error("call '{0}' is attached by another stream")]
     LeaseHeldElsewhere(String),
+    /// The stream credential of an attach was consumed before (a replayed stream).
+    #[error("the stream credential of call '{0}' was already used")]
+    StreamCredentialUsed(String),
+    /// A stream's `start.callSid` is not the CallSid the call was admitted with.
+    #[error("open.twilio_call_sid: not the CallSid call '{0}' was admitted with")]
+    CallSidMismatch(String),
     /// An event's seq is past the next one expected.
     #[error("event seq {seq} leaves a gap after stored seq {last_seq}; resend from {}", .last_seq + 1)]
     EventGap {
@@ -204,6 +210,7 @@ impl Error {
             | Error::TwilioRefused { .. } => Code::FailedPrecondition,
             Error::TwilioUnavailable { .. } | Error::ShuttingDown { .. } => Code::Unavailable,
             Error::VersionConflict { .. } | Error::LeaseLost => Code::Aborted,
+            Error::StreamCredentialUsed(_) | Error::CallSidMismatch(_) => Code::PermissionDenied,
             Error::UnexpectedStoreOutcome(_) => Code::Internal,
             Error::TooManyWatchStreams { .. } => Code::ResourceExhausted,
             Error::UnaryTimeout { .. } => Code::DeadlineExceeded,
@@ -213,9 +220,31 @@ impl Error {
     }
 }
 
+/// gRPC metadata key naming why an attach was refused where the code alone cannot tell
+/// (`docs/contract-notes.md`); the relay turns it into a stream close code.
+pub const REFUSAL_METADATA: &str = "callbridge-refusal";
+
+impl Error {
+    /// The machine-readable refusal reason sent as [`REFUSAL_METADATA`], if any.
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            Error::StreamCredentialUsed(_) => Some("credential_used"),
+            Error::CallSidMismatch(_) => Some("call_sid_mismatch"),
+            _ => None,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        Status::new(err.code(), err.to_string())
+        let mut status = Status::new(err.code(), err.to_string());
+        if let Some(reason) = err.refusal_reason() {
+            status.metadata_mut().insert(
+                REFUSAL_METADATA,
+                tonic::metadata::MetadataValue::from_static(reason),
+            );
+        }
+        status
     }
 }
 
@@ -225,6 +254,25 @@ mod tests {
 
     fn status(err: Error) -> Status {
         err.into()
+    }
+
+    #[test]
+    fn stream_refusals_carry_their_reason_in_metadata() {
+        let s = status(Error::StreamCredentialUsed("c1".into()));
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(
+            s.metadata().get(REFUSAL_METADATA).map(|v| v.as_bytes()),
+            Some(b"credential_used".as_slice())
+        );
+        let s = status(Error::CallSidMismatch("c1".into()));
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("twilio_call_sid"), "{}", s.message());
+        assert_eq!(
+            s.metadata().get(REFUSAL_METADATA).map(|v| v.as_bytes()),
+            Some(b"call_sid_mismatch".as_slice())
+        );
+        let s = status(Error::LeaseHeldElsewhere("c1".into()));
+        assert!(s.metadata().get(REFUSAL_METADATA).is_none());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
 use callbridge_control::store::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, TwilioUpdate,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CallStore, IndexCursor,
+    TwilioUpdate,
 };
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;
@@ -54,6 +55,7 @@ macro_rules! conformance {
 conformance!(
     create_get_list,
     admit_and_attach,
+    stream_credentials_and_call_sids,
     leases,
     event_append_with_sequence_gaps_and_duplicates,
     hand_off_and_resume,
@@ -237,6 +239,27 @@ async fn attach<S: CallStore>(
     holder: &str,
     now_ms: i64,
 ) -> AttachOutcome {
+    attach_checked(
+        s,
+        call_id,
+        relay,
+        reconnect,
+        holder,
+        now_ms,
+        &AttachChecks::default(),
+    )
+    .await
+}
+
+async fn attach_checked<S: CallStore>(
+    s: &S,
+    call_id: &str,
+    relay: &str,
+    reconnect: bool,
+    holder: &str,
+    now_ms: i64,
+    checks: &AttachChecks,
+) -> AttachOutcome {
     within(
         "attach",
         s.attach(
@@ -246,6 +269,7 @@ async fn attach<S: CallStore>(
             &self::holder(holder),
             now_ms,
             LEASE,
+            checks,
         ),
     )
     .await
@@ -424,6 +448,135 @@ async fn admit_and_attach<S: CallStore>(s: &S) {
     assert!(got.lease_held(T0));
     assert_eq!(
         attach(s, "missing", "relay-1", false, "replica-1/s2", T0).await,
+        AttachOutcome::NotFound
+    );
+}
+
+/// A stream's first attach consumes its credential once (a second attach with it is
+/// refused, whoever asks, even after the first stream let go), and must come from the
+/// CallSid admitted; every refusal leaves the record as it was.
+async fn stream_credentials_and_call_sids<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, ""), record("c2", 2, "")]).await;
+    within(
+        "admit_existing",
+        s.admit_existing(&cid("c1"), Some(&sid("CA1")), "", ""),
+    )
+    .await
+    .expect("ok");
+    let cred = |id: &str, sid: &str| AttachChecks {
+        credential: Some((format!("{id:0>32}"), T0 + 60_000)),
+        twilio_call_sid: (!sid.is_empty()).then(|| self::sid(sid).as_str().to_owned()),
+    };
+    let before = get(s, "c1").await;
+    // Another CallSid than admitted: refused before anything is written, even the
+    // credential (it stays usable by the genuine stream).
+    assert_eq!(
+        attach_checked(
+            s,
+            "c1",
+            "relay-9",
+            false,
+            "replica-1/s0",
+            T0,
+            &cred("a1", "CA9")
+        )
+        .await,
+        AttachOutcome::CallSidMismatch
+    );
+    assert_eq!(get(s, "c1").await, before, "a refusal changes nothing");
+    // The genuine stream: attached, credential consumed.
+    assert_eq!(
+        attach_checked(
+            s,
+            "c1",
+            "relay-1",
+            false,
+            "replica-1/s1",
+            T0,
+            &cred("a1", "CA1")
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    let attached = get(s, "c1").await;
+    // A replay of it, from another relay: the credential is used (not merely "held").
+    assert_eq!(
+        attach_checked(
+            s,
+            "c1",
+            "relay-2",
+            false,
+            "replica-1/s2",
+            T0 + 1,
+            &cred("a1", "CA1")
+        )
+        .await,
+        AttachOutcome::CredentialUsed
+    );
+    assert_eq!(get(s, "c1").await, attached, "a refusal changes nothing");
+    // Still used after the first stream let go and its lease ran out.
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("replica-1/s1"), T0 + 2, 0),
+    )
+    .await
+    .expect("ok");
+    let released = get(s, "c1").await;
+    assert_eq!(
+        attach_checked(
+            s,
+            "c1",
+            "relay-2",
+            false,
+            "replica-1/s3",
+            T0 + 10,
+            &cred("a1", "CA1")
+        )
+        .await,
+        AttachOutcome::CredentialUsed
+    );
+    assert_eq!(get(s, "c1").await, released, "a refusal changes nothing");
+    // A fresh credential (a hand-off's next segment) attaches.
+    assert_eq!(
+        attach_checked(
+            s,
+            "c1",
+            "relay-2",
+            false,
+            "replica-1/s4",
+            T0 + 10,
+            &cred("b2", "CA1")
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    // Credentials are per call: the same id on another call is another credential; a
+    // call admitted without a CallSid checks none.
+    assert_eq!(
+        attach_checked(
+            s,
+            "c2",
+            "relay-1",
+            false,
+            "replica-1/s5",
+            T0,
+            &cred("a1", "CA7")
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    // An unknown or ended call is refused as such, whatever the credential.
+    assert_eq!(
+        attach_checked(
+            s,
+            "nope",
+            "relay-1",
+            false,
+            "replica-1/s6",
+            T0,
+            &cred("c3", "")
+        )
+        .await,
         AttachOutcome::NotFound
     );
 }

@@ -12,6 +12,8 @@
 //! | `OPENAI_API_KEY` | model API key | required |
 //! | `OPENAI_REALTIME_URL` | Realtime endpoint | `wss://api.openai.com/v1/realtime` |
 //! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
+//! | `RELAY_STREAM_SECRET` | key (≥ 32 bytes, the same on every relay) of the per-stream credentials TwiML carries (`docs/protocols.md`, "Stream credentials") | derived from `TWILIO_AUTH_TOKEN`; with neither (insecure mode only), a random key per process |
+//! | `RELAY_STREAM_CREDENTIAL_TTL_SECS` | how long a stream credential is valid after its TwiML was answered (Twilio opens the stream within seconds) | `60` |
 //! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only; logs a warning at start; short tokens allowed) | `false` |
 //! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host | `false` |
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
@@ -111,6 +113,13 @@ pub struct Config {
     /// Twilio auth token, to check X-Twilio-Signature.
     #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     pub twilio_auth_token: Option<Secret>,
+    /// Key of the per-stream credentials (at least 32 bytes; the same on every relay).
+    /// Unset: derived from TWILIO_AUTH_TOKEN.
+    #[arg(long, env = "RELAY_STREAM_SECRET", hide_env_values = true)]
+    pub stream_secret: Option<Secret>,
+    /// Seconds a stream credential is valid after its TwiML was answered.
+    #[arg(long, env = "RELAY_STREAM_CREDENTIAL_TTL_SECS", default_value_t = 60)]
+    pub stream_credential_ttl_secs: u64,
     /// Accept requests without a valid Twilio signature (local testing only).
     #[arg(long, env = "RELAY_INSECURE_SKIP_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure_skip_signature: bool,
@@ -252,6 +261,8 @@ impl Config {
             openai_api_key: Secret::new("sk-test"),
             openai_realtime_url: realtime_url.to_owned(),
             twilio_auth_token: None,
+            stream_secret: None,
+            stream_credential_ttl_secs: 60,
             insecure_skip_signature: true,
             insecure_allow_public: false,
             drain_grace_secs: 30,
@@ -332,6 +343,25 @@ impl Config {
                     "required unless RELAY_INSECURE_SKIP_SIGNATURE=true",
                 ));
             }
+        }
+        if let Some(secret) = &self.stream_secret {
+            if secret.expose().is_empty() {
+                self.stream_secret = None;
+            } else if secret.expose().len() < crate::stream_credential::MIN_SECRET_LEN {
+                return Err(invalid(
+                    "RELAY_STREAM_SECRET",
+                    format!(
+                        "must be at least {} bytes",
+                        crate::stream_credential::MIN_SECRET_LEN
+                    ),
+                ));
+            }
+        }
+        if !(1..=600).contains(&self.stream_credential_ttl_secs) {
+            return Err(invalid(
+                "RELAY_STREAM_CREDENTIAL_TTL_SECS",
+                "must be within 1..=600",
+            ));
         }
         if self.start_timeout_ms == 0 {
             return Err(invalid("RELAY_START_TIMEOUT_MS", "must be > 0"));
@@ -527,6 +557,10 @@ impl Config {
         callbridge_proto::paths::ws_base(&self.public_url)
     }
 
+    /// How long a stream credential is valid.
+    pub fn stream_credential_ttl(&self) -> Duration {
+        Duration::from_secs(self.stream_credential_ttl_secs)
+    }
     /// Start timeout as a duration.
     pub fn start_timeout(&self) -> Duration {
         Duration::from_millis(self.start_timeout_ms)
@@ -801,6 +835,17 @@ mod tests {
                 "/nonexistent.pem",
                 "RELAY_METRICS_TLS_CERT_FILE",
             ),
+            ("--stream-secret", "too-short", "RELAY_STREAM_SECRET"),
+            (
+                "--stream-credential-ttl-secs",
+                "0",
+                "RELAY_STREAM_CREDENTIAL_TTL_SECS",
+            ),
+            (
+                "--stream-credential-ttl-secs",
+                "601",
+                "RELAY_STREAM_CREDENTIAL_TTL_SECS",
+            ),
         ] {
             let mut args: Vec<&str> = BASE.to_vec();
             match args.iter().position(|a| *a == flag) {
@@ -817,8 +862,11 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let c = parse(&BASE).unwrap();
+        let mut args = BASE.to_vec();
+        args.extend(["--stream-secret", "stream-secret-of-at-least-32-bytes!"]);
+        let c = parse(&args).unwrap();
         let dbg = format!("{c:?}");
+        assert!(!dbg.contains("stream-secret-of"), "{dbg}");
         assert!(!dbg.contains("sk-1"), "{dbg}");
         assert!(!dbg.contains("\"tok\""), "{dbg}");
         assert!(dbg.contains("redacted"));

@@ -57,6 +57,21 @@ impl ControlError {
     }
 }
 
+/// gRPC metadata key on a refused attach naming why, when the code alone cannot
+/// (`credential_used`, `call_sid_mismatch`); see `docs/contract-notes.md`.
+pub const REFUSAL_METADATA: &str = "callbridge-refusal";
+
+/// What a stream's first attach proves (`AttachOpen` fields 4–6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachProof {
+    /// The stream credential's id, for control to consume once.
+    pub credential_id: String,
+    /// Its expiry (ms since the Unix epoch).
+    pub credential_expires_at_ms: i64,
+    /// `start.callSid`, when Twilio sent one.
+    pub twilio_call_sid: Option<String>,
+}
+
 /// Control's `Relay` API; clone-cheap (the tonic `Channel` multiplexes).
 #[derive(Clone)]
 pub struct Control {
@@ -144,20 +159,30 @@ impl Control {
         }
     }
 
-    /// Opens `Relay.Attach` and waits for the call context (the first reply).
+    /// Opens `Relay.Attach` and waits for the call context (the first reply). A stream's
+    /// first attach carries its `proof`; a reconnect of the relay's own stream none.
     pub async fn attach(
         &self,
         call_id: &CallId,
         relay_id: &str,
         reconnect: bool,
+        proof: Option<AttachProof>,
     ) -> Result<(pb::CallContext, AttachStream), ControlError> {
         let fut = async {
             let (tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
+            let proof = proof.unwrap_or(AttachProof {
+                credential_id: String::new(),
+                credential_expires_at_ms: 0,
+                twilio_call_sid: None,
+            });
             let open = pb::AttachRequest {
                 msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
                     call_id: call_id.as_str().to_owned(),
                     relay_id: relay_id.to_owned(),
                     reconnect,
+                    stream_credential_id: proof.credential_id,
+                    stream_credential_expires_at_ms: proof.credential_expires_at_ms,
+                    twilio_call_sid: proof.twilio_call_sid.unwrap_or_default(),
                 })),
             };
             tx.send(Box::new(open))

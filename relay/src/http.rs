@@ -5,13 +5,16 @@
 //! | `POST /api/twilio/voice` | voice webhook → TwiML (`?callId=` for pre-created calls) |
 //! | `POST /api/twilio/after/{callId}` | `<Connect action>` → TwiML for what comes next |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
-//! | `WS /api/twilio/media-stream-simple` | standalone media stream |
+//! | `WS /api/twilio/media-stream-simple` | standalone media stream (404 when `CONTROL_URL` is set) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (503 while draining) |
 //!
 //! Anything else is 404 without an upgrade; `/metrics` is served on its own listener
 //! ([`crate::listen`]). Above `RELAY_MAX_CALLS` the webhook and both stream routes answer
 //! 503 with `Retry-After` ([`crate::capacity`]). Twilio requests must carry a valid
-//! `X-Twilio-Signature` (403 otherwise). Control errors at webhook time: no agent for the
+//! `X-Twilio-Signature` (403 otherwise). Every TwiML answer that opens a stream carries a
+//! fresh stream credential; a stream is upgraded on its signature alone and proves itself
+//! at `start` ([`stream_admission`]), before it is attached or the model is dialled.
+//! Control errors at webhook time: no agent for the
 //! number (`NOT_FOUND`) → 200 TwiML that apologises and hangs up (Twilio needs TwiML, and
 //! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
 //! → 503, so Twilio's configured fallback URL takes over.
@@ -34,11 +37,12 @@ use warp::hyper::upgrade::OnUpgrade;
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::agent::AgentView;
-use crate::call::{self, CallDeps, CallSetup, TWILIO_MAX_MESSAGE};
+use crate::call::{self, CallDeps, TWILIO_MAX_MESSAGE};
 use crate::call_id::{self as ids, CallId};
 use crate::capacity::{AtCapacity, Refused, below_max_calls};
 use crate::control::ControlError;
+use crate::stream_admission::{self, Route};
+use crate::stream_credential::{Segment, StreamCredentials};
 use crate::{signature, twiml};
 
 /// Largest webhook body accepted.
@@ -57,6 +61,8 @@ pub struct Deps {
     pub draining: Arc<AtomicBool>,
     /// Tracks every live call for the drain.
     pub tracker: TaskTracker,
+    /// Mints the credential of every stream the relay's TwiML opens, and checks them.
+    pub streams: Arc<StreamCredentials>,
 }
 
 impl Deps {
@@ -144,7 +150,11 @@ async fn voice(
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
     let Some(control) = &deps.call.control else {
-        return Ok(xml(twiml::connect_simple(&cfg.public_ws_base())));
+        let credential = deps.streams.mint(None, Segment::Standalone);
+        return Ok(xml(twiml::connect_simple(
+            &cfg.public_ws_base(),
+            &credential,
+        )));
     };
     let Ok(call_id) =
         CallId::parse_optional(query_param(&raw_query, paths::CALL_ID_PARAM).unwrap_or_default())
@@ -180,10 +190,12 @@ async fn voice(
                 let fb = settings.and_then(|s| s.fallback.as_ref());
                 return Ok(xml(twiml::fallback(fb)));
             }
+            let credential = deps.streams.mint(Some(&call_id), Segment::First);
             Ok(xml(twiml::connect_stream(
                 &cfg.public_url,
                 &cfg.public_ws_base(),
                 &call_id,
+                &credential,
             )))
         }
         Err(e) => {
@@ -233,7 +245,14 @@ async fn after(
             Some(Next::DialNumber(n)) => twiml::dial(&n),
             Some(Next::Fallback(f)) => twiml::fallback(Some(&f)),
             Some(Next::Resume(_)) => {
-                twiml::connect_stream(&cfg.public_url, &cfg.public_ws_base(), &call_id)
+                // A new segment of the call (a drain hand-off): a new credential.
+                let credential = deps.streams.mint(Some(&call_id), Segment::Resume);
+                twiml::connect_stream(
+                    &cfg.public_url,
+                    &cfg.public_ws_base(),
+                    &call_id,
+                    &credential,
+                )
             }
         })),
         Err(e) => {
@@ -248,7 +267,8 @@ async fn after(
     }
 }
 
-/// `WS /api/twilio/media-stream/{callId}` — checks, attaches, then upgrades.
+/// `WS /api/twilio/media-stream/{callId}` — checks the signature and upgrades; the
+/// stream's real checks, and the attach, wait for `start` ([`stream_admission`]).
 async fn media_stream(
     call_id: String,
     sig: Option<String>,
@@ -266,54 +286,27 @@ async fn media_stream(
     if deps.draining() {
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
-    let Some(control) = &deps.call.control else {
+    if deps.call.control.is_none() {
         return Ok(text(
             StatusCode::NOT_FOUND,
             "control-backed streams need CONTROL_URL\n",
         ));
-    };
-    // Attach before upgrading: an unknown, ended or already-attached call never gets a
-    // model socket.
-    let (ctx, stream) = match control.attach(&call_id, &deps.call.relay_id, false).await {
-        Ok(ok) => ok,
-        Err(e) => {
-            debug!(%call_id, error = %e, "Attach refused; upgrade refused.");
-            let body = match e.code() {
-                Code::NotFound => "unknown call\n",
-                Code::FailedPrecondition => "call has ended\n",
-                Code::AlreadyExists => "call is already attached\n",
-                _ => "control plane unavailable\n",
-            };
-            return Ok(text(control_status(&e), body));
-        }
-    };
-    let agent = match ctx.agent.as_ref() {
-        Some(a) => AgentView::from_agent(a),
-        None => {
-            warn!(%call_id, "Call context without agent.");
-            return Ok(text(
-                StatusCode::BAD_GATEWAY,
-                "call context without agent\n",
-            ));
-        }
-    };
+    }
     let span_id = call_id.to_string();
-    let setup = CallSetup {
-        call_id: Some(call_id),
-        agent,
-        attach: Some((ctx, stream)),
-        upgraded_at: Instant::now(),
-    };
-    Ok(upgrade(ws, setup, deps, span_id))
+    Ok(upgrade(ws, Route::Call(call_id), deps, span_id))
 }
 
-/// `WS /api/twilio/media-stream-simple` — the standalone agent, nothing stored.
+/// `WS /api/twilio/media-stream-simple` — the standalone agent, nothing stored. Not served
+/// when a control plane is configured: every call then is stored and checked by control.
 async fn media_stream_simple(
     sig: Option<String>,
     ws: WsUpgrade,
     deps: Deps,
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
+    if deps.call.control.is_some() {
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
     let url = paths::media_stream_simple(&cfg.public_ws_base());
     if !signed(&deps, &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
@@ -321,13 +314,12 @@ async fn media_stream_simple(
     if deps.draining() {
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
-    let setup = CallSetup {
-        call_id: None,
-        agent: AgentView::standalone(&cfg),
-        attach: None,
-        upgraded_at: Instant::now(),
-    };
-    Ok(upgrade(ws, setup, deps, "standalone".to_owned()))
+    Ok(upgrade(
+        ws,
+        Route::Standalone,
+        deps,
+        "standalone".to_owned(),
+    ))
 }
 
 /// Buffers of the Twilio socket, sized for its ~300-byte frames. tungstenite's default
@@ -382,10 +374,12 @@ fn ws_upgrade() -> impl Filter<Extract = (WsUpgrade,), Error = Rejection> + Clon
         )
 }
 
-fn upgrade(ws: WsUpgrade, setup: CallSetup, deps: Deps, call_id: String) -> Response {
+fn upgrade(ws: WsUpgrade, route: Route, deps: Deps, call_id: String) -> Response {
     // Held until the call is over, so the drain waits for it.
     let token = deps.tracker.token();
     let call_deps = deps.call.clone();
+    let streams = deps.streams.clone();
+    let upgraded_at = Instant::now();
     let span = info_span!("call", call_id = %call_id, call_sid = tracing::field::Empty);
     let accept = derive_accept_key(ws.key.as_bytes());
     let on_upgrade = ws.on_upgrade;
@@ -394,13 +388,28 @@ fn upgrade(ws: WsUpgrade, setup: CallSetup, deps: Deps, call_id: String) -> Resp
             let _token = token;
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let socket = WebSocketStream::from_raw_socket(
+                    let mut socket = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
                         Some(twilio_ws_config()),
                     )
                     .await;
-                    call::run(socket, setup, call_deps).await;
+                    match stream_admission::admit(
+                        &mut socket,
+                        &route,
+                        &call_deps,
+                        &streams,
+                        upgraded_at,
+                    )
+                    .await
+                    {
+                        Ok(admitted) => {
+                            call::run(socket, admitted.setup, admitted.early, call_deps).await;
+                        }
+                        Err(refusal) => {
+                            stream_admission::refuse(socket, refusal, &call_deps).await;
+                        }
+                    }
                 }
                 Err(e) => debug!(error = %e, "WebSocket upgrade failed."),
             }
@@ -572,6 +581,7 @@ mod tests {
         config.twilio_auth_token = Some(Secret::new(TOKEN));
         tweak(&mut config);
         let control = crate::control::Control::from_config(&config).expect("control URL parses");
+        let config_for_streams = config.clone();
         Deps {
             call: CallDeps {
                 config: Arc::new(config),
@@ -583,7 +593,16 @@ mod tests {
             },
             draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
+            streams: Arc::new(StreamCredentials::from_config(&config_for_streams)),
         }
+    }
+
+    /// Deps with a control URL where nothing listens (nothing here gets as far as asking).
+    fn deps_with_control() -> Deps {
+        deps(|c| {
+            c.control_url = Some("http://127.0.0.1:9".into());
+            c.upstream_connect_timeout_ms = 1000;
+        })
     }
 
     fn form(params: &[(&str, &str)]) -> (Vec<(String, String)>, String) {
@@ -655,7 +674,7 @@ mod tests {
         assert_eq!(r.headers()["x-frame-options"], "DENY");
         assert!(
             body(&r).contains(
-                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\"/></Connect>"
+                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\""
             ),
             "{}",
             body(&r)
@@ -874,6 +893,25 @@ mod tests {
                 "control-backed streams need CONTROL_URL\n"
             )
         );
+        // With a control plane, the standalone route does not exist.
+        let with_control = super::routes(deps_with_control());
+        let r = upgrade_request("/api/twilio/media-stream-simple", true)
+            .reply(&with_control)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::NOT_FOUND, "not found\n")
+        );
+        // The control-backed route upgrades on the signature alone: its checks and the
+        // attach wait for `start` (stream_admission).
+        let r = upgrade_request("/api/twilio/media-stream/call_1", true)
+            .reply(&with_control)
+            .await;
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let r = upgrade_request("/api/twilio/media-stream/call_1", false)
+            .reply(&with_control)
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
         // An impossible call id is unknown, before control is asked.
         let r = upgrade_request("/api/twilio/media-stream/a%2Fb", true)
             .reply(&routes)

@@ -9,6 +9,8 @@
 //! - [`signature`]: `X-Twilio-Signature` checking.
 //! - [`twiml`]: TwiML answers.
 //! - [`call_id`]: callbridge's call id, checked where it enters.
+//! - [`stream_credential`]: the per-stream credential TwiML carries and `start` returns;
+//!   [`stream_admission`]: a stream's checks at `start`, before anything is attached or dialled.
 //! - [`control`]: client of control's `Relay` service.
 //! - [`call`]: one call: the call loop over its components (model session, playback in
 //!   `call::phase`, deadlines, tools, counters), socket outboxes, control link.
@@ -35,6 +37,8 @@ pub mod metrics;
 pub mod realtime;
 pub mod signature;
 pub mod status_callback;
+pub mod stream_admission;
+pub mod stream_credential;
 pub mod twilio;
 pub mod twiml;
 
@@ -107,6 +111,7 @@ pub async fn run_with_metrics(
     }
     let hard_stop = CancellationToken::new();
     let drain_started = CancellationToken::new();
+    let streams = Arc::new(stream_credential::StreamCredentials::from_config(&config));
     let deps = http::Deps {
         call: call::CallDeps {
             config: Arc::new(config),
@@ -118,6 +123,7 @@ pub async fn run_with_metrics(
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),
+        streams,
     };
     let grace = deps.call.config.drain_grace();
     let max_calls = deps.call.config.max_calls();

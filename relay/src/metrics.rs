@@ -41,6 +41,8 @@ struct Inner {
     handoffs: Counter,
     gap_dropped: Counter,
     listeners: crate::listen::ListenerMetrics,
+    stream_refusals: Family<Labels, Counter>,
+    rate_dropped: Counter,
 }
 
 fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
@@ -160,6 +162,18 @@ impl Metrics {
             "Caller frames dropped while the model was reconnecting (beyond the gap buffer)",
             gap_dropped.clone(),
         );
+        let stream_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "stream_refusals",
+            "Media streams refused at start, by reason (stream_admission::Refusal::label)",
+            stream_refusals.clone(),
+        );
+        let media_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "media_frames_dropped",
+            "Caller media frames dropped on arrival, by reason (rate: faster than real time)",
+            media_dropped.clone(),
+        );
 
         let listeners = crate::listen::ListenerMetrics::register(&mut registry);
 
@@ -171,6 +185,7 @@ impl Metrics {
         let dropped_m2c = resolve(&dropped, ("direction", "model_to_caller"));
         let bad_twilio = resolve(&bad, ("side", "twilio"));
         let bad_realtime = resolve(&bad, ("side", "realtime"));
+        let rate_dropped = resolve(&media_dropped, ("reason", "rate"));
         let inner = Inner {
             frames_c2m,
             frames_m2c,
@@ -193,6 +208,8 @@ impl Metrics {
             handoffs,
             gap_dropped,
             listeners,
+            stream_refusals,
+            rate_dropped,
         };
         Self {
             inner: Arc::new(inner),
@@ -285,6 +302,17 @@ impl Metrics {
         &self.inner.gap_dropped
     }
 
+    /// Counts a media stream refused at `start`.
+    pub fn stream_refused(&self, reason: &'static str) {
+        let counter = resolve(&self.inner.stream_refusals, ("reason", reason));
+        counter.inc();
+    }
+
+    /// Caller frames dropped for arriving faster than real time.
+    pub fn rate_dropped(&self) -> &Counter {
+        &self.inner.rate_dropped
+    }
+
     /// Draining gauge.
     pub fn draining(&self) -> &Gauge {
         &self.inner.draining
@@ -306,6 +334,7 @@ mod tests {
         m.frames_c2m().inc();
         m.call_ended("caller_hangup");
         m.time_to_first_audio().observe(0.2);
+        m.stream_refused("credential_used");
         let text = m.encode();
         for name in [
             "callbridge_relay_active_calls",
@@ -327,6 +356,8 @@ mod tests {
             "callbridge_relay_over_capacity_total{kind=\"webhook\"}",
             "callbridge_relay_over_capacity_total{kind=\"stream\"}",
             "callbridge_relay_max_calls",
+            "callbridge_relay_stream_refusals_total{reason=\"credential_used\"} 1",
+            "callbridge_relay_media_frames_dropped_total{reason=\"rate\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -58,8 +58,23 @@ fn empty(w: &mut Xml, name: &str) -> io::Result<()> {
     w.create_element(name).write_empty().map(drop)
 }
 
-/// `<Connect action><Stream url><Parameter callId/></Stream></Connect>` for a control-backed call.
-pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &CallId) -> String {
+/// `<Parameter name value/>`.
+fn parameter(w: &mut Xml, name: &str, value: &str) -> io::Result<()> {
+    w.create_element("Parameter")
+        .with_attribute(("name", name))
+        .with_attribute(("value", &*xml_chars(value)))
+        .write_empty()
+        .map(drop)
+}
+
+/// `<Connect action><Stream url><Parameter callId/><Parameter credential/></Stream></Connect>`
+/// for a control-backed call; `credential` is the stream's (`crate::stream_credential`).
+pub fn connect_stream(
+    public_url: &str,
+    public_ws_base: &str,
+    call_id: &CallId,
+    credential: &str,
+) -> String {
     let action = paths::after(public_url, call_id.as_str());
     let url = paths::media_stream(public_ws_base, call_id.as_str());
     doc(|w| {
@@ -70,11 +85,8 @@ pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &CallId) 
                 w.create_element("Stream")
                     .with_attribute(("url", &*xml_chars(&url)))
                     .write_inner_content(|w| {
-                        w.create_element("Parameter")
-                            .with_attribute(("name", "callId"))
-                            .with_attribute(("value", call_id.as_str()))
-                            .write_empty()
-                            .map(drop)
+                        parameter(w, paths::CALL_ID_PARAM, call_id.as_str())?;
+                        parameter(w, crate::stream_credential::PARAMETER, credential)
                     })
                     .map(drop)
             })
@@ -82,15 +94,18 @@ pub fn connect_stream(public_url: &str, public_ws_base: &str, call_id: &CallId) 
     })
 }
 
-/// `<Connect><Stream>` to the standalone stream (no control, nothing to do afterwards).
-pub fn connect_simple(public_ws_base: &str) -> String {
+/// `<Connect><Stream><Parameter credential/></Stream></Connect>` to the standalone stream
+/// (no control, nothing to do afterwards).
+pub fn connect_simple(public_ws_base: &str, credential: &str) -> String {
     let url = paths::media_stream_simple(public_ws_base);
     doc(|w| {
         w.create_element("Connect")
             .write_inner_content(|w| {
                 w.create_element("Stream")
                     .with_attribute(("url", &*xml_chars(&url)))
-                    .write_empty()
+                    .write_inner_content(|w| {
+                        parameter(w, crate::stream_credential::PARAMETER, credential)
+                    })
                     .map(drop)
             })
             .map(drop)
@@ -265,10 +280,15 @@ mod tests {
     #[test]
     fn connect_stream_has_action_stream_and_parameter() {
         let id = CallId::parse("call_1").expect("valid");
-        let x = connect_stream("https://r.example.com", "wss://r.example.com", &id);
+        let x = connect_stream(
+            "https://r.example.com",
+            "wss://r.example.com",
+            &id,
+            "cred-1",
+        );
         assert_eq!(
             x,
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"https://r.example.com/api/twilio/after/call_1\" method=\"POST\"><Stream url=\"wss://r.example.com/api/twilio/media-stream/call_1\"><Parameter name=\"callId\" value=\"call_1\"/></Stream></Connect></Response>"
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"https://r.example.com/api/twilio/after/call_1\" method=\"POST\"><Stream url=\"wss://r.example.com/api/twilio/media-stream/call_1\"><Parameter name=\"callId\" value=\"call_1\"/><Parameter name=\"credential\" value=\"cred-1\"/></Stream></Connect></Response>"
         );
     }
 
@@ -334,8 +354,9 @@ mod tests {
     #[test]
     fn simple_and_dial() {
         assert!(
-            connect_simple("ws://127.0.0.1:1")
-                .contains("<Stream url=\"ws://127.0.0.1:1/api/twilio/media-stream-simple\"/>")
+            connect_simple("ws://127.0.0.1:1", "cred-2").contains(
+                "<Stream url=\"ws://127.0.0.1:1/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\"cred-2\"/></Stream>"
+            )
         );
         assert!(dial("+1").contains("<Dial>+1</Dial>"));
         assert!(hangup().ends_with("<Response><Hangup/></Response>"));
@@ -404,10 +425,20 @@ mod tests {
                 .take(crate::call_id::MAX_LEN)
                 .collect();
             let id = CallId::parse(id).expect("only allowed characters");
-            let nodes = read(&connect_stream("https://r.example", "wss://r.example", &id));
+            let nodes = read(&connect_stream(
+                "https://r.example",
+                "wss://r.example",
+                &id,
+                &b,
+            ));
             let param = find(&nodes, "Parameter");
             assert_eq!(param.attr("name"), Some("callId"), "{ctx}");
             assert_eq!(param.attr("value"), Some(id.as_str()), "{ctx}");
+            let cred = nodes
+                .iter()
+                .find(|n| n.name == "Parameter" && n.attr("name") == Some("credential"))
+                .expect("a credential parameter");
+            assert_eq!(cred.attr("value"), Some(carried(&b).as_str()), "{ctx}");
             let action = format!("https://r.example/api/twilio/after/{id}");
             assert_eq!(
                 find(&nodes, "Connect").attr("action"),

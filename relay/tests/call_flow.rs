@@ -8,7 +8,7 @@ mod support;
 
 use callbridge_proto::pb;
 use callbridge_proto::pb::EndReason;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::*;
 
 /// 160 bytes of μ-law silence (20 ms) as base64.
@@ -86,10 +86,11 @@ async fn voice_webhook_checks_signature_and_answers_connect_twiml() {
     let ws_public = public.replace("http://", "ws://");
     assert!(
         body.contains(&format!(
-            r#"<Connect action="{public}/api/twilio/after/call_42" method="POST"><Stream url="{ws_public}/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/></Stream></Connect>"#
+            r#"<Connect action="{public}/api/twilio/after/call_42" method="POST"><Stream url="{ws_public}/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#
         )),
         "{body}"
     );
+    credential_in(&body, Some("call_42"));
     let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     assert_eq!(h("content-type").as_deref(), Some("application/xml"));
     assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"));
@@ -180,27 +181,77 @@ async fn after_url_answers_from_control() {
     assert_eq!(status, 403);
 }
 
+/// Opens `/media-stream/call_1`, sends `start`, and returns the close the relay answers
+/// with (code, reason).
+async fn refused_at_start(relay: &RelayHandle, start: Value) -> (Option<u16>, String) {
+    let mut tw = twilio_ws(relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start).await;
+    next_close(&mut tw).await
+}
+
 #[tokio::test]
 async fn refused_streams_never_open_a_model_socket() {
     let mut w = world(|_| {}).await;
-    for (code, status) in [
-        (tonic::Code::NotFound, 404u16),
-        (tonic::Code::FailedPrecondition, 410),
-        (tonic::Code::AlreadyExists, 409),
+    // Control refuses the attach at `start`: each refusal has its own close code.
+    for (code, close, reason) in [
+        (tonic::Code::NotFound, 4404u16, "unknown call"),
+        (tonic::Code::FailedPrecondition, 4412, "call has ended"),
+        (tonic::Code::AlreadyExists, 4423, "call is already attached"),
+        (tonic::Code::Unavailable, 4503, "control plane unavailable"),
     ] {
         w.control.state.lock().unwrap().attach_error = Some(code);
-        let err = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
-            .await
-            .unwrap_err();
-        match err {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                assert_eq!(resp.status().as_u16(), status)
-            }
-            e => panic!("expected an HTTP refusal, got {e}"),
-        }
+        let got = refused_at_start(&w.relay, start_msg()).await;
+        assert_eq!(got, (Some(close), reason.to_owned()), "{code:?}");
     }
-    // A bad signature is refused before control is even asked.
-    let opens_before = w.control.state.lock().unwrap().opens.len();
+    w.control.state.lock().unwrap().attach_error = None;
+    let attaches = w.control.state.lock().unwrap().opens.len();
+    // Refused by the relay itself, before control is asked.
+    let other_call = start_with(json!({"callId":"call_2","credential":credential(Some("call_2"))}));
+    let no_call_id = start_with(json!({"credential":credential(Some("call_1"))}));
+    let for_call_2 = start_with(json!({"callId":"call_1","credential":credential(Some("call_2"))}));
+    let missing = start_with(json!({"callId":"call_1"}));
+    let garbage = start_with(json!({"callId":"call_1","credential":"not-a-credential"}));
+    let standalone = start_with(json!({"callId":"call_1","credential":credential(None)}));
+    let expired = {
+        let id = callbridge_relay::call_id::CallId::parse("call_1").unwrap();
+        let minted_long_ago = callbridge_relay::stream_credential::now_ms() - 120_000;
+        let cred = stream_key().mint(
+            Some(&id),
+            callbridge_relay::stream_credential::Segment::First,
+            minted_long_ago,
+            std::time::Duration::from_secs(60),
+        );
+        start_with(json!({"callId":"call_1","credential":cred}))
+    };
+    for (start, close, reason) in [
+        (
+            other_call,
+            4402u16,
+            "callId parameter does not match the stream path",
+        ),
+        (
+            no_call_id,
+            4402,
+            "callId parameter does not match the stream path",
+        ),
+        (for_call_2, 4401, "stream credential invalid"),
+        (missing, 4401, "stream credential missing"),
+        (garbage, 4401, "stream credential invalid"),
+        (standalone, 4401, "stream credential invalid"),
+        (expired, 4410, "stream credential expired"),
+    ] {
+        let got = refused_at_start(&w.relay, start).await;
+        assert_eq!(got, (Some(close), reason.to_owned()));
+    }
+    assert_eq!(
+        w.control.state.lock().unwrap().opens.len(),
+        attaches,
+        "control was not asked"
+    );
+    // No `start` in time: closed, nothing attached.
+    // A bad signature is refused before the upgrade.
     let url = format!("ws://{}/api/twilio/media-stream/call_1", w.relay.addr);
     let mut req =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
@@ -213,7 +264,6 @@ async fn refused_streams_never_open_a_model_socket() {
         .await
         .unwrap_err();
     assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 403));
-    assert_eq!(w.control.state.lock().unwrap().opens.len(), opens_before);
     // Unknown paths: 404, no upgrade.
     let err = twilio_ws(&w.relay, "/api/twilio/other").await.unwrap_err();
     assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 404));
@@ -221,6 +271,115 @@ async fn refused_streams_never_open_a_model_socket() {
         w.model.conns.try_recv().is_err(),
         "no model socket was opened"
     );
+    let m = w.relay.metrics.encode();
+    for (reason, n) in [
+        ("unknown_call", 1),
+        ("call_ended", 1),
+        ("already_attached", 1),
+        ("control_unavailable", 1),
+        ("call_id_mismatch", 2),
+        ("credential_invalid", 3),
+        ("credential_missing", 1),
+        ("credential_expired", 1),
+    ] {
+        let line = format!("callbridge_relay_stream_refusals_total{{reason=\"{reason}\"}} {n}");
+        assert!(m.contains(&line), "{line} in\n{m}");
+    }
+    // The genuine stream still gets through (so the refusals above prove something).
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    w.control.wait_kind("started").await;
+    let opens = w.control.state.lock().unwrap().opens.clone();
+    let open = opens.last().unwrap();
+    assert_eq!(open.twilio_call_sid, "CA1");
+    assert_eq!(open.stream_credential_id.len(), 32);
+    assert!(open.stream_credential_expires_at_ms > 0);
+    assert!(!open.reconnect);
+}
+
+#[tokio::test]
+async fn standalone_credentials_are_single_use_on_the_relay() {
+    let mut model = start_model().await;
+    let relay = start_relay(&model.url, None, |_| {}).await;
+    let start = start_msg_simple();
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream-simple")
+        .await
+        .unwrap();
+    send_json(&mut tw, start.clone()).await;
+    let _m = within("model dialled", model.conns.recv()).await.unwrap();
+    // The same `start` again (a replayed stream): refused, no second model socket.
+    let mut again = twilio_ws(&relay, "/api/twilio/media-stream-simple")
+        .await
+        .unwrap();
+    send_json(&mut again, start).await;
+    assert_eq!(
+        next_close(&mut again).await,
+        (Some(4409), "stream credential already used".to_owned())
+    );
+    // A call's credential does not open a standalone stream.
+    let mut other = twilio_ws(&relay, "/api/twilio/media-stream-simple")
+        .await
+        .unwrap();
+    send_json(
+        &mut other,
+        start_with(json!({"credential":credential(Some("call_1"))})),
+    )
+    .await;
+    assert_eq!(
+        next_close(&mut other).await,
+        (Some(4401), "stream credential invalid".to_owned())
+    );
+    assert!(model.conns.try_recv().is_err(), "one model socket only");
+    drop(tw);
+}
+
+#[tokio::test]
+async fn caller_media_faster_than_real_time_is_dropped_and_counted() {
+    let mut w = world(|_| {}).await;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    // 300 frames (6 s of audio) at once: the 2 s burst passes, the rest is dropped.
+    let p = frame();
+    for _ in 0..300 {
+        send_json(&mut tw, media_msg(&p)).await;
+    }
+    send_json(&mut tw, json!({"event":"stop","streamSid":"MZ1"})).await;
+    wait_ended(&w.control).await;
+    let appended: u64 = within("the model socket closes", async {
+        let mut n = 0;
+        loop {
+            let v = model.rx.recv().await.unwrap();
+            if v["type"] == "__closed" {
+                break n;
+            }
+            if v["type"] == "input_audio_buffer.append" {
+                n += 1;
+            }
+        }
+    })
+    .await;
+    let m = w.relay.metrics.encode();
+    let dropped: u64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("callbridge_relay_media_frames_dropped_total{reason=\"rate\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert_eq!(
+        appended + dropped,
+        300,
+        "every frame forwarded or counted: {m}"
+    );
+    // The 2 s burst always passes; 300 frames do not take the 4 s that would pass them all.
+    assert!(appended >= 100, "the burst passes: {appended}");
+    assert!(dropped > 0, "the flood beyond it is dropped");
 }
 
 #[tokio::test]
@@ -229,6 +388,7 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
+    send_json(&mut tw, start_msg()).await;
     let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     assert_eq!(model.authorization, "Bearer sk-test");
     assert!(model.uri.contains("model=gpt-realtime"), "{}", model.uri);
@@ -251,7 +411,6 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
         json!({"event":"connected","protocol":"Call","version":"1.0.0"}),
     )
     .await;
-    send_json(&mut tw, start_msg()).await;
     let payload = frame();
     send_json(&mut tw, media_msg(&payload)).await;
     let append = model.next_of("input_audio_buffer.append").await;
@@ -470,8 +629,8 @@ async fn events_are_resent_after_the_attach_stream_breaks() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     for d in ["1", "2", "3"] {
         send_json(
             &mut tw,
@@ -517,8 +676,8 @@ async fn end_call_tool_waits_for_the_goodbye_to_play() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let model = within("model dialled", w.model.conns.recv()).await.unwrap();
     let payload = frame();
     model
         .send(json!({"type":"response.created","response":{"id":"r1"}}))
@@ -563,8 +722,8 @@ async fn transfer_tool_checks_the_allow_list() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     model
         .send(json!({"type":"response.function_call_arguments.done","call_id":"c1","name":"transfer_call","arguments":"{\"number\":\"+19999\"}"}))
         .await;
@@ -594,8 +753,8 @@ async fn app_tools_and_commands_round_trip() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     model.next_of("session.update").await;
 
     // An application tool goes up as an event; the result comes down as a command.
@@ -712,15 +871,27 @@ async fn model_unreachable_ends_with_model_unavailable() {
 }
 
 #[tokio::test]
-async fn no_start_in_time_ends_the_call() {
+async fn no_start_in_time_closes_the_stream_before_anything_is_opened() {
     let mut w = world(|c| c.start_timeout_ms = 200).await;
-    let _tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
-    let ended = wait_ended(&w.control).await;
-    assert_eq!(ended.reason, EndReason::StartTimeout as i32);
-    model.next_of("__closed").await;
+    assert_eq!(
+        next_close(&mut tw).await,
+        (Some(4408), "no start in time".to_owned())
+    );
+    assert!(w.model.conns.try_recv().is_err(), "no model socket");
+    assert!(
+        w.control.state.lock().unwrap().opens.is_empty(),
+        "nothing attached"
+    );
+    assert!(w.control.events().is_empty(), "nothing stored");
+    assert!(
+        w.relay
+            .metrics
+            .encode()
+            .contains("callbridge_relay_stream_refusals_total{reason=\"start_timeout\"} 1")
+    );
 }
 
 #[tokio::test]
@@ -734,8 +905,8 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     w.control.wait_kind("started").await;
     w.relay.stop.take().unwrap().send(()).unwrap();
     within("readyz flips", async {
@@ -763,8 +934,8 @@ async fn drain_hands_a_quiet_call_off_with_handoff() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     w.control.wait_kind("started").await;
     w.relay.stop.take().unwrap().send(()).unwrap();
     // Nothing is playing and nobody speaks: the call is handed off at once, cleanly,
@@ -798,9 +969,9 @@ async fn standalone_mode_serves_the_simple_stream() {
     let mut tw = twilio_ws(&relay, "/api/twilio/media-stream-simple")
         .await
         .unwrap();
+    send_json(&mut tw, start_msg_simple()).await;
     let mut m = within("model dialled", model.conns.recv()).await.unwrap();
     assert!(m.uri.contains("temperature=0.7"), "{}", m.uri);
-    send_json(&mut tw, start_msg()).await;
     let greet = m.next_of("conversation.item.create").await;
     assert!(
         greet["item"]["content"][0]["text"]
@@ -866,8 +1037,8 @@ async fn silence_from_twilio_ends_with_media_timeout() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let _model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, media_msg(&frame())).await;
     let ended = wait_ended(&w.control).await;
     assert_eq!(ended.reason, EndReason::MediaTimeout as i32);
@@ -886,8 +1057,8 @@ async fn agent_max_duration_ends_the_call() {
     let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut m = within("model dialled", model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let mut m = within("model dialled", model.conns.recv()).await.unwrap();
     // Keep the caller talking so only the duration limit can end the call.
     let feeder = async {
         loop {
@@ -918,8 +1089,8 @@ async fn caller_gone_before_the_model_answers_leaks_no_model_socket() {
     let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let (mut half_open, _) = within("relay dials", blackhole.accept()).await.unwrap();
     send_json(&mut tw, start_msg()).await;
+    let (mut half_open, _) = within("relay dials", blackhole.accept()).await.unwrap();
     send_json(&mut tw, json!({"event":"stop","streamSid":"MZ1"})).await;
     let ended = wait_ended(&control).await;
     assert_eq!(ended.reason, EndReason::CallerHangup as i32);
@@ -943,10 +1114,10 @@ async fn oversized_and_early_messages_are_not_fatal() {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     let p = frame();
     send_json(&mut tw, media_msg(&p)).await; // before start
     send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     send_json(&mut tw, start_msg()).await; // a second start
     // A well-formed mark for audio never sent is harmless (no count, no underflow).
     send_json(
@@ -1001,9 +1172,9 @@ async fn a_dropped_model_session_hears_the_untranscribed_words_again() {
     let mut tw = twilio_ws(&relay, "/api/twilio/media-stream-simple")
         .await
         .unwrap();
+    send_json(&mut tw, start_msg_simple()).await;
     let mut m = within("model dialled", model.conns.recv()).await.unwrap();
     m.next_of("session.update").await;
-    send_json(&mut tw, start_msg()).await;
     // The caller starts an utterance the model has not transcribed yet.
     m.send(json!({"type":"input_audio_buffer.speech_started","item_id":"u1","audio_start_ms":0}))
         .await;

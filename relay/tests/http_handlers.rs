@@ -14,6 +14,7 @@ use callbridge_proto::pb;
 use callbridge_proto::pb::after_response::Next;
 use callbridge_relay::config::{Config, Secret};
 use callbridge_relay::http::{Deps, routes};
+use callbridge_relay::stream_credential::{Segment, StreamCredentials};
 use callbridge_relay::{Metrics, call, control, signature};
 use support::*;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,7 @@ async fn handlers() -> Handlers {
     config.twilio_auth_token = Some(Secret::new(TWILIO_TOKEN));
     config.control_url = Some(format!("http://{addr}"));
     config.control_token = Some(Secret::new("relay-token-0123456789abcdef-0123456"));
+    let config_for_streams = config.clone();
     let deps = Deps {
         call: call::CallDeps {
             control: control::Control::from_config(&config).unwrap(),
@@ -47,6 +49,7 @@ async fn handlers() -> Handlers {
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),
+        streams: Arc::new(StreamCredentials::from_config(&config_for_streams)),
     };
     Handlers { control, deps }
 }
@@ -121,10 +124,11 @@ async fn voice_webhook_admits_with_the_form_and_query() {
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains(
-            r#"<Connect action="https://relay.example.com/api/twilio/after/call_42" method="POST"><Stream url="wss://relay.example.com/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/></Stream></Connect>"#
+            r#"<Connect action="https://relay.example.com/api/twilio/after/call_42" method="POST"><Stream url="wss://relay.example.com/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#
         ),
         "{body}"
     );
+    assert_eq!(credential_in(&body, Some("call_42")), Segment::First);
     let admit = h.control.state.lock().unwrap().admits[0].clone();
     assert_eq!(admit.call_id, "call_42");
     assert_eq!(admit.twilio_call_sid, "CA9");
@@ -189,6 +193,10 @@ async fn after_answers_every_next_step() {
         let (status, body) = post(&h, "/api/twilio/after/call_1", &[("CallSid", "CA1")]).await;
         assert_eq!(status, 200, "{next:?}: {body}");
         assert!(body.contains(expect), "{next:?}: {body}");
+        if matches!(next, Some(Next::Resume(_))) {
+            // The hand-off's stream is a new segment with a credential of its own.
+            assert_eq!(credential_in(&body, Some("call_1")), Segment::Resume);
+        }
     }
     // An unknown call hangs up; a failing control plane still gives the caller words.
     h.control.state.lock().unwrap().after_error = Some(Code::NotFound);
@@ -201,22 +209,18 @@ async fn after_answers_every_next_step() {
 }
 
 #[tokio::test]
-async fn refused_attaches_refuse_the_upgrade_with_a_specific_status() {
+async fn stream_upgrades_attach_nothing_before_start() {
+    // The upgrade proves only its path (the signature is the same for every stream to
+    // it): control is asked nothing until `start` brings a credential. The refusals at
+    // `start` are in call_flow.rs (they need a socket).
     let h = handlers().await;
-    for (code, status, body) in [
-        (Code::NotFound, 404, "unknown call\n"),
-        (Code::FailedPrecondition, 410, "call has ended\n"),
-        (Code::AlreadyExists, 409, "call is already attached\n"),
-        (Code::Unavailable, 503, "control plane unavailable\n"),
-    ] {
-        h.control.state.lock().unwrap().attach_error = Some(code);
-        assert_eq!(
-            upgrade(&h, "/api/twilio/media-stream/call_1").await,
-            (status, body.to_owned()),
-            "{code:?}"
-        );
-    }
-    let opens = h.control.state.lock().unwrap().opens.clone();
-    assert_eq!(opens.len(), 4);
-    assert!(opens.iter().all(|o| o.call_id == "call_1"));
+    h.control.state.lock().unwrap().attach_error = Some(Code::NotFound);
+    let (status, _) = upgrade(&h, "/api/twilio/media-stream/call_1").await;
+    assert_eq!(status, 101);
+    assert!(h.control.state.lock().unwrap().opens.is_empty());
+    // With a control plane the standalone stream does not exist.
+    assert_eq!(
+        upgrade(&h, "/api/twilio/media-stream-simple").await,
+        (404, "not found\n".to_owned())
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::sim_caller::{ClosedBy, SimCaller};
+use callbridge_testkit::sim_caller::{ClosedBy, ProbeOutcome, SimCaller};
 use callbridge_tests::{PUBLIC_URL, World, agent_settings, with_timeout};
 
 const CALL: Duration = Duration::from_secs(30);
@@ -31,7 +31,9 @@ async fn bad_signatures_and_unknown_calls_are_refused_without_a_model_socket() {
         .expect("answers");
     assert_eq!(exchange.response.status, 403, "{}", exchange.response.body);
 
-    // A properly signed stream for a call id nobody admitted: refused (404).
+    // A properly signed stream for a call id nobody admitted: the signature proves only
+    // the path, so the upgrade succeeds; without the credential a TwiML answer would have
+    // given it, `start` is refused (e2e_stream_credentials.rs has every refusal).
     let good = world.caller(Conversation::default());
     let forged = format!(
         "{}/api/twilio/media-stream/call_does_not_exist",
@@ -39,12 +41,22 @@ async fn bad_signatures_and_unknown_calls_are_refused_without_a_model_socket() {
     );
     let refused = with_timeout(
         CALL,
-        "upgrade",
-        SimCaller::new(good.clone()).connect_stream(&forged),
+        "stream",
+        SimCaller::new(good.clone()).probe_stream(
+            &forged,
+            &good.call_sid,
+            &[("callId".to_owned(), "call_does_not_exist".to_owned())],
+        ),
     )
     .await
-    .expect("handshake answered");
-    assert_eq!(refused.err(), Some(404));
+    .expect("the relay answers");
+    assert_eq!(
+        refused,
+        ProbeOutcome::Closed {
+            code: Some(4401),
+            reason: "stream credential missing".to_owned()
+        }
+    );
 
     // A real, admitted call: its stream with a bad signature or no signature is refused.
     let admitted = with_timeout(CALL, "webhook", SimCaller::new(good.clone()).webhook())

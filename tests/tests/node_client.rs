@@ -267,6 +267,7 @@ async fn act_as_relay(control: &Control, call_id: &str, twilio_sid: &str) -> Str
             call_id: call_id.to_owned(),
             relay_id: "relay-node-test".to_owned(),
             reconnect: false,
+            ..Default::default()
         })),
     })
     .await

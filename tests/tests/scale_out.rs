@@ -1107,6 +1107,7 @@ async fn send_command_reaches_the_holder_whatever_node_its_channel_hashes_to() {
                 call_id: call_id.clone(),
                 relay_id: "relay-repro".to_owned(),
                 reconnect: false,
+                ..Default::default()
             })),
         })
         .await
@@ -1200,6 +1201,7 @@ async fn hand_attach(
             call_id: call_id.to_owned(),
             relay_id: "relay-repro".to_owned(),
             reconnect,
+            ..Default::default()
         })),
     })
     .await

@@ -18,7 +18,7 @@ use crate::domain::call::{self as rules, call_to_pb, is_final_event, now_ms};
 use crate::domain::ids::{CallId, CallSid, LeaseHolder, RelayId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
-use crate::store::{AdmitOutcome, AppendOutcome, AttachOutcome, CallStore};
+use crate::store::{AdmitOutcome, AppendOutcome, AttachChecks, AttachOutcome, CallStore};
 
 /// The `Relay` service.
 pub(crate) struct RelayApi<S>(pub(crate) Arc<Shared<S>>);
@@ -36,6 +36,41 @@ const MAX_BATCH: usize = 256;
 const COMMAND_BUFFER: usize = 32;
 
 type AttachTx = mpsc::Sender<Result<pb::AttachResponse, Status>>;
+
+/// The checks a stream's first attach asks for (`AttachOpen` fields 4–6), validated: a
+/// credential id is 32 lowercase hex digits with an expiry; a CallSid is compared as sent,
+/// so only its size and alphabet are checked.
+fn attach_checks(open: &pb::AttachOpen) -> Result<AttachChecks, Error> {
+    let credential = match open.stream_credential_id.as_str() {
+        "" => None,
+        id if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+            if open.stream_credential_expires_at_ms <= 0 {
+                return Err(Error::invalid(
+                    "open.stream_credential_expires_at_ms",
+                    "required with open.stream_credential_id",
+                ));
+            }
+            Some((id.to_owned(), open.stream_credential_expires_at_ms))
+        }
+        _ => {
+            return Err(Error::invalid(
+                "open.stream_credential_id",
+                "must be 32 lowercase hex digits",
+            ));
+        }
+    };
+    let sid = open.twilio_call_sid.as_str();
+    if sid.len() > 64 || !sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Error::invalid(
+            "open.twilio_call_sid",
+            "at most 64 letters and digits",
+        ));
+    }
+    Ok(AttachChecks {
+        credential,
+        twilio_call_sid: (!sid.is_empty()).then(|| sid.to_owned()),
+    })
+}
 
 fn lease_ms<S>(shared: &Shared<S>) -> i64 {
     i64::try_from(shared.config.lease.as_millis()).unwrap_or(i64::MAX)
@@ -372,6 +407,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 let open = open?;
                 let call_id = CallId::parse("open.call_id", open.call_id.as_str())?;
                 let relay_id = RelayId::parse("open.relay_id", open.relay_id.as_str())?;
+                let checks = attach_checks(&open)?;
                 let holder = LeaseHolder::new_stream(&shared.config.control_id);
                 let lease = lease_ms(&shared);
                 // Registered before the lease names this replica: SendCommand accepts a
@@ -382,13 +418,15 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 let attached = async {
                     match shared
                         .store
-                        .attach(&call_id, &relay_id, open.reconnect, &holder, now_ms(), lease)
+                        .attach(&call_id, &relay_id, open.reconnect, &holder, now_ms(), lease, &checks)
                         .await?
                     {
                         AttachOutcome::Attached => Ok(()),
                         AttachOutcome::NotFound => Err(Error::CallNotFound(call_id.to_string())),
                         AttachOutcome::Ended => Err(Error::CallEnded(call_id.to_string())),
                         AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(call_id.to_string())),
+                        AttachOutcome::CredentialUsed => Err(Error::StreamCredentialUsed(call_id.to_string())),
+                        AttachOutcome::CallSidMismatch => Err(Error::CallSidMismatch(call_id.to_string())),
                     }
                 }
                 .await;

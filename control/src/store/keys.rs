@@ -17,6 +17,12 @@ pub(crate) fn call_events(call_id: &str) -> String {
     format!("{PREFIX}:call:{{{call_id}}}:events")
 }
 
+/// String: a consumed stream credential of one call (`id` is 32 hex digits), kept until
+/// it expires; same hash tag as the call, so the attach script touches both.
+pub(crate) fn call_credential(call_id: &str, id: &str) -> String {
+    format!("{PREFIX}:call:{{{call_id}}}:cred:{id}")
+}
+
 /// String: the call id admitted for a Twilio call sid (webhook retries return it).
 pub(crate) fn twilio_sid(sid: &str) -> String {
     format!("{PREFIX}:sid:{{{sid}}}")

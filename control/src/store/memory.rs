@@ -10,8 +10,8 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
-    TwilioUpdate,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
+    CallStore, IndexCursor, StoreResult, TwilioUpdate,
 };
 use crate::domain::call::{is_final, status_rank};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
@@ -31,6 +31,8 @@ struct State {
     index: BTreeSet<(i64, CallId)>,
     campaigns: HashMap<CampaignId, BTreeSet<(i64, CallId)>>,
     leases: HashMap<CallId, i64>,
+    /// Consumed stream credentials: (call, credential id) → until when the record is kept.
+    credentials: HashMap<(CallId, String), i64>,
 }
 
 /// The in-memory store.
@@ -300,13 +302,30 @@ impl CallStore for MemoryStore {
         holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
+        checks: &AttachChecks,
     ) -> StoreResult<AttachOutcome> {
         let mut s = self.lock();
+        s.credentials.retain(|_, &mut until| until >= now_ms);
+        let credential_key = checks
+            .credential
+            .as_ref()
+            .map(|(id, expires)| ((call_id.clone(), id.clone()), *expires));
+        let credential_used = credential_key
+            .as_ref()
+            .is_some_and(|(key, _)| s.credentials.contains_key(key));
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(AttachOutcome::NotFound);
         };
         if is_final(call.status) {
             return Ok(AttachOutcome::Ended);
+        }
+        if let (Some(recorded), Some(sid)) = (&call.twilio_call_sid, &checks.twilio_call_sid)
+            && recorded.as_str() != sid
+        {
+            return Ok(AttachOutcome::CallSidMismatch);
+        }
+        if credential_used {
+            return Ok(AttachOutcome::CredentialUsed);
         }
         if call.lease_held(now_ms) && !(reconnect && call.lease_relay.as_ref() == Some(relay_id)) {
             return Ok(AttachOutcome::Held);
@@ -317,6 +336,10 @@ impl CallStore for MemoryStore {
         call.lease_until_ms = now_ms + lease_ms;
         let until = call.lease_until_ms;
         s.leases.insert(call_id.clone(), until);
+        if let Some((key, expires)) = credential_key {
+            s.credentials
+                .insert(key, expires.saturating_add(CREDENTIAL_RECORD_GRACE_MS));
+        }
         Ok(AttachOutcome::Attached)
     }
 
@@ -684,9 +707,17 @@ mod tests {
         let attach = |by: &'static str, reconnect: bool, stream: &'static str| {
             let s = s.clone();
             async move {
-                s.attach(&id("c1"), &relay(by), reconnect, &holder(stream), 1000, 500)
-                    .await
-                    .expect("ok")
+                s.attach(
+                    &id("c1"),
+                    &relay(by),
+                    reconnect,
+                    &holder(stream),
+                    1000,
+                    500,
+                    &AttachChecks::default(),
+                )
+                .await
+                .expect("ok")
             }
         };
         assert_eq!(attach("r1", false, "x/1").await, AttachOutcome::Attached);
@@ -705,16 +736,32 @@ mod tests {
                 .expect("ok")
         );
         assert_eq!(
-            s.attach(&id("nope"), &relay("r1"), false, &holder("x/1"), 0, 1)
-                .await
-                .expect("ok"),
+            s.attach(
+                &id("nope"),
+                &relay("r1"),
+                false,
+                &holder("x/1"),
+                0,
+                1,
+                &AttachChecks::default()
+            )
+            .await
+            .expect("ok"),
             AttachOutcome::NotFound
         );
         // After the lease runs out anyone may attach.
         assert_eq!(
-            s.attach(&id("c1"), &relay("r9"), false, &holder("z/9"), 5000, 500)
-                .await
-                .expect("ok"),
+            s.attach(
+                &id("c1"),
+                &relay("r9"),
+                false,
+                &holder("z/9"),
+                5000,
+                500,
+                &AttachChecks::default()
+            )
+            .await
+            .expect("ok"),
             AttachOutcome::Attached
         );
     }
@@ -723,9 +770,17 @@ mod tests {
     async fn relay_lost_is_recorded_once_and_only_after_the_lease() {
         let s = store();
         s.create_calls(&[call("c1")]).await.expect("created");
-        s.attach(&id("c1"), &relay("r1"), false, &holder("x/1"), 1000, 500)
-            .await
-            .expect("ok");
+        s.attach(
+            &id("c1"),
+            &relay("r1"),
+            false,
+            &holder("x/1"),
+            1000,
+            500,
+            &AttachChecks::default(),
+        )
+        .await
+        .expect("ok");
         let lost = ev(1, end(pb::EndReason::RelayLost));
         let mut effects = event_effects(&lost).expect("valid");
         effects.require_lease_expired_before = Some(1200);

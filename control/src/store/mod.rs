@@ -68,7 +68,26 @@ pub enum AttachOutcome {
     Ended,
     /// Another live stream holds the lease.
     Held,
+    /// The stream credential was consumed before (by any relay).
+    CredentialUsed,
+    /// The stream's CallSid is not the one recorded at admission.
+    CallSidMismatch,
 }
+
+/// What a stream's first attach must also satisfy, checked in the same atomic step as the
+/// lease and before anything is written (a refused attach changes nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachChecks {
+    /// The stream credential to consume: its id and expiry (ms since the Unix epoch).
+    /// A second attach with the same id is [`AttachOutcome::CredentialUsed`] until then.
+    pub credential: Option<(String, i64)>,
+    /// `start.callSid`, compared with the CallSid recorded at admission (when one was).
+    pub twilio_call_sid: Option<String>,
+}
+
+/// How long a consumed credential's record outlives its expiry, for clock skew between
+/// the relay that minted it and the store's host.
+pub const CREDENTIAL_RECORD_GRACE_MS: i64 = 60_000;
 
 /// Outcome of admitting a pre-created call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +216,11 @@ pub trait CallStore: Send + Sync + 'static {
     /// Creates an inbound call unless its Twilio sid (`call.twilio_call_sid`, which an
     /// inbound call has) was admitted already; returns the call id that owns the sid.
     fn admit_inbound(&self, call: &CallRecord) -> impl Future<Output = StoreResult<CallId>> + Send;
-    /// Takes the call's lease for an attach stream.
+    /// Takes the call's lease for an attach stream, consuming the stream credential and
+    /// checking the CallSid of `checks` in the same atomic step. The checks run in this
+    /// order, all before any write: call exists, not ended, CallSid, credential unused,
+    /// lease free (or a reconnect of the same relay).
+    #[allow(clippy::too_many_arguments)]
     fn attach(
         &self,
         call_id: &CallId,
@@ -206,6 +229,7 @@ pub trait CallStore: Send + Sync + 'static {
         holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
+        checks: &AttachChecks,
     ) -> impl Future<Output = StoreResult<AttachOutcome>> + Send;
     /// Extends the lease; `false` if `holder` no longer holds it.
     fn renew_lease(

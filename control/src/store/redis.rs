@@ -26,8 +26,8 @@ use crate::config::RedisTlsFiles;
 use super::TwilioUpdate;
 use super::keys;
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachOutcome, CallStore, IndexCursor, StoreResult,
-    USAGE_FIELDS,
+    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
+    CallStore, IndexCursor, StoreResult, USAGE_FIELDS,
 };
 use crate::domain::call::status_rank;
 use crate::domain::ids::{
@@ -328,18 +328,27 @@ end
 return {code, last, table.concat(handled)}
 ";
 
-/// KEYS: call hash. ARGV: relay id, reconnect (0/1), holder, now ms, lease ms.
-/// Returns 1 attached, -1 not found, -2 ended, -3 held by another stream.
+/// KEYS: call hash, credential record key (same hash tag; '' slot unused when ARGV[7] is '').
+/// ARGV: relay id, reconnect (0/1), holder, now ms, lease ms, start CallSid ('' unchecked),
+/// credential id ('' none), credential record ttl ms.
+/// Returns 1 attached, -1 not found, -2 ended, -3 held by another stream, -4 CallSid
+/// differs from the admitted one, -5 credential used. Every check runs before any write.
 const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
 if rank(cur) >= FINAL then return -2 end
+local recorded = redis.call('HGET', KEYS[1], 'sid') or ''
+if ARGV[6] ~= '' and recorded ~= '' and recorded ~= ARGV[6] then return -4 end
+if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
 local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
 if holder ~= '' and lease_until > now then
   local same_relay = (redis.call('HGET', KEYS[1], 'lease_relay') or '') == ARGV[1]
   if not (ARGV[2] == '1' and same_relay) then return -3 end
+end
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[2], '1', 'PX', math.max(tonumber(ARGV[8]), 1))
 end
 redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
   'lease_until', now + tonumber(ARGV[5]))
@@ -1232,17 +1241,31 @@ impl CallStore for RedisStore {
         holder: &LeaseHolder,
         now_ms: i64,
         lease_ms: i64,
+        checks: &AttachChecks,
     ) -> StoreResult<AttachOutcome> {
+        let (credential_id, record_ms) = match &checks.credential {
+            Some((id, expires)) => (
+                id.as_str(),
+                expires.saturating_sub(now_ms) + CREDENTIAL_RECORD_GRACE_MS,
+            ),
+            None => ("", 0),
+        };
+        // The second key is always passed (Redis Cluster routes by the keys given); with no
+        // credential the script does not touch it.
         let code = self
             .lease_script(
                 self.scripts
                     .attach
                     .key(keys::call(call_id.as_str()))
+                    .key(keys::call_credential(call_id.as_str(), credential_id))
                     .arg(relay_id.as_str())
                     .arg(u8::from(reconnect))
                     .arg(holder.as_str())
                     .arg(now_ms)
-                    .arg(lease_ms),
+                    .arg(lease_ms)
+                    .arg(checks.twilio_call_sid.as_deref().unwrap_or(""))
+                    .arg(credential_id)
+                    .arg(record_ms),
                 call_id,
                 now_ms + lease_ms,
             )
@@ -1251,6 +1274,8 @@ impl CallStore for RedisStore {
             1 => AttachOutcome::Attached,
             -2 => AttachOutcome::Ended,
             -3 => AttachOutcome::Held,
+            -4 => AttachOutcome::CallSidMismatch,
+            -5 => AttachOutcome::CredentialUsed,
             _ => AttachOutcome::NotFound,
         })
     }

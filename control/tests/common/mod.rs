@@ -497,6 +497,7 @@ pub async fn attach(
             call_id: call_id.to_owned(),
             relay_id: relay_id.to_owned(),
             reconnect,
+            ..Default::default()
         })),
     })
     .await

@@ -284,7 +284,11 @@ impl Link {
         self.metrics.control_reconnects().inc();
         // Boxed: the attach future is large and rare; inline, every link task would carry
         // its size for the whole call.
-        let attach = Box::pin(self.control.attach(&self.call_id, &self.relay_id, true)).await;
+        let attach = Box::pin(
+            self.control
+                .attach(&self.call_id, &self.relay_id, true, None),
+        )
+        .await;
         let call_id = &self.call_id;
         match attach {
             Ok((ctx, stream)) => {

@@ -27,6 +27,7 @@ pub mod counters;
 pub mod deadlines;
 mod dial;
 mod finish;
+pub mod media_rate;
 pub mod model_session;
 mod model_side;
 pub mod outbox;
@@ -66,6 +67,7 @@ use control_link::{LinkIn, LinkSetup};
 use counters::Counters;
 use deadlines::Deadlines;
 use dial::{close_model_later, spawn_model};
+use media_rate::MediaRate;
 use model_session::{Action, Limits, ModelSession, Turn};
 use outbox::Outbox;
 use phase::{Ending, Lifecycle, Out, Playback};
@@ -249,6 +251,8 @@ struct Call {
     replay: Replay,
     /// The caller's latest audio, resent to a new session after a drop.
     caller: CallerAudio,
+    /// Caller media faster than real time is dropped.
+    media_rate: MediaRate,
     /// The model heard the caller start speaking and not yet stop.
     caller_speaking: bool,
     /// The caller stopped speaking (or the relay asked for a response); the model's answer
@@ -320,8 +324,9 @@ fn start_link(
     parts
 }
 
-/// Runs one call on an upgraded Twilio socket until it ends.
-pub async fn run(ws: TwilioWs, setup: CallSetup, deps: CallDeps) {
+/// Runs one call on an upgraded Twilio socket until it ends; `early` are the frames read
+/// while the stream was checked (`start` last), handled first.
+pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: CallDeps) {
     deps.metrics.active_calls().inc();
     let metrics = deps.metrics.clone();
     let active = scopeguard(move || {
@@ -338,6 +343,11 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, deps: CallDeps) {
         tw_sink,
         &mut link,
     );
+    let now = Instant::now();
+    for msg in early {
+        call.on_twilio(Some(Ok(msg)), now);
+        call.after_turn(now);
+    }
     call_loop(&mut call, tw_read, &mut link).await;
     // Boxed, like the link flush: they run once, at the end; inline, their state would be
     // part of every call's future from its start.
@@ -490,6 +500,7 @@ impl Call {
             counters: Counters::default(),
             replay,
             caller: CallerAudio::default(),
+            media_rate: MediaRate::default(),
             caller_speaking: false,
             awaiting_answer: None,
             handoff_wanted: false,

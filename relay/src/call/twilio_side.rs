@@ -71,6 +71,11 @@ impl Call {
             return self.bad_twilio("media payload is not base64");
         }
         self.deadlines.media(now);
+        if !self.media_rate.allow(now) {
+            self.counters.dropped_in += 1;
+            self.deps.metrics.rate_dropped().inc();
+            return;
+        }
         // While a lost model is redialled, keep only the first GAP_FRAMES.
         if let Some(resent) = self.session.gap_resent()
             && self.model.queued() >= GAP_FRAMES + resent

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 use callbridge_proto::pb::relay_server::{Relay, RelayServer};
+use callbridge_relay::call_id::CallId;
 use callbridge_relay::config::{Config, Secret};
+use callbridge_relay::stream_credential::{self, Segment, StreamKey};
 use callbridge_relay::{Metrics, signature};
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use futures_util::{SinkExt, Stream, StreamExt};
@@ -347,11 +349,60 @@ pub async fn send_json(ws: &mut Ws, v: Value) {
         .unwrap();
 }
 
-pub fn start_msg() -> Value {
+/// The stream key of a test relay (derived from its Twilio token, like production's
+/// default), to mint credentials as the relay's TwiML would carry them.
+pub fn stream_key() -> StreamKey {
+    StreamKey::from_auth_token(TWILIO_TOKEN.as_bytes())
+}
+
+/// A fresh credential for `call_id` (None: standalone), valid for a minute from now.
+pub fn credential(call_id: Option<&str>) -> String {
+    let id = call_id.map(|c| CallId::parse(c).unwrap());
+    let segment = if id.is_some() {
+        Segment::First
+    } else {
+        Segment::Standalone
+    };
+    stream_key().mint(
+        id.as_ref(),
+        segment,
+        stream_credential::now_ms(),
+        Duration::from_secs(60),
+    )
+}
+
+/// The stream credential a TwiML answer carries, checked with the test key for
+/// `call_id` (None: standalone) and returned with its segment.
+pub fn credential_in(twiml: &str, call_id: Option<&str>) -> Segment {
+    let marker = r#"<Parameter name="credential" value=""#;
+    let at = twiml
+        .find(marker)
+        .unwrap_or_else(|| panic!("no credential in {twiml}"))
+        + marker.len();
+    let value = &twiml[at..at + twiml[at..].find('"').unwrap()];
+    let id = call_id.map(|c| CallId::parse(c).unwrap());
+    stream_key()
+        .verify(Some(value), id.as_ref(), stream_credential::now_ms())
+        .unwrap_or_else(|e| panic!("{e}: {value}"))
+        .segment
+}
+
+/// `start` with `customParameters` (callSid `CA1`).
+pub fn start_with(params: Value) -> Value {
     serde_json::json!({"event":"start","sequenceNumber":"1","streamSid":"MZ1",
         "start":{"accountSid":"AC1","streamSid":"MZ1","callSid":"CA1","tracks":["inbound"],
         "mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1},
-        "customParameters":{"callId":"call_1"}}})
+        "customParameters":params}})
+}
+
+/// `start` of `/media-stream/call_1` as Twilio sends it: the call id and a fresh credential.
+pub fn start_msg() -> Value {
+    start_with(serde_json::json!({"callId":"call_1","credential":credential(Some("call_1"))}))
+}
+
+/// `start` of the standalone stream: a fresh standalone credential.
+pub fn start_msg_simple() -> Value {
+    start_with(serde_json::json!({"credential":credential(None)}))
 }
 
 pub fn media_msg(payload: &str) -> Value {
@@ -369,6 +420,25 @@ pub async fn next_twilio(ws: &mut Ws) -> Result<Value, Option<u16>> {
                 Some(Ok(Message::Close(f))) => return Err(f.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Err(None),
+            }
+        }
+    })
+    .await
+}
+
+/// The relay's close of a stream: code and reason (None, "" when the socket ended
+/// without a close frame); text frames before it are skipped.
+pub async fn next_close(ws: &mut Ws) -> (Option<u16>, String) {
+    within("twilio socket closed", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => {
+                    return f.map_or((None, String::new()), |f| {
+                        (Some(u16::from(f.code)), f.reason.to_string())
+                    });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return (None, String::new()),
             }
         }
     })

@@ -434,6 +434,7 @@ async fn drive_call(
             call_id: call_id.clone(),
             relay_id: "relay-bench".to_owned(),
             reconnect: false,
+            ..Default::default()
         })),
     };
     tx.send(open).await?;

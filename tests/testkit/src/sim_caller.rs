@@ -394,6 +394,20 @@ pub struct LiveStats {
     pub turns_spoken: AtomicU64,
     /// 1 once a stream is up.
     pub streaming: AtomicU64,
+    /// Every TwiML that opened a stream of this call, in order, as Twilio got it: what a
+    /// leaked request would hold (the stream URL and the `<Parameter>`s `start` carries).
+    pub stream_twimls: std::sync::Mutex<Vec<Twiml>>,
+}
+
+impl LiveStats {
+    /// The TwiML of the `n`th stream (0 = the webhook's), once it was answered.
+    pub fn stream_twiml(&self, n: usize) -> Option<Twiml> {
+        self.stream_twimls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(n)
+            .cloned()
+    }
 }
 
 /// A caller running in the background.
@@ -545,6 +559,10 @@ impl SimCaller {
                 }
                 follows += 1;
             }
+            live.stream_twimls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(t.clone());
             let mut leg = self
                 .stream(
                     &stream_url,
@@ -761,6 +779,90 @@ impl SimCaller {
             Ok(Ok((ws, _))) => Ok(Ok(ws)),
             Ok(Err(tungstenite::Error::Http(resp))) => Ok(Err(resp.status().as_u16())),
             Ok(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// What a relay did with a stream opened by hand ([`SimCaller::probe_stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The upgrade was refused with this HTTP status.
+    Refused(u16),
+    /// The relay closed the stream after `start`: the close code (None: no close frame)
+    /// and reason.
+    Closed {
+        /// Close code.
+        code: Option<u16>,
+        /// Close reason.
+        reason: String,
+    },
+    /// The relay sent a media message: the call runs (the probe then hangs up).
+    Media,
+}
+
+impl SimCaller {
+    /// Opens a stream at `stream_url` like Twilio (signed upgrade, `connected`, then
+    /// `start` with `call_sid` and `parameters` as `customParameters`) and reports what the
+    /// relay does: refuses the upgrade, closes the stream, or starts sending audio (an
+    /// agent with a greeting). Sends silence at the media pace meanwhile, like Twilio.
+    /// Replaying a captured stream is this with the captured URL and parameters.
+    pub async fn probe_stream(
+        &self,
+        stream_url: &str,
+        call_sid: &str,
+        parameters: &[(String, String)],
+    ) -> Result<ProbeOutcome, CallerError> {
+        let mut ws = match self.connect_stream(stream_url).await? {
+            Ok(ws) => ws,
+            Err(status) => return Ok(ProbeOutcome::Refused(status)),
+        };
+        let stream_sid = format!("MZ{:016x}{:016x}", nanos(), rand_u64());
+        let custom: serde_json::Map<String, Value> = parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let start = json!({"event": "start", "streamSid": stream_sid, "start": {
+            "accountSid": self.cfg.account_sid, "streamSid": stream_sid, "callSid": call_sid,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": custom}});
+        ws.send(Message::text(
+            json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}).to_string(),
+        ))
+        .await?;
+        ws.send(Message::text(start.to_string())).await?;
+        let silence = audio::b64(&audio::silence(audio::FRAME_MS));
+        let mut frames = tokio::time::interval(Duration::from_millis(audio::FRAME_MS));
+        let mut seq = 2u64;
+        loop {
+            tokio::select! {
+                _ = frames.tick() => {
+                    seq += 1;
+                    let media = json!({"event": "media", "streamSid": stream_sid,
+                        "sequenceNumber": seq.to_string(),
+                        "media": {"track": "inbound", "chunk": seq.to_string(),
+                            "timestamp": (seq * audio::FRAME_MS).to_string(),
+                            "payload": silence}});
+                    // A refused stream may be gone already: its close is read below.
+                    let _ = ws.send(Message::text(media.to_string())).await;
+                }
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Close(frame))) => {
+                        return Ok(ProbeOutcome::Closed {
+                            code: Some(frame.as_ref().map_or(1005, |f| u16::from(f.code))),
+                            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                        });
+                    }
+                    Some(Ok(Message::Text(t))) if t.contains("\"media\"") => {
+                        let _ = ws.close(None).await;
+                        return Ok(ProbeOutcome::Media);
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => {
+                        return Ok(ProbeOutcome::Closed { code: None, reason: String::new() });
+                    }
+                },
+            }
         }
     }
 }

@@ -35,6 +35,14 @@ pub enum TwimlError {
 }
 
 impl Twiml {
+    /// The value of `<Parameter name>` inside `<Stream>`, if written.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Parses a TwiML document.
     pub fn parse(xml: &str) -> Result<Self, TwimlError> {
         let mut out = Twiml::default();
