@@ -565,7 +565,8 @@ async fn stream_credentials_and_call_sids<S: CallStore>(s: &S) {
         .await,
         AttachOutcome::Attached
     );
-    // An unknown or ended call is refused as such, whatever the credential.
+    // A used credential reads as used even once the call has ended (a replay is a
+    // replay); an unknown call is unknown whatever the credential.
     assert_eq!(
         attach_checked(
             s,

@@ -268,7 +268,7 @@ async fn check_start(
     let call_sid = CallSid::new(start.call_sid.as_ref());
     match route {
         Route::Standalone => {
-            if !creds.used.consume(&cred, now) {
+            if !creds.used.consume(&cred, now).await {
                 return Err(Refusal::CredentialUsed);
             }
             Ok(CallSetup {

@@ -16,7 +16,7 @@
 //! its MAC on any other.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::hash_map::Entry;
 use std::time::Duration;
 
 use base64::Engine;
@@ -24,6 +24,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::call_id::CallId;
 use crate::config::Config;
@@ -234,36 +235,55 @@ impl StreamKey {
     }
 }
 
-/// Credentials of standalone streams already used on this relay, until they expire.
-#[derive(Debug, Default)]
+/// Credentials of standalone streams already used on this relay, until they expire. The
+/// set belongs to one task (the relay takes no locks); a stream asks it once, at `start`.
+#[derive(Debug, Clone)]
 pub struct UsedCredentials {
-    // A std Mutex: held for a map insert, never across an await.
-    used: Mutex<HashMap<String, i64>>,
+    tx: mpsc::Sender<Consume>,
 }
 
+/// A request to the task: (credential id, its expiry, now, the answer).
+type Consume = (String, i64, i64, oneshot::Sender<bool>);
+
+/// Requests waiting for the task (one per stream start; a burst just waits).
+const CONSUME_SLOTS: usize = 64;
+
 impl UsedCredentials {
-    /// Records `cred` as used; `false` if it was already. Expired records are pruned
-    /// first, so the map holds at most the credentials of one expiry window.
-    pub fn consume(&self, cred: &Verified, now_ms: i64) -> bool {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        used.retain(|_, &mut expires| expires >= now_ms);
-        match used.entry(cred.id.clone()) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(cred.expires_at_ms);
-                true
+    /// Starts the task that owns the set (needs a Tokio runtime); it ends with the last
+    /// handle.
+    pub fn spawn() -> Self {
+        let (tx, mut rx) = mpsc::channel::<Consume>(CONSUME_SLOTS);
+        tokio::spawn(async move {
+            let mut used: HashMap<String, i64> = HashMap::new();
+            while let Some((id, expires_at_ms, now_ms, answer)) = rx.recv().await {
+                // Expired records go first, so the set holds one expiry window at most.
+                used.retain(|_, &mut expires| expires >= now_ms);
+                let fresh = match used.entry(id) {
+                    Entry::Occupied(_) => false,
+                    Entry::Vacant(v) => {
+                        v.insert(expires_at_ms);
+                        true
+                    }
+                };
+                let _ = answer.send(fresh);
             }
+        });
+        Self { tx }
+    }
+
+    /// Records `cred` as used; `false` if it was already (or the set is gone, which only
+    /// happens while the relay stops: refusing is the safe answer).
+    pub async fn consume(&self, cred: &Verified, now_ms: i64) -> bool {
+        let (answer, rx) = oneshot::channel();
+        if self
+            .tx
+            .send((cred.id.clone(), cred.expires_at_ms, now_ms, answer))
+            .await
+            .is_err()
+        {
+            return false;
         }
-    }
-
-    /// How many records are kept (for tests).
-    pub fn len(&self) -> usize {
-        self.used.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none are kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        rx.await.unwrap_or(false)
     }
 }
 
@@ -281,7 +301,7 @@ pub struct StreamCredentials {
 impl StreamCredentials {
     /// The key from `RELAY_STREAM_SECRET`, else derived from `TWILIO_AUTH_TOKEN`, else (only
     /// reachable with `RELAY_INSECURE_SKIP_SIGNATURE`, which the config requires then) a
-    /// random key with a warning.
+    /// random key with a warning. Needs a Tokio runtime (the used-credential task).
     pub fn from_config(config: &Config) -> Self {
         let key = match (&config.stream_secret, &config.twilio_auth_token) {
             (Some(secret), _) => StreamKey::from_secret(secret.expose().as_bytes()),
@@ -298,7 +318,7 @@ impl StreamCredentials {
         Self {
             key,
             ttl: config.stream_credential_ttl(),
-            used: UsedCredentials::default(),
+            used: UsedCredentials::spawn(),
         }
     }
 
@@ -436,10 +456,10 @@ mod tests {
         assert_eq!(format!("{derived:?}"), "StreamKey([redacted])");
     }
 
-    #[test]
-    fn used_credentials_are_refused_the_second_time_and_pruned_after_expiry() {
+    #[tokio::test]
+    async fn used_credentials_are_refused_the_second_time_until_they_expire() {
         let k = key();
-        let used = UsedCredentials::default();
+        let used = UsedCredentials::spawn();
         let a = k
             .verify(
                 Some(&k.mint(None, Segment::Standalone, NOW, TTL)),
@@ -454,13 +474,15 @@ mod tests {
                 NOW + 30_000,
             )
             .expect("valid");
-        assert!(used.consume(&a, NOW));
-        assert!(!used.consume(&a, NOW + 1));
-        assert!(used.consume(&b, NOW + 30_000));
-        assert_eq!(used.len(), 2);
-        // Once `a` expired its record goes (a replay of it fails on expiry anyway).
-        assert!(!used.consume(&b, NOW + 60_001));
-        assert_eq!(used.len(), 1);
+        assert!(used.consume(&a, NOW).await);
+        assert!(!used.consume(&a, NOW + 1).await);
+        assert!(used.consume(&b, NOW + 30_000).await);
+        assert!(
+            !used.consume(&b, NOW + 60_001).await,
+            "b lives until NOW + 90 s"
+        );
+        // Once `a` expired its record is gone (a replay of it fails on its expiry first).
+        assert!(used.consume(&a, NOW + 60_001).await);
     }
 
     proptest! {

@@ -296,9 +296,9 @@ async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let second = {
-        let live = live.clone();
+        let watched = live.clone();
         assert!(
-            eventually(CALL, move || live.stream_twiml(1).is_some()).await,
+            eventually(CALL, move || watched.stream_twiml(1).is_some()).await,
             "the call was resumed"
         );
         live.stream_twiml(1).expect("the resume TwiML")

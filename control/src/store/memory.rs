@@ -316,6 +316,9 @@ impl CallStore for MemoryStore {
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(AttachOutcome::NotFound);
         };
+        if credential_used {
+            return Ok(AttachOutcome::CredentialUsed);
+        }
         if is_final(call.status) {
             return Ok(AttachOutcome::Ended);
         }
@@ -323,9 +326,6 @@ impl CallStore for MemoryStore {
             && recorded.as_str() != sid
         {
             return Ok(AttachOutcome::CallSidMismatch);
-        }
-        if credential_used {
-            return Ok(AttachOutcome::CredentialUsed);
         }
         if call.lease_held(now_ms) && !(reconnect && call.lease_relay.as_ref() == Some(relay_id)) {
             return Ok(AttachOutcome::Held);

@@ -218,8 +218,9 @@ pub trait CallStore: Send + Sync + 'static {
     fn admit_inbound(&self, call: &CallRecord) -> impl Future<Output = StoreResult<CallId>> + Send;
     /// Takes the call's lease for an attach stream, consuming the stream credential and
     /// checking the CallSid of `checks` in the same atomic step. The checks run in this
-    /// order, all before any write: call exists, not ended, CallSid, credential unused,
-    /// lease free (or a reconnect of the same relay).
+    /// order, all before any write: call exists, credential unused (a replay is reported as
+    /// one even after the call ended), not ended, CallSid, lease free (or a reconnect of
+    /// the same relay).
     #[allow(clippy::too_many_arguments)]
     fn attach(
         &self,

@@ -335,11 +335,11 @@ return {code, last, table.concat(handled)}
 /// differs from the admitted one, -5 credential used. Every check runs before any write.
 const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
 if rank(cur) >= FINAL then return -2 end
 local recorded = redis.call('HGET', KEYS[1], 'sid') or ''
 if ARGV[6] ~= '' and recorded ~= '' and recorded ~= ARGV[6] then return -4 end
-if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
 local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
