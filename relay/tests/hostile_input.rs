@@ -462,6 +462,9 @@ mod webhooks {
         config.twilio_auth_token = Some(Secret::new(TWILIO_TOKEN));
         config.control_url = Some(format!("http://{addr}"));
         config.control_token = Some(Secret::new("relay-token-0123456789abcdef-01234"));
+        let streams = rt.block_on(async {
+            Arc::new(callbridge_relay::stream_credential::StreamCredentials::from_config(&config))
+        });
         let deps = rt.block_on(async {
             Deps {
                 call: call::CallDeps {
@@ -474,6 +477,7 @@ mod webhooks {
                 },
                 draining: Arc::new(AtomicBool::new(false)),
                 tracker: TaskTracker::new(),
+                streams,
             }
         });
         Rig { rt, control, deps }
@@ -767,10 +771,18 @@ mod twiml_docs {
             let nodes = read(&twiml::dial(&b)).map_err(TestCaseError::fail)?;
             prop_assert_eq!(text_of(&nodes, "Dial"), Some(carried(&b)));
             read(&twiml::hangup()).map_err(TestCaseError::fail)?;
-            read(&twiml::connect_simple(&a)).map_err(TestCaseError::fail)?;
-            let nodes = read(&twiml::connect_stream(&a, &b, &id)).map_err(TestCaseError::fail)?;
+            read(&twiml::connect_simple(&a, &b)).map_err(TestCaseError::fail)?;
+            let nodes =
+                read(&twiml::connect_stream(&a, &b, &id, &a)).map_err(TestCaseError::fail)?;
             let param = nodes.iter().find(|n| n.0 == "Parameter").unwrap();
             prop_assert!(param.1.iter().any(|(k, v)| k == "value" && v == id.as_str()));
+            // The credential parameter carries its value through any escaping.
+            let cred = nodes
+                .iter()
+                .filter(|n| n.0 == "Parameter")
+                .find(|n| n.1.iter().any(|(k, v)| k == "name" && v == "credential"))
+                .unwrap();
+            prop_assert!(cred.1.iter().any(|(k, v)| k == "value" && *v == carried(&a)));
             let nodes = read(&twiml::fallback(f.as_ref())).map_err(TestCaseError::fail)?;
             if let Some(pb::Fallback { action: Some(pb::fallback::Action::ConferenceRoom(room)), .. }) = &f {
                 prop_assert_eq!(text_of(&nodes, "Conference"), Some(carried(room)));
