@@ -13,7 +13,7 @@
 //! | `CONTROL_LOG_FORMAT` | `text` or `json` | `text` |
 //! | `CONTROL_LEASE_SECS` | attach lease; a live call unleased this long ends `RELAY_LOST` | `15` |
 //! | `CONTROL_RETENTION_SECS` | how long finished calls are kept | `604800` (7 days) |
-//! | `CONTROL_METRICS_LISTEN` | Prometheus `/metrics` HTTP address; empty disables | `0.0.0.0:9090` |
+//! | `CONTROL_METRICS_LISTEN` | address of the HTTP listener for Prometheus `/metrics` and the `/healthz`, `/readyz` probes (plaintext unless `CONTROL_METRICS_TLS_*`); empty disables | `0.0.0.0:9090` |
 //! | `CONTROL_ID` | this replica's id (routes commands to it) | hostname + random suffix |
 //! | `CONTROL_SHUTDOWN_GRACE_SECS` | how long open streams may take to end on shutdown | `10` |
 //! | `TWILIO_ACCOUNT_SID` | account whose calls control places (`AC…`); unset: control never dials | unset |

@@ -239,8 +239,9 @@ async fn run<S: CallStore>(
             None => None,
         };
         tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "Metrics listening.");
+        let routes = metrics::routes(shared.metrics.clone(), metrics::Probes::new(health.clone()));
         tracker.spawn(metrics::serve_metrics(
-            shared.metrics.clone(),
+            routes,
             listener,
             tls,
             config.limits.metrics,

@@ -1,4 +1,5 @@
-//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
+//! Prometheus metrics (prometheus-client) and the plain-HTTP listener beside gRPC:
+//! `/metrics`, and the `/healthz` and `/readyz` probes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use warp::Filter;
+use std::convert::Infallible;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::Health;
+use tonic_health::server::{HealthReporter, HealthService};
+use warp::{Filter, Reply};
+
+use crate::LIVENESS_SERVICE;
 
 /// Labels of `callbridge_control_rpc_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -154,17 +163,46 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` (over TLS when `tls` is set) until `shutdown`, on
-/// the shared accept loop: a client that does not send its request head within the
-/// header timeout is closed, and at most `limits.max_connections` are open at once.
-pub async fn serve_metrics(
+/// What the kubelet can probe over HTTP: with `CONTROL_TLS_*` set, control's gRPC
+/// port speaks only TLS, which the kubelet's `grpc` probe cannot, and the distroless image
+/// has no probe binary. Both routes read the same statuses as `grpc.health.v1`.
+#[derive(Clone)]
+pub struct Probes(Arc<HealthService>);
+
+impl Probes {
+    /// Probes answering from `reporter`'s statuses.
+    pub fn new(reporter: HealthReporter) -> Self {
+        Self(Arc::new(HealthService::from_health_reporter(reporter)))
+    }
+
+    /// 200 `SERVING` when `service`'s status is serving, else 503 with the status.
+    async fn answer(self, service: &'static str) -> Result<warp::reply::Response, Infallible> {
+        let request = tonic::Request::new(HealthCheckRequest {
+            service: service.to_owned(),
+        });
+        let status = match self.0.check(request).await {
+            Ok(response) => ServingStatus::try_from(response.into_inner().status)
+                .unwrap_or(ServingStatus::Unknown),
+            Err(_) => ServingStatus::ServiceUnknown,
+        };
+        let code = if status == ServingStatus::Serving {
+            warp::http::StatusCode::OK
+        } else {
+            warp::http::StatusCode::SERVICE_UNAVAILABLE
+        };
+        let body = format!("{}\n", status.as_str_name());
+        Ok(warp::reply::with_status(body, code).into_response())
+    }
+}
+
+/// `GET /metrics`, and with `probes`, `GET /healthz` (the `liveness` status: the process
+/// runs) and `GET /readyz` (the overall status: NOT_SERVING while Redis is unreachable or
+/// the replica is stopping).
+pub fn routes(
     metrics: Arc<Metrics>,
-    listener: tokio::net::TcpListener,
-    tls: Option<listener::TlsAcceptor>,
-    limits: listener::Limits,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let route = warp::path("metrics")
+    probes: Probes,
+) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let scrape = warp::path("metrics")
         .and(warp::path::end())
         .and(warp::get())
         .map(move || {
@@ -175,12 +213,36 @@ pub async fn serve_metrics(
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
             );
-            response
-        })
+            response.into_response()
+        });
+    let probe = |path: &'static str, service: &'static str| {
+        let probes = probes.clone();
+        warp::path(path)
+            .and(warp::path::end())
+            .and(warp::get())
+            .and_then(move || probes.clone().answer(service))
+    };
+    scrape
+        .or(probe("healthz", LIVENESS_SERVICE))
+        .unify()
+        .or(probe("readyz", ""))
+        .unify()
         // Boxing pins the filter's lifetimes down, so the server future is `Send` for
         // any spawner (rustc cannot prove it through the generic path filter).
-        .boxed();
-    let service = hyper_util::service::TowerToHyperService::new(warp::service(route));
+        .boxed()
+}
+
+/// Serves [`routes`] on `listener` (over TLS when `tls` is set) until `shutdown`, on the
+/// shared accept loop: a client that does not send its request head within the header
+/// timeout is closed, and at most `limits.max_connections` are open at once.
+pub async fn serve_metrics(
+    routes: warp::filters::BoxedFilter<(warp::reply::Response,)>,
+    listener: tokio::net::TcpListener,
+    tls: Option<listener::TlsAcceptor>,
+    limits: listener::Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(warp::service(routes));
     listener::serve(
         listener,
         tls,

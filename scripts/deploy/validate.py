@@ -17,7 +17,8 @@ What it checks:
   policy    no Secret objects; every pod non-root, read-only root, no capabilities,
             RuntimeDefault seccomp, requests set, no service-account token; relay probes,
             preStop and terminationGracePeriodSeconds vs RELAY_DRAIN_GRACE_SECS; control
-            replicas, gRPC probes, a required (never optional) Redis reference; Services,
+            replicas, probes (grpc, or GET /readyz and /healthz on the metrics port, which
+            TLS gRPC requires), a required (never optional) Redis reference; Services,
             Ingress, HPA, PDB and NetworkPolicy selectors and ports resolve to real pods
             and ports; Ingress host == RELAY_PUBLIC_URL host; every referenced Secret key
             is created by a `kubectl create secret` command in docs/operations.md
@@ -33,7 +34,10 @@ What it checks:
             the built binaries need no shared library distroless/cc lacks (readelf)
   compose   build targets exist, env names and CLI flags of every service, depends_on,
             Redis AOF
-  self-test each of ~17 deliberately broken copies of the manifests must be caught
+  tls       cert-manager Issuers/Certificates resolve; every PEM file setting is a file
+            mounted from a Secret a Certificate writes; a TLS control is dialled over
+            https:// by a name in its certificate, with its CA
+  self-test each of ~23 deliberately broken copies of the manifests must be caught
   live      with the debug binaries built: control (on a throwaway redis-server) and the
             relay on 127.0.0.1:0 with the dev overlay's ConfigMap values: grpc.health.v1
             SERVING, the token rules, /healthz, /readyz, /metrics, 404 elsewhere, SIGTERM
@@ -105,6 +109,13 @@ REQUIRED_DASHBOARD_METRICS = {
     "callbridge_control_redis_latency_seconds",
 }
 SECRET_DOC = ROOT / "docs" / "operations.md"
+CERT_MANAGER_GROUP = "cert-manager.io"
+# Settings naming a PEM file the binary reads: each must be mounted from a Secret.
+TLS_FILE_SETTINGS = (
+    "CONTROL_TLS_CERT_FILE", "CONTROL_TLS_KEY_FILE", "CONTROL_TLS_CLIENT_CA_FILE",
+    "CONTROL_CA_FILE", "CONTROL_CLIENT_CERT_FILE", "CONTROL_CLIENT_KEY_FILE",
+    "REDIS_CA_FILE", "REDIS_CERT_FILE", "REDIS_KEY_FILE",
+)
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 
@@ -293,6 +304,8 @@ def validate_schemas(name: str, objs: list[dict[str, Any]]) -> None:
 
     for version in K8S_VERSIONS:
         for obj in objs:
+            if str(obj.get("apiVersion", "")).startswith(CERT_MANAGER_GROUP + "/"):
+                continue  # a CRD: kubernetes-validate has no schema; check_cert_manager does
             label = f"{name}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')} (k8s {version})"
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -316,6 +329,17 @@ def find(objs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
         if o.get("kind") == kind and o["metadata"]["name"] == name:
             return o
     return None
+
+
+def find_service_by_dns(objs: list[dict[str, Any]], host: str) -> dict[str, Any] | None:
+    """The Service a cluster DNS name resolves to: `name`, or `name.<ns>.svc` with an
+    optional `.cluster.local`, where <ns> is the Service's namespace."""
+    labels = host.removesuffix(".cluster.local").split(".")
+    if len(labels) == 3 and labels[2] == "svc":
+        svc = find(objs, "Service", labels[0])
+        ns = (svc or {}).get("metadata", {}).get("namespace")
+        return svc if ns == labels[1] else None
+    return find(objs, "Service", host) if len(labels) == 1 else None
 
 
 def workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -480,7 +504,7 @@ def check_relay(name: str, objs: list[dict[str, Any]]) -> None:
     control_url = env.get("CONTROL_URL")
     if R.check(bool(control_url), f"{name}: relay has no CONTROL_URL"):
         u = urlparse(control_url)
-        svc = find(objs, "Service", u.hostname or "")
+        svc = find_service_by_dns(objs, u.hostname or "")
         if R.check(svc is not None, f"{name}: CONTROL_URL host {u.hostname} is not a Service"):
             R.check(
                 any(p["port"] == u.port for p in svc["spec"]["ports"]),
@@ -540,12 +564,24 @@ def check_control(name: str, objs: list[dict[str, Any]]) -> None:
     metrics_port = listen_port(env.get("CONTROL_METRICS_LISTEN")) or 9090
     R.check(grpc_port in ports.values(), f"{name}: control containerPort for CONTROL_LISTEN")
     R.check(metrics_port in ports.values(), f"{name}: control port for CONTROL_METRICS_LISTEN")
-    for kind in ("readiness", "liveness"):
-        grpc = probe_of(c, kind).get("grpc")
-        R.check(
-            bool(grpc) and grpc.get("port") == grpc_port,
-            f"{name}: control {kind}Probe must be grpc on {grpc_port}",
-        )
+    tls = bool(env.get("CONTROL_TLS_CERT_FILE"))
+    for kind, path in RELAY_PROBE_PATHS.items():
+        probe = probe_of(c, kind)
+        grpc, get = probe.get("grpc"), probe.get("httpGet")
+        if grpc:
+            # The kubelet's grpc probe speaks plaintext h2 only.
+            R.check(not tls, f"{name}: control {kind}Probe is grpc, which cannot speak the "
+                             f"TLS that CONTROL_TLS_CERT_FILE turns on: GET {path} on metrics")
+            R.check(grpc.get("port") == grpc_port,
+                    f"{name}: control {kind}Probe must be grpc on {grpc_port}")
+        elif R.check(bool(get), f"{name}: control {kind}Probe must be grpc or httpGet"):
+            R.check(get.get("path") == path, f"{name}: control {kind}Probe must GET {path}")
+            scheme = "HTTPS" if env.get("CONTROL_METRICS_TLS_CERT_FILE") else "HTTP"
+            R.check(get.get("scheme", "HTTP") == scheme,
+                    f"{name}: control {kind}Probe must use scheme {scheme} (CONTROL_METRICS_TLS_*)")
+            R.check(ports.get(get.get("port")) == metrics_port,
+                    f"{name}: control {kind}Probe must use the CONTROL_METRICS_LISTEN port")
+            crate_serves_path(CRATES["control"], path, f"{name}: control {kind}Probe")
     ann = dep["spec"]["template"]["metadata"].get("annotations", {})
     R.check(
         ann.get("prometheus.io/port") == str(metrics_port),
@@ -649,6 +685,102 @@ def check_network_policy(name: str, objs: list[dict[str, Any]], np: dict[str, An
                         )
 
 
+def check_cert_manager(name: str, objs: list[dict[str, Any]]) -> None:
+    """cert-manager objects (CRDs, no schema in kubernetes-validate): the fields the TLS
+    wiring relies on, and issuers that resolve."""
+    issuers = {o["metadata"]["name"] for o in objs
+               if o.get("apiVersion", "").startswith(CERT_MANAGER_GROUP + "/")
+               and o.get("kind") == "Issuer"}
+    for o in objs:
+        if not str(o.get("apiVersion", "")).startswith(CERT_MANAGER_GROUP + "/"):
+            continue
+        where = f"{name}: {o['kind']}/{o['metadata']['name']}"
+        R.check(o["apiVersion"] == f"{CERT_MANAGER_GROUP}/v1", f"{where}: apiVersion must be v1")
+        spec = o.get("spec", {})
+        if o["kind"] == "Certificate":
+            R.check(bool(spec.get("secretName")), f"{where}: no spec.secretName")
+            ref = spec.get("issuerRef", {})
+            R.check(ref.get("kind") == "ClusterIssuer" or ref.get("name") in issuers,
+                    f"{where}: issuerRef {ref.get('name')} is not an Issuer in the render")
+            R.check(spec.get("isCA") or bool(spec.get("dnsNames")),
+                    f"{where}: a leaf certificate needs dnsNames")
+        elif o["kind"] in ("Issuer", "ClusterIssuer"):
+            R.check(len({"selfSigned", "ca", "acme", "vault"} & set(spec)) == 1,
+                    f"{where}: exactly one issuer type")
+        else:
+            R.fail(f"{where}: unexpected cert-manager kind")
+
+
+def mounted_secret(w: dict[str, Any], c: dict[str, Any], path: str) -> tuple[str, str] | None:
+    """(Secret name, key) that the file at `path` comes from in container `c`, if any."""
+    volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(mount):
+            continue
+        secret = volumes.get(m["name"], {}).get("secret")
+        if not secret:
+            return None
+        rel = path[len(mount):]
+        items = secret.get("items")
+        if items is None:
+            return secret["secretName"], rel
+        key = next((i["key"] for i in items if i["path"] == rel), None)
+        return (secret["secretName"], key) if key else None
+    return None
+
+
+def check_tls_wiring(name: str, objs: list[dict[str, Any]]) -> None:
+    """Every PEM file setting is a file mounted from a Secret that something creates, and a
+    TLS control is reached over https:// by a name its certificate holds, with its CA."""
+    certs = {o["spec"]["secretName"]: o for o in by_kind(objs, "Certificate")
+             if o.get("spec", {}).get("secretName")}
+    files: dict[str, tuple[str, str] | None] = {}
+    for w in workloads(objs):
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            env = container_env(objs, c)
+            where = f"{name}: {w['kind']}/{w['metadata']['name']}"
+            for var in TLS_FILE_SETTINGS:
+                path = env.get(var)
+                if not path:
+                    continue
+                src = mounted_secret(w, c, path)
+                files[var] = src
+                if not R.check(src is not None, f"{where}: {var}={path} is not a file "
+                                                f"mounted from a Secret"):
+                    continue
+                secret, key = src
+                R.check(secret in certs, f"{where}: {var} comes from Secret {secret}, which no "
+                                         f"cert-manager Certificate in the render writes")
+                R.check(key in ("tls.crt", "tls.key", "ca.crt"),
+                        f"{where}: {var} reads key {key}, not one cert-manager writes")
+    control = find(objs, "Deployment", "control")
+    relay = find(objs, "Deployment", "relay")
+    if control is None or relay is None:
+        return
+    cenv = container_env(objs, control["spec"]["template"]["spec"]["containers"][0])
+    renv = container_env(objs, relay["spec"]["template"]["spec"]["containers"][0])
+    url = urlparse(renv.get("CONTROL_URL") or "")
+    if not cenv.get("CONTROL_TLS_CERT_FILE"):
+        R.check(url.scheme != "https", f"{name}: relay CONTROL_URL is https:// but control "
+                                       f"has no CONTROL_TLS_CERT_FILE")
+        return
+    R.check(bool(cenv.get("CONTROL_TLS_KEY_FILE")), f"{name}: CONTROL_TLS_CERT_FILE without "
+                                                    f"CONTROL_TLS_KEY_FILE")
+    if not R.check(url.scheme == "https", f"{name}: control serves TLS, relay CONTROL_URL must "
+                                          f"be https:// (is {url.geturl()!r})"):
+        return
+    served = files.get("CONTROL_TLS_CERT_FILE")
+    cert = certs.get(served[0]) if served else None
+    if R.check(cert is not None, f"{name}: control's certificate is not a Certificate in the render"):
+        R.check(url.hostname in cert["spec"].get("dnsNames", []),
+                f"{name}: relay CONTROL_URL host {url.hostname} is not in "
+                f"{cert['metadata']['name']}'s dnsNames {cert['spec'].get('dnsNames')}")
+        ca = files.get("CONTROL_CA_FILE")
+        R.check(ca is not None and ca[1] == "ca.crt" and ca[0] == served[0],
+                f"{name}: relay CONTROL_CA_FILE must be ca.crt of {served[0]} (is {ca})")
+
+
 def check_secrets(name: str, objs: list[dict[str, Any]], docs: str) -> None:
     R.check(not by_kind(objs, "Secret"), f"{name}: a Secret object is in the manifests")
     refs: set[tuple[str, str | None]] = set()
@@ -658,6 +790,13 @@ def check_secrets(name: str, objs: list[dict[str, Any]], docs: str) -> None:
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     refs.add((ref["name"], ref["key"]))
+            for m in c.get("volumeMounts", []):
+                vol = next((v for v in w["spec"]["template"]["spec"].get("volumes", [])
+                            if v["name"] == m["name"]), {})
+                secret = vol.get("secret", {}).get("secretName")
+                if secret and secret not in {o["spec"].get("secretName")
+                                             for o in by_kind(objs, "Certificate")}:
+                    refs.add((secret, None))
     for ing in by_kind(objs, "Ingress"):
         for t in ing["spec"].get("tls", []):
             refs.add((t["secretName"], None))
@@ -1356,6 +1495,11 @@ def check_live(dev: list[dict[str, Any]]) -> None:
                 health = grpc_health(grpc_port)
                 R.check(health == "SERVING",
                         f"live: control grpc.health.v1 Check(\"\") -> {health} (the readinessProbe)")
+                # The probes the prod overlay uses, where gRPC speaks TLS.
+                for path in ("/readyz", "/healthz"):
+                    status, body = http_get(metrics_port, path)
+                    R.check((status, body.strip()) == (200, "SERVING"),
+                            f"live: control GET {path} -> {status} {body.strip()!r}, expected 200 SERVING")
         if with_relay:
             env = dict(cms["relay-config"])
             env.update({
@@ -1771,6 +1915,61 @@ def self_test(dev: list[dict[str, Any]], stages: dict[str, str]) -> None:
         R.check(caught, f"self-test: breaking '{what}' was not caught (failures: {failures[:3]})")
 
 
+def self_test_tls(prod: list[dict[str, Any]]) -> None:
+    """The TLS wiring checks bite: each broken copy of the prod render must fail."""
+    import copy
+
+    global R
+
+    def dep(objs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+        return find(objs, "Deployment", name)["spec"]["template"]["spec"]
+
+    def relay_cm(objs: list[dict[str, Any]]) -> dict[str, str]:
+        return next(c for c in by_kind(objs, "ConfigMap")
+                    if c["metadata"]["name"].startswith("relay-config"))["data"]
+
+    def both(o: list[dict[str, Any]]) -> None:
+        check_control("t", o)
+        check_tls_wiring("t", o)
+        check_cert_manager("t", o)
+
+    cases: list[tuple[str, Any, str]] = [
+        ("grpc probe against a TLS port",
+         lambda o: dep(o, "control")["containers"][0].__setitem__(
+             "readinessProbe", {"grpc": {"port": 50051}}), "cannot speak the TLS"),
+        ("relay dials a name the certificate lacks",
+         lambda o: relay_cm(o).__setitem__("CONTROL_URL", "https://control.other.svc:50051"),
+         "is not in control-tls's dnsNames"),
+        ("relay in plaintext to a TLS control",
+         lambda o: relay_cm(o).__setitem__("CONTROL_URL", "http://control:50051"),
+         "must be https://"),
+        ("relay without the CA",
+         lambda o: relay_cm(o).pop("CONTROL_CA_FILE"), "CONTROL_CA_FILE must be ca.crt"),
+        ("certificate file not mounted",
+         lambda o: dep(o, "control")["containers"][0].__setitem__("volumeMounts", []),
+         "CONTROL_TLS_CERT_FILE=/etc/callbridge/control-tls/tls.crt is not a file"),
+        ("certificate from an issuer nobody defines",
+         lambda o: find(o, "Certificate", "control-tls")["spec"]["issuerRef"].__setitem__(
+             "name", "nobody"), "issuerRef nobody"),
+    ]
+    saved = R
+    results: list[tuple[str, bool, list[str]]] = []
+    try:
+        for what, mutate, expect in cases:
+            R = Report()
+            objs = copy.deepcopy(prod)
+            mutate(objs)
+            both(objs)
+            results.append((what, any(expect in f for f in R.failures), R.failures))
+        R = Report()
+        both(copy.deepcopy(prod))
+        results.append(("(the unbroken prod render passes)", not R.failures, R.failures))
+    finally:
+        R = saved
+    for what, caught, failures in results:
+        R.check(caught, f"self-test tls: breaking '{what}' was not caught (failures: {failures[:3]})")
+
+
 # === main ===
 
 
@@ -1799,6 +1998,8 @@ def main() -> int:
         check_relay(name, objs)
         check_control(name, objs)
         check_wiring(name, objs)
+        check_cert_manager(name, objs)
+        check_tls_wiring(name, objs)
         check_secrets(name, objs, docs)
 
     stages = check_dockerfile(bins)
@@ -1812,6 +2013,8 @@ def main() -> int:
     check_no_example_secrets(DEPLOY)
     if rendered.get("dev"):
         self_test(rendered["dev"], stages)
+    if rendered.get("prod"):
+        self_test_tls(rendered["prod"])
     if "--measure" in sys.argv:
         # Manual: N concurrent simulated calls through the compose stack, figures printed.
         check_compose_replay(int(sys.argv[sys.argv.index("--measure") + 1]))

@@ -19,6 +19,7 @@ use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
 use callbridge_testkit::pki::{PemPair, TestCa, Usage};
 use callbridge_testkit::procs::{Proc, free_addr};
+use callbridge_testkit::redis_cluster::RedisCluster;
 use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_testkit::sim_caller::{CallerConfig, LoadBalancer};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -81,6 +82,7 @@ pub struct WorldBuilder {
     relay_env: Vec<(String, String)>,
     redis_tcp: bool,
     tls: bool,
+    redis_cluster: usize,
 }
 
 /// The certificates of a world with TLS on every hop (see [`WorldBuilder::tls`]).
@@ -162,6 +164,9 @@ pub struct World {
     pub relay_metrics: Vec<SocketAddr>,
     pub control: Proc,
     pub redis: RedisServer,
+    /// The Redis Cluster control uses instead of `redis`, with
+    /// [`WorldBuilder::redis_cluster`].
+    pub redis_cluster: Option<RedisCluster>,
     pub fake: FakeRealtime,
     channel: Channel,
     /// The certificates, when built with [`WorldBuilder::tls`] (dropped last: the
@@ -180,6 +185,7 @@ impl World {
             relay_env: Vec::new(),
             redis_tcp: false,
             tls: false,
+            redis_cluster: 0,
         }
     }
 
@@ -391,6 +397,14 @@ impl WorldBuilder {
         self
     }
 
+    /// Control on a Redis Cluster of `masters` nodes (`REDIS_CLUSTER_NODES`), TLS ones in a
+    /// [`WorldBuilder::tls`] world (asking control for its client certificate, like the
+    /// single node). `World::redis` still runs, unused by control.
+    pub fn redis_cluster(mut self, masters: usize) -> Self {
+        self.redis_cluster = masters;
+        self
+    }
+
     /// Starts Redis, control, the fake model and the relays; waits until all are ready.
     pub async fn start(self) -> World {
         let tls = self
@@ -407,6 +421,32 @@ impl WorldBuilder {
             None => RedisServer::unix(),
         }
         .expect("redis-server starts");
+        let redis_cluster = match self.redis_cluster {
+            0 => None,
+            masters => {
+                let cluster_tls = tls.as_ref().map(|tls| {
+                    let node = tls
+                        .ca
+                        .issue("redis-cluster-node", Usage::Peer)
+                        .expect("cluster node certificate");
+                    RedisTls {
+                        cert: node.cert,
+                        key: node.key,
+                        client_ca: tls.ca.ca_file().to_owned(),
+                        require_client_cert: true,
+                    }
+                });
+                let started = tokio::task::spawn_blocking(move || match cluster_tls {
+                    Some(t) => RedisCluster::start_tls(masters, &t),
+                    None => RedisCluster::start(masters),
+                });
+                let cluster = with_timeout(Duration::from_secs(60), "redis cluster", started)
+                    .await
+                    .expect("cluster task")
+                    .expect("redis cluster starts");
+                Some(cluster)
+            }
+        };
         let fake = self.fake.start().await.expect("fake realtime starts");
         let control_addr = free_addr().expect("a free port");
         let mut control_env = vec![
@@ -420,6 +460,10 @@ impl WorldBuilder {
         ];
         if let Some(tls) = &tls {
             control_env.extend(tls.control_env());
+        }
+        if let Some(cluster) = &redis_cluster {
+            control_env.retain(|(k, _)| k != "REDIS_URL");
+            control_env.push(("REDIS_CLUSTER_NODES".to_owned(), cluster.seeds()));
         }
         control_env.extend(self.control_env);
         let mut control =
@@ -483,6 +527,7 @@ impl WorldBuilder {
             relay_metrics,
             control,
             redis,
+            redis_cluster,
             fake,
             channel,
             tls,

@@ -3,14 +3,16 @@
 //! `https://` CONTROL_URL presenting one. Real processes, real `redis-server` (Debian's
 //! build speaks TLS), certificates from a CA generated in the test (rcgen).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::fake_realtime::FakeRealtime;
+use callbridge_testkit::http::request;
 use callbridge_testkit::pki::{PemPair, TestCa, Usage};
-use callbridge_testkit::procs::bin_dir;
+use callbridge_testkit::procs::{bin_dir, free_addr};
 use callbridge_testkit::sim_caller::{ClosedBy, SimCaller};
 use callbridge_tests::{World, agent_settings, expected_transcript, flatten, with_timeout};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -57,6 +59,15 @@ async fn health(world: &World, tls: Option<ClientTlsConfig>) -> Result<i32, toni
     with_timeout(Duration::from_secs(15), "health check", client.check(req))
         .await
         .map(|r| r.into_inner().status)
+}
+
+/// `GET path` on control's plain-HTTP listener: the status and the trimmed body.
+async fn probe(addr: SocketAddr, path: &str) -> (u16, String) {
+    let host = addr.to_string();
+    let resp = request(addr, "GET", &host, path, &[], None, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    (resp.status, resp.body.trim().to_owned())
 }
 
 /// Waits until control's health (over TLS) reports `want`.
@@ -163,6 +174,46 @@ async fn a_call_with_tls_on_every_hop_is_stored_as_said() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_over_a_tls_redis_cluster_is_stored_as_said() {
+    let script = script(2, 800);
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .tls()
+        .redis_cluster(3)
+        .start()
+        .await;
+    let seeds = world.redis_cluster.as_ref().expect("a cluster").seeds();
+    assert!(
+        seeds.split(',').all(|s| s.starts_with("rediss://")),
+        "{seeds}"
+    );
+    world
+        .default_agent(agent_settings("tls-cluster-call", Some("Hello caller 2")))
+        .await;
+    let caller = world.caller(script.clone());
+    let call_sid = caller.call_sid.clone();
+    let report = with_timeout(CALL, "the call", SimCaller::new(caller).run())
+        .await
+        .expect("the call runs");
+    let leg = report.leg().expect("a stream leg");
+    assert!(leg.protocol_errors.is_empty(), "{:?}", leg.protocol_errors);
+    let call = world
+        .call_by_sid(&call_sid)
+        .await
+        .expect("the call is stored");
+    let call = world
+        .wait_ended(&call.call_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(call.status, pb::CallStatus::Completed as i32, "{call:?}");
+    assert_eq!(
+        flatten(&world.transcript(&call.call_id).await),
+        expected_transcript(&script)
+    );
+    assert_transcript_once(&world.stored_events(&call.call_id).await, "the call");
+    // Nothing reached the single-node Redis: every key went to the cluster.
+    assert_eq!(world.redis.admin(&["DBSIZE"]).expect("DBSIZE"), ":0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_certificates_and_plaintext_get_unavailable_naming_tls_and_nothing_crashes() {
     let mut world = World::builder(FakeRealtime::builder()).tls().start().await;
     let tls = world.tls.as_ref().expect("tls world");
@@ -250,10 +301,14 @@ fn identity(pair: &PemPair) -> tonic::transport::Identity {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_tls_failure_turns_health_not_serving_and_loses_no_admitted_call() {
     let script = script(1, 6_000);
+    // The plain-HTTP probes beside TLS gRPC (what the prod overlay's kubelet probes).
+    let probes = free_addr().expect("a free port");
     let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(1.0))
         .tls()
+        .control_env("CONTROL_METRICS_LISTEN", &probes.to_string())
         .start()
         .await;
+    assert_eq!(probe(probes, "/readyz").await, (200, "SERVING".to_owned()));
     let tls = world.tls.as_ref().expect("tls world");
     world
         .default_agent(agent_settings("redis-tls", Some("Hello caller 1")))
@@ -305,6 +360,12 @@ async fn a_redis_tls_failure_turns_health_not_serving_and_loses_no_admitted_call
         assert!(answer.starts_with(':'), "{answer}");
     }
     wait_health(&world, ServingStatus::NotServing).await;
+    assert_eq!(
+        probe(probes, "/readyz").await,
+        (503, "NOT_SERVING".to_owned())
+    );
+    // Liveness stays up: restarting control would not bring Redis back.
+    assert_eq!(probe(probes, "/healthz").await, (200, "SERVING".to_owned()));
     let log = world.control.log_text();
     assert!(
         log.lines()
@@ -314,6 +375,7 @@ async fn a_redis_tls_failure_turns_health_not_serving_and_loses_no_admitted_call
     // Back to a good certificate: control reconnects, the relay's buffered events land.
     set(&tls.redis_server);
     wait_health(&world, ServingStatus::Serving).await;
+    assert_eq!(probe(probes, "/readyz").await, (200, "SERVING".to_owned()));
     let report = with_timeout(CALL, "the call", handle.join())
         .await
         .expect("the call runs");

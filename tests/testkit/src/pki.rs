@@ -65,6 +65,9 @@ pub enum Usage {
     Server,
     /// TLS client.
     Client,
+    /// Both, with the server's SANs: a Redis Cluster node, which presents its certificate
+    /// to its peers on the cluster bus as well as to clients.
+    Peer,
 }
 
 impl TestCa {
@@ -111,17 +114,21 @@ impl TestCa {
         expired: bool,
     ) -> anyhow::Result<PemPair> {
         let names = match usage {
-            Usage::Server => vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            Usage::Server | Usage::Peer => vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
             Usage::Client => vec![common_name.to_owned()],
         };
         let mut params = CertificateParams::new(names)?;
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Peer => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         let now = rcgen::date_time_ymd(1970, 1, 1)
             + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let day = std::time::Duration::from_secs(86_400);

@@ -5,11 +5,16 @@
 //! 16384 slots, and [`RedisCluster::start`] returns once every node reports
 //! `cluster_state:ok`. `redis-cli` comes with `redis-server` on Debian (`redis-tools`);
 //! `REDIS_CLI_BIN` overrides which binary is used.
+//!
+//! [`RedisCluster::start_tls`] makes the same cluster speak TLS to clients and on the
+//! cluster bus (`--tls-cluster yes`); Redis answers `CLUSTER SLOTS` and redirects with the
+//! port of the connection's kind, so clients on `rediss://` are sent to TLS ports. Each node
+//! keeps a plaintext loopback port for the kit's own checks.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::redis_server::RedisServer;
+use crate::redis_server::{RedisServer, RedisTls};
 
 /// How long the nodes may take to agree on the slot map.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -25,41 +30,71 @@ pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
+/// What a cluster node is started with, beyond its endpoint.
+fn cluster_args() -> Vec<String> {
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "5000",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 impl RedisCluster {
     /// Starts `masters` nodes (at least 3: `redis-cli --cluster create` refuses fewer),
     /// joins them and waits until every node says `cluster_state:ok`. Blocking (seconds):
     /// call it from `spawn_blocking` in async tests.
     pub fn start(masters: usize) -> std::io::Result<Self> {
-        let mut nodes = Vec::with_capacity(masters);
-        for _ in 0..masters {
-            nodes.push(RedisServer::tcp_with_args(vec![
-                "--cluster-enabled".into(),
-                "yes".into(),
-                "--cluster-config-file".into(),
-                "nodes.conf".into(),
-                "--cluster-node-timeout".into(),
-                "5000".into(),
-            ])?);
-        }
-        let cluster = Self { nodes };
+        let nodes = (0..masters)
+            .map(|_| RedisServer::tcp_with_args(cluster_args()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Self::join(Self { nodes }, &[])
+    }
+
+    /// [`RedisCluster::start`] with TLS for clients and on the cluster bus, with `tls`'s
+    /// files on every node. On the bus each node presents its certificate as a client one
+    /// too, so it must allow both (`pki::Usage::Peer`), or the nodes never meet.
+    pub fn start_tls(masters: usize, tls: &RedisTls) -> std::io::Result<Self> {
+        let nodes = (0..masters)
+            .map(|_| {
+                let mut args = cluster_args();
+                args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+                RedisServer::tls_with_args(tls, args)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let [ca, cert, key] = [&tls.client_ca, &tls.cert, &tls.key].map(|p| p.to_string_lossy());
+        // The nodes' own certificate also serves redis-cli when clients must present one.
+        let cli_tls = ["--tls", "--cacert", &ca, "--cert", &cert, "--key", &key];
+        Self::join(Self { nodes }, &cli_tls)
+    }
+
+    /// `redis-cli --cluster create` over the client ports, then waits for `cluster_state:ok`.
+    fn join(cluster: Self, cli_tls: &[&str]) -> std::io::Result<Self> {
         let mut create = Command::new(redis_cli_bin());
-        create.arg("--cluster").arg("create");
+        create.args(cli_tls).arg("--cluster").arg("create");
         for port in cluster.ports() {
             create.arg(format!("127.0.0.1:{port}"));
         }
-        let out = create
+        create
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
-            .output()
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot run {} ({e}); install redis-tools or set REDIS_CLI_BIN",
-                        redis_cli_bin()
-                    ),
-                )
-            })?;
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // redis-cli waits for the nodes to join without a limit of its own: a bus that
+        // cannot connect would hang the test (and tokio's blocking pool with it).
+        let out = output_within(create, CONVERGE).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot run {} ({e}); install redis-tools or set REDIS_CLI_BIN",
+                    redis_cli_bin()
+                ),
+            )
+        })?;
         if !out.status.success() {
             return Err(std::io::Error::other(format!(
                 "redis-cli --cluster create failed ({}): {}{}",
@@ -77,7 +112,15 @@ impl RedisCluster {
         self.nodes.iter().filter_map(RedisServer::port).collect()
     }
 
-    /// Every node's URL (`redis://127.0.0.1:port`).
+    /// The nodes' plaintext loopback ports (the client ports of a plaintext cluster).
+    fn admin_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter_map(RedisServer::admin_port)
+            .collect()
+    }
+
+    /// Every node's URL (`redis://127.0.0.1:port`, `rediss://` for a TLS cluster).
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
@@ -97,7 +140,7 @@ impl RedisCluster {
     /// chosen node.
     pub fn owner_of(&self, key: &str) -> std::io::Result<u16> {
         let first = self
-            .ports()
+            .admin_ports()
             .first()
             .copied()
             .ok_or_else(|| std::io::Error::other("cluster has no node"))?;
@@ -123,7 +166,11 @@ impl RedisCluster {
                 if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
                     && (lo..=hi).contains(&slot)
                 {
-                    return Ok(port);
+                    // Asked over plaintext, Redis names plaintext ports: give the client one.
+                    let node = self.admin_ports().iter().position(|&p| p == port);
+                    return node
+                        .map(|n| self.ports()[n])
+                        .ok_or_else(|| std::io::Error::other(format!("unknown node {port}")));
                 }
             }
         }
@@ -138,7 +185,7 @@ impl RedisCluster {
         loop {
             let mut last = String::new();
             let mut ok = true;
-            for port in self.ports() {
+            for port in self.admin_ports() {
                 let info = Self::cluster_info(port)?;
                 if !(info.contains("cluster_state:ok")
                     && info.contains("cluster_slots_assigned:16384"))
@@ -159,6 +206,24 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `cmd`'s output, or an error once `limit` has passed (the child is killed).
+fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<std::process::Output> {
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            return Err(std::io::Error::other(format!(
+                "{cmd:?} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output()
 }
 
 /// Runs `redis-cli -p port args…` against a loopback node; its stdout.

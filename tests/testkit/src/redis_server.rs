@@ -91,6 +91,11 @@ impl RedisServer {
     /// the Debian build's own TLS support (built against OpenSSL; the system under test
     /// uses rustls).
     pub fn tls(tls: &RedisTls) -> std::io::Result<Self> {
+        Self::tls_with_args(tls, Vec::new())
+    }
+
+    /// [`RedisServer::tls`] with extra `redis-server` arguments (cluster mode, say).
+    pub fn tls_with_args(tls: &RedisTls, extra_args: Vec<String>) -> std::io::Result<Self> {
         let dir = temp_dir("cb-redis-tls")?;
         let endpoint = Endpoint::Tls {
             plain: free_port()?,
@@ -108,7 +113,9 @@ impl RedisServer {
             auth,
         ]
         .map(str::to_owned)
-        .to_vec();
+        .into_iter()
+        .chain(extra_args)
+        .collect();
         Self::start(dir, endpoint, args)
     }
 
