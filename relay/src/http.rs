@@ -383,39 +383,42 @@ fn upgrade(ws: WsUpgrade, route: Route, deps: Deps, call_id: String) -> Response
     let span = info_span!("call", call_id = %call_id, call_sid = tracing::field::Empty);
     let accept = derive_accept_key(ws.key.as_bytes());
     let on_upgrade = ws.on_upgrade;
-    tokio::spawn(
-        async move {
-            let _token = token;
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let mut socket = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(twilio_ws_config()),
-                    )
-                    .await;
-                    match stream_admission::admit(
-                        &mut socket,
-                        &route,
-                        &call_deps,
-                        &streams,
-                        upgraded_at,
-                    )
-                    .await
-                    {
-                        Ok(admitted) => {
-                            call::run(socket, admitted.setup, admitted.early, call_deps).await;
-                        }
-                        Err(refusal) => {
-                            stream_admission::refuse(socket, refusal, &call_deps).await;
-                        }
+    // The span closes (and reaches the trace exporter) before the drain token is
+    // released: once the last token goes the relay stops and flushes the exporter.
+    let stream = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(twilio_ws_config()),
+                )
+                .await;
+                match stream_admission::admit(
+                    &mut socket,
+                    &route,
+                    &call_deps,
+                    &streams,
+                    upgraded_at,
+                )
+                .await
+                {
+                    Ok(admitted) => {
+                        call::run(socket, admitted.setup, admitted.early, call_deps).await;
+                    }
+                    Err(refusal) => {
+                        stream_admission::refuse(socket, refusal, &call_deps).await;
                     }
                 }
-                Err(e) => debug!(error = %e, "WebSocket upgrade failed."),
             }
+            Err(e) => debug!(error = %e, "WebSocket upgrade failed."),
         }
-        .instrument(span),
-    );
+    }
+    .instrument(span);
+    tokio::spawn(async move {
+        stream.await;
+        drop(token);
+    });
     let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = resp.headers_mut();
     h.insert(
