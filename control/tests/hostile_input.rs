@@ -251,13 +251,161 @@ mod agent_settings {
             )
     }
 
+    /// Settings an application could well send: each field within its rules.
+    fn good_settings() -> impl Strategy<Value = pb::AgentSettings> {
+        use pb::fallback::Action;
+        let number = "\\+1[2-9][0-9]{9}";
+        let fallback = prop_oneof![
+            number.prop_map(Action::DialNumber),
+            "[A-Za-z][ -~]{0,80}".prop_map(|text| Action::Say(pb::Say {
+                text,
+                ..Default::default()
+            })),
+            "[A-Za-z0-9_-]{1,40}".prop_map(Action::ConferenceRoom),
+        ];
+        let tools = proptest::collection::vec(
+            (
+                "[a-z]{1,10}",
+                "[ -~]{0,80}",
+                prop_oneof![Just(""), Just("{}")],
+            ),
+            0..4,
+        )
+        .prop_map(|tools| {
+            tools
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, description, params))| pb::Tool {
+                    name: format!("t{i}_{name}"),
+                    description,
+                    parameters_json: params.to_owned(),
+                })
+                .collect::<Vec<_>>()
+        });
+        (
+            (
+                "[A-Za-z][A-Za-z0-9 ]{0,40}",
+                prop_oneof![Just(String::new()), "[a-z0-9.:_-]{1,30}".boxed()],
+                prop_oneof![Just(""), proptest::sample::select(&validate::VOICES[..])],
+                "[A-Za-z][ -~]{0,300}",
+            ),
+            (
+                proptest::option::of(0.6f64..=1.2),
+                "[ -~]{0,200}",
+                proptest::option::of((
+                    0i32..=3,
+                    proptest::option::of(0.0f64..=1.0),
+                    proptest::sample::select(&["", "low", "medium", "high", "auto"][..]),
+                )),
+            ),
+            (
+                tools,
+                proptest::option::of((any::<bool>(), proptest::collection::vec(number, 1..3))),
+                0u32..=14400,
+                proptest::option::of((proptest::option::of(fallback), "[ -~]{0,80}")),
+            ),
+        )
+            .prop_map(
+                |(
+                    (name, model, voice, instructions),
+                    (temperature, greeting, td),
+                    (tools, builtin, max, fallback),
+                )| {
+                    pb::AgentSettings {
+                        name,
+                        model,
+                        voice: voice.to_owned(),
+                        instructions,
+                        temperature,
+                        greeting,
+                        turn_detection: td.map(|(t, threshold, eagerness)| pb::TurnDetection {
+                            r#type: t,
+                            threshold,
+                            eagerness: eagerness.to_owned(),
+                            ..Default::default()
+                        }),
+                        tools,
+                        builtin_tools: builtin.map(|(transfer_call, transfer_numbers)| {
+                            pb::BuiltinTools {
+                                end_call: true,
+                                transfer_call,
+                                transfer_numbers,
+                            }
+                        }),
+                        max_call_duration_secs: max,
+                        fallback: fallback
+                            .map(|(action, preamble)| pb::Fallback { action, preamble }),
+                        ..Default::default()
+                    }
+                },
+            )
+    }
+
+    /// Good settings with at most one field replaced by hostile input (`None`: untouched).
+    fn mutated() -> impl Strategy<Value = (pb::AgentSettings, Option<u8>)> {
+        (
+            good_settings(),
+            proptest::option::of(0u8..8),
+            hostile_text(),
+            any::<f64>(),
+        )
+            .prop_map(|(mut s, field, text, number)| {
+                match field {
+                    Some(0) => s.name = text,
+                    Some(1) => s.model = text,
+                    Some(2) => s.voice = text,
+                    Some(3) => s.instructions = text,
+                    Some(4) => s.temperature = Some(number),
+                    Some(5) => s.tools.push(pb::Tool {
+                        name: text.clone(),
+                        description: String::new(),
+                        parameters_json: text,
+                    }),
+                    Some(6) => {
+                        s.builtin_tools = Some(pb::BuiltinTools {
+                            end_call: false,
+                            transfer_call: true,
+                            transfer_numbers: vec![text],
+                        })
+                    }
+                    Some(_) => {
+                        s.fallback = Some(pb::Fallback {
+                            action: Some(pb::fallback::Action::DialNumber(text)),
+                            preamble: String::new(),
+                        })
+                    }
+                    None => {}
+                }
+                (s, field)
+            })
+    }
+
     proptest! {
         #![proptest_config(config())]
+
+        /// Settings within the rules are accepted as sent (defaults filled in); one field
+        /// replaced by junk is accepted only if the junk happens to be valid, else refused
+        /// naming a field.
+        #[test]
+        fn good_settings_are_accepted_and_one_bad_field_is_named((s, field) in mutated()) {
+            let sent = s.clone();
+            match validate::agent_settings(Some(s)) {
+                Ok(ok) => {
+                    prop_assert_eq!(&ok.name, &sent.name);
+                    prop_assert_eq!(&ok.instructions, &sent.instructions);
+                    prop_assert_eq!(&ok.tools, &sent.tools);
+                }
+                Err(err) => {
+                    prop_assert!(field.is_some(), "valid settings refused: {} ({:?})", err, sent);
+                    prop_assert!(names_field_under(&err, "settings."), "{}", err);
+                }
+            }
+        }
 
         /// Any agent settings: accepted with what the relay and Twilio rely on, or refused
         /// naming a field under `settings`.
         #[test]
-        fn agent_settings_are_accepted_only_in_shape(s in settings()) {
+        fn agent_settings_are_accepted_only_in_shape(s in prop_oneof![settings(), mutated().prop_map(|(s, _)| s)]) {
             match validate::agent_settings(Some(s)) {
                 Err(err) => prop_assert!(names_field_under(&err, "settings"), "{}", err),
                 Ok(ok) => {
