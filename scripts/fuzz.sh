@@ -25,6 +25,7 @@ targets=(
   callbridge-relay:twiml_docs
   callbridge-relay:call_phase
   callbridge-relay:ids
+  callbridge-relay:stream_credentials
   callbridge-control:numbers
   callbridge-control:ids
   callbridge-control:agent_settings

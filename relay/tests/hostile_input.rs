@@ -5,7 +5,8 @@
 //! What must hold for any input: no panic; outputs the relay builds from that input stay
 //! well-formed (JSON frames, TwiML); a request is accepted exactly when its signature is
 //! right; the call's playback state never truncates past what was sent, ignores marks
-//! after a clear, stays bounded, and reports exactly one end.
+//! after a clear, stays bounded, and reports exactly one end; a stream credential opens
+//! only the stream it was minted for, until it expires.
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -1011,6 +1012,91 @@ mod ids {
                 && id.len() <= 128
                 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
             prop_assert_eq!(CallId::parse(id.clone()).is_ok(), safe, "{:?}", id);
+        }
+    }
+}
+
+mod stream_credentials {
+    use super::*;
+    use std::time::Duration;
+
+    use callbridge_relay::call_id::CallId;
+    use callbridge_relay::stream_credential::{CredentialError, Segment, StreamKey};
+
+    fn segment() -> impl Strategy<Value = Segment> {
+        prop_oneof![
+            Just(Segment::First),
+            Just(Segment::Resume),
+            Just(Segment::Standalone)
+        ]
+    }
+
+    fn call_id() -> impl Strategy<Value = CallId> {
+        "[A-Za-z0-9_.-]{1,128}".prop_map(|s| CallId::parse(s).unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// A credential opens exactly the stream it was minted for, until it expires:
+        /// another call, the other kind of route, another key or a later time is refused.
+        #[test]
+        fn a_credential_opens_only_its_own_stream_in_time(
+            secret in proptest::collection::vec(any::<u8>(), 32..64),
+            other_secret in proptest::collection::vec(any::<u8>(), 32..64),
+            call in call_id(),
+            other in call_id(),
+            segment in segment(),
+            now in 0i64..=4_000_000_000_000,
+            ttl_ms in 1i64..600_000,
+            later in 0i64..1_200_000,
+        ) {
+            let key = StreamKey::from_secret(&secret);
+            let route = (segment != Segment::Standalone).then_some(&call);
+            let cred = key.mint(route, segment, now, Duration::from_millis(ttl_ms as u64));
+            let (at, expires) = (now + later, now + ttl_ms);
+            match key.verify(Some(&cred), route, at) {
+                Ok(v) => {
+                    prop_assert!(at <= expires);
+                    prop_assert_eq!(v.segment, segment);
+                    prop_assert_eq!(v.expires_at_ms, expires);
+                    prop_assert_eq!(v.id.len(), 32);
+                }
+                Err(e) => {
+                    prop_assert_eq!(e, CredentialError::Expired);
+                    prop_assert!(at > expires);
+                }
+            }
+            if route.is_some() && other != call {
+                prop_assert_eq!(key.verify(Some(&cred), Some(&other), now), Err(CredentialError::Invalid));
+            }
+            let wrong_route = if route.is_some() { None } else { Some(&call) };
+            prop_assert_eq!(key.verify(Some(&cred), wrong_route, now), Err(CredentialError::Invalid));
+            if other_secret != secret {
+                let other_key = StreamKey::from_secret(&other_secret);
+                prop_assert_eq!(other_key.verify(Some(&cred), route, now), Err(CredentialError::Invalid));
+            }
+            // The same bytes as a Twilio auth token give another key (domain separation).
+            let derived = StreamKey::from_auth_token(&secret);
+            prop_assert_eq!(derived.verify(Some(&cred), route, now), Err(CredentialError::Invalid));
+        }
+
+        /// Any text where the credential goes never verifies and never panics; none at
+        /// all is refused as missing.
+        #[test]
+        fn arbitrary_credentials_are_refused(
+            text in prop_oneof![hostile_text(), "[A-Za-z0-9_-]{70,90}"],
+            call in proptest::option::of(call_id()),
+            now in any::<i64>(),
+        ) {
+            let key = StreamKey::from_secret(b"a-stream-secret-of-32-bytes-or-more");
+            let r = key.verify(Some(&text), call.as_ref(), now);
+            if text.is_empty() {
+                prop_assert_eq!(r, Err(CredentialError::Missing));
+            } else {
+                prop_assert!(r.is_err());
+            }
+            prop_assert_eq!(key.verify(None, call.as_ref(), now), Err(CredentialError::Missing));
         }
     }
 }
