@@ -7,19 +7,22 @@
 //! unexpired stream credential (`crate::stream_credential`). Only then is the call attached
 //! at control — which consumes the credential (a second use from any relay is refused) and
 //! checks `start.callSid` against the CallSid it admitted — or, standalone, the credential
-//! consumed on this relay; and only after that does the call dial the model.
+//! consumed on this relay; and only after that does the call dial the model. An attach
+//! that cannot reach control (a replica restarting) is retried for a while; the caller's
+//! audio meanwhile is kept, the latest of it, for the call.
 //!
 //! A refused stream is closed with a close code and reason of its own ([`Refusal`],
 //! `docs/protocols.md`, "Stream refusals"), counted in
 //! `callbridge_relay_stream_refusals_total{reason}`, and has touched no stored state.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::time::{Instant, timeout, timeout_at};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tonic::Code;
 use tracing::{debug, info, warn};
 
@@ -35,6 +38,15 @@ use crate::twilio::{self, CallSid, TwilioEventKind, TwilioWs};
 const EARLY_FRAMES: usize = 16;
 /// Longest wait for a refused stream's close frame to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a stream's attach is retried while control cannot be reached: a control
+/// replica's restart, well within the credential's life.
+const ATTACH_RETRY: Duration = Duration::from_secs(10);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Caller frames kept while the attach waits: what the call's media rate lets through at
+/// once ([`crate::call::media_rate::BURST`]).
+const WAIT_FRAMES: usize = (crate::call::media_rate::BURST.as_millis()
+    / crate::call::media_rate::FRAME.as_millis()) as usize;
 
 /// Which stream route the upgrade came in on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,8 +233,22 @@ pub async fn admit(
             _ => false,
         };
         if is_start {
-            let setup = check_start(&msg, route, deps, creds, upgraded_at).await?;
+            let checked = check_start(&msg, route, deps, creds).await?;
             early.push(msg);
+            let setup = match checked {
+                Checked::Standalone => CallSetup {
+                    call_id: None,
+                    agent: AgentView::standalone(&deps.config),
+                    attach: None,
+                    upgraded_at,
+                },
+                Checked::Attach { call_id, proof } => {
+                    let mut waiting = WaitingFrames::default();
+                    let setup = attach(ws, &mut waiting, call_id, proof, deps, upgraded_at).await;
+                    early.extend(waiting.frames);
+                    setup?
+                }
+            };
             return Ok(Admitted { setup, early });
         }
         if early.len() < EARLY_FRAMES {
@@ -233,14 +259,21 @@ pub async fn admit(
     }
 }
 
-/// The checks of a `start` message, cheapest first; the attach (which writes) last.
+/// A `start` that passed the relay's own checks.
+enum Checked {
+    /// A standalone stream, its credential consumed here.
+    Standalone,
+    /// A stored call, to attach at control with this proof.
+    Attach { call_id: CallId, proof: AttachProof },
+}
+
+/// The checks of a `start` message that need no control plane, cheapest first.
 async fn check_start(
     msg: &Message,
     route: &Route,
     deps: &CallDeps,
     creds: &StreamCredentials,
-    upgraded_at: Instant,
-) -> Result<CallSetup, Refusal> {
+) -> Result<Checked, Refusal> {
     let Message::Text(text) = msg else {
         return Err(Refusal::BadStart);
     };
@@ -268,43 +301,118 @@ async fn check_start(
     let call_sid = CallSid::new(start.call_sid.as_ref());
     match route {
         Route::Standalone => {
-            if !creds.used.consume(&cred, now).await {
-                return Err(Refusal::CredentialUsed);
+            if creds.used.consume(&cred, now).await {
+                Ok(Checked::Standalone)
+            } else {
+                Err(Refusal::CredentialUsed)
             }
-            Ok(CallSetup {
-                call_id: None,
-                agent: AgentView::standalone(&deps.config),
-                attach: None,
-                upgraded_at,
-            })
         }
-        Route::Call(call_id) => {
-            let Some(control) = &deps.control else {
-                return Err(Refusal::ControlUnavailable);
-            };
-            let proof = AttachProof {
+        Route::Call(call_id) if deps.control.is_some() => Ok(Checked::Attach {
+            call_id: call_id.clone(),
+            proof: AttachProof {
                 credential_id: cred.id,
                 credential_expires_at_ms: cred.expires_at_ms,
                 twilio_call_sid: call_sid.map(|s| s.as_str().to_owned()),
-            };
-            let (ctx, stream) = control
-                .attach(call_id, &deps.relay_id, false, Some(proof))
-                .await
-                .map_err(|e| {
-                    debug!(error = %e, "Attach refused at start.");
-                    Refusal::from_control(&e)
-                })?;
-            let Some(agent) = ctx.agent.as_ref().map(AgentView::from_agent) else {
-                warn!("Call context without agent.");
-                return Err(Refusal::ControlUnavailable);
-            };
-            Ok(CallSetup {
-                call_id: Some(call_id.clone()),
-                agent,
-                attach: Some((ctx, stream)),
-                upgraded_at,
-            })
+            },
+        }),
+        Route::Call(_) => Err(Refusal::ControlUnavailable),
+    }
+}
+
+/// The caller's frames read while the attach waits for control: the latest
+/// [`WAIT_FRAMES`] are kept (older audio is stale by the time the call starts).
+#[derive(Default)]
+struct WaitingFrames {
+    frames: VecDeque<Message>,
+}
+
+impl WaitingFrames {
+    /// Keeps the next frame from the socket; `Err` once the caller has gone.
+    fn keep(
+        &mut self,
+        next: Option<Result<Message, tungstenite::Error>>,
+        deps: &CallDeps,
+    ) -> Result<(), Refusal> {
+        match next {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Refusal::ClosedBeforeStart),
+            Some(Ok(m)) => {
+                if self.frames.len() == WAIT_FRAMES {
+                    self.frames.pop_front();
+                    deps.metrics.rate_dropped().inc();
+                }
+                self.frames.push_back(m);
+                Ok(())
+            }
         }
+    }
+}
+
+/// Attaches the call at control, which consumes the credential. While control cannot be
+/// reached (a replica restarting, a connection cut) the attach is retried for up to
+/// [`ATTACH_RETRY`], reading the caller's frames meanwhile; any answer of control's is
+/// final.
+async fn attach(
+    ws: &mut TwilioWs,
+    waiting: &mut WaitingFrames,
+    call_id: CallId,
+    proof: AttachProof,
+    deps: &CallDeps,
+    upgraded_at: Instant,
+) -> Result<CallSetup, Refusal> {
+    let Some(control) = &deps.control else {
+        return Err(Refusal::ControlUnavailable);
+    };
+    let give_up = Instant::now() + ATTACH_RETRY;
+    let mut backoff = RETRY_MIN;
+    let (ctx, stream) = loop {
+        let attempt = control.attach(&call_id, &deps.relay_id, false, Some(proof.clone()));
+        let mut attempt = std::pin::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                next = ws.next() => waiting.keep(next, deps)?,
+            }
+        };
+        let e = match result {
+            Ok(attached) => break attached,
+            Err(e) => e,
+        };
+        let refusal = Refusal::from_control(&e);
+        let retry_at = Instant::now() + backoff;
+        if !is_transient(&e) || retry_at > give_up {
+            debug!(error = %e, "Attach refused at start.");
+            return Err(refusal);
+        }
+        warn!(error = %e, "Control unreachable at start; retrying the attach.");
+        let mut wait = std::pin::pin!(sleep_until(retry_at));
+        loop {
+            tokio::select! {
+                () = &mut wait => break,
+                next = ws.next() => waiting.keep(next, deps)?,
+            }
+        }
+        backoff = (backoff * 2).min(RETRY_MAX);
+    };
+    let Some(agent) = ctx.agent.as_ref().map(AgentView::from_agent) else {
+        warn!("Call context without agent.");
+        return Err(Refusal::ControlUnavailable);
+    };
+    Ok(CallSetup {
+        call_id: Some(call_id),
+        agent,
+        attach: Some((ctx, stream)),
+        upgraded_at,
+    })
+}
+
+/// Whether control was not reached (or did not answer), as opposed to answering.
+fn is_transient(e: &ControlError) -> bool {
+    match e {
+        ControlError::Status(s) if s.metadata().get(REFUSAL_METADATA).is_some() => false,
+        _ => matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+        ),
     }
 }
 

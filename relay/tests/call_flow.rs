@@ -199,7 +199,12 @@ async fn refused_streams_never_open_a_model_socket() {
         (tonic::Code::NotFound, 4404u16, "unknown call"),
         (tonic::Code::FailedPrecondition, 4412, "call has ended"),
         (tonic::Code::AlreadyExists, 4423, "call is already attached"),
-        (tonic::Code::Unavailable, 4503, "control plane unavailable"),
+        // Control answering is final; only an unreachable control is retried (below).
+        (
+            tonic::Code::PermissionDenied,
+            4503,
+            "control plane unavailable",
+        ),
     ] {
         w.control.state.lock().unwrap().attach_error = Some(code);
         let got = refused_at_start(&w.relay, start_msg()).await;
@@ -585,6 +590,49 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
     assert!(
         m.contains("callbridge_relay_calls_total{reason=\"caller_hangup\"} 1"),
         "{m}"
+    );
+}
+
+#[tokio::test]
+async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audio() {
+    let mut w = world(|_| {}).await;
+    w.control.state.lock().unwrap().attach_unavailable = 2;
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let payloads: Vec<String> = (10..15u8)
+        .map(|i| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode([i; 160])
+        })
+        .collect();
+    for p in &payloads {
+        send_json(&mut tw, media_msg(p)).await;
+    }
+    // The third attempt is admitted; the frames sent meanwhile reach the model in order.
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    let first = within("first", model.rx.recv()).await.unwrap();
+    assert_eq!(first["type"], "session.update");
+    for p in &payloads {
+        assert_eq!(
+            model.next_of("input_audio_buffer.append").await["audio"],
+            p.as_str()
+        );
+    }
+    {
+        let st = w.control.state.lock().unwrap();
+        assert_eq!(st.opens.len(), 3, "{:?}", st.opens);
+        // Each attempt carried the same proof: control consumes it once, on the success.
+        assert!(st.opens.iter().all(|o| o.stream_credential_id
+            == st.opens[0].stream_credential_id
+            && !o.stream_credential_id.is_empty()));
+        assert_eq!(st.attaches, 1);
+    }
+    drop(tw);
+    assert_eq!(
+        wait_ended(&w.control).await.reason,
+        EndReason::CallerHangup as i32
     );
 }
 

@@ -55,6 +55,8 @@ pub struct ControlState {
     pub agent: pb::Agent,
     pub admit_error: Option<Code>,
     pub attach_error: Option<Code>,
+    /// Answer this many more attaches with `UNAVAILABLE` (control restarting).
+    pub attach_unavailable: usize,
     pub after: Option<pb::AfterResponse>,
     pub after_error: Option<Code>,
     pub last_seq: u64,
@@ -161,6 +163,10 @@ impl Relay for FakeControl {
             st.opens.push(open.clone());
             if let Some(code) = st.attach_error {
                 return Err(Status::new(code, "refused by the fake"));
+            }
+            if st.attach_unavailable > 0 {
+                st.attach_unavailable -= 1;
+                return Err(Status::unavailable("restarting"));
             }
             st.attaches += 1;
             let stored = st.events.iter().map(|e| e.seq).max().unwrap_or(st.last_seq);
