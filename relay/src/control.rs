@@ -35,8 +35,9 @@ impl Interceptor for Auth {
 /// Errors talking to control, classified by what the caller should do.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Control answered with a gRPC status.
-    #[error("control answered {code:?}: {message}", code = .0.code(), message = .0.message())]
+    /// A gRPC status: control's answer, or tonic's when control was not reached (then the
+    /// cause, e.g. a TLS alert, is in the status's source chain, shown too).
+    #[error("control: {code:?}: {message}{causes}", code = .0.code(), message = .0.message(), causes = causes(.0))]
     Status(#[from] Status),
     /// No answer in time.
     #[error("control did not answer within {0:?}")]
@@ -46,7 +47,31 @@ pub enum ControlError {
     NoContext,
 }
 
+/// The source chain of a status (`: cause: its cause…`), empty for control's own answers.
+fn causes(status: &Status) -> String {
+    let mut out = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
 impl ControlError {
+    /// Whether control was not reached (or did not answer in time), as opposed to
+    /// answering: worth retrying, and worth an operator's attention.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Status(s) if s.metadata().get(REFUSAL_METADATA).is_some() => false,
+            _ => matches!(
+                self.code(),
+                Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+            ),
+        }
+    }
+
     /// The gRPC code, with timeouts as `DEADLINE_EXCEEDED`.
     pub fn code(&self) -> Code {
         match self {

@@ -198,6 +198,10 @@ async fn voice(
                 &credential,
             )))
         }
+        Err(e) if e.is_transient() => {
+            warn!(error = %e, "Admit failed: control unreachable.");
+            Ok(text(control_status(&e), "control plane unavailable\n"))
+        }
         Err(e) => {
             debug!(error = %e, "Admit refused.");
             Ok(match e.code() {
@@ -256,7 +260,11 @@ async fn after(
             }
         })),
         Err(e) => {
-            debug!(error = %e, "After failed.");
+            if e.is_transient() {
+                warn!(error = %e, "After failed: control unreachable.");
+            } else {
+                debug!(error = %e, "After failed.");
+            }
             Ok(match e.code() {
                 // The call is unknown: nothing sensible to continue with.
                 Code::NotFound => xml(twiml::hangup()),

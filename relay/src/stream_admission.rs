@@ -379,7 +379,7 @@ async fn attach(
         };
         let refusal = Refusal::from_control(&e);
         let retry_at = Instant::now() + backoff;
-        if !is_transient(&e) || retry_at > give_up {
+        if !e.is_transient() || retry_at > give_up {
             debug!(error = %e, "Attach refused at start.");
             return Err(refusal);
         }
@@ -403,17 +403,6 @@ async fn attach(
         attach: Some((ctx, stream)),
         upgraded_at,
     })
-}
-
-/// Whether control was not reached (or did not answer), as opposed to answering.
-fn is_transient(e: &ControlError) -> bool {
-    match e {
-        ControlError::Status(s) if s.metadata().get(REFUSAL_METADATA).is_some() => false,
-        _ => matches!(
-            e.code(),
-            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
-        ),
-    }
 }
 
 /// Closes a refused stream with its code and reason, and counts it.

@@ -291,6 +291,48 @@ async fn bad_certificates_and_plaintext_get_unavailable_naming_tls_and_nothing_c
     wait_health(&world, ServingStatus::Serving).await;
 }
 
+/// The relay's side of a refused client certificate: the webhook gets a 503 at once (not a
+/// hang), the relay warns that control is unreachable with the transport's cause, and
+/// control's log names the reason (a TLS 1.3 client only sees the connection close).
+#[tokio::test]
+async fn a_relay_whose_certificate_control_refuses_answers_503_and_both_sides_say_why() {
+    let other = TestCa::new("other").expect("other CA");
+    let stranger = other.issue("stranger-relay", Usage::Client).expect("cert");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let mut world = World::builder(FakeRealtime::builder())
+        .tls()
+        .relay_env("CONTROL_CLIENT_CERT_FILE", &path(&stranger.cert))
+        .relay_env("CONTROL_CLIENT_KEY_FILE", &path(&stranger.key))
+        .start()
+        .await;
+    let caller = SimCaller::new(world.caller(script(0, 500)));
+    let hook = with_timeout(WAIT, "webhook", caller.webhook())
+        .await
+        .expect("the relay answers");
+    assert_eq!(
+        (hook.response.status, hook.response.body.as_str()),
+        (503, "control plane unavailable\n")
+    );
+    let said = || {
+        let relay = world.relays[0].log_text();
+        let control = world.control.log_text();
+        relay.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("Admit failed: control unreachable")
+                && l.contains("transport error")
+        }) && control
+            .lines()
+            .any(|l| l.contains("TLS handshake failed") && l.contains("UnknownIssuer"))
+    };
+    assert!(
+        callbridge_testkit::eventually(WAIT, said).await,
+        "relay:\n{}\ncontrol:\n{}",
+        world.relays[0].log_text(),
+        world.control.log_text()
+    );
+    assert!(world.relays[0].is_running() && world.control.is_running());
+}
+
 fn identity(pair: &PemPair) -> tonic::transport::Identity {
     tonic::transport::Identity::from_pem(
         std::fs::read(&pair.cert).expect("cert"),
