@@ -593,15 +593,14 @@ async fn call_relays_audio_marks_barge_in_and_reports_events() {
     );
 }
 
-#[tokio::test]
-async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audio() {
-    let mut w = world(|_| {}).await;
-    w.control.state.lock().unwrap().attach_unavailable = 2;
+/// Sends `start` and five media frames on a new stream, then checks that the model, once
+/// dialled, gets the session setup and then every frame, in order; returns the stream.
+async fn early_frames_reach_the_model(w: &mut World, first_byte: u8) -> Ws {
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
     send_json(&mut tw, start_msg()).await;
-    let payloads: Vec<String> = (10..15u8)
+    let payloads: Vec<String> = (first_byte..first_byte + 5)
         .map(|i| {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD.encode([i; 160])
@@ -610,7 +609,6 @@ async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audi
     for p in &payloads {
         send_json(&mut tw, media_msg(p)).await;
     }
-    // The third attempt is admitted; the frames sent meanwhile reach the model in order.
     let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     let first = within("first", model.rx.recv()).await.unwrap();
     assert_eq!(first["type"], "session.update");
@@ -620,6 +618,15 @@ async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audi
             p.as_str()
         );
     }
+    tw
+}
+
+#[tokio::test]
+async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audio() {
+    let mut w = world(|_| {}).await;
+    w.control.state.lock().unwrap().attach_unavailable = 2;
+    // The third attempt is admitted; the frames sent meanwhile reach the model in order.
+    let tw = early_frames_reach_the_model(&mut w, 10).await;
     {
         let st = w.control.state.lock().unwrap();
         assert_eq!(st.opens.len(), 3, "{:?}", st.opens);
@@ -639,30 +646,8 @@ async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audi
 #[tokio::test]
 async fn caller_frames_before_the_model_is_ready_are_kept() {
     let mut w = world(|_| {}).await;
-    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
-        .await
-        .unwrap();
-    send_json(&mut tw, start_msg()).await;
-    let payloads: Vec<String> = (0..5u8)
-        .map(|i| {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.encode([i; 160])
-        })
-        .collect();
-    for p in &payloads {
-        send_json(&mut tw, media_msg(p)).await;
-    }
-    // Only now does the test look at the model: every frame arrives, in order, after the
-    // session.update.
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
-    let first = within("first", model.rx.recv()).await.unwrap();
-    assert_eq!(first["type"], "session.update");
-    for p in &payloads {
-        assert_eq!(
-            model.next_of("input_audio_buffer.append").await["audio"],
-            p.as_str()
-        );
-    }
+    // Only after sending does the test look at the model.
+    let tw = early_frames_reach_the_model(&mut w, 0).await;
     drop(tw);
     assert_eq!(
         wait_ended(&w.control).await.reason,
