@@ -21,6 +21,8 @@
 //! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
 //! | `RELAY_MODEL_STALL_SECS` | a model session that owes an answer (a response running, or asked for) and sends nothing for this long counts as lost | `10` |
 //! | `RELAY_MODEL_SESSION_SECS` | the model's session limit; a fresh session replaces the old one at a quiet moment before it (0: never) | `3600` |
+//! | `RELAY_MODEL_BREAKER_FAILURES` | consecutive failed model dials (refused, timed out, handshake refused) after which the endpoint's circuit breaker opens: new calls get the agent's fallback at once instead of dialling, until a background probe dial connects (0: no breaker) | `5` |
+//! | `RELAY_MODEL_BREAKER_PROBE_MS` | pause before the breaker's first probe dial; it doubles after each failed probe, up to 10 s | `2000` |
 //! | `RELAY_ID` | identity of this relay process towards control | hostname + random suffix |
 //! | `RELAY_START_TIMEOUT_MS` | Twilio `start` must arrive this soon after the upgrade | `5000` |
 //! | `RELAY_MEDIA_TIMEOUT_SECS` | end a call after this long without caller media | `30` |
@@ -49,6 +51,14 @@ use tonic::metadata::{Ascii, MetadataValue};
 
 /// Exit code for invalid configuration (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
+
+/// Most consecutive failed dials `RELAY_MODEL_BREAKER_FAILURES` may ask for (a breaker
+/// that needs more would never open in an outage anyone notices).
+const MAX_BREAKER_FAILURES: u32 = 1000;
+/// Bounds of `RELAY_MODEL_BREAKER_PROBE_MS`: probes faster than this would hammer a
+/// recovering endpoint; slower ones keep callers on the fallback long after it is back.
+const BREAKER_PROBE_MS_MIN: u64 = 50;
+const BREAKER_PROBE_MS_MAX: u64 = 60_000;
 
 /// Default Realtime endpoint.
 pub const DEFAULT_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -142,6 +152,12 @@ pub struct Config {
     /// The model's session limit in seconds (0: never roll over).
     #[arg(long, env = "RELAY_MODEL_SESSION_SECS", default_value_t = 3600)]
     pub model_session_secs: u64,
+    /// Consecutive failed model dials that open the endpoint's circuit breaker (0: off).
+    #[arg(long, env = "RELAY_MODEL_BREAKER_FAILURES", default_value_t = 5)]
+    pub model_breaker_failures: u32,
+    /// Milliseconds before the breaker's first probe dial (doubling after each failure).
+    #[arg(long, env = "RELAY_MODEL_BREAKER_PROBE_MS", default_value_t = 2000)]
+    pub model_breaker_probe_ms: u64,
     /// Identity of this relay towards control (default: hostname + random suffix).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
@@ -270,6 +286,8 @@ impl Config {
             model_reconnect_secs: 10,
             model_stall_secs: 10,
             model_session_secs: 3600,
+            model_breaker_failures: 5,
+            model_breaker_probe_ms: 2000,
             relay_id: Some("relay-test".to_owned()),
             start_timeout_ms: 5000,
             media_timeout_secs: 30,
@@ -371,6 +389,18 @@ impl Config {
         }
         if self.upstream_connect_timeout_ms == 0 {
             return Err(invalid("RELAY_UPSTREAM_CONNECT_TIMEOUT_MS", "must be > 0"));
+        }
+        if self.model_breaker_failures > MAX_BREAKER_FAILURES {
+            return Err(invalid(
+                "RELAY_MODEL_BREAKER_FAILURES",
+                format!("must be within 0..={MAX_BREAKER_FAILURES}"),
+            ));
+        }
+        if !(BREAKER_PROBE_MS_MIN..=BREAKER_PROBE_MS_MAX).contains(&self.model_breaker_probe_ms) {
+            return Err(invalid(
+                "RELAY_MODEL_BREAKER_PROBE_MS",
+                format!("must be within {BREAKER_PROBE_MS_MIN}..={BREAKER_PROBE_MS_MAX}"),
+            ));
         }
         if self.tool_timeout_secs == 0 {
             return Err(invalid("RELAY_TOOL_TIMEOUT_SECS", "must be > 0"));
@@ -587,6 +617,11 @@ impl Config {
         Duration::from_secs(self.model_stall_secs.max(1))
     }
 
+    /// Pause before the model breaker's first probe dial.
+    pub fn model_breaker_probe(&self) -> Duration {
+        Duration::from_millis(self.model_breaker_probe_ms)
+    }
+
     /// How long a lost model session may be retried; `None`: no reconnect.
     pub fn model_reconnect(&self) -> Option<Duration> {
         (self.model_reconnect_secs > 0).then(|| Duration::from_secs(self.model_reconnect_secs))
@@ -695,6 +730,35 @@ mod tests {
         let mut never = BASE.to_vec();
         never.extend(["--model-session-secs", "0"]);
         assert_eq!(parse(&never).unwrap().model_rollover_after(), None);
+    }
+
+    #[test]
+    fn model_breaker_settings_are_bounded_and_switch_off() {
+        let c = parse(&BASE).unwrap();
+        assert_eq!(c.model_breaker_failures, 5);
+        assert_eq!(c.model_breaker_probe(), Duration::from_millis(2000));
+        let with = |failures: &'static str, probe: &'static str| {
+            let mut args = BASE.to_vec();
+            args.extend(["--model-breaker-failures", failures]);
+            args.extend(["--model-breaker-probe-ms", probe]);
+            parse(&args)
+        };
+        let c = with("0", "50").unwrap();
+        assert_eq!(c.model_breaker_failures, 0);
+        assert_eq!(c.model_breaker_probe(), Duration::from_millis(50));
+        let err = with("1001", "2000").unwrap_err();
+        assert!(
+            err.to_string().contains("RELAY_MODEL_BREAKER_FAILURES"),
+            "{err}"
+        );
+        for probe in ["0", "49", "60001"] {
+            let err = with("5", probe).unwrap_err();
+            assert!(
+                err.to_string().contains("RELAY_MODEL_BREAKER_PROBE_MS"),
+                "{err}"
+            );
+        }
+        assert!(matches!(with("-1", "2000"), Err(ConfigError::Parse(_))));
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! Control errors at webhook time: no agent for the
 //! number (`NOT_FOUND`) → 200 TwiML that apologises and hangs up (Twilio needs TwiML, and
 //! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
-//! → 503, so Twilio's configured fallback URL takes over.
+//! → 503, so Twilio's configured fallback URL takes over. While the model endpoint's
+//! circuit breaker is open ([`crate::model_breaker`]) the webhook answers the agent's
+//! fallback instead of a stream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use crate::call::{self, CallDeps, TWILIO_MAX_MESSAGE};
 use crate::call_id::{self as ids, CallId};
 use crate::capacity::{AtCapacity, Refused, below_max_calls};
 use crate::control::ControlError;
+use crate::model_breaker::ShortCircuit;
 use crate::stream_admission::{self, Route};
 use crate::stream_credential::{Segment, StreamCredentials};
 use crate::{signature, twiml};
@@ -150,6 +153,9 @@ async fn voice(
         return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
     }
     let Some(control) = &deps.call.control else {
+        if !model_admits(&deps) {
+            return Ok(xml(twiml::fallback(None)));
+        }
         let credential = deps.streams.mint(None, Segment::Standalone);
         return Ok(xml(twiml::connect_simple(
             &cfg.public_ws_base(),
@@ -190,6 +196,10 @@ async fn voice(
                 let fb = settings.and_then(|s| s.fallback.as_ref());
                 return Ok(xml(twiml::fallback(fb)));
             }
+            if !model_admits(&deps) {
+                let fb = settings.and_then(|s| s.fallback.as_ref());
+                return Ok(xml(twiml::fallback(fb)));
+            }
             let credential = deps.streams.mint(Some(&call_id), Segment::First);
             Ok(xml(twiml::connect_stream(
                 &cfg.public_url,
@@ -213,6 +223,14 @@ async fn voice(
             })
         }
     }
+}
+
+/// Whether a new call may be streamed to the model: not while the endpoint's circuit
+/// breaker is open (the caller would wait out the dial timeout in silence for nothing).
+fn model_admits(deps: &Deps) -> bool {
+    deps.call
+        .breakers
+        .admits(&deps.call.config.openai_realtime_url, ShortCircuit::Webhook)
 }
 
 /// The first value of `name` in a raw query string, decoded as a form (`+` is a space,
@@ -581,6 +599,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, Secret};
     use crate::metrics::Metrics;
+    use crate::model_breaker::ModelBreakers;
     use tokio_util::sync::CancellationToken;
 
     const TOKEN: &str = "twilio-secret";
@@ -593,10 +612,13 @@ mod tests {
         tweak(&mut config);
         let control = crate::control::Control::from_config(&config).expect("control URL parses");
         let config_for_streams = config.clone();
+        let metrics = Metrics::new();
+        let breakers = ModelBreakers::from_config(&config, &metrics);
         Deps {
             call: CallDeps {
+                breakers,
                 config: Arc::new(config),
-                metrics: Metrics::new(),
+                metrics,
                 control,
                 relay_id: "relay-test".into(),
                 hard_stop: CancellationToken::new(),

@@ -14,6 +14,8 @@
 //! - [`control`]: client of control's `Relay` service.
 //! - [`call`]: one call: the call loop over its components (model session, playback in
 //!   `call::phase`, deadlines, tools, counters), socket outboxes, control link.
+//! - [`model_breaker`]: a circuit breaker per model endpoint, shared by the calls: during
+//!   an outage new calls get the fallback at once.
 //! - [`agent`]: the agent a call runs with.
 //! - [`error`]: errors naming the failing side; how a call ended.
 //! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours
@@ -34,6 +36,7 @@ pub mod error;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod model_breaker;
 pub mod realtime;
 pub mod signature;
 pub mod status_callback;
@@ -112,8 +115,10 @@ pub async fn run_with_metrics(
     let hard_stop = CancellationToken::new();
     let drain_started = CancellationToken::new();
     let streams = Arc::new(stream_credential::StreamCredentials::from_config(&config));
+    let breakers = model_breaker::ModelBreakers::from_config(&config, &metrics);
     let deps = http::Deps {
         call: call::CallDeps {
+            breakers,
             config: Arc::new(config),
             metrics: metrics.clone(),
             control,

@@ -12,6 +12,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
+/// A model endpoint (its URL without credentials or query).
+type EndpointLabels = [(&'static str, String); 1];
+/// A model endpoint and where a call was sent to the fallback.
+type ShortCircuitLabels = [(&'static str, String); 2];
 
 /// All relay metrics; cheap to clone.
 #[derive(Clone)]
@@ -43,6 +47,9 @@ struct Inner {
     listeners: crate::listen::ListenerMetrics,
     stream_refusals: Family<Labels, Counter>,
     rate_dropped: Counter,
+    model_breaker_open: Family<EndpointLabels, Gauge>,
+    model_breaker_opened: Family<EndpointLabels, Counter>,
+    model_breaker_short_circuits: Family<ShortCircuitLabels, Counter>,
 }
 
 fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
@@ -174,6 +181,24 @@ impl Metrics {
             "Caller media frames dropped on arrival, by reason (rate: faster than real time)",
             media_dropped.clone(),
         );
+        let model_breaker_open = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "model_breaker_open",
+            "1 while the model endpoint's circuit breaker is open (new calls get the fallback at once)",
+            model_breaker_open.clone(),
+        );
+        let model_breaker_opened = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "model_breaker_opened",
+            "Times the model endpoint's circuit breaker opened",
+            model_breaker_opened.clone(),
+        );
+        let model_breaker_short_circuits = Family::<ShortCircuitLabels, Counter>::default();
+        registry.register(
+            "model_breaker_short_circuits",
+            "New calls sent to the fallback without dialling because the breaker was open, by where (webhook, stream)",
+            model_breaker_short_circuits.clone(),
+        );
 
         let listeners = crate::listen::ListenerMetrics::register(&mut registry);
 
@@ -210,6 +235,9 @@ impl Metrics {
             listeners,
             stream_refusals,
             rate_dropped,
+            model_breaker_open,
+            model_breaker_opened,
+            model_breaker_short_circuits,
         };
         Self {
             inner: Arc::new(inner),
@@ -313,6 +341,34 @@ impl Metrics {
         &self.inner.rate_dropped
     }
 
+    /// The breaker gauge of a model endpoint (created at 0).
+    pub fn model_breaker_open(&self, endpoint: &str) -> Gauge {
+        let gauge = self
+            .inner
+            .model_breaker_open
+            .get_or_create(&[("endpoint", endpoint.to_owned())]);
+        gauge.clone()
+    }
+
+    /// The count of a model endpoint's breaker openings (created at 0).
+    pub fn model_breaker_opened(&self, endpoint: &str) -> Counter {
+        let counter = self
+            .inner
+            .model_breaker_opened
+            .get_or_create(&[("endpoint", endpoint.to_owned())]);
+        counter.clone()
+    }
+
+    /// The count of new calls sent to the fallback at `at` because the endpoint's breaker
+    /// was open (created at 0).
+    pub fn model_breaker_short_circuits(&self, endpoint: &str, at: &'static str) -> Counter {
+        let counter = self
+            .inner
+            .model_breaker_short_circuits
+            .get_or_create(&[("endpoint", endpoint.to_owned()), ("at", at.to_owned())]);
+        counter.clone()
+    }
+
     /// Draining gauge.
     pub fn draining(&self) -> &Gauge {
         &self.inner.draining
@@ -335,6 +391,10 @@ mod tests {
         m.call_ended("caller_hangup");
         m.time_to_first_audio().observe(0.2);
         m.stream_refused("credential_used");
+        m.model_breaker_open("ws://model/v1/realtime").set(1);
+        m.model_breaker_opened("ws://model/v1/realtime").inc();
+        m.model_breaker_short_circuits("ws://model/v1/realtime", "webhook")
+            .inc();
         let text = m.encode();
         for name in [
             "callbridge_relay_active_calls",
@@ -358,6 +418,9 @@ mod tests {
             "callbridge_relay_max_calls",
             "callbridge_relay_stream_refusals_total{reason=\"credential_used\"} 1",
             "callbridge_relay_media_frames_dropped_total{reason=\"rate\"} 0",
+            "callbridge_relay_model_breaker_open{endpoint=\"ws://model/v1/realtime\"} 1",
+            "callbridge_relay_model_breaker_opened_total{endpoint=\"ws://model/v1/realtime\"} 1",
+            "callbridge_relay_model_breaker_short_circuits_total{endpoint=\"ws://model/v1/realtime\",at=\"webhook\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

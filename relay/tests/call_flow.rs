@@ -1235,3 +1235,95 @@ async fn a_dropped_model_session_hears_the_untranscribed_words_again() {
         );
     }
 }
+
+#[tokio::test]
+async fn with_the_model_breaker_open_new_calls_get_the_fallback_without_dialling() {
+    use callbridge_testkit::fake_realtime::FakeRealtime;
+    // The model endpoint is down: every connection is closed unanswered.
+    let (model, _conns) = FakeRealtime::builder()
+        .refusing()
+        .start_manual()
+        .await
+        .unwrap();
+    let control = FakeControl::default();
+    let mut s = settings();
+    s.fallback = Some(pb::Fallback {
+        action: Some(pb::fallback::Action::DialNumber("+15550111".into())),
+        preamble: String::new(),
+    });
+    control.state.lock().unwrap().agent = agent(s);
+    let caddr = start_control(control.clone()).await;
+    // One failed dial opens the breaker; its first probe is far off, so every
+    // connection the model sees below is a call's.
+    let relay = start_relay(&model.url(), Some(caddr), |c| {
+        c.model_reconnect_secs = 0;
+        c.model_breaker_failures = 1;
+        c.model_breaker_probe_ms = 60_000;
+    })
+    .await;
+    let endpoint = format!("{{endpoint=\"{}\"}}", model.url());
+
+    // Before the breaker opens, a webhook answers a stream, and the stream dials.
+    let (status, _, body) = post_form(&relay, "/api/twilio/voice?callId=call_1", &[], true).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<Stream "), "{body}");
+    let text = relay.metrics.encode();
+    assert!(
+        text.contains(&format!("callbridge_relay_model_breaker_open{endpoint} 0")),
+        "{text}"
+    );
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    assert_eq!(
+        wait_ended(&control).await.reason,
+        EndReason::ModelUnavailable as i32
+    );
+    assert_eq!(next_close(&mut tw).await.0, Some(1000));
+    assert_eq!(model.connections_refused(), 1, "the call dialled");
+    let text = relay.metrics.encode();
+    assert!(
+        text.contains(&format!("callbridge_relay_model_breaker_open{endpoint} 1")),
+        "{text}"
+    );
+
+    // Open: the webhook answers the agent's fallback instead of a stream.
+    let (status, _, body) = post_form(&relay, "/api/twilio/voice?callId=call_2", &[], true).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("<Stream"), "{body}");
+    assert!(body.contains("+15550111"), "{body}");
+
+    // A stream that arrives anyway ends at once with MODEL_UNAVAILABLE, without a dial.
+    control.state.lock().unwrap().events.clear();
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_2")
+        .await
+        .unwrap();
+    send_json(
+        &mut tw,
+        start_with(json!({"callId":"call_2","credential":credential(Some("call_2"))})),
+    )
+    .await;
+    let ended = wait_ended(&control).await;
+    assert_eq!(ended.reason, EndReason::ModelUnavailable as i32);
+    assert!(ended.detail.contains("circuit breaker open"), "{ended:?}");
+    assert_eq!(next_close(&mut tw).await.0, Some(1000));
+    let kinds = control.kinds();
+    assert!(kinds.iter().any(|k| k == "started"), "{kinds:?}");
+    assert!(
+        control.events().iter().any(|e| matches!(
+            &e.kind,
+            Some(pb::call_event::Kind::ModelError(m)) if m.fatal && m.code == "model_unavailable"
+        )),
+        "{kinds:?}"
+    );
+    assert_eq!(model.connections_refused(), 1, "no dial while open");
+    let text = relay.metrics.encode();
+    for at in ["webhook", "stream"] {
+        let series = format!(
+            "callbridge_relay_model_breaker_short_circuits_total{{endpoint=\"{}\",at=\"{at}\"}} 1",
+            model.url()
+        );
+        assert!(text.contains(&series), "{series} in\n{text}");
+    }
+}

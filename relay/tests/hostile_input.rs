@@ -436,6 +436,7 @@ mod webhooks {
     use callbridge_proto::pb;
     use callbridge_relay::config::{Config, Secret};
     use callbridge_relay::http::{Deps, routes};
+    use callbridge_relay::model_breaker::ModelBreakers;
     use callbridge_relay::{Metrics, call, control, signature};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -469,6 +470,7 @@ mod webhooks {
         let deps = rt.block_on(async {
             Deps {
                 call: call::CallDeps {
+                    breakers: ModelBreakers::from_config(&config, &Metrics::new()),
                     control: control::Control::from_config(&config).unwrap(),
                     config: Arc::new(config),
                     metrics: Metrics::new(),

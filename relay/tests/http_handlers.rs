@@ -14,6 +14,7 @@ use callbridge_proto::pb;
 use callbridge_proto::pb::after_response::Next;
 use callbridge_relay::config::{Config, Secret};
 use callbridge_relay::http::{Deps, routes};
+use callbridge_relay::model_breaker::ModelBreakers;
 use callbridge_relay::stream_credential::{Segment, StreamCredentials};
 use callbridge_relay::{Metrics, call, control, signature};
 use support::*;
@@ -40,6 +41,7 @@ async fn handlers() -> Handlers {
     let config_for_streams = config.clone();
     let deps = Deps {
         call: call::CallDeps {
+            breakers: ModelBreakers::from_config(&config, &Metrics::new()),
             control: control::Control::from_config(&config).unwrap(),
             config: Arc::new(config),
             metrics: Metrics::new(),

@@ -246,3 +246,145 @@ async fn a_model_that_dies_mid_call_sends_the_caller_to_the_fallback() {
     );
     assert_eq!(world.fake.connections_accepted(), 1, "no reconnect storm");
 }
+
+/// `series`'s value in a Prometheus exposition (`series` with its labels, as printed).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    callbridge_testkit::http::request(
+        addr,
+        "GET",
+        &addr.to_string(),
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("GET /metrics on {addr}: {e}"))
+    .body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_model_outage_new_calls_get_the_fallback_at_once_until_a_probe_gets_through() {
+    use callbridge_testkit::conversation::{AgentReply, Turn};
+    let script = Conversation {
+        greeting: Some(AgentReply::says("Hello", 300)),
+        turns: vec![Turn::new(
+            "Are you back",
+            300,
+            AgentReply::says("I am", 300),
+        )],
+    };
+    // The model endpoint is down from the start: every connection is closed unanswered.
+    let fake = FakeRealtime::builder()
+        .script(script.clone())
+        .speed(2.0)
+        .refusing();
+    let world = World::builder(fake)
+        .relay_env("RELAY_MODEL_RECONNECT_SECS", "0")
+        .relay_env("RELAY_MODEL_BREAKER_FAILURES", "2")
+        .relay_env("RELAY_MODEL_BREAKER_PROBE_MS", "200")
+        .start()
+        .await;
+    let mut settings = agent_settings("outage", Some("Hello"));
+    settings.fallback = Some(pb::Fallback {
+        action: Some(pb::fallback::Action::DialNumber("+14155550111".to_owned())),
+        preamble: "Connecting you to a person.".to_owned(),
+    });
+    world.default_agent(settings).await;
+    let metrics = world.relay_metrics[0];
+    let endpoint = format!("{{endpoint=\"{}\"}}", world.fake.url());
+    let open_gauge = format!("callbridge_relay_model_breaker_open{endpoint}");
+
+    // The first two calls dial and fail: each stream ends MODEL_UNAVAILABLE and the
+    // caller gets the fallback through the <Connect action>.
+    for n in 0..2 {
+        let mut caller = world.caller(Conversation::default());
+        caller.hang_up_at_end = false;
+        let report = with_timeout(CALL, "a call in the outage", SimCaller::new(caller).run())
+            .await
+            .expect("runs");
+        let leg = report.leg().expect("a stream");
+        assert!(
+            matches!(leg.closed_by, ClosedBy::Relay { .. }),
+            "call {n}: {:?}",
+            leg.closed_by
+        );
+        let after = report.last_after().expect("the <Connect action>");
+        assert_eq!(
+            after.dial_number.as_deref(),
+            Some("+14155550111"),
+            "{after:?}"
+        );
+    }
+    assert!(world.fake.connections_refused() >= 2, "both calls dialled");
+    assert_eq!(world.fake.connections_accepted(), 0);
+    let text = scrape(metrics).await;
+    assert_eq!(sample(&text, &open_gauge), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            &format!("callbridge_relay_model_breaker_opened_total{endpoint}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    // The breaker is open: the next call's webhook answers the fallback itself, with no
+    // stream and so no dial (and no dial timeout to wait out).
+    let mut caller = world.caller(Conversation::default());
+    caller.hang_up_at_end = false;
+    let report = with_timeout(
+        CALL,
+        "a call with the breaker open",
+        SimCaller::new(caller).run(),
+    )
+    .await
+    .expect("runs");
+    let twiml = report.webhook.twiml.as_ref().expect("TwiML");
+    assert_eq!(twiml.stream_url, None, "no stream: {twiml:?}");
+    assert_eq!(
+        twiml.dial_number.as_deref(),
+        Some("+14155550111"),
+        "{twiml:?}"
+    );
+    assert!(report.legs.is_empty());
+    let text = scrape(metrics).await;
+    let webhook_series = format!(
+        "callbridge_relay_model_breaker_short_circuits_total{{endpoint=\"{}\",at=\"webhook\"}}",
+        world.fake.url()
+    );
+    assert_eq!(sample(&text, &webhook_series), Some(1.0), "{text}");
+
+    // The model is back: a probe dial gets through and closes the breaker.
+    world.fake.set_refusing(false);
+    with_timeout(CALL, "a probe closes the breaker", async {
+        while sample(&scrape(metrics).await, &open_gauge) != Some(0.0)
+            || world.fake.connections_accepted() == 0
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Only the probe got through: no call dialled while the breaker was open.
+    let probes = world.fake.connections_accepted();
+    assert_eq!(probes, 1, "one probe at a time, and it closed the breaker");
+
+    // The next call is streamed and dialled as usual, and the conversation plays.
+    let report = with_timeout(
+        CALL,
+        "a call after the outage",
+        SimCaller::new(world.caller(script.clone())).run(),
+    )
+    .await
+    .expect("runs");
+    let leg = report.leg().expect("a stream");
+    assert_eq!(leg.closed_by, ClosedBy::Caller, "{:?}", leg.closed_by);
+    assert_eq!(leg.turns_spoken.len(), script.turns.len(), "{leg:?}");
+    assert_eq!(world.fake.connections_accepted(), probes + 1);
+}

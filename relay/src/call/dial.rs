@@ -10,20 +10,23 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tracing::debug;
 
 use super::outbox::Outbox;
 use super::replay::Replay;
 use super::{CLOSE_WAIT, CallDeps, Dialled, MODEL_MAX_MESSAGE, ModelSink, ModelWs};
 use crate::agent::AgentView;
+use crate::config::Secret;
 use crate::error::RealtimeError;
+use crate::model_breaker::DialOutcome;
 use crate::realtime;
 
 /// Waits `delay` (reconnect backoff), dials the model and sends the session setup (the
 /// `session.update`, then any replayed conversation): the session is configured and
 /// knows the conversation before the first caller frame reaches it.
 async fn dial_model(
-    url: String,
-    api_key: crate::config::Secret,
+    url: &str,
+    api_key: &Secret,
     connect_timeout: Duration,
     setup: Vec<String>,
     delay: Duration,
@@ -31,10 +34,23 @@ async fn dial_model(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let mut req = url
-        .as_str()
-        .into_client_request()
-        .map_err(RealtimeError::Url)?;
+    let mut ws = open_socket(url, api_key, connect_timeout).await?;
+    for text in setup {
+        ws.feed(Message::text(text))
+            .await
+            .map_err(RealtimeError::Setup)?;
+    }
+    ws.flush().await.map_err(RealtimeError::Setup)?;
+    Ok(ws)
+}
+
+/// The WebSocket handshake with the model, within `connect_timeout`.
+async fn open_socket(
+    url: &str,
+    api_key: &Secret,
+    connect_timeout: Duration,
+) -> Result<ModelWs, RealtimeError> {
+    let mut req = url.into_client_request().map_err(RealtimeError::Url)?;
     let auth = format!("Bearer {}", api_key.expose())
         .parse()
         .map_err(|_| RealtimeError::ApiKey)?;
@@ -49,18 +65,26 @@ async fn dial_model(
         .max_message_size(Some(MODEL_MAX_MESSAGE))
         .max_frame_size(Some(MODEL_MAX_MESSAGE));
     let dial = tokio_tungstenite::connect_async_with_config(req, Some(ws_config), true);
-    let mut ws = match tokio::time::timeout(connect_timeout, dial).await {
-        Ok(Ok((ws, _))) => ws,
-        Ok(Err(e)) => return Err(RealtimeError::Connect(e)),
-        Err(_) => return Err(RealtimeError::ConnectTimeout),
-    };
-    for text in setup {
-        ws.feed(Message::text(text))
-            .await
-            .map_err(RealtimeError::Setup)?;
+    match tokio::time::timeout(connect_timeout, dial).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(RealtimeError::Connect(e)),
+        Err(_) => Err(RealtimeError::ConnectTimeout),
     }
-    ws.flush().await.map_err(RealtimeError::Setup)?;
-    Ok(ws)
+}
+
+/// The circuit breaker's probe ([`crate::model_breaker`]): whether a handshake with `url`
+/// completes. The session it opens is closed at once, before it is configured.
+pub(crate) async fn probe_dial(url: &str, api_key: &Secret, connect_timeout: Duration) -> bool {
+    match open_socket(url, api_key, connect_timeout).await {
+        Ok(mut ws) => {
+            let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;
+            true
+        }
+        Err(e) => {
+            debug!(error = %e, "Model breaker probe failed.");
+            false
+        }
+    }
 }
 
 /// The close frame a model session gets when the relay is done with it.
@@ -94,15 +118,15 @@ pub(super) fn spawn_model(
     if resumed_items {
         setup.extend(replay.items());
     }
-    let dial = dial_model(
-        agent.url(&deps.config.openai_realtime_url),
-        deps.config.openai_api_key.clone(),
-        deps.config.connect_timeout(),
-        setup,
-        delay,
-    );
+    let base = deps.config.openai_realtime_url.clone();
+    let url = agent.url(&base);
+    let api_key = deps.config.openai_api_key.clone();
+    let connect_timeout = deps.config.connect_timeout();
+    let breakers = deps.breakers.clone();
     tasks.spawn(async move {
-        let result = dial.await;
+        let result = dial_model(&url, &api_key, connect_timeout, setup, delay).await;
+        // Every dial of a live call counts for the endpoint's breaker, reconnects too.
+        breakers.dial_finished(&base, &url, DialOutcome::of(&result));
         if let Err(Ok(mut ws)) = tx.send(result) {
             // The call is gone (or switched elsewhere) while this one dialled.
             let _ = tokio::time::timeout(CLOSE_WAIT, ws.close(None)).await;

@@ -61,11 +61,13 @@ use crate::config::Config;
 use crate::control::{AttachStream, Control};
 use crate::error::{EndKind, RealtimeError, TwilioError};
 use crate::metrics::Metrics;
+use crate::model_breaker::{ModelBreakers, ShortCircuit};
 use crate::realtime;
 use crate::twilio::{self, CallSid, StreamSid, TwilioWs};
 use control_link::{LinkIn, LinkSetup};
 use counters::Counters;
 use deadlines::Deadlines;
+pub(crate) use dial::probe_dial;
 use dial::{close_model_later, spawn_model};
 use media_rate::MediaRate;
 use model_session::{Action, Limits, ModelSession, Turn};
@@ -138,6 +140,8 @@ pub struct CallDeps {
     /// Cancelled when the drain starts: calls are handed off at a quiet moment (when
     /// `RELAY_DRAIN_HANDOFF` is on and the call is stored by control).
     pub drain: CancellationToken,
+    /// The model endpoints' circuit breakers, shared by every call.
+    pub breakers: ModelBreakers,
 }
 
 /// What the HTTP layer learned before the upgrade.
@@ -335,6 +339,12 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
     let (tw_sink, tw_read) = ws.split();
     let mut link = start_link(setup.call_id.as_ref(), setup.attach, &deps);
     let hard_stop = deps.hard_stop.clone();
+    // A new call does not dial an endpoint known to be down: it ends at once, and the
+    // caller gets the fallback. A resumed call (a hand-off) is a live call: it dials.
+    let short_circuit = !link.resumed
+        && !deps
+            .breakers
+            .admits(&deps.config.openai_realtime_url, ShortCircuit::Stream);
     let mut call = Call::new(
         setup.call_id,
         setup.agent,
@@ -342,11 +352,18 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
         deps,
         tw_sink,
         &mut link,
+        !short_circuit,
     );
     let now = Instant::now();
     for msg in early {
         call.on_twilio(Some(Ok(msg)), now);
         call.after_turn(now);
+    }
+    if short_circuit {
+        call.end(
+            EndKind::ModelUnavailable,
+            "model endpoint unreachable (circuit breaker open); not dialled",
+        );
     }
     call_loop(&mut call, tw_read, &mut link).await;
     // Boxed, like the link flush: they run once, at the end; inline, their state would be
@@ -459,6 +476,7 @@ impl Call {
         deps: CallDeps,
         tw_sink: TwilioSink,
         link: &mut LinkParts,
+        dial_now: bool,
     ) -> Self {
         let now = Instant::now();
         let cfg = &deps.config;
@@ -466,7 +484,8 @@ impl Call {
         let replay = Replay::from_history(std::mem::take(&mut link.history));
         let mut tasks = JoinSet::new();
         let resumed = link.resumed;
-        let dial = spawn_model(&mut tasks, &deps, &agent, &replay, Duration::ZERO, resumed);
+        let dial = dial_now
+            .then(|| spawn_model(&mut tasks, &deps, &agent, &replay, Duration::ZERO, resumed));
         let limits = Limits {
             reconnect: cfg.model_reconnect(),
             rollover_after: cfg.model_rollover_after(),
@@ -489,7 +508,7 @@ impl Call {
             tw: Outbox::new(tw_sink, TWILIO_SLOTS),
             model: Outbox::pending(MODEL_SLOTS),
             links: ModelLinks {
-                dial: Some(dial),
+                dial,
                 ..ModelLinks::default()
             },
             session: ModelSession::new(limits, now),

@@ -65,6 +65,7 @@ pub struct FakeRealtimeBuilder {
     fallback_reply: AgentReply,
     say_audio_ms: u32,
     faulty_connections: Option<u64>,
+    refusing: bool,
 }
 
 impl Default for FakeRealtimeBuilder {
@@ -87,6 +88,7 @@ impl Default for FakeRealtimeBuilder {
             error_after_events: Vec::new(),
             fallback_reply: AgentReply::says("Sorry, could you repeat that?", 400),
             say_audio_ms: 500,
+            refusing: false,
         }
     }
 }
@@ -208,6 +210,12 @@ impl FakeRealtimeBuilder {
         Ok(self.start_on(listener))
     }
 
+    /// Start refusing connections (a model outage): see [`FakeRealtime::set_refusing`].
+    pub fn refusing(mut self) -> Self {
+        self.refusing = true;
+        self
+    }
+
     /// Serves on an already bound listener.
     pub fn start_on(self, listener: TcpListener) -> FakeRealtime {
         self.serve(listener, None)
@@ -233,6 +241,7 @@ impl FakeRealtimeBuilder {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let shared = Arc::new(Shared {
             manual,
+            refusing: AtomicBool::new(self.refusing),
             ..Shared::default()
         });
         let (kill_tx, _) = tokio::sync::watch::channel(0u64);
@@ -258,6 +267,9 @@ struct Shared {
     open: AtomicU64,
     rejected: AtomicU64,
     stalled: AtomicBool,
+    /// Connections are dropped as they arrive, before any handshake (an outage).
+    refusing: AtomicBool,
+    refused: AtomicU64,
     conns: Mutex<Vec<Arc<Mutex<ConnRecord>>>>,
     /// Manual mode: where accepted connections go.
     manual: Option<mpsc::Sender<ManualConn>>,
@@ -498,6 +510,17 @@ impl FakeRealtime {
         conn.map(|c| lock(&c).clone())
     }
 
+    /// Refuse (or accept again) new connections: while refusing, each TCP connection is
+    /// closed as it arrives, before the WebSocket handshake, as an endpoint in an outage.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.shared.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Connections closed unanswered while refusing.
+    pub fn connections_refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
     /// Stop (or resume) answering on every connection; sockets stay open.
     pub fn set_stalled(&self, stalled: bool) {
         self.shared.stalled.store(stalled, Ordering::SeqCst);
@@ -526,6 +549,11 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                if shared.refusing.load(Ordering::SeqCst) {
+                    shared.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(stream);
+                    continue;
+                }
                 next_id += 1;
                 let (cfg, shared, kill) = (cfg.clone(), shared.clone(), kill_tx.subscribe());
                 conns.spawn(serve_conn(stream, next_id, cfg, shared, kill));
