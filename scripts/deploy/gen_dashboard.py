@@ -104,6 +104,12 @@ panel("Barge-ins per minute", "Caller interrupted the agent (clear + truncate)."
       [(f"sum(rate(callbridge_relay_barge_ins_total{{{NS}}}[5m])) * 60", "barge-ins/min")])
 panel("Model errors per minute", "Realtime API errors and failed model connections.",
       [(f"sum(rate(callbridge_relay_model_errors_total{{{NS}}}[5m])) * 60", "model errors/min")])
+panel("Model outage: circuit breakers and calls sent to the fallback",
+      "Relay pods whose model endpoint breaker is open (new calls get the fallback without a "
+      "dial), and calls sent away per minute, at the webhook or at a stream's start.",
+      [(f"sum(callbridge_relay_model_breaker_open{{{NS}}})", "pods with the breaker open"),
+       (f"sum by (at) (rate(callbridge_relay_model_breaker_short_circuits_total{{{NS}}}[5m])) * 60",
+        "sent to fallback/min ({{at}})")])
 panel("Bad messages per minute, by side", "Malformed or unexpected messages, by the peer that sent them.",
       [(f"sum by (side) (rate(callbridge_relay_bad_messages_total{{{NS}}}[5m])) * 60", "{{side}}")])
 

@@ -8,9 +8,12 @@
 //!   stream's close to the new stream being open on another relay (Twilio plays nothing
 //!   and hears nothing in between);
 //! - **failover gap**: a relay gets SIGKILL; the same, from the abnormal close.
+//! - **outage fallback**: the model endpoint hangs (connect timeout); time from the voice
+//!   webhook to the fallback TwiML in the caller's hand, with the circuit breaker off,
+//!   for the calls that open it, and for the calls it then sends away from the webhook.
 //!
 //! The `<Connect action>` request is made at once (real Twilio adds its own reaction
-//! time). Usage: `bench_survive [--calls N] [--reconnects N]`; see scripts/bench-survive.sh.
+//! time). Usage: `bench_survive [--calls N] [--reconnects N] [--outage-calls N]`; see scripts/bench-survive.sh.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -170,14 +173,64 @@ async fn moved_calls(calls: usize, kill: bool) -> anyhow::Result<Vec<CallReport>
     Ok(reports)
 }
 
+/// Time from the voice webhook to the fallback TwiML in hand, for `calls` calls one after
+/// the other while the model endpoint hangs (accepts TCP, never answers the handshake).
+/// Returns the times of the calls that dialled and of those the breaker sent away.
+async fn outage_fallbacks(
+    calls: usize,
+    breaker_failures: &str,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let world = World::builder(FakeRealtime::builder().hanging())
+        .relay_env("RELAY_MODEL_RECONNECT_SECS", "0")
+        .relay_env("RELAY_MODEL_BREAKER_FAILURES", breaker_failures)
+        // No probe during the run: every call after the opening ones meets an open breaker.
+        .relay_env("RELAY_MODEL_BREAKER_PROBE_MS", "60000")
+        .relay_env("RELAY_LOG", "warn")
+        .start()
+        .await;
+    let mut settings = agent_settings("bench-outage", Some("Hello there"));
+    settings.fallback = Some(callbridge_proto::pb::Fallback {
+        action: Some(callbridge_proto::pb::fallback::Action::DialNumber(
+            "+14155550111".to_owned(),
+        )),
+        preamble: String::new(),
+    });
+    world.default_agent(settings).await;
+    let (mut dialled, mut sent_away) = (Vec::new(), Vec::new());
+    for _ in 0..calls {
+        let mut cfg = world.caller(Conversation::default());
+        cfg.hang_up_at_end = false;
+        let started = std::time::Instant::now();
+        let report = with_timeout(CALL, "a call in the outage", SimCaller::new(cfg).run()).await?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let fallback = report
+            .last_after()
+            .or(report.webhook.twiml.as_ref())
+            .and_then(|t| t.dial_number.clone());
+        if fallback.as_deref() != Some("+14155550111") {
+            bail!("the caller did not get the fallback: {report:?}");
+        }
+        if report.legs.is_empty() {
+            sent_away.push(ms);
+        } else {
+            dialled.push(ms);
+        }
+    }
+    Ok((dialled, sent_away))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("bench_survive [--calls N (default 20)] [--reconnects N (default 15)]");
+        println!(
+            "bench_survive [--calls N (default 20)] [--reconnects N (default 15)] \
+             [--outage-calls N (default 6)]"
+        );
         return Ok(());
     }
     let calls = arg("--calls", 20)?;
     let reconnects = arg("--reconnects", 15)?;
+    let outage_calls = arg("--outage-calls", 6)?;
     println!(
         "bench_survive: {calls} calls per relay event, {reconnects} model reconnects (loopback, fake model)"
     );
@@ -186,9 +239,16 @@ async fn main() -> anyhow::Result<()> {
     let handoff_moved = handoff.iter().filter(|r| r.legs.len() > 1).count();
     let failover = moved_calls(calls, true).await?;
     let failover_moved = failover.iter().filter(|r| r.legs.len() > 1).count();
+    // With the breaker off every call waits out the dial timeout; with it on (after 2
+    // failures) the calls after those get the fallback from the webhook.
+    let (no_breaker, _) = outage_fallbacks(outage_calls, "0").await?;
+    let (opening, short_circuited) = outage_fallbacks(outage_calls, "2").await?;
     summary("reconnect gap", reconnect);
     summary("hand-off gap", leg_gaps(&handoff));
     summary("failover gap", leg_gaps(&failover));
+    summary("outage, no brk", no_breaker);
+    summary("outage, opening", opening);
+    summary("outage, open", short_circuited);
     println!(
         "calls moved: hand-off {handoff_moved}/{calls}, failover {failover_moved}/{calls}; \
          finished by the caller: hand-off {}/{calls}, failover {}/{calls}",

@@ -66,6 +66,7 @@ pub struct FakeRealtimeBuilder {
     say_audio_ms: u32,
     faulty_connections: Option<u64>,
     refusing: bool,
+    hanging: bool,
 }
 
 impl Default for FakeRealtimeBuilder {
@@ -89,6 +90,7 @@ impl Default for FakeRealtimeBuilder {
             fallback_reply: AgentReply::says("Sorry, could you repeat that?", 400),
             say_audio_ms: 500,
             refusing: false,
+            hanging: false,
         }
     }
 }
@@ -213,6 +215,14 @@ impl FakeRealtimeBuilder {
     /// Start refusing connections (a model outage): see [`FakeRealtime::set_refusing`].
     pub fn refusing(mut self) -> Self {
         self.refusing = true;
+        self
+    }
+
+    /// Hang every connection (another kind of outage): each TCP connection is accepted
+    /// and held open, and the WebSocket handshake is never answered, so a client waits
+    /// out its connect timeout. Counted in [`FakeRealtime::connections_refused`].
+    pub fn hanging(mut self) -> Self {
+        self.hanging = true;
         self
     }
 
@@ -516,7 +526,7 @@ impl FakeRealtime {
         self.shared.refusing.store(refusing, Ordering::SeqCst);
     }
 
-    /// Connections closed unanswered while refusing.
+    /// Connections closed unanswered while refusing, or held unanswered while hanging.
     pub fn connections_refused(&self) -> u64 {
         self.shared.refused.load(Ordering::SeqCst)
     }
@@ -552,6 +562,15 @@ async fn accept_loop(
                 if shared.refusing.load(Ordering::SeqCst) {
                     shared.refused.fetch_add(1, Ordering::SeqCst);
                     drop(stream);
+                    continue;
+                }
+                if cfg.hanging {
+                    shared.refused.fetch_add(1, Ordering::SeqCst);
+                    // Held (unread) until the fake is dropped.
+                    conns.spawn(async move {
+                        let _held = stream;
+                        std::future::pending::<()>().await;
+                    });
                     continue;
                 }
                 next_id += 1;
