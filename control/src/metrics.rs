@@ -59,6 +59,8 @@ pub struct Metrics {
     pub redis_latency: Histogram,
     /// Calls ended with `RELAY_LOST` by this replica's sweeper.
     pub relay_lost: Counter,
+    /// Calls a credential-proven attach took over from a stream still holding the lease.
+    pub lease_takeovers: Counter,
     /// Requests refused by the bearer-token check, by API.
     pub auth_refused: Family<AuthLabels, Counter>,
 }
@@ -83,6 +85,7 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ]);
         let relay_lost = Counter::default();
+        let lease_takeovers = Counter::default();
         let auth_refused = Family::<AuthLabels, Counter>::default();
         registry.register(
             "callbridge_control_rpc",
@@ -125,6 +128,11 @@ impl Metrics {
             relay_lost.clone(),
         );
         registry.register(
+            "callbridge_control_lease_takeovers",
+            "Calls taken over by a new stream (fresh stream credential) from a stream that still held the lease",
+            lease_takeovers.clone(),
+        );
+        registry.register(
             "callbridge_control_auth_refused",
             "Requests refused by the bearer-token check (UNAUTHENTICATED), by API",
             auth_refused.clone(),
@@ -139,6 +147,7 @@ impl Metrics {
             redis_up,
             redis_latency,
             relay_lost,
+            lease_takeovers,
             auth_refused,
         }
     }

@@ -347,3 +347,66 @@ async fn inbound_admission_uses_routes_then_default_and_is_idempotent() {
     )
     .await;
 }
+
+/// The first attach of Twilio's next stream (a fresh stream credential) while the dead
+/// relay's stream still holds the lease: it takes the call over, and the old stream is
+/// fenced — its next event is refused with `ABORTED` and not stored. A reconnect without
+/// a credential, or a replayed credential, is still refused.
+#[tokio::test]
+async fn a_fresh_credential_takes_a_held_call_over_and_fences_the_old_stream() {
+    let AttachedCall {
+        redis: _redis,
+        control: _control,
+        mut calls,
+        mut relay,
+        id,
+        mut stream,
+    } = attached_call("takeover").await;
+    stream.ack(event(&id, 1, started("relay-1"))).await;
+    refused(
+        "a reconnect from another relay",
+        Code::AlreadyExists,
+        attach(&mut relay, &id, "relay-2", true),
+    )
+    .await;
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+        + 60_000;
+    let open = |credential: &str| pb::AttachOpen {
+        call_id: id.clone(),
+        relay_id: "relay-2".to_owned(),
+        reconnect: false,
+        stream_credential_id: credential.repeat(32),
+        stream_credential_expires_at_ms: expires,
+        ..Default::default()
+    };
+    let mut new_stream = attach_open(&mut relay, open("b"))
+        .await
+        .expect("a fresh credential takes the call over");
+    assert_eq!(new_stream.context.last_seq, 1);
+    assert_eq!(get_call(&mut calls, &id).await.relay_id, "relay-2");
+
+    // The old stream's late event: refused, not stored, not acknowledged.
+    let err = stream
+        .send(event(&id, 2, caller("late, from the dead relay")))
+        .await
+        .expect_err("fenced");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(get_call(&mut calls, &id).await.last_seq, 1);
+    new_stream.ack(event(&id, 2, started("relay-2"))).await;
+
+    refused(
+        "a replayed credential",
+        Code::PermissionDenied,
+        attach_open(&mut relay, open("b")),
+    )
+    .await;
+    new_stream
+        .ack(event(&id, 3, ended(pb::EndReason::CallerHangup)))
+        .await;
+    let got = get_call(&mut calls, &id).await;
+    assert_eq!(got.last_seq, 3);
+    assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);
+}

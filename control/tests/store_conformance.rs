@@ -57,6 +57,7 @@ conformance!(
     admit_and_attach,
     stream_credentials_and_call_sids,
     leases,
+    a_fresh_credential_takes_a_held_lease_over,
     event_append_with_sequence_gaps_and_duplicates,
     hand_off_and_resume,
     end_and_retention,
@@ -212,6 +213,30 @@ async fn append_with<S: CallStore>(
         .map(|e| {
             let mut effects = event_effects(e).expect("valid event");
             effects.require_lease_expired_before = lease_expired_before;
+            effects
+        })
+        .collect();
+    within(
+        "append_events",
+        s.append_events(&cid(call_id), None, events, &effects),
+    )
+    .await
+    .expect("store reachable")
+}
+
+/// Appends `events` as one run written by the attach stream `holder` (fenced: refused
+/// once another stream holds the lease).
+async fn append_as<S: CallStore>(
+    s: &S,
+    call_id: &str,
+    events: &[pb::CallEvent],
+    holder: &str,
+) -> Vec<AppendOutcome> {
+    let effects: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let mut effects = event_effects(e).expect("valid event");
+            effects.require_holder = Some(self::holder(holder));
             effects
         })
         .collect();
@@ -677,6 +702,113 @@ async fn leases<S: CallStore>(s: &S) {
         .expect("ok");
     assert!(expired(s, i64::MAX).await.is_empty());
     assert_eq!(text(&get(s, "c1").await.lease_holder), "w/5");
+}
+
+/// Twilio opened a new stream while the old relay's lease still runs (it died a moment
+/// ago, or froze): the first attach consuming a fresh credential takes the call over and
+/// fences the old holder; a reconnect, a replayed credential or an ended call are still
+/// refused, and a refusal writes nothing (not even the credential).
+async fn a_fresh_credential_takes_a_held_lease_over<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let cred = |id: &str| AttachChecks {
+        credential: Some((format!("{id:0>32}"), T0 + 60_000)),
+        twilio_call_sid: None,
+    };
+    let attach_with = |relay: &'static str,
+                       reconnect: bool,
+                       holder: &'static str,
+                       now: i64,
+                       checks: AttachChecks| async move {
+        attach_checked(s, "c1", relay, reconnect, holder, now, &checks).await
+    };
+    assert_eq!(
+        attach_with("r1", false, "x/1", T0, cred("a1")).await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        append_as(s, "c1", &[event("c1", 1, started("r1", "MZ1"))], "x/1").await,
+        vec![AppendOutcome::Stored]
+    );
+    let held = get(s, "c1").await;
+    // While x/1's lease runs: no credential, a reconnect (even with a credential) or a
+    // replayed credential are refused, and change nothing.
+    for (reconnect, checks, outcome) in [
+        (false, AttachChecks::default(), AttachOutcome::Held),
+        (true, AttachChecks::default(), AttachOutcome::Held),
+        (true, cred("c3"), AttachOutcome::Held),
+        (false, cred("a1"), AttachOutcome::CredentialUsed),
+    ] {
+        assert_eq!(
+            attach_with("r2", reconnect, "y/2", T0 + 100, checks.clone()).await,
+            outcome,
+            "{reconnect} {checks:?}"
+        );
+        assert_eq!(get(s, "c1").await, held, "a refusal changes nothing");
+    }
+    // The new stream's first attach with a fresh credential takes the call over.
+    assert_eq!(
+        attach_with("r2", false, "y/2", T0 + 100, cred("b2")).await,
+        AttachOutcome::TookOver
+    );
+    let got = get(s, "c1").await;
+    assert_eq!(text(&got.lease_holder), "y/2");
+    assert_eq!(got.lease_relay.as_ref().map(RelayId::as_str), Some("r2"));
+    assert_eq!(got.lease_until_ms, T0 + 100 + LEASE);
+    // The old holder is fenced: no renewal, no release, no event.
+    assert!(
+        !within(
+            "renew_lease",
+            s.renew_lease(&cid("c1"), &holder("x/1"), T0 + 150, LEASE)
+        )
+        .await
+        .expect("ok")
+    );
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("x/1"), T0 + 150, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(
+        append_as(s, "c1", &[event("c1", 2, usage(5))], "x/1").await,
+        vec![AppendOutcome::ConditionFailed]
+    );
+    let fenced = get(s, "c1").await;
+    assert_eq!(fenced, got, "the fenced holder changed nothing");
+    // The new holder goes on from the last stored seq.
+    assert_eq!(
+        append_as(s, "c1", &[event("c1", 2, started("r2", "MZ2"))], "y/2").await,
+        vec![AppendOutcome::Stored]
+    );
+    // The old relay reconnecting is a reconnect like any other: refused.
+    assert_eq!(
+        attach_with("r1", true, "x/4", T0 + 200, AttachChecks::default()).await,
+        AttachOutcome::Held
+    );
+    // The new holder's own reconnect is fine; the credential it came with stays used.
+    assert_eq!(
+        attach_with("r2", true, "y/5", T0 + 200, AttachChecks::default()).await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        attach_with("r3", false, "z/6", T0 + 200, cred("b2")).await,
+        AttachOutcome::CredentialUsed
+    );
+    // An ended call is not taken over, whatever the credential.
+    assert_eq!(
+        append_as(
+            s,
+            "c1",
+            &[event("c1", 3, ended(pb::EndReason::CallerHangup, "", ""))],
+            "y/5"
+        )
+        .await,
+        vec![AppendOutcome::Stored]
+    );
+    assert_eq!(
+        attach_with("r3", false, "z/7", T0 + 300, cred("d4")).await,
+        AttachOutcome::Ended
+    );
 }
 
 /// Each seq is stored once, in order: duplicates are acknowledged without effect, a gap

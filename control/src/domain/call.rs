@@ -254,12 +254,22 @@ fn default_fallback() -> pb::Fallback {
     }
 }
 
+/// Whether a stream's end leads to a new stream for the same call (`resume`).
+///
+/// The rule (docs/resilience.md, "The rule"): a call that has not reported an end is
+/// resumed, always — whatever its lease says. The lease cannot tell a dead relay from a
+/// live one in time: a relay killed a millisecond ago still holds it until control sees
+/// its attach stream break, a frozen or partitioned one until the lease lapses, and
+/// Twilio only asks the action URL once the stream is over anyway. The one exception is a
+/// call that never had a stream attached: it is not in the lease index, so nothing would
+/// ever end a loop of refused streams, and it gets the hang-up.
+pub fn resumes(call: &CallRecord) -> bool {
+    let attached_once = call.lease_until_ms > 0;
+    !is_final(call.status) && (attached_once || call.end_reason == Some(pb::EndReason::Handoff))
+}
+
 /// What the caller gets at `<Connect action>` time (see docs/contract-notes.md).
-pub fn after(
-    call: &CallRecord,
-    agent: Option<&pb::Agent>,
-    now_ms: i64,
-) -> pb::after_response::Next {
+pub fn after(call: &CallRecord, agent: Option<&pb::Agent>) -> pb::after_response::Next {
     use pb::after_response::Next;
     let reason = call.end_reason.unwrap_or(pb::EndReason::Unspecified);
     if is_final(call.status) {
@@ -281,11 +291,52 @@ pub fn after(
             _ => Next::Hangup(pb::HangupNext {}),
         };
     }
-    let attached_once = call.lease_until_ms > 0;
-    if reason == pb::EndReason::Handoff || (attached_once && !call.lease_held(now_ms)) {
-        return Next::Resume(pb::ResumeNext {});
+    if resumes(call) {
+        Next::Resume(pb::ResumeNext {})
+    } else {
+        Next::Hangup(pb::HangupNext {})
     }
-    Next::Hangup(pb::HangupNext {})
+}
+
+/// How an attach may take a live call's lease ([`lease_claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseClaim {
+    /// Nobody holds it (released, lapsed, or never taken).
+    Free,
+    /// The holder's own relay re-attaching its stream (`reconnect`).
+    Reconnect,
+    /// A new stream, proven by a fresh stream credential, takes the call from the holder.
+    TakeOver,
+    /// Someone else holds it: refused.
+    Held,
+}
+
+/// Whether an attach of `relay_id` may take `call`'s lease at `now_ms` (the lease rule of
+/// every store; the Redis script mirrors it, the conformance suite holds both to it).
+///
+/// Twilio carries one stream per call, and a stream credential is minted for one
+/// `<Stream>` and consumed once: a first attach that consumes a fresh credential proves
+/// that Twilio opened a new stream, so the old one is over, whether or not control has
+/// seen its relay die. That attach takes the call over; the old holder is fenced (its
+/// renewals, releases and event writes are refused from then on). A reconnect carries no
+/// credential, so it proves nothing about the Twilio stream and is refused while another
+/// relay holds the lease.
+pub fn lease_claim(
+    call: &CallRecord,
+    relay_id: &RelayId,
+    reconnect: bool,
+    fresh_credential: bool,
+    now_ms: i64,
+) -> LeaseClaim {
+    if !call.lease_held(now_ms) {
+        LeaseClaim::Free
+    } else if reconnect && call.lease_relay.as_ref() == Some(relay_id) {
+        LeaseClaim::Reconnect
+    } else if fresh_credential && !reconnect {
+        LeaseClaim::TakeOver
+    } else {
+        LeaseClaim::Held
+    }
 }
 
 #[cfg(test)]
@@ -489,27 +540,88 @@ mod tests {
             transfer_to: Some("+15550001111".into()),
             ..blank()
         };
-        assert_eq!(
-            after(&call, None, 0),
-            Next::DialNumber("+15550001111".into())
-        );
+        assert_eq!(after(&call, None), Next::DialNumber("+15550001111".into()));
         call.end_reason = Some(pb::EndReason::ModelUnavailable);
-        assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
+        assert!(matches!(after(&call, None), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = Some(pb::EndReason::Drain);
-        assert!(matches!(after(&call, None, 0), Next::Fallback(f) if f.action.is_some()));
+        assert!(matches!(after(&call, None), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = Some(pb::EndReason::CallerHangup);
-        assert!(matches!(after(&call, None, 0), Next::Hangup(_)));
-        let live_unleased = CallRecord {
+        assert!(matches!(after(&call, None), Next::Hangup(_)));
+        // A live call resumes whatever its lease says: released, held by a relay that may
+        // be dead, lapsed, or never released.
+        let released = CallRecord {
             status: pb::CallStatus::InProgress,
             lease_until_ms: 10,
             ..blank()
         };
-        assert!(matches!(after(&live_unleased, None, 100), Next::Resume(_)));
-        let live_leased = CallRecord {
+        assert!(matches!(after(&released, None), Next::Resume(_)));
+        let still_held = CallRecord {
             lease_holder: Some(LeaseHolder::new("r", "1")),
-            lease_until_ms: 1000,
-            ..live_unleased
+            lease_until_ms: i64::MAX,
+            ..released.clone()
         };
-        assert!(matches!(after(&live_leased, None, 100), Next::Hangup(_)));
+        assert!(matches!(after(&still_held, None), Next::Resume(_)));
+        let lapsed_unreleased = CallRecord {
+            lease_holder: Some(LeaseHolder::new("r", "1")),
+            lease_until_ms: 1,
+            ..released.clone()
+        };
+        assert!(matches!(after(&lapsed_unreleased, None), Next::Resume(_)));
+        let handed_off = CallRecord {
+            end_reason: Some(pb::EndReason::Handoff),
+            ..released.clone()
+        };
+        assert!(matches!(after(&handed_off, None), Next::Resume(_)));
+        // Never attached: nothing would end a loop of refused streams.
+        let never_attached = CallRecord {
+            status: pb::CallStatus::Ringing,
+            ..blank()
+        };
+        assert!(matches!(after(&never_attached, None), Next::Hangup(_)));
+        // An end reported by anyone (relay, app hang-up, Twilio's final status) is final.
+        for reason in [
+            pb::EndReason::CallerHangup,
+            pb::EndReason::RelayLost,
+            pb::EndReason::DialCompleted,
+        ] {
+            let ended = CallRecord {
+                status: pb::CallStatus::Completed,
+                end_reason: Some(reason),
+                ..still_held.clone()
+            };
+            assert!(matches!(after(&ended, None), Next::Hangup(_)), "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_fresh_credential_takes_a_held_lease_over() {
+        let relay = |r: &str| RelayId::parse("relay_id", r).expect("valid");
+        let call = |holder: bool, until: i64| CallRecord {
+            lease_holder: holder.then(|| LeaseHolder::new("c", "1")),
+            lease_relay: Some(relay("r1")),
+            lease_until_ms: until,
+            ..CallRecord::new(
+                CallId::parse("call_id", "c").expect("valid"),
+                AgentId::parse("agent_id", "a").expect("valid"),
+                pb::Direction::Inbound,
+                pb::CallStatus::InProgress,
+                0,
+            )
+        };
+        let held = call(true, 1000);
+        let claim = |c: &CallRecord, r: &str, reconnect, fresh| {
+            lease_claim(c, &relay(r), reconnect, fresh, 100)
+        };
+        assert_eq!(claim(&held, "r2", false, true), LeaseClaim::TakeOver);
+        assert_eq!(claim(&held, "r1", false, true), LeaseClaim::TakeOver);
+        assert_eq!(claim(&held, "r1", true, false), LeaseClaim::Reconnect);
+        assert_eq!(claim(&held, "r2", true, false), LeaseClaim::Held);
+        assert_eq!(claim(&held, "r2", false, false), LeaseClaim::Held);
+        // A reconnect proves nothing about Twilio's stream, credential or not.
+        assert_eq!(claim(&held, "r2", true, true), LeaseClaim::Held);
+        for free in [call(false, 1000), call(true, 50), call(false, 0)] {
+            assert_eq!(claim(&free, "r2", false, false), LeaseClaim::Free);
+            assert_eq!(claim(&free, "r2", true, false), LeaseClaim::Free);
+        }
     }
 }

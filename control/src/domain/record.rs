@@ -162,6 +162,9 @@ pub struct EventEffects {
     pub usage: Option<UsageCounters>,
     /// Only store if the call's lease ran out before this time (ms) and it is not ended.
     pub require_lease_expired_before: Option<i64>,
+    /// Only store if no attach stream but this one holds the lease: an attach stream's
+    /// writes stop the moment another stream takes the call over (a holder fenced off).
+    pub require_holder: Option<LeaseHolder>,
     /// Event time (ms) used for timestamps.
     pub at_ms: i64,
 }

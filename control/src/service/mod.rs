@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::domain::call::{event_effects, now_ms};
-use crate::domain::ids::{AgentId, CallId, CampaignId};
+use crate::domain::ids::{AgentId, CallId, CampaignId, LeaseHolder};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::hub::Hub;
@@ -134,6 +134,7 @@ impl<S: CallStore> Shared<S> {
                 call.campaign_id.as_ref(),
                 std::slice::from_ref(event),
                 require_lease_expired_before,
+                None,
             )
             .await;
         match refused {
@@ -155,6 +156,7 @@ impl<S: CallStore> Shared<S> {
         campaign_id: Option<&CampaignId>,
         events: &[pb::CallEvent],
         require_lease_expired_before: Option<i64>,
+        holder: Option<&LeaseHolder>,
     ) -> (Vec<AppendOutcome>, Option<Error>) {
         let mut effects = Vec::with_capacity(events.len());
         let mut invalid = None;
@@ -166,6 +168,7 @@ impl<S: CallStore> Shared<S> {
             match event_effects(event) {
                 Ok(mut e) => {
                     e.require_lease_expired_before = require_lease_expired_before;
+                    e.require_holder = holder.cloned();
                     effects.push(e);
                 }
                 Err(err) => {

@@ -198,8 +198,17 @@ impl<S: CallStore> AttachStream<S> {
                 self.call.campaign_id.as_ref(),
                 batch,
                 None,
+                Some(&self.holder),
             )
             .await;
+        if outcomes.contains(&AppendOutcome::ConditionFailed) {
+            // Another stream took the call over: this one is fenced off. Its events from
+            // the taken-over point on are not stored (the new stream goes on from the
+            // last stored seq) and not acknowledged.
+            tracing::info!("Call taken over by another stream; events refused.");
+            self.fail(Error::LeaseLost.into()).await;
+            return Err(StreamEnd::Released);
+        }
         let mut acked = None;
         for (event, outcome) in batch.iter().zip(&outcomes) {
             if matches!(outcome, AppendOutcome::Stored | AppendOutcome::Duplicate) {
@@ -421,7 +430,8 @@ impl<S: CallStore> Relay for RelayApi<S> {
                         .attach(&call_id, &relay_id, open.reconnect, &holder, now_ms(), lease, &checks)
                         .await?
                     {
-                        AttachOutcome::Attached => Ok(()),
+                        AttachOutcome::Attached => Ok(false),
+                        AttachOutcome::TookOver => Ok(true),
                         AttachOutcome::NotFound => Err(Error::CallNotFound(call_id.to_string())),
                         AttachOutcome::Ended => Err(Error::CallEnded(call_id.to_string())),
                         AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(call_id.to_string())),
@@ -430,9 +440,18 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     }
                 }
                 .await;
-                if let Err(err) = attached {
-                    shared.hub.unregister_restoring(&call_id, &holder, replaced, &mut command_rx);
-                    return Err(err);
+                let took_over = match attached {
+                    Ok(took_over) => took_over,
+                    Err(err) => {
+                        shared.hub.unregister_restoring(&call_id, &holder, replaced, &mut command_rx);
+                        return Err(err);
+                    }
+                };
+                if took_over {
+                    // The old holder's relay is gone or its stream is over (Twilio opened
+                    // this one); its renewals and writes are refused from now on.
+                    shared.metrics.lease_takeovers.inc();
+                    tracing::info!(relay_id = %relay_id, "Call taken over from a stream that still held its lease.");
                 }
                 let context = async {
                     let call = shared.call(&call_id).await?;
@@ -500,7 +519,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                 let call = self.0.call(&call_id).await?;
                 let agent = self.0.store.get_agent(&call.agent_id).await?;
                 Ok(pb::AfterResponse {
-                    next: Some(rules::after(&call, agent.as_ref(), now_ms())),
+                    next: Some(rules::after(&call, agent.as_ref())),
                 })
             })
             .await

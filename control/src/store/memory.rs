@@ -13,7 +13,7 @@ use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
     CallStore, IndexCursor, StoreResult, TwilioUpdate,
 };
-use crate::domain::call::{is_final, status_rank};
+use crate::domain::call::{LeaseClaim, is_final, lease_claim, status_rank};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use crate::domain::record::{CallRecord, EventEffects};
 use crate::domain::twilio;
@@ -327,7 +327,8 @@ impl CallStore for MemoryStore {
         {
             return Ok(AttachOutcome::CallSidMismatch);
         }
-        if call.lease_held(now_ms) && !(reconnect && call.lease_relay.as_ref() == Some(relay_id)) {
+        let claim = lease_claim(call, relay_id, reconnect, credential_key.is_some(), now_ms);
+        if claim == LeaseClaim::Held {
             return Ok(AttachOutcome::Held);
         }
         call.lease_holder = Some(holder.clone());
@@ -340,7 +341,11 @@ impl CallStore for MemoryStore {
             s.credentials
                 .insert(key, expires.saturating_add(CREDENTIAL_RECORD_GRACE_MS));
         }
-        Ok(AttachOutcome::Attached)
+        Ok(if claim == LeaseClaim::TakeOver {
+            AttachOutcome::TookOver
+        } else {
+            AttachOutcome::Attached
+        })
     }
 
     async fn renew_lease(
@@ -521,6 +526,11 @@ fn append_one(
     }
     if let Some(before) = effects.require_lease_expired_before
         && (call.lease_until_ms == 0 || call.lease_until_ms >= before || is_final(call.status))
+    {
+        return AppendOutcome::ConditionFailed;
+    }
+    if let Some(holder) = &effects.require_holder
+        && call.lease_holder.as_ref().is_some_and(|h| h != holder)
     {
         return AppendOutcome::ConditionFailed;
     }

@@ -53,7 +53,7 @@ pub enum AppendOutcome {
     },
     /// No such call.
     NotFound,
-    /// `require_lease_expired_before` did not hold.
+    /// `require_lease_expired_before` or `require_holder` did not hold.
     ConditionFailed,
 }
 
@@ -62,6 +62,10 @@ pub enum AppendOutcome {
 pub enum AttachOutcome {
     /// The lease is ours.
     Attached,
+    /// The lease is ours, taken from a holder whose lease had not run out: the attach
+    /// consumed a fresh stream credential, which proves Twilio's old stream is over
+    /// ([`lease_claim`](crate::domain::call::lease_claim)). The old holder is fenced.
+    TookOver,
     /// No such call.
     NotFound,
     /// The call has ended.
@@ -219,8 +223,9 @@ pub trait CallStore: Send + Sync + 'static {
     /// Takes the call's lease for an attach stream, consuming the stream credential and
     /// checking the CallSid of `checks` in the same atomic step. The checks run in this
     /// order, all before any write: call exists, credential unused (a replay is reported as
-    /// one even after the call ended), not ended, CallSid, lease free (or a reconnect of
-    /// the same relay).
+    /// one even after the call ended), not ended, CallSid, lease free, a reconnect of the
+    /// same relay, or a take-over by a first attach with a fresh credential
+    /// ([`lease_claim`](crate::domain::call::lease_claim)).
     #[allow(clippy::too_many_arguments)]
     fn attach(
         &self,

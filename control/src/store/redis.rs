@@ -173,6 +173,7 @@ fn lua_prelude() -> String {
         ("HANDOFF", mask::HANDOFF),
         ("USAGE", mask::USAGE),
         ("LEASE_EXPIRED_BEFORE", mask::LEASE_EXPIRED_BEFORE),
+        ("HOLDER", mask::HOLDER),
     ] {
         let _ = writeln!(lua, "local MASK_{name} = {bit}");
     }
@@ -196,6 +197,8 @@ mod mask {
     pub(super) const USAGE: u8 = 8;
     /// Store only if the lease ran out before: that time (ms).
     pub(super) const LEASE_EXPIRED_BEFORE: u8 = 16;
+    /// Store only if no other attach stream holds the lease: the writer's holder.
+    pub(super) const HOLDER: u8 = 32;
 }
 
 /// Stores a run of one call's events, each once, in one atomic step.
@@ -226,7 +229,7 @@ local function varint(n)
   return s .. string.char(n)
 end
 local function bit(m, b) return math.floor(m / b) % 2 == 1 end
-local h = redis.call('HMGET', KEYS[1], 'last_seq', 'status', 'lease_until', 'started')
+local h = redis.call('HMGET', KEYS[1], 'last_seq', 'status', 'lease_until', 'started', 'lease_holder')
 -- Every stored call has a status, so its absence means no such call.
 if not h[2] then return {-1, 0, ''} end
 local last_s = h[1] or '0'
@@ -234,6 +237,7 @@ local last = tonumber(last_s)
 local cur = tonumber(h[2] or '0')
 local lease_until = tonumber(h[3] or '0')
 local started = tonumber(h[4] or '0')
+local holder = h[5] or ''
 local set = {}
 local usage = {0, 0, 0, 0, 0, 0, 0, 0, 0}
 local used = false
@@ -251,12 +255,13 @@ while i <= #ARGV do
   local new = tonumber(new_s)
   local m = tonumber(ARGV[i + 4])
   local x = i + 5
-  local st, en, us, co
+  local st, en, us, co, ho
   if bit(m, MASK_STARTED) then st = x; x = x + 3 end
   if bit(m, MASK_ENDED) then en = x; x = x + 3 end
   local handoff = bit(m, MASK_HANDOFF)
   if bit(m, MASK_USAGE) then us = x; x = x + 9 end
   if bit(m, MASK_LEASE_EXPIRED_BEFORE) then co = x; x = x + 1 end
+  if bit(m, MASK_HOLDER) then ho = x; x = x + 1 end
   i = x
   if seq <= last then
     handled[#handled + 1] = 'D'
@@ -264,6 +269,9 @@ while i <= #ARGV do
     code = -2
     break
   elseif co and (lease_until == 0 or lease_until >= tonumber(ARGV[co]) or rank(cur) >= FINAL) then
+    code = -3
+    break
+  elseif ho and holder ~= '' and holder ~= ARGV[ho] then
     code = -3
     break
   else
@@ -331,8 +339,9 @@ return {code, last, table.concat(handled)}
 /// KEYS: call hash, credential record key (same hash tag; '' slot unused when ARGV[7] is '').
 /// ARGV: relay id, reconnect (0/1), holder, now ms, lease ms, start CallSid ('' unchecked),
 /// credential id ('' none), credential record ttl ms.
-/// Returns 1 attached, -1 not found, -2 ended, -3 held by another stream, -4 CallSid
-/// differs from the admitted one, -5 credential used. Every check runs before any write.
+/// Returns 1 attached, 2 attached by taking the lease over from a live holder, -1 not
+/// found, -2 ended, -3 held by another stream, -4 CallSid differs from the admitted one,
+/// -5 credential used. Every check runs before any write.
 const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
@@ -343,16 +352,25 @@ if ARGV[6] ~= '' and recorded ~= '' and recorded ~= ARGV[6] then return -4 end
 local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
+-- domain::call::lease_claim: free, a reconnect of the holder's relay, or a take-over by a
+-- first attach that consumes a fresh credential.
+local claim = 1
 if holder ~= '' and lease_until > now then
   local same_relay = (redis.call('HGET', KEYS[1], 'lease_relay') or '') == ARGV[1]
-  if not (ARGV[2] == '1' and same_relay) then return -3 end
+  if ARGV[2] == '1' and same_relay then
+    claim = 1
+  elseif ARGV[2] ~= '1' and ARGV[7] ~= '' then
+    claim = 2
+  else
+    return -3
+  end
 end
 if ARGV[7] ~= '' then
   redis.call('SET', KEYS[2], '1', 'PX', math.max(tonumber(ARGV[8]), 1))
 end
 redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
   'lease_until', now + tonumber(ARGV[5]))
-return 1
+return claim
 ";
 
 /// KEYS: call hash. ARGV: holder, now ms, lease ms. Returns 1 renewed, 0 not the holder.
@@ -1272,6 +1290,7 @@ impl CallStore for RedisStore {
             .await?;
         Ok(match code {
             1 => AttachOutcome::Attached,
+            2 => AttachOutcome::TookOver,
             -2 => AttachOutcome::Ended,
             -3 => AttachOutcome::Held,
             -4 => AttachOutcome::CallSidMismatch,
@@ -1355,6 +1374,9 @@ impl CallStore for RedisStore {
             if effects.require_lease_expired_before.is_some() {
                 bits |= mask::LEASE_EXPIRED_BEFORE;
             }
+            if effects.require_holder.is_some() {
+                bits |= mask::HOLDER;
+            }
             cmd.arg(event.seq)
                 .arg(&bytes[..])
                 .arg(effects.at_ms)
@@ -1377,6 +1399,9 @@ impl CallStore for RedisStore {
             }
             if let Some(before) = effects.require_lease_expired_before {
                 cmd.arg(before);
+            }
+            if let Some(holder) = &effects.require_holder {
+                cmd.arg(holder.as_str());
             }
         }
         let mut conn = self.conn();
@@ -1738,6 +1763,7 @@ mod tests {
             ("MASK_HANDOFF", mask::HANDOFF),
             ("MASK_USAGE", mask::USAGE),
             ("MASK_LEASE_EXPIRED_BEFORE", mask::LEASE_EXPIRED_BEFORE),
+            ("MASK_HOLDER", mask::HOLDER),
         ] {
             assert_eq!(value(name), bit.to_string(), "{name}");
         }

@@ -491,14 +491,26 @@ pub async fn attach(
     relay_id: &str,
     reconnect: bool,
 ) -> Result<RelayStream, tonic::Status> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(pb::AttachRequest {
-        msg: Some(pb::attach_request::Msg::Open(pb::AttachOpen {
+    attach_open(
+        relay,
+        pb::AttachOpen {
             call_id: call_id.to_owned(),
             relay_id: relay_id.to_owned(),
             reconnect,
             ..Default::default()
-        })),
+        },
+    )
+    .await
+}
+
+/// Opens an attach stream with `open` as the first message; `Err` is the refusal status.
+pub async fn attach_open(
+    relay: &mut RelayRpc,
+    open: pb::AttachOpen,
+) -> Result<RelayStream, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AttachRequest {
+        msg: Some(pb::attach_request::Msg::Open(open)),
     })
     .await
     .expect("queue open");
