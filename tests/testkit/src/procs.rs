@@ -110,17 +110,27 @@ impl Proc {
 
     /// SIGTERM (graceful shutdown); the process stays owned until it exits or is killed.
     pub fn terminate(&mut self) -> std::io::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// SIGSTOP: the process freezes with every socket open, like a node that hangs or
+    /// drops off the network (peers see nothing close). [`kill`](Self::kill) still works.
+    pub fn freeze(&mut self) -> std::io::Result<()> {
+        self.signal("STOP")
+    }
+
+    fn signal(&self, name: &str) -> std::io::Result<()> {
         let Some(pid) = self.pid() else {
             return Ok(());
         };
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()?;
         if status.success() {
             Ok(())
         } else {
             Err(std::io::Error::other(format!(
-                "kill -TERM {pid} failed: {status}"
+                "kill -{name} {pid} failed: {status}"
             )))
         }
     }

@@ -229,6 +229,10 @@ pub enum CallerCommand {
     Stop,
     /// Drop the socket without `stop` (network failure).
     Drop,
+    /// Twilio loses the stream (the relay's node froze or dropped off the network): the
+    /// socket is dropped and the leg ends abnormally, so with
+    /// [`CallerConfig::after_on_abnormal_close`] the action URL is requested.
+    Lose,
 }
 
 /// An HTTP exchange and the TwiML in it (if it parsed).
@@ -419,6 +423,11 @@ pub struct CallerHandle {
 }
 
 impl CallerHandle {
+    /// Whether the call is over (its report waits in [`join`](Self::join)).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits for the call to end.
     pub async fn join(self) -> Result<CallReport, CallerError> {
         match self.task.await {
@@ -718,6 +727,7 @@ impl SimCaller {
                     Some(CallerCommand::Dtmf(digit)) => s.send_dtmf(&digit),
                     Some(CallerCommand::Stop) => script.hang_up(),
                     Some(CallerCommand::Drop) => break ClosedBy::Caller,
+                    Some(CallerCommand::Lose) => break ClosedBy::Error("stream lost".to_owned()),
                     None => commands_open = false,
                 },
                 // The leg's time limit: hang up.
