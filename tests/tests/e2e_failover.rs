@@ -274,8 +274,12 @@ async fn no_call_of_a_dead_relay_is_hung_up_however_soon_twilio_asks() {
                 .and_then(|a| a.twiml.as_ref())
                 .is_some_and(|t| t.stream_url.is_some());
             if !resumed {
+                let call = world.get_call(&call_id).await;
                 failures.push(format!(
-                    "{what}: hung up: {:?}",
+                    "{what}: hung up (control has status {}, end {} '{}'): {:?}",
+                    call.status,
+                    call.end_reason,
+                    call.end_detail,
                     report
                         .after
                         .iter()

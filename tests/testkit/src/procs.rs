@@ -116,7 +116,24 @@ impl Proc {
     /// SIGSTOP: the process freezes with every socket open, like a node that hangs or
     /// drops off the network (peers see nothing close). [`kill`](Self::kill) still works.
     pub fn freeze(&mut self) -> std::io::Result<()> {
-        self.signal("STOP")
+        self.signal("STOP")?;
+        // kill(2) returns before every thread has stopped; a test that acts on a frozen
+        // process right away must not race its last instructions.
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let stat = format!("/proc/{pid}/stat");
+        for _ in 0..500 {
+            let stopped = std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            });
+            if stopped {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Err(std::io::Error::other(format!("{} did not stop", self.name)))
     }
 
     fn signal(&self, name: &str) -> std::io::Result<()> {
