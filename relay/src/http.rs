@@ -197,6 +197,14 @@ async fn voice(
                 return Ok(xml(twiml::fallback(fb)));
             }
             if !model_admits(&deps) {
+                // Control stores the call's end as it would have from the stream.
+                crate::fallback_end::spawn(
+                    &deps.call,
+                    &deps.streams,
+                    &deps.tracker,
+                    call_id,
+                    param(&form, "CallSid"),
+                );
                 let fb = settings.and_then(|s| s.fallback.as_ref());
                 return Ok(xml(twiml::fallback(fb)));
             }

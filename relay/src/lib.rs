@@ -15,7 +15,7 @@
 //! - [`call`]: one call: the call loop over its components (model session, playback in
 //!   `call::phase`, deadlines, tools, counters), socket outboxes, control link.
 //! - [`model_breaker`]: a circuit breaker per model endpoint, shared by the calls: during
-//!   an outage new calls get the fallback at once.
+//!   an outage new calls get the fallback at once ([`fallback_end`] tells control).
 //! - [`agent`]: the agent a call runs with.
 //! - [`error`]: errors naming the failing side; how a call ended.
 //! - [`twilio`], [`realtime`]: wire formats, parsed borrowed and built without detours
@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod control_tls;
 pub mod error;
+pub mod fallback_end;
 pub mod http;
 pub mod listen;
 pub mod metrics;

@@ -1289,19 +1289,27 @@ async fn with_the_model_breaker_open_new_calls_get_the_fallback_without_dialling
     );
 
     // Open: the webhook answers the agent's fallback instead of a stream.
+    control.state.lock().unwrap().events.clear();
     let (status, _, body) = post_form(&relay, "/api/twilio/voice?callId=call_2", &[], true).await;
     assert_eq!(status, 200);
     assert!(!body.contains("<Stream"), "{body}");
     assert!(body.contains("+15550111"), "{body}");
+    // The call never gets a stream: the relay attaches it itself to report its end.
+    let ended = wait_ended(&control).await;
+    assert_eq!(ended.reason, EndReason::ModelUnavailable as i32);
+    assert!(ended.detail.contains("circuit breaker open"), "{ended:?}");
+    let open = control.state.lock().unwrap().opens.last().cloned().unwrap();
+    assert_eq!(open.call_id, "call_2");
+    assert_eq!(open.stream_credential_id.len(), 32, "{open:?}");
 
     // A stream that arrives anyway ends at once with MODEL_UNAVAILABLE, without a dial.
     control.state.lock().unwrap().events.clear();
-    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_2")
+    let mut tw = twilio_ws(&relay, "/api/twilio/media-stream/call_3")
         .await
         .unwrap();
     send_json(
         &mut tw,
-        start_with(json!({"callId":"call_2","credential":credential(Some("call_2"))})),
+        start_with(json!({"callId":"call_3","credential":credential(Some("call_3"))})),
     )
     .await;
     let ended = wait_ended(&control).await;

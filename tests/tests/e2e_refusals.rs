@@ -339,6 +339,7 @@ async fn during_a_model_outage_new_calls_get_the_fallback_at_once_until_a_probe_
     // stream and so no dial (and no dial timeout to wait out).
     let mut caller = world.caller(Conversation::default());
     caller.hang_up_at_end = false;
+    let call_sid = caller.call_sid.clone();
     let report = with_timeout(
         CALL,
         "a call with the breaker open",
@@ -354,6 +355,16 @@ async fn during_a_model_outage_new_calls_get_the_fallback_at_once_until_a_probe_
         "{twiml:?}"
     );
     assert!(report.legs.is_empty());
+    // Control knows how it ended, as if its stream had ended it.
+    let call = world.call_by_sid(&call_sid).await.expect("admitted");
+    let call = world
+        .wait_ended(&call.call_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        call.end_reason,
+        pb::EndReason::ModelUnavailable as i32,
+        "{call:?}"
+    );
     let text = scrape(metrics).await;
     let webhook_series = format!(
         "callbridge_relay_model_breaker_short_circuits_total{{endpoint=\"{}\",at=\"webhook\"}}",

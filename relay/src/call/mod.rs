@@ -360,10 +360,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
         call.after_turn(now);
     }
     if short_circuit {
-        call.end(
-            EndKind::ModelUnavailable,
-            "model endpoint unreachable (circuit breaker open); not dialled",
-        );
+        call.end(EndKind::ModelUnavailable, crate::fallback_end::DETAIL);
     }
     call_loop(&mut call, tw_read, &mut link).await;
     // Boxed, like the link flush: they run once, at the end; inline, their state would be
