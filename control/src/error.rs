@@ -101,6 +101,13 @@ pub enum Error {
     /// The stream credential of an attach was consumed before (a replayed stream).
     #[error("the stream credential of call '{0}' was already used")]
     StreamCredentialUsed(String),
+    /// A stream minted for a call state that is gone: a first stream of a call that has
+    /// had one, or a resumed stream that follows another than the call's current stream
+    /// (a replayed voice webhook or action request).
+    #[error(
+        "open.stream_origin: the stream of call '{0}' was minted for an earlier stream of the call (a replayed webhook or action request)"
+    )]
+    StreamSuperseded(String),
     /// A stream's `start.callSid` is not the CallSid the call was admitted with.
     #[error("open.twilio_call_sid: not the CallSid call '{0}' was admitted with")]
     CallSidMismatch(String),
@@ -210,7 +217,9 @@ impl Error {
             | Error::TwilioRefused { .. } => Code::FailedPrecondition,
             Error::TwilioUnavailable { .. } | Error::ShuttingDown { .. } => Code::Unavailable,
             Error::VersionConflict { .. } | Error::LeaseLost => Code::Aborted,
-            Error::StreamCredentialUsed(_) | Error::CallSidMismatch(_) => Code::PermissionDenied,
+            Error::StreamCredentialUsed(_)
+            | Error::StreamSuperseded(_)
+            | Error::CallSidMismatch(_) => Code::PermissionDenied,
             Error::UnexpectedStoreOutcome(_) => Code::Internal,
             Error::TooManyWatchStreams { .. } => Code::ResourceExhausted,
             Error::UnaryTimeout { .. } => Code::DeadlineExceeded,
@@ -230,6 +239,7 @@ impl Error {
         match self {
             Error::StreamCredentialUsed(_) => Some("credential_used"),
             Error::CallSidMismatch(_) => Some("call_sid_mismatch"),
+            Error::StreamSuperseded(_) => Some("stream_superseded"),
             _ => None,
         }
     }

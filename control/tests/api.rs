@@ -437,6 +437,7 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         Code::Unauthenticated,
         relay_with(Bearer::new(APP_TOKEN)).after(pb::AfterRequest {
             call_id: "x".into(),
+            ..Default::default()
         }),
     )
     .await;
@@ -462,6 +463,7 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         Code::NotFound,
         relay_with(Bearer::new(RELAY_TOKEN)).after(pb::AfterRequest {
             call_id: "x".into(),
+            ..Default::default()
         }),
     )
     .await;

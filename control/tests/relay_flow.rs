@@ -214,7 +214,10 @@ async fn gaps_fail_the_stream_and_status_never_moves_back() {
     assert_eq!(got.status, pb::CallStatus::InProgress as i32);
     assert_eq!(
         after_next(&mut relay, &id).await,
-        Some(pb::after_response::Next::Resume(pb::ResumeNext {}))
+        Some(pb::after_response::Next::Resume(pb::ResumeNext {
+            // Attached without a credential: no stream to name.
+            takes_over_stream_id: String::new(),
+        }))
     );
     drop(stream);
 
@@ -409,4 +412,127 @@ async fn a_fresh_credential_takes_a_held_call_over_and_fences_the_old_stream() {
     let got = get_call(&mut calls, &id).await;
     assert_eq!(got.last_seq, 3);
     assert_eq!(got.end_reason, pb::EndReason::CallerHangup as i32);
+}
+
+/// A live call's streams are named by their credentials. An action request speaks for the
+/// call's current stream (resume, bound to it) or for an earlier one (a replay: hangup);
+/// a stream minted to follow an earlier stream, or a first stream once the call has had
+/// one (a replayed voice webhook), is refused `stream_superseded` while the genuine next
+/// stream takes over.
+#[tokio::test]
+async fn replayed_action_requests_and_webhooks_get_no_way_into_a_live_call() {
+    use pb::after_response::Next;
+    let redis = RedisServer::unix().expect("redis");
+    let control = Control::start(ControlOpts::new(&redis.url(), "replays")).await;
+    let mut agents = control.agents().await;
+    let mut calls = control.calls().await;
+    let mut relay = control.relay().await;
+    create_agent(&mut agents, "a").await;
+    let id = create_call(&mut calls, "a", "").await.call_id;
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+        + 60_000;
+    let stream_id = |tag: &str| tag.repeat(32);
+    let open = |relay_id: &str, cred: &str, origin: pb::StreamOrigin, after: &str| pb::AttachOpen {
+        call_id: id.clone(),
+        relay_id: relay_id.to_owned(),
+        stream_credential_id: stream_id(cred),
+        stream_credential_expires_at_ms: expires,
+        stream_origin: origin as i32,
+        takes_over_stream_id: after.to_owned(),
+        ..Default::default()
+    };
+    let ask = |stream: &str, after: &str| pb::AfterRequest {
+        call_id: id.clone(),
+        stream_id: stream.to_owned(),
+        after_stream_id: after.to_owned(),
+    };
+    let after = |relay: &mut RelayRpc, req: pb::AfterRequest| {
+        let mut relay = relay.clone();
+        async move { answer("after", relay.after(req)).await.next }
+    };
+    let superseded = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get("callbridge-refusal")
+                .map(|v| v.to_str().expect("ascii")),
+            Some("stream_superseded"),
+            "{status:?}"
+        );
+    };
+
+    let mut first = attach_open(
+        &mut relay,
+        open("relay-1", "a", pb::StreamOrigin::First, ""),
+    )
+    .await
+    .expect("the call's first stream");
+    first.ack(event(&id, 1, started("relay-1"))).await;
+    // A replayed voice webhook's stream, while stream a holds the call.
+    superseded(
+        attach_open(
+            &mut relay,
+            open("relay-2", "e", pb::StreamOrigin::First, ""),
+        )
+        .await
+        .err()
+        .expect("refused"),
+    );
+    // Stream a's relay dies (its stream stays open here: control has not noticed).
+    // Twilio asks a's action URL: resume, taking over from a.
+    let resume_after = |s: &str| {
+        Some(Next::Resume(pb::ResumeNext {
+            takes_over_stream_id: stream_id(s),
+        }))
+    };
+    assert_eq!(
+        after(&mut relay, ask(&stream_id("a"), "")).await,
+        resume_after("a")
+    );
+    // Its stream b, bound to a, takes the call over.
+    let mut second = attach_open(
+        &mut relay,
+        open("relay-2", "b", pb::StreamOrigin::Resume, &stream_id("a")),
+    )
+    .await
+    .expect("Twilio's next stream takes over");
+    second.ack(event(&id, 2, started("relay-2"))).await;
+    // a's action request replayed now: hangup (to the replayer), and a stream minted
+    // to follow a is refused, not a take-over.
+    assert_eq!(
+        after(&mut relay, ask(&stream_id("a"), "")).await,
+        Some(Next::Hangup(pb::HangupNext {}))
+    );
+    superseded(
+        attach_open(
+            &mut relay,
+            open("relay-3", "c", pb::StreamOrigin::Resume, &stream_id("a")),
+        )
+        .await
+        .err()
+        .expect("refused"),
+    );
+    // b ends (a hand-off); its action request resumes after b; a stream d minted then
+    // never attaches; d's own action request still resumes after b.
+    second
+        .ack(event(&id, 3, ended(pb::EndReason::Handoff)))
+        .await;
+    assert_eq!(
+        after(&mut relay, ask(&stream_id("b"), &stream_id("a"))).await,
+        resume_after("b")
+    );
+    assert_eq!(
+        after(&mut relay, ask(&stream_id("d"), &stream_id("b"))).await,
+        resume_after("b")
+    );
+    // The stored call goes on with the genuine streams' events only.
+    let got = get_call(&mut calls, &id).await;
+    assert_eq!(got.last_seq, 3);
+    assert_eq!(got.relay_id, "relay-2");
+    assert_eq!(got.status, pb::CallStatus::InProgress as i32);
+    drop(first);
 }

@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callbridge_control::domain::call::event_effects;
-use callbridge_control::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
+use callbridge_control::domain::call::{StreamOrigin, event_effects};
+use callbridge_control::domain::ids::{
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId,
+};
 use callbridge_control::domain::record::CallRecord;
 use callbridge_control::domain::twilio::TwilioCallStatus;
 use callbridge_control::hub::Hub;
@@ -58,6 +60,7 @@ conformance!(
     stream_credentials_and_call_sids,
     leases,
     a_fresh_credential_takes_a_held_lease_over,
+    replayed_webhooks_and_action_requests_are_superseded,
     event_append_with_sequence_gaps_and_duplicates,
     hand_off_and_resume,
     end_and_retention,
@@ -254,6 +257,11 @@ async fn append<S: CallStore>(
     events: &[pb::CallEvent],
 ) -> Vec<AppendOutcome> {
     append_with(s, call_id, events, None).await
+}
+
+/// A stream credential id (32 hex digits) from a short tag.
+fn stream(tag: &str) -> StreamCredentialId {
+    StreamCredentialId::parse("stream", format!("{tag:0>32}")).expect("valid")
 }
 
 async fn attach<S: CallStore>(
@@ -489,7 +497,8 @@ async fn stream_credentials_and_call_sids<S: CallStore>(s: &S) {
     .await
     .expect("ok");
     let cred = |id: &str, sid: &str| AttachChecks {
-        credential: Some((format!("{id:0>32}"), T0 + 60_000)),
+        credential: Some((stream(id), T0 + 60_000)),
+        origin: StreamOrigin::Unspecified,
         twilio_call_sid: (!sid.is_empty()).then(|| self::sid(sid).as_str().to_owned()),
     };
     let before = get(s, "c1").await;
@@ -711,7 +720,8 @@ async fn leases<S: CallStore>(s: &S) {
 async fn a_fresh_credential_takes_a_held_lease_over<S: CallStore>(s: &S) {
     create(s, &[record("c1", 1, "")]).await;
     let cred = |id: &str| AttachChecks {
-        credential: Some((format!("{id:0>32}"), T0 + 60_000)),
+        credential: Some((stream(id), T0 + 60_000)),
+        origin: StreamOrigin::Unspecified,
         twilio_call_sid: None,
     };
     let attach_with = |relay: &'static str,
@@ -1262,4 +1272,86 @@ async fn twilio_status_moves_one_way<S: CallStore>(s: &S) {
             .map(CallId::as_str),
         Some("inbound-ish")
     );
+}
+
+/// The stream that holds (or last held) a call's lease is recorded; a stream minted from
+/// a replayed voice webhook (a first stream of a call that has had one) or a replayed
+/// action request (a resumed stream following an earlier stream) is refused, whether the
+/// lease is held or free, and writes nothing; the genuine next stream takes over.
+async fn replayed_webhooks_and_action_requests_are_superseded<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let checks = |id: &str, origin: StreamOrigin| AttachChecks {
+        credential: Some((stream(id), T0 + 60_000)),
+        origin,
+        twilio_call_sid: None,
+    };
+    let first = |id: &str| checks(id, StreamOrigin::First);
+    let resume = |id: &str, after: Option<&str>| {
+        checks(
+            id,
+            StreamOrigin::Resume {
+                takes_over: after.map(stream),
+            },
+        )
+    };
+    let at = |relay: &'static str, holder: &'static str, now: i64, c: AttachChecks| async move {
+        attach_checked(s, "c1", relay, false, holder, now, &c).await
+    };
+    assert_eq!(
+        at("r1", "x/1", T0, first("a1")).await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(get(s, "c1").await.lease_stream, Some(stream("a1")));
+    let held = get(s, "c1").await;
+    // While a1 holds the call: a replayed webhook's stream, and streams minted to follow
+    // another stream than a1, are superseded (not merely held) and change nothing.
+    for replay in [first("a2"), resume("b0", Some("a0")), resume("b0", None)] {
+        assert_eq!(
+            at("r2", "y/2", T0 + 100, replay.clone()).await,
+            AttachOutcome::Superseded,
+            "{replay:?}"
+        );
+        assert_eq!(get(s, "c1").await, held, "a refusal changes nothing");
+    }
+    // Twilio's next stream, minted to follow a1, takes the call over.
+    assert_eq!(
+        at("r2", "y/2", T0 + 100, resume("b1", Some("a1"))).await,
+        AttachOutcome::TookOver
+    );
+    let taken = get(s, "c1").await;
+    assert_eq!(taken.lease_stream, Some(stream("b1")));
+    // A second stream minted to follow a1 (a replay of a1's action request) is too late.
+    assert_eq!(
+        at("r3", "z/3", T0 + 200, resume("b2", Some("a1"))).await,
+        AttachOutcome::Superseded
+    );
+    assert_eq!(get(s, "c1").await, taken, "a refusal changes nothing");
+    // The holder's reconnect names no origin and keeps the lease stream.
+    assert_eq!(
+        attach(s, "c1", "r2", true, "y/4", T0 + 300).await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(get(s, "c1").await.lease_stream, Some(stream("b1")));
+    // Released (a hand-off): the lease stream is kept, and only a stream following it
+    // attaches, the lease being free.
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("y/4"), T0 + 400, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(get(s, "c1").await.lease_stream, Some(stream("b1")));
+    assert_eq!(
+        at("r3", "z/5", T0 + 500, resume("c0", Some("a1"))).await,
+        AttachOutcome::Superseded
+    );
+    assert_eq!(
+        at("r3", "z/5", T0 + 500, first("c0")).await,
+        AttachOutcome::Superseded
+    );
+    assert_eq!(
+        at("r3", "z/5", T0 + 500, resume("c1", Some("b1"))).await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(get(s, "c1").await.lease_stream, Some(stream("c1")));
 }

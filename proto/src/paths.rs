@@ -6,7 +6,7 @@
 //! | path | what |
 //! |---|---|
 //! | `POST /api/twilio/voice[?callId=]` | voice webhook |
-//! | `POST /api/twilio/after/{callId}` | `<Connect action>`: what comes after the stream |
+//! | `POST /api/twilio/after/{callId}?stream=&after=` | `<Connect action>`: what comes after the stream |
 //! | `POST /api/twilio/status[?callId=]` | Twilio status and async AMD callbacks |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream |
@@ -72,9 +72,26 @@ pub fn status_callback(base: &str, call_id: Option<&str>) -> String {
     }
 }
 
-/// The `<Connect action>` URL of a call.
+/// Query parameter of the `<Connect action>` URL naming the stream (its credential id)
+/// whose action it is.
+pub const AFTER_STREAM_PARAM: &str = "stream";
+/// Query parameter of the `<Connect action>` URL naming the stream that stream followed
+/// (absent for a call's first stream).
+pub const AFTER_PREVIOUS_PARAM: &str = "after";
+
+/// The `<Connect action>` path of a call, without the query that names its stream.
 pub fn after(base: &str, call_id: &str) -> String {
     join(base, AFTER, Some(call_id))
+}
+
+/// The `<Connect action>` URL of one stream of a call: `?stream={stream}[&after={after}]`.
+pub fn after_stream(base: &str, call_id: &str, stream: &str, after: Option<&str>) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair(AFTER_STREAM_PARAM, stream);
+    if let Some(after) = after {
+        query.append_pair(AFTER_PREVIOUS_PARAM, after);
+    }
+    format!("{}?{}", self::after(base, call_id), query.finish())
 }
 
 /// The media stream URL of a control-backed call; `ws_base` is the [`ws_base`] form.

@@ -15,6 +15,7 @@ use tonic::{Code, Status, Streaming};
 
 use crate::call_id::CallId;
 use crate::config::Config;
+use crate::stream_credential::{Segment, Verified};
 
 /// Slots of the outbound half of an attach stream.
 const ATTACH_OUT_SLOTS: usize = 64;
@@ -91,10 +92,44 @@ pub const REFUSAL_METADATA: &str = "callbridge-refusal";
 pub struct AttachProof {
     /// The stream credential's id, for control to consume once.
     pub credential_id: String,
+    /// Which TwiML answer minted it, and for a resumed stream the stream it follows.
+    pub origin: pb::StreamOrigin,
+    /// The stream a resumed one follows ("" otherwise).
+    pub takes_over: String,
     /// Its expiry (ms since the Unix epoch).
     pub credential_expires_at_ms: i64,
     /// `start.callSid`, when Twilio sent one.
     pub twilio_call_sid: Option<String>,
+}
+
+/// Which stream an action request speaks for: its URL's `stream` and `after` parameters
+/// (both `None` in a URL written by a relay older than them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActionStream {
+    /// The stream whose `<Connect action>` this is.
+    pub stream: Option<String>,
+    /// The stream that one followed.
+    pub after: Option<String>,
+}
+
+impl AttachProof {
+    /// The proof a checked credential gives, for the stream whose `start` carried
+    /// `twilio_call_sid`.
+    pub fn of(cred: Verified, twilio_call_sid: Option<String>) -> Self {
+        let origin = match cred.segment {
+            Segment::First => pb::StreamOrigin::First,
+            Segment::Resume => pb::StreamOrigin::Resume,
+            // Standalone streams attach nowhere; named for completeness.
+            Segment::Standalone => pb::StreamOrigin::Unspecified,
+        };
+        Self {
+            credential_id: cred.id,
+            origin,
+            takes_over: cred.takes_over.unwrap_or_default(),
+            credential_expires_at_ms: cred.expires_at_ms,
+            twilio_call_sid,
+        }
+    }
 }
 
 /// Control's `Relay` API; clone-cheap (the tonic `Channel` multiplexes).
@@ -161,10 +196,16 @@ impl Control {
     }
 
     /// `Relay.After`.
-    pub async fn after(&self, call_id: &CallId) -> Result<pb::AfterResponse, ControlError> {
+    pub async fn after(
+        &self,
+        call_id: &CallId,
+        stream: &ActionStream,
+    ) -> Result<pb::AfterResponse, ControlError> {
         let mut client = self.client.clone();
         let req = pb::AfterRequest {
             call_id: call_id.as_str().to_owned(),
+            stream_id: stream.stream.clone().unwrap_or_default(),
+            after_stream_id: stream.after.clone().unwrap_or_default(),
         };
         match tokio::time::timeout(self.timeout, client.after(req)).await {
             Ok(r) => Ok(r?.into_inner()),
@@ -197,6 +238,8 @@ impl Control {
             let (tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
             let proof = proof.unwrap_or(AttachProof {
                 credential_id: String::new(),
+                origin: pb::StreamOrigin::Unspecified,
+                takes_over: String::new(),
                 credential_expires_at_ms: 0,
                 twilio_call_sid: None,
             });
@@ -208,6 +251,8 @@ impl Control {
                     stream_credential_id: proof.credential_id,
                     stream_credential_expires_at_ms: proof.credential_expires_at_ms,
                     twilio_call_sid: proof.twilio_call_sid.unwrap_or_default(),
+                    stream_origin: proof.origin as i32,
+                    takes_over_stream_id: proof.takes_over,
                 })),
             };
             tx.send(Box::new(open))

@@ -46,11 +46,10 @@ pub fn spawn(
         warn!("A credential just minted does not verify; the call's end is not reported.");
         return;
     };
-    let proof = AttachProof {
-        credential_id: verified.id,
-        credential_expires_at_ms: verified.expires_at_ms,
-        twilio_call_sid: (!call_sid.is_empty()).then(|| call_sid.to_owned()),
-    };
+    let proof = AttachProof::of(
+        verified,
+        (!call_sid.is_empty()).then(|| call_sid.to_owned()),
+    );
     let relay_id = deps.relay_id.to_string();
     let metrics = deps.metrics.clone();
     let capacity = deps.config.event_buffer;

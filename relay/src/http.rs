@@ -42,10 +42,10 @@ use warp::{Filter, Rejection, Reply};
 use crate::call::{self, CallDeps, TWILIO_MAX_MESSAGE};
 use crate::call_id::{self as ids, CallId};
 use crate::capacity::{AtCapacity, Refused, below_max_calls};
-use crate::control::ControlError;
+use crate::control::{ActionStream, ControlError};
 use crate::model_breaker::ShortCircuit;
 use crate::stream_admission::{self, Route};
-use crate::stream_credential::{Segment, StreamCredentials};
+use crate::stream_credential::{self, Segment, StreamCredentials};
 use crate::{signature, twiml};
 
 /// Largest webhook body accepted.
@@ -208,12 +208,13 @@ async fn voice(
                 let fb = settings.and_then(|s| s.fallback.as_ref());
                 return Ok(xml(twiml::fallback(fb)));
             }
-            let credential = deps.streams.mint(Some(&call_id), Segment::First);
+            let credential = deps.streams.mint_after(&call_id, Segment::First, None);
             Ok(xml(twiml::connect_stream(
                 &cfg.public_url,
                 &cfg.public_ws_base(),
                 &call_id,
                 &credential,
+                None,
             )))
         }
         Err(e) if e.is_transient() => {
@@ -265,23 +266,59 @@ async fn after(
     let Ok(call_id) = CallId::parse(call_id) else {
         return Ok(text(StatusCode::BAD_REQUEST, "callId: invalid\n"));
     };
+    // Which stream the action request speaks for (absent in URLs of older relays).
+    let stream_param = |name: &str, bad: &'static str| match query_param(&raw_query, name) {
+        None => Ok(None),
+        Some(id) if stream_credential::is_id(&id) => Ok(Some(id)),
+        Some(_) => Err(bad),
+    };
+    let asked = match (
+        stream_param(
+            paths::AFTER_STREAM_PARAM,
+            "stream: not a stream id (32 lowercase hex digits)\n",
+        ),
+        stream_param(
+            paths::AFTER_PREVIOUS_PARAM,
+            "after: not a stream id (32 lowercase hex digits)\n",
+        ),
+    ) {
+        (Ok(None), Ok(Some(_))) => {
+            return Ok(text(StatusCode::BAD_REQUEST, "after: only with stream\n"));
+        }
+        (Ok(stream), Ok(after)) => ActionStream { stream, after },
+        (Err(bad), _) | (_, Err(bad)) => return Ok(text(StatusCode::BAD_REQUEST, bad)),
+    };
     let Some(control) = &deps.call.control else {
         return Ok(xml(twiml::hangup()));
     };
     use pb::after_response::Next;
-    match control.after(&call_id).await {
+    match control.after(&call_id, &asked).await {
         Ok(resp) => Ok(xml(match resp.next {
             Some(Next::Hangup(_)) | None => twiml::hangup(),
             Some(Next::DialNumber(n)) => twiml::dial(&n),
             Some(Next::Fallback(f)) => twiml::fallback(Some(&f)),
-            Some(Next::Resume(_)) => {
-                // A new segment of the call (a drain hand-off): a new credential.
-                let credential = deps.streams.mint(Some(&call_id), Segment::Resume);
+            Some(Next::Resume(resume)) => {
+                // A new segment of the call (a hand-off or failover): a new credential,
+                // bound to the stream control says it takes the call over from.
+                let takes_over = Some(resume.takes_over_stream_id).filter(|id| !id.is_empty());
+                if takes_over
+                    .as_deref()
+                    .is_some_and(|id| !stream_credential::is_id(id))
+                {
+                    warn!(
+                        "Control answered Resume with an invalid stream id; the caller gets the fallback."
+                    );
+                    return Ok(xml(twiml::fallback(None)));
+                }
+                let credential =
+                    deps.streams
+                        .mint_after(&call_id, Segment::Resume, takes_over.as_deref());
                 twiml::connect_stream(
                     &cfg.public_url,
                     &cfg.public_ws_base(),
                     &call_id,
                     &credential,
+                    takes_over.as_deref(),
                 )
             }
         })),

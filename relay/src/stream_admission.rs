@@ -87,6 +87,9 @@ pub enum Refusal {
     CallIdMismatch,
     /// `start.callSid` is not the CallSid control admitted the call with.
     CallSidMismatch,
+    /// The stream was minted for a call state that is gone: a replayed voice webhook or
+    /// action request of a call that has moved on (control's `stream_superseded`).
+    Superseded,
     /// Control knows no such call.
     UnknownCall,
     /// The call has ended.
@@ -99,7 +102,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// All of them, for documentation tests and metrics.
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::ClosedBeforeStart,
         Refusal::NoStart,
         Refusal::BadStart,
@@ -109,6 +112,7 @@ impl Refusal {
         Refusal::CredentialUsed,
         Refusal::CallIdMismatch,
         Refusal::CallSidMismatch,
+        Refusal::Superseded,
         Refusal::UnknownCall,
         Refusal::CallEnded,
         Refusal::AlreadyAttached,
@@ -127,6 +131,7 @@ impl Refusal {
             Refusal::NoStart => 4408,
             Refusal::CredentialUsed => 4409,
             Refusal::CredentialExpired => 4410,
+            Refusal::Superseded => 4411,
             Refusal::CallEnded => 4412,
             Refusal::AlreadyAttached => 4423,
             Refusal::ControlUnavailable => 4503,
@@ -145,6 +150,7 @@ impl Refusal {
             Refusal::CredentialUsed => "stream credential already used",
             Refusal::CallIdMismatch => "callId parameter does not match the stream path",
             Refusal::CallSidMismatch => "callSid is not the admitted call's",
+            Refusal::Superseded => "stream superseded",
             Refusal::UnknownCall => "unknown call",
             Refusal::CallEnded => "call has ended",
             Refusal::AlreadyAttached => "call is already attached",
@@ -164,6 +170,7 @@ impl Refusal {
             Refusal::CredentialUsed => "credential_used",
             Refusal::CallIdMismatch => "call_id_mismatch",
             Refusal::CallSidMismatch => "call_sid_mismatch",
+            Refusal::Superseded => "stream_superseded",
             Refusal::UnknownCall => "unknown_call",
             Refusal::CallEnded => "call_ended",
             Refusal::AlreadyAttached => "already_attached",
@@ -187,6 +194,7 @@ impl Refusal {
             match reason.as_bytes() {
                 b"credential_used" => return Refusal::CredentialUsed,
                 b"call_sid_mismatch" => return Refusal::CallSidMismatch,
+                b"stream_superseded" => return Refusal::Superseded,
                 _ => {}
             }
         }
@@ -292,9 +300,10 @@ async fn check_start(
     let now = now_ms();
     let cred = creds
         .key
-        .verify(
+        .verify_after(
             param(crate::stream_credential::PARAMETER),
             route.call_id(),
+            param(crate::stream_credential::TAKES_OVER_PARAMETER),
             now,
         )
         .map_err(Refusal::from_credential)?;
@@ -309,11 +318,7 @@ async fn check_start(
         }
         Route::Call(call_id) if deps.control.is_some() => Ok(Checked::Attach {
             call_id: call_id.clone(),
-            proof: AttachProof {
-                credential_id: cred.id,
-                credential_expires_at_ms: cred.expires_at_ms,
-                twilio_call_sid: call_sid.map(|s| s.as_str().to_owned()),
-            },
+            proof: AttachProof::of(cred, call_sid.map(|s| s.as_str().to_owned())),
         }),
         Route::Call(_) => Err(Refusal::ControlUnavailable),
     }

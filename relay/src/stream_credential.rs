@@ -11,9 +11,14 @@
 //!
 //! Wire form (`docs/protocols.md`, "Stream credentials"): base64url without padding of
 //! `version (1) | segment (1) | expires_at_ms (8, big-endian) | nonce (16) | mac (32)`,
-//! where `mac` = HMAC-SHA256(key, the 26 bytes before it ‖ call id). The call id is not
-//! carried (it is the stream's path), only bound: a credential minted for one call fails
-//! its MAC on any other.
+//! where `mac` = HMAC-SHA256(key, the 26 bytes before it ‖ call id [‖ 0x00 ‖ predecessor]).
+//! The call id is not carried (it is the stream's path), only bound: a credential minted
+//! for one call fails its MAC on any other. A resumed stream's credential is also bound to
+//! the stream it follows (the credential id control named in its Resume answer), carried
+//! beside it as `<Parameter name="takesOver">`: control lets that stream attach only in
+//! place of the call's current stream, so a credential from a replayed action request of
+//! an earlier stream opens nothing (docs/resilience.md, "The rule"). Call ids never hold a
+//! 0x00 byte, so the two MAC inputs cannot be confused.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -33,6 +38,8 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Name of the `<Parameter>` (and `customParameters` key) carrying the credential.
 pub const PARAMETER: &str = "credential";
+/// Name of the `<Parameter>` carrying the id of the stream a resumed stream follows.
+pub const TAKES_OVER_PARAMETER: &str = "takesOver";
 /// Domain separation for a key derived from the Twilio auth token.
 const DERIVATION_LABEL: &[u8] = b"callbridge stream credential v1";
 /// Shortest `RELAY_STREAM_SECRET` accepted (bytes).
@@ -46,6 +53,8 @@ const HEADER_LEN: usize = 1 + 1 + 8 + NONCE_LEN;
 const RAW_LEN: usize = HEADER_LEN + MAC_LEN;
 /// Longest text accepted before decoding (the encoding of [`RAW_LEN`] bytes is 78).
 const MAX_TEXT_LEN: usize = 128;
+/// A credential id: the nonce in lowercase hex.
+const ID_LEN: usize = 2 * NONCE_LEN;
 
 /// Which TwiML answer minted a credential: the first stream of a control-backed call
 /// (voice webhook), a later one (`/after` answering Resume: a drain hand-off), or a
@@ -103,6 +112,26 @@ pub struct Verified {
     pub expires_at_ms: i64,
     /// Which answer minted it.
     pub segment: Segment,
+    /// For a resumed stream: the id of the stream it follows (bound by the MAC).
+    pub takes_over: Option<String>,
+}
+
+/// A freshly minted credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    /// The `<Parameter name="credential">` value.
+    pub text: String,
+    /// Its id (what [`Verified::id`] will say), for the action URL.
+    pub id: String,
+}
+
+/// Whether `s` has the form of a credential id (32 lowercase hex digits).
+pub fn is_id(s: &str) -> bool {
+    s.len() == ID_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex_id(nonce: &[u8]) -> String {
+    nonce.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The key every relay of a deployment shares. `Debug` prints no key material.
@@ -142,10 +171,14 @@ impl StreamKey {
         Self(mac.finalize().into_bytes().into())
     }
 
-    fn mac(&self, header: &[u8], call_id: Option<&CallId>) -> HmacSha256 {
+    fn mac(&self, header: &[u8], call_id: Option<&CallId>, after: Option<&str>) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any size");
         mac.update(header);
         mac.update(call_id.map_or("", CallId::as_str).as_bytes());
+        if let Some(after) = after {
+            mac.update(&[0]);
+            mac.update(after.as_bytes());
+        }
         mac
     }
 
@@ -158,15 +191,32 @@ impl StreamKey {
         now_ms: i64,
         ttl: Duration,
     ) -> String {
+        self.mint_after(call_id, segment, None, now_ms, ttl).text
+    }
+
+    /// Like [`Self::mint`], for a stream that follows stream `after` (a resumed stream;
+    /// `None` for any other), with the new credential's id.
+    pub fn mint_after(
+        &self,
+        call_id: Option<&CallId>,
+        segment: Segment,
+        after: Option<&str>,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Minted {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
-        self.mint_with_nonce(call_id, segment, now_ms, ttl, nonce)
+        Minted {
+            text: self.mint_with_nonce(call_id, segment, after, now_ms, ttl, nonce),
+            id: hex_id(&nonce),
+        }
     }
 
     fn mint_with_nonce(
         &self,
         call_id: Option<&CallId>,
         segment: Segment,
+        after: Option<&str>,
         now_ms: i64,
         ttl: Duration,
         nonce: [u8; NONCE_LEN],
@@ -179,7 +229,7 @@ impl StreamKey {
         raw[2..10].copy_from_slice(&expires.to_be_bytes());
         raw[10..HEADER_LEN].copy_from_slice(&nonce);
         let tag = self
-            .mac(&raw[..HEADER_LEN], call_id)
+            .mac(&raw[..HEADER_LEN], call_id, after)
             .finalize()
             .into_bytes();
         raw[HEADER_LEN..].copy_from_slice(&tag);
@@ -194,10 +244,22 @@ impl StreamKey {
         call_id: Option<&CallId>,
         now_ms: i64,
     ) -> Result<Verified, CredentialError> {
+        self.verify_after(text, call_id, None, now_ms)
+    }
+
+    /// Like [`Self::verify`], for a stream whose `start` also names the stream it follows
+    /// (`takesOver`); only a resumed stream's credential can be bound to one.
+    pub fn verify_after(
+        &self,
+        text: Option<&str>,
+        call_id: Option<&CallId>,
+        after: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Verified, CredentialError> {
         let text = text
             .filter(|t| !t.is_empty())
             .ok_or(CredentialError::Missing)?;
-        if text.len() > MAX_TEXT_LEN {
+        if text.len() > MAX_TEXT_LEN || after.is_some_and(|a| !is_id(a)) {
             return Err(CredentialError::Invalid);
         }
         let raw = URL_SAFE_NO_PAD
@@ -207,10 +269,13 @@ impl StreamKey {
             return Err(CredentialError::Invalid);
         }
         let (header, tag) = raw.split_at(HEADER_LEN);
-        self.mac(header, call_id)
+        self.mac(header, call_id, after)
             .verify_slice(tag)
             .map_err(|_| CredentialError::Invalid)?;
         let segment = Segment::from_byte(header[1]).ok_or(CredentialError::Invalid)?;
+        if after.is_some() && segment != Segment::Resume {
+            return Err(CredentialError::Invalid);
+        }
         // A standalone credential on a call's path, or the reverse. (The MAC already
         // binds the call id; this keeps a standalone credential, minted with no call id,
         // off a stored call's route whatever the id.)
@@ -223,14 +288,11 @@ impl StreamKey {
         if now_ms > expires_at_ms {
             return Err(CredentialError::Expired);
         }
-        let id = header[10..HEADER_LEN]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         Ok(Verified {
-            id,
+            id: hex_id(&header[10..HEADER_LEN]),
             expires_at_ms,
             segment,
+            takes_over: after.map(str::to_owned),
         })
     }
 }
@@ -326,6 +388,13 @@ impl StreamCredentials {
     pub fn mint(&self, call_id: Option<&CallId>, segment: Segment) -> String {
         self.key.mint(call_id, segment, now_ms(), self.ttl)
     }
+
+    /// A fresh credential for a TwiML answer that opens a stream of a stored call, with its
+    /// id; `after` for a resumed stream (the stream control named).
+    pub fn mint_after(&self, call_id: &CallId, segment: Segment, after: Option<&str>) -> Minted {
+        self.key
+            .mint_after(Some(call_id), segment, after, now_ms(), self.ttl)
+    }
 }
 
 /// Milliseconds since the Unix epoch (credentials expire by the wall clock, which every
@@ -396,6 +465,52 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_stream_s_credential_holds_only_with_the_stream_it_follows() {
+        let k = key();
+        let c1 = id("call_1");
+        let before = "0123456789abcdef0123456789abcdef";
+        let minted = k.mint_after(Some(&c1), Segment::Resume, Some(before), NOW, TTL);
+        let v = k
+            .verify_after(Some(&minted.text), Some(&c1), Some(before), NOW)
+            .expect("valid");
+        assert_eq!(
+            v.id, minted.id,
+            "the id the action URL names is the stream's"
+        );
+        assert_eq!(v.takes_over.as_deref(), Some(before));
+        assert_eq!(v.segment, Segment::Resume);
+        // Another predecessor, none, or one on a credential minted without: invalid.
+        let other = "fedcba9876543210fedcba9876543210";
+        for (after, cred) in [
+            (Some(other), &minted.text),
+            (None, &minted.text),
+            (Some("short"), &minted.text),
+        ] {
+            assert_eq!(
+                k.verify_after(Some(cred), Some(&c1), after, NOW),
+                Err(CredentialError::Invalid),
+                "{after:?}"
+            );
+        }
+        let unbound = k.mint_after(Some(&c1), Segment::Resume, None, NOW, TTL);
+        assert_eq!(
+            k.verify_after(Some(&unbound.text), Some(&c1), Some(before), NOW),
+            Err(CredentialError::Invalid)
+        );
+        assert_eq!(
+            k.verify(Some(&unbound.text), Some(&c1), NOW).map(|v| v.id),
+            Ok(unbound.id)
+        );
+        // Only a resumed stream follows another: a first stream never does, even when
+        // minted (by mistake) with a predecessor.
+        let first = k.mint_after(Some(&c1), Segment::First, Some(before), NOW, TTL);
+        assert_eq!(
+            k.verify_after(Some(&first.text), Some(&c1), Some(before), NOW),
+            Err(CredentialError::Invalid)
+        );
+    }
+
+    #[test]
     fn missing_and_malformed_credentials_are_refused() {
         let k = key();
         let c1 = id("c1");
@@ -419,7 +534,10 @@ mod tests {
         raw[0] = 2;
         raw[1] = Segment::First.byte();
         raw[2..10].copy_from_slice(&(NOW + 1000).to_be_bytes());
-        let tag = k.mac(&raw[..HEADER_LEN], Some(&c1)).finalize().into_bytes();
+        let tag = k
+            .mac(&raw[..HEADER_LEN], Some(&c1), None)
+            .finalize()
+            .into_bytes();
         raw[HEADER_LEN..].copy_from_slice(&tag);
         let text = URL_SAFE_NO_PAD.encode(raw);
         assert_eq!(
@@ -497,7 +615,7 @@ mod tests {
         ) {
             let k = key();
             let call = id(&call);
-            let cred = k.mint_with_nonce(Some(&call), Segment::First, NOW, TTL, nonce);
+            let cred = k.mint_with_nonce(Some(&call), Segment::First, None, NOW, TTL, nonce);
             let mut bytes = cred.clone().into_bytes();
             prop_assume!(bytes[pos] != replacement);
             bytes[pos] = replacement;

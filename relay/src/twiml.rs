@@ -12,6 +12,7 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesText, Event};
 
 use crate::call_id::CallId;
+use crate::stream_credential::Minted;
 
 /// Content type of every TwiML answer.
 pub const CONTENT_TYPE: &str = "application/xml";
@@ -67,15 +68,21 @@ fn parameter(w: &mut Xml, name: &str, value: &str) -> io::Result<()> {
         .map(drop)
 }
 
-/// `<Connect action><Stream url><Parameter callId/><Parameter credential/></Stream></Connect>`
-/// for a control-backed call; `credential` is the stream's (`crate::stream_credential`).
+/// `<Connect action><Stream url><Parameter callId/><Parameter credential/>[<Parameter
+/// takesOver/>]</Stream></Connect>` for a control-backed call; `credential` is the stream's
+/// (`crate::stream_credential`), `after` the stream it follows (a resumed stream).
+///
+/// The action URL names the stream and its predecessor (`?stream=…&after=…`): Twilio signs
+/// the whole URL, so the names cannot be changed, and control resumes the call only for an
+/// action request that speaks for the call's current stream (docs/resilience.md).
 pub fn connect_stream(
     public_url: &str,
     public_ws_base: &str,
     call_id: &CallId,
-    credential: &str,
+    credential: &Minted,
+    after: Option<&str>,
 ) -> String {
-    let action = paths::after(public_url, call_id.as_str());
+    let action = paths::after_stream(public_url, call_id.as_str(), &credential.id, after);
     let url = paths::media_stream(public_ws_base, call_id.as_str());
     doc(|w| {
         w.create_element("Connect")
@@ -86,7 +93,11 @@ pub fn connect_stream(
                     .with_attribute(("url", &*xml_chars(&url)))
                     .write_inner_content(|w| {
                         parameter(w, paths::CALL_ID_PARAM, call_id.as_str())?;
-                        parameter(w, crate::stream_credential::PARAMETER, credential)
+                        parameter(w, crate::stream_credential::PARAMETER, &credential.text)?;
+                        if let Some(after) = after {
+                            parameter(w, crate::stream_credential::TAKES_OVER_PARAMETER, after)?;
+                        }
+                        Ok(())
                     })
                     .map(drop)
             })
@@ -280,15 +291,36 @@ mod tests {
     #[test]
     fn connect_stream_has_action_stream_and_parameter() {
         let id = CallId::parse("call_1").expect("valid");
+        let cred = Minted {
+            text: "cred-1".into(),
+            id: "0a".repeat(16),
+        };
         let x = connect_stream(
             "https://r.example.com",
             "wss://r.example.com",
             &id,
-            "cred-1",
+            &cred,
+            None,
         );
         assert_eq!(
             x,
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"https://r.example.com/api/twilio/after/call_1\" method=\"POST\"><Stream url=\"wss://r.example.com/api/twilio/media-stream/call_1\"><Parameter name=\"callId\" value=\"call_1\"/><Parameter name=\"credential\" value=\"cred-1\"/></Stream></Connect></Response>"
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"https://r.example.com/api/twilio/after/call_1?stream=0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a\" method=\"POST\"><Stream url=\"wss://r.example.com/api/twilio/media-stream/call_1\"><Parameter name=\"callId\" value=\"call_1\"/><Parameter name=\"credential\" value=\"cred-1\"/></Stream></Connect></Response>"
+        );
+        // A resumed stream: its predecessor in the action URL and as a parameter.
+        let x = connect_stream(
+            "https://r.example.com",
+            "wss://r.example.com",
+            &id,
+            &cred,
+            Some(&"0b".repeat(16)),
+        );
+        assert!(
+            x.contains("after/call_1?stream=0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a&amp;after=0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b\""),
+            "{x}"
+        );
+        assert!(
+            x.contains("<Parameter name=\"takesOver\" value=\"0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b\"/></Stream>"),
+            "{x}"
         );
     }
 
@@ -425,11 +457,16 @@ mod tests {
                 .take(crate::call_id::MAX_LEN)
                 .collect();
             let id = CallId::parse(id).expect("only allowed characters");
+            let minted = Minted {
+                text: b.clone(),
+                id: "0c".repeat(16),
+            };
             let nodes = read(&connect_stream(
                 "https://r.example",
                 "wss://r.example",
                 &id,
-                &b,
+                &minted,
+                None,
             ));
             let param = find(&nodes, "Parameter");
             assert_eq!(param.attr("name"), Some("callId"), "{ctx}");
@@ -439,7 +476,10 @@ mod tests {
                 .find(|n| n.name == "Parameter" && n.attr("name") == Some("credential"))
                 .expect("a credential parameter");
             assert_eq!(cred.attr("value"), Some(carried(&b).as_str()), "{ctx}");
-            let action = format!("https://r.example/api/twilio/after/{id}");
+            let action = format!(
+                "https://r.example/api/twilio/after/{id}?stream={}",
+                minted.id
+            );
             assert_eq!(
                 find(&nodes, "Connect").attr("action"),
                 Some(action.as_str()),

@@ -84,13 +84,13 @@ async fn voice_webhook_checks_signature_and_answers_connect_twiml() {
     assert_eq!(status, 200, "{body}");
     let public = &w.relay.public;
     let ws_public = public.replace("http://", "ws://");
+    let stream = verified_in(&body, Some("call_42")).id;
     assert!(
         body.contains(&format!(
-            r#"<Connect action="{public}/api/twilio/after/call_42" method="POST"><Stream url="{ws_public}/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#
+            r#"<Connect action="{public}/api/twilio/after/call_42?stream={stream}" method="POST"><Stream url="{ws_public}/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#
         )),
         "{body}"
     );
-    credential_in(&body, Some("call_42"));
     let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     assert_eq!(h("content-type").as_deref(), Some("application/xml"));
     assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"));
@@ -161,7 +161,7 @@ async fn after_url_answers_from_control() {
     assert_eq!(status, 200);
     assert!(body.contains("<Dial>+15550001</Dial>"), "{body}");
     w.control.state.lock().unwrap().after = Some(pb::AfterResponse {
-        next: Some(pb::after_response::Next::Resume(pb::ResumeNext {})),
+        next: Some(pb::after_response::Next::Resume(pb::ResumeNext::default())),
     });
     let (_, _, body) = post_form(
         &w.relay,

@@ -124,13 +124,16 @@ async fn voice_webhook_admits_with_the_form_and_query() {
     ];
     let (status, body) = post(&h, "/api/twilio/voice?callId=call_42&x=1", &form).await;
     assert_eq!(status, 200, "{body}");
+    // The call's first stream: its action URL names it, and no predecessor.
+    let cred = verified_in(&body, Some("call_42"));
+    assert_eq!((cred.segment, cred.takes_over), (Segment::First, None));
     assert!(
-        body.contains(
-            r#"<Connect action="https://relay.example.com/api/twilio/after/call_42" method="POST"><Stream url="wss://relay.example.com/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#
-        ),
+        body.contains(&format!(
+            r#"<Connect action="https://relay.example.com/api/twilio/after/call_42?stream={}" method="POST"><Stream url="wss://relay.example.com/api/twilio/media-stream/call_42"><Parameter name="callId" value="call_42"/><Parameter name="credential" value=""#,
+            cred.id
+        )),
         "{body}"
     );
-    assert_eq!(credential_in(&body, Some("call_42")), Segment::First);
     let admit = h.control.state.lock().unwrap().admits[0].clone();
     assert_eq!(admit.call_id, "call_42");
     assert_eq!(admit.twilio_call_sid, "CA9");
@@ -165,13 +168,18 @@ async fn voice_webhook_maps_every_admit_refusal() {
     }
 }
 
+/// A stream id control names in a Resume answer.
+const PREVIOUS: &str = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
+
 #[tokio::test]
 async fn after_answers_every_next_step() {
     let h = handlers().await;
     let cases = [
         (
-            Some(Next::Resume(pb::ResumeNext {})),
-            r#"<Connect action="https://relay.example.com/api/twilio/after/call_1" method="POST"><Stream url="wss://relay.example.com/api/twilio/media-stream/call_1">"#,
+            Some(Next::Resume(pb::ResumeNext {
+                takes_over_stream_id: PREVIOUS.into(),
+            })),
+            r#"<Connect action="https://relay.example.com/api/twilio/after/call_1?stream="#,
         ),
         (
             Some(Next::DialNumber("+15550001".into())),
@@ -196,10 +204,53 @@ async fn after_answers_every_next_step() {
         assert_eq!(status, 200, "{next:?}: {body}");
         assert!(body.contains(expect), "{next:?}: {body}");
         if matches!(next, Some(Next::Resume(_))) {
-            // The hand-off's stream is a new segment with a credential of its own.
-            assert_eq!(credential_in(&body, Some("call_1")), Segment::Resume);
+            // The hand-off's stream is a new segment with a credential of its own, bound
+            // to the stream control named; its action URL names both.
+            let cred = verified_in(&body, Some("call_1"));
+            assert_eq!(cred.segment, Segment::Resume);
+            assert_eq!(cred.takes_over.as_deref(), Some(PREVIOUS));
+            let action = format!(
+                "after/call_1?stream={}&amp;after={PREVIOUS}\" method=\"POST\"><Stream url=\"wss://relay.example.com/api/twilio/media-stream/call_1\">",
+                cred.id
+            );
+            assert!(body.contains(&action), "{body}");
         }
     }
+    // The relay passes on which stream each action request speaks for: none in a URL of
+    // an older relay, the URL's `stream` and `after` otherwise; a malformed id is 400.
+    let asked = std::mem::take(&mut h.control.state.lock().unwrap().after_asked);
+    assert!(
+        asked.iter().all(|a| a.call_id == "call_1"
+            && a.stream_id.is_empty()
+            && a.after_stream_id.is_empty()),
+        "{asked:?}"
+    );
+    let named = format!(
+        "/api/twilio/after/call_1?stream={}&after={PREVIOUS}",
+        "0a".repeat(16)
+    );
+    let (status, _) = post(&h, &named, &[("CallSid", "CA1")]).await;
+    assert_eq!(status, 200);
+    let asked = std::mem::take(&mut h.control.state.lock().unwrap().after_asked);
+    assert_eq!(
+        (
+            asked[0].stream_id.as_str(),
+            asked[0].after_stream_id.as_str()
+        ),
+        ("0a".repeat(16).as_str(), PREVIOUS)
+    );
+    for bad in [
+        "/api/twilio/after/call_1?stream=xyz",
+        "/api/twilio/after/call_1?stream=0A0A0A0A0A0A0A0A0A0A0A0A0A0A0A0A",
+        "/api/twilio/after/call_1?after=0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b",
+    ] {
+        let (status, body) = post(&h, bad, &[("CallSid", "CA1")]).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    assert!(
+        h.control.state.lock().unwrap().after_asked.is_empty(),
+        "a 400 asks nothing"
+    );
     // An unknown call hangs up; a failing control plane still gives the caller words.
     h.control.state.lock().unwrap().after_error = Some(Code::NotFound);
     let (_, body) = post(&h, "/api/twilio/after/call_1", &[]).await;

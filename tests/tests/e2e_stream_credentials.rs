@@ -228,17 +228,38 @@ fn script(turns: usize) -> Conversation {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off() {
-    const TURNS: usize = 12;
-    let script = script(TURNS);
+/// A call that started on relay 0 and was handed off (relay 0 drained) to relay 1, where
+/// it goes on; relay 0 is back in the world but out of rotation.
+struct HandedOff {
+    world: World,
+    handle: callbridge_testkit::sim_caller::CallerHandle,
+    addrs: Vec<SocketAddr>,
+    call_id: String,
+    call_sid: String,
+    stream_url: String,
+    /// The webhook's TwiML (stream 1) and the action answer's (stream 2).
+    first: Twiml,
+    second: Twiml,
+    /// What an attach would change, before and after the hand-off.
+    before: (i32, String, String, String, i64, i64),
+    resumed: (i32, String, String, String, i64, i64),
+    /// What the captured stream 1 replayed on both relays before the hand-off got.
+    replays_before: Vec<ProbeOutcome>,
+    sessions_before: u64,
+    sessions_after_replays: u64,
+}
+
+/// Starts a call of `turns` turns on relay 0, replays its captured stream on both relays,
+/// then drains relay 0 so the call is handed off to relay 1.
+async fn hand_off_a_call(agent: &str, turns: usize) -> HandedOff {
+    let script = script(turns);
     let mut world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
         .relays(2)
         .relay_env("RELAY_DRAIN_GRACE_SECS", "20")
         .start()
         .await;
     world
-        .default_agent(agent_settings("replay", Some("Hello there")))
+        .default_agent(agent_settings(agent, Some("Hello there")))
         .await;
     let addrs = world.relay_addrs();
     // The call starts on relay 0 (relay 1 out of rotation for now).
@@ -262,21 +283,12 @@ async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off
     // Before the hand-off: the captured stream, replayed on relay 0 (which carries the
     // call) and relay 1.
     let before = attach_fields(&world.get_call(&call_id).await);
-    assert_eq!(before.3, "relay-e2e-0");
-    let sessions = world.fake.connections_accepted();
+    let sessions_before = world.fake.connections_accepted();
+    let mut replays_before = Vec::new();
     for &addr in &addrs {
-        assert_eq!(
-            probe(&world, addr, &stream_url, &call_sid, &first.parameters).await,
-            closed(4409, "stream credential already used"),
-            "replay on {addr}"
-        );
+        replays_before.push(probe(&world, addr, &stream_url, &call_sid, &first.parameters).await);
     }
-    assert_eq!(
-        world.fake.connections_accepted(),
-        sessions,
-        "no model socket"
-    );
-    assert_eq!(attach_fields(&world.get_call(&call_id).await), before);
+    let sessions_after_replays = world.fake.connections_accepted();
 
     // Drain relay 0: the call is handed off to relay 1 with a new credential.
     lb.set_in_rotation(addrs[1], true);
@@ -303,11 +315,6 @@ async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off
         );
         live.stream_twiml(1).expect("the resume TwiML")
     };
-    assert_ne!(
-        param(&second, "credential"),
-        param(&first, "credential"),
-        "a new segment, a new credential"
-    );
     let resumed = {
         let mut fields = attach_fields(&world.get_call(&call_id).await);
         for _ in 0..100 {
@@ -319,28 +326,27 @@ async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off
         }
         fields
     };
-    assert_eq!(resumed.3, "relay-e2e-1", "the genuine stream attached");
-
-    // After the hand-off: both captured streams, on both relays.
-    let sessions = world.fake.connections_accepted();
-    for twiml in [&first, &second] {
-        for &addr in &addrs {
-            assert_eq!(
-                probe(&world, addr, &stream_url, &call_sid, &twiml.parameters).await,
-                closed(4409, "stream credential already used"),
-                "replay on {addr}"
-            );
-        }
+    HandedOff {
+        world,
+        handle,
+        addrs,
+        call_id,
+        call_sid,
+        stream_url,
+        first,
+        second,
+        before,
+        resumed,
+        replays_before,
+        sessions_before,
+        sessions_after_replays,
     }
-    assert_eq!(
-        world.fake.connections_accepted(),
-        sessions,
-        "no model socket"
-    );
-    assert_eq!(attach_fields(&world.get_call(&call_id).await), resumed);
+}
 
-    // The genuine call goes on to its end.
-    let report = with_timeout(CALL, "the call", handle.join())
+/// The genuine call of [`hand_off_a_call`] goes on to its end on its two streams, every
+/// turn spoken once, and is stored as ended by the caller.
+async fn the_genuine_call_ends_whole(h: HandedOff, turns: usize) {
+    let report = with_timeout(CALL, "the call", h.handle.join())
         .await
         .expect("runs");
     assert_eq!(report.legs.len(), 2, "{report:?}");
@@ -357,7 +363,130 @@ async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off
         .iter()
         .flat_map(|l| l.turns_spoken.iter().copied())
         .collect();
-    assert_eq!(spoken, (0..TURNS).collect::<Vec<_>>());
-    let call = world.wait_ended(&call_id, Duration::from_secs(10)).await;
+    assert_eq!(spoken, (0..turns).collect::<Vec<_>>());
+    let call = h
+        .world
+        .wait_ended(&h.call_id, Duration::from_secs(10))
+        .await;
     assert_eq!(call.end_reason, pb::EndReason::CallerHangup as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_stream_is_refused_on_every_relay_before_and_after_a_hand_off() {
+    const TURNS: usize = 12;
+    let h = hand_off_a_call("replay", TURNS).await;
+    assert_eq!(h.before.3, "relay-e2e-0");
+    for (outcome, addr) in h.replays_before.iter().zip(&h.addrs) {
+        assert_eq!(
+            *outcome,
+            closed(4409, "stream credential already used"),
+            "replay on {addr}"
+        );
+    }
+    assert_eq!(
+        h.sessions_after_replays, h.sessions_before,
+        "no model socket"
+    );
+    assert_ne!(
+        param(&h.second, "credential"),
+        param(&h.first, "credential"),
+        "a new segment, a new credential"
+    );
+    assert_eq!(h.resumed.3, "relay-e2e-1", "the genuine stream attached");
+
+    // After the hand-off: both captured streams, on both relays.
+    let sessions = h.world.fake.connections_accepted();
+    for twiml in [&h.first, &h.second] {
+        for &addr in &h.addrs {
+            assert_eq!(
+                probe(
+                    &h.world,
+                    addr,
+                    &h.stream_url,
+                    &h.call_sid,
+                    &twiml.parameters
+                )
+                .await,
+                closed(4409, "stream credential already used"),
+                "replay on {addr}"
+            );
+        }
+    }
+    assert_eq!(
+        h.world.fake.connections_accepted(),
+        sessions,
+        "no model socket"
+    );
+    assert_eq!(
+        attach_fields(&h.world.get_call(&h.call_id).await),
+        h.resumed
+    );
+    the_genuine_call_ends_whole(h, TURNS).await;
+}
+
+/// An attacker holding a captured voice webhook or action request (body and signature;
+/// Twilio's signatures carry no timestamp) replays it while the call is live on its
+/// second stream. The action request of the first stream is answered `<Hangup/>` (it
+/// speaks for a stream that no longer holds the call); the replayed webhook is answered
+/// with a stream, but that stream is refused 4411 at `start` (a first stream of a call
+/// that has had one), on either relay, with no model socket and nothing stored changed.
+/// The genuine call is not taken over and goes on to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_webhook_or_action_request_gets_no_way_into_a_live_call() {
+    const TURNS: usize = 12;
+    let h = hand_off_a_call("replay-requests", TURNS).await;
+    assert_eq!(h.resumed.3, "relay-e2e-1", "the genuine stream attached");
+    let first_action = h.first.connect_action.clone().expect("an action URL");
+    let second_action = h.second.connect_action.clone().expect("an action URL");
+    assert!(
+        first_action.contains("?stream=") && !first_action.contains("after="),
+        "{first_action}"
+    );
+    assert!(second_action.contains("&after="), "{second_action}");
+    assert_eq!(
+        h.second.parameter("takesOver"),
+        first_action.split("stream=").nth(1),
+        "stream 2 follows stream 1"
+    );
+    let sessions = h.world.fake.connections_accepted();
+    for &addr in &h.addrs {
+        // The genuine call's requests: its CallSid, as Twilio signed them.
+        let mut cfg = pinned(&h.world, addr);
+        cfg.call_sid = h.call_sid.clone();
+        let params = cfg.call_params("in-progress");
+        let attacker = SimCaller::new(cfg);
+        let replayed = with_timeout(
+            STEP,
+            "replayed action",
+            attacker.post_signed(&first_action, &params),
+        )
+        .await
+        .expect("answered");
+        let twiml = replayed.twiml.expect("TwiML");
+        assert!(twiml.stream_url.is_none() && twiml.hangup, "{twiml:?}");
+
+        let replayed = with_timeout(STEP, "replayed webhook", attacker.webhook())
+            .await
+            .expect("answered");
+        let twiml = replayed.twiml.expect("TwiML");
+        let url = twiml
+            .stream_url
+            .clone()
+            .expect("the webhook answers a stream");
+        assert_eq!(
+            probe(&h.world, addr, &url, &h.call_sid, &twiml.parameters).await,
+            closed(4411, "stream superseded"),
+            "replayed webhook's stream on {addr}"
+        );
+    }
+    assert_eq!(
+        h.world.fake.connections_accepted(),
+        sessions,
+        "no model socket"
+    );
+    assert_eq!(
+        attach_fields(&h.world.get_call(&h.call_id).await),
+        h.resumed
+    );
+    the_genuine_call_ends_whole(h, TURNS).await;
 }

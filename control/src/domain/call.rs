@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use callbridge_proto::pb;
 use pb::call_event::Kind;
 
-use super::ids::{CallSid, RelayId, StreamSid, or_empty};
+use super::ids::{CallSid, RelayId, StreamCredentialId, StreamSid, or_empty};
 use super::record::{self, CallRecord, EndedEffect, EventEffects, StartedEffect, UsageCounters};
 use crate::error::Error;
 
@@ -254,22 +254,62 @@ fn default_fallback() -> pb::Fallback {
     }
 }
 
+/// Which stream an action request (`<Connect action>`) speaks for: the action URL's
+/// `stream` and `after` query parameters, as the relay that minted the TwiML wrote them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterAsk {
+    /// A URL written by a relay older than the rule (no `stream` parameter): answered as
+    /// before, for rolling upgrades.
+    Unnamed,
+    /// The TwiML's own stream, and the stream that one was minted to follow (none for a
+    /// call's first stream).
+    Stream {
+        /// The credential id of the stream whose action this is.
+        stream: StreamCredentialId,
+        /// The stream it followed.
+        after: Option<StreamCredentialId>,
+    },
+}
+
+impl AfterAsk {
+    /// Whether the request speaks for the call's current stream: the one holding (or last
+    /// holding) its lease, or — when Twilio's new stream never attached — the stream that
+    /// one was to follow.
+    pub fn names_current_stream(&self, call: &CallRecord) -> bool {
+        match self {
+            AfterAsk::Unnamed => true,
+            AfterAsk::Stream { stream, after } => {
+                call.lease_stream.as_ref() == Some(stream)
+                    || after.as_ref() == call.lease_stream.as_ref()
+            }
+        }
+    }
+}
+
 /// Whether a stream's end leads to a new stream for the same call (`resume`).
 ///
 /// The rule (docs/resilience.md, "The rule"): a call that has not reported an end is
-/// resumed, always — whatever its lease says. The lease cannot tell a dead relay from a
-/// live one in time: a relay killed a millisecond ago still holds it until control sees
-/// its attach stream break, a frozen or partitioned one until the lease lapses, and
-/// Twilio only asks the action URL once the stream is over anyway. The one exception is a
-/// call that never had a stream attached: it is not in the lease index, so nothing would
-/// ever end a loop of refused streams, and it gets the hang-up.
-pub fn resumes(call: &CallRecord) -> bool {
-    let attached_once = call.lease_until_ms > 0;
-    !is_final(call.status) && (attached_once || call.end_reason == Some(pb::EndReason::Handoff))
+/// resumed, always — whatever its lease says — when the action request speaks for the
+/// call's current stream. The lease cannot tell a dead relay from a live one in time: a
+/// relay killed a millisecond ago still holds it until control sees its attach stream
+/// break, a frozen or partitioned one until the lease lapses, and Twilio only asks the
+/// action URL once the stream is over anyway. Two exceptions get the hang-up: a call that
+/// never had a stream attached (it is not in the lease index, so nothing would ever end a
+/// loop of refused streams), and an action request of an earlier stream — a replay, since
+/// Twilio asks each action URL once, when its stream is over and before the next stream
+/// exists; answering it `resume` would hand its holder a way into the live call.
+pub fn resumes(call: &CallRecord, ask: &AfterAsk) -> bool {
+    !is_final(call.status)
+        && (call.attached_once() || call.end_reason == Some(pb::EndReason::Handoff))
+        && ask.names_current_stream(call)
 }
 
 /// What the caller gets at `<Connect action>` time (see docs/contract-notes.md).
-pub fn after(call: &CallRecord, agent: Option<&pb::Agent>) -> pb::after_response::Next {
+pub fn after(
+    call: &CallRecord,
+    agent: Option<&pb::Agent>,
+    ask: &AfterAsk,
+) -> pb::after_response::Next {
     use pb::after_response::Next;
     let reason = call.end_reason.unwrap_or(pb::EndReason::Unspecified);
     if is_final(call.status) {
@@ -291,11 +331,33 @@ pub fn after(call: &CallRecord, agent: Option<&pb::Agent>) -> pb::after_response
             _ => Next::Hangup(pb::HangupNext {}),
         };
     }
-    if resumes(call) {
-        Next::Resume(pb::ResumeNext {})
+    if resumes(call, ask) {
+        Next::Resume(pb::ResumeNext {
+            takes_over_stream_id: call
+                .lease_stream
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+        })
     } else {
         Next::Hangup(pb::HangupNext {})
     }
+}
+
+/// Where an attaching stream's credential came from (`AttachOpen.stream_origin`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StreamOrigin {
+    /// No origin claimed: a reconnect (no credential), or a relay older than the rule.
+    #[default]
+    Unspecified,
+    /// The voice webhook's TwiML: the call's first stream.
+    First,
+    /// An action answer (Resume), minted to follow `takes_over` (none: the call's record
+    /// named no stream then).
+    Resume {
+        /// The stream it replaces.
+        takes_over: Option<StreamCredentialId>,
+    },
 }
 
 /// How an attach may take a live call's lease ([`lease_claim`]).
@@ -305,34 +367,53 @@ pub enum LeaseClaim {
     Free,
     /// The holder's own relay re-attaching its stream (`reconnect`).
     Reconnect,
-    /// A new stream, proven by a fresh stream credential, takes the call from the holder.
+    /// A new stream, proven by a fresh stream credential minted to follow the holder's
+    /// stream, takes the call from the holder.
     TakeOver,
     /// Someone else holds it: refused.
     Held,
+    /// The stream was minted for a call state that is gone — a first stream of a call
+    /// that has had one, or a stream following another than the call's current one (a
+    /// replayed voice webhook or action request): refused, whoever holds the lease.
+    Superseded,
 }
 
 /// Whether an attach of `relay_id` may take `call`'s lease at `now_ms` (the lease rule of
 /// every store; the Redis script mirrors it, the conformance suite holds both to it).
 ///
 /// Twilio carries one stream per call, and a stream credential is minted for one
-/// `<Stream>` and consumed once: a first attach that consumes a fresh credential proves
-/// that Twilio opened a new stream, so the old one is over, whether or not control has
-/// seen its relay die. That attach takes the call over; the old holder is fenced (its
-/// renewals, releases and event writes are refused from then on). A reconnect carries no
-/// credential, so it proves nothing about the Twilio stream and is refused while another
-/// relay holds the lease.
+/// `<Stream>` and consumed once. A resumed stream's credential names the stream it
+/// follows, the one control named when it answered the action request: if that is still
+/// the call's lease stream, Twilio opened the new stream because the old one is over,
+/// whether or not control has seen its relay die, so the attach takes the call over and
+/// the old holder is fenced (its renewals, releases and event writes are refused from
+/// then on). A credential that follows any other stream, or a first stream's credential
+/// once the call has had a stream, comes from a replayed request and is refused. A
+/// reconnect carries no credential, so it proves nothing about the Twilio stream and is
+/// refused while another relay holds the lease.
 pub fn lease_claim(
     call: &CallRecord,
     relay_id: &RelayId,
     reconnect: bool,
     fresh_credential: bool,
+    origin: &StreamOrigin,
     now_ms: i64,
 ) -> LeaseClaim {
+    if !reconnect {
+        let superseded = match origin {
+            StreamOrigin::Unspecified => false,
+            StreamOrigin::First => call.attached_once(),
+            StreamOrigin::Resume { takes_over } => takes_over != &call.lease_stream,
+        };
+        if superseded {
+            return LeaseClaim::Superseded;
+        }
+    }
     if !call.lease_held(now_ms) {
         LeaseClaim::Free
     } else if reconnect && call.lease_relay.as_ref() == Some(relay_id) {
         LeaseClaim::Reconnect
-    } else if fresh_credential && !reconnect {
+    } else if fresh_credential && !reconnect && *origin != StreamOrigin::First {
         LeaseClaim::TakeOver
     } else {
         LeaseClaim::Held
@@ -522,6 +603,17 @@ mod tests {
         }
     }
 
+    fn sid(n: u8) -> StreamCredentialId {
+        StreamCredentialId::parse("stream", format!("{n:032x}")).expect("valid")
+    }
+
+    fn ask(stream: u8, after: Option<u8>) -> AfterAsk {
+        AfterAsk::Stream {
+            stream: sid(stream),
+            after: after.map(sid),
+        }
+    }
+
     #[test]
     fn after_follows_the_contract_notes() {
         use pb::after_response::Next;
@@ -534,50 +626,76 @@ mod tests {
                 0,
             )
         };
+        let current = ask(1, None);
         let mut call = CallRecord {
             status: pb::CallStatus::Completed,
             end_reason: Some(pb::EndReason::Transferred),
             transfer_to: Some("+15550001111".into()),
             ..blank()
         };
-        assert_eq!(after(&call, None), Next::DialNumber("+15550001111".into()));
+        assert_eq!(
+            after(&call, None, &current),
+            Next::DialNumber("+15550001111".into())
+        );
         call.end_reason = Some(pb::EndReason::ModelUnavailable);
-        assert!(matches!(after(&call, None), Next::Fallback(f) if f.action.is_some()));
+        assert!(matches!(after(&call, None, &current), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = Some(pb::EndReason::Drain);
-        assert!(matches!(after(&call, None), Next::Fallback(f) if f.action.is_some()));
+        assert!(matches!(after(&call, None, &current), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = Some(pb::EndReason::CallerHangup);
-        assert!(matches!(after(&call, None), Next::Hangup(_)));
+        assert!(matches!(after(&call, None, &current), Next::Hangup(_)));
         // A live call resumes whatever its lease says: released, held by a relay that may
-        // be dead, lapsed, or never released.
+        // be dead, lapsed, or never released; the new stream is to take over stream 1.
         let released = CallRecord {
             status: pb::CallStatus::InProgress,
             lease_until_ms: 10,
+            lease_stream: Some(sid(1)),
             ..blank()
         };
-        assert!(matches!(after(&released, None), Next::Resume(_)));
+        let resume_after_1 = Next::Resume(pb::ResumeNext {
+            takes_over_stream_id: sid(1).as_str().to_owned(),
+        });
+        assert_eq!(after(&released, None, &current), resume_after_1);
         let still_held = CallRecord {
             lease_holder: Some(LeaseHolder::new("r", "1")),
             lease_until_ms: i64::MAX,
             ..released.clone()
         };
-        assert!(matches!(after(&still_held, None), Next::Resume(_)));
+        assert_eq!(after(&still_held, None, &current), resume_after_1);
         let lapsed_unreleased = CallRecord {
             lease_holder: Some(LeaseHolder::new("r", "1")),
             lease_until_ms: 1,
             ..released.clone()
         };
-        assert!(matches!(after(&lapsed_unreleased, None), Next::Resume(_)));
+        assert_eq!(after(&lapsed_unreleased, None, &current), resume_after_1);
         let handed_off = CallRecord {
             end_reason: Some(pb::EndReason::Handoff),
             ..released.clone()
         };
-        assert!(matches!(after(&handed_off, None), Next::Resume(_)));
+        assert_eq!(after(&handed_off, None, &current), resume_after_1);
+        // Twilio's stream 2, minted to follow 1, never attached: its action resumes after 1.
+        assert_eq!(after(&still_held, None, &ask(2, Some(1))), resume_after_1);
+        // A URL from a relay older than the rule names no stream: resumed as before.
+        assert_eq!(after(&still_held, None, &AfterAsk::Unnamed), resume_after_1);
+        // An earlier stream's action request (a replay): stream 3 holds the call now.
+        let moved_on = CallRecord {
+            lease_stream: Some(sid(3)),
+            ..still_held.clone()
+        };
+        for replayed in [ask(1, None), ask(2, Some(1)), ask(1, Some(0))] {
+            assert!(
+                matches!(after(&moved_on, None, &replayed), Next::Hangup(_)),
+                "{replayed:?}"
+            );
+        }
         // Never attached: nothing would end a loop of refused streams.
         let never_attached = CallRecord {
             status: pb::CallStatus::Ringing,
             ..blank()
         };
-        assert!(matches!(after(&never_attached, None), Next::Hangup(_)));
+        assert!(matches!(
+            after(&never_attached, None, &current),
+            Next::Hangup(_)
+        ));
         // An end reported by anyone (relay, app hang-up, Twilio's final status) is final.
         for reason in [
             pb::EndReason::CallerHangup,
@@ -589,17 +707,21 @@ mod tests {
                 end_reason: Some(reason),
                 ..still_held.clone()
             };
-            assert!(matches!(after(&ended, None), Next::Hangup(_)), "{reason:?}");
+            assert!(
+                matches!(after(&ended, None, &current), Next::Hangup(_)),
+                "{reason:?}"
+            );
         }
     }
 
     #[test]
-    fn only_a_fresh_credential_takes_a_held_lease_over() {
+    fn only_a_credential_minted_to_follow_the_lease_stream_takes_the_lease_over() {
         let relay = |r: &str| RelayId::parse("relay_id", r).expect("valid");
         let call = |holder: bool, until: i64| CallRecord {
             lease_holder: holder.then(|| LeaseHolder::new("c", "1")),
             lease_relay: Some(relay("r1")),
             lease_until_ms: until,
+            lease_stream: Some(sid(1)),
             ..CallRecord::new(
                 CallId::parse("call_id", "c").expect("valid"),
                 AgentId::parse("agent_id", "a").expect("valid"),
@@ -608,20 +730,91 @@ mod tests {
                 0,
             )
         };
-        let held = call(true, 1000);
-        let claim = |c: &CallRecord, r: &str, reconnect, fresh| {
-            lease_claim(c, &relay(r), reconnect, fresh, 100)
+        let after_1 = StreamOrigin::Resume {
+            takes_over: Some(sid(1)),
         };
-        assert_eq!(claim(&held, "r2", false, true), LeaseClaim::TakeOver);
-        assert_eq!(claim(&held, "r1", false, true), LeaseClaim::TakeOver);
-        assert_eq!(claim(&held, "r1", true, false), LeaseClaim::Reconnect);
-        assert_eq!(claim(&held, "r2", true, false), LeaseClaim::Held);
-        assert_eq!(claim(&held, "r2", false, false), LeaseClaim::Held);
+        let after_2 = StreamOrigin::Resume {
+            takes_over: Some(sid(2)),
+        };
+        let held = call(true, 1000);
+        let claim = |c: &CallRecord, r: &str, reconnect, fresh, origin: &StreamOrigin| {
+            lease_claim(c, &relay(r), reconnect, fresh, origin, 100)
+        };
+        assert_eq!(
+            claim(&held, "r2", false, true, &after_1),
+            LeaseClaim::TakeOver
+        );
+        assert_eq!(
+            claim(&held, "r1", false, true, &after_1),
+            LeaseClaim::TakeOver
+        );
+        assert_eq!(
+            claim(&held, "r1", true, false, &StreamOrigin::Unspecified),
+            LeaseClaim::Reconnect
+        );
+        assert_eq!(
+            claim(&held, "r2", true, false, &StreamOrigin::Unspecified),
+            LeaseClaim::Held
+        );
+        assert_eq!(
+            claim(&held, "r2", false, false, &StreamOrigin::Unspecified),
+            LeaseClaim::Held
+        );
         // A reconnect proves nothing about Twilio's stream, credential or not.
-        assert_eq!(claim(&held, "r2", true, true), LeaseClaim::Held);
-        for free in [call(false, 1000), call(true, 50), call(false, 0)] {
-            assert_eq!(claim(&free, "r2", false, false), LeaseClaim::Free);
-            assert_eq!(claim(&free, "r2", true, false), LeaseClaim::Free);
+        assert_eq!(claim(&held, "r2", true, true, &after_1), LeaseClaim::Held);
+        // A relay older than the rule: a fresh credential takes over, as before.
+        assert_eq!(
+            claim(&held, "r2", false, true, &StreamOrigin::Unspecified),
+            LeaseClaim::TakeOver
+        );
+        // Replays: a first stream once the call has had one, a stream following another.
+        for free_or_held in [held.clone(), call(false, 1000), call(true, 50)] {
+            assert_eq!(
+                claim(&free_or_held, "r2", false, true, &StreamOrigin::First),
+                LeaseClaim::Superseded
+            );
+            assert_eq!(
+                claim(&free_or_held, "r2", false, true, &after_2),
+                LeaseClaim::Superseded
+            );
         }
+        for free in [call(false, 1000), call(true, 50)] {
+            assert_eq!(claim(&free, "r2", false, true, &after_1), LeaseClaim::Free);
+            assert_eq!(
+                claim(&free, "r2", false, false, &StreamOrigin::Unspecified),
+                LeaseClaim::Free
+            );
+            assert_eq!(
+                claim(&free, "r2", true, false, &StreamOrigin::Unspecified),
+                LeaseClaim::Free
+            );
+        }
+        // A call's first stream attaches to a call that never had one.
+        let fresh_call = CallRecord {
+            lease_relay: None,
+            lease_until_ms: 0,
+            lease_stream: None,
+            ..held.clone()
+        };
+        assert_eq!(
+            claim(&fresh_call, "r2", false, true, &StreamOrigin::First),
+            LeaseClaim::Free
+        );
+        // A call whose record predates the rule names no stream: a resume minted to follow
+        // none matches it.
+        let unnamed = CallRecord {
+            lease_stream: None,
+            ..held
+        };
+        assert_eq!(
+            claim(
+                &unnamed,
+                "r2",
+                false,
+                true,
+                &StreamOrigin::Resume { takes_over: None }
+            ),
+            LeaseClaim::TakeOver
+        );
     }
 }

@@ -315,3 +315,56 @@ mod tests {
         assert_eq!(or_empty::<LeaseHolder>(None), "");
     }
 }
+
+/// The id of a stream credential (32 lowercase hex digits, minted by a relay): it names
+/// one Media Stream of a call, for single use and for the lease's "which stream holds the
+/// call" (docs/resilience.md, "The rule").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamCredentialId(String);
+
+impl StreamCredentialId {
+    /// Checks `value` from request field `field`.
+    pub fn parse(field: &str, value: impl Into<String>) -> Result<Self, Error> {
+        let value = value.into();
+        if value.len() == 32
+            && value
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            Ok(Self(value))
+        } else {
+            Err(Error::invalid(field, "must be 32 lowercase hex digits"))
+        }
+    }
+
+    /// Like [`Self::parse`], with an empty value meaning none.
+    pub fn parse_optional(field: &str, value: impl Into<String>) -> Result<Option<Self>, Error> {
+        let value = value.into();
+        if value.is_empty() {
+            return Ok(None);
+        }
+        Self::parse(field, value).map(Some)
+    }
+
+    /// A value read back from the store, as it was written.
+    pub(crate) fn from_stored(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamCredentialId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for StreamCredentialId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}

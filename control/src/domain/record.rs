@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use callbridge_proto::pb;
 
-use super::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamSid};
+use super::ids::{
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId, StreamSid,
+};
 use super::twilio::TwilioCallStatus;
 
 /// Usage counters kept per call, in the order of `store::USAGE_FIELDS`.
@@ -58,6 +60,10 @@ pub struct CallRecord {
     pub lease_relay: Option<RelayId>,
     /// When the lease runs out (ms); 0 if never attached.
     pub lease_until_ms: i64,
+    /// The stream (its credential id) that holds the lease, or held it last: kept when
+    /// the lease is released or lapses, replaced when another stream attaches. What an
+    /// action request and a resumed stream must name (docs/resilience.md, "The rule").
+    pub lease_stream: Option<StreamCredentialId>,
     /// Usage totals.
     pub usage: UsageCounters,
     /// Control placed the call through Twilio's REST API.
@@ -104,6 +110,7 @@ impl CallRecord {
             lease_holder: None,
             lease_relay: None,
             lease_until_ms: 0,
+            lease_stream: None,
             usage: [0; 9],
             dialed: false,
             twilio_status: None,
@@ -117,6 +124,11 @@ impl CallRecord {
     /// The control replica whose attach stream holds the lease ("" if none does).
     pub fn lease_replica(&self) -> &str {
         self.lease_holder.as_ref().map_or("", LeaseHolder::replica)
+    }
+
+    /// Whether a stream has ever been attached to the call.
+    pub fn attached_once(&self) -> bool {
+        self.lease_until_ms > 0
     }
 
     /// Whether an attach stream holds the lease at `now_ms`.

@@ -14,8 +14,10 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::calls_api::read_all_events;
-use crate::domain::call::{self as rules, call_to_pb, is_final_event, now_ms};
-use crate::domain::ids::{CallId, CallSid, LeaseHolder, RelayId};
+use crate::domain::call::{
+    self as rules, AfterAsk, StreamOrigin, call_to_pb, is_final_event, now_ms,
+};
+use crate::domain::ids::{CallId, CallSid, LeaseHolder, RelayId, StreamCredentialId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
 use crate::store::{AdmitOutcome, AppendOutcome, AttachChecks, AttachOutcome, CallStore};
@@ -40,25 +42,55 @@ type AttachTx = mpsc::Sender<Result<pb::AttachResponse, Status>>;
 /// The checks a stream's first attach asks for (`AttachOpen` fields 4–6), validated: a
 /// credential id is 32 lowercase hex digits with an expiry; a CallSid is compared as sent,
 /// so only its size and alphabet are checked.
+/// Which stream an action request speaks for (`AfterRequest.stream_id`/`after_stream_id`).
+fn after_ask(req: &pb::AfterRequest) -> Result<AfterAsk, Error> {
+    let after =
+        StreamCredentialId::parse_optional("after_stream_id", req.after_stream_id.as_str())?;
+    match StreamCredentialId::parse_optional("stream_id", req.stream_id.as_str())? {
+        Some(stream) => Ok(AfterAsk::Stream { stream, after }),
+        None if after.is_some() => Err(Error::invalid("after_stream_id", "only with stream_id")),
+        None => Ok(AfterAsk::Unnamed),
+    }
+}
+
 fn attach_checks(open: &pb::AttachOpen) -> Result<AttachChecks, Error> {
-    let credential = match open.stream_credential_id.as_str() {
-        "" => None,
-        id if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+    let credential = match StreamCredentialId::parse_optional(
+        "open.stream_credential_id",
+        open.stream_credential_id.as_str(),
+    )? {
+        None => None,
+        Some(id) => {
             if open.stream_credential_expires_at_ms <= 0 {
                 return Err(Error::invalid(
                     "open.stream_credential_expires_at_ms",
                     "required with open.stream_credential_id",
                 ));
             }
-            Some((id.to_owned(), open.stream_credential_expires_at_ms))
-        }
-        _ => {
-            return Err(Error::invalid(
-                "open.stream_credential_id",
-                "must be 32 lowercase hex digits",
-            ));
+            Some((id, open.stream_credential_expires_at_ms))
         }
     };
+    let takes_over = StreamCredentialId::parse_optional(
+        "open.takes_over_stream_id",
+        open.takes_over_stream_id.as_str(),
+    )?;
+    let origin = match pb::StreamOrigin::try_from(open.stream_origin) {
+        Ok(pb::StreamOrigin::Unspecified) => StreamOrigin::Unspecified,
+        Ok(pb::StreamOrigin::First) => StreamOrigin::First,
+        Ok(pb::StreamOrigin::Resume) => StreamOrigin::Resume { takes_over },
+        Err(_) => return Err(Error::invalid("open.stream_origin", "unknown value")),
+    };
+    if origin != StreamOrigin::Unspecified && (credential.is_none() || open.reconnect) {
+        return Err(Error::invalid(
+            "open.stream_origin",
+            "only a stream's first attach, with its credential, has an origin",
+        ));
+    }
+    if !open.takes_over_stream_id.is_empty() && !matches!(origin, StreamOrigin::Resume { .. }) {
+        return Err(Error::invalid(
+            "open.takes_over_stream_id",
+            "only with stream_origin RESUME",
+        ));
+    }
     let sid = open.twilio_call_sid.as_str();
     if sid.len() > 64 || !sid.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(Error::invalid(
@@ -68,6 +100,7 @@ fn attach_checks(open: &pb::AttachOpen) -> Result<AttachChecks, Error> {
     }
     Ok(AttachChecks {
         credential,
+        origin,
         twilio_call_sid: (!sid.is_empty()).then(|| sid.to_owned()),
     })
 }
@@ -437,6 +470,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                         AttachOutcome::Held => Err(Error::LeaseHeldElsewhere(call_id.to_string())),
                         AttachOutcome::CredentialUsed => Err(Error::StreamCredentialUsed(call_id.to_string())),
                         AttachOutcome::CallSidMismatch => Err(Error::CallSidMismatch(call_id.to_string())),
+                        AttachOutcome::Superseded => Err(Error::StreamSuperseded(call_id.to_string())),
                     }
                 }
                 .await;
@@ -516,11 +550,17 @@ impl<S: CallStore> Relay for RelayApi<S> {
         self.0
             .rpc(SERVICE, "After", &req.call_id, async {
                 let call_id = CallId::parse("call_id", req.call_id.as_str())?;
+                let ask = after_ask(&req)?;
                 let call = self.0.call(&call_id).await?;
                 let agent = self.0.store.get_agent(&call.agent_id).await?;
-                Ok(pb::AfterResponse {
-                    next: Some(rules::after(&call, agent.as_ref())),
-                })
+                let next = rules::after(&call, agent.as_ref(), &ask);
+                if !rules::is_final(call.status) && !ask.names_current_stream(&call) {
+                    // A live call's action request that speaks for an earlier stream: a replay
+                    // (Twilio asks each action URL once). The replayer gets the hang-up;
+                    // Twilio's own stream is untouched.
+                    tracing::warn!(call_id = %call_id, "Action request of an earlier stream of a live call answered hangup (a replay?).");
+                }
+                Ok(pb::AfterResponse { next: Some(next) })
             })
             .await
     }

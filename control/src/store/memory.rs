@@ -309,7 +309,7 @@ impl CallStore for MemoryStore {
         let credential_key = checks
             .credential
             .as_ref()
-            .map(|(id, expires)| ((call_id.clone(), id.clone()), *expires));
+            .map(|(id, expires)| ((call_id.clone(), id.as_str().to_owned()), *expires));
         let credential_used = credential_key
             .as_ref()
             .is_some_and(|(key, _)| s.credentials.contains_key(key));
@@ -327,9 +327,21 @@ impl CallStore for MemoryStore {
         {
             return Ok(AttachOutcome::CallSidMismatch);
         }
-        let claim = lease_claim(call, relay_id, reconnect, credential_key.is_some(), now_ms);
-        if claim == LeaseClaim::Held {
-            return Ok(AttachOutcome::Held);
+        let claim = lease_claim(
+            call,
+            relay_id,
+            reconnect,
+            credential_key.is_some(),
+            &checks.origin,
+            now_ms,
+        );
+        match claim {
+            LeaseClaim::Held => return Ok(AttachOutcome::Held),
+            LeaseClaim::Superseded => return Ok(AttachOutcome::Superseded),
+            LeaseClaim::Free | LeaseClaim::Reconnect | LeaseClaim::TakeOver => {}
+        }
+        if let Some((id, _)) = &checks.credential {
+            call.lease_stream = Some(id.clone());
         }
         call.lease_holder = Some(holder.clone());
         call.lease_relay = Some(relay_id.clone());

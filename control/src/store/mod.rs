@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 
-use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
+use crate::domain::call::StreamOrigin;
+use crate::domain::ids::{
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId,
+};
 use crate::domain::record::{CallRecord, EventEffects};
 use crate::domain::twilio::TwilioCallStatus;
 use crate::error::StoreError;
@@ -76,6 +79,9 @@ pub enum AttachOutcome {
     CredentialUsed,
     /// The stream's CallSid is not the one recorded at admission.
     CallSidMismatch,
+    /// The stream was minted for a call state that is gone: a replayed voice webhook or
+    /// action request ([`LeaseClaim::Superseded`](crate::domain::call::LeaseClaim)).
+    Superseded,
 }
 
 /// What a stream's first attach must also satisfy, checked in the same atomic step as the
@@ -84,7 +90,10 @@ pub enum AttachOutcome {
 pub struct AttachChecks {
     /// The stream credential to consume: its id and expiry (ms since the Unix epoch).
     /// A second attach with the same id is [`AttachOutcome::CredentialUsed`] until then.
-    pub credential: Option<(String, i64)>,
+    /// On success the id becomes the call's lease stream.
+    pub credential: Option<(StreamCredentialId, i64)>,
+    /// Where the credential came from, checked against the call's lease stream.
+    pub origin: StreamOrigin,
     /// `start.callSid`, compared with the CallSid recorded at admission (when one was).
     pub twilio_call_sid: Option<String>,
 }
@@ -224,8 +233,8 @@ pub trait CallStore: Send + Sync + 'static {
     /// checking the CallSid of `checks` in the same atomic step. The checks run in this
     /// order, all before any write: call exists, credential unused (a replay is reported as
     /// one even after the call ended), not ended, CallSid, lease free, a reconnect of the
-    /// same relay, or a take-over by a first attach with a fresh credential
-    /// ([`lease_claim`](crate::domain::call::lease_claim)).
+    /// same relay, or a take-over by a first attach with a fresh credential minted to follow
+    /// the call's lease stream ([`lease_claim`](crate::domain::call::lease_claim)).
     #[allow(clippy::too_many_arguments)]
     fn attach(
         &self,

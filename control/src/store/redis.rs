@@ -29,9 +29,10 @@ use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
     CallStore, IndexCursor, StoreResult, USAGE_FIELDS,
 };
-use crate::domain::call::status_rank;
+use crate::domain::call::{StreamOrigin, status_rank};
 use crate::domain::ids::{
-    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamSid, or_empty,
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId, StreamSid,
+    or_empty,
 };
 use crate::domain::record::{self, CallRecord, EventEffects};
 use crate::domain::twilio::TwilioCallStatus;
@@ -155,6 +156,9 @@ fn lua_prelude() -> String {
             reason.as_str_name(),
             reason as i32
         );
+    }
+    for origin in [pb::StreamOrigin::First, pb::StreamOrigin::Resume] {
+        let _ = writeln!(lua, "local {} = {}", origin.as_str_name(), origin as i32);
     }
     let ranks: Vec<String> = all_statuses()
         .map(|s| format!("[{}] = {}", s as i32, status_rank(s)))
@@ -338,10 +342,11 @@ return {code, last, table.concat(handled)}
 
 /// KEYS: call hash, credential record key (same hash tag; '' slot unused when ARGV[7] is '').
 /// ARGV: relay id, reconnect (0/1), holder, now ms, lease ms, start CallSid ('' unchecked),
-/// credential id ('' none), credential record ttl ms.
+/// credential id ('' none), credential record ttl ms, stream origin (the
+/// `pb::StreamOrigin` number), the stream a resumed one takes over ('' none).
 /// Returns 1 attached, 2 attached by taking the lease over from a live holder, -1 not
 /// found, -2 ended, -3 held by another stream, -4 CallSid differs from the admitted one,
-/// -5 credential used. Every check runs before any write.
+/// -5 credential used, -6 superseded. Every check runs before any write.
 const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
@@ -352,14 +357,22 @@ if ARGV[6] ~= '' and recorded ~= '' and recorded ~= ARGV[6] then return -4 end
 local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
--- domain::call::lease_claim: free, a reconnect of the holder's relay, or a take-over by a
--- first attach that consumes a fresh credential.
+-- domain::call::lease_claim: a replayed first or resumed stream is superseded; else free,
+-- a reconnect of the holder's relay, or a take-over by a first attach that consumes a
+-- fresh credential minted to follow the lease stream.
+local origin = tonumber(ARGV[9])
+if ARGV[2] ~= '1' then
+  if origin == STREAM_ORIGIN_FIRST and lease_until > 0 then return -6 end
+  if origin == STREAM_ORIGIN_RESUME and (redis.call('HGET', KEYS[1], 'lease_stream') or '') ~= ARGV[10] then
+    return -6
+  end
+end
 local claim = 1
 if holder ~= '' and lease_until > now then
   local same_relay = (redis.call('HGET', KEYS[1], 'lease_relay') or '') == ARGV[1]
   if ARGV[2] == '1' and same_relay then
     claim = 1
-  elseif ARGV[2] ~= '1' and ARGV[7] ~= '' then
+  elseif ARGV[2] ~= '1' and ARGV[7] ~= '' and origin ~= STREAM_ORIGIN_FIRST then
     claim = 2
   else
     return -3
@@ -367,11 +380,21 @@ if holder ~= '' and lease_until > now then
 end
 if ARGV[7] ~= '' then
   redis.call('SET', KEYS[2], '1', 'PX', math.max(tonumber(ARGV[8]), 1))
+  redis.call('HSET', KEYS[1], 'lease_stream', ARGV[7])
 end
 redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
   'lease_until', now + tonumber(ARGV[5]))
 return claim
 ";
+
+/// The `pb::StreamOrigin` number the attach script compares.
+fn origin_number(origin: &StreamOrigin) -> i32 {
+    match origin {
+        StreamOrigin::Unspecified => pb::StreamOrigin::Unspecified as i32,
+        StreamOrigin::First => pb::StreamOrigin::First as i32,
+        StreamOrigin::Resume { .. } => pb::StreamOrigin::Resume as i32,
+    }
+}
 
 /// KEYS: call hash. ARGV: holder, now ms, lease ms. Returns 1 renewed, 0 not the holder.
 const RENEW_LUA: &str = r"
@@ -831,6 +854,10 @@ fn call_to_fields(call: &CallRecord) -> Vec<(&'static str, String)> {
             or_empty(call.lease_relay.as_ref()).to_owned(),
         ),
         ("lease_until", call.lease_until_ms.to_string()),
+        (
+            "lease_stream",
+            or_empty(call.lease_stream.as_ref()).to_owned(),
+        ),
         ("dial", u8::from(call.dialed).to_string()),
         (
             "tw_status",
@@ -884,6 +911,7 @@ fn call_from_fields(mut h: HashMap<String, String>) -> Option<CallRecord> {
         lease_holder: some(take("lease_holder")).map(LeaseHolder::from_stored),
         lease_relay: some(take("lease_relay")).map(RelayId::from_stored),
         lease_until_ms: num(take("lease_until")),
+        lease_stream: some(take("lease_stream")).map(StreamCredentialId::from_stored),
         usage: [0; 9],
         dialed: take("dial") == "1",
         // A status this build does not know reads as none.
@@ -1283,7 +1311,14 @@ impl CallStore for RedisStore {
                     .arg(lease_ms)
                     .arg(checks.twilio_call_sid.as_deref().unwrap_or(""))
                     .arg(credential_id)
-                    .arg(record_ms),
+                    .arg(record_ms)
+                    .arg(origin_number(&checks.origin))
+                    .arg(match &checks.origin {
+                        StreamOrigin::Resume {
+                            takes_over: Some(id),
+                        } => id.as_str(),
+                        _ => "",
+                    }),
                 call_id,
                 now_ms + lease_ms,
             )
@@ -1295,6 +1330,7 @@ impl CallStore for RedisStore {
             -3 => AttachOutcome::Held,
             -4 => AttachOutcome::CallSidMismatch,
             -5 => AttachOutcome::CredentialUsed,
+            -6 => AttachOutcome::Superseded,
             _ => AttachOutcome::NotFound,
         })
     }
@@ -1687,7 +1723,7 @@ mod tests {
     /// The `STATUS_…`, `REASON_…` and `MASK_…` names a script body uses.
     fn constants_used(body: &str) -> Vec<&str> {
         let mut used = Vec::new();
-        for prefix in ["STATUS_", "REASON_", "MASK_"] {
+        for prefix in ["STATUS_", "REASON_", "MASK_", "STREAM_ORIGIN_"] {
             for (at, _) in body.match_indices(prefix) {
                 let inside_a_name =
                     body[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
@@ -1718,6 +1754,10 @@ mod tests {
                 let status = pb::CallStatus::from_str_name(proto)
                     .unwrap_or_else(|| panic!("{name} names no CallStatus"));
                 assert_eq!(*v, (status as i32).to_string(), "{name}");
+            } else if name.starts_with("STREAM_ORIGIN_") {
+                let origin = pb::StreamOrigin::from_str_name(name)
+                    .unwrap_or_else(|| panic!("{name} names no StreamOrigin"));
+                assert_eq!(*v, (origin as i32).to_string(), "{name}");
             } else if let Some(proto) = name.strip_prefix("REASON_") {
                 let reason = pb::EndReason::from_str_name(proto)
                     .unwrap_or_else(|| panic!("{name} names no EndReason"));

@@ -393,6 +393,7 @@ pub async fn after_next(relay: &mut RelayRpc, call_id: &str) -> Option<pb::after
         "after",
         relay.after(pb::AfterRequest {
             call_id: call_id.to_owned(),
+            ..Default::default()
         }),
     )
     .await

@@ -58,6 +58,8 @@ pub struct ControlState {
     /// Answer this many more attaches with `UNAVAILABLE` (control restarting).
     pub attach_unavailable: usize,
     pub after: Option<pb::AfterResponse>,
+    /// Every `After` request, in order.
+    pub after_asked: Vec<pb::AfterRequest>,
     pub after_error: Option<Code>,
     pub last_seq: u64,
     /// Every event received, in arrival order (duplicates included).
@@ -224,9 +226,10 @@ impl Relay for FakeControl {
 
     async fn after(
         &self,
-        _req: Request<pb::AfterRequest>,
+        req: Request<pb::AfterRequest>,
     ) -> Result<Response<pb::AfterResponse>, Status> {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
+        st.after_asked.push(req.into_inner());
         if let Some(code) = st.after_error {
             return Err(Status::new(code, "refused by the fake"));
         }
@@ -377,20 +380,32 @@ pub fn credential(call_id: Option<&str>) -> String {
     )
 }
 
-/// The stream credential a TwiML answer carries, checked with the test key for
-/// `call_id` (None: standalone) and returned with its segment.
-pub fn credential_in(twiml: &str, call_id: Option<&str>) -> Segment {
-    let marker = r#"<Parameter name="credential" value=""#;
-    let at = twiml
-        .find(marker)
-        .unwrap_or_else(|| panic!("no credential in {twiml}"))
-        + marker.len();
-    let value = &twiml[at..at + twiml[at..].find('"').unwrap()];
+/// The value of `<Parameter name="{name}">` in a TwiML answer, if any.
+pub fn parameter_in<'a>(twiml: &'a str, name: &str) -> Option<&'a str> {
+    let marker = format!(r#"<Parameter name="{name}" value=""#);
+    let at = twiml.find(&marker)? + marker.len();
+    Some(&twiml[at..at + twiml[at..].find('"')?])
+}
+
+/// The stream credential a TwiML answer carries (with the stream it follows, when it
+/// names one), checked with the test key for `call_id` (None: standalone).
+pub fn verified_in(twiml: &str, call_id: Option<&str>) -> stream_credential::Verified {
+    let value = parameter_in(twiml, stream_credential::PARAMETER)
+        .unwrap_or_else(|| panic!("no credential in {twiml}"));
     let id = call_id.map(|c| CallId::parse(c).unwrap());
     stream_key()
-        .verify(Some(value), id.as_ref(), stream_credential::now_ms())
+        .verify_after(
+            Some(value),
+            id.as_ref(),
+            parameter_in(twiml, stream_credential::TAKES_OVER_PARAMETER),
+            stream_credential::now_ms(),
+        )
         .unwrap_or_else(|e| panic!("{e}: {value}"))
-        .segment
+}
+
+/// The segment of the stream credential a TwiML answer carries ([`verified_in`]).
+pub fn credential_in(twiml: &str, call_id: Option<&str>) -> Segment {
+    verified_in(twiml, call_id).segment
 }
 
 /// `start` with `customParameters` (callSid `CA1`).
