@@ -135,6 +135,10 @@ pub fn metadata(field: &str, meta: &HashMap<String, String>) -> Result {
     Ok(())
 }
 
+/// Silence after speech before the relay commits the caller's turn (turn detection NONE):
+/// shorter cuts callers off mid-sentence, longer is dead air.
+const SILENCE_COMMIT_MS: std::ops::RangeInclusive<u32> = 200..=10_000;
+
 /// Checks agent settings and fills in defaults (model, voice).
 pub fn agent_settings(settings: Option<pb::AgentSettings>) -> Result<pb::AgentSettings> {
     let mut s = settings.ok_or_else(|| Error::invalid("settings", "is required"))?;
@@ -199,11 +203,29 @@ pub fn agent_settings(settings: Option<pb::AgentSettings>) -> Result<pb::AgentSe
                 "one of low, medium, high, auto",
             ));
         }
-        if pb::turn_detection::Type::try_from(td.r#type).is_err() {
+        let Ok(kind) = pb::turn_detection::Type::try_from(td.r#type) else {
             return Err(Error::invalid(
                 "settings.turn_detection.type",
                 "unknown type",
             ));
+        };
+        if let Some(ms) = td.silence_commit_ms {
+            if kind != pb::turn_detection::Type::None {
+                return Err(Error::invalid(
+                    "settings.turn_detection.silence_commit_ms",
+                    "only with type NONE (the model's own turn detection commits otherwise)",
+                ));
+            }
+            if !SILENCE_COMMIT_MS.contains(&ms) {
+                return Err(Error::invalid(
+                    "settings.turn_detection.silence_commit_ms",
+                    format!(
+                        "{ms} is outside {}..={}",
+                        SILENCE_COMMIT_MS.start(),
+                        SILENCE_COMMIT_MS.end()
+                    ),
+                ));
+            }
         }
     }
     text(
@@ -311,6 +333,8 @@ pub fn command(command: Option<&pb::Command>) -> Result {
                 MAX_TOOL_PARAMETERS * 4,
             )
         }
+        // Nothing to check; whether there is audio to commit is the relay's to say.
+        Some(Kind::CommitInput(_)) => Ok(()),
         Some(Kind::UpdateInstructions(u)) => {
             if u.instructions.trim().is_empty() {
                 return Err(Error::invalid(
@@ -449,6 +473,28 @@ mod tests {
                     ..good()
                 },
                 "settings.tools[0].name",
+            ),
+            (
+                pb::AgentSettings {
+                    turn_detection: Some(pb::TurnDetection {
+                        r#type: pb::turn_detection::Type::ServerVad as i32,
+                        silence_commit_ms: Some(500),
+                        ..Default::default()
+                    }),
+                    ..good()
+                },
+                "settings.turn_detection.silence_commit_ms",
+            ),
+            (
+                pb::AgentSettings {
+                    turn_detection: Some(pb::TurnDetection {
+                        r#type: pb::turn_detection::Type::None as i32,
+                        silence_commit_ms: Some(100),
+                        ..Default::default()
+                    }),
+                    ..good()
+                },
+                "settings.turn_detection.silence_commit_ms",
             ),
         ];
         for (settings, field) in cases {

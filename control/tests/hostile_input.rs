@@ -178,6 +178,8 @@ mod agent_settings {
                 threshold,
                 silence_duration_ms: silence,
                 eagerness,
+                // Any value on any type: only NONE with 200..=10000 passes.
+                silence_commit_ms: silence,
                 ..Default::default()
             });
         let fallback =
@@ -216,7 +218,7 @@ mod agent_settings {
                     any::<bool>(),
                     proptest::collection::vec(hostile_text(), 0..3),
                 )),
-                any::<u32>(),
+                (any::<u32>(), any::<bool>()),
                 proptest::option::of(fallback),
             ),
         )
@@ -224,7 +226,7 @@ mod agent_settings {
                 |(
                     (name, model, voice, instructions),
                     (temperature, greeting, turn_detection, itm),
-                    (tools, builtin, max, fallback),
+                    (tools, builtin, (max, dtmf_to_model), fallback),
                 )| {
                     pb::AgentSettings {
                         name,
@@ -246,6 +248,7 @@ mod agent_settings {
                         max_call_duration_secs: max,
                         fallback,
                         realtime_enabled: None,
+                        dtmf_to_model,
                     }
                 },
             )

@@ -39,6 +39,8 @@ pub struct AgentView {
     pub transfer_numbers: Vec<String>,
     /// Hard limit of the call.
     pub max_duration: Duration,
+    /// A key the caller presses also goes to the model (as a user message).
+    pub dtmf_to_model: bool,
 }
 
 impl AgentView {
@@ -63,6 +65,7 @@ impl AgentView {
                 0 => DEFAULT_MAX_DURATION,
                 n => Duration::from_secs(u64::from(n)),
             },
+            dtmf_to_model: s.dtmf_to_model,
         }
     }
 
@@ -87,6 +90,27 @@ impl AgentView {
             .as_ref()
             .and_then(|t| t.interrupt_response)
             .unwrap_or(true)
+    }
+
+    /// Turn detection is off: the relay ends the caller's turns (`call::turn_commit`).
+    pub fn turn_detection_off(&self) -> bool {
+        self.turn_detection
+            .as_ref()
+            .is_some_and(|t| t.r#type == pb::turn_detection::Type::None as i32)
+    }
+
+    /// With turn detection off: the silence after speech that ends a caller's turn.
+    pub fn silence_commit_ms(&self) -> Option<u32> {
+        self.turn_detection
+            .as_ref()
+            .filter(|_| self.turn_detection_off())
+            .and_then(|t| t.silence_commit_ms)
+    }
+
+    /// Whether the caller's words are transcribed (`conversation.item.input_audio_transcription.*`
+    /// events come).
+    pub fn transcribes(&self) -> bool {
+        !self.transcription_model.is_empty()
     }
 
     /// The Realtime URL for this agent: `?model=` and, when set, `&temperature=`.

@@ -63,6 +63,14 @@ pub enum RealtimeError {
     /// Writing failed.
     #[error("model write failed: {0}")]
     Write(#[source] tungstenite::Error),
+    /// The model said the session is over (an `error` of a fatal class).
+    #[error("model ended the session: {code}: {message}")]
+    Fatal {
+        /// The error's code (or type).
+        code: String,
+        /// Its message.
+        message: String,
+    },
     /// An answer was due and nothing came.
     #[error("model stalled: nothing for {secs} s while an answer was due")]
     Stalled {

@@ -82,6 +82,7 @@ pub fn spawn(
                 code: "model_unavailable".to_owned(),
                 message: DETAIL.to_owned(),
                 fatal: true,
+                ..Default::default()
             }),
             pb::call_event::Kind::Ended(pb::Ended {
                 reason: pb::EndReason::ModelUnavailable as i32,

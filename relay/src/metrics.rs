@@ -50,6 +50,14 @@ struct Inner {
     model_breaker_open: Family<EndpointLabels, Gauge>,
     model_breaker_opened: Family<EndpointLabels, Counter>,
     model_breaker_short_circuits: Family<ShortCircuitLabels, Counter>,
+    rate_limit_requests: RateLimitGauges,
+    rate_limit_tokens: RateLimitGauges,
+}
+
+/// One model rate limit's latest (remaining, limit).
+struct RateLimitGauges {
+    remaining: Gauge,
+    limit: Gauge,
 }
 
 fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)) -> Counter {
@@ -200,6 +208,27 @@ impl Metrics {
             model_breaker_short_circuits.clone(),
         );
 
+        let rate_limit_remaining = Family::<Labels, Gauge>::default();
+        registry.register(
+            "model_rate_limit_remaining",
+            "What the model's latest rate_limits.updated left of each limit (requests, tokens)",
+            rate_limit_remaining.clone(),
+        );
+        let rate_limit = Family::<Labels, Gauge>::default();
+        registry.register(
+            "model_rate_limit",
+            "Each model rate limit (requests, tokens) as its latest rate_limits.updated stated it",
+            rate_limit.clone(),
+        );
+        let gauges = |name: &'static str| RateLimitGauges {
+            remaining: rate_limit_remaining
+                .get_or_create(&[("limit", name)])
+                .clone(),
+            limit: rate_limit.get_or_create(&[("limit", name)]).clone(),
+        };
+        let rate_limit_requests = gauges("requests");
+        let rate_limit_tokens = gauges("tokens");
+
         let listeners = crate::listen::ListenerMetrics::register(&mut registry);
 
         // One statement each: `get_or_create` returns a read guard, and a second call on the
@@ -238,6 +267,8 @@ impl Metrics {
             model_breaker_open,
             model_breaker_opened,
             model_breaker_short_circuits,
+            rate_limit_requests,
+            rate_limit_tokens,
         };
         Self {
             inner: Arc::new(inner),
@@ -284,6 +315,19 @@ impl Metrics {
     /// Model error events.
     pub fn model_errors(&self) -> &Counter {
         &self.inner.model_errors
+    }
+    /// The model's latest word on a rate limit (`requests` or `tokens`; others are not
+    /// exported).
+    pub fn model_rate_limit(&self, name: &str, remaining: u64, limit: u64) {
+        let gauges = match name {
+            "requests" => &self.inner.rate_limit_requests,
+            "tokens" => &self.inner.rate_limit_tokens,
+            _ => return,
+        };
+        gauges
+            .remaining
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+        gauges.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
     /// Bad messages from Twilio.
     pub fn bad_twilio(&self) -> &Counter {
@@ -395,6 +439,8 @@ mod tests {
         m.model_breaker_opened("ws://model/v1/realtime").inc();
         m.model_breaker_short_circuits("ws://model/v1/realtime", "webhook")
             .inc();
+        m.model_rate_limit("tokens", 39_000, 40_000);
+        m.model_rate_limit("bogus", 1, 2);
         let text = m.encode();
         for name in [
             "callbridge_relay_active_calls",
@@ -421,8 +467,12 @@ mod tests {
             "callbridge_relay_model_breaker_open{endpoint=\"ws://model/v1/realtime\"} 1",
             "callbridge_relay_model_breaker_opened_total{endpoint=\"ws://model/v1/realtime\"} 1",
             "callbridge_relay_model_breaker_short_circuits_total{endpoint=\"ws://model/v1/realtime\",at=\"webhook\"} 1",
+            "callbridge_relay_model_rate_limit_remaining{limit=\"tokens\"} 39000",
+            "callbridge_relay_model_rate_limit{limit=\"tokens\"} 40000",
+            "callbridge_relay_model_rate_limit_remaining{limit=\"requests\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        assert!(!text.contains("bogus"), "label values stay bounded");
     }
 }

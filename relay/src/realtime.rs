@@ -168,6 +168,36 @@ pub fn response_create() -> String {
     r#"{"type":"response.create"}"#.to_owned()
 }
 
+/// `{"type":"input_audio_buffer.commit"}`: the caller's audio so far becomes a user item
+/// (turn detection off: the relay ends the caller's turns).
+pub fn commit() -> String {
+    r#"{"type":"input_audio_buffer.commit"}"#.to_owned()
+}
+
+/// A user text item (`conversation.item.create`, `input_text`), e.g. a key the caller
+/// pressed.
+pub fn user_text(text: &str) -> String {
+    json!({
+        "type": "conversation.item.create",
+        "item": { "type": "message", "role": "user",
+                  "content": [ { "type": "input_text", "text": text } ] }
+    })
+    .to_string()
+}
+
+/// `event` (a client event as built here: a JSON object) with `"event_id"` first, so an
+/// `error` the model answers it with can be tied back to it. `event_id` is the relay's own
+/// ASCII id (`call::client_events`), written unescaped.
+pub fn with_event_id(event_id: &str, event: &str) -> String {
+    let rest = event.strip_prefix('{').unwrap_or(event);
+    let mut s = String::with_capacity(event.len() + event_id.len() + 16);
+    s.push_str(r#"{"event_id":""#);
+    s.push_str(event_id);
+    s.push_str("\",");
+    s.push_str(rest);
+    s
+}
+
 /// `conversation.item.create` with a `function_call_output`.
 pub fn function_output(call_id: &str, output: &str) -> String {
     json!({
@@ -198,6 +228,12 @@ pub enum RealtimeEventKind {
     SpeechStarted,
     /// `input_audio_buffer.speech_stopped`.
     SpeechStopped,
+    /// `input_audio_buffer.committed`: the caller's audio so far is a user item now.
+    InputCommitted,
+    /// `conversation.item.input_audio_transcription.failed`.
+    InputTranscriptionFailed,
+    /// `rate_limits.updated`.
+    RateLimitsUpdated,
     /// `conversation.item.input_audio_transcription.completed`.
     InputTranscriptionCompleted,
     /// `response.function_call_arguments.done`.
@@ -223,6 +259,9 @@ impl RealtimeEventKind {
             "response.done" => Self::ResponseDone,
             "input_audio_buffer.speech_started" => Self::SpeechStarted,
             "input_audio_buffer.speech_stopped" => Self::SpeechStopped,
+            "input_audio_buffer.committed" => Self::InputCommitted,
+            "conversation.item.input_audio_transcription.failed" => Self::InputTranscriptionFailed,
+            "rate_limits.updated" => Self::RateLimitsUpdated,
             "conversation.item.input_audio_transcription.completed" => {
                 Self::InputTranscriptionCompleted
             }
@@ -276,6 +315,23 @@ pub struct ServerEvent<'a> {
     /// `session.created` / `session.updated` body.
     #[serde(default)]
     pub session: Option<SessionBody>,
+    /// `rate_limits.updated` body.
+    #[serde(default)]
+    pub rate_limits: Option<Vec<RateLimit>>,
+}
+
+/// One entry of `rate_limits.updated`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RateLimit {
+    /// `requests` or `tokens`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The maximum allowed value.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// What is left before the limit is reached.
+    #[serde(default)]
+    pub remaining: Option<u64>,
 }
 
 /// The `response` object.
@@ -290,6 +346,31 @@ pub struct ResponseBody<'a> {
     /// Token usage.
     #[serde(default)]
     pub usage: Option<UsageBody>,
+    /// Why a response did not complete.
+    #[serde(default)]
+    pub status_details: Option<StatusDetails>,
+}
+
+/// `response.status_details`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StatusDetails {
+    /// `turn_detected`, `client_cancelled`, `max_output_tokens`, `content_filter`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// A failed response's error.
+    #[serde(default)]
+    pub error: Option<StatusError>,
+}
+
+/// `response.status_details.error`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StatusError {
+    /// Error type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Error code.
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
 /// `response.usage`.
@@ -349,6 +430,47 @@ pub struct ErrorBody {
     /// Message.
     #[serde(default)]
     pub message: Option<String>,
+    /// The client event that caused it (the `event_id` the relay sent), if any.
+    #[serde(default)]
+    pub event_id: Option<String>,
+}
+
+/// What an `error` means for the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The session stays usable (most errors: a bad request, a failed response).
+    Recoverable,
+    /// The session is over, a new one can work: it is replaced (the conversation replayed).
+    SessionOver,
+    /// No session can work (account or key): the call ends `MODEL_UNAVAILABLE`.
+    Unusable,
+}
+
+/// Codes that end a session a new one can replace: the 60-minute limit.
+const SESSION_OVER_CODES: &[&str] = &["session_expired"];
+/// Types that end a session a new one can replace.
+const SESSION_OVER_TYPES: &[&str] = &["server_error"];
+/// Codes no new session can get past: the key or the account.
+const UNUSABLE_CODES: &[&str] = &[
+    "insufficient_quota",
+    "invalid_api_key",
+    "account_deactivated",
+    "model_not_found",
+];
+
+impl ErrorBody {
+    /// What the error means for the session, from its code and type.
+    pub fn class(&self) -> ErrorClass {
+        let code = self.code.as_deref().unwrap_or("");
+        let kind = self.kind.as_deref().unwrap_or("");
+        if UNUSABLE_CODES.contains(&code) {
+            ErrorClass::Unusable
+        } else if SESSION_OVER_CODES.contains(&code) || SESSION_OVER_TYPES.contains(&kind) {
+            ErrorClass::SessionOver
+        } else {
+            ErrorClass::Recoverable
+        }
+    }
 }
 
 /// The `session` object, only to check the audio formats.
@@ -544,8 +666,14 @@ mod tests {
             ),
             ("error", K::Error),
             ("session.updated", K::SessionUpdated),
+            ("input_audio_buffer.committed", K::InputCommitted),
+            (
+                "conversation.item.input_audio_transcription.failed",
+                K::InputTranscriptionFailed,
+            ),
+            ("rate_limits.updated", K::RateLimitsUpdated),
             ("session.created", K::Other),
-            ("rate_limits.updated", K::Other),
+            ("conversation.item.added", K::Other),
         ] {
             let frame = format!(r#"{{"type":"{name}"}}"#);
             assert_eq!(parse(&frame).unwrap().kind, kind, "{name}");
@@ -588,5 +716,114 @@ mod tests {
             parse(t).unwrap().transcript.as_deref(),
             Some("He said \"hi\"")
         );
+    }
+
+    #[test]
+    fn parses_the_model_side_events_of_a_turn() {
+        // The GA schemas' own examples.
+        let e = parse(r#"{"event_id":"event_5758","type":"rate_limits.updated","rate_limits":[{"name":"requests","limit":1000,"remaining":999,"reset_seconds":60},{"name":"tokens","limit":50000,"remaining":49950,"reset_seconds":60}]}"#).unwrap();
+        let limits = e.rate_limits.unwrap();
+        assert_eq!(limits[1].name.as_deref(), Some("tokens"));
+        assert_eq!(
+            (limits[1].limit, limits[1].remaining),
+            (Some(50000), Some(49950))
+        );
+        let e = parse(r#"{"event_id":"event_2324","type":"conversation.item.input_audio_transcription.failed","item_id":"msg_003","content_index":0,"error":{"type":"transcription_error","code":"audio_unintelligible","message":"The audio could not be transcribed.","param":null}}"#).unwrap();
+        assert_eq!(e.kind, RealtimeEventKind::InputTranscriptionFailed);
+        assert_eq!(e.item_id.as_deref(), Some("msg_003"));
+        assert_eq!(
+            e.error.unwrap().code.as_deref(),
+            Some("audio_unintelligible")
+        );
+        let e = parse(r#"{"event_id":"event_890","type":"error","error":{"type":"invalid_request_error","code":"invalid_event","message":"The 'type' field is missing.","param":null,"event_id":"event_567"}}"#).unwrap();
+        let err = e.error.unwrap();
+        assert_eq!(err.event_id.as_deref(), Some("event_567"));
+        assert_eq!(err.class(), ErrorClass::Recoverable);
+        let e = parse(r#"{"type":"response.done","response":{"id":"resp_2","status":"failed","status_details":{"type":"failed","error":{"type":"server_error","code":"internal"}}}}"#).unwrap();
+        let details = e.response.unwrap().status_details.unwrap();
+        let failed = details.error.unwrap();
+        assert_eq!(
+            (failed.kind.as_deref(), failed.code.as_deref()),
+            (Some("server_error"), Some("internal"))
+        );
+        let e = parse(r#"{"type":"response.done","response":{"id":"resp_3","status":"incomplete","status_details":{"type":"incomplete","reason":"max_output_tokens"}}}"#).unwrap();
+        assert_eq!(
+            e.response
+                .unwrap()
+                .status_details
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("max_output_tokens")
+        );
+    }
+
+    #[test]
+    fn error_classes() {
+        let class = |kind: &str, code: Option<&str>| {
+            ErrorBody {
+                kind: Some(kind.to_owned()),
+                code: code.map(str::to_owned),
+                ..ErrorBody::default()
+            }
+            .class()
+        };
+        assert_eq!(
+            class("invalid_request_error", Some("session_expired")),
+            ErrorClass::SessionOver
+        );
+        assert_eq!(class("server_error", None), ErrorClass::SessionOver);
+        assert_eq!(
+            class("insufficient_quota", Some("insufficient_quota")),
+            ErrorClass::Unusable
+        );
+        assert_eq!(
+            class("invalid_request_error", Some("invalid_api_key")),
+            ErrorClass::Unusable
+        );
+        assert_eq!(
+            class(
+                "invalid_request_error",
+                Some("conversation_already_has_active_response")
+            ),
+            ErrorClass::Recoverable
+        );
+        assert_eq!(ErrorBody::default().class(), ErrorClass::Recoverable);
+    }
+
+    #[test]
+    fn client_events_carry_an_event_id_and_fit_the_ga_schema() {
+        let events = [
+            session_update(&agent()),
+            update_instructions("new"),
+            truncate("item_1", 1480),
+            system_text("say hi"),
+            user_text("DTMF: 5"),
+            response_create(),
+            commit(),
+            function_output("call_1", "{\"ok\":true}"),
+        ];
+        for (n, event) in events.iter().enumerate() {
+            let id = format!("rl_{n}");
+            let stamped = with_event_id(&id, event);
+            let v: Value = serde_json::from_str(&stamped).unwrap();
+            assert_eq!(v["event_id"], id.as_str());
+            if let Err(why) = callbridge_testkit::realtime_schema::check_client_event(&v) {
+                panic!("{stamped}: {why}");
+            }
+        }
+        // Appends go unstamped (the hot path); they fit the schema as they are.
+        let v: Value = serde_json::from_str(&append("QUJD")).unwrap();
+        callbridge_testkit::realtime_schema::check_client_event(&v).unwrap();
+        // Turn detection off is `null`, which the schema allows.
+        let mut a = agent();
+        a.turn_detection = Some(pb::TurnDetection {
+            r#type: pb::turn_detection::Type::None as i32,
+            silence_commit_ms: Some(500),
+            ..Default::default()
+        });
+        let v: Value = serde_json::from_str(&session_update(&a)).unwrap();
+        assert!(v["session"]["audio"]["input"]["turn_detection"].is_null());
+        callbridge_testkit::realtime_schema::check_client_event(&v).unwrap();
     }
 }

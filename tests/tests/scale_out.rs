@@ -501,6 +501,8 @@ fn kind_name(e: &pb::CallEvent) -> &'static str {
         Some(K::ModelError(_)) => "model_error",
         Some(K::CommandApplied(_)) => "command_applied",
         Some(K::Ended(_)) => "ended",
+        Some(K::ResponseEnded(_)) => "response_ended",
+        Some(K::TranscriptionFailed(_)) => "transcription_failed",
         None => "none",
     }
 }

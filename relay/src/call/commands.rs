@@ -8,6 +8,7 @@ use tracing::debug;
 use super::Call;
 use super::phase::Ending;
 use super::tools::ToolCall;
+use super::turn_commit::TurnCommit;
 use crate::error::EndKind;
 use crate::realtime;
 
@@ -20,7 +21,10 @@ impl Call {
         is_error: bool,
         now: Instant,
     ) {
-        self.send_model(realtime::function_output(call_id, output));
+        self.send_model(
+            "conversation.item.create",
+            &realtime::function_output(call_id, output),
+        );
         // The model does not speak about a tool result until asked (pitfall 19).
         self.request_answer(now);
         self.event(pb::call_event::Kind::ToolResult(pb::ToolResult {
@@ -111,9 +115,11 @@ impl Call {
             }
             Kind::Transfer(t) => self.app_transfer(t.number),
             Kind::ToolResult(r) => self.app_tool_result(r, now),
+            Kind::CommitInput(_) => self.commit_input(now),
             Kind::UpdateInstructions(u) => {
                 self.agent.instructions = u.instructions;
-                self.send_model(realtime::update_instructions(&self.agent.instructions));
+                let update = realtime::update_instructions(&self.agent.instructions);
+                self.send_model("session.update", &update);
                 true
             }
         };
@@ -129,9 +135,32 @@ impl Call {
             return false;
         }
         let text = format!("Say this to the caller now: \"{text}\"");
-        self.send_model(realtime::system_text(&text));
+        self.send_model("conversation.item.create", &realtime::system_text(&text));
         self.request_answer(now);
         true
+    }
+
+    /// The application ends the caller's turn (turn detection off).
+    fn commit_input(&mut self, now: Instant) -> bool {
+        if !self
+            .turn_commit
+            .as_ref()
+            .is_some_and(TurnCommit::can_commit)
+        {
+            debug!("Commit command with turn detection on, or nothing to commit: not applied.");
+            return false;
+        }
+        self.commit_turn(now);
+        true
+    }
+
+    /// Commits the caller's audio as a turn and asks for the answer.
+    pub(super) fn commit_turn(&mut self, now: Instant) {
+        if let Some(t) = &mut self.turn_commit {
+            t.committed();
+        }
+        self.send_model("input_audio_buffer.commit", &realtime::commit());
+        self.answer_caller(now);
     }
 
     fn app_transfer(&mut self, number: String) -> bool {

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::debug;
 
+use super::client_events::SentEvents;
 use super::outbox::Outbox;
 use super::replay::Replay;
 use super::{CLOSE_WAIT, CallDeps, Dialled, MODEL_MAX_MESSAGE, ModelSink, ModelWs};
@@ -112,11 +113,17 @@ pub(super) fn spawn_model(
     replay: &Replay,
     delay: Duration,
     resumed_items: bool,
+    sent: &mut SentEvents,
 ) -> Dialled {
     let (tx, rx) = oneshot::channel();
-    let mut setup = vec![realtime::session_update(agent)];
+    let mut setup = vec![sent.stamp("session.update", &realtime::session_update(agent))];
     if resumed_items {
-        setup.extend(replay.items());
+        setup.extend(
+            replay
+                .items()
+                .iter()
+                .map(|item| sent.stamp("conversation.item.create", item)),
+        );
     }
     let base = deps.config.openai_realtime_url.clone();
     let url = agent.url(&base);

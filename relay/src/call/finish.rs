@@ -87,6 +87,7 @@ impl Call {
                 code: "model_unavailable".to_owned(),
                 message: ending.detail.clone(),
                 fatal: true,
+                ..Default::default()
             }));
         }
         for call_id in self.tools.take_all() {
@@ -130,6 +131,8 @@ impl Call {
                     dropped_in = c.dropped_in,
                     dropped_out = c.dropped_out,
                     barge_ins = c.barge_ins,
+                    rate_limit_requests_left = ?self.rate_limits.requests.map(|(left, _)| left),
+                    rate_limit_tokens_left = ?self.rate_limits.tokens.map(|(left, _)| left),
                     "Call ended."
                 )
             };

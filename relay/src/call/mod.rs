@@ -21,6 +21,7 @@
 //! tasks, with writer tasks behind channels) keeps every audio frame at one task wake-up
 //! and needs no locks.
 
+pub mod client_events;
 mod commands;
 pub mod control_link;
 pub mod counters;
@@ -34,6 +35,7 @@ pub mod outbox;
 pub mod phase;
 pub mod replay;
 pub mod tools;
+pub mod turn_commit;
 mod twilio_side;
 pub mod utterance;
 
@@ -64,6 +66,7 @@ use crate::metrics::Metrics;
 use crate::model_breaker::{ModelBreakers, ShortCircuit};
 use crate::realtime;
 use crate::twilio::{self, CallSid, StreamSid, TwilioWs};
+use client_events::SentEvents;
 use control_link::{LinkIn, LinkSetup};
 use counters::Counters;
 use deadlines::Deadlines;
@@ -75,6 +78,7 @@ use outbox::Outbox;
 use phase::{Ending, Lifecycle, Out, Playback};
 use replay::Replay;
 use tools::PendingTools;
+use turn_commit::TurnCommit;
 use utterance::CallerAudio;
 
 type ModelWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -262,6 +266,15 @@ struct Call {
     /// The caller stopped speaking (or the relay asked for a response); the model's answer
     /// has not started yet.
     awaiting_answer: Option<Instant>,
+    /// The caller's turn ended while a response was running: a response is asked for once
+    /// it is done (the model refuses a second one meanwhile).
+    answer_after_response: bool,
+    /// Turn detection off: the relay ends the caller's turns (None with the model's VAD).
+    turn_commit: Option<TurnCommit>,
+    /// The ids of the relay's client events, for `error` correlation.
+    sent: SentEvents,
+    /// The model's latest `rate_limits.updated`.
+    rate_limits: RateLimits,
     /// The relay is draining: hand the call off at the next quiet moment.
     handoff_wanted: bool,
     /// The transcript so far of the assistant item being spoken (its `.done` has not
@@ -481,8 +494,21 @@ impl Call {
         let replay = Replay::from_history(std::mem::take(&mut link.history));
         let mut tasks = JoinSet::new();
         let resumed = link.resumed;
-        let dial = dial_now
-            .then(|| spawn_model(&mut tasks, &deps, &agent, &replay, Duration::ZERO, resumed));
+        let mut sent = SentEvents::default();
+        let dial = dial_now.then(|| {
+            spawn_model(
+                &mut tasks,
+                &deps,
+                &agent,
+                &replay,
+                Duration::ZERO,
+                resumed,
+                &mut sent,
+            )
+        });
+        let turn_commit = agent
+            .turn_detection_off()
+            .then(|| TurnCommit::new(agent.silence_commit_ms()));
         let limits = Limits {
             reconnect: cfg.model_reconnect(),
             rollover_after: cfg.model_rollover_after(),
@@ -519,6 +545,10 @@ impl Call {
             media_rate: MediaRate::default(),
             caller_speaking: false,
             awaiting_answer: None,
+            answer_after_response: false,
+            turn_commit,
+            sent,
+            rate_limits: RateLimits::default(),
             handoff_wanted: false,
             partial_transcript: None,
             upgraded_at,
@@ -553,6 +583,7 @@ impl Call {
         self.deadlines.started_at().is_some()
             && self.playback.idle()
             && !self.caller_speaking
+            && !self.turn_commit.as_ref().is_some_and(TurnCommit::speaking)
             && self
                 .awaiting_answer
                 .is_none_or(|t| now.duration_since(t) >= ANSWER_WAIT)
@@ -583,6 +614,7 @@ impl Call {
                     &self.replay,
                     Duration::ZERO,
                     true,
+                    &mut self.sent,
                 );
                 self.links.replacement = Some(rx);
                 debug!(session = number, "Opening a replacement model session.");
@@ -615,6 +647,7 @@ impl Call {
         self.apply(outs);
         self.caller_speaking = false;
         self.awaiting_answer = None;
+        self.answer_after_response = false;
         // A replacement being opened is moot: the new session replaces both.
         self.links.read = None;
         self.links.replacement = None;
@@ -628,6 +661,7 @@ impl Call {
             &self.replay,
             delay,
             true,
+            &mut self.sent,
         );
         self.links.dial = Some(rx);
         let mut queue = Outbox::pending(MODEL_SLOTS);
@@ -777,11 +811,23 @@ impl Call {
 
     /// `response.create`: the model owes an answer from now on (stall detection).
     fn request_answer(&mut self, now: Instant) {
-        self.send_model(realtime::response_create());
+        self.send_model("response.create", &realtime::response_create());
         self.awaiting_answer.get_or_insert(now);
     }
 
-    fn send_model(&mut self, text: String) {
+    /// The caller's turn is over (a commit, a key press): a response now, or once the
+    /// running one is done.
+    fn answer_caller(&mut self, now: Instant) {
+        if self.playback.responding() {
+            self.answer_after_response = true;
+        } else {
+            self.request_answer(now);
+        }
+    }
+
+    /// A client event other than an append, with an `event_id` (`client_events`).
+    fn send_model(&mut self, kind: &'static str, event: &str) {
+        let text = self.sent.stamp(kind, event);
         if self.model.push(Message::text(text)).is_err() {
             self.deps.metrics.dropped_c2m().inc();
             warn!("Model queue full; a control message was dropped.");
@@ -801,7 +847,10 @@ impl Call {
                 Out::Truncate {
                     item_id,
                     audio_end_ms,
-                } => self.send_model(realtime::truncate(&item_id, audio_end_ms)),
+                } => self.send_model(
+                    "conversation.item.truncate",
+                    &realtime::truncate(&item_id, audio_end_ms),
+                ),
                 Out::Interrupted {
                     item_id,
                     heard_ms,
@@ -827,4 +876,12 @@ impl Call {
             }
         }
     }
+}
+
+/// The model's latest `rate_limits.updated` on a call (`None` until one names the limit):
+/// (remaining, limit).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct RateLimits {
+    requests: Option<(u64, u64)>,
+    tokens: Option<(u64, u64)>,
 }

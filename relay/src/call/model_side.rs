@@ -10,8 +10,8 @@ use super::dial::close_model_later;
 use super::outbox::Outbox;
 use super::phase::{Delta, Out};
 use super::{Call, HEADROOM, MODEL_MAX_ACCEPTED, ModelLinkEvent, PARTIAL_TRANSCRIPT_MAX, Read};
-use crate::error::RealtimeError;
-use crate::realtime::{self, RealtimeEventKind, ServerEvent};
+use crate::error::{EndKind, RealtimeError};
+use crate::realtime::{self, ErrorClass, RealtimeEventKind, ServerEvent};
 use crate::twilio;
 
 impl Call {
@@ -88,12 +88,15 @@ impl Call {
             RealtimeEventKind::OutputAudioTranscriptDelta => self.on_transcript_delta(&ev),
             RealtimeEventKind::OutputAudioTranscriptDone => self.on_transcript_done(&ev),
             RealtimeEventKind::ResponseCreated => self.on_response_created(&ev),
-            RealtimeEventKind::ResponseDone => self.on_response_done(ev),
+            RealtimeEventKind::ResponseDone => self.on_response_done(ev, now),
             RealtimeEventKind::SpeechStarted => self.on_speech_started(),
             RealtimeEventKind::SpeechStopped => self.on_speech_stopped(now),
+            RealtimeEventKind::InputCommitted => self.on_input_committed(),
             RealtimeEventKind::InputTranscriptionCompleted => self.on_caller_transcript(&ev),
+            RealtimeEventKind::InputTranscriptionFailed => self.on_transcription_failed(ev),
+            RealtimeEventKind::RateLimitsUpdated => self.on_rate_limits(&ev),
             RealtimeEventKind::FunctionCallArgumentsDone => self.on_function_call(&ev, now),
-            RealtimeEventKind::Error => self.on_model_error(ev),
+            RealtimeEventKind::Error => self.on_model_error(ev, now),
             RealtimeEventKind::SessionUpdated => self.on_session_updated(&ev),
             RealtimeEventKind::Other => {}
         }
@@ -183,7 +186,7 @@ impl Call {
         }
     }
 
-    fn on_response_done(&mut self, ev: ServerEvent<'_>) {
+    fn on_response_done(&mut self, ev: ServerEvent<'_>, now: Instant) {
         self.awaiting_answer = None;
         let Some(r) = ev.response else { return };
         if let Some(id) = r.id.as_deref() {
@@ -193,13 +196,25 @@ impl Call {
         if let Some(u) = &r.usage {
             self.event(pb::call_event::Kind::Usage(u.to_pb()));
         }
-        if r.status.as_deref() == Some("failed") {
-            self.deps.metrics.model_errors().inc();
-            self.event(pb::call_event::Kind::ModelError(pb::ModelError {
-                code: "response_failed".to_owned(),
-                message: "the model's response failed".to_owned(),
-                fatal: false,
+        let status = r.status.as_deref().unwrap_or("completed");
+        if status != "completed" {
+            if status == "failed" {
+                self.deps.metrics.model_errors().inc();
+            }
+            let details = r.status_details.unwrap_or_default();
+            let error = details.error.unwrap_or_default();
+            debug!(status, reason = ?details.reason, code = ?error.code, "Response did not complete.");
+            self.event(pb::call_event::Kind::ResponseEnded(pb::ResponseEnded {
+                response_id: r.id.as_deref().unwrap_or("").to_owned(),
+                status: status.to_owned(),
+                reason: details.reason.unwrap_or_default(),
+                error_type: error.kind.unwrap_or_default(),
+                error_code: error.code.unwrap_or_default(),
             }));
+        }
+        // A caller's turn that ended while this response ran is answered now.
+        if std::mem::take(&mut self.answer_after_response) {
+            self.request_answer(now);
         }
     }
 
@@ -231,6 +246,53 @@ impl Call {
         }
     }
 
+    /// The caller's audio so far is a user item. Without transcription this is the turn's
+    /// end for the relay too: nothing will say the words arrived, and a new session could
+    /// not be told them anyway, so the audio is not kept for a resend. With transcription
+    /// it stays kept until the words arrive (or fail to): a session lost in between is
+    /// told the words by a resend.
+    fn on_input_committed(&mut self) {
+        self.caller_speaking = false;
+        if !self.agent.transcribes() {
+            self.caller.transcribed();
+        }
+    }
+
+    /// The caller's words will not arrive: their audio is not kept any longer, and the
+    /// application learns which item has no transcript.
+    fn on_transcription_failed(&mut self, ev: ServerEvent<'_>) {
+        self.caller.transcribed();
+        let e = ev.error.unwrap_or_default();
+        debug!(code = ?e.code, "Caller transcription failed.");
+        self.event(pb::call_event::Kind::TranscriptionFailed(
+            pb::TranscriptionFailed {
+                item_id: ev.item_id.as_deref().unwrap_or("").to_owned(),
+                error_type: e.kind.unwrap_or_default(),
+                error_code: e.code.unwrap_or_default(),
+                message: e.message.unwrap_or_default(),
+            },
+        ));
+    }
+
+    /// Kept on the call (logged at its end) and exported as the pod's latest values.
+    fn on_rate_limits(&mut self, ev: &ServerEvent<'_>) {
+        for limit in ev.rate_limits.iter().flatten() {
+            let (Some(name), Some(remaining), Some(max)) =
+                (limit.name.as_deref(), limit.remaining, limit.limit)
+            else {
+                continue;
+            };
+            let slot = match name {
+                "requests" => &mut self.rate_limits.requests,
+                "tokens" => &mut self.rate_limits.tokens,
+                // The schema names only these two; others would make labels unbounded.
+                _ => continue,
+            };
+            *slot = Some((remaining, max));
+            self.deps.metrics.model_rate_limit(name, remaining, max);
+        }
+    }
+
     fn on_caller_transcript(&mut self, ev: &ServerEvent<'_>) {
         // The model has the words now: a new session gets them as an item.
         self.caller.transcribed();
@@ -252,16 +314,48 @@ impl Call {
         self.on_tool_call(call_id, name, args, now);
     }
 
-    fn on_model_error(&mut self, ev: ServerEvent<'_>) {
+    /// Reported with the client event that caused it (by its `event_id`). A fatal class
+    /// replaces the session, or ends the call when no session can work.
+    fn on_model_error(&mut self, ev: ServerEvent<'_>, now: Instant) {
         let e = ev.error.unwrap_or_default();
         self.deps.metrics.model_errors().inc();
+        let class = e.class();
+        let client_event_id = e.event_id.clone().unwrap_or_default();
+        let client_event_type = self.sent.kind_of(&client_event_id).unwrap_or("");
+        let code = e.code.clone().or(e.kind.clone()).unwrap_or_default();
         let message = e.message.unwrap_or_default();
-        debug!(code = ?e.code, %message, "Model error event.");
+        warn!(
+            %code,
+            class = ?class,
+            client_event_id,
+            client_event_type,
+            "Model error event."
+        );
+        // The model's words may quote the caller: not at the default level.
+        debug!(%message, "Model error message.");
         self.event(pb::call_event::Kind::ModelError(pb::ModelError {
-            code: e.code.or(e.kind).unwrap_or_default(),
-            message,
-            fatal: false,
+            code: code.clone(),
+            message: message.clone(),
+            fatal: class != ErrorClass::Recoverable,
+            client_event_id: client_event_id.clone(),
+            client_event_type: client_event_type.to_owned(),
         }));
+        // A refused `response.create` will not be answered: no stall to wait for.
+        if client_event_type == "response.create" {
+            self.awaiting_answer = None;
+        }
+        match class {
+            ErrorClass::Recoverable => {}
+            ErrorClass::SessionOver => {
+                self.lose_model(RealtimeError::Fatal { code, message }, now);
+            }
+            ErrorClass::Unusable => {
+                self.end(
+                    EndKind::ModelUnavailable,
+                    format!("model error {code}: {message}"),
+                );
+            }
+        }
     }
 
     fn on_session_updated(&mut self, ev: &ServerEvent<'_>) {

@@ -6,6 +6,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, info, warn};
 
+use super::turn_commit::Heard;
 use super::{Call, GAP_FRAMES, HEADROOM, Read, TWILIO_MAX_ACCEPTED};
 use crate::error::{EndKind, TwilioError};
 use crate::realtime;
@@ -48,7 +49,7 @@ impl Call {
         match parsed.event {
             TwilioEventKind::Media => self.on_media(parsed, now),
             TwilioEventKind::Mark => self.on_mark(parsed),
-            TwilioEventKind::Dtmf => self.on_dtmf(parsed),
+            TwilioEventKind::Dtmf => self.on_dtmf(parsed, now),
             TwilioEventKind::Start => self.on_start(parsed, now),
             TwilioEventKind::Stop => self.end(EndKind::CallerHangup, "Twilio stop"),
             TwilioEventKind::Connected => {}
@@ -101,6 +102,18 @@ impl Call {
         } else {
             self.counters.dropped_in += 1;
             self.deps.metrics.dropped_c2m().inc();
+            return;
+        }
+        // Turn detection off: the relay hears the turn's end itself.
+        let heard = self
+            .turn_commit
+            .as_mut()
+            .map_or(Heard::Nothing, |t| t.heard_base64(&media.payload));
+        match heard {
+            Heard::Nothing => {}
+            // Kept for a resend, as the model's `speech_started` would.
+            Heard::SpeechStarted => self.caller.speech_started(),
+            Heard::Commit => self.commit_turn(now),
         }
     }
 
@@ -114,16 +127,24 @@ impl Call {
         }
     }
 
-    fn on_dtmf(&mut self, parsed: Inbound<'_>) {
+    fn on_dtmf(&mut self, parsed: Inbound<'_>, now: Instant) {
         if self.stream_sid.is_none() {
             return self.bad_twilio("dtmf before start");
         }
         match parsed.dtmf {
-            Some(d) if !d.digit.is_empty() && d.digit.len() <= 8 => {
+            Some(d) if is_dtmf_digit(&d.digit) => {
                 let digit = d.digit.into_owned();
+                if self.agent.dtmf_to_model {
+                    // Realtime has no DTMF input over WebSocket (`input_audio_buffer.
+                    // dtmf_event_received` is SIP only): the key is a user message, and a
+                    // key press is a turn the model answers.
+                    let text = format!("DTMF: {digit}");
+                    self.send_model("conversation.item.create", &realtime::user_text(&text));
+                    self.answer_caller(now);
+                }
                 self.event(pb::call_event::Kind::Dtmf(pb::Dtmf { digit }));
             }
-            _ => self.bad_twilio("dtmf without digit"),
+            _ => self.bad_twilio("dtmf without a keypad digit"),
         }
     }
 
@@ -175,8 +196,27 @@ impl Call {
                 "Greet the caller now by saying: \"{}\"",
                 self.agent.greeting
             );
-            self.send_model(realtime::system_text(&text));
+            self.send_model("conversation.item.create", &realtime::system_text(&text));
             self.request_answer(now);
+        }
+    }
+}
+
+/// A keypad key as Twilio reports it: `0`–`9`, `*`, `#`, `A`–`D` (it also goes into a model
+/// message, so nothing else passes).
+fn is_dtmf_digit(digit: &str) -> bool {
+    matches!(digit.as_bytes(), [b'0'..=b'9' | b'*' | b'#' | b'A'..=b'D'])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keypad_digits_only() {
+        for ok in ["0", "9", "*", "#", "A", "D"] {
+            assert!(super::is_dtmf_digit(ok), "{ok}");
+        }
+        for bad in ["", "10", "E", "a", " ", "5\"", "\u{0}"] {
+            assert!(!super::is_dtmf_digit(bad), "{bad:?}");
         }
     }
 }

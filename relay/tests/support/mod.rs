@@ -113,6 +113,8 @@ pub fn kind_name(e: &pb::CallEvent) -> String {
         Some(Kind::ModelError(_)) => "model_error",
         Some(Kind::CommandApplied(_)) => "command_applied",
         Some(Kind::Ended(_)) => "ended",
+        Some(Kind::ResponseEnded(_)) => "response_ended",
+        Some(Kind::TranscriptionFailed(_)) => "transcription_failed",
         None => "none",
     }
     .to_owned()

@@ -67,6 +67,21 @@ pub struct FakeRealtimeBuilder {
     faulty_connections: Option<u64>,
     refusing: bool,
     hanging: bool,
+    transcription_as_configured: bool,
+    transcription_failure: Option<(String, String)>,
+    response_outcomes: Vec<(usize, ResponseOutcome)>,
+    errors_on_client_events: Vec<(String, String, String)>,
+}
+
+/// How a scripted response ends instead of `completed` ([`FakeRealtimeBuilder::response_outcome`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseOutcome {
+    /// `incomplete`, `cancelled` or `failed`.
+    pub status: String,
+    /// `status_details.reason`.
+    pub reason: Option<String>,
+    /// `status_details.error` (type, code) of a failed response.
+    pub error: Option<(String, String)>,
 }
 
 impl Default for FakeRealtimeBuilder {
@@ -91,6 +106,10 @@ impl Default for FakeRealtimeBuilder {
             say_audio_ms: 500,
             refusing: false,
             hanging: false,
+            transcription_as_configured: false,
+            transcription_failure: None,
+            response_outcomes: Vec::new(),
+            errors_on_client_events: Vec::new(),
         }
     }
 }
@@ -203,6 +222,46 @@ impl FakeRealtimeBuilder {
     /// The answer to a speech segment beyond the script's turns.
     pub fn fallback_reply(mut self, reply: AgentReply) -> Self {
         self.fallback_reply = reply;
+        self
+    }
+
+    /// Transcribe the caller only when the session asks for it (`audio.input.transcription`
+    /// set), as the real server does. By default every segment is transcribed, whatever
+    /// the session says (scripts rely on the text).
+    pub fn transcription_as_configured(mut self) -> Self {
+        self.transcription_as_configured = true;
+        self
+    }
+
+    /// Every caller transcription fails: `conversation.item.input_audio_transcription.failed`
+    /// with `code` and `message` instead of `.completed`.
+    pub fn transcription_fails(
+        mut self,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        self.transcription_failure = Some((code.into(), message.into()));
+        self
+    }
+
+    /// The `n`-th response of each connection (0-based) ends with `outcome` instead of
+    /// `completed` (after its audio, as a response cut short would).
+    pub fn response_outcome(mut self, n: usize, outcome: ResponseOutcome) -> Self {
+        self.response_outcomes.push((n, outcome));
+        self
+    }
+
+    /// The first client event of type `event_type` on each connection is refused: an
+    /// `error` with `code` and `message` naming the event's `event_id`, and the event has no
+    /// other effect.
+    pub fn error_on_client_event(
+        mut self,
+        event_type: impl Into<String>,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        self.errors_on_client_events
+            .push((event_type.into(), code.into(), message.into()));
         self
     }
 
@@ -426,6 +485,10 @@ pub struct ConnRecord {
     pub response_cancels: u32,
     /// Types of client events other than appends, in order.
     pub client_events: Vec<String>,
+    /// The `event_id` of each of those (None when the client sent none).
+    pub client_event_ids: Vec<Option<String>>,
+    /// `input_audio_buffer.commit`s that committed audio (not refused as empty).
+    pub commits: u32,
     /// Client messages that were not JSON objects with a `type`.
     pub malformed: u32,
     /// Codes of `error` events the fake sent.
@@ -814,6 +877,13 @@ struct Session {
     late_bytes: usize,
     session: Value,
     out: VecDeque<Value>,
+    /// Audio appended since the last commit.
+    uncommitted_bytes: u64,
+    /// Turn detection off: the answer to the caller's committed turn, for the next
+    /// `response.create`.
+    committed_turn: Option<AgentReply>,
+    /// Client event types already refused once ([`FakeRealtimeBuilder::error_on_client_event`]).
+    refused_once: Vec<String>,
 }
 
 impl Session {
@@ -837,7 +907,25 @@ impl Session {
             late_bytes: 0,
             session: json!({}),
             out: VecDeque::new(),
+            uncommitted_bytes: 0,
+            committed_turn: None,
+            refused_once: Vec::new(),
         }
+    }
+
+    /// Server VAD runs unless the session turned turn detection off (`null`).
+    fn vad_on(&self) -> bool {
+        self.session
+            .pointer("/audio/input/turn_detection")
+            .is_none_or(|t| !t.is_null())
+    }
+
+    fn transcribes(&self) -> bool {
+        !self.cfg.transcription_as_configured
+            || self
+                .session
+                .pointer("/audio/input/transcription")
+                .is_some_and(|t| !t.is_null())
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -929,17 +1017,25 @@ impl Session {
             .map(str::to_owned);
         let ev_id = client_event_id.as_deref();
         if kind != "input_audio_buffer.append" {
-            lock(&self.record).client_events.push(kind.clone());
+            let mut rec = lock(&self.record);
+            rec.client_events.push(kind.clone());
+            rec.client_event_ids.push(client_event_id.clone());
+        }
+        if let Some((_, code, message)) = self
+            .cfg
+            .errors_on_client_events
+            .iter()
+            .find(|(ty, _, _)| *ty == kind && !self.refused_once.contains(ty))
+            .cloned()
+        {
+            self.refused_once.push(kind.clone());
+            self.emit_error("invalid_request_error", &code, &message, ev_id);
+            return;
         }
         match kind.as_str() {
             "session.update" => self.on_session_update(&event, ev_id),
             "input_audio_buffer.append" => self.on_append(&event, ev_id),
-            "input_audio_buffer.commit" => {
-                let item_id = self.id("item");
-                let previous = self.last_item.replace(item_id.clone());
-                self.emit(json!({"type": "input_audio_buffer.committed",
-                    "item_id": item_id, "previous_item_id": previous}));
-            }
+            "input_audio_buffer.commit" => self.on_commit(ev_id),
             "input_audio_buffer.clear" => self.emit(json!({"type": "input_audio_buffer.cleared"})),
             "conversation.item.create" => self.on_item_create(&event, ev_id),
             "conversation.item.truncate" => self.on_truncate(&event, ev_id),
@@ -1038,6 +1134,7 @@ impl Session {
         }
         let before = self.appended_bytes;
         self.appended_bytes += bytes.len() as u64;
+        self.uncommitted_bytes += bytes.len() as u64;
         if self.cfg.echo {
             if self.cfg.echo_speaking && before == 0 {
                 self.emit(json!({"type": "input_audio_buffer.speech_started",
@@ -1047,6 +1144,10 @@ impl Session {
                 json!({"type": "response.output_audio.delta", "response_id": "resp_echo",
                 "item_id": "item_echo", "output_index": 0, "content_index": 0, "delta": audio}),
             );
+            return;
+        }
+        if !self.vad_on() {
+            // Turn detection off: the client commits the turns.
             return;
         }
         let speech = audio::is_speech(&bytes);
@@ -1085,6 +1186,37 @@ impl Session {
         let item_id = seg.item_id;
         self.emit(json!({"type": "input_audio_buffer.speech_stopped",
             "audio_end_ms": end_ms, "item_id": item_id}));
+        let reply = self.commit_user_turn(item_id);
+        if self.active.is_some() {
+            // The real server refuses a second concurrent response too.
+            return;
+        }
+        self.start_response(reply);
+    }
+
+    /// `input_audio_buffer.commit` (turn detection off): the buffer becomes the caller's
+    /// turn, answered at the next `response.create`.
+    fn on_commit(&mut self, ev_id: Option<&str>) {
+        // The real server refuses less than 100 ms.
+        if self.uncommitted_bytes < 100 * audio::BYTES_PER_MS as u64 {
+            self.emit_error(
+                "invalid_request_error",
+                "input_audio_buffer_commit_empty",
+                "Error committing input audio buffer: buffer too small.",
+                ev_id,
+            );
+            return;
+        }
+        lock(&self.record).commits += 1;
+        let item_id = self.id("item");
+        let reply = self.commit_user_turn(item_id);
+        self.committed_turn = Some(reply);
+    }
+
+    /// The buffer becomes a user item: committed, added, transcribed as the script's next
+    /// caller line (when the session transcribes); its scripted answer is returned.
+    fn commit_user_turn(&mut self, item_id: String) -> AgentReply {
+        self.uncommitted_bytes = 0;
         let previous = self.last_item.replace(item_id.clone());
         self.emit(json!({"type": "input_audio_buffer.committed",
             "item_id": item_id, "previous_item_id": previous}));
@@ -1104,6 +1236,18 @@ impl Session {
             Some(t) => (t.caller.text, t.agent),
             None => ("(inaudible)".to_owned(), self.cfg.fallback_reply.clone()),
         };
+        if !self.transcribes() {
+            return reply;
+        }
+        if let Some((code, message)) = self.cfg.transcription_failure.clone() {
+            self.emit(
+                json!({"type": "conversation.item.input_audio_transcription.failed",
+                "item_id": item_id, "content_index": 0,
+                "error": {"type": "transcription_error", "code": code, "message": message,
+                          "param": null}}),
+            );
+            return reply;
+        }
         lock(&self.record).caller_transcripts.push(text.clone());
         let words = text.split_whitespace().count() as u64;
         self.emit(
@@ -1113,11 +1257,7 @@ impl Session {
                       "total_tokens": 10 + 2 * words,
                       "input_token_details": {"text_tokens": 0, "audio_tokens": 10 + words}}}),
         );
-        if self.active.is_some() {
-            // The real server refuses a second concurrent response too.
-            return;
-        }
-        self.start_response(reply);
+        reply
     }
 
     fn on_item_create(&mut self, event: &Value, ev_id: Option<&str>) {
@@ -1282,6 +1422,10 @@ impl Session {
             .map(str::to_owned);
         let reply = if let Some(p) = self.pending_tool.take_if(|p| p.output_received) {
             p.after.unwrap_or_default()
+        } else if let Some(turn) = self.committed_turn.take() {
+            // The caller's committed turn comes before a text item sent since.
+            self.last_user_text = None;
+            turn
         } else if !self.greeted
             && self.next_turn == 0
             && let Some(greeting) = self.script.greeting.clone()
@@ -1482,7 +1626,21 @@ impl Session {
                 output_received: false,
             });
         }
-        self.emit_done(&a, output, "completed", None, function_call);
+        let nth = lock(&self.record).responses.len();
+        match self.cfg.response_outcomes.iter().find(|(n, _)| *n == nth) {
+            Some((_, outcome)) => {
+                let mut details = json!({"type": outcome.status});
+                if let Some(reason) = &outcome.reason {
+                    details["reason"] = json!(reason);
+                }
+                if let Some((kind, code)) = &outcome.error {
+                    details["error"] = json!({"type": kind, "code": code});
+                }
+                let status = outcome.status.clone();
+                self.emit_done(&a, output, &status, Some(details), function_call);
+            }
+            None => self.emit_done(&a, output, "completed", None, function_call),
+        }
     }
 
     /// Cuts the active response: `late` more deltas, then the cancelled tail.
@@ -1887,6 +2045,85 @@ mod tests {
         assert_eq!(rec.appended_audio_bytes, (400 + 200 + 20 + 280 + 200) * 8);
         assert!(!rec.beta_header);
         assert!(rec.uri.contains("model=gpt-realtime"));
+    }
+
+    #[tokio::test]
+    async fn turn_detection_off_waits_for_commits_and_scripted_outcomes_apply() {
+        let fake = FakeRealtime::builder()
+            .script(script())
+            .speed(4.0)
+            .transcription_as_configured()
+            .response_outcome(
+                0,
+                ResponseOutcome {
+                    status: "incomplete".into(),
+                    reason: Some("max_output_tokens".into()),
+                    error: None,
+                },
+            )
+            .error_on_client_event("conversation.item.delete", "test_refused", "no")
+            .start()
+            .await
+            .expect("start");
+        let mut ws = connect(&fake, Some("k")).await.expect("connect");
+        until(&mut ws, "session.created").await;
+        send(
+            &mut ws,
+            json!({"type": "session.update", "session": {"type": "realtime",
+            "audio": {"input": {"turn_detection": null}}}}),
+        )
+        .await;
+        until(&mut ws, "session.updated").await;
+        // 50 ms: too little to commit.
+        append(&mut ws, &audio::tone(300.0, 50, 0)).await;
+        send(
+            &mut ws,
+            json!({"type": "input_audio_buffer.commit", "event_id": "c1"}),
+        )
+        .await;
+        let refused = until(&mut ws, "error").await;
+        let e = &refused.last().expect("error")["error"];
+        assert_eq!(e["code"], "input_audio_buffer_commit_empty");
+        assert_eq!(e["event_id"], "c1");
+        // No VAD: speech then silence is not a turn by itself.
+        append(&mut ws, &audio::tone(300.0, 400, 0)).await;
+        append(&mut ws, &audio::silence(400)).await;
+        send(&mut ws, json!({"type": "input_audio_buffer.commit"})).await;
+        let committed = until(&mut ws, "conversation.item.done").await;
+        assert_eq!(
+            types(&committed),
+            [
+                "input_audio_buffer.committed",
+                "conversation.item.added",
+                "conversation.item.done"
+            ],
+            "no VAD events, no transcription (the session did not ask for one)"
+        );
+        send(&mut ws, json!({"type": "response.create"})).await;
+        let answer = until(&mut ws, "response.done").await;
+        let done = &answer.last().expect("done")["response"];
+        assert_eq!(done["status"], "incomplete");
+        assert_eq!(done["status_details"]["reason"], "max_output_tokens");
+        let said = answer
+            .iter()
+            .find(|e| e["type"] == "response.output_audio_transcript.done")
+            .expect("spoken");
+        assert_eq!(
+            said["transcript"], "It is noon now",
+            "the first turn's answer"
+        );
+        send(
+            &mut ws,
+            json!({"type": "conversation.item.delete", "item_id": "x", "event_id": "d1"}),
+        )
+        .await;
+        let refused = until(&mut ws, "error").await;
+        assert_eq!(refused.last().expect("error")["error"]["event_id"], "d1");
+        let rec = fake.connection(0).expect("conn");
+        assert_eq!(rec.commits, 1);
+        assert_eq!(rec.speech_segments, 0);
+        assert!(rec.caller_transcripts.is_empty());
+        assert_eq!(rec.client_event_ids[1].as_deref(), Some("c1"));
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ pub mod fake_twilio_rest;
 pub mod http;
 pub mod pki;
 pub mod procs;
+pub mod realtime_schema;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod signature;
