@@ -61,6 +61,7 @@ conformance!(
     leases,
     a_fresh_credential_takes_a_held_lease_over,
     replayed_webhooks_and_action_requests_are_superseded,
+    a_committed_attach_retried_with_its_attempt_is_a_reconnect,
     event_append_with_sequence_gaps_and_duplicates,
     hand_off_and_resume,
     end_and_retention,
@@ -499,6 +500,7 @@ async fn stream_credentials_and_call_sids<S: CallStore>(s: &S) {
     let cred = |id: &str, sid: &str| AttachChecks {
         credential: Some((stream(id), T0 + 60_000)),
         origin: StreamOrigin::Unspecified,
+        attempt: None,
         twilio_call_sid: (!sid.is_empty()).then(|| self::sid(sid).as_str().to_owned()),
     };
     let before = get(s, "c1").await;
@@ -722,6 +724,7 @@ async fn a_fresh_credential_takes_a_held_lease_over<S: CallStore>(s: &S) {
     let cred = |id: &str| AttachChecks {
         credential: Some((stream(id), T0 + 60_000)),
         origin: StreamOrigin::Unspecified,
+        attempt: None,
         twilio_call_sid: None,
     };
     let attach_with = |relay: &'static str,
@@ -1283,6 +1286,7 @@ async fn replayed_webhooks_and_action_requests_are_superseded<S: CallStore>(s: &
     let checks = |id: &str, origin: StreamOrigin| AttachChecks {
         credential: Some((stream(id), T0 + 60_000)),
         origin,
+        attempt: None,
         twilio_call_sid: None,
     };
     let first = |id: &str| checks(id, StreamOrigin::First);
@@ -1354,4 +1358,101 @@ async fn replayed_webhooks_and_action_requests_are_superseded<S: CallStore>(s: &
         AttachOutcome::Attached
     );
     assert_eq!(get(s, "c1").await.lease_stream, Some(stream("c1")));
+}
+
+/// An attach that committed but whose answer was lost (the control replica died between
+/// the store's write and its reply): the relay's retry with the same credential and the
+/// same attempt id is let through as its stream's reconnect — while the lease the lost
+/// attach took still runs, and after — and changes nothing but the holder. The same
+/// credential with another attempt id (a replay, even on the same relay), or with none,
+/// is still `CredentialUsed`, as is a retry once another stream has taken the call.
+async fn a_committed_attach_retried_with_its_attempt_is_a_reconnect<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let checks = |id: &str, origin: StreamOrigin, attempt: Option<&str>| AttachChecks {
+        credential: Some((stream(id), T0 + 60_000)),
+        origin,
+        attempt: attempt.map(stream),
+        twilio_call_sid: None,
+    };
+    let at = |relay: &'static str, holder: &'static str, now: i64, c: AttachChecks| async move {
+        attach_checked(s, "c1", relay, false, holder, now, &c).await
+    };
+    // The lost attach: committed by a replica that died before answering.
+    assert_eq!(
+        at(
+            "r1",
+            "dead/1",
+            T0,
+            checks("a1", StreamOrigin::First, Some("e1"))
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    let committed = get(s, "c1").await;
+    // Replays of the credential: another attempt, no attempt, another relay.
+    for (relay, attempt) in [("r1", Some("e2")), ("r1", None), ("r2", Some("e1"))] {
+        let outcome = at(
+            relay,
+            "x/2",
+            T0 + 10,
+            checks("a1", StreamOrigin::First, attempt),
+        )
+        .await;
+        let expected = if relay == "r1" {
+            AttachOutcome::CredentialUsed
+        } else {
+            // Its own attempt id on another relay: the lease is the first relay's.
+            AttachOutcome::Held
+        };
+        assert_eq!(outcome, expected, "{relay} {attempt:?}");
+        assert_eq!(get(s, "c1").await, committed, "a refusal changes nothing");
+    }
+    // The relay's retry, through another replica, while the lost attach's lease runs.
+    assert_eq!(
+        at(
+            "r1",
+            "live/3",
+            T0 + 20,
+            checks("a1", StreamOrigin::First, Some("e1"))
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    let retried = get(s, "c1").await;
+    assert_eq!(text(&retried.lease_holder), "live/3");
+    assert_eq!(retried.lease_stream, Some(stream("a1")));
+    assert_eq!(retried.lease_until_ms, T0 + 20 + LEASE);
+    // A later stream takes the call (a hand-off): the old stream's retry is refused.
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("live/3"), T0 + 30, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert_eq!(
+        at(
+            "r2",
+            "next/4",
+            T0 + 40,
+            checks(
+                "b1",
+                StreamOrigin::Resume {
+                    takes_over: Some(stream("a1"))
+                },
+                Some("e3")
+            )
+        )
+        .await,
+        AttachOutcome::Attached
+    );
+    assert_eq!(
+        at(
+            "r1",
+            "late/5",
+            T0 + 50,
+            checks("a1", StreamOrigin::First, Some("e1"))
+        )
+        .await,
+        AttachOutcome::CredentialUsed
+    );
 }

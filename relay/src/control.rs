@@ -16,6 +16,7 @@ use tonic::{Code, Status, Streaming};
 use crate::call_id::CallId;
 use crate::config::Config;
 use crate::stream_credential::{Segment, Verified};
+use rand::RngCore;
 
 /// Slots of the outbound half of an attach stream.
 const ATTACH_OUT_SLOTS: usize = 64;
@@ -96,6 +97,9 @@ pub struct AttachProof {
     pub origin: pb::StreamOrigin,
     /// The stream a resumed one follows ("" otherwise).
     pub takes_over: String,
+    /// Drawn once per stream and sent with every retry of its attach, so control can tell
+    /// this stream's retry of an attach that committed from a replay of its credential.
+    pub attempt: String,
     /// Its expiry (ms since the Unix epoch).
     pub credential_expires_at_ms: i64,
     /// `start.callSid`, when Twilio sent one.
@@ -122,10 +126,13 @@ impl AttachProof {
             // Standalone streams attach nowhere; named for completeness.
             Segment::Standalone => pb::StreamOrigin::Unspecified,
         };
+        let mut attempt = [0u8; 16];
+        rand::rng().fill_bytes(&mut attempt);
         Self {
             credential_id: cred.id,
             origin,
             takes_over: cred.takes_over.unwrap_or_default(),
+            attempt: attempt.iter().map(|b| format!("{b:02x}")).collect(),
             credential_expires_at_ms: cred.expires_at_ms,
             twilio_call_sid,
         }
@@ -240,6 +247,7 @@ impl Control {
                 credential_id: String::new(),
                 origin: pb::StreamOrigin::Unspecified,
                 takes_over: String::new(),
+                attempt: String::new(),
                 credential_expires_at_ms: 0,
                 twilio_call_sid: None,
             });
@@ -253,6 +261,7 @@ impl Control {
                     twilio_call_sid: proof.twilio_call_sid.unwrap_or_default(),
                     stream_origin: proof.origin as i32,
                     takes_over_stream_id: proof.takes_over,
+                    attach_attempt_id: proof.attempt,
                 })),
             };
             tx.send(Box::new(open))

@@ -630,10 +630,18 @@ async fn an_attach_that_cannot_reach_control_is_retried_keeping_the_callers_audi
     {
         let st = w.control.state.lock().unwrap();
         assert_eq!(st.opens.len(), 3, "{:?}", st.opens);
-        // Each attempt carried the same proof: control consumes it once, on the success.
+        // Each attempt carried the same proof: control consumes it once, on the success;
+        // and the same attempt id, so a retry of an attach that committed unanswered is
+        // recognised as this stream's (`docs/contract-notes.md`).
         assert!(st.opens.iter().all(|o| o.stream_credential_id
             == st.opens[0].stream_credential_id
             && !o.stream_credential_id.is_empty()));
+        assert!(
+            st.opens
+                .iter()
+                .all(|o| o.attach_attempt_id == st.opens[0].attach_attempt_id
+                    && o.attach_attempt_id.len() == 32)
+        );
         assert_eq!(st.attaches, 1);
     }
     drop(tw);

@@ -420,6 +420,22 @@ pub fn lease_claim(
     }
 }
 
+/// Whether an attach whose credential is already consumed is its own stream's retry: the
+/// attach that consumed it committed (the credential names the call's lease stream) but
+/// its answer was lost, and the relay tries again with the same attempt id. Only the
+/// relay that admitted the stream knows that id, so a replay of the credential — on any
+/// relay, this one included — draws another and stays `credential_used`.
+pub fn retries_committed_attach(
+    call: &CallRecord,
+    credential: &StreamCredentialId,
+    recorded_attempt: &str,
+    attempt: Option<&StreamCredentialId>,
+) -> bool {
+    !recorded_attempt.is_empty()
+        && attempt.is_some_and(|a| a.as_str() == recorded_attempt)
+        && call.lease_stream.as_ref() == Some(credential)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

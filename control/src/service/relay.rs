@@ -98,9 +98,14 @@ fn attach_checks(open: &pb::AttachOpen) -> Result<AttachChecks, Error> {
             "at most 64 letters and digits",
         ));
     }
+    let attempt = StreamCredentialId::parse_optional(
+        "open.attach_attempt_id",
+        open.attach_attempt_id.as_str(),
+    )?;
     Ok(AttachChecks {
         credential,
         origin,
+        attempt,
         twilio_call_sid: (!sid.is_empty()).then(|| sid.to_owned()),
     })
 }

@@ -13,7 +13,9 @@ use super::{
     AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
     CallStore, IndexCursor, StoreResult, TwilioUpdate,
 };
-use crate::domain::call::{LeaseClaim, is_final, lease_claim, status_rank};
+use crate::domain::call::{
+    LeaseClaim, StreamOrigin, is_final, lease_claim, retries_committed_attach, status_rank,
+};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use crate::domain::record::{CallRecord, EventEffects};
 use crate::domain::twilio;
@@ -31,8 +33,9 @@ struct State {
     index: BTreeSet<(i64, CallId)>,
     campaigns: HashMap<CampaignId, BTreeSet<(i64, CallId)>>,
     leases: HashMap<CallId, i64>,
-    /// Consumed stream credentials: (call, credential id) → until when the record is kept.
-    credentials: HashMap<(CallId, String), i64>,
+    /// Consumed stream credentials: (call, credential id) → until when the record is kept,
+    /// and the attempt id that consumed it ("" none).
+    credentials: HashMap<(CallId, String), (i64, String)>,
 }
 
 /// The in-memory store.
@@ -305,20 +308,27 @@ impl CallStore for MemoryStore {
         checks: &AttachChecks,
     ) -> StoreResult<AttachOutcome> {
         let mut s = self.lock();
-        s.credentials.retain(|_, &mut until| until >= now_ms);
+        s.credentials.retain(|_, (until, _)| *until >= now_ms);
         let credential_key = checks
             .credential
             .as_ref()
             .map(|(id, expires)| ((call_id.clone(), id.as_str().to_owned()), *expires));
-        let credential_used = credential_key
+        let recorded_attempt = credential_key
             .as_ref()
-            .is_some_and(|(key, _)| s.credentials.contains_key(key));
+            .and_then(|(key, _)| s.credentials.get(key))
+            .map(|(_, attempt)| attempt.clone());
         let Some(call) = s.calls.get_mut(call_id) else {
             return Ok(AttachOutcome::NotFound);
         };
-        if credential_used {
-            return Ok(AttachOutcome::CredentialUsed);
-        }
+        let retry = match (&recorded_attempt, &checks.credential) {
+            (None, _) | (_, None) => false,
+            (Some(recorded), Some((id, _))) => {
+                if !retries_committed_attach(call, id, recorded, checks.attempt.as_ref()) {
+                    return Ok(AttachOutcome::CredentialUsed);
+                }
+                true
+            }
+        };
         if is_final(call.status) {
             return Ok(AttachOutcome::Ended);
         }
@@ -327,14 +337,26 @@ impl CallStore for MemoryStore {
         {
             return Ok(AttachOutcome::CallSidMismatch);
         }
-        let claim = lease_claim(
-            call,
-            relay_id,
-            reconnect,
-            credential_key.is_some(),
-            &checks.origin,
-            now_ms,
-        );
+        let claim = if retry {
+            // The same stream attaching again: a reconnect of its relay.
+            lease_claim(
+                call,
+                relay_id,
+                true,
+                false,
+                &StreamOrigin::Unspecified,
+                now_ms,
+            )
+        } else {
+            lease_claim(
+                call,
+                relay_id,
+                reconnect,
+                credential_key.is_some(),
+                &checks.origin,
+                now_ms,
+            )
+        };
         match claim {
             LeaseClaim::Held => return Ok(AttachOutcome::Held),
             LeaseClaim::Superseded => return Ok(AttachOutcome::Superseded),
@@ -349,9 +371,15 @@ impl CallStore for MemoryStore {
         call.lease_until_ms = now_ms + lease_ms;
         let until = call.lease_until_ms;
         s.leases.insert(call_id.clone(), until);
-        if let Some((key, expires)) = credential_key {
-            s.credentials
-                .insert(key, expires.saturating_add(CREDENTIAL_RECORD_GRACE_MS));
+        if let Some((key, expires)) = credential_key.filter(|_| !retry) {
+            let attempt = checks
+                .attempt
+                .as_ref()
+                .map_or_else(String::new, |a| a.as_str().to_owned());
+            s.credentials.insert(
+                key,
+                (expires.saturating_add(CREDENTIAL_RECORD_GRACE_MS), attempt),
+            );
         }
         Ok(if claim == LeaseClaim::TakeOver {
             AttachOutcome::TookOver

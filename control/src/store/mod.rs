@@ -94,6 +94,10 @@ pub struct AttachChecks {
     pub credential: Option<(StreamCredentialId, i64)>,
     /// Where the credential came from, checked against the call's lease stream.
     pub origin: StreamOrigin,
+    /// The relay's attempt id for this stream (recorded with the consumed credential): a
+    /// retry of an attach that committed, from the same relay with the same attempt, is
+    /// let through as that stream's reconnect instead of [`AttachOutcome::CredentialUsed`].
+    pub attempt: Option<StreamCredentialId>,
     /// `start.callSid`, compared with the CallSid recorded at admission (when one was).
     pub twilio_call_sid: Option<String>,
 }

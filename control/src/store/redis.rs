@@ -343,13 +343,27 @@ return {code, last, table.concat(handled)}
 /// KEYS: call hash, credential record key (same hash tag; '' slot unused when ARGV[7] is '').
 /// ARGV: relay id, reconnect (0/1), holder, now ms, lease ms, start CallSid ('' unchecked),
 /// credential id ('' none), credential record ttl ms, stream origin (the
-/// `pb::StreamOrigin` number), the stream a resumed one takes over ('' none).
+/// `pb::StreamOrigin` number), the stream a resumed one takes over ('' none), the attach
+/// attempt id ('' none; the credential record's value).
 /// Returns 1 attached, 2 attached by taking the lease over from a live holder, -1 not
 /// found, -2 ended, -3 held by another stream, -4 CallSid differs from the admitted one,
 /// -5 credential used, -6 superseded. Every check runs before any write.
 const ATTACH_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if ARGV[7] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -5 end
+-- domain::call::retries_committed_attach: a used credential is refused unless this is
+-- the same stream's retry (same attempt id, and the credential names the lease stream).
+local retry = false
+if ARGV[7] ~= '' then
+  local rec = redis.call('GET', KEYS[2])
+  if rec then
+    if ARGV[11] ~= '' and rec == ARGV[11]
+      and (redis.call('HGET', KEYS[1], 'lease_stream') or '') == ARGV[7] then
+      retry = true
+    else
+      return -5
+    end
+  end
+end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'status') or '0')
 if rank(cur) >= FINAL then return -2 end
 local recorded = redis.call('HGET', KEYS[1], 'sid') or ''
@@ -358,10 +372,12 @@ local holder = redis.call('HGET', KEYS[1], 'lease_holder') or ''
 local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 local now = tonumber(ARGV[4])
 -- domain::call::lease_claim: a replayed first or resumed stream is superseded; else free,
--- a reconnect of the holder's relay, or a take-over by a first attach that consumes a
--- fresh credential minted to follow the lease stream.
+-- a reconnect of the holder's relay (a retry counts as one), or a take-over by a first
+-- attach that consumes a fresh credential minted to follow the lease stream.
+local reconnect = ARGV[2] == '1' or retry
+local fresh = ARGV[7] ~= '' and not retry
 local origin = tonumber(ARGV[9])
-if ARGV[2] ~= '1' then
+if not reconnect then
   if origin == STREAM_ORIGIN_FIRST and lease_until > 0 then return -6 end
   if origin == STREAM_ORIGIN_RESUME and (redis.call('HGET', KEYS[1], 'lease_stream') or '') ~= ARGV[10] then
     return -6
@@ -370,23 +386,22 @@ end
 local claim = 1
 if holder ~= '' and lease_until > now then
   local same_relay = (redis.call('HGET', KEYS[1], 'lease_relay') or '') == ARGV[1]
-  if ARGV[2] == '1' and same_relay then
+  if reconnect and same_relay then
     claim = 1
-  elseif ARGV[2] ~= '1' and ARGV[7] ~= '' and origin ~= STREAM_ORIGIN_FIRST then
+  elseif not reconnect and fresh and origin ~= STREAM_ORIGIN_FIRST then
     claim = 2
   else
     return -3
   end
 end
-if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[2], '1', 'PX', math.max(tonumber(ARGV[8]), 1))
+if fresh then
+  redis.call('SET', KEYS[2], ARGV[11], 'PX', math.max(tonumber(ARGV[8]), 1))
   redis.call('HSET', KEYS[1], 'lease_stream', ARGV[7])
 end
 redis.call('HSET', KEYS[1], 'lease_holder', ARGV[3], 'lease_relay', ARGV[1], 'relay', ARGV[1],
   'lease_until', now + tonumber(ARGV[5]))
 return claim
 ";
-
 /// The `pb::StreamOrigin` number the attach script compares.
 fn origin_number(origin: &StreamOrigin) -> i32 {
     match origin {
@@ -1318,7 +1333,13 @@ impl CallStore for RedisStore {
                             takes_over: Some(id),
                         } => id.as_str(),
                         _ => "",
-                    }),
+                    })
+                    .arg(
+                        checks
+                            .attempt
+                            .as_ref()
+                            .map_or("", StreamCredentialId::as_str),
+                    ),
                 call_id,
                 now_ms + lease_ms,
             )
