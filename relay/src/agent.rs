@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 
-use crate::config::{Config, DEFAULT_MODEL, DEFAULT_VOICE};
+use crate::config::{Config, DEFAULT_MODEL, DEFAULT_VOICE, TurnDetectionMode};
 
 /// Default hard limit of a call.
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
@@ -78,6 +78,9 @@ impl AgentView {
             instructions: config.agent_instructions.clone(),
             temperature: config.agent_temperature,
             greeting: config.agent_greeting.clone().unwrap_or_default(),
+            transcription_model: config.agent_transcription_model.clone().unwrap_or_default(),
+            turn_detection: standalone_turn_detection(config),
+            dtmf_to_model: config.agent_dtmf_to_model,
             max_duration: DEFAULT_MAX_DURATION,
             ..Self::default()
         }
@@ -121,6 +124,21 @@ impl AgentView {
         }
         url
     }
+}
+
+/// `None` (server VAD defaults) unless the relay's configuration asks for another mode.
+fn standalone_turn_detection(config: &Config) -> Option<pb::TurnDetection> {
+    use pb::turn_detection::Type;
+    let r#type = match config.agent_turn_detection {
+        TurnDetectionMode::ServerVad => return None,
+        TurnDetectionMode::SemanticVad => Type::SemanticVad,
+        TurnDetectionMode::None => Type::None,
+    };
+    Some(pb::TurnDetection {
+        r#type: r#type as i32,
+        silence_commit_ms: config.agent_silence_commit_ms,
+        ..pb::TurnDetection::default()
+    })
 }
 
 fn non_empty(s: String, default: &str) -> String {

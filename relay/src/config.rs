@@ -36,6 +36,10 @@
 //! | `AGENT_MODEL` | standalone agent: model | `gpt-realtime` |
 //! | `AGENT_TEMPERATURE` | standalone agent: temperature (URL parameter) | unset |
 //! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
+//! | `AGENT_TRANSCRIPTION_MODEL` | standalone agent: input transcription model | unset: off |
+//! | `AGENT_TURN_DETECTION` | standalone agent: `server_vad`, `semantic_vad` or `none` (the relay commits the caller's turns) | `server_vad` |
+//! | `AGENT_SILENCE_COMMIT_MS` | standalone agent, `none` only: commit the caller's turn after this much silence (200..=10000) | unset |
+//! | `AGENT_DTMF_TO_MODEL` | standalone agent: keys pressed also reach the model (`DTMF: 5`) | `false` |
 //! | `RELAY_METRICS_ADDR` | Prometheus `/metrics` listen address (the public port does not serve it); empty disables | `0.0.0.0:9091` |
 //! | `RELAY_METRICS_TLS_CERT_FILE`, `RELAY_METRICS_TLS_KEY_FILE` | PEM certificate chain and key: `/metrics` over TLS (reloaded when the files change) | unset: plaintext |
 //! | `RELAY_HEADER_TIMEOUT_MS` | a client must send a whole request head this soon after connecting or after its previous answer (slow or idle clients are closed), on both listeners | `5000` |
@@ -71,6 +75,18 @@ const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise phone assistant.
 
 /// The secret type shared with control (`Debug`/`Display` print `[redacted]`).
 pub use callbridge_telemetry::Secret;
+
+/// The standalone agent's turn detection (`AgentSettings.turn_detection.type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum TurnDetectionMode {
+    /// The model's voice activity detection.
+    ServerVad,
+    /// The model's semantic turn detection.
+    SemanticVad,
+    /// None: the relay commits the caller's turns (`call::turn_commit`).
+    None,
+}
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -201,6 +217,23 @@ pub struct Config {
     /// Standalone agent: greeting spoken first.
     #[arg(long, env = "AGENT_GREETING")]
     pub agent_greeting: Option<String>,
+    /// Standalone agent: input transcription model (unset: off).
+    #[arg(long, env = "AGENT_TRANSCRIPTION_MODEL")]
+    pub agent_transcription_model: Option<String>,
+    /// Standalone agent: who ends the caller's turns.
+    #[arg(
+        long,
+        env = "AGENT_TURN_DETECTION",
+        value_enum,
+        default_value = "server_vad"
+    )]
+    pub agent_turn_detection: TurnDetectionMode,
+    /// Standalone agent with `none`: commit the caller's turn after this much silence.
+    #[arg(long, env = "AGENT_SILENCE_COMMIT_MS")]
+    pub agent_silence_commit_ms: Option<u32>,
+    /// Standalone agent: keys the caller presses also reach the model.
+    #[arg(long, env = "AGENT_DTMF_TO_MODEL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub agent_dtmf_to_model: bool,
 
     // Listeners and limits (issue 12 item 4): `listen` and `capacity` use them.
     /// Prometheus /metrics listen address, apart from the public port; empty disables it.
@@ -301,6 +334,10 @@ impl Config {
             agent_model: DEFAULT_MODEL.to_owned(),
             agent_temperature: None,
             agent_greeting: None,
+            agent_transcription_model: None,
+            agent_turn_detection: TurnDetectionMode::ServerVad,
+            agent_silence_commit_ms: None,
+            agent_dtmf_to_model: false,
             metrics_addr: String::new(),
             metrics_listen: None,
             metrics_tls_cert_file: None,
@@ -415,6 +452,20 @@ impl Config {
         }
         if self.agent_instructions.trim().is_empty() {
             return Err(invalid("AGENT_INSTRUCTIONS", "must not be empty"));
+        }
+        if let Some(ms) = self.agent_silence_commit_ms {
+            if self.agent_turn_detection != TurnDetectionMode::None {
+                return Err(invalid(
+                    "AGENT_SILENCE_COMMIT_MS",
+                    "only with AGENT_TURN_DETECTION=none",
+                ));
+            }
+            if !(200..=10_000).contains(&ms) {
+                return Err(invalid(
+                    "AGENT_SILENCE_COMMIT_MS",
+                    "must be within 200..=10000",
+                ));
+            }
         }
         if self
             .relay_id
@@ -876,12 +927,49 @@ mod tests {
     }
 
     #[test]
+    fn the_standalone_agent_takes_the_model_side_settings() {
+        let mut args = BASE.to_vec();
+        args.extend([
+            "--agent-turn-detection",
+            "none",
+            "--agent-silence-commit-ms",
+            "500",
+            "--agent-dtmf-to-model",
+            "true",
+            "--agent-transcription-model",
+            "gpt-4o-mini-transcribe",
+        ]);
+        let agent = crate::agent::AgentView::standalone(&parse(&args).unwrap());
+        assert!(agent.turn_detection_off());
+        assert_eq!(agent.silence_commit_ms(), Some(500));
+        assert!(agent.dtmf_to_model);
+        assert!(agent.transcribes());
+        let defaults = crate::agent::AgentView::standalone(&parse(&BASE).unwrap());
+        assert!(!defaults.turn_detection_off() && !defaults.dtmf_to_model);
+        assert!(!defaults.transcribes());
+        let mut short = BASE.to_vec();
+        short.extend([
+            "--agent-turn-detection",
+            "none",
+            "--agent-silence-commit-ms",
+            "50",
+        ]);
+        let err = parse(&short).unwrap_err().to_string();
+        assert!(err.contains("AGENT_SILENCE_COMMIT_MS"), "{err}");
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (flag, value, field) in [
             ("--public-url", "ftp://x", "RELAY_PUBLIC_URL"),
             ("--openai-realtime-url", "https://x", "OPENAI_REALTIME_URL"),
             ("--control-url", "grpc://x", "CONTROL_URL"),
             ("--agent-temperature", "2.0", "AGENT_TEMPERATURE"),
+            (
+                "--agent-silence-commit-ms",
+                "500",
+                "AGENT_SILENCE_COMMIT_MS",
+            ),
             ("--start-timeout-ms", "0", "RELAY_START_TIMEOUT_MS"),
             ("--metrics-addr", "nowhere", "RELAY_METRICS_ADDR"),
             ("--metrics-addr", "127.0.0.1:8080", "RELAY_METRICS_ADDR"),

@@ -91,6 +91,27 @@ fn relay_refuses_settings_that_would_fail_open() {
 }
 
 #[test]
+fn relay_refuses_a_silence_commit_it_cannot_honour() {
+    let base = [
+        ("RELAY_PUBLIC_URL", "https://relay.example.com"),
+        ("OPENAI_API_KEY", "sk-x"),
+        ("TWILIO_AUTH_TOKEN", "twilio-token"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+    ];
+    // The model's own turn detection commits: a relay silence commit would fight it.
+    let mut env = base.to_vec();
+    env.push(("AGENT_SILENCE_COMMIT_MS", "500"));
+    assert_refused("callbridge-relay", &env, "AGENT_SILENCE_COMMIT_MS", None);
+    // Too short to be the end of a turn.
+    let mut env = base.to_vec();
+    env.extend([
+        ("AGENT_TURN_DETECTION", "none"),
+        ("AGENT_SILENCE_COMMIT_MS", "50"),
+    ]);
+    assert_refused("callbridge-relay", &env, "AGENT_SILENCE_COMMIT_MS", None);
+}
+
+#[test]
 fn control_refuses_short_tokens_outside_the_insecure_mode() {
     let base = [
         ("CONTROL_METRICS_LISTEN", ""),
