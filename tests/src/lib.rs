@@ -81,6 +81,7 @@ pub struct WorldBuilder {
     control_env: Vec<(String, String)>,
     relay_env: Vec<(String, String)>,
     redis_tcp: bool,
+    redis_aof: Option<String>,
     tls: bool,
     redis_cluster: usize,
 }
@@ -184,6 +185,7 @@ impl World {
             control_env: Vec::new(),
             relay_env: Vec::new(),
             redis_tcp: false,
+            redis_aof: None,
             tls: false,
             redis_cluster: 0,
         }
@@ -346,6 +348,29 @@ impl World {
         events
     }
 
+    /// Relay `i`'s `/metrics` page.
+    pub async fn relay_metrics_text(&self, i: usize) -> String {
+        let addr = self.relay_metrics[i];
+        callbridge_testkit::http::request(
+            addr,
+            "GET",
+            &addr.to_string(),
+            "/metrics",
+            &[],
+            None,
+            RPC,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics on relay {i}: {e}"))
+        .body
+    }
+
+    /// One sample of relay `i`'s metrics (`series` exactly as exposed, labels included).
+    pub async fn relay_metric(&self, i: usize, series: &str) -> f64 {
+        let text = self.relay_metrics_text(i).await;
+        sample(&text, series).unwrap_or_else(|| panic!("{series} in relay {i}'s metrics"))
+    }
+
     /// Restarts control (same address, same Redis) and waits until it serves.
     pub async fn restart_control(&mut self) {
         self.control.restart().expect("control restarts");
@@ -389,6 +414,13 @@ impl WorldBuilder {
         self
     }
 
+    /// Redis on a loopback TCP port with the append-only file on and `appendfsync` set to
+    /// `fsync`, as deployed (restart it in place with `World::redis`).
+    pub fn redis_aof(mut self, fsync: &str) -> Self {
+        self.redis_aof = Some(fsync.to_owned());
+        self
+    }
+
     /// TLS on every hop: Redis on `rediss://` with client certificates, control's gRPC
     /// over TLS asking for client certificates, the relays and the test's clients on
     /// `https://` presenting one. Certificates come from a fresh test CA.
@@ -417,6 +449,9 @@ impl WorldBuilder {
                 client_ca: tls.ca.ca_file().to_owned(),
                 require_client_cert: true,
             }),
+            None if self.redis_aof.is_some() => {
+                RedisServer::tcp_aof(self.redis_aof.as_deref().unwrap_or("everysec"))
+            }
             None if self.redis_tcp => RedisServer::tcp(),
             None => RedisServer::unix(),
         }
@@ -533,6 +568,14 @@ impl WorldBuilder {
             tls,
         }
     }
+}
+
+/// The value of the sample `series` (name with labels, exactly as exposed) in a
+/// Prometheus text page.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The call as control stores it, read with `client`.

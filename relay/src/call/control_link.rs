@@ -6,6 +6,14 @@
 //! Bound: at most `capacity` unacknowledged events per call. When full, a new event is
 //! dropped without taking a sequence number (so control never sees a gap) and counted in
 //! `callbridge_relay_events_overflow_total`; the final `ended` event is always kept.
+//!
+//! Acknowledged is not yet durable: Redis with `appendfsync everysec` acknowledges a write
+//! up to ~1 s (2 s at worst) before it reaches the disk, so a lost Redis host can take
+//! back the newest acknowledged events. The link therefore keeps what was acknowledged in the
+//! last [`RETAIN`] (at most `capacity` events) and, when a reconnect finds control's
+//! `last_seq` behind its own acknowledgements, sends them again. If even those do not
+//! reach back far enough, the events still held are renumbered from `last_seq + 1`, so
+//! the call keeps being stored instead of every later event being refused as a gap.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -46,6 +54,9 @@ pub struct LinkSetup {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How long acknowledged events are kept for a store that loses its newest writes: above
+/// Redis's `appendfsync everysec` window (1 s, up to 2 s when the disk is slow).
+pub const RETAIN: Duration = Duration::from_secs(3);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 fn permanent(code: Code) -> bool {
@@ -83,17 +94,96 @@ struct Buffer {
     sent: usize,
     next_seq: u64,
     final_seq: Option<u64>,
+    /// Acknowledged events of the last [`RETAIN`], oldest first, with when they were
+    /// acknowledged: what a store that lost its newest writes is sent again.
+    recent: VecDeque<(Instant, pb::CallEvent)>,
+    /// The highest seq control acknowledged.
+    acked: u64,
+    /// Most events kept in `recent`.
+    keep: usize,
     metrics: Metrics,
 }
 
+/// What a reconnect found about the store against this link's acknowledgements.
+#[derive(Debug, PartialEq, Eq)]
+enum Resync {
+    /// The store has everything acknowledged.
+    InStep,
+    /// The store lost acknowledged events; this many were kept and go out again.
+    Resent(usize),
+    /// The store lost acknowledged events older than the ones kept: the events still held
+    /// were renumbered from the store's `last_seq + 1` (this many seqs were lost).
+    Renumbered(u64),
+}
+
 impl Buffer {
+    fn new(next_seq: u64, keep: usize, metrics: Metrics) -> Self {
+        Self {
+            events: VecDeque::new(),
+            sent: 0,
+            next_seq,
+            final_seq: None,
+            recent: VecDeque::new(),
+            acked: next_seq.saturating_sub(1),
+            keep,
+            metrics,
+        }
+    }
+
     fn ack(&mut self, acked: u64) {
+        let now = Instant::now();
         while self.events.front().is_some_and(|e| e.seq <= acked) {
-            self.events.pop_front();
+            let event = self.events.pop_front().expect("checked non-empty");
+            self.recent.push_back((now, event));
             self.sent = self.sent.saturating_sub(1);
             self.metrics.event_queue_depth().dec();
         }
+        self.acked = self.acked.max(acked);
+        while self.recent.len() > self.keep
+            || self
+                .recent
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > RETAIN)
+        {
+            self.recent.pop_front();
+        }
     }
+
+    /// Lines the buffer up with the store's `last_seq` after a reconnect.
+    fn resync(&mut self, last_seq: u64) -> Resync {
+        if last_seq >= self.acked {
+            self.ack(last_seq);
+            return Resync::InStep;
+        }
+        // The store went back in time: what it lost and this link kept goes out again.
+        let mut resent = 0;
+        while let Some((_, event)) = self.recent.pop_back() {
+            if event.seq <= last_seq {
+                break;
+            }
+            self.events.push_front(event);
+            self.metrics.event_queue_depth().inc();
+            resent += 1;
+        }
+        self.recent.clear();
+        self.acked = last_seq;
+        let first = self.events.front().map_or(self.next_seq, |e| e.seq);
+        if first == last_seq + 1 {
+            return Resync::Resent(resent);
+        }
+        let lost = first.saturating_sub(last_seq + 1);
+        let mut seq = last_seq + 1;
+        for event in &mut self.events {
+            if self.final_seq == Some(event.seq) {
+                self.final_seq = Some(seq);
+            }
+            event.seq = seq;
+            seq += 1;
+        }
+        self.next_seq = seq;
+        Resync::Renumbered(lost)
+    }
+
     fn acked_final(&self) -> bool {
         self.final_seq.is_some() && self.events.is_empty()
     }
@@ -173,13 +263,7 @@ impl Link {
             last_seq,
         } = setup;
         Self {
-            buf: Buffer {
-                events: VecDeque::new(),
-                sent: 0,
-                next_seq: last_seq + 1,
-                final_seq: None,
-                metrics: metrics.clone(),
-            },
+            buf: Buffer::new(last_seq + 1, capacity, metrics.clone()),
             call_id,
             relay_id,
             control,
@@ -297,7 +381,21 @@ impl Link {
                     last_seq = ctx.last_seq,
                     "Attach stream reconnected."
                 );
-                self.buf.ack(ctx.last_seq);
+                match self.buf.resync(ctx.last_seq) {
+                    Resync::InStep => {}
+                    Resync::Resent(n) => warn!(
+                        %call_id,
+                        last_seq = ctx.last_seq,
+                        resent = n,
+                        "Control's store lost acknowledged events (a Redis restart without fsync); sending them again."
+                    ),
+                    Resync::Renumbered(lost) => warn!(
+                        %call_id,
+                        last_seq = ctx.last_seq,
+                        lost,
+                        "Control's store lost acknowledged events older than the ones kept; the rest are renumbered after its last seq."
+                    ),
+                }
                 self.buf.sent = 0;
                 self.tx = Some(stream.tx);
                 self.rx = Some(stream.rx);
@@ -312,5 +410,66 @@ impl Link {
                 self.retry_at = Instant::now() + self.backoff;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buffer_with(seqs: std::ops::RangeInclusive<u64>) -> Buffer {
+        let mut buf = Buffer::new(*seqs.start(), 8, Metrics::new());
+        for seq in seqs {
+            buf.events.push_back(pb::CallEvent {
+                seq,
+                ..Default::default()
+            });
+            buf.next_seq = seq + 1;
+        }
+        buf
+    }
+
+    fn seqs(buf: &Buffer) -> Vec<u64> {
+        buf.events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn a_store_in_step_only_drops_what_it_has() {
+        let mut buf = buffer_with(1..=5);
+        buf.ack(2);
+        assert_eq!(buf.resync(3), Resync::InStep);
+        assert_eq!(seqs(&buf), [4, 5]);
+    }
+
+    #[test]
+    fn acknowledged_events_a_store_lost_are_sent_again() {
+        let mut buf = buffer_with(1..=5);
+        buf.ack(4);
+        assert_eq!(seqs(&buf), [5]);
+        // Redis came back without its last second: it has 1..=2 only.
+        assert_eq!(buf.resync(2), Resync::Resent(2));
+        assert_eq!(seqs(&buf), [3, 4, 5]);
+        assert_eq!(buf.next_seq, 6);
+    }
+
+    #[test]
+    fn a_loss_beyond_what_was_kept_renumbers_after_the_store() {
+        let mut buf = buffer_with(1..=6);
+        buf.final_seq = Some(6);
+        buf.ack(4);
+        buf.recent.clear(); // as if they aged out
+        assert_eq!(buf.resync(2), Resync::Renumbered(2));
+        assert_eq!(seqs(&buf), [3, 4]);
+        assert_eq!(buf.final_seq, Some(4));
+        assert_eq!(buf.next_seq, 5);
+    }
+
+    #[test]
+    fn the_kept_acknowledged_events_are_bounded() {
+        let mut buf = buffer_with(1..=20);
+        buf.ack(20);
+        assert_eq!(buf.recent.len(), 8);
+        assert_eq!(buf.resync(10), Resync::Renumbered(2));
+        assert_eq!(seqs(&buf), (11..=18).collect::<Vec<_>>());
     }
 }

@@ -1,10 +1,13 @@
 //! A throwaway `redis-server` for tests and benchmarks.
 //!
-//! Each [`RedisServer`] runs in its own temporary directory, with persistence off, and is
-//! killed when dropped (through its child handle, never `pkill`). Two shapes:
+//! Each [`RedisServer`] runs in its own temporary directory, with persistence off unless
+//! asked for, and is killed when dropped (through its child handle, never `pkill`). Shapes:
 //! - [`RedisServer::unix`]: listens only on a unix socket (no port to race for);
 //! - [`RedisServer::tcp`]: listens on a loopback port, which can be stopped and restarted
-//!   on the same port ([`RedisServer::stop`] / [`RedisServer::restart`]) to test outages.
+//!   on the same port ([`RedisServer::stop`] / [`RedisServer::restart`]) to test outages;
+//! - [`RedisServer::tcp_aof`]: the same with the append-only file on, as deployed: a
+//!   restart in the same directory ([`RedisServer::shutdown`] or [`RedisServer::stop`],
+//!   then [`RedisServer::restart`]) loads what the file holds.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -87,6 +90,16 @@ impl RedisServer {
         Self::start(dir, Endpoint::Tcp(port), extra_args)
     }
 
+    /// Starts a server on a free loopback TCP port with the append-only file on and
+    /// `appendfsync` set to `fsync` (`everysec`, `always`, `no`), like the deployed one.
+    pub fn tcp_aof(fsync: &str) -> std::io::Result<Self> {
+        Self::tcp_with_args(
+            ["--appendonly", "yes", "--appendfsync", fsync]
+                .map(str::to_owned)
+                .into(),
+        )
+    }
+
     /// Starts a server whose clients speak TLS on [`RedisServer::url`] (`rediss://`), with
     /// the Debian build's own TLS support (built against OpenSSL; the system under test
     /// uses rustls).
@@ -137,6 +150,29 @@ impl RedisServer {
         let mut line = String::new();
         std::io::BufReader::new(stream).read_line(&mut line)?;
         Ok(line.trim_end().to_owned())
+    }
+
+    /// `INFO section` on the plaintext admin port: the whole answer (`field:value` lines).
+    pub fn info(&self, section: &str) -> std::io::Result<String> {
+        use std::io::{BufRead, Read, Write};
+        let port = self
+            .admin_port()
+            .ok_or_else(|| std::io::Error::other("no TCP admin port"))?;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let cmd = format!("*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len());
+        stream.write_all(cmd.as_bytes())?;
+        let mut reader = std::io::BufReader::new(stream);
+        let mut head = String::new();
+        reader.read_line(&mut head)?;
+        let len: usize = head
+            .trim_end()
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("unexpected INFO answer {head:?}")))?;
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+        String::from_utf8(body).map_err(std::io::Error::other)
     }
 
     fn start(dir: PathBuf, endpoint: Endpoint, extra_args: Vec<String>) -> std::io::Result<Self> {
@@ -251,18 +287,58 @@ impl RedisServer {
         }
     }
 
+    /// The append-only file Redis is appending to now (Redis 7: the newest
+    /// `appendonlydir/*.incr.aof`), if there is one.
+    pub fn aof_file(&self) -> Option<PathBuf> {
+        let dir = self.dir.join("appendonlydir");
+        let seq = |p: &Path| -> Option<u64> {
+            let name = p.file_name()?.to_str()?.strip_suffix(".incr.aof")?;
+            name.rsplit('.').next()?.parse().ok()
+        };
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| Some((seq(&p)?, p)))
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, p)| p)
+    }
+
     /// The server's working directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Kills the server (an outage). The data is gone; [`restart`](Self::restart) brings
-    /// up an empty server on the same endpoint.
+    /// Kills the server (SIGKILL: an outage, a crash). [`restart`](Self::restart) brings it
+    /// up on the same endpoint: empty, or with an append-only file, with what that file had
+    /// reached the disk.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGTERM, as an orchestrator stops it: Redis fsyncs its append-only file and exits.
+    /// Waits (≤ `limit`) for the exit; past it the server is killed and this is an error.
+    pub fn shutdown(&mut self, limit: Duration) -> std::io::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + limit;
+        while status.success() && Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(std::io::Error::other(format!(
+            "redis-server did not exit on SIGTERM within {limit:?} (kill: {status})"
+        )))
     }
 
     /// Starts the server again on the same endpoint.
@@ -301,6 +377,15 @@ mod tests {
         let dir = server.dir().to_owned();
         drop(server);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn an_aof_server_keeps_its_data_across_a_sigterm_restart() {
+        let mut server = RedisServer::tcp_aof("always").expect("redis-server starts");
+        assert_eq!(server.admin(&["SET", "k", "v"]).expect("set"), "+OK");
+        server.shutdown(Duration::from_secs(10)).expect("exits");
+        server.restart().expect("restarts");
+        assert_eq!(server.admin(&["EXISTS", "k"]).expect("exists"), ":1");
     }
 
     #[test]
