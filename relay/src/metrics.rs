@@ -52,6 +52,7 @@ struct Inner {
     model_breaker_short_circuits: Family<ShortCircuitLabels, Counter>,
     rate_limit_requests: RateLimitGauges,
     rate_limit_tokens: RateLimitGauges,
+    runtime_tasks: Gauge,
 }
 
 /// One model rate limit's latest (remaining, limit).
@@ -228,6 +229,12 @@ impl Metrics {
         };
         let rate_limit_requests = gauges("requests");
         let rate_limit_tokens = gauges("tokens");
+        let runtime_tasks = Gauge::default();
+        registry.register(
+            "runtime_tasks",
+            "Tasks alive in the relay's async runtime, read at each scrape (back to its idle level once calls are gone: a leak shows as growth)",
+            runtime_tasks.clone(),
+        );
 
         let listeners = crate::listen::ListenerMetrics::register(&mut registry);
 
@@ -269,6 +276,7 @@ impl Metrics {
             model_breaker_short_circuits,
             rate_limit_requests,
             rate_limit_tokens,
+            runtime_tasks,
         };
         Self {
             inner: Arc::new(inner),
@@ -277,6 +285,13 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        // Read here rather than kept up to date: a spawn or exit must not cost a write.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let alive = rt.metrics().num_alive_tasks();
+            self.inner
+                .runtime_tasks
+                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.inner.registry);
@@ -453,6 +468,7 @@ mod tests {
             "callbridge_relay_bad_messages_total{side=\"twilio\"}",
             "callbridge_relay_bad_messages_total{side=\"realtime\"}",
             "callbridge_relay_event_queue_depth",
+            "callbridge_relay_runtime_tasks",
             "callbridge_relay_time_to_first_audio_seconds_count 1",
             "callbridge_relay_control_reconnects_total",
             "callbridge_relay_draining",
