@@ -329,24 +329,23 @@ async fn check_start(
 #[derive(Default)]
 struct WaitingFrames {
     frames: VecDeque<Message>,
+    /// The caller's socket ended (a hang-up: `stop`, then close) while the attach was in
+    /// flight. The attach still runs to its answer: control may already have consumed the
+    /// credential and taken the lease, and only an attached call can report the hang-up.
+    caller_gone: bool,
 }
 
 impl WaitingFrames {
-    /// Keeps the next frame from the socket; `Err` once the caller has gone.
-    fn keep(
-        &mut self,
-        next: Option<Result<Message, tungstenite::Error>>,
-        deps: &CallDeps,
-    ) -> Result<(), Refusal> {
+    /// Keeps the next frame from the socket, or notes that the caller has gone.
+    fn keep(&mut self, next: Option<Result<Message, tungstenite::Error>>, deps: &CallDeps) {
         match next {
-            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Refusal::ClosedBeforeStart),
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => self.caller_gone = true,
             Some(Ok(m)) => {
                 if self.frames.len() == WAIT_FRAMES {
                     self.frames.pop_front();
                     deps.metrics.rate_dropped().inc();
                 }
                 self.frames.push_back(m);
-                Ok(())
             }
         }
     }
@@ -375,10 +374,12 @@ async fn attach(
         let result = loop {
             tokio::select! {
                 r = &mut attempt => break r,
-                next = ws.next() => waiting.keep(next, deps)?,
+                next = ws.next(), if !waiting.caller_gone => waiting.keep(next, deps),
             }
         };
         let e = match result {
+            // A caller who hung up meanwhile is reported by the call (its `stop` is among
+            // the frames kept, its socket reads as closed): one end, the caller's.
             Ok(attached) => break attached,
             Err(e) => e,
         };
@@ -388,12 +389,16 @@ async fn attach(
             debug!(error = %e, "Attach refused at start.");
             return Err(refusal);
         }
+        if waiting.caller_gone {
+            // Nothing was attached and nobody is left to attach for.
+            return Err(Refusal::ClosedBeforeStart);
+        }
         warn!(error = %e, "Control unreachable at start; retrying the attach.");
         let mut wait = std::pin::pin!(sleep_until(retry_at));
         loop {
             tokio::select! {
                 () = &mut wait => break,
-                next = ws.next() => waiting.keep(next, deps)?,
+                next = ws.next(), if !waiting.caller_gone => waiting.keep(next, deps),
             }
         }
         backoff = (backoff * 2).min(RETRY_MAX);
