@@ -256,7 +256,13 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .is_ok();
-    let after = take_sample(&world, started.elapsed().as_secs_f64() / 60.0).await;
+    // The relay closes a call just after its caller returned: give the last ones a moment.
+    let settle = Instant::now();
+    let mut after = take_sample(&world, started.elapsed().as_secs_f64() / 60.0).await;
+    while after.live > 0.0 && settle.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = take_sample(&world, started.elapsed().as_secs_f64() / 60.0).await;
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let steady: Vec<&Sample> = samples.iter().filter(|s| s.minute >= warmup).collect();
