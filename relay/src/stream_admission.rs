@@ -330,8 +330,9 @@ async fn check_start(
 struct WaitingFrames {
     frames: VecDeque<Message>,
     /// The caller's socket ended (a hang-up: `stop`, then close) while the attach was in
-    /// flight. The attach still runs to its answer: control may already have consumed the
-    /// credential and taken the lease, and only an attached call can report the hang-up.
+    /// flight. The attach still runs to its answer, retries included: control may already
+    /// have consumed the credential and taken the lease (an answer lost on the way is such
+    /// a case), and only an attached call can report the hang-up.
     caller_gone: bool,
 }
 
@@ -388,10 +389,6 @@ async fn attach(
         if !e.is_transient() || retry_at > give_up {
             debug!(error = %e, "Attach refused at start.");
             return Err(refusal);
-        }
-        if waiting.caller_gone {
-            // Nothing was attached and nobody is left to attach for.
-            return Err(Refusal::ClosedBeforeStart);
         }
         warn!(error = %e, "Control unreachable at start; retrying the attach.");
         let mut wait = std::pin::pin!(sleep_until(retry_at));
