@@ -8,6 +8,7 @@
 //! | `POST /api/twilio/voice[?callId=]` | voice webhook |
 //! | `POST /api/twilio/after/{callId}?stream=&after=` | `<Connect action>`: what comes after the stream |
 //! | `POST /api/twilio/status[?callId=]` | Twilio status and async AMD callbacks |
+//! | `POST /api/twilio/fallback` | the number's fallback URL: an apology TwiML from relay config |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream |
 //!
@@ -26,6 +27,8 @@ pub const MEDIA_STREAM: &str = "media-stream";
 pub const MEDIA_STREAM_SIMPLE: &str = "media-stream-simple";
 /// Last segment of the status-callback route.
 pub const STATUS: &str = "status";
+/// Last segment of the fallback route (the phone number's fallback URL).
+pub const FALLBACK: &str = "fallback";
 /// Query parameter of the voice webhook naming a call created beforehand (`CreateCall`).
 pub const CALL_ID_PARAM: &str = "callId";
 
@@ -94,6 +97,12 @@ pub fn after_stream(base: &str, call_id: &str, stream: &str, after: Option<&str>
     format!("{}?{}", self::after(base, call_id), query.finish())
 }
 
+/// The fallback URL to set on the phone number (Twilio asks it when the voice webhook
+/// fails).
+pub fn fallback(base: &str) -> String {
+    join(base, FALLBACK, None)
+}
+
 /// The media stream URL of a control-backed call; `ws_base` is the [`ws_base`] form.
 pub fn media_stream(ws_base: &str, call_id: &str) -> String {
     join(ws_base, MEDIA_STREAM, Some(call_id))
@@ -126,6 +135,10 @@ mod tests {
         assert_eq!(
             after(base, "call_1"),
             "https://relay.example.com/api/twilio/after/call_1"
+        );
+        assert_eq!(
+            fallback(base),
+            "https://relay.example.com/api/twilio/fallback"
         );
         let ws = ws_base(base);
         assert_eq!(ws, "wss://relay.example.com");

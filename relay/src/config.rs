@@ -18,6 +18,8 @@
 //! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host | `false` |
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
 //! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
+//! | `RELAY_DRAIN_ACTION_WAIT_SECS` | after the last call, how long a draining relay keeps listening for Twilio's action request of each call it ended (hand-offs, calls cut at the grace), counted from that call's end; it stops sooner once each was answered here (0..=60) | `5` |
+//! | `RELAY_FALLBACK_DIAL` | E.164 number `POST /api/twilio/fallback` dials after its apology (the number's fallback URL; needs no control) | unset: apologise and hang up |
 //! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
 //! | `RELAY_MODEL_STALL_SECS` | a model session that owes an answer (a response running, or asked for) and sends nothing for this long counts as lost | `10` |
 //! | `RELAY_MODEL_SESSION_SECS` | the model's session limit; a fresh session replaces the old one at a quiet moment before it (0: never) | `3600` |
@@ -63,6 +65,19 @@ const MAX_BREAKER_FAILURES: u32 = 1000;
 /// recovering endpoint; slower ones keep callers on the fallback long after it is back.
 const BREAKER_PROBE_MS_MIN: u64 = 50;
 const BREAKER_PROBE_MS_MAX: u64 = 60_000;
+
+/// Longest `RELAY_DRAIN_ACTION_WAIT_SECS`: Twilio asks the action URL within a second or
+/// two of the stream closing; longer only delays the pod's exit.
+const MAX_DRAIN_ACTION_WAIT_SECS: u64 = 60;
+
+/// `^\+[1-9]\d{1,14}$`, the form Twilio's `<Dial>` takes (as control checks its numbers).
+fn is_e164(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    (3..=16).contains(&bytes.len())
+        && bytes[0] == b'+'
+        && (b'1'..=b'9').contains(&bytes[1])
+        && bytes[2..].iter().all(u8::is_ascii_digit)
+}
 
 /// Default Realtime endpoint.
 pub const DEFAULT_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
@@ -159,6 +174,13 @@ pub struct Config {
     /// On SIGTERM, hand each live call off to another relay at a quiet moment.
     #[arg(long, env = "RELAY_DRAIN_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
     pub drain_handoff: bool,
+    /// Seconds a draining relay keeps listening, after a call it ended, for Twilio's
+    /// action request of that call (it may go to another relay).
+    #[arg(long, env = "RELAY_DRAIN_ACTION_WAIT_SECS", default_value_t = 5)]
+    pub drain_action_wait_secs: u64,
+    /// E.164 number `POST /api/twilio/fallback` dials after its apology (unset: it hangs up).
+    #[arg(long, env = "RELAY_FALLBACK_DIAL")]
+    pub fallback_dial: Option<String>,
     /// Seconds a call may try to get a lost model session back (0: no reconnect).
     #[arg(long, env = "RELAY_MODEL_RECONNECT_SECS", default_value_t = 10)]
     pub model_reconnect_secs: u64,
@@ -316,6 +338,8 @@ impl Config {
             insecure_allow_public: false,
             drain_grace_secs: 30,
             drain_handoff: true,
+            drain_action_wait_secs: 5,
+            fallback_dial: None,
             model_reconnect_secs: 10,
             model_stall_secs: 10,
             model_session_secs: 3600,
@@ -438,6 +462,22 @@ impl Config {
                 "RELAY_MODEL_BREAKER_PROBE_MS",
                 format!("must be within {BREAKER_PROBE_MS_MIN}..={BREAKER_PROBE_MS_MAX}"),
             ));
+        }
+        if self.drain_action_wait_secs > MAX_DRAIN_ACTION_WAIT_SECS {
+            return Err(invalid(
+                "RELAY_DRAIN_ACTION_WAIT_SECS",
+                format!("must be within 0..={MAX_DRAIN_ACTION_WAIT_SECS}"),
+            ));
+        }
+        match self.fallback_dial.as_deref().map(str::trim) {
+            None | Some("") => self.fallback_dial = None,
+            Some(n) if is_e164(n) => self.fallback_dial = Some(n.to_owned()),
+            Some(n) => {
+                return Err(invalid(
+                    "RELAY_FALLBACK_DIAL",
+                    format!("'{n}' is not an E.164 number (+ then 2..=15 digits)"),
+                ));
+            }
         }
         if self.tool_timeout_secs == 0 {
             return Err(invalid("RELAY_TOOL_TIMEOUT_SECS", "must be > 0"));
@@ -662,6 +702,10 @@ impl Config {
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_secs)
     }
+    /// How long a draining relay waits for the action request of a call it ended.
+    pub fn drain_action_wait(&self) -> Duration {
+        Duration::from_secs(self.drain_action_wait_secs)
+    }
 
     /// How long a model session owing an answer may stay silent.
     pub fn model_stall(&self) -> Duration {
@@ -747,6 +791,8 @@ mod tests {
         assert_eq!(c.listen.port(), 8080);
         assert_eq!(c.drain_grace_secs, 30);
         assert!(c.drain_handoff);
+        assert_eq!(c.drain_action_wait(), Duration::from_secs(5));
+        assert_eq!(c.fallback_dial, None);
         assert_eq!(c.model_reconnect(), Some(Duration::from_secs(10)));
         assert_eq!(c.model_rollover_after(), Some(Duration::from_secs(3300)));
         assert_eq!(c.start_timeout(), Duration::from_millis(5000));
@@ -998,6 +1044,13 @@ mod tests {
                 "601",
                 "RELAY_STREAM_CREDENTIAL_TTL_SECS",
             ),
+            (
+                "--drain-action-wait-secs",
+                "61",
+                "RELAY_DRAIN_ACTION_WAIT_SECS",
+            ),
+            ("--fallback-dial", "0800 123", "RELAY_FALLBACK_DIAL"),
+            ("--fallback-dial", "+0123456", "RELAY_FALLBACK_DIAL"),
         ] {
             let mut args: Vec<&str> = BASE.to_vec();
             match args.iter().position(|a| *a == flag) {
@@ -1010,6 +1063,17 @@ mod tests {
         let mut args = BASE.to_vec();
         args.extend(["--listen", "not-an-addr"]);
         assert!(matches!(parse(&args), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn the_fallback_dial_is_an_e164_number_or_nothing() {
+        let mut args = BASE.to_vec();
+        args.extend(["--fallback-dial", " +14155550111 "]);
+        let c = parse(&args).unwrap();
+        assert_eq!(c.fallback_dial.as_deref(), Some("+14155550111"));
+        let mut args = BASE.to_vec();
+        args.extend(["--fallback-dial", ""]);
+        assert_eq!(parse(&args).unwrap().fallback_dial, None);
     }
 
     #[test]

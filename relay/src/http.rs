@@ -6,8 +6,12 @@
 //! | `POST /api/twilio/after/{callId}` | `<Connect action>` → TwiML for what comes next |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream (404 when `CONTROL_URL` is set) |
+//! | `POST /api/twilio/status` | status callbacks ([`crate::status_callback`]) |
+//! | `POST /api/twilio/fallback` | the number's fallback URL ([`crate::twilio_fallback`]) |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness (503 while draining) |
 //!
+//! While draining only `/readyz` and new stream upgrades answer 503; webhooks and action
+//! requests are answered as usual (with `Connection: close`), see [`crate::drain`].
 //! Anything else is 404 without an upgrade; `/metrics` is served on its own listener
 //! ([`crate::listen`]). Above `RELAY_MAX_CALLS` the webhook and both stream routes answer
 //! 503 with `Retry-After` ([`crate::capacity`]). Twilio requests must carry a valid
@@ -149,9 +153,9 @@ async fn voice(
     if !signed(&deps, &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
-    if deps.draining() {
-        return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n"));
-    }
+    // Answered while draining too: the TwiML only names the public URL, and the stream
+    // it opens goes wherever the load balancer sends it (a 503 here is a call Twilio sends
+    // to the fallback URL, not one it retries).
     let Some(control) = &deps.call.control else {
         if !model_admits(&deps) {
             return Ok(xml(twiml::fallback(None)));
@@ -336,6 +340,24 @@ async fn after(
             })
         }
     }
+}
+
+/// [`after`], and the drain told when a call it waits for was answered here.
+async fn after_for_drain(
+    call_id: String,
+    raw_query: String,
+    sig: Option<String>,
+    form: Vec<(String, String)>,
+    deps: Deps,
+) -> Result<Response, Infallible> {
+    let id = CallId::parse(call_id.as_str()).ok();
+    let resp = after(call_id, raw_query, sig, form, deps.clone()).await?;
+    if let Some(id) = id
+        && resp.status() == StatusCode::OK
+    {
+        deps.call.actions_due.answered(&id);
+    }
+    Ok(resp)
 }
 
 /// `WS /api/twilio/media-stream/{callId}` — checks the signature and upgrades; the
@@ -605,7 +627,7 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and(signature_header())
         .and(form)
         .and(with_deps(deps.clone()))
-        .and_then(after);
+        .and_then(after_for_drain);
     let stream = twilio_path(paths::MEDIA_STREAM)
         .and(warp::path::param::<String>())
         .and(warp::path::end())
@@ -615,6 +637,8 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and(with_deps(deps.clone()))
         .and_then(media_stream);
     let status = crate::status_callback::route(deps.clone());
+    let fallback = crate::twilio_fallback::route(deps.clone());
+    let closing = deps.draining.clone();
     let simple = twilio_path(paths::MEDIA_STREAM_SIMPLE)
         .and(warp::path::end())
         .and(signature_header())
@@ -631,6 +655,8 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .unify()
         .or(status)
         .unify()
+        .or(fallback)
+        .unify()
         .or(simple)
         .unify()
         .or(stream)
@@ -638,6 +664,17 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .recover(handle_rejection)
         .unify()
         .map(add_security_headers)
+        .map(move |resp| close_while_draining(resp, &closing))
+}
+
+/// While draining, every HTTP answer closes its connection: no kept-alive connection is
+/// left idle for the listener's stop to close under a request the client is just sending.
+fn close_while_draining(mut resp: Response, draining: &AtomicBool) -> Response {
+    if draining.load(Ordering::Relaxed) && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 #[cfg(test)]
@@ -673,6 +710,11 @@ mod tests {
                 relay_id: "relay-test".into(),
                 hard_stop: CancellationToken::new(),
                 drain: CancellationToken::new(),
+                actions_due: crate::drain::actions_due(
+                    std::time::Duration::ZERO,
+                    CancellationToken::new(),
+                )
+                .0,
             },
             draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
@@ -771,6 +813,7 @@ mod tests {
             "/api/twilio/voice",
             "/api/twilio/voice?callId=c1",
             "/api/twilio/after/c1",
+            "/api/twilio/fallback",
         ] {
             let r = post(path, &[("CallSid", "CA1")], false)
                 .reply(&routes)
@@ -882,12 +925,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn draining_turns_readyz_the_webhook_and_new_streams_away() {
+    async fn draining_turns_readyz_and_new_streams_away_and_answers_webhooks() {
         let deps = deps(|_| {});
         let routes = routes(deps.clone());
         let get = |path: &str| warp::test::request().method("GET").path(path);
         let r = get("/readyz").reply(&routes).await;
         assert_eq!((r.status(), body(&r)), (StatusCode::OK, "ready\n"));
+        assert!(r.headers().get("connection").is_none(), "kept alive");
 
         deps.draining.store(true, Ordering::Relaxed);
         let r = get("/readyz").reply(&routes).await;
@@ -895,17 +939,36 @@ mod tests {
             (r.status(), body(&r)),
             (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         );
+        assert_eq!(r.headers()["connection"], "close");
         assert_eq!(
             get("/healthz").reply(&routes).await.status(),
             StatusCode::OK
         );
+        // The webhook and the action request are answered: TwiML, then the connection
+        // closes so the next request goes through the balancer again.
         let r = post("/api/twilio/voice", &[("CallSid", "CA1")], true)
             .reply(&routes)
             .await;
-        assert_eq!(
-            (r.status(), body(&r)),
-            (StatusCode::SERVICE_UNAVAILABLE, "relay is draining\n")
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        assert!(
+            body(&r).contains(
+                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\">"
+            ),
+            "{}",
+            body(&r)
         );
+        assert_eq!(r.headers()["connection"], "close");
+        let r = post("/api/twilio/after/call_1", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        assert!(body(&r).ends_with("<Response><Hangup/></Response>"));
+        assert_eq!(r.headers()["connection"], "close");
+        let r = post("/api/twilio/fallback", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        // Only a new stream is refused.
         let r = upgrade_request("/api/twilio/media-stream-simple", true)
             .reply(&routes)
             .await;
@@ -916,6 +979,38 @@ mod tests {
         // An unsigned webhook is still refused as unsigned first.
         let r = post("/api/twilio/voice", &[], false).reply(&routes).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn the_fallback_route_is_signed_and_needs_no_control() {
+        // Control configured but unreachable: the fallback answers from config alone.
+        let routes = routes(deps(|c| {
+            c.control_url = Some("http://127.0.0.1:9".into());
+            c.upstream_connect_timeout_ms = 1000;
+            c.fallback_dial = Some("+14155550111".into());
+        }));
+        let params = [("CallSid", "CA1"), ("ErrorCode", "11200")];
+        let r = post("/api/twilio/fallback", &params, true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        assert_eq!(r.headers()["content-type"], twiml::CONTENT_TYPE);
+        assert_eq!(
+            body(&r),
+            crate::twilio_fallback::answer(Some("+14155550111"))
+        );
+        let r = post("/api/twilio/fallback", &params, false)
+            .reply(&routes)
+            .await;
+        assert_eq!(
+            (r.status(), body(&r)),
+            (StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n")
+        );
+        // Signed over the URL Twilio asked, query included.
+        let r = post("/api/twilio/fallback?from=console", &params, true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ pub mod capacity;
 pub mod config;
 pub mod control;
 pub mod control_tls;
+pub mod drain;
 pub mod error;
 pub mod fallback_end;
 pub mod http;
@@ -44,6 +45,7 @@ pub mod status_callback;
 pub mod stream_admission;
 pub mod stream_credential;
 pub mod twilio;
+pub mod twilio_fallback;
 pub mod twiml;
 
 use std::future::Future;
@@ -87,10 +89,13 @@ pub enum RelayError {
     MetricsTls(#[from] callbridge_telemetry::tls::TlsFileError),
 }
 
-/// Runs the relay on `listener` until `shutdown` resolves, then drains: `/readyz` answers
-/// 503 and new calls are refused at once, live calls run on for up to
+/// Runs the relay on `listener` until `shutdown` resolves, then drains: `/readyz` and new
+/// stream upgrades answer 503 at once (webhooks and action requests are still answered),
+/// live calls are handed off at a quiet moment or run on for up to
 /// `RELAY_DRAIN_GRACE_SECS`, then the rest are cut (Twilio closed with 1001, `ended` with
-/// reason `DRAIN`). The listener stays open during the drain so probes keep working.
+/// reason `DRAIN`). The relay then keeps listening for Twilio's action requests of the
+/// calls it ended ([`drain::ActionsLedger`], `RELAY_DRAIN_ACTION_WAIT_SECS`), and finally
+/// stops accepting and answers what is in flight before it returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -117,6 +122,8 @@ pub async fn run_with_metrics(
     let drain_started = CancellationToken::new();
     let streams = Arc::new(stream_credential::StreamCredentials::from_config(&config));
     let breakers = model_breaker::ModelBreakers::from_config(&config, &metrics);
+    let (actions_due, actions_ledger) =
+        drain::actions_due(config.drain_action_wait(), drain_started.clone());
     let deps = http::Deps {
         call: call::CallDeps {
             breakers,
@@ -126,6 +133,7 @@ pub async fn run_with_metrics(
             relay_id: relay_id.clone(),
             hard_stop: hard_stop.clone(),
             drain: drain_started.clone(),
+            actions_due,
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),
@@ -177,13 +185,26 @@ pub async fn run_with_metrics(
             }
         }
     };
-    // Keep serving (probes, refusals) while the calls drain.
+    // Then Twilio's action requests of the calls the drain ended (hand-offs, cut calls).
+    let actions = async {
+        drain.await;
+        let settled = actions_ledger.settled().await;
+        info!(
+            answered = settled.answered,
+            elsewhere = settled.elsewhere,
+            "Action requests of the drained calls: answered here, or given up after RELAY_DRAIN_ACTION_WAIT_SECS."
+        );
+    };
+    // Keep serving (probes, webhooks, action requests) meanwhile.
     tokio::select! {
-        () = drain => {}
+        () = actions => {}
         () = &mut server => {}
     }
+    // Stop accepting; the requests in flight and in the backlog are answered (bounded).
     stop_listening.cancel();
-    let _ = tokio::time::timeout(HARD_STOP_WAIT, server).await;
+    if tokio::time::timeout(HARD_STOP_WAIT, server).await.is_err() {
+        warn!("Requests still in flight after the stop; closing anyway.");
+    }
     if let Some(metrics_server) = metrics_server {
         let _ = tokio::time::timeout(HARD_STOP_WAIT, metrics_server).await;
     }

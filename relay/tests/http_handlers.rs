@@ -48,6 +48,11 @@ async fn handlers() -> Handlers {
             relay_id: "relay-test".into(),
             hard_stop: CancellationToken::new(),
             drain: CancellationToken::new(),
+            actions_due: callbridge_relay::drain::actions_due(
+                std::time::Duration::ZERO,
+                CancellationToken::new(),
+            )
+            .0,
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),

@@ -483,17 +483,20 @@ def check_relay(name: str, objs: list[dict[str, Any]]) -> None:
 
     # Drain: the kubelet's clock covers preStop and the whole drain.
     grace = int(env.get("RELAY_DRAIN_GRACE_SECS") or 30)
+    # Then Twilio's action requests of the calls the drain ended (relay/src/drain.rs).
+    action_wait = int(env.get("RELAY_DRAIN_ACTION_WAIT_SECS") or 5)
     pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     tgps = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
     # After the grace the relay cuts the remaining calls and waits HARD_STOP_WAIT for them,
     # then up to HARD_STOP_WAIT again for the server (relay/src/lib.rs); plus 2 s of slack.
     m = re.search(r"HARD_STOP_WAIT: Duration = Duration::from_secs\((\d+)\)", CRATES["relay"].text)
     hard_stop = int(m.group(1)) if m else 5
-    need = pre + grace + 2 * hard_stop + 2
+    need = pre + grace + action_wait + 2 * hard_stop + 2
     R.check(
         tgps >= need,
         f"{name}: relay terminationGracePeriodSeconds {tgps} < {need} = preStop {pre} + "
-        f"RELAY_DRAIN_GRACE_SECS {grace} + 2 x HARD_STOP_WAIT {hard_stop} + 2 s",
+        f"RELAY_DRAIN_GRACE_SECS {grace} + RELAY_DRAIN_ACTION_WAIT_SECS {action_wait} + "
+        f"2 x HARD_STOP_WAIT {hard_stop} + 2 s",
     )
     R.check(
         "exec" not in c.get("lifecycle", {}).get("preStop", {}),

@@ -15,6 +15,14 @@
 //! which is both when the connection opens and after every answer on a keep-alive
 //! connection, so it is also the idle timeout. A TLS handshake gets the same time.
 //!
+//! Stop: the loop stops accepting, then takes what the kernel's backlog already holds
+//! (a client there may have sent its whole request) and closes the listener; every
+//! connection finishes the request it has started, and closes. A connection that has sent
+//! nothing yet gets its first request answered (hyper alone would close it at once, under
+//! a request that may be on its way), within the header timeout. Only a kept-alive
+//! connection between requests closes at once — which is why a draining relay answers
+//! with `Connection: close` first.
+//!
 //! Connection cap: one semaphore permit per accepted connection, held until the socket is
 //! closed — for an upgraded WebSocket that is the end of the call, since the permit lives
 //! inside the socket hyper hands over. At the cap the loop stops accepting: new clients
@@ -33,7 +41,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -69,8 +77,9 @@ pub struct NoObserver;
 impl Observer for NoObserver {}
 
 /// Serves `service` on `listener` (over TLS when `tls` is set) until `stop` is cancelled,
-/// then stops accepting, lets the requests in flight finish (kept-alive connections close
-/// after their current answer) and returns when every connection is closed. Upgraded
+/// then stops accepting (connections already in the kernel's backlog are still taken and
+/// answered), lets the requests in flight finish (kept-alive connections close after their
+/// current answer, idle ones at once) and returns when every connection is closed. Upgraded
 /// connections are no longer the server's: whoever took the upgrade owns them.
 pub async fn serve<S, B>(
     listener: TcpListener,
@@ -127,7 +136,7 @@ pub async fn serve<S, B>(
         let held = Held {
             io: tcp,
             _slot: Slot {
-                _permit: slot,
+                _permit: Some(slot),
                 observer: observer.clone(),
             },
         };
@@ -140,9 +149,64 @@ pub async fn serve<S, B>(
             stop.clone(),
         ));
     }
-    drop(listener);
+    // Clients whose handshake the kernel completed before the stop may have sent their
+    // request already: dropping the listener would reset them mid-request. They are
+    // accepted and answered like the others (a slot if one is free: the backlog is
+    // bounded by the kernel, and this happens once).
+    for tcp in accept_backlog(listener) {
+        observer.opened();
+        let slot = Slot {
+            _permit: slots.clone().try_acquire_owned().ok(),
+            observer: observer.clone(),
+        };
+        connections.spawn(connection(
+            Held {
+                io: tcp,
+                _slot: slot,
+            },
+            tls.clone(),
+            service.clone(),
+            limits.header_timeout,
+            observer.clone(),
+            stop.clone(),
+        ));
+    }
     connections.close();
     connections.wait().await;
+}
+
+/// Every connection already waiting in `listener`'s backlog, then closes the listener.
+/// Accepted with plain non-blocking `accept` calls, so a connection the kernel completed
+/// but tokio's reactor has not reported yet is not missed.
+fn accept_backlog(listener: TcpListener) -> Vec<TcpStream> {
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::debug!(error = %e, "Cannot take the listener back; its backlog is dropped.");
+            return Vec::new();
+        }
+    };
+    let mut accepted = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((tcp, _peer)) => {
+                let tcp = tcp
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(tcp));
+                match tcp {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        accepted.push(tcp);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "A backlog connection is unusable."),
+                }
+            }
+            Err(e) if is_per_connection(&e) => {}
+            // WouldBlock: the backlog is empty. Anything else: nothing more to take.
+            Err(_) => break,
+        }
+    }
+    accepted
 }
 
 /// Errors of one incoming connection (it was reset before `accept` returned): the
@@ -214,6 +278,11 @@ async fn http1<IO, S, B>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
+    let (first_read, mut read_something) = oneshot::channel();
+    let io = FirstRead {
+        io,
+        first: Some(first_read),
+    };
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -221,9 +290,17 @@ async fn http1<IO, S, B>(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = stop.cancelled() => {
-            // Finish the request in flight, then close instead of keeping alive.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            // hyper's graceful shutdown closes a connection that has read nothing yet at
+            // once, but a client that has just connected may be sending its request right
+            // now: it gets to arrive first (hyper's header timeout bounds the wait).
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = &mut read_something => {
+                    // Finish the request in flight, then close instead of keeping alive.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -234,9 +311,63 @@ async fn http1<IO, S, B>(
     }
 }
 
+/// A socket that says when its first bytes arrived.
+struct FirstRead<IO> {
+    io: IO,
+    first: Option<oneshot::Sender<()>>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstRead<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(first) = self.first.take()
+        {
+            let _ = first.send(());
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstRead<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// A connection's slot: frees the permit (and tells the observer) when dropped.
 struct Slot {
-    _permit: OwnedSemaphorePermit,
+    /// `None` only for a connection taken from the backlog at the stop.
+    _permit: Option<OwnedSemaphorePermit>,
     observer: Arc<dyn Observer>,
 }
 
@@ -338,7 +469,10 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let counts = Arc::new(Counts::default());
         let stop = CancellationToken::new();
-        let service = hyper::service::service_fn(|_req| async {
+        // Reads the whole body first, like a form handler.
+        let service = hyper::service::service_fn(|req: hyper::Request<Incoming>| async {
+            use http_body_util::BodyExt;
+            let _ = req.into_body().collect().await;
             Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
                 bytes::Bytes::from_static(b"ok\n"),
             )))
@@ -420,6 +554,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stop_answers_the_requests_in_flight_and_in_the_backlog() {
+        let s = server(Limits {
+            header_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        })
+        .await;
+        // In flight: the head is in, the body is not.
+        let mut slow = TcpStream::connect(s.addr).await.expect("connect");
+        slow.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+            .await
+            .expect("write");
+        wait_for("the cap reached", || {
+            s.counts.at_capacity.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        // In the backlog: the loop is at the cap, so it never accepts this one itself.
+        let mut queued = TcpStream::connect(s.addr).await.expect("connect");
+        queued
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        s.stop.cancel();
+        let answer = read_to_close(&mut queued).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        // The listener is closed by now: a new client is refused.
+        assert!(TcpStream::connect(s.addr).await.is_err(), "still accepting");
+        slow.write_all(b"cd").await.expect("write");
+        let answer = read_to_close(&mut slow).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        s.done.await.expect("server ends");
+        assert_eq!(s.counts.opened.load(Ordering::SeqCst), 2);
+        assert_eq!(s.counts.closed.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn above_the_cap_clients_wait_until_a_slot_frees() {
         let s = server(Limits {
             header_timeout: Duration::from_secs(60),
@@ -427,7 +597,7 @@ mod tests {
         })
         .await;
         let first = TcpStream::connect(s.addr).await.expect("connect");
-        let _second = TcpStream::connect(s.addr).await.expect("connect");
+        let second = TcpStream::connect(s.addr).await.expect("connect");
         wait_for("the cap reached", || {
             s.counts.at_capacity.load(Ordering::SeqCst) >= 1
         })
@@ -444,7 +614,9 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert_eq!(s.counts.opened.load(Ordering::SeqCst), 3);
         s.stop.cancel();
-        // The second connection is idle with a long timeout: the stop closes it.
+        // The second connection has sent nothing yet: the stop waits for its request
+        // (bounded by the header timeout) rather than cutting it; its client goes away.
+        drop(second);
         s.done.await.expect("server ends");
         assert_eq!(s.counts.closed.load(Ordering::SeqCst), 3);
     }

@@ -16,7 +16,7 @@ use super::dial::{close_model_later, model_close};
 use super::outbox::Outbox;
 use super::phase::Ending;
 use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, now_ms};
-use crate::error::EndKind;
+use crate::error::{EndKind, Side};
 
 impl Call {
     pub(super) async fn finish(mut self, mut link_gone: mpsc::Receiver<()>) {
@@ -69,6 +69,13 @@ impl Call {
             }
         }
 
+        // Twilio asks the action URL of a stream the relay closed (not of a caller who
+        // hung up); while draining, the relay stays to answer it.
+        if let Some(call_id) = &self.call_id
+            && kind.side() != Side::Twilio
+        {
+            self.deps.actions_due.expect(call_id);
+        }
         self.close_twilio(ending.reason).await;
         let _ = model_closed.await;
         self.tasks.abort_all();

@@ -144,6 +144,9 @@ pub struct CallDeps {
     /// Cancelled when the drain starts: calls are handed off at a quiet moment (when
     /// `RELAY_DRAIN_HANDOFF` is on and the call is stored by control).
     pub drain: CancellationToken,
+    /// Where a call the relay ends while draining is noted: the drain keeps listening for
+    /// its action request ([`crate::drain`]).
+    pub actions_due: crate::drain::ActionsDue,
     /// The model endpoints' circuit breakers, shared by every call.
     pub breakers: ModelBreakers,
 }
