@@ -186,11 +186,16 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
         .await,
         "the call is going"
     );
-    let call_id = caller
+    // Its action URL as its TwiML wrote it (it names the stream), as a path.
+    let call_action = caller
         .live
         .stream_twiml(0)
-        .and_then(|t| t.parameter("callId").map(str::to_owned))
-        .expect("the call's id in its TwiML");
+        .and_then(|t| t.connect_action)
+        .expect("the call's <Connect action>");
+    let call_action = call_action
+        .strip_prefix(PUBLIC_URL)
+        .expect("the action URL is on the public URL")
+        .to_owned();
     // Another call of control's, never streamed: the probe requests' subject.
     let probe = world.create_call(&agent, "+14155550123").await;
     let probe_after = format!("/api/twilio/after/{probe}");
@@ -249,7 +254,7 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
     assert_eq!(get(relay, "/healthz").await, 200, "still listening");
     let action = post(
         relay,
-        &format!("/api/twilio/after/{call_id}"),
+        &call_action,
         &twilio.call_params("in-progress"),
         true,
     )
