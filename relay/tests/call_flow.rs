@@ -941,6 +941,8 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
     let mut w = world(|c| {
         c.drain_grace_secs = 1;
         c.drain_handoff = false;
+        // Nobody asks the cut call's action URL here: the relay gives up on it after this.
+        c.drain_action_wait_secs = 1;
     })
     .await;
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
@@ -959,9 +961,19 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
         }
     })
     .await;
+    // The webhook is still answered (TwiML naming the public URL: the balancer sends the
+    // stream to a ready relay); a new stream here is refused.
     let (status, _, _) =
         post_form(&w.relay, "/api/twilio/voice", &[("CallSid", "CA2")], true).await;
-    assert_eq!(status, 503, "no new calls while draining");
+    assert_eq!(status, 200, "webhooks are answered while draining");
+    let refused = twilio_ws(&w.relay, "/api/twilio/media-stream/call_2")
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(
+        matches!(&refused, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 503),
+        "no new stream while draining: {refused}"
+    );
     // The live call keeps running through the grace, then is cut with 1001 and DRAIN.
     assert_eq!(next_twilio(&mut tw).await.unwrap_err(), Some(1001));
     let ended = wait_ended(&w.control).await;
@@ -971,7 +983,13 @@ async fn drain_refuses_new_calls_and_cuts_live_ones_with_1001() {
 
 #[tokio::test]
 async fn drain_hands_a_quiet_call_off_with_handoff() {
-    let mut w = world(|c| c.drain_grace_secs = 30).await;
+    let mut w = world(|c| {
+        c.drain_grace_secs = 30;
+        // Nobody asks the handed-off call's action URL here: the relay gives up on it
+        // after this (tests/tests/e2e_drain.rs covers the wait).
+        c.drain_action_wait_secs = 1;
+    })
+    .await;
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
         .await
         .unwrap();
