@@ -4,6 +4,7 @@
 
 use callbridge_proto::pb;
 use callbridge_proto::pb::EndReason;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -15,11 +16,11 @@ use super::control_link::LinkIn;
 use super::dial::{close_model_later, model_close};
 use super::outbox::Outbox;
 use super::phase::Ending;
-use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, now_ms};
+use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, TwilioRead, now_ms};
 use crate::error::{EndKind, Side};
 
 impl Call {
-    pub(super) async fn finish(mut self, mut link_gone: mpsc::Receiver<()>) {
+    pub(super) async fn finish(mut self, mut link_gone: mpsc::Receiver<()>, tw_read: TwilioRead) {
         let ending = self
             .life
             .ending()
@@ -77,6 +78,8 @@ impl Call {
             self.deps.actions_due.expect(call_id);
         }
         self.close_twilio(ending.reason).await;
+        // Apart: the call is over for everyone; only the socket's last bytes are awaited.
+        tokio::spawn(read_to_close(tw_read));
         let _ = model_closed.await;
         self.tasks.abort_all();
         self.deps.metrics.call_ended(kind.label());
@@ -155,4 +158,19 @@ impl Call {
             debug!(detail = %ending.detail, transfer_to = %ending.transfer_to, "Call end detail.");
         }
     }
+}
+
+/// Reads what Twilio still sends until its close reply or the end of the socket (at most
+/// [`CLOSE_WAIT`]). A socket dropped with unread frames (the caller's audio keeps coming
+/// until Twilio sees the close) is reset by the kernel, and the reset can overtake the
+/// close frame: Twilio would see a lost stream instead of a clean hand-off or end.
+async fn read_to_close(mut tw_read: TwilioRead) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = tw_read.next().await {
+            if msg.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
 }

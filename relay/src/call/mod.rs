@@ -378,10 +378,11 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
     if short_circuit {
         call.end(EndKind::ModelUnavailable, crate::fallback_end::DETAIL);
     }
-    call_loop(&mut call, tw_read, &mut link).await;
+    let mut tw_read = tw_read;
+    call_loop(&mut call, &mut tw_read, &mut link).await;
     // Boxed, like the link flush: they run once, at the end; inline, their state would be
     // part of every call's future from its start.
-    Box::pin(call.finish(link.gone)).await;
+    Box::pin(call.finish(link.gone, tw_read)).await;
     // The call is over for Twilio and the model; only its events may be left to deliver.
     // Commands arriving meanwhile have no call to go to (and must not fill up and block
     // the link).
@@ -391,7 +392,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
 }
 
 /// The loop: wait for the next thing, handle it with one `now`, reconcile, write.
-async fn call_loop(call: &mut Call, mut tw_read: TwilioRead, link: &mut LinkParts) {
+async fn call_loop(call: &mut Call, tw_read: &mut TwilioRead, link: &mut LinkParts) {
     let mut link_open = call.link_tx.is_some();
     // Only calls stored by control can be resumed elsewhere.
     let handoff_possible = call.deps.config.drain_handoff && call.link_tx.is_some();
