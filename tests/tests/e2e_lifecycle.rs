@@ -321,7 +321,27 @@ async fn a_draining_relay_finishes_its_calls_and_refuses_new_ones() {
     )
     .await
     .expect("answers");
-    assert_eq!(newcomer.response.status, 503, "{}", newcomer.response.body);
+    // The webhook is still answered (Twilio does not retry a 503; the TwiML only names
+    // the public URL), but the stream it opens is refused here: the balancer sends it to
+    // a ready relay.
+    assert_eq!(newcomer.response.status, 200, "{}", newcomer.response.body);
+    let stream_url = newcomer
+        .twiml
+        .as_ref()
+        .and_then(|t| t.stream_url.clone())
+        .expect("TwiML that opens a stream");
+    let refused = with_timeout(
+        Duration::from_secs(10),
+        "stream upgrade",
+        SimCaller::new(world.caller(Conversation::default())).connect_stream(&stream_url),
+    )
+    .await
+    .expect("the relay answers the upgrade");
+    assert_eq!(
+        refused.err(),
+        Some(503),
+        "a new stream is refused while draining"
+    );
 
     let report = with_timeout(CALL, "the call", handle.join())
         .await
