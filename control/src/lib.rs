@@ -441,11 +441,12 @@ async fn sweep<S: CallStore>(shared: Arc<Shared<S>>) {
         }
         if last_trim.elapsed() > Duration::from_secs(60) {
             last_trim = tokio::time::Instant::now();
-            // A day of slack beyond retention: calls live on after their last event.
-            let cutoff =
-                domain::call::now_ms().saturating_sub(retention_ms.saturating_add(86_400_000));
-            if let Err(err) = shared.store.trim_index(cutoff).await {
-                tracing::debug!(error = %err, "Index trim failed.");
+            // A call is kept `retention` after its last write, so only entries created
+            // longer ago than that can point at a call that has gone.
+            let cutoff = domain::call::now_ms().saturating_sub(retention_ms);
+            match shared.store.trim_index(cutoff).await {
+                Ok(removed) => tracing::debug!(removed, "Call index trimmed."),
+                Err(err) => tracing::debug!(error = %err, "Index trim failed."),
             }
         }
     }

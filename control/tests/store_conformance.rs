@@ -70,6 +70,53 @@ conformance!(
     twilio_status_moves_one_way,
 );
 
+/// Redis only (the memory store keeps every call): trimming the call index drops the
+/// entries of calls that have expired, created before the cutoff, across many batches,
+/// and leaves every other entry.
+#[tokio::test]
+async fn trim_drops_only_expired_calls_on_redis() {
+    // TCP: the test expires keys through the admin port.
+    let backend = RedisBackend::on(RedisServer::tcp().expect("redis-server starts")).await;
+    let s = &backend.store;
+    let calls: Vec<CallRecord> = (0..1200_i64)
+        .map(|n| record(&format!("c{n}"), 1000 + n, ""))
+        .collect();
+    create(s, &calls).await;
+    // What PEXPIRE does at the end of retention, for every odd call.
+    let gone: Vec<String> = (1..1200)
+        .step_by(2)
+        .map(|n| format!("cb:call:{{c{n}}}"))
+        .collect();
+    let mut del = vec!["DEL"];
+    del.extend(gone.iter().map(String::as_str));
+    backend.redis.admin(&del).expect("DEL");
+
+    // Created before 1100: c1, c3, …, c99 have gone; c100 and later are not looked at.
+    assert_eq!(
+        within("trim_index", s.trim_index(1100)).await.expect("ok"),
+        50
+    );
+    assert_eq!(
+        within("trim_index", s.trim_index(i64::MAX))
+            .await
+            .expect("ok"),
+        550
+    );
+    assert_eq!(
+        within("trim_index", s.trim_index(i64::MAX))
+            .await
+            .expect("ok"),
+        0
+    );
+    let left = scan(s, None, NEWEST, 2000).await;
+    assert_eq!(left.len(), 600);
+    assert!(
+        left.iter()
+            .all(|(id, _)| id.as_str()[1..].parse::<u32>().expect("cN") % 2 == 0),
+        "only the expired calls left the index"
+    );
+}
+
 const LEASE: i64 = 500;
 const T0: i64 = 1_700_000_000_000;
 
@@ -82,12 +129,15 @@ struct RedisBackend {
     store: RedisStore,
     shutdown: CancellationToken,
     // Dropped last: the store's pub/sub task must not outlive its server by much.
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 impl RedisBackend {
     async fn start() -> Self {
-        let redis = RedisServer::unix().expect("redis-server starts");
+        Self::on(RedisServer::unix().expect("redis-server starts")).await
+    }
+
+    async fn on(redis: RedisServer) -> Self {
         let shutdown = CancellationToken::new();
         let store = within(
             "connect to redis",
@@ -105,7 +155,7 @@ impl RedisBackend {
         RedisBackend {
             store,
             shutdown,
-            _redis: redis,
+            redis,
         }
     }
 }
@@ -1030,10 +1080,18 @@ async fn end_and_retention<S: CallStore>(s: &S) {
         vec![AppendOutcome::ConditionFailed]
     );
 
-    // Retention: the all-calls index drops entries created before the cutoff; the
-    // calls themselves stay readable until they expire.
-    within("trim_index", s.trim_index(20)).await.expect("ok");
-    assert_eq!(ids(&scan(s, None, NEWEST, 10).await), vec!["c3", "c2"]);
+    // Retention: trimming the all-calls index keeps every entry whose call is still
+    // kept, however old (the Redis case `trim_drops_only_expired_calls` expires one).
+    assert_eq!(
+        within("trim_index", s.trim_index(i64::MAX))
+            .await
+            .expect("ok"),
+        0
+    );
+    assert_eq!(
+        ids(&scan(s, None, NEWEST, 10).await),
+        vec!["c3", "c2", "c1"]
+    );
     assert_eq!(get(s, "c1").await.call_id, "c1");
 }
 

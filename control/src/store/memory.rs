@@ -512,9 +512,12 @@ impl CallStore for MemoryStore {
         Ok(index_page(index, cursor, min_score, limit))
     }
 
-    async fn trim_index(&self, cutoff_ms: i64) -> StoreResult<()> {
-        self.lock().index.retain(|(score, _)| *score >= cutoff_ms);
-        Ok(())
+    async fn trim_index(&self, created_before_ms: i64) -> StoreResult<u64> {
+        let mut s = self.lock();
+        let State { index, calls, .. } = &mut *s;
+        let before = index.len();
+        index.retain(|(score, id)| *score >= created_before_ms || calls.contains_key(id));
+        Ok((before - index.len()) as u64)
     }
 
     async fn publish_command(

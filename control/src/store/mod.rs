@@ -307,9 +307,11 @@ pub trait CallStore: Send + Sync + 'static {
         min_score: i64,
         limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<(CallId, i64)>>> + Send;
-    /// Drops entries created before `cutoff_ms` from the all-calls index (their calls
-    /// have expired; campaign indexes expire as whole keys).
-    fn trim_index(&self, cutoff_ms: i64) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Drops from the all-calls index the entries created before `created_before_ms`
+    /// whose call has expired, and returns how many; an older call that is still kept
+    /// (it ended recently, or still runs) keeps its entry. Campaign indexes expire as
+    /// whole keys.
+    fn trim_index(&self, created_before_ms: i64) -> impl Future<Output = StoreResult<u64>> + Send;
 
     /// Applies what Twilio said about a call ([`TwilioUpdate`]) in one atomic step;
     /// `None` if there is no such call, else whether anything changed.

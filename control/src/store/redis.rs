@@ -45,6 +45,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// One day in milliseconds.
 const DAY_MS: i64 = 24 * 3600 * 1000;
+/// Index entries checked per round trip when trimming the call index.
+const TRIM_BATCH: usize = 500;
+/// Round trips per trim: bounds one sweep's work; the rest waits for the next one.
+const TRIM_BATCHES: usize = 20;
 /// Pause between pub/sub reconnect attempts.
 const PUBSUB_RETRY: Duration = Duration::from_millis(500);
 
@@ -1573,14 +1577,46 @@ impl CallStore for RedisStore {
             .collect())
     }
 
-    async fn trim_index(&self, cutoff_ms: i64) -> StoreResult<()> {
-        self.query(
-            redis::cmd("ZREMRANGEBYSCORE")
-                .arg(keys::calls_index())
-                .arg("-inf")
-                .arg(format!("({cutoff_ms}")),
-        )
-        .await
+    async fn trim_index(&self, created_before_ms: i64) -> StoreResult<u64> {
+        // Oldest first; entries whose call still exists stay and are stepped over.
+        let mut kept = 0usize;
+        let mut removed = 0u64;
+        for _ in 0..TRIM_BATCHES {
+            let ids: Vec<String> = self
+                .query(
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(keys::calls_index())
+                        .arg("-inf")
+                        .arg(format!("({created_before_ms}"))
+                        .arg("LIMIT")
+                        .arg(kept)
+                        .arg(TRIM_BATCH),
+                )
+                .await?;
+            let exists = self
+                .query_all::<bool>(ids.iter().map(|id| {
+                    let mut exists = redis::cmd("EXISTS");
+                    exists.arg(keys::call(id));
+                    exists
+                }))
+                .await?;
+            let gone: Vec<&String> = ids
+                .iter()
+                .zip(&exists)
+                .filter_map(|(id, exists)| (!exists).then_some(id))
+                .collect();
+            kept += ids.len() - gone.len();
+            if !gone.is_empty() {
+                let _: u64 = self
+                    .query(redis::cmd("ZREM").arg(keys::calls_index()).arg(&gone))
+                    .await?;
+                removed += gone.len() as u64;
+            }
+            if ids.len() < TRIM_BATCH {
+                break;
+            }
+        }
+        Ok(removed)
     }
 
     async fn publish_command(
@@ -1628,6 +1664,40 @@ impl RedisStore {
         let mut expire = redis::cmd("PEXPIRE");
         expire.arg(&key).arg(self.retention_ms);
         vec![hset, expire]
+    }
+
+    /// Runs independent single-key commands in few round trips, like [`Self::run_all`],
+    /// and returns their replies in order.
+    async fn query_all<T: redis::FromRedisValue + Send>(
+        &self,
+        cmds: impl IntoIterator<Item = Cmd>,
+    ) -> StoreResult<Vec<T>> {
+        let cmds: Vec<Cmd> = cmds.into_iter().collect();
+        let mut replies = Vec::with_capacity(cmds.len());
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut conn = self.conn();
+                for chunk in cmds.chunks(1000) {
+                    let mut pipe = redis::pipe();
+                    for cmd in chunk {
+                        pipe.add_command(cmd.clone());
+                    }
+                    replies.extend(pipe.query_async::<Vec<T>>(&mut conn).await?);
+                }
+            }
+            Conn::Cluster(_) => {
+                for chunk in cmds.chunks(256) {
+                    replies.extend(
+                        futures_util::future::try_join_all(chunk.iter().map(|cmd| {
+                            let mut conn = self.conn();
+                            async move { cmd.query_async::<T>(&mut conn).await }
+                        }))
+                        .await?,
+                    );
+                }
+            }
+        }
+        Ok(replies)
     }
 
     /// Runs independent single-key commands in few round trips: one pipeline per chunk
