@@ -4,7 +4,7 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `RELAY_LISTEN` | HTTP/WS listen address | `0.0.0.0:8080` |
-//! | `RELAY_PUBLIC_URL` | public `https://` base URL Twilio reaches; TwiML and signatures use it | required |
+//! | `RELAY_PUBLIC_URL` | public base URL Twilio reaches; TwiML and signatures use it. `https://` on port 443 unless loopback (Twilio opens streams only as `wss://` on 443) | required |
 //! | `CONTROL_URL` | control plane gRPC address: `https://host:port` (TLS) or `http://host:port` (plaintext h2c); unset: standalone mode | unset |
 //! | `RELAY_CONTROL_TOKEN` | bearer token presented to control | unset |
 //! | `CONTROL_CA_FILE` | PEM CA bundle that control's certificate must chain to (`https://` only) | unset: the webpki roots |
@@ -15,7 +15,7 @@
 //! | `RELAY_STREAM_SECRET` | key (≥ 32 bytes, the same on every relay) of the per-stream credentials TwiML carries (`docs/protocols.md`, "Stream credentials") | derived from `TWILIO_AUTH_TOKEN`; with neither (insecure mode only), a random key per process |
 //! | `RELAY_STREAM_CREDENTIAL_TTL_SECS` | how long a stream credential is valid after its TwiML was answered (Twilio opens the stream within seconds) | `60` |
 //! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only; logs a warning at start; short tokens allowed) | `false` |
-//! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host | `false` |
+//! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host, a non-loopback `RELAY_PUBLIC_URL` that is not `https://` on 443 | `false` |
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
 //! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
 //! | `RELAY_DRAIN_ACTION_WAIT_SECS` | after the last call, how long a draining relay keeps listening for Twilio's action request of each call it ended (hand-offs, calls cut at the grace), counted from that call's end; it stops sooner once each was answered here (0..=60) | `5` |
@@ -165,7 +165,8 @@ pub struct Config {
     #[arg(long, env = "RELAY_INSECURE_SKIP_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure_skip_signature: bool,
     /// Allow the insecure settings towards hosts that are not loopback: skipping
-    /// signatures with a non-loopback RELAY_PUBLIC_URL, a ws:// model URL off loopback.
+    /// signatures with a non-loopback RELAY_PUBLIC_URL, a ws:// model URL off loopback,
+    /// a non-loopback RELAY_PUBLIC_URL that is not https:// on 443.
     #[arg(long, env = "RELAY_INSECURE_ALLOW_PUBLIC", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure_allow_public: bool,
     /// Seconds live calls may run on after SIGTERM before they are cut.
@@ -577,6 +578,9 @@ impl Config {
                  wss:// (or set RELAY_INSECURE_ALLOW_PUBLIC=true)",
             ));
         }
+        if !url_host(&self.public_url).is_some_and(is_loopback) {
+            check_twilio_reachable(&self.public_url)?;
+        }
         Ok(())
     }
 
@@ -740,6 +744,29 @@ pub fn bearer_header(token: &Secret) -> Option<MetadataValue<Ascii>> {
         return None;
     }
     MetadataValue::try_from(format!("Bearer {}", token.expose())).ok()
+}
+
+/// Twilio opens media streams only as `wss://` on port 443 (a `ws://` URL fails with
+/// 31910/31920), and the stream URL is the public URL's `wss` twin: a public URL Twilio
+/// reaches must be `https://` on 443, whatever the webhooks alone would tolerate.
+fn check_twilio_reachable(public_url: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(public_url)
+        .map_err(|e| invalid("RELAY_PUBLIC_URL", format!("is not a URL: {e}")))?;
+    if url.scheme() != "https" || url.port_or_known_default() != Some(443) {
+        return Err(invalid(
+            "RELAY_PUBLIC_URL",
+            "must be https:// on port 443 for a host that is not loopback: Twilio opens \
+             media streams only as wss:// on 443 (put a TLS load balancer in front of \
+             RELAY_LISTEN), or set RELAY_INSECURE_ALLOW_PUBLIC=true on a private test network",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "RELAY_PUBLIC_URL",
+            "must not carry credentials: it is written into every TwiML answer",
+        ));
+    }
+    Ok(())
 }
 
 /// The host of `scheme://[user@]host[:port][/path]`, without IPv6 brackets.
@@ -911,6 +938,37 @@ mod tests {
         assert!(parse(&args).is_ok());
         // An empty token is no token.
         assert!(with_token("", &[]).unwrap().control_token.is_none());
+    }
+
+    #[test]
+    fn a_public_url_twilio_reaches_is_https_on_443() {
+        let with_public = |public: &'static str, allow: bool| {
+            let mut args = BASE.to_vec();
+            args[1] = public;
+            if allow {
+                args.extend(["--insecure-allow-public", "true"]);
+            }
+            parse(&args)
+        };
+        for good in [
+            "https://relay.example.com",
+            "https://relay.example.com:443/voice",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+        ] {
+            assert!(with_public(good, false).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://relay.example.com",
+            "https://relay.example.com:8443",
+            "http://relay:8080",
+            "https://user:pw@relay.example.com",
+        ] {
+            let err = with_public(bad, false).unwrap_err().to_string();
+            assert!(err.contains("RELAY_PUBLIC_URL"), "{bad}: {err}");
+        }
+        // A private test network (the compose stack) says so explicitly.
+        assert!(with_public("http://relay:8080", true).is_ok());
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn xml(body: String) -> Response {
 /// Checks the Twilio signature of a request to `url` with `params`.
 pub(crate) fn signed(
     deps: &Deps,
+    route: &'static str,
     url: &str,
     params: &[(String, String)],
     sig: Option<&str>,
@@ -109,10 +110,15 @@ pub(crate) fn signed(
     if cfg.insecure_skip_signature {
         return true;
     }
-    match (&cfg.twilio_auth_token, sig) {
-        (Some(token), Some(sig)) => signature::validate(token, url, params, sig),
-        _ => false,
-    }
+    let refused = match (&cfg.twilio_auth_token, sig) {
+        (Some(token), Some(sig)) if signature::validate(token, url, params, sig) => return true,
+        (Some(_), Some(_)) => "invalid",
+        _ => "missing",
+    };
+    // Counted, not logged per request: a probe must not flood the log. A steady rate
+    // on Twilio's own routes means RELAY_PUBLIC_URL or TWILIO_AUTH_TOKEN is wrong.
+    deps.call.metrics.signature_refused(route, refused);
+    false
 }
 
 /// `url` with the query string as Twilio sent it (Twilio signs it as requested).
@@ -150,7 +156,7 @@ async fn voice(
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
     let url = with_query(paths::voice_webhook(&cfg.public_url, None), &raw_query);
-    if !signed(&deps, &url, &form, sig.as_deref()) {
+    if !signed(&deps, "voice", &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     // Answered while draining too: the TwiML only names the public URL, and the stream
@@ -264,7 +270,7 @@ async fn after(
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
     let url = with_query(paths::after(&cfg.public_url, &call_id), &raw_query);
-    if !signed(&deps, &url, &form, sig.as_deref()) {
+    if !signed(&deps, "action", &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     let Ok(call_id) = CallId::parse(call_id) else {
@@ -370,7 +376,7 @@ async fn media_stream(
 ) -> Result<Response, Infallible> {
     let cfg = deps.call.config.clone();
     let url = paths::media_stream(&cfg.public_ws_base(), &call_id);
-    if !signed(&deps, &url, &[], sig.as_deref()) {
+    if !signed(&deps, "media_stream", &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     let Ok(call_id) = CallId::parse(call_id) else {
@@ -401,7 +407,7 @@ async fn media_stream_simple(
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
     }
     let url = paths::media_stream_simple(&cfg.public_ws_base());
-    if !signed(&deps, &url, &[], sig.as_deref()) {
+    if !signed(&deps, "media_stream_simple", &url, &[], sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     if deps.draining() {
@@ -808,7 +814,9 @@ mod tests {
 
     #[tokio::test]
     async fn unsigned_webhooks_are_403() {
-        let routes = routes(deps(|_| {}));
+        let deps = deps(|_| {});
+        let metrics = deps.call.metrics.clone();
+        let routes = routes(deps);
         for path in [
             "/api/twilio/voice",
             "/api/twilio/voice?callId=c1",
@@ -847,6 +855,18 @@ mod tests {
             .reply(&routes)
             .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // Counted by route and reason, where an operator looks.
+        let exported = metrics.encode();
+        for line in [
+            "callbridge_relay_signature_refusals_total{route=\"voice\",reason=\"missing\"} 2",
+            "callbridge_relay_signature_refusals_total{route=\"voice\",reason=\"invalid\"} 3",
+            "callbridge_relay_signature_refusals_total{route=\"action\",reason=\"missing\"} 1",
+            "callbridge_relay_signature_refusals_total{route=\"action\",reason=\"invalid\"} 1",
+            "callbridge_relay_signature_refusals_total{route=\"fallback\",reason=\"missing\"} 1",
+            "callbridge_relay_signature_refusals_total{route=\"fallback\",reason=\"invalid\"} 1",
+        ] {
+            assert!(exported.contains(line), "{line} in {exported}");
+        }
     }
 
     #[tokio::test]

@@ -46,6 +46,7 @@ struct Inner {
     gap_dropped: Counter,
     listeners: crate::listen::ListenerMetrics,
     stream_refusals: Family<Labels, Counter>,
+    signature_refusals: Family<[(&'static str, &'static str); 2], Counter>,
     rate_dropped: Counter,
     model_breaker_open: Family<EndpointLabels, Gauge>,
     model_breaker_opened: Family<EndpointLabels, Counter>,
@@ -184,6 +185,12 @@ impl Metrics {
             "Media streams refused at start, by reason (stream_admission::Refusal::label)",
             stream_refusals.clone(),
         );
+        let signature_refusals = Family::default();
+        registry.register(
+            "signature_refusals",
+            "Twilio requests refused for their X-Twilio-Signature, by route and reason (missing, invalid)",
+            signature_refusals.clone(),
+        );
         let media_dropped = Family::<Labels, Counter>::default();
         registry.register(
             "media_frames_dropped",
@@ -270,6 +277,7 @@ impl Metrics {
             gap_dropped,
             listeners,
             stream_refusals,
+            signature_refusals,
             rate_dropped,
             model_breaker_open,
             model_breaker_opened,
@@ -393,6 +401,14 @@ impl Metrics {
     pub fn stream_refused(&self, reason: &'static str) {
         let counter = resolve(&self.inner.stream_refusals, ("reason", reason));
         counter.inc();
+    }
+
+    /// Counts a Twilio request refused for its signature on `route` (`missing`, `invalid`).
+    pub fn signature_refused(&self, route: &'static str, reason: &'static str) {
+        self.inner
+            .signature_refusals
+            .get_or_create(&[("route", route), ("reason", reason)])
+            .inc();
     }
 
     /// Caller frames dropped for arriving faster than real time.

@@ -81,7 +81,7 @@ async fn status(
         paths::status_callback(&deps.call.config.public_url, None),
         &raw_query,
     );
-    if !signed(&deps, &url, &form, sig.as_deref()) {
+    if !signed(&deps, "status", &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     let report = match report(&raw_query, &form) {

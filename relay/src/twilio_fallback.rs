@@ -42,7 +42,7 @@ async fn fallback(
 ) -> Result<Response, Infallible> {
     let config = &deps.call.config;
     let url = with_query(paths::fallback(&config.public_url), &raw_query);
-    if !signed(&deps, &url, &form, sig.as_deref()) {
+    if !signed(&deps, "fallback", &url, &form, sig.as_deref()) {
         return Ok(text(StatusCode::FORBIDDEN, "invalid X-Twilio-Signature\n"));
     }
     tracing::warn!(

@@ -82,6 +82,23 @@ fn relay_refuses_settings_that_would_fail_open() {
             "OPENAI_REALTIME_URL",
             None,
         ),
+        // Stream URLs Twilio cannot open (ws://, or a port other than 443).
+        (
+            vec![
+                ("RELAY_CONTROL_TOKEN", LONG),
+                ("RELAY_PUBLIC_URL", "http://relay.example.com"),
+            ],
+            "RELAY_PUBLIC_URL",
+            None,
+        ),
+        (
+            vec![
+                ("RELAY_CONTROL_TOKEN", LONG),
+                ("RELAY_PUBLIC_URL", "https://relay.example.com:8443"),
+            ],
+            "RELAY_PUBLIC_URL",
+            None,
+        ),
     ];
     for (extra, var, secret) in cases {
         let mut env = secure.to_vec();
