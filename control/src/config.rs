@@ -12,6 +12,7 @@
 //! | `CONTROL_LOG` | log filter (`tracing` env-filter syntax) | `info` |
 //! | `CONTROL_LOG_FORMAT` | `text` or `json` | `text` |
 //! | `CONTROL_LEASE_SECS` | attach lease; a live call unleased this long ends `RELAY_LOST` | `15` |
+//! | `CONTROL_HEARTBEAT_TIMEOUT_SECS` | a call's lease is released when its relay's attach stream was silent this long (relays send a heartbeat every third of it); also how recently a relay must have reported to count as ready. Less than `CONTROL_LEASE_SECS` | `6` |
 //! | `CONTROL_RETENTION_SECS` | how long finished calls are kept | `604800` (7 days) |
 //! | `CONTROL_METRICS_LISTEN` | address of the HTTP listener for Prometheus `/metrics` and the `/healthz`, `/readyz` probes (plaintext unless `CONTROL_METRICS_TLS_*`); empty disables | `0.0.0.0:9090` |
 //! | `CONTROL_ID` | this replica's id (routes commands to it) | hostname + random suffix |
@@ -99,6 +100,10 @@ struct Args {
     /// Attach lease in seconds; a live call with no lease this long ends with RELAY_LOST.
     #[arg(long, env = "CONTROL_LEASE_SECS", default_value = "15")]
     lease_secs: u64,
+    /// Seconds of silence on an attach stream (no heartbeat, no event) after which the
+    /// call's lease is released; relays send a heartbeat every third of it.
+    #[arg(long, env = "CONTROL_HEARTBEAT_TIMEOUT_SECS", default_value = "6")]
+    heartbeat_timeout_secs: u64,
     /// How long finished calls are kept, in seconds.
     #[arg(long, env = "CONTROL_RETENTION_SECS", default_value = "604800")]
     retention_secs: u64,
@@ -169,6 +174,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Attach lease.
     pub lease: Duration,
+    /// Silence on an attach stream after which its lease is released.
+    pub heartbeat_timeout: Duration,
     /// Retention of finished calls.
     pub retention: Duration,
     /// Metrics listen address; `None` disables.
@@ -472,6 +479,17 @@ impl Config {
         if args.lease_secs == 0 || args.lease_secs > 3600 {
             return Err(bad("CONTROL_LEASE_SECS", "must be 1..=3600"));
         }
+        // At or above the lease, a lost relay's lease would run out (RELAY_LOST) before
+        // the heartbeat timeout could release it for a resume.
+        if args.heartbeat_timeout_secs == 0 || args.heartbeat_timeout_secs >= args.lease_secs {
+            return Err(bad(
+                "CONTROL_HEARTBEAT_TIMEOUT_SECS",
+                format!(
+                    "must be at least 1 and less than CONTROL_LEASE_SECS ({})",
+                    args.lease_secs
+                ),
+            ));
+        }
         if args.retention_secs < 60 {
             return Err(bad("CONTROL_RETENTION_SECS", "must be at least 60"));
         }
@@ -512,6 +530,7 @@ impl Config {
             log: args.log,
             log_format: args.log_format,
             lease: Duration::from_secs(args.lease_secs),
+            heartbeat_timeout: Duration::from_secs(args.heartbeat_timeout_secs),
             retention: Duration::from_secs(args.retention_secs),
             metrics_listen,
             control_id,
@@ -634,6 +653,21 @@ mod tests {
             (
                 &["--app-tokens", T, "--lease-secs", "0"],
                 "CONTROL_LEASE_SECS",
+            ),
+            (
+                &["--app-tokens", T, "--heartbeat-timeout-secs", "0"],
+                "CONTROL_HEARTBEAT_TIMEOUT_SECS",
+            ),
+            (
+                &[
+                    "--app-tokens",
+                    T,
+                    "--lease-secs",
+                    "5",
+                    "--heartbeat-timeout-secs",
+                    "5",
+                ],
+                "CONTROL_HEARTBEAT_TIMEOUT_SECS",
             ),
             (
                 &["--app-tokens", T, "--relay-public-url", "ftp://x"],

@@ -157,6 +157,10 @@ pub enum Error {
     /// Another attach stream took the call's lease from this one.
     #[error("the call was attached by another stream")]
     LeaseLost,
+    /// Nothing (no heartbeat, no event) arrived on an attach stream for the heartbeat
+    /// timeout: its lease was released as if the stream had broken.
+    #[error("no heartbeat from the relay for {0:?}; the call's lease was released")]
+    HeartbeatTimeout(std::time::Duration),
     /// The store answered in a way its contract rules out.
     #[error("unexpected store outcome {0}")]
     UnexpectedStoreOutcome(String),
@@ -215,7 +219,9 @@ impl Error {
             | Error::DialingUnavailable(_)
             | Error::WrongTwilioCall(_)
             | Error::TwilioRefused { .. } => Code::FailedPrecondition,
-            Error::TwilioUnavailable { .. } | Error::ShuttingDown { .. } => Code::Unavailable,
+            Error::TwilioUnavailable { .. }
+            | Error::ShuttingDown { .. }
+            | Error::HeartbeatTimeout(_) => Code::Unavailable,
             Error::VersionConflict { .. } | Error::LeaseLost => Code::Aborted,
             Error::StreamCredentialUsed(_)
             | Error::StreamSuperseded(_)

@@ -18,6 +18,7 @@
 //! - [`metrics`]: Prometheus metrics and `/metrics`; [`limits`]: the listeners' limits
 //!   (settings); [`grpc_limits`]: the unary deadline that spares streams, and the cap on
 //!   watch streams per token.
+//! - [`heartbeat`]: the attach streams' heartbeat timeout and the ready-relay rule.
 //! - [`error`]: `StoreError`, `Error` and their one mapping to `tonic::Status`.
 //! - [`tls`]: the gRPC listener over TLS (certificates reloaded on change) and PEM files.
 //!
@@ -30,6 +31,7 @@ mod dialer;
 pub mod domain;
 pub mod error;
 pub mod grpc_limits;
+pub mod heartbeat;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

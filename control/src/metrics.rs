@@ -61,6 +61,10 @@ pub struct Metrics {
     pub relay_lost: Counter,
     /// Calls a credential-proven attach took over from a stream still holding the lease.
     pub lease_takeovers: Counter,
+    /// Attach streams whose relay was silent for the heartbeat timeout (lease released).
+    pub heartbeat_timeouts: Counter,
+    /// Presence reports of draining relays answered "no other ready relay".
+    pub no_ready_relay: Counter,
     /// Requests refused by the bearer-token check, by API.
     pub auth_refused: Family<AuthLabels, Counter>,
 }
@@ -86,6 +90,8 @@ impl Metrics {
         ]);
         let relay_lost = Counter::default();
         let lease_takeovers = Counter::default();
+        let heartbeat_timeouts = Counter::default();
+        let no_ready_relay = Counter::default();
         let auth_refused = Family::<AuthLabels, Counter>::default();
         registry.register(
             "callbridge_control_rpc",
@@ -133,6 +139,16 @@ impl Metrics {
             lease_takeovers.clone(),
         );
         registry.register(
+            "callbridge_control_heartbeat_timeouts",
+            "Attach streams silent (no heartbeat, no event) for CONTROL_HEARTBEAT_TIMEOUT_SECS: the call's lease was released as if the stream had broken",
+            heartbeat_timeouts.clone(),
+        );
+        registry.register(
+            "callbridge_control_no_ready_relay",
+            "Presence reports of a draining relay answered with no other ready relay (it keeps its calls)",
+            no_ready_relay.clone(),
+        );
+        registry.register(
             "callbridge_control_auth_refused",
             "Requests refused by the bearer-token check (UNAUTHENTICATED), by API",
             auth_refused.clone(),
@@ -148,6 +164,8 @@ impl Metrics {
             redis_latency,
             relay_lost,
             lease_takeovers,
+            heartbeat_timeouts,
+            no_ready_relay,
             auth_refused,
         }
     }

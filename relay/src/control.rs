@@ -232,6 +232,24 @@ impl Control {
         }
     }
 
+    /// `Relay.ReportPresence`: this relay is alive (and whether it drains); the answer
+    /// counts the other ready relays and names when to report next.
+    pub async fn report_presence(
+        &self,
+        relay_id: &str,
+        draining: bool,
+    ) -> Result<pb::RelayPresenceAck, ControlError> {
+        let mut client = self.client.clone();
+        let req = pb::RelayPresence {
+            relay_id: relay_id.to_owned(),
+            draining,
+        };
+        match tokio::time::timeout(self.timeout, client.report_presence(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(ControlError::Timeout(self.timeout)),
+        }
+    }
+
     /// Opens `Relay.Attach` and waits for the call context (the first reply). A stream's
     /// first attach carries its `proof`; a reconnect of the relay's own stream none.
     pub async fn attach(
@@ -262,6 +280,8 @@ impl Control {
                     stream_origin: proof.origin as i32,
                     takes_over_stream_id: proof.takes_over,
                     attach_attempt_id: proof.attempt,
+                    // Sent when the context names an interval (control_link).
+                    heartbeats: true,
                 })),
             };
             tx.send(Box::new(open))

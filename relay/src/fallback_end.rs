@@ -76,6 +76,7 @@ pub fn spawn(
             metrics,
             capacity,
             last_seq: ctx.last_seq,
+            heartbeat_interval_ms: ctx.heartbeat_interval_ms,
         };
         let events = [
             pb::call_event::Kind::ModelError(pb::ModelError {

@@ -39,6 +39,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod model_breaker;
+pub mod presence;
 pub mod realtime;
 pub mod signature;
 pub mod status_callback;
@@ -120,6 +121,21 @@ pub async fn run_with_metrics(
     }
     let hard_stop = CancellationToken::new();
     let drain_started = CancellationToken::new();
+    // Opened by the presence task once draining and another relay is ready.
+    let handoff = CancellationToken::new();
+    let presence = control.clone().map(|control| {
+        tokio::spawn(
+            presence::Presence {
+                control,
+                relay_id: relay_id.clone(),
+                drain_started: drain_started.clone(),
+                handoff: handoff.clone(),
+                handoff_enabled: config.drain_handoff,
+                metrics: metrics.clone(),
+            }
+            .run(),
+        )
+    });
     let streams = Arc::new(stream_credential::StreamCredentials::from_config(&config));
     let breakers = model_breaker::ModelBreakers::from_config(&config, &metrics);
     let (actions_due, actions_ledger) =
@@ -132,7 +148,7 @@ pub async fn run_with_metrics(
             control,
             relay_id: relay_id.clone(),
             hard_stop: hard_stop.clone(),
-            drain: drain_started.clone(),
+            drain: handoff.clone(),
             actions_due,
         },
         draining: Arc::new(AtomicBool::new(false)),
@@ -165,7 +181,8 @@ pub async fn run_with_metrics(
     deps.draining.store(true, Ordering::Relaxed);
     metrics.draining().set(1);
     deps.tracker.close();
-    // Live calls hand themselves off at their next quiet moment (RELAY_DRAIN_HANDOFF).
+    // Live calls hand themselves off at their next quiet moment (RELAY_DRAIN_HANDOFF),
+    // once control knows another ready relay (presence).
     drain_started.cancel();
     let drain = async {
         if tokio::time::timeout(grace, deps.tracker.wait())
@@ -207,6 +224,9 @@ pub async fn run_with_metrics(
     }
     if let Some(metrics_server) = metrics_server {
         let _ = tokio::time::timeout(HARD_STOP_WAIT, metrics_server).await;
+    }
+    if let Some(presence) = presence {
+        presence.abort();
     }
     info!("Relay stopped.");
     Ok(())

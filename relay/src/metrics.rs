@@ -40,6 +40,7 @@ struct Inner {
     time_to_first_audio: Histogram,
     control_reconnects: Counter,
     draining: Gauge,
+    handoff_withheld: Gauge,
     model_reconnects: Counter,
     model_rollovers: Counter,
     handoffs: Counter,
@@ -154,6 +155,12 @@ impl Metrics {
             "draining",
             "1 while the relay is draining",
             draining.clone(),
+        );
+        let handoff_withheld = Gauge::default();
+        registry.register(
+            "drain_handoff_withheld",
+            "1 while the relay drains and control knows no other ready relay: live calls stay until they end or the grace ends",
+            handoff_withheld.clone(),
         );
         let model_reconnects = Counter::default();
         registry.register(
@@ -271,6 +278,7 @@ impl Metrics {
             time_to_first_audio,
             control_reconnects,
             draining,
+            handoff_withheld,
             model_reconnects,
             model_rollovers,
             handoffs,
@@ -385,6 +393,11 @@ impl Metrics {
     /// Model session rollovers.
     pub fn model_rollovers(&self) -> &Counter {
         &self.inner.model_rollovers
+    }
+
+    /// 1 while draining with no other ready relay (calls kept).
+    pub fn drain_handoff_withheld(&self) -> &Gauge {
+        &self.inner.handoff_withheld
     }
 
     /// Calls handed off while draining.

@@ -163,6 +163,10 @@ impl HeldRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_answers_every_request_it_took_then_exits() {
     let mut world = World::builder(FakeRealtime::builder().script(script(30)).speed(2.0))
+        // A second relay, ready: a draining relay hands calls off only when control knows
+        // one (a lone relay keeps them: e2e_heartbeat.rs). Every request here goes to
+        // relay 0.
+        .relays(2)
         // Long enough that only an answered action request, never the bound, ends the
         // drain in this test.
         .relay_env("RELAY_DRAIN_ACTION_WAIT_SECS", "60")
@@ -176,6 +180,7 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
     // A live call. This Twilio is slow to ask the action URL: the test asks it instead,
     // once it has looked at the drain.
     let mut cfg: CallerConfig = world.caller(script(30));
+    cfg.relays = LoadBalancer::new(vec![relay]);
     cfg.after_delay = Duration::from_secs(600);
     cfg.answer_wait = Duration::from_secs(5);
     let twilio = cfg.clone();
@@ -215,7 +220,8 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
     // Draining: readiness off, a new stream refused, webhooks and actions answered.
     assert_eq!(get(relay, "/readyz").await, 503, "/readyz while draining");
     assert_eq!(get(relay, "/healthz").await, 200, "/healthz while draining");
-    let new_caller = world.caller(script(1));
+    let mut new_caller = world.caller(script(1));
+    new_caller.relays = LoadBalancer::new(vec![relay]);
     let r = post(
         relay,
         "/api/twilio/voice",

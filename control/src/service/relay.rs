@@ -20,6 +20,7 @@ use crate::domain::call::{
 use crate::domain::ids::{CallId, CallSid, LeaseHolder, RelayId, StreamCredentialId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
+use crate::heartbeat::{self, Liveness};
 use crate::store::{AdmitOutcome, AppendOutcome, AttachChecks, AttachOutcome, CallStore};
 
 /// The `Relay` service.
@@ -124,6 +125,8 @@ struct AttachStream<S> {
     tx: AttachTx,
     /// Reused buffer of the events read in one wake-up.
     batch: Vec<pb::CallEvent>,
+    /// Set when the relay sends heartbeats: when the stream last showed life.
+    liveness: Option<Liveness>,
 }
 
 /// Why reading a run of inbound messages stopped before the bound.
@@ -163,6 +166,20 @@ impl<S: CallStore> AttachStream<S> {
         tracing::info!(?end, "Attach stream closed.");
     }
 
+    fn heard(&mut self) {
+        if let Some(live) = &mut self.liveness {
+            live.heard(tokio::time::Instant::now());
+        }
+    }
+
+    /// How long the relay has been silent, when that is the whole heartbeat timeout.
+    fn overdue(&self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        self.liveness
+            .filter(|live| live.overdue(now))
+            .map(|live| live.silent_for(now))
+    }
+
     async fn send(&self, msg: pb::attach_response::Msg) -> bool {
         self.tx
             .send(Ok(pb::AttachResponse { msg: Some(msg) }))
@@ -178,7 +195,7 @@ impl<S: CallStore> AttachStream<S> {
     fn event_of(
         &self,
         message: Result<Option<pb::AttachRequest>, Status>,
-    ) -> Result<pb::CallEvent, Stop> {
+    ) -> Result<Option<pb::CallEvent>, Stop> {
         let request = match message {
             Ok(Some(request)) => request,
             Ok(None) => return Err(Stop::Closed),
@@ -208,8 +225,10 @@ impl<S: CallStore> AttachStream<S> {
                         .into(),
                     ));
                 }
-                Ok(event)
+                Ok(Some(event))
             }
+            // A sign of life only: the caller notes the time.
+            Some(pb::attach_request::Msg::Heartbeat(_)) => Ok(None),
             Some(pb::attach_request::Msg::Open(_)) => Err(Stop::Refused(
                 Error::invalid("open", "sent twice on one stream").into(),
             )),
@@ -292,6 +311,13 @@ impl<S: CallStore> AttachStream<S> {
         let mut renew = tokio::time::interval(lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
+        // Checked every heartbeat interval: a silent relay's lease is released between
+        // one timeout and one timeout plus an interval after its last message.
+        let mut watch = tokio::time::interval(heartbeat::interval(
+            self.shared.config.heartbeat_timeout,
+        ));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watch.tick().await;
         let mut ended = false;
         loop {
             tokio::select! {
@@ -303,6 +329,7 @@ impl<S: CallStore> AttachStream<S> {
                 // Up: events from the relay, with every event already waiting behind
                 // this one (up to a bound), stored in one round trip and acknowledged once.
                 message = self.inbound.message() => {
+                    self.heard();
                     let mut batch = std::mem::take(&mut self.batch);
                     let mut stop = None;
                     let mut next = Some(message);
@@ -316,7 +343,8 @@ impl<S: CallStore> AttachStream<S> {
                             },
                         };
                         match self.event_of(message) {
-                            Ok(event) => batch.push(event),
+                            Ok(Some(event)) => batch.push(event),
+                            Ok(None) => {}
                             Err(s) => {
                                 stop = Some(s);
                                 break;
@@ -324,6 +352,8 @@ impl<S: CallStore> AttachStream<S> {
                         }
                     }
                     let stored = self.store_batch(&batch, &mut ended).await;
+                    // Control was not listening while it stored: not the relay's silence.
+                    self.heard();
                     batch.clear();
                     self.batch = batch;
                     if let Err(end) = stored {
@@ -343,6 +373,19 @@ impl<S: CallStore> AttachStream<S> {
                 Some(command) = self.commands.recv() => {
                     self.shared.metrics.commands_routed.inc();
                     if !self.send(pb::attach_response::Msg::Command(command)).await {
+                        return StreamEnd::Released;
+                    }
+                }
+                // A relay that stopped talking (node lost, process frozen) without its
+                // stream breaking: released as if the stream had broken.
+                _ = watch.tick(), if self.liveness.is_some() && !ended => {
+                    if let Some(silent) = self.overdue() {
+                        self.shared.metrics.heartbeat_timeouts.inc();
+                        tracing::warn!(silent_ms = u64::try_from(silent.as_millis()).unwrap_or(u64::MAX), "Relay silent for the heartbeat timeout; lease released.");
+                        // try_send: a silent relay is not reading either, and its buffer
+                        // may be full; the release must not wait on it.
+                        let timeout = self.shared.config.heartbeat_timeout;
+                        let _ = self.tx.try_send(Err(Error::HeartbeatTimeout(timeout).into()));
                         return StreamEnd::Released;
                     }
                 }
@@ -520,6 +563,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     agent: Some(agent),
                     last_seq: call.last_seq,
                     history,
+                    heartbeat_interval_ms: heartbeat::interval_ms(shared.config.heartbeat_timeout),
                 };
                 if tx
                     .try_send(Ok(pb::AttachResponse { msg: Some(pb::attach_response::Msg::Context(context)) }))
@@ -530,7 +574,7 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     return Err(Error::AttachStreamClosed);
                 }
                 shared.metrics.attached_calls.inc();
-                tracing::info!(relay_id = %relay_id, reconnect = open.reconnect, last_seq = call.last_seq, "Call attached.");
+                tracing::info!(relay_id = %relay_id, reconnect = open.reconnect, heartbeats = open.heartbeats, last_seq = call.last_seq, "Call attached.");
                 let span = tracing::info_span!("attach", call_id = %call_id, relay_id = %relay_id);
                 let stream = AttachStream {
                     shared: shared.clone(),
@@ -540,6 +584,9 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     commands: command_rx,
                     tx,
                     batch: Vec::new(),
+                    liveness: open.heartbeats.then(|| {
+                        Liveness::new(shared.config.heartbeat_timeout, tokio::time::Instant::now())
+                    }),
                 };
                 shared.tracker.spawn(stream.run().instrument(span));
                 Ok(ReceiverStream::new(rx))
@@ -566,6 +613,32 @@ impl<S: CallStore> Relay for RelayApi<S> {
                     tracing::warn!(call_id = %call_id, "Action request of an earlier stream of a live call answered hangup (a replay?).");
                 }
                 Ok(pb::AfterResponse { next: Some(next) })
+            })
+            .await
+    }
+
+    async fn report_presence(
+        &self,
+        request: Request<pb::RelayPresence>,
+    ) -> Result<Response<pb::RelayPresenceAck>, Status> {
+        let req = request.into_inner();
+        let shared = &self.0;
+        shared
+            .rpc(SERVICE, "ReportPresence", "", async {
+                let relay_id = RelayId::parse("relay_id", req.relay_id.as_str())?;
+                let timeout = shared.config.heartbeat_timeout;
+                let alive_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+                let others = shared
+                    .store
+                    .report_presence(&relay_id, req.draining, now_ms(), alive_ms)
+                    .await?;
+                if req.draining && others == 0 {
+                    shared.metrics.no_ready_relay.inc();
+                }
+                Ok(pb::RelayPresenceAck {
+                    other_ready_relays: others,
+                    interval_ms: heartbeat::interval_ms(timeout),
+                })
             })
             .await
     }

@@ -43,6 +43,17 @@ pub(crate) fn leases_index() -> String {
     format!("{PREFIX}:leases")
 }
 
+/// Sorted set: the ready-relay registry, relay id scored by its last report (ms). Shares
+/// the hash tag `{relays}` with [`relays_draining`], so one script updates both.
+pub(crate) fn relays_seen() -> String {
+    format!("{PREFIX}:{{relays}}:seen")
+}
+
+/// Sorted set: the relays that reported draining, scored by that report (ms).
+pub(crate) fn relays_draining() -> String {
+    format!("{PREFIX}:{{relays}}:draining")
+}
+
 /// String: one agent, protobuf-encoded, in a hash with its version.
 pub(crate) fn agent(agent_id: &str) -> String {
     format!("{PREFIX}:agent:{{{agent_id}}}")

@@ -36,6 +36,8 @@ struct State {
     /// Consumed stream credentials: (call, credential id) → until when the record is kept,
     /// and the attempt id that consumed it ("" none).
     credentials: HashMap<(CallId, String), (i64, String)>,
+    /// The ready-relay registry: relay id → (last report ms, draining).
+    relays: HashMap<RelayId, (i64, bool)>,
 }
 
 /// The in-memory store.
@@ -495,6 +497,27 @@ impl CallStore for MemoryStore {
     async fn forget_lease(&self, call_id: &CallId) -> StoreResult<()> {
         self.lock().leases.remove(call_id);
         Ok(())
+    }
+
+    async fn report_presence(
+        &self,
+        relay_id: &RelayId,
+        draining: bool,
+        now_ms: i64,
+        alive_ms: i64,
+    ) -> StoreResult<u32> {
+        let mut s = self.lock();
+        s.relays.insert(relay_id.clone(), (now_ms, draining));
+        s.relays
+            .retain(|_, (seen, _)| *seen > now_ms.saturating_sub(alive_ms.saturating_mul(10)));
+        Ok(crate::heartbeat::ready_others(
+            s.relays
+                .iter()
+                .map(|(id, (seen, draining))| (id.as_str(), *seen, *draining)),
+            relay_id.as_str(),
+            now_ms,
+            alive_ms,
+        ))
     }
 
     async fn scan_index(

@@ -298,6 +298,16 @@ pub trait CallStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Vec<CallId>>> + Send;
     /// Forgets a call in the lease index.
     fn forget_lease(&self, call_id: &CallId) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The ready-relay registry: records that `relay_id` was alive at `now_ms` (and
+    /// whether it drains), forgets relays silent for ten times `alive_ms`, and returns how
+    /// many *other* relays reported within `alive_ms` and are not draining.
+    fn report_presence(
+        &self,
+        relay_id: &RelayId,
+        draining: bool,
+        now_ms: i64,
+        alive_ms: i64,
+    ) -> impl Future<Output = StoreResult<u32>> + Send;
     /// Call ids from a creation-time index (all calls or one campaign), newest first,
     /// starting at `cursor`, not older than `min_score`.
     fn scan_index(

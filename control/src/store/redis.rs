@@ -118,6 +118,7 @@ struct Scripts {
     admit: redis::Script,
     agent_cas: redis::Script,
     twilio: redis::Script,
+    presence: redis::Script,
 }
 
 impl Scripts {
@@ -132,6 +133,7 @@ impl Scripts {
             admit: script(ADMIT_LUA),
             agent_cas: script(AGENT_CAS_LUA),
             twilio: script(TWILIO_LUA),
+            presence: script(PRESENCE_LUA),
         }
     }
 }
@@ -462,6 +464,29 @@ return {1, v}
 /// KEYS: call hash. ARGV: sid, status, seq (-1: none), error code ('' none), error
 /// message, answered by. Returns -1 not found, else 1 changed / 0 nothing new. The status
 /// order is `TwilioCallStatus::rank` (domain/twilio.rs).
+/// The ready-relay registry (KEYS: seen, draining; ARGV: relay id, now ms, draining 0/1,
+/// alive ms): records the report, forgets relays silent for ten times `alive`, and returns
+/// how many other relays reported within `alive` and are not draining (the rule of
+/// `heartbeat::ready_others`).
+const PRESENCE_LUA: &str = r"
+local id, now, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+redis.call('ZADD', KEYS[1], now, id)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], now, id)
+else
+  redis.call('ZREM', KEYS[2], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 10 * alive)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 10 * alive)
+local n = 0
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - alive), '+inf')) do
+  if other ~= id and not redis.call('ZSCORE', KEYS[2], other) then
+    n = n + 1
+  end
+end
+return n
+";
+
 const TWILIO_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local function trank(s)
@@ -1540,6 +1565,28 @@ impl CallStore for RedisStore {
             )
             .await?;
         Ok(ids.into_iter().map(CallId::from_stored).collect())
+    }
+
+    async fn report_presence(
+        &self,
+        relay_id: &RelayId,
+        draining: bool,
+        now_ms: i64,
+        alive_ms: i64,
+    ) -> StoreResult<u32> {
+        let mut invocation = self.scripts.presence.key(keys::relays_seen());
+        invocation
+            .key(keys::relays_draining())
+            .arg(relay_id.as_str())
+            .arg(now_ms)
+            .arg(i64::from(draining))
+            .arg(alive_ms);
+        let mut conn = self.conn();
+        let others: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(u32::try_from(others).unwrap_or(0))
     }
 
     async fn forget_lease(&self, call_id: &CallId) -> StoreResult<()> {

@@ -51,6 +51,8 @@ pub struct LinkSetup {
     pub capacity: usize,
     /// The newest stored seq at attach time.
     pub last_seq: u64,
+    /// `CallContext.heartbeat_interval_ms` of the attach (0: control watches none).
+    pub heartbeat_interval_ms: u32,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -59,10 +61,14 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const RETAIN: Duration = Duration::from_secs(3);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Refusals of a reconnect that no retry can change. `ALREADY_EXISTS` there means another
+/// relay holds the call's lease: the call moved on (a take-over, or a resume after this
+/// relay went silent past control's heartbeat timeout), and this relay is fenced off.
 fn permanent(code: Code) -> bool {
     matches!(
         code,
         Code::NotFound
+            | Code::AlreadyExists
             | Code::FailedPrecondition
             | Code::Unauthenticated
             | Code::PermissionDenied
@@ -77,6 +83,26 @@ async fn next_response(
         Some(rx) => rx.message().await,
         None => std::future::pending().await,
     }
+}
+
+/// The next heartbeat is due (never when control watches none).
+async fn beat(heartbeat: &mut Option<tokio::time::Interval>) {
+    match heartbeat.as_mut() {
+        Some(every) => {
+            every.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Ticks every `interval_ms` (the first one an interval from now); `None` for 0.
+fn heartbeat_every(interval_ms: u32) -> Option<tokio::time::Interval> {
+    (interval_ms > 0).then(|| {
+        let every = Duration::from_millis(u64::from(interval_ms));
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    })
 }
 
 async fn reserve(
@@ -209,6 +235,8 @@ struct Link {
     commands: mpsc::Sender<Box<pb::Command>>,
     call_open: bool,
     gave_up: bool,
+    /// Heartbeats on the current stream, at the interval its context named.
+    heartbeat: Option<tokio::time::Interval>,
     backoff: Duration,
     retry_at: Instant,
 }
@@ -238,6 +266,8 @@ pub async fn run(
                     let _ = link.commands.send(c).await;
                 }
             }
+            // "Alive": control releases the lease of a stream silent for its timeout.
+            () = beat(&mut link.heartbeat), if connected => link.on_beat(),
             // Send the next unsent event when the stream has room.
             permit = reserve(link.tx.clone()), if to_send => link.on_room(permit),
             // Reconnect with backoff, to whichever control replica answers.
@@ -261,6 +291,7 @@ impl Link {
             metrics,
             capacity,
             last_seq,
+            heartbeat_interval_ms,
         } = setup;
         Self {
             buf: Buffer::new(last_seq + 1, capacity, metrics.clone()),
@@ -274,6 +305,7 @@ impl Link {
             commands,
             call_open: true,
             gave_up: false,
+            heartbeat: heartbeat_every(heartbeat_interval_ms),
             backoff: BACKOFF_MIN,
             retry_at: Instant::now(),
         }
@@ -352,6 +384,16 @@ impl Link {
         self.retry_at = Instant::now() + self.backoff;
     }
 
+    /// One tiny message; skipped when the stream's queue is full (then it is moving
+    /// events, or it is stuck and control is right to stop counting on it).
+    fn on_beat(&mut self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Box::new(pb::AttachRequest {
+                msg: Some(pb::attach_request::Msg::Heartbeat(pb::AttachHeartbeat {})),
+            }));
+        }
+    }
+
     fn on_room(&mut self, permit: Option<mpsc::OwnedPermit<Box<pb::AttachRequest>>>) {
         let Some(permit) = permit else {
             return self.disconnect();
@@ -397,6 +439,7 @@ impl Link {
                     ),
                 }
                 self.buf.sent = 0;
+                self.heartbeat = heartbeat_every(ctx.heartbeat_interval_ms);
                 self.tx = Some(stream.tx);
                 self.rx = Some(stream.rx);
             }

@@ -141,7 +141,8 @@ pub struct CallDeps {
     pub relay_id: Arc<str>,
     /// Cancelled when the drain grace is over: calls end with `DRAIN`.
     pub hard_stop: CancellationToken,
-    /// Cancelled when the drain starts: calls are handed off at a quiet moment (when
+    /// Cancelled once the relay drains *and* control knows another ready relay
+    /// ([`crate::presence`]): calls are then handed off at a quiet moment (when
     /// `RELAY_DRAIN_HANDOFF` is on and the call is stored by control).
     pub drain: CancellationToken,
     /// Where a call the relay ends while draining is noted: the drain keeps listening for
@@ -336,6 +337,7 @@ fn start_link(
         metrics: deps.metrics.clone(),
         capacity: deps.config.event_buffer,
         last_seq: ctx.last_seq,
+        heartbeat_interval_ms: ctx.heartbeat_interval_ms,
     };
     parts.task.spawn(async move {
         control_link::run(link, stream, rx, cmd_tx).await;

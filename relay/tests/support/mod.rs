@@ -182,6 +182,8 @@ impl Relay for FakeControl {
                 agent: Some(st.agent.clone()),
                 last_seq: stored.max(st.last_seq),
                 history: vec![],
+                // The fake watches no heartbeats: the relay sends none.
+                heartbeat_interval_ms: 0,
             };
             (ctx, st.drop_first_after, st.commands.take(), st.attaches)
         };
@@ -252,6 +254,17 @@ impl Relay for FakeControl {
             .status_reports
             .push(req.into_inner());
         Ok(Response::new(pb::TwilioStatusAck { applied: true }))
+    }
+
+    async fn report_presence(
+        &self,
+        _req: Request<pb::RelayPresence>,
+    ) -> Result<Response<pb::RelayPresenceAck>, Status> {
+        // Another relay is always ready here: the drain tests follow a hand-off.
+        Ok(Response::new(pb::RelayPresenceAck {
+            other_ready_relays: 1,
+            interval_ms: 1000,
+        }))
     }
 }
 

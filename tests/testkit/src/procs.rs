@@ -136,6 +136,12 @@ impl Proc {
         Err(std::io::Error::other(format!("{} did not stop", self.name)))
     }
 
+    /// SIGCONT: a [`freeze`](Self::freeze)d process runs on, and finds whatever its peers
+    /// did meanwhile (closed sockets, streams refused).
+    pub fn thaw(&mut self) -> std::io::Result<()> {
+        self.signal("CONT")
+    }
+
     fn signal(&self, name: &str) -> std::io::Result<()> {
         let Some(pid) = self.pid() else {
             return Ok(());
