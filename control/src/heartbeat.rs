@@ -83,7 +83,10 @@ mod tests {
         assert_eq!(interval(TIMEOUT), Duration::from_secs(2));
         assert_eq!(interval_ms(TIMEOUT), 2000);
         // Never a busy loop, however small the timeout.
-        assert_eq!(interval(Duration::from_millis(30)), Duration::from_millis(100));
+        assert_eq!(
+            interval(Duration::from_millis(30)),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]

@@ -78,7 +78,12 @@ impl Presence {
                 Err(_) => RETRY,
             };
             if draining && self.handoff_enabled && !self.handoff.is_cancelled() {
-                match gate(&answer.as_ref().map(|a| a.other_ready_relays).map_err(|c| *c)) {
+                match gate(
+                    &answer
+                        .as_ref()
+                        .map(|a| a.other_ready_relays)
+                        .map_err(|c| *c),
+                ) {
                     Gate::Open => {
                         info!("Another relay is ready; live calls are handed off.");
                         self.metrics.drain_handoff_withheld().set(0);

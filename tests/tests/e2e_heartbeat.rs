@@ -183,8 +183,14 @@ async fn a_frozen_relay_loses_its_lease_in_seconds_and_the_call_resumes_on_the_o
         report.legs[1].answer_timeouts
     );
 
-    let ended = world.wait_ended(&call.call_id, Duration::from_secs(20)).await;
-    assert_eq!(ended.end_reason, pb::EndReason::CallerHangup as i32, "{ended:?}");
+    let ended = world
+        .wait_ended(&call.call_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        ended.end_reason,
+        pb::EndReason::CallerHangup as i32,
+        "{ended:?}"
+    );
     assert_eq!(ended.relay_id, "relay-e2e-1", "{ended:?}");
     let events = world.stored_events(&call.call_id).await;
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -250,11 +256,22 @@ async fn a_lone_draining_relay_keeps_its_calls_instead_of_handing_them_to_nobody
     assert_eq!(report.legs[0].closed_by, ClosedBy::Caller);
     assert_eq!(report.legs[0].turns_spoken, vec![0, 1, 2]);
     assert!(report.legs[0].answer_timeouts.is_empty());
-    assert_eq!(world.relay_metric(0, "callbridge_relay_handoffs_total").await, 0.0);
+    assert_eq!(
+        world
+            .relay_metric(0, "callbridge_relay_handoffs_total")
+            .await,
+        0.0
+    );
 
     let call = world.call_by_sid(&cfg.call_sid).await.expect("listed");
-    let ended = world.wait_ended(&call.call_id, Duration::from_secs(20)).await;
-    assert_eq!(ended.end_reason, pb::EndReason::CallerHangup as i32, "{ended:?}");
+    let ended = world
+        .wait_ended(&call.call_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        ended.end_reason,
+        pb::EndReason::CallerHangup as i32,
+        "{ended:?}"
+    );
     let events = world.stored_events(&call.call_id).await;
     assert!(
         !events.iter().any(|e| matches!(&e.kind,

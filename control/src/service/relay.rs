@@ -313,9 +313,8 @@ impl<S: CallStore> AttachStream<S> {
         renew.tick().await;
         // Checked every heartbeat interval: a silent relay's lease is released between
         // one timeout and one timeout plus an interval after its last message.
-        let mut watch = tokio::time::interval(heartbeat::interval(
-            self.shared.config.heartbeat_timeout,
-        ));
+        let mut watch =
+            tokio::time::interval(heartbeat::interval(self.shared.config.heartbeat_timeout));
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         watch.tick().await;
         let mut ended = false;
