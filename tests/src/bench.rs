@@ -1,6 +1,7 @@
-//! What the bench binaries (`bench_relay`, `bench_control`, `bench_survive`) share: reading
-//! CPU and memory from `/proc`, describing the machine, parsing `KEY=VALUE` arguments,
-//! percentiles, creating calls in bulk and pinning processes to CPUs.
+//! What the bench binaries (`bench_relay`, `bench_control`, `bench_survive`, `bench_faults`,
+//! `soak`) share: reading CPU and memory from `/proc`, describing the machine and where a
+//! result came from, parsing `KEY=VALUE` arguments, percentiles, creating calls in bulk and
+//! pinning processes to CPUs.
 //!
 //! Figures only: nothing here asserts a timing. Linux only (`/proc`, `taskset`).
 
@@ -157,6 +158,39 @@ pub fn machine(note: &str) -> Value {
         "load_average_at_start": load_average(),
         "note": note,
     })
+}
+
+/// Where a result file came from, so a figure in the docs can be traced: the commit (and
+/// whether the tree had uncommitted changes), the command as run, and when it finished
+/// (seconds since the Unix epoch). `git` missing or no repository: `commit` is "unknown".
+pub fn provenance() -> Value {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let finished = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "commit": git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".to_owned()),
+        "dirty": git(&["status", "--porcelain", "--untracked-files=no"])
+            .is_some_and(|s| !s.is_empty()),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "finished_unix": finished,
+    })
+}
+
+/// Writes a result file, creating its directory.
+pub fn write_result(path: &Path, doc: &Value) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(doc).map_err(io::Error::other)?;
+    std::fs::write(path, text + "\n")
 }
 
 fn invalid(msg: String) -> io::Error {

@@ -45,8 +45,9 @@ use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
 use callbridge_testkit::sim_caller::{CallReport, ClosedBy, LoadBalancer, SimCaller};
-use callbridge_tests::bench::percentile;
+use callbridge_tests::bench::{load_average, machine, percentile, provenance, write_result};
 use callbridge_tests::{World, WorldBuilder, agent_settings, flatten, with_timeout};
+use serde_json::{Value, json};
 
 const CALL: Duration = Duration::from_secs(180);
 /// Between two calls' starts.
@@ -374,6 +375,24 @@ async fn run_fault(fault: Fault, calls: usize, turns: usize) -> anyhow::Result<R
     })
 }
 
+/// A row for the result file.
+fn row_json(row: &Row) -> Value {
+    let mut gaps = row.gaps_ms.clone();
+    gaps.sort_by(f64::total_cmp);
+    let at = |p: f64| percentile(&gaps, p);
+    json!({
+        "fault": row.fault.name(),
+        "calls": row.calls,
+        "completed": row.completed,
+        "frames_sent": row.frames_sent,
+        "frames_received": row.frames_received,
+        "switch_gap_ms": {"p50": at(50.0), "p99": at(99.0), "n": gaps.len()},
+        "acked_events_before": row.acked_before,
+        "acked_events_lost": row.acked_lost,
+        "transcript_lines_missing": row.lines_missing,
+    })
+}
+
 fn print_row(row: &Row) {
     let mut gaps = row.gaps_ms.clone();
     gaps.sort_by(f64::total_cmp);
@@ -401,7 +420,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--help" || a == "-h") {
         println!(
             "bench_faults [--calls N (default 10, at most 100)] [--turns N (default 16, at most 60)] \
-             [--only sigterm|sigkill|control|redis|model]"
+             [--only sigterm|sigkill|control|redis|model] [--out FILE (default bench-results/faults.json)]"
         );
         return Ok(());
     }
@@ -423,9 +442,24 @@ async fn main() -> anyhow::Result<()> {
         "| fault | calls completed | frames lost (sent − received) | switch gap p50 / p99 | acknowledged events lost | transcript lines missing |"
     );
     println!("|---|---|---|---|---|---|");
+    let machine =
+        machine("3 relays, control, redis-server, fake model and callers share these cores");
+    let mut rows = Vec::new();
     for fault in faults {
         let row = run_fault(fault, calls, turns).await?;
         print_row(&row);
+        rows.push(row_json(&row));
     }
+    let out = arg("--out").unwrap_or_else(|| "bench-results/faults.json".to_owned());
+    let doc = json!({
+        "bench": "faults",
+        "provenance": provenance(),
+        "machine": machine,
+        "load_average_at_end": load_average(),
+        "args": {"calls": calls, "turns": turns},
+        "rows": rows,
+    });
+    write_result(std::path::Path::new(&out), &doc).with_context(|| format!("writing {out}"))?;
+    println!("result file: {out}");
     Ok(())
 }

@@ -12,7 +12,10 @@
 //! Finished calls are kept by control for `CONTROL_RETENTION_SECS`; the soak sets it to
 //! 60 s so that Redis reaches its steady state (calls expiring as fast as they are stored)
 //! within the warm-up. Loopback only; stops by itself after `--minutes` plus the longest
-//! call. Usage: `soak [--minutes M] [--calls N] [--warmup-minutes W]`; see scripts/soak.sh.
+//! call. Usage: `soak [--minutes M] [--calls N] [--warmup-minutes W] [--out FILE]`; see
+//! scripts/soak.sh. The result file (default `bench-results/soak.json`) holds every sample,
+//! the slopes and where the run came from (`bench::provenance`); `docs/results/` keeps the
+//! ones the docs quote, and `scripts/doc_tables.py` writes the docs' table from them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,9 @@ use anyhow::Context;
 use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{ClosedBy, SimCaller};
+use callbridge_tests::bench::{machine, provenance, write_result};
 use callbridge_tests::{World, agent_settings, sample};
+use serde_json::json;
 
 const MIN_CALL: Duration = Duration::from_secs(20);
 const MAX_CALL: Duration = Duration::from_secs(60);
@@ -93,6 +98,22 @@ struct Sample {
     redis_used_kib: f64,
 }
 
+impl Sample {
+    fn to_json(self) -> serde_json::Value {
+        json!({
+            "minute": finite(self.minute),
+            "live": finite(self.live),
+            "relay_rss_kib": finite(self.relay_rss_kib),
+            "relay_fds": finite(self.relay_fds),
+            "relay_tasks": finite(self.relay_tasks),
+            "relay_threads": finite(self.relay_threads),
+            "control_rss_kib": finite(self.control_rss_kib),
+            "control_fds": finite(self.control_fds),
+            "redis_used_kib": finite(self.redis_used_kib),
+        })
+    }
+}
+
 /// A figure's name and how to read it from a sample.
 type Series = (&'static str, fn(&Sample) -> f64);
 
@@ -158,6 +179,8 @@ async fn main() -> anyhow::Result<()> {
     let minutes = arg("--minutes", 15.0)?;
     let slots = arg("--calls", 200.0)? as usize;
     let warmup = arg("--warmup-minutes", 3.0)?;
+    let out = out_path();
+    let machine = machine("relay, control, redis-server, fake model and callers share these cores");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "soak: {slots} calls of 20-60 s for {minutes} min, warm-up {warmup} min; \
@@ -280,10 +303,15 @@ async fn main() -> anyhow::Result<()> {
          (flat: |slope| < 1 %):",
         steady.len()
     );
+    let mut slopes = serde_json::Map::new();
     for (name, get) in series {
         let points: Vec<(f64, f64)> = steady.iter().map(|s| (s.minute, get(s))).collect();
         let mean = points.iter().map(|p| p.1).sum::<f64>() / points.len().max(1) as f64;
         let pct = slope_pct_per_10min(&points);
+        slopes.insert(
+            name.to_owned(),
+            json!({"mean": finite(mean), "slope_pct_per_10min": finite(pct)}),
+        );
         let verdict = match pct {
             p if p.is_nan() => "n/a",
             p if p.abs() < 1.0 => "flat",
@@ -311,5 +339,39 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    let doc = json!({
+        "bench": "soak",
+        "provenance": provenance(),
+        "machine": machine,
+        "load_average_at_end": callbridge_tests::bench::load_average(),
+        "args": {"minutes": minutes, "calls": slots, "warmup_minutes": warmup},
+        "calls_completed": tally.completed.load(Ordering::Relaxed),
+        "calls_failed": tally.failed.load(Ordering::Relaxed),
+        "samples": samples.iter().map(|s| s.to_json()).collect::<Vec<_>>(),
+        "slopes_after_warmup": slopes,
+        "after_last_call": {
+            "all_ended": drained,
+            "live": finite(after.live),
+            "relay_tasks": finite(after.relay_tasks),
+            "relay_fds": finite(after.relay_fds),
+            "control_fds": finite(after.control_fds),
+        },
+    });
+    write_result(std::path::Path::new(&out), &doc).with_context(|| format!("writing {out}"))?;
+    println!("result file: {out}");
     Ok(())
+}
+
+/// `--out FILE`, default `bench-results/soak.json`.
+fn out_path() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "bench-results/soak.json".to_owned())
+}
+
+/// JSON has no NaN: a figure that could not be read is `null`.
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
 }
