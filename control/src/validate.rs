@@ -187,7 +187,10 @@ pub fn agent_settings(settings: Option<pb::AgentSettings>) -> Result<pb::AgentSe
             format!("{t} is outside 0.6..=1.2"),
         ));
     }
-    text("settings.greeting", &s.greeting, MAX_TEXT)?;
+    // The greeting is spoken as written (the relay asks the model to say exactly it).
+    if let Some(problem) = callbridge_proto::greeting_problem(&s.greeting) {
+        return Err(Error::invalid("settings.greeting", problem));
+    }
     if let Some(td) = &s.turn_detection {
         if let Some(th) = td.threshold
             && !(0.0..=1.0).contains(&th)
@@ -228,11 +231,25 @@ pub fn agent_settings(settings: Option<pb::AgentSettings>) -> Result<pb::AgentSe
             }
         }
     }
-    text(
-        "settings.input_transcription_model",
-        &s.input_transcription_model,
-        100,
-    )?;
+    // Empty: the default model; `none`: off. Anything else names a model.
+    if !s.input_transcription_model.is_empty()
+        && s.input_transcription_model != callbridge_proto::INPUT_TRANSCRIPTION_OFF
+        && (s.input_transcription_model.len() > 100
+            || !s
+                .input_transcription_model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
+        return Err(Error::invalid(
+            "settings.input_transcription_model",
+            format!(
+                "'{}' must be a model name (1..=100 of [a-zA-Z0-9._-]), `none` (off) or empty \
+                 (the default, {})",
+                truncate(&s.input_transcription_model),
+                callbridge_proto::DEFAULT_INPUT_TRANSCRIPTION_MODEL
+            ),
+        ));
+    }
     if s.tools.len() > MAX_TOOLS {
         return Err(Error::invalid(
             "settings.tools",
@@ -388,6 +405,17 @@ mod tests {
     }
 
     #[test]
+    fn transcription_off_is_explicit_and_named_models_pass() {
+        for itm in ["", "none", "whisper-1", "gpt-4o-mini-transcribe"] {
+            let s = pb::AgentSettings {
+                input_transcription_model: itm.into(),
+                ..good()
+            };
+            agent_settings(Some(s)).unwrap_or_else(|e| panic!("{itm}: {e}"));
+        }
+    }
+
+    #[test]
     fn defaults_are_filled() {
         let s = agent_settings(Some(good())).expect("valid");
         assert_eq!(s.voice, DEFAULT_VOICE);
@@ -417,6 +445,27 @@ mod tests {
                     ..good()
                 },
                 "settings.voice",
+            ),
+            (
+                pb::AgentSettings {
+                    greeting: "Hello.\nHow can I help?".into(),
+                    ..good()
+                },
+                "settings.greeting",
+            ),
+            (
+                pb::AgentSettings {
+                    greeting: "a".repeat(callbridge_proto::MAX_GREETING_CHARS + 1),
+                    ..good()
+                },
+                "settings.greeting",
+            ),
+            (
+                pb::AgentSettings {
+                    input_transcription_model: "gpt 4o".into(),
+                    ..good()
+                },
+                "settings.input_transcription_model",
             ),
             (
                 pb::AgentSettings {

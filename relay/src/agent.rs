@@ -21,8 +21,6 @@ pub struct AgentView {
     pub voice: String,
     /// System prompt.
     pub instructions: String,
-    /// Passed as `&temperature=` on the URL (GA has no session field for it).
-    pub temperature: Option<f64>,
     /// Spoken first, if not empty.
     pub greeting: String,
     /// Turn detection; `None` means server VAD defaults.
@@ -53,10 +51,13 @@ impl AgentView {
             model: non_empty(s.model, DEFAULT_MODEL),
             voice: non_empty(s.voice, DEFAULT_VOICE),
             instructions: s.instructions,
-            temperature: s.temperature,
             greeting: s.greeting,
             turn_detection: s.turn_detection,
-            transcription_model: s.input_transcription_model,
+            transcription_model: callbridge_proto::input_transcription_model(
+                &s.input_transcription_model,
+            )
+            .unwrap_or_default()
+            .to_owned(),
             tools: s.tools,
             end_call: builtin.end_call,
             transfer_call: builtin.transfer_call,
@@ -76,9 +77,15 @@ impl AgentView {
             model: config.agent_model.clone(),
             voice: config.agent_voice.clone(),
             instructions: config.agent_instructions.clone(),
-            temperature: config.agent_temperature,
             greeting: config.agent_greeting.clone().unwrap_or_default(),
-            transcription_model: config.agent_transcription_model.clone().unwrap_or_default(),
+            transcription_model: callbridge_proto::input_transcription_model(
+                config
+                    .agent_transcription_model
+                    .as_deref()
+                    .unwrap_or_default(),
+            )
+            .unwrap_or_default()
+            .to_owned(),
             turn_detection: standalone_turn_detection(config),
             dtmf_to_model: config.agent_dtmf_to_model,
             max_duration: DEFAULT_MAX_DURATION,
@@ -116,13 +123,11 @@ impl AgentView {
         !self.transcription_model.is_empty()
     }
 
-    /// The Realtime URL for this agent: `?model=` and, when set, `&temperature=`.
+    /// The Realtime URL for this agent: `?model=`, the one query parameter the GA
+    /// WebSocket documents for a new session (nothing else: an undocumented parameter is
+    /// at best ignored).
     pub fn url(&self, base: &str) -> String {
-        let mut url = format!("{base}?model={}", url_component(&self.model));
-        if let Some(t) = self.temperature {
-            url.push_str(&format!("&temperature={t}"));
-        }
-        url
+        format!("{base}?model={}", url_component(&self.model))
     }
 }
 

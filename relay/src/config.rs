@@ -36,9 +36,9 @@
 //! | `AGENT_INSTRUCTIONS` | standalone agent: system prompt | a generic phone assistant prompt |
 //! | `AGENT_VOICE` | standalone agent: voice | `marin` |
 //! | `AGENT_MODEL` | standalone agent: model | `gpt-realtime` |
-//! | `AGENT_TEMPERATURE` | standalone agent: temperature (URL parameter) | unset |
-//! | `AGENT_GREETING` | standalone agent: greeting spoken first | unset |
-//! | `AGENT_TRANSCRIPTION_MODEL` | standalone agent: input transcription model | unset: off |
+//! | `AGENT_TEMPERATURE` | refused when set: the GA Realtime API has no temperature | unset |
+//! | `AGENT_GREETING` | standalone agent: the exact words spoken first (at most 500 characters, no control characters) | unset |
+//! | `AGENT_TRANSCRIPTION_MODEL` | standalone agent: input transcription model; `none` turns it off (no caller lines) | `gpt-4o-mini-transcribe` |
 //! | `AGENT_TURN_DETECTION` | standalone agent: `server_vad`, `semantic_vad` or `none` (the relay commits the caller's turns) | `server_vad` |
 //! | `AGENT_SILENCE_COMMIT_MS` | standalone agent, `none` only: commit the caller's turn after this much silence (200..=10000) | unset |
 //! | `AGENT_DTMF_TO_MODEL` | standalone agent: keys pressed also reach the model (`DTMF: 5`) | `false` |
@@ -234,13 +234,16 @@ pub struct Config {
     /// Standalone agent: model.
     #[arg(long, env = "AGENT_MODEL", default_value = DEFAULT_MODEL)]
     pub agent_model: String,
-    /// Standalone agent: temperature, passed as a URL parameter (0.6..=1.2).
+    /// Refused when set: the GA Realtime API has no temperature (not a session field, not
+    /// a documented URL parameter), so the relay could not honour it.
     #[arg(long, env = "AGENT_TEMPERATURE")]
     pub agent_temperature: Option<f64>,
-    /// Standalone agent: greeting spoken first.
+    /// Standalone agent: the exact words spoken first (at most 500 characters, no control
+    /// characters).
     #[arg(long, env = "AGENT_GREETING")]
     pub agent_greeting: Option<String>,
-    /// Standalone agent: input transcription model (unset: off).
+    /// Standalone agent: input transcription model (unset: `gpt-4o-mini-transcribe`;
+    /// `none`: off, and then no caller lines in transcripts or replays).
     #[arg(long, env = "AGENT_TRANSCRIPTION_MODEL")]
     pub agent_transcription_model: Option<String>,
     /// Standalone agent: who ends the caller's turns.
@@ -486,10 +489,31 @@ impl Config {
         if !(16..=1_000_000).contains(&self.event_buffer) {
             return Err(invalid("RELAY_EVENT_BUFFER", "must be within 16..=1000000"));
         }
-        if let Some(t) = self.agent_temperature
-            && !(0.6..=1.2).contains(&t)
+        if self.agent_temperature.is_some() {
+            return Err(invalid(
+                "AGENT_TEMPERATURE",
+                "the GA Realtime API has no temperature (not a session field, not a \
+                 documented URL parameter); unset it",
+            ));
+        }
+        if let Some(problem) = self
+            .agent_greeting
+            .as_deref()
+            .and_then(callbridge_proto::greeting_problem)
         {
-            return Err(invalid("AGENT_TEMPERATURE", "must be within 0.6..=1.2"));
+            return Err(invalid("AGENT_GREETING", &problem));
+        }
+        if let Some(model) = &self.agent_transcription_model
+            && (model.is_empty()
+                || model.len() > 100
+                || !model
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
+            return Err(invalid(
+                "AGENT_TRANSCRIPTION_MODEL",
+                "must be a model name (1..=100 of [a-zA-Z0-9._-]) or `none`",
+            ));
         }
         if self.agent_instructions.trim().is_empty() {
             return Err(invalid("AGENT_INSTRUCTIONS", "must not be empty"));
@@ -1050,7 +1074,10 @@ mod tests {
         assert!(agent.transcribes());
         let defaults = crate::agent::AgentView::standalone(&parse(&BASE).unwrap());
         assert!(!defaults.turn_detection_off() && !defaults.dtmf_to_model);
-        assert!(!defaults.transcribes());
+        assert_eq!(defaults.transcription_model, "gpt-4o-mini-transcribe");
+        let mut off = BASE.to_vec();
+        off.extend(["--agent-transcription-model", "none"]);
+        assert!(!crate::agent::AgentView::standalone(&parse(&off).unwrap()).transcribes());
         let mut short = BASE.to_vec();
         short.extend([
             "--agent-turn-detection",
@@ -1068,7 +1095,13 @@ mod tests {
             ("--public-url", "ftp://x", "RELAY_PUBLIC_URL"),
             ("--openai-realtime-url", "https://x", "OPENAI_REALTIME_URL"),
             ("--control-url", "grpc://x", "CONTROL_URL"),
-            ("--agent-temperature", "2.0", "AGENT_TEMPERATURE"),
+            ("--agent-temperature", "0.8", "AGENT_TEMPERATURE"),
+            ("--agent-greeting", "Hello\nthere", "AGENT_GREETING"),
+            (
+                "--agent-transcription-model",
+                "gpt 4o",
+                "AGENT_TRANSCRIPTION_MODEL",
+            ),
             (
                 "--agent-silence-commit-ms",
                 "500",

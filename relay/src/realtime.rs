@@ -532,7 +532,6 @@ mod tests {
             model: "gpt-realtime".into(),
             voice: "marin".into(),
             instructions: "Be nice".into(),
-            temperature: Some(0.8),
             transcription_model: "gpt-4o-mini-transcribe".into(),
             tools: vec![pb::Tool {
                 name: "lookup".into(),
@@ -605,11 +604,47 @@ mod tests {
     }
 
     #[test]
-    fn url_carries_model_and_temperature() {
+    fn url_carries_only_the_documented_model_parameter() {
         assert_eq!(
             agent().url("ws://127.0.0.1:9/v1/realtime"),
-            "ws://127.0.0.1:9/v1/realtime?model=gpt-realtime&temperature=0.8"
+            "ws://127.0.0.1:9/v1/realtime?model=gpt-realtime"
         );
+        let from_control = AgentView::from_agent(&pb::Agent {
+            settings: Some(pb::AgentSettings {
+                temperature: Some(0.8),
+                ..pb::AgentSettings::default()
+            }),
+            ..pb::Agent::default()
+        });
+        assert!(
+            !from_control
+                .url("ws://h/v1/realtime")
+                .contains("temperature")
+        );
+    }
+
+    #[test]
+    fn transcription_is_on_by_default_and_off_only_when_asked() {
+        let with = |itm: &str| {
+            AgentView::from_agent(&pb::Agent {
+                settings: Some(pb::AgentSettings {
+                    input_transcription_model: itm.into(),
+                    ..pb::AgentSettings::default()
+                }),
+                ..pb::Agent::default()
+            })
+        };
+        assert_eq!(with("").transcription_model, "gpt-4o-mini-transcribe");
+        assert_eq!(with("whisper-1").transcription_model, "whisper-1");
+        let off = with("none");
+        assert!(!off.transcribes());
+        let v: serde_json::Value = serde_json::from_str(&session_update(&off)).unwrap();
+        assert!(
+            v["session"]["audio"]["input"]
+                .get("transcription")
+                .is_none()
+        );
+        callbridge_testkit::realtime_schema::check_client_event(&v).unwrap();
     }
 
     #[test]
