@@ -84,6 +84,7 @@ pub struct WorldBuilder {
     redis_aof: Option<String>,
     tls: bool,
     redis_cluster: usize,
+    model_errors_expected: bool,
 }
 
 /// The certificates of a world with TLS on every hop (see [`WorldBuilder::tls`]).
@@ -173,6 +174,39 @@ pub struct World {
     /// The certificates, when built with [`WorldBuilder::tls`] (dropped last: the
     /// processes read their files).
     pub tls: Option<WorldTls>,
+    /// Set by [`WorldBuilder::model_errors_expected`]: the test provokes model `error`s.
+    model_errors_expected: bool,
+}
+
+impl Drop for World {
+    /// The real API answers an event it refuses with an `error`, so does the fake: a test
+    /// that did not set out to provoke one fails when the relay caused any (an event
+    /// outside OpenAI's GA schema, a truncate past the audio, a second response…). The
+    /// errors a test configures the fake to send are not the relay's doing and not counted.
+    fn drop(&mut self) {
+        if self.model_errors_expected || std::thread::panicking() {
+            return;
+        }
+        self.assert_no_model_errors();
+    }
+}
+
+impl World {
+    /// Panics when the fake model refused any client event (an `error` the test did not
+    /// configure).
+    pub fn assert_no_model_errors(&self) {
+        let errors: Vec<(usize, String)> = self
+            .fake
+            .connections()
+            .iter()
+            .enumerate()
+            .flat_map(|(n, c)| c.refusals.iter().map(move |e| (n, e.clone())))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "the model refused client events (connection, error): {errors:?}"
+        );
+    }
 }
 
 impl World {
@@ -188,6 +222,7 @@ impl World {
             redis_aof: None,
             tls: false,
             redis_cluster: 0,
+            model_errors_expected: false,
         }
     }
 
@@ -437,6 +472,13 @@ impl WorldBuilder {
         self
     }
 
+    /// This test provokes model `error` events on purpose: dropping the world does not
+    /// check that the fake model refused nothing (see `impl Drop for World`).
+    pub fn model_errors_expected(mut self) -> Self {
+        self.model_errors_expected = true;
+        self
+    }
+
     /// Starts Redis, control, the fake model and the relays; waits until all are ready.
     pub async fn start(self) -> World {
         let tls = self
@@ -566,6 +608,7 @@ impl WorldBuilder {
             fake,
             channel,
             tls,
+            model_errors_expected: self.model_errors_expected,
         }
     }
 }

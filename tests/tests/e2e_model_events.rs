@@ -87,9 +87,10 @@ fn ended(events: &[pb::CallEvent]) -> pb::Ended {
     .expect("an ended event")
 }
 
+/// Transcription turned off, explicitly (empty means the default model).
 fn no_transcription(marker: &str) -> pb::AgentSettings {
     pb::AgentSettings {
-        input_transcription_model: String::new(),
+        input_transcription_model: callbridge_proto::INPUT_TRANSCRIPTION_OFF.to_owned(),
         ..agent_settings(marker, None)
     }
 }
@@ -101,7 +102,6 @@ async fn without_transcription_a_committed_turn_is_not_resent_to_a_new_session()
     // response.created, rate_limits.updated, output item added): the caller's turn was
     // committed and is over, and nothing will ever transcribe it.
     let fake = FakeRealtime::builder()
-        .transcription_as_configured()
         .close_after_events(10)
         .faults_only_on_first(1);
     let (world, report, events) = call(fake, no_transcription("committed"), &script(3)).await;
@@ -122,6 +122,73 @@ async fn without_transcription_a_committed_turn_is_not_resent_to_a_new_session()
             .iter()
             .any(|e| matches!(e.kind, Some(pb::call_event::Kind::Caller(_)))),
         "no transcription, no caller words"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcription_off_stores_no_caller_lines_and_a_reconnect_replays_only_the_agent() {
+    // The agent turns transcription off; the fake, like the real API, then sends no caller
+    // text. The model session drops while the caller says their second (long) line.
+    let script = Conversation {
+        greeting: None,
+        turns: vec![
+            Turn::new("Caller line 0", 400, AgentReply::says("Agent line 0", 400)),
+            Turn::new("Caller line 1", 1500, AgentReply::says("Agent line 1", 400)),
+        ],
+    };
+    let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
+        .start()
+        .await;
+    world.default_agent(no_transcription("off-replay")).await;
+    let mut cfg = world.caller(script.clone());
+    cfg.answer_wait = Duration::from_secs(3);
+    let drop_mid_line = async {
+        let speaking_again = eventually(CALL, || {
+            world
+                .fake
+                .connection(0)
+                .is_some_and(|c| c.speech_segments == 2)
+        })
+        .await;
+        assert!(speaking_again, "the caller's second line reaches the model");
+        world.fake.close_all();
+    };
+    let (report, ()) = tokio::join!(
+        with_timeout(CALL, "the call", SimCaller::new(cfg.clone()).run()),
+        drop_mid_line
+    );
+    let report = report.expect("the call runs");
+    assert_eq!(report.leg().expect("a leg").turns_spoken, [0, 1]);
+    let call = world.call_by_sid(&cfg.call_sid).await.expect("stored");
+    world
+        .wait_ended(&call.call_id, Duration::from_secs(10))
+        .await;
+
+    let sessions = world.fake.connections();
+    assert_eq!(sessions.len(), 2, "one reconnect");
+    assert!(sessions[0].session_updates[0]["audio"]["input"]["transcription"].is_null());
+    assert!(sessions.iter().all(|s| s.caller_transcripts.is_empty()));
+    // The new session is told what the agent said (its transcript), never what the
+    // caller said: there are no caller words to tell.
+    let replayed = &sessions[1].items_created;
+    assert!(
+        replayed
+            .iter()
+            .any(|i| i["role"] == "assistant" && i["content"][0]["text"] == "Agent line 0"),
+        "{replayed:?}"
+    );
+    assert!(replayed.iter().all(|i| i["role"] != "user"), "{replayed:?}");
+    // The caller's unfinished line is not lost: its audio (kept from just before
+    // speech_started) is sent again to the new session, which hears it as speech.
+    assert!(sessions[1].speech_segments >= 1, "{:?}", sessions[1]);
+    let transcript = flatten(&world.transcript(&call.call_id).await);
+    assert!(
+        transcript.iter().all(|(who, _)| who != "caller"),
+        "{transcript:?}"
+    );
+    assert!(
+        transcript.contains(&("assistant".to_owned(), "Agent line 0".to_owned())),
+        "{transcript:?}"
     );
 }
 

@@ -291,6 +291,26 @@ pub struct FakeModel {
     pub server: FakeRealtime,
 }
 
+impl Drop for FakeModel {
+    /// Every client event the relay sent must be one OpenAI's GA schema accepts (the test
+    /// plays the model, so the fake only records what the real API would refuse).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let refusals: Vec<String> = self
+            .server
+            .connections()
+            .into_iter()
+            .flat_map(|c| c.refusals)
+            .collect();
+        assert!(
+            refusals.is_empty(),
+            "the real API would refuse: {refusals:?}"
+        );
+    }
+}
+
 pub async fn start_model() -> FakeModel {
     let (server, conns) = FakeRealtime::builder().start_manual().await.unwrap();
     FakeModel {

@@ -9,9 +9,15 @@
 //! ```
 //!
 //! Behaviour (`docs/protocols.md`, "OpenAI Realtime"): checks `Authorization: Bearer …` on the
-//! handshake, sends `session.created`, answers `session.update` with `session.updated`, "hears" the
+//! handshake, checks every client event against OpenAI's GA schemas
+//! ([`crate::realtime_schema`]; appends only cheaply: fields and base64) and answers one it
+//! refuses with an `error` as the real API does (`invalid_request_error`, a code such as
+//! `unknown_parameter`, a message and `param` naming the path, the client's `event_id`;
+//! recorded in [`ConnRecord::errors_sent`]), sends `session.created`, answers `session.update`
+//! with `session.updated`, "hears" the
 //! caller by looking at the appended μ-law (a chunk with any non-silent byte is speech; a run of
-//! silence ends the segment), transcribes the n-th segment as the script's n-th caller line and
+//! silence ends the segment), transcribes the n-th segment as the script's n-th caller line (only
+//! when the session set `audio.input.transcription`, as the real server) and
 //! answers with the scripted reply as paced `response.output_audio.delta`s. Speech during an answer
 //! cancels it (`turn_detected`), optionally after a few late deltas. `conversation.item.truncate`
 //! is checked against the audio produced for the item. Everything the client sent is recorded per
@@ -19,7 +25,8 @@
 //!
 //! For component tests that play the model themselves, [`FakeRealtimeBuilder::start_manual`]
 //! does the same handshake and bookkeeping but hands each connection to the test as a
-//! [`ManualConn`]: client events arrive parsed, server events are whatever the test sends.
+//! [`ManualConn`]: client events arrive parsed, server events are whatever the test sends;
+//! client events the schema refuses are recorded in [`ConnRecord::refusals`], not answered.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +47,7 @@ use tokio_tungstenite::tungstenite::{Message, http};
 
 use crate::audio;
 use crate::conversation::{AgentReply, Conversation};
+use crate::realtime_schema::{self, Refusal};
 
 /// Largest client message accepted (appends are small; a session.update with tools is a
 /// few kB).
@@ -67,7 +75,6 @@ pub struct FakeRealtimeBuilder {
     faulty_connections: Option<u64>,
     refusing: bool,
     hanging: bool,
-    transcription_as_configured: bool,
     transcription_failure: Option<(String, String)>,
     response_outcomes: Vec<(usize, ResponseOutcome)>,
     errors_on_client_events: Vec<(String, String, String)>,
@@ -106,7 +113,6 @@ impl Default for FakeRealtimeBuilder {
             say_audio_ms: 500,
             refusing: false,
             hanging: false,
-            transcription_as_configured: false,
             transcription_failure: None,
             response_outcomes: Vec::new(),
             errors_on_client_events: Vec::new(),
@@ -222,14 +228,6 @@ impl FakeRealtimeBuilder {
     /// The answer to a speech segment beyond the script's turns.
     pub fn fallback_reply(mut self, reply: AgentReply) -> Self {
         self.fallback_reply = reply;
-        self
-    }
-
-    /// Transcribe the caller only when the session asks for it (`audio.input.transcription`
-    /// set), as the real server does. By default every segment is transcribed, whatever
-    /// the session says (scripts rely on the text).
-    pub fn transcription_as_configured(mut self) -> Self {
-        self.transcription_as_configured = true;
         self
     }
 
@@ -392,6 +390,7 @@ async fn play_manual(
     ws: tokio_tungstenite::WebSocketStream<TcpStream>,
     info: HandshakeInfo,
     to_test: &mpsc::Sender<ManualConn>,
+    record: &Mutex<ConnRecord>,
     kill: &mut tokio::sync::watch::Receiver<u64>,
 ) {
     let (mut sink, mut stream) = ws.split();
@@ -412,6 +411,13 @@ async fn play_manual(
             m = stream.next() => match m {
                 Some(Ok(Message::Text(t))) => {
                     let v = serde_json::from_str(&t).unwrap_or_else(|_| json!({"type": "__malformed", "text": t.as_str()}));
+                    // The test plays the model, so nothing is answered; what the real
+                    // API would refuse is recorded (`ConnRecord::refusals`).
+                    if v["type"] != "input_audio_buffer.append"
+                        && let Err(r) = realtime_schema::refusal(&v)
+                    {
+                        record_error(record, r.code, &r.message, false);
+                    }
                     let _ = in_tx.send(v).await;
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -491,8 +497,12 @@ pub struct ConnRecord {
     pub commits: u32,
     /// Client messages that were not JSON objects with a `type`.
     pub malformed: u32,
-    /// Codes of `error` events the fake sent.
+    /// Codes of `error` events the fake sent (refused client events and configured faults).
     pub errors_sent: Vec<String>,
+    /// The errors that answered a client mistake (not the configured faults), as
+    /// `"<code>: <message>"` (the message names the refused path). Empty unless the client
+    /// sent something the real API refuses too; the e2e `World` checks it when dropped.
+    pub refusals: Vec<String>,
     /// Responses the fake produced, in order.
     pub responses: Vec<ResponseRecord>,
     /// Caller speech segments detected (speech_started count).
@@ -604,6 +614,18 @@ impl FakeRealtime {
         self.kill_tx.send_modify(|n| *n += 1);
     }
 }
+
+/// Records an `error` sent; `injected` when a configured fault, not the client, caused it.
+fn record_error(record: &Mutex<ConnRecord>, code: &str, message: &str, injected: bool) {
+    let mut rec = lock(record);
+    rec.errors_sent.push(code.to_owned());
+    if !injected {
+        rec.refusals.push(format!("{code}: {message}"));
+    }
+}
+
+/// Client event fields an `input_audio_buffer.append` may carry (GA schema).
+const APPEND_FIELDS: [&str; 3] = ["type", "event_id", "audio"];
 
 /// A poisoned lock only means a test thread panicked; the data is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -735,7 +757,7 @@ async fn serve_conn(
     };
     kill.mark_unchanged();
     if let Some(to_test) = &shared.manual {
-        play_manual(ws, info, to_test, &mut kill).await;
+        play_manual(ws, info, to_test, &record, &mut kill).await;
         let mut rec = lock(&record);
         rec.closed = true;
         rec.closed_at = Some(Instant::now());
@@ -765,8 +787,8 @@ async fn serve_conn(
             sent_events += 1;
             for (n, code, message) in error_after_events {
                 if *n == sent_events {
-                    let err = session.error_event(code, message, None);
-                    lock(&record).errors_sent.push(code.clone());
+                    let err = session.error_event(code, message, None, None);
+                    record_error(&record, code, message, true);
                     if sink.send(Message::text(err.to_string())).await.is_err() {
                         break 'conn;
                     }
@@ -920,12 +942,12 @@ impl Session {
             .is_none_or(|t| !t.is_null())
     }
 
+    /// As the real server: the caller is transcribed only when the session asks for it
+    /// (`audio.input.transcription` set); otherwise no caller text ever arrives.
     fn transcribes(&self) -> bool {
-        !self.cfg.transcription_as_configured
-            || self
-                .session
-                .pointer("/audio/input/transcription")
-                .is_some_and(|t| !t.is_null())
+        self.session
+            .pointer("/audio/input/transcription")
+            .is_some_and(|t| !t.is_null())
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -941,7 +963,13 @@ impl Session {
         self.out.push_back(event);
     }
 
-    fn error_event(&mut self, code: &str, message: &str, client_event: Option<&str>) -> Value {
+    fn error_event(
+        &mut self,
+        code: &str,
+        message: &str,
+        param: Option<&str>,
+        client_event: Option<&str>,
+    ) -> Value {
         json!({
             "type": "error",
             "event_id": self.id("event"),
@@ -949,15 +977,26 @@ impl Session {
                 "type": "invalid_request_error",
                 "code": code,
                 "message": message,
-                "param": null,
+                "param": param,
                 "event_id": client_event,
             }
         })
     }
 
     fn emit_error(&mut self, _kind: &str, code: &str, message: &str, client_event: Option<&str>) {
-        let e = self.error_event(code, message, client_event);
-        lock(&self.record).errors_sent.push(code.to_owned());
+        self.emit_error_at(code, message, None, client_event);
+    }
+
+    /// An `invalid_request_error` naming the refused field (`param`) and client event.
+    fn emit_error_at(
+        &mut self,
+        code: &str,
+        message: &str,
+        param: Option<&str>,
+        client_event: Option<&str>,
+    ) {
+        let e = self.error_event(code, message, param, client_event);
+        record_error(&self.record, code, message, false);
         self.out.push_back(e);
     }
 
@@ -1021,6 +1060,24 @@ impl Session {
             rec.client_events.push(kind.clone());
             rec.client_event_ids.push(client_event_id.clone());
         }
+        // As the real server: an event its schema refuses is answered with an `error` and
+        // has no other effect. Appends (50 a second per call) get the cheap check only.
+        let refused = if kind == "input_audio_buffer.append" {
+            event
+                .as_object()
+                .and_then(|o| o.keys().find(|k| !APPEND_FIELDS.contains(&k.as_str())))
+                .map(|k| Refusal {
+                    code: "unknown_parameter",
+                    message: format!("Unknown parameter: '{k}'."),
+                    param: k.clone(),
+                })
+        } else {
+            realtime_schema::refusal(&event).err()
+        };
+        if let Some(r) = refused {
+            self.emit_error_at(r.code, &r.message, Some(&r.param), ev_id);
+            return;
+        }
         if let Some((_, code, message)) = self
             .cfg
             .errors_on_client_events
@@ -1029,7 +1086,9 @@ impl Session {
             .cloned()
         {
             self.refused_once.push(kind.clone());
-            self.emit_error("invalid_request_error", &code, &message, ev_id);
+            let e = self.error_event(&code, &message, None, ev_id);
+            record_error(&self.record, &code, &message, true);
+            self.out.push_back(e);
             return;
         }
         match kind.as_str() {
@@ -1918,7 +1977,8 @@ mod tests {
         send(
             &mut ws,
             json!({"type": "session.update", "session": {"type": "realtime",
-            "instructions": "be nice", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
+            "instructions": "be nice", "audio": {"input": {"format": {"type": "audio/pcmu"},
+            "transcription": {"model": "gpt-4o-mini-transcribe"}}}}}),
         )
         .await;
         let updated = until(&mut ws, "session.updated").await;
@@ -2052,7 +2112,6 @@ mod tests {
         let fake = FakeRealtime::builder()
             .script(script())
             .speed(4.0)
-            .transcription_as_configured()
             .response_outcome(
                 0,
                 ResponseOutcome {
@@ -2197,6 +2256,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(fake.connections_open(), 0);
+    }
+
+    #[tokio::test]
+    async fn events_the_schema_refuses_get_the_real_apis_error_and_no_effect() {
+        let fake = FakeRealtime::builder().start().await.expect("start");
+        let mut ws = connect(&fake, Some("k")).await.expect("connect");
+        until(&mut ws, "session.created").await;
+        // A misspelt transcription field: the real server refuses the whole update.
+        send(
+            &mut ws,
+            json!({"type": "session.update", "event_id": "su1", "session": {"type": "realtime",
+            "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe",
+            "lang": "en"}}}}}),
+        )
+        .await;
+        let seen = until(&mut ws, "error").await;
+        assert!(!types(&seen).contains(&"session.updated"), "{seen:?}");
+        let e = &seen.last().expect("error")["error"];
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["code"], "unknown_parameter");
+        assert_eq!(e["param"], "session.audio.input.transcription.lang");
+        assert_eq!(
+            e["message"],
+            "Unknown parameter: 'session.audio.input.transcription.lang'."
+        );
+        assert_eq!(e["event_id"], "su1");
+        // An append with a field it does not have, and one whose audio is not base64.
+        send(
+            &mut ws,
+            json!({"type": "input_audio_buffer.append", "audio": "AA==", "rate": 8000}),
+        )
+        .await;
+        let e = until(&mut ws, "error").await;
+        assert_eq!(e.last().expect("error")["error"]["param"], "rate");
+        send(
+            &mut ws,
+            json!({"type": "input_audio_buffer.append", "audio": "not base64!"}),
+        )
+        .await;
+        until(&mut ws, "error").await;
+        let rec = fake.connection(0).expect("conn");
+        assert!(rec.session_updates.is_empty(), "refused: no effect");
+        assert_eq!(rec.appends, 0);
+        assert_eq!(
+            rec.errors_sent,
+            ["unknown_parameter", "unknown_parameter", "invalid_value"]
+        );
+        assert!(
+            rec.refusals[0].contains("session.audio.input.transcription.lang"),
+            "{:?}",
+            rec.refusals
+        );
     }
 
     #[tokio::test]

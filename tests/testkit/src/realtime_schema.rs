@@ -47,6 +47,70 @@ pub fn check_client_event(event: &Value) -> Result<(), String> {
     check(schema, event, "$")
 }
 
+/// How the real server answers an event its schema refuses: the `error` object's `code`,
+/// `param` (the JSON path, without the leading `$.`) and `message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `unknown_parameter`, `missing_required_parameter` or `invalid_value`.
+    pub code: &'static str,
+    /// The offending field, e.g. `session.audio.input.transcription.model`.
+    pub param: String,
+    /// Names the path, like the real server's messages (`Unknown parameter: '…'.`).
+    pub message: String,
+}
+
+/// [`check_client_event`], answered the way the real API words its `error` events.
+pub fn refusal(event: &Value) -> Result<(), Refusal> {
+    let why = match check_client_event(event) {
+        Ok(()) => return Ok(()),
+        Err(why) => why,
+    };
+    let Some((path, detail)) = why.split_once(": ").filter(|(p, _)| p.starts_with('$')) else {
+        // No path: the event's `type` itself is missing or unknown.
+        return Err(Refusal {
+            code: "invalid_value",
+            param: "type".to_owned(),
+            message: format!("Invalid value at 'type': {why}."),
+        });
+    };
+    let base = path.trim_start_matches('$').trim_start_matches('.');
+    let join = |name: &str| {
+        if base.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{base}.{name}")
+        }
+    };
+    let field = |marker: &str| {
+        detail
+            .strip_suffix(marker)
+            .and_then(|d| d.strip_prefix('`'))
+            .and_then(|d| d.strip_suffix('`'))
+            .map(join)
+    };
+    Err(
+        if let Some(param) = field(" is not a property the schema knows") {
+            Refusal {
+                code: "unknown_parameter",
+                message: format!("Unknown parameter: '{param}'."),
+                param,
+            }
+        } else if let Some(param) = field(" is required") {
+            Refusal {
+                code: "missing_required_parameter",
+                message: format!("Missing required parameter: '{param}'."),
+                param,
+            }
+        } else {
+            Refusal {
+                code: "invalid_value",
+                message: format!("Invalid value at '{base}': {detail}."),
+                param: base.to_owned(),
+            }
+        },
+    )
+}
+
 fn resolve(schema: &Value) -> &Value {
     let mut s = schema;
     // A $ref with siblings (a description) means the referenced schema.
@@ -83,6 +147,18 @@ fn check(schema: &Value, v: &Value, path: &str) -> Result<(), String> {
                     Ok(()) => return check_own(schema, v, path),
                     Err(e) => why.push(e),
                 }
+            }
+            // The branch that got furthest names the real mistake (a misspelt field deep
+            // in a session fits no branch, but only one branch was the session's shape).
+            let depth = |e: &String| e.split_once(": ").map_or(0, |(p, _)| p.len());
+            if let Some(deepest) = why.iter().max_by_key(|e| depth(e))
+                && depth(deepest) > path.len()
+                && why
+                    .iter()
+                    .filter(|e| depth(e) == depth(deepest))
+                    .all(|e| e == deepest)
+            {
+                return Err(deepest.clone());
             }
             return Err(format!("{path}: fits none of {key}: {}", why.join(" | ")));
         }
@@ -178,5 +254,32 @@ mod tests {
         assert!(check_client_event(&json!({"type": "input_audio_buffer.flush"})).is_err());
         let long_id = json!({"type": "response.create", "event_id": "x".repeat(513)});
         assert!(check_client_event(&long_id).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_path_with_the_real_codes() {
+        let unknown = json!({"type": "session.update", "session": {"type": "realtime",
+            "audio": {"input": {"transcription": {"model": "whisper-1", "lang": "en"}}}}});
+        let r = refusal(&unknown).expect_err("unknown field");
+        assert_eq!(r.code, "unknown_parameter");
+        assert_eq!(r.param, "session.audio.input.transcription.lang");
+        assert_eq!(
+            r.message,
+            "Unknown parameter: 'session.audio.input.transcription.lang'."
+        );
+        let missing = json!({"type": "conversation.item.truncate", "item_id": "i",
+            "content_index": 0});
+        let r = refusal(&missing).expect_err("missing field");
+        assert_eq!(r.code, "missing_required_parameter");
+        assert_eq!(r.param, "audio_end_ms");
+        let bad_role = json!({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "caller", "content": []}});
+        let r = refusal(&bad_role).expect_err("bad role");
+        assert_eq!(r.code, "invalid_value");
+        assert!(r.param.starts_with("item"), "{r:?}");
+        assert!(r.message.contains(&r.param), "{r:?}");
+        let r = refusal(&json!({"type": "input_audio_buffer.flush"})).expect_err("no such event");
+        assert_eq!((r.code, r.param.as_str()), ("invalid_value", "type"));
+        assert_eq!(refusal(&json!({"type": "response.create"})), Ok(()));
     }
 }

@@ -188,7 +188,8 @@ async fn media_stream(stream: TcpStream, cfg: Arc<StandIn>) {
     let send_m = |v: Value| Message::text(v.to_string());
     m_tx.send(send_m(
         json!({"type": "session.update", "session": {"type": "realtime",
-        "instructions": "stand-in", "audio": {"input": {"format": {"type": "audio/pcmu"}},
+        "instructions": "stand-in", "audio": {"input": {"format": {"type": "audio/pcmu"},
+        "transcription": {"model": "gpt-4o-mini-transcribe"}},
         "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}}}}),
     ))
     .await
