@@ -58,6 +58,13 @@ pub fn greeting_problem(greeting: &str) -> Option<String> {
         .map(|c| format!("contains the control character U+{:04X}", u32::from(c)))
 }
 
+/// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/callbridge_descriptor.bin"));
+
+/// Path of the `.proto` file inside this crate, for clients in other languages.
+pub const PROTO_PATH: &str = "proto/callbridge/v1/callbridge.proto";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,10 +83,3 @@ mod tests {
         assert_eq!(greeting_problem(&"é".repeat(MAX_GREETING_CHARS)), None);
     }
 }
-
-/// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/callbridge_descriptor.bin"));
-
-/// Path of the `.proto` file inside this crate, for clients in other languages.
-pub const PROTO_PATH: &str = "proto/callbridge/v1/callbridge.proto";
