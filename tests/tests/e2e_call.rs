@@ -145,16 +145,29 @@ fn barge_in_call() -> Scenario {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
+    barge_in_truncates_at_what_was_heard(Some(20)).await;
+}
+
+/// The same with the model's deltas of varying sizes (20 to 100 ms, odd ones too), as the
+/// real API sends them: the truncate point still follows what the caller heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_truncates_at_what_was_heard_whatever_the_delta_sizes() {
+    barge_in_truncates_at_what_was_heard(None).await;
+}
+
+async fn barge_in_truncates_at_what_was_heard(delta_ms: Option<u32>) {
     let call = barge_in_call();
     let late = 3;
-    // 20 ms deltas sent faster than real time: Twilio holds unplayed audio when the
-    // caller barges in, so "sent" and "heard" differ. A few deltas still arrive after
+    // Deltas sent faster than real time: Twilio holds unplayed audio when the caller
+    // barges in, so "sent" and "heard" differ. A few deltas still arrive after
     // speech_started; the relay must drop them.
-    let fake = FakeRealtime::builder()
+    let mut fake = FakeRealtime::builder()
         .script(call.script())
-        .chunk_ms(20)
         .speed(1.5)
         .late_deltas(late);
+    if let Some(ms) = delta_ms {
+        fake = fake.chunk_ms(ms);
+    }
     let world = World::builder(fake).start().await;
     world.default_agent(agent_settings("barge-in", None)).await;
 
@@ -197,7 +210,10 @@ async fn barge_in_clears_the_caller_and_truncates_at_what_was_heard() {
     );
 
     // The late deltas of the cancelled response never reached the caller.
-    assert_eq!(cut.late_audio_ms, u64::from(late) * 20);
+    match delta_ms {
+        Some(ms) => assert_eq!(cut.late_audio_ms, u64::from(late * ms)),
+        None => assert!(cut.late_audio_ms > 0, "{cut:?}"),
+    }
     let produced_ms: u64 = model.responses.iter().map(|r| r.audio_sent_ms).sum();
     assert_eq!(
         leg.media_bytes_received,

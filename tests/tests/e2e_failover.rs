@@ -52,7 +52,7 @@ async fn a_call_survives_the_death_of_its_relay() {
     // Twilio takes a moment before it asks what to do next.
     cfg.after_delay = Duration::from_millis(300);
     // The socket drops without a close frame; model Twilio asking the action URL then.
-    cfg.after_on_abnormal_close = true;
+    cfg.assume_action_after_abnormal_close();
     let handle = SimCaller::new(cfg.clone()).start();
     let live = handle.live.clone();
     // Greeting and two answers heard in full.
@@ -207,7 +207,7 @@ async fn no_call_of_a_dead_relay_is_hung_up_however_soon_twilio_asks() {
             cfg.gap_ms = 500;
             cfg.tail_ms = 100;
             cfg.follow_streams = 1;
-            cfg.after_on_abnormal_close = true;
+            cfg.assume_action_after_abnormal_close();
             let spread = kill * CALLS_PER_KILL + n;
             cfg.after_delay =
                 Duration::from_millis((spread * MAX_AFTER_DELAY_MS / (total - 1)) as u64);

@@ -439,7 +439,7 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
         // The socket drops without a close frame; model Twilio asking the action URL then,
         // after its own reaction time (control must have seen the attach stream break,
         // or the lease still looks held and the answer is a hang-up).
-        cfg.after_on_abnormal_close = true;
+        cfg.assume_action_after_abnormal_close();
         cfg.after_delay = Duration::from_millis(300);
     });
     wait_turns(&callers, 2, "every call is going").await;

@@ -246,7 +246,7 @@ async fn run_fault(fault: Fault, calls: usize, turns: usize) -> anyhow::Result<R
         let mut cfg = world.caller(script.clone());
         cfg.relays = lb.clone();
         cfg.follow_streams = 3;
-        cfg.after_on_abnormal_close = true;
+        cfg.assume_action_after_abnormal_close();
         cfg.answer_wait = Duration::from_secs(10);
         handles.push(SimCaller::new(cfg).start());
         // Staggered, as calls arrive: the model fault's sessions then close at different

@@ -144,7 +144,7 @@ async fn moved_calls(calls: usize, kill: bool) -> anyhow::Result<Vec<CallReport>
         let mut cfg = world.caller(script(turns));
         cfg.relays = lb.clone();
         cfg.follow_streams = 2;
-        cfg.after_on_abnormal_close = true;
+        cfg.assume_action_after_abnormal_close();
         cfg.answer_wait = Duration::from_secs(5);
         handles.push(SimCaller::new(cfg).start());
     }

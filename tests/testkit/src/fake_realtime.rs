@@ -49,6 +49,11 @@ use crate::audio;
 use crate::conversation::{AgentReply, Conversation};
 use crate::realtime_schema::{self, Refusal};
 
+/// Milliseconds of audio in successive `response.output_audio.delta`s by default, cycled:
+/// the real API sends deltas of varying sizes, most of them longer than Twilio's 20 ms
+/// frames, so nothing may assume one size or a multiple of 20 ms (odd sizes included).
+pub const DELTA_MS_CYCLE: [u32; 8] = [20, 40, 100, 60, 37, 100, 80, 23];
+
 /// Largest client message accepted (appends are small; a session.update with tools is a
 /// few kB).
 const MAX_MESSAGE: usize = 1024 * 1024;
@@ -59,7 +64,7 @@ pub struct FakeRealtimeBuilder {
     script: Conversation,
     scripts_by_marker: Vec<(String, Conversation)>,
     speed: f64,
-    chunk_ms: u32,
+    chunk_ms: Option<u32>,
     late_deltas: u32,
     silence_ms: u32,
     echo: bool,
@@ -97,7 +102,7 @@ impl Default for FakeRealtimeBuilder {
             script: Conversation::default(),
             scripts_by_marker: Vec::new(),
             speed: 1.0,
-            chunk_ms: 100,
+            chunk_ms: None,
             late_deltas: 0,
             silence_ms: 200,
             echo: false,
@@ -140,9 +145,11 @@ impl FakeRealtimeBuilder {
         self
     }
 
-    /// Milliseconds of audio per `response.output_audio.delta` (default 100).
+    /// Milliseconds of audio in every `response.output_audio.delta`, for tests that need
+    /// one fixed size. By default the sizes vary as the real API's do
+    /// ([`DELTA_MS_CYCLE`]).
     pub fn chunk_ms(mut self, ms: u32) -> Self {
-        self.chunk_ms = ms.max(1);
+        self.chunk_ms = Some(ms.max(1));
         self
     }
 
@@ -906,6 +913,8 @@ struct Session {
     committed_turn: Option<AgentReply>,
     /// Client event types already refused once ([`FakeRealtimeBuilder::error_on_client_event`]).
     refused_once: Vec<String>,
+    /// Audio deltas sent so far (picks the next size in [`DELTA_MS_CYCLE`]).
+    deltas_sent: usize,
 }
 
 impl Session {
@@ -932,6 +941,7 @@ impl Session {
             uncommitted_bytes: 0,
             committed_turn: None,
             refused_once: Vec::new(),
+            deltas_sent: 0,
         }
     }
 
@@ -1548,14 +1558,21 @@ impl Session {
         }
     }
 
-    fn chunk_interval(&self) -> Duration {
-        Duration::from_secs_f64(f64::from(self.cfg.chunk_ms) / 1000.0 / self.cfg.speed)
+    /// Milliseconds of audio in the next delta: the fixed size if the test set one, else
+    /// the next in [`DELTA_MS_CYCLE`].
+    fn next_chunk_ms(&self) -> u32 {
+        self.cfg
+            .chunk_ms
+            .unwrap_or(DELTA_MS_CYCLE[self.deltas_sent % DELTA_MS_CYCLE.len()])
     }
 
-    /// Sends the next audio chunk of the active response.
+    /// Sends the next audio chunk of the active response; the one after follows when this
+    /// one's audio would have played (at `speed`).
     fn on_tick(&mut self) {
-        let interval = self.chunk_interval();
-        let chunk = self.cfg.chunk_ms as usize * audio::BYTES_PER_MS;
+        let chunk_ms = self.next_chunk_ms();
+        let interval = Duration::from_secs_f64(f64::from(chunk_ms) / 1000.0 / self.cfg.speed);
+        let chunk = chunk_ms as usize * audio::BYTES_PER_MS;
+        self.deltas_sent += 1;
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -1714,10 +1731,11 @@ impl Session {
                 break;
             }
             // A late delta must not complete the response: keep at least one byte unsent.
+            let next = self.next_chunk_ms() as usize * audio::BYTES_PER_MS;
             let almost_done = self
                 .active
                 .as_ref()
-                .is_some_and(|a| a.total_bytes - a.sent_bytes <= self.cfg.chunk_ms as usize * 8);
+                .is_some_and(|a| a.total_bytes - a.sent_bytes <= next);
             if almost_done {
                 break;
             }
@@ -1967,6 +1985,7 @@ mod tests {
         let fake = FakeRealtime::builder()
             .script(script())
             .speed(2.0)
+            .chunk_ms(100)
             .late_deltas(1)
             .start()
             .await
@@ -2186,6 +2205,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn default_deltas_vary_in_size_and_add_up() {
+        let fake = FakeRealtime::builder()
+            .script(Conversation {
+                greeting: Some(AgentReply::says("Hello there", 900)),
+                turns: Vec::new(),
+            })
+            .speed(8.0)
+            .start()
+            .await
+            .expect("start");
+        let mut ws = connect(&fake, Some("k")).await.expect("connect");
+        until(&mut ws, "session.created").await;
+        send(&mut ws, json!({"type": "response.create"})).await;
+        let sizes: Vec<usize> = until(&mut ws, "response.done")
+            .await
+            .iter()
+            .filter(|e| e["type"] == "response.output_audio.delta")
+            .map(|e| audio::b64_len(e["delta"].as_str().expect("delta")))
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 900 * 8);
+        let cycle: Vec<usize> = DELTA_MS_CYCLE.iter().map(|ms| *ms as usize * 8).collect();
+        assert_eq!(sizes[..8], cycle[..], "{sizes:?}");
+        assert!(sizes.iter().any(|b| b % 160 != 0), "odd sizes: {sizes:?}");
+    }
+
+    #[tokio::test]
     async fn echo_mode_returns_each_append() {
         let fake = FakeRealtime::builder().echo().start().await.expect("start");
         let mut ws = connect(&fake, Some("k")).await.expect("connect");
@@ -2308,6 +2353,29 @@ mod tests {
             "{:?}",
             rec.refusals
         );
+    }
+
+    #[tokio::test]
+    async fn undocumented_url_parameters_change_nothing() {
+        // Only `model` is documented for a GA session; the Twilio samples' `temperature`
+        // and `voice` are assumed ignored, so the fake ignores them (and the relay sends
+        // neither).
+        let fake = FakeRealtime::builder().start().await.expect("start");
+        let req = format!(
+            "{}?model=gpt-realtime&temperature=0.6&voice=cedar",
+            fake.url()
+        );
+        let mut req = req.into_client_request().expect("valid url");
+        req.headers_mut()
+            .insert("authorization", "Bearer k".parse().expect("header"));
+        let (mut ws, _) = tokio::time::timeout(LIMIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("in time")
+            .expect("accepted");
+        let created = until(&mut ws, "session.created").await;
+        let session = &created.last().expect("event")["session"];
+        assert_eq!(session["audio"]["output"]["voice"], "alloy");
+        assert!(session.get("temperature").is_none(), "{session}");
     }
 
     #[tokio::test]

@@ -131,11 +131,9 @@ pub struct CallerConfig {
     /// Pause between the end of a stream and the `<Connect action>` request (Twilio's own
     /// reaction time).
     pub after_delay: Duration,
-    /// Also request the `<Connect action>` URL when the stream ended abnormally (the
-    /// socket failed or closed without a close frame, e.g. the relay was killed).
-    /// Twilio's documentation only promises the action request when the stream ends; it
-    /// does not say what happens after an abnormal close, so this is a modelled
-    /// assumption (docs/resilience.md). Off: an abnormal close ends the call.
+    /// Also request the `<Connect action>` URL when the stream ended abnormally: set it
+    /// with [`CallerConfig::assume_action_after_abnormal_close`], which names the
+    /// assumption. Off: an abnormal close ends the call.
     pub after_on_abnormal_close: bool,
 }
 
@@ -170,6 +168,17 @@ impl CallerConfig {
             after_delay: Duration::ZERO,
             after_on_abnormal_close: false,
         }
+    }
+
+    /// ASSUMPTION: Twilio requests the `<Connect action>` URL after an abnormal stream close
+    /// too (the socket failed or closed without a close frame, e.g. the relay was killed),
+    /// as it does when the stream ends. Twilio documents the action request when the
+    /// stream ends; it does not say an abnormal end is different, and failover relies on
+    /// it (docs/resilience.md). Every test that relies on it calls this, so the
+    /// assumption is named where it is used.
+    pub fn assume_action_after_abnormal_close(&mut self) -> &mut Self {
+        self.after_on_abnormal_close = true;
+        self
     }
 
     /// The standard call parameters Twilio posts.
@@ -519,7 +528,11 @@ impl SimCaller {
         })
     }
 
-    /// The voice webhook (`CallStatus=ringing`).
+    /// The voice webhook (`CallStatus=ringing`), requested once. As Twilio: an answer that
+    /// is not 200 TwiML (a 5xx included) is not retried — Twilio retries only when the
+    /// URL asks for it (connection overrides such as `#rc=`), which callbridge's URLs do
+    /// not — and the call ends (Twilio would play its application error or go to the
+    /// number's fallback URL).
     pub async fn webhook(&self) -> Result<TwimlExchange, CallerError> {
         self.post_signed(&self.webhook_url(), &self.cfg.call_params("ringing"))
             .await

@@ -464,3 +464,43 @@ async fn commands_send_dtmf_and_stop() {
     assert!(report.after.is_empty());
     assert!(leg.frames_sent > 5);
 }
+
+#[tokio::test]
+async fn a_webhook_answered_5xx_is_not_retried() {
+    // A "relay" that answers every request 503 and counts them.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = requests.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let mut cfg = CallerConfig::new(PUBLIC, addr, Some(TOKEN));
+    cfg.script = script();
+    let report = with_timeout(LIMIT, "the call", SimCaller::new(cfg).run())
+        .await
+        .expect("the call runs");
+    server.abort();
+    assert_eq!(report.webhook.response.status, 503);
+    assert!(report.webhook.twiml.is_none());
+    assert!(report.legs.is_empty(), "no stream without TwiML");
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "Twilio does not retry a 5xx voice webhook"
+    );
+}

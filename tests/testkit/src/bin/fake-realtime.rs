@@ -21,9 +21,9 @@ struct Args {
     /// Audio pacing (1.0 = real time).
     #[arg(long, env = "FAKE_REALTIME_SPEED", default_value_t = 1.0)]
     speed: f64,
-    /// Milliseconds of audio per delta.
-    #[arg(long, env = "FAKE_REALTIME_CHUNK_MS", default_value_t = 100)]
-    chunk_ms: u32,
+    /// Milliseconds of audio per delta (unset: varying sizes, as the real API sends).
+    #[arg(long, env = "FAKE_REALTIME_CHUNK_MS")]
+    chunk_ms: Option<u32>,
     /// Deltas still sent after the caller barges in.
     #[arg(long, env = "FAKE_REALTIME_LATE_DELTAS", default_value_t = 0)]
     late_deltas: u32,
@@ -52,8 +52,10 @@ async fn main() -> anyhow::Result<()> {
     let mut builder = FakeRealtime::builder()
         .script(script)
         .speed(args.speed)
-        .chunk_ms(args.chunk_ms)
         .late_deltas(args.late_deltas);
+    if let Some(ms) = args.chunk_ms {
+        builder = builder.chunk_ms(ms);
+    }
     if args.echo {
         builder = builder.echo();
     }
