@@ -1,12 +1,14 @@
-//! Configuration, from environment variables (or the flags of the same meaning).
+//! Configuration, from environment variables (or the flags of the same meaning). The
+//! secrets ([`SECRETS`]) are no flags: each comes from its variable or from the file its
+//! `_FILE` twin names (a Kubernetes secret mounted as a file); `ps` shows neither.
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `CONTROL_LISTEN` | gRPC listen address | `0.0.0.0:50051` |
-//! | `REDIS_URL` | `redis://`, `rediss://` or `redis+unix://` URL (secret: may carry the password) | unset: in-memory store (one process, nothing survives a restart) |
-//! | `REDIS_CLUSTER_NODES` | comma-separated Redis Cluster seed URLs (secret), instead of `REDIS_URL` (Redis ≥ 7: commands use sharded pub/sub) | unset |
-//! | `CONTROL_APP_TOKENS` | comma-separated bearer tokens for `Agents` and `Calls`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
-//! | `CONTROL_RELAY_TOKENS` | comma-separated bearer tokens for `Relay`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
+//! | `REDIS_URL`, `REDIS_URL_FILE` | `redis://`, `rediss://` or `redis+unix://` URL (secret: may carry the password) | unset: in-memory store (one process, nothing survives a restart) |
+//! | `REDIS_CLUSTER_NODES`, `REDIS_CLUSTER_NODES_FILE` | comma-separated Redis Cluster seed URLs (secret), instead of `REDIS_URL` (Redis ≥ 7: commands use sharded pub/sub) | unset |
+//! | `CONTROL_APP_TOKENS`, `CONTROL_APP_TOKENS_FILE` | comma-separated bearer tokens (secret) for `Agents` and `Calls`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
+//! | `CONTROL_RELAY_TOKENS`, `CONTROL_RELAY_TOKENS_FILE` | comma-separated bearer tokens (secret) for `Relay`, each ≥ 32 bytes unless `CONTROL_INSECURE_NO_AUTH=true` | unset |
 //! | `CONTROL_INSECURE_NO_AUTH` | `true` allows starting with no tokens at all (no auth), and tokens shorter than 32 bytes | `false` |
 //! | `RELAY_PUBLIC_URL` | public `https://` base URL of the relays, for webhook/stream URLs | unset: URLs left empty |
 //! | `CONTROL_LOG` | log filter (`tracing` env-filter syntax) | `info` |
@@ -18,8 +20,8 @@
 //! | `CONTROL_ID` | this replica's id (routes commands to it) | hostname + random suffix |
 //! | `CONTROL_SHUTDOWN_GRACE_SECS` | how long open streams may take to end on shutdown | `10` |
 //! | `TWILIO_ACCOUNT_SID` | account whose calls control places (`AC…`); unset: control never dials | unset |
-//! | `TWILIO_AUTH_TOKEN` | the account's auth token (secret), unless an API key is set | unset |
-//! | `TWILIO_API_KEY_SID`, `TWILIO_API_KEY_SECRET` | an API key (`SK…`) instead of the auth token (secret) | unset |
+//! | `TWILIO_AUTH_TOKEN`, `TWILIO_AUTH_TOKEN_FILE` | the account's auth token (secret), unless an API key is set | unset |
+//! | `TWILIO_API_KEY_SID`, `TWILIO_API_KEY_SECRET`, `TWILIO_API_KEY_SECRET_FILE` | an API key (`SK…`) instead of the auth token (secret) | unset |
 //! | `TWILIO_API_BASE_URL` | Twilio REST base URL | `https://api.twilio.com` |
 //! | `TWILIO_HTTP_TIMEOUT_MS` | timeout of one REST request | `10000` |
 //! | `TWILIO_MAX_RETRIES` | retries of a request answered 429/5xx (backoff with jitter) | `4` |
@@ -51,6 +53,7 @@ pub const EXIT_CONFIG: i32 = 64;
 
 /// The secret type shared with the relay (`Debug`/`Display` print `[redacted]`).
 pub use callbridge_telemetry::Secret;
+use callbridge_telemetry::SecretVar;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -61,30 +64,83 @@ pub enum LogFormat {
     Json,
 }
 
-/// Raw command line / environment, as clap sees it.
+/// Control's secrets (the Redis URLs may carry its password): each read from its variable
+/// or from the file `NAME_FILE` names, never from a flag.
+pub const SECRETS: [SecretVar; 6] = [
+    callbridge_telemetry::secret_var!(
+        "REDIS_URL",
+        "redis://, rediss:// or redis+unix:// URL (unset: in-memory store, one process only)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "REDIS_CLUSTER_NODES",
+        "comma-separated Redis Cluster seed node URLs (instead of REDIS_URL)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "CONTROL_APP_TOKENS",
+        "comma-separated bearer tokens accepted on the public API (Agents, Calls)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "CONTROL_RELAY_TOKENS",
+        "comma-separated bearer tokens accepted on the relay API (Relay)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "TWILIO_AUTH_TOKEN",
+        "the Twilio account's auth token, unless an API key is set"
+    ),
+    callbridge_telemetry::secret_var!("TWILIO_API_KEY_SECRET", "the Twilio API key's secret"),
+];
+
+/// The secrets' values as read (`None`: unset), in [`SECRETS`] order.
+struct SecretValues {
+    redis_url: Option<String>,
+    redis_cluster_nodes: Option<String>,
+    app_tokens: Option<String>,
+    relay_tokens: Option<String>,
+    twilio_auth_token: Option<String>,
+    twilio_api_key_secret: Option<String>,
+}
+
+impl SecretValues {
+    fn read(env: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Result<Self, ConfigError> {
+        let mut values = SECRETS.iter().map(|var| {
+            callbridge_telemetry::read_secret(var, env)
+                .map(|v| v.map(|s| s.expose().to_owned()))
+                .map_err(|e| bad(e.var, e.message))
+        });
+        let mut next = || values.next().transpose().map(Option::flatten);
+        Ok(SecretValues {
+            redis_url: next()?,
+            redis_cluster_nodes: next()?,
+            app_tokens: next()?,
+            relay_tokens: next()?,
+            twilio_auth_token: next()?,
+            twilio_api_key_secret: next()?,
+        })
+    }
+}
+
+/// The end of `--help`: the secrets (no flags, so clap does not list them) and the
+/// OpenTelemetry variables.
+fn help_footer() -> String {
+    format!(
+        "{}\n{}",
+        callbridge_telemetry::secrets_help(&SECRETS),
+        callbridge_telemetry::ENV_HELP
+    )
+}
+
+/// Raw command line / environment, as clap sees it (the secrets apart: [`SECRETS`]).
 #[derive(Debug, Parser)]
 #[command(
     name = "callbridge-control",
     version,
     about = "callbridge control plane: agents, calls, events and command routing over gRPC",
-    after_help = callbridge_telemetry::ENV_HELP
+    after_help = help_footer()
 )]
 struct Args {
     /// gRPC listen address.
     #[arg(long, env = "CONTROL_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
-    /// Redis URL (redis://, rediss://, redis+unix://). Unset: in-memory store (one process only).
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    redis_url: Option<String>,
-    /// Comma-separated Redis Cluster seed node URLs (instead of REDIS_URL).
-    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
-    redis_cluster_nodes: Option<String>,
-    /// Comma-separated bearer tokens accepted on the public API (Agents, Calls).
-    #[arg(long, env = "CONTROL_APP_TOKENS", hide_env_values = true)]
-    app_tokens: Option<String>,
-    /// Comma-separated bearer tokens accepted on the relay API (Relay).
-    #[arg(long, env = "CONTROL_RELAY_TOKENS", hide_env_values = true)]
-    relay_tokens: Option<String>,
     /// Allow starting with no tokens at all (every caller accepted). For local demos only.
     #[arg(long, env = "CONTROL_INSECURE_NO_AUTH", default_value = "false")]
     insecure_no_auth: String,
@@ -336,12 +392,20 @@ fn check_redis_url(var: &'static str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The command line as clap defines it (every setting but the [`SECRETS`]): `--help`, and
+/// the check that the docs list every setting with its default.
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 impl Config {
     /// Parses the process arguments and environment. On `--help`/`--version` prints and
     /// exits 0; on bad input prints the problem and exits 64.
     pub fn from_env_or_exit() -> Self {
         match Args::try_parse() {
-            Ok(args) => match Self::from_args(args) {
+            Ok(args) => match SecretValues::read(&callbridge_telemetry::process_env)
+                .and_then(|secrets| Self::from_args(args, secrets))
+            {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("callbridge-control: invalid configuration: {err}");
@@ -360,23 +424,37 @@ impl Config {
         }
     }
 
-    /// Parses configuration from an explicit argument list (tests; no environment).
+    /// Parses configuration from an explicit argument list, the secrets from the process
+    /// environment.
     pub fn from_args_iter<I, T>(args: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args = Args::try_parse_from(args).map_err(|e| bad("arguments", e.to_string()))?;
-        Self::from_args(args)
+        Self::from_args_and_secrets(args, &callbridge_telemetry::process_env)
     }
 
-    fn from_args(mut args: Args) -> Result<Self, ConfigError> {
+    /// Parses configuration from an explicit argument list, the secrets looked up in `env`
+    /// (tests, and the in-process demo).
+    pub fn from_args_and_secrets<I, T>(
+        args: I,
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args).map_err(|e| bad("arguments", e.to_string()))?;
+        Self::from_args(args, SecretValues::read(env)?)
+    }
+
+    fn from_args(mut args: Args, secrets: SecretValues) -> Result<Self, ConfigError> {
         let listen = args
             .listen
             .parse()
             .map_err(|e| bad("CONTROL_LISTEN", format!("not a socket address: {e}")))?;
-        let cluster = split_list(args.redis_cluster_nodes.as_deref());
-        let redis_url = args.redis_url.filter(|u| !u.trim().is_empty());
+        let cluster = split_list(secrets.redis_cluster_nodes.as_deref());
+        let redis_url = secrets.redis_url.filter(|u| !u.trim().is_empty());
         let store = match (redis_url, cluster.is_empty()) {
             (Some(_), false) => {
                 return Err(bad(
@@ -435,11 +513,11 @@ impl Config {
             }
         };
 
-        let app_tokens: Vec<Secret> = split_list(args.app_tokens.as_deref())
+        let app_tokens: Vec<Secret> = split_list(secrets.app_tokens.as_deref())
             .into_iter()
             .map(Secret::new)
             .collect();
-        let relay_tokens: Vec<Secret> = split_list(args.relay_tokens.as_deref())
+        let relay_tokens: Vec<Secret> = split_list(secrets.relay_tokens.as_deref())
             .into_iter()
             .map(Secret::new)
             .collect();
@@ -516,7 +594,9 @@ impl Config {
             }
             None => default_control_id(),
         };
-        let twilio = args.twilio.into_config()?;
+        let twilio = args
+            .twilio
+            .into_config(secrets.twilio_auth_token, secrets.twilio_api_key_secret)?;
         let limits = args
             .limits
             .into_limits(metrics_listen.is_some(), insecure_no_auth)?;
@@ -611,8 +691,25 @@ mod tests {
     /// A token long enough for the secure mode.
     const T: &str = "app-token-0123456789abcdef-012345";
 
+    /// `T` as the app token setting.
+    const APP: &str = "CONTROL_APP_TOKENS=app-token-0123456789abcdef-012345";
+
+    /// `NAME=value` entries are the environment the secrets are read from (they are no
+    /// flags); the rest is the command line.
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::from_args_iter(std::iter::once("callbridge-control").chain(args.iter().copied()))
+        let is_env =
+            |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+        let mut flags = vec!["callbridge-control"];
+        let mut env = std::collections::HashMap::new();
+        for a in args {
+            match a.split_once('=').filter(|(k, _)| is_env(k)) {
+                Some((k, v)) => {
+                    env.insert(k.to_owned(), std::ffi::OsString::from(v));
+                }
+                None => flags.push(a),
+            }
+        }
+        Config::from_args_and_secrets(flags, &|name| env.get(name).cloned())
     }
 
     #[test]
@@ -627,10 +724,8 @@ mod tests {
     #[test]
     fn tokens_are_split_and_redacted() {
         let config = parse(&[
-            "--app-tokens",
-            "app-secret-one-0123456789abcdef01, app-secret-two-0123456789abcdef01,",
-            "--relay-tokens",
-            "relay-secret-0123456789abcdef0123",
+            "CONTROL_APP_TOKENS=app-secret-one-0123456789abcdef01, app-secret-two-0123456789abcdef01,",
+            "CONTROL_RELAY_TOKENS=relay-secret-0123456789abcdef0123",
         ])
         .expect("valid");
         assert_eq!(config.app_tokens.len(), 2);
@@ -648,44 +743,21 @@ mod tests {
     #[test]
     fn bad_values_name_their_variable() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--app-tokens", T, "--listen", "nope"], "CONTROL_LISTEN"),
-            (&["--app-tokens", T, "--redis-url", "http://x"], "REDIS_URL"),
+            (&[APP, "--listen", "nope"], "CONTROL_LISTEN"),
+            (&[APP, "REDIS_URL=http://x"], "REDIS_URL"),
+            (&[APP, "--lease-secs", "0"], "CONTROL_LEASE_SECS"),
+            (&[APP, "--relay-public-url", "ftp://x"], "RELAY_PUBLIC_URL"),
+            (&[APP, "--metrics-listen", "x"], "CONTROL_METRICS_LISTEN"),
             (
-                &["--app-tokens", T, "--lease-secs", "0"],
-                "CONTROL_LEASE_SECS",
-            ),
-            (
-                &["--app-tokens", T, "--heartbeat-timeout-secs", "0"],
+                &[APP, "--heartbeat-timeout-secs", "0"],
                 "CONTROL_HEARTBEAT_TIMEOUT_SECS",
             ),
             (
-                &[
-                    "--app-tokens",
-                    T,
-                    "--lease-secs",
-                    "5",
-                    "--heartbeat-timeout-secs",
-                    "5",
-                ],
+                &[APP, "--lease-secs", "5", "--heartbeat-timeout-secs", "5"],
                 "CONTROL_HEARTBEAT_TIMEOUT_SECS",
             ),
             (
-                &["--app-tokens", T, "--relay-public-url", "ftp://x"],
-                "RELAY_PUBLIC_URL",
-            ),
-            (
-                &["--app-tokens", T, "--metrics-listen", "x"],
-                "CONTROL_METRICS_LISTEN",
-            ),
-            (
-                &[
-                    "--app-tokens",
-                    T,
-                    "--redis-url",
-                    "redis://a",
-                    "--redis-cluster-nodes",
-                    "redis://b",
-                ],
+                &[APP, "REDIS_URL=redis://a", "REDIS_CLUSTER_NODES=redis://b"],
                 "REDIS_CLUSTER_NODES",
             ),
         ];
@@ -698,15 +770,13 @@ mod tests {
     #[test]
     fn twilio_settings_are_checked_and_redacted() {
         let sid = "AC0123456789abcdef0123456789abcdef";
-        let config = parse(&["--app-tokens", T]).expect("valid");
+        let config = parse(&[APP]).expect("valid");
         assert!(config.twilio.is_none(), "no account: control does not dial");
         let config = parse(&[
-            "--app-tokens",
-            T,
+            APP,
             "--twilio-account-sid",
             sid,
-            "--twilio-auth-token",
-            "tok-secret-value",
+            "TWILIO_AUTH_TOKEN=tok-secret-value",
         ])
         .expect("valid");
         let twilio = config.twilio.as_ref().expect("configured");
@@ -728,8 +798,7 @@ mod tests {
                 &[
                     "--twilio-account-sid",
                     sid,
-                    "--twilio-auth-token",
-                    "x",
+                    "TWILIO_AUTH_TOKEN=x",
                     "--twilio-api-base-url",
                     "ftp://x",
                 ],
@@ -739,8 +808,7 @@ mod tests {
                 &[
                     "--twilio-account-sid",
                     sid,
-                    "--twilio-auth-token",
-                    "x",
+                    "TWILIO_AUTH_TOKEN=x",
                     "--twilio-http-timeout-ms",
                     "0",
                 ],
@@ -748,63 +816,59 @@ mod tests {
             ),
         ];
         for (args, var) in cases {
-            let all: Vec<&str> = ["--app-tokens", T]
-                .iter()
-                .chain(args.iter())
-                .copied()
-                .collect();
+            let all: Vec<&str> = [APP].iter().chain(args.iter()).copied().collect();
             assert_eq!(parse(&all).expect_err("invalid").var, *var, "{args:?}");
         }
     }
 
     #[test]
     fn empty_metrics_listen_disables_metrics() {
-        let config = parse(&["--app-tokens", T, "--metrics-listen", ""]).expect("valid");
+        let config = parse(&[APP, "--metrics-listen", ""]).expect("valid");
         assert!(config.metrics_listen.is_none());
         assert!(config.control_id.len() > 9);
     }
 
     #[test]
     fn short_tokens_are_refused_outside_the_insecure_mode() {
-        for (flag, var) in [
-            ("--app-tokens", "CONTROL_APP_TOKENS"),
-            ("--relay-tokens", "CONTROL_RELAY_TOKENS"),
-        ] {
-            let list = format!("{T},short-secret");
-            let err = parse(&[flag, &list]).expect_err("short token");
+        for var in ["CONTROL_APP_TOKENS", "CONTROL_RELAY_TOKENS"] {
+            let list = format!("{var}={T},short-secret");
+            let err = parse(&[&list]).expect_err("short token");
             assert_eq!(err.var, var);
             assert!(err.message.contains("token 2 of 2"), "{err}");
             assert!(
                 !err.to_string().contains("short-secret"),
                 "not echoed: {err}"
             );
-            let config = parse(&[flag, &list, "--insecure-no-auth", "true"]).expect("insecure");
+            let config = parse(&[&list, "--insecure-no-auth", "true"]).expect("insecure");
             assert!(config.insecure_no_auth);
         }
-        assert!(parse(&["--app-tokens", T, "--relay-tokens", T]).is_ok());
-        let err = parse(&["--relay-tokens", "caf\u{e9}", "--insecure-no-auth", "true"])
-            .expect_err("not header text");
+        assert!(
+            parse(&[
+                APP,
+                "CONTROL_RELAY_TOKENS=relay-token-0123456789abcdef-0123"
+            ])
+            .is_ok()
+        );
+        let err = parse(&[
+            "CONTROL_RELAY_TOKENS=caf\u{e9}",
+            "--insecure-no-auth",
+            "true",
+        ])
+        .expect_err("not header text");
         assert_eq!(err.var, "CONTROL_RELAY_TOKENS");
         assert!(err.message.contains("header text"), "{err}");
     }
 
     #[test]
     fn redis_urls_are_redacted() {
-        let config = parse(&[
-            "--app-tokens",
-            T,
-            "--redis-url",
-            "redis://:hunter2-password@127.0.0.1:6379/0",
-        ])
-        .expect("valid");
+        let config =
+            parse(&[APP, "REDIS_URL=redis://:hunter2-password@127.0.0.1:6379/0"]).expect("valid");
         assert!(matches!(&config.store, StoreConfig::Redis(u) if u.expose().contains("hunter2")));
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         let config = parse(&[
-            "--app-tokens",
-            T,
-            "--redis-cluster-nodes",
-            "redis://:pw-one@127.0.0.1:7000,redis://:pw-two@127.0.0.1:7001",
+            APP,
+            "REDIS_CLUSTER_NODES=redis://:pw-one@127.0.0.1:7000,redis://:pw-two@127.0.0.1:7001",
         ])
         .expect("valid");
         let shown = format!("{config:?}");
@@ -812,5 +876,41 @@ mod tests {
             !shown.contains("pw-one") && !shown.contains("pw-two"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn secrets_are_no_flags_and_come_from_files_too() {
+        for flag in [
+            "--redis-url",
+            "--redis-cluster-nodes",
+            "--app-tokens",
+            "--relay-tokens",
+            "--twilio-auth-token",
+            "--twilio-api-key-secret",
+        ] {
+            let err = parse(&[APP, flag, "redis://:pw@127.0.0.1:6379"]).expect_err("no flag");
+            assert_eq!(err.var, "arguments", "{flag}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("control-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, format!("{T},relay-token-0123456789abcdef-0123\n")).expect("w");
+        let url = dir.join("url");
+        std::fs::write(&url, "redis://:hunter2-from-file@127.0.0.1:6379/0\n").expect("w");
+        let tokens_var = format!("CONTROL_APP_TOKENS_FILE={}", tokens.display());
+        let url_var = format!("REDIS_URL_FILE={}", url.display());
+        let config = parse(&[&tokens_var, &url_var]).expect("valid");
+        assert_eq!(config.app_tokens.len(), 2);
+        assert_eq!(
+            config.app_tokens[1].expose(),
+            "relay-token-0123456789abcdef-0123"
+        );
+        assert!(matches!(&config.store, StoreConfig::Redis(u) if u.expose().ends_with("6379/0")));
+        let err = parse(&[APP, &tokens_var]).expect_err("both");
+        assert!(err.to_string().contains("CONTROL_APP_TOKENS_FILE"), "{err}");
+        assert!(!err.to_string().contains("app-token-"), "{err}");
+        let err = parse(&[APP, "REDIS_URL_FILE=/nonexistent/redis-url"]).expect_err("missing");
+        assert_eq!(err.var, "REDIS_URL_FILE");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -11,17 +11,21 @@ use tonic::Code;
 
 #[tokio::test]
 async fn serve_with_the_in_memory_store_runs_a_call_and_shuts_down() {
-    let config = Config::from_args_iter([
-        "callbridge-control",
-        "--app-tokens",
-        APP_TOKEN,
-        "--relay-tokens",
-        RELAY_TOKEN,
-        "--metrics-listen",
-        "",
-        "--lease-secs",
-        "2",
-    ])
+    let secrets = |name: &str| match name {
+        "CONTROL_APP_TOKENS" => Some(APP_TOKEN.into()),
+        "CONTROL_RELAY_TOKENS" => Some(RELAY_TOKEN.into()),
+        _ => None,
+    };
+    let config = Config::from_args_and_secrets(
+        [
+            "callbridge-control",
+            "--metrics-listen",
+            "",
+            "--lease-secs",
+            "2",
+        ],
+        &secrets,
+    )
     .expect("valid config");
     assert_eq!(
         config.store,

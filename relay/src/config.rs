@@ -1,18 +1,20 @@
 //! Relay configuration: every setting is an environment variable (and a flag of the same
 //! meaning), read once before any socket opens. Invalid configuration exits with code 64.
+//! Secrets ([`SECRETS`]) are no flags: they come from the variable or from the file its
+//! `_FILE` twin names (a Kubernetes secret mounted as a file); `ps` shows neither.
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `RELAY_LISTEN` | HTTP/WS listen address | `0.0.0.0:8080` |
 //! | `RELAY_PUBLIC_URL` | public base URL Twilio reaches; TwiML and signatures use it. `https://` on port 443 unless loopback (Twilio opens streams only as `wss://` on 443) | required |
 //! | `CONTROL_URL` | control plane gRPC address: `https://host:port` (TLS) or `http://host:port` (plaintext h2c); unset: standalone mode | unset |
-//! | `RELAY_CONTROL_TOKEN` | bearer token presented to control | unset |
+//! | `RELAY_CONTROL_TOKEN`, `RELAY_CONTROL_TOKEN_FILE` | bearer token presented to control (secret: the value, or a file holding it) | unset |
 //! | `CONTROL_CA_FILE` | PEM CA bundle that control's certificate must chain to (`https://` only) | unset: the webpki roots |
 //! | `CONTROL_CLIENT_CERT_FILE`, `CONTROL_CLIENT_KEY_FILE` | PEM client certificate and key presented to control (mTLS; `https://` only) | unset |
-//! | `OPENAI_API_KEY` | model API key | required |
+//! | `OPENAI_API_KEY`, `OPENAI_API_KEY_FILE` | model API key (secret: the value, or a file holding it) | required |
 //! | `OPENAI_REALTIME_URL` | Realtime endpoint | `wss://api.openai.com/v1/realtime` |
-//! | `TWILIO_AUTH_TOKEN` | checks `X-Twilio-Signature` | required unless skipping |
-//! | `RELAY_STREAM_SECRET` | key (≥ 32 bytes, the same on every relay) of the per-stream credentials TwiML carries (`docs/protocols.md`, "Stream credentials") | derived from `TWILIO_AUTH_TOKEN`; with neither (insecure mode only), a random key per process |
+//! | `TWILIO_AUTH_TOKEN`, `TWILIO_AUTH_TOKEN_FILE` | checks `X-Twilio-Signature` (secret: the value, or a file holding it) | required unless skipping |
+//! | `RELAY_STREAM_SECRET`, `RELAY_STREAM_SECRET_FILE` | secret (the value, or a file holding it): key (≥ 32 bytes, the same on every relay) of the per-stream credentials TwiML carries (`docs/protocols.md`, "Stream credentials") | derived from `TWILIO_AUTH_TOKEN`; with neither (insecure mode only), a random key per process |
 //! | `RELAY_STREAM_CREDENTIAL_TTL_SECS` | how long a stream credential is valid after its TwiML was answered (Twilio opens the stream within seconds) | `60` |
 //! | `RELAY_INSECURE_SKIP_SIGNATURE` | accept unsigned requests (local testing only; logs a warning at start; short tokens allowed) | `false` |
 //! | `RELAY_INSECURE_ALLOW_PUBLIC` | allow the insecure settings towards hosts that are not loopback: skipping signatures with a non-loopback `RELAY_PUBLIC_URL`, a `ws://` model URL to a non-loopback host, a non-loopback `RELAY_PUBLIC_URL` that is not `https://` on 443 | `false` |
@@ -90,6 +92,8 @@ const DEFAULT_INSTRUCTIONS: &str = "You are a friendly, concise phone assistant.
 
 /// The secret type shared with control (`Debug`/`Display` print `[redacted]`).
 pub use callbridge_telemetry::Secret;
+/// A secret's variable and its `_FILE` twin ([`SECRETS`]).
+pub use callbridge_telemetry::SecretVar;
 
 /// The standalone agent's turn detection (`AgentSettings.turn_detection.type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,6 +105,33 @@ pub enum TurnDetectionMode {
     SemanticVad,
     /// None: the relay commits the caller's turns (`call::turn_commit`).
     None,
+}
+
+/// The relay's secrets: each read from its variable or from the file `NAME_FILE` names.
+pub const SECRETS: [SecretVar; 4] = [
+    callbridge_telemetry::secret_var!("OPENAI_API_KEY", "model API key (required)"),
+    callbridge_telemetry::secret_var!(
+        "TWILIO_AUTH_TOKEN",
+        "checks X-Twilio-Signature (required unless RELAY_INSECURE_SKIP_SIGNATURE=true)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "RELAY_CONTROL_TOKEN",
+        "bearer token presented to control (>= 32 bytes)"
+    ),
+    callbridge_telemetry::secret_var!(
+        "RELAY_STREAM_SECRET",
+        "key of the per-stream credentials (>= 32 bytes, the same on every relay)"
+    ),
+];
+
+/// The end of `--help`: the secrets (no flags, so clap does not list them) and the
+/// OpenTelemetry variables.
+fn help_footer() -> String {
+    format!(
+        "{}\n{}",
+        callbridge_telemetry::secrets_help(&SECRETS),
+        callbridge_telemetry::ENV_HELP
+    )
 }
 
 /// Log output format.
@@ -118,7 +149,7 @@ pub enum LogFormat {
     name = "callbridge-relay",
     about = "Bridges Twilio Media Streams and the OpenAI Realtime API, one call per WebSocket.",
     long_about = None,
-    after_help = callbridge_telemetry::ENV_HELP
+    after_help = help_footer()
 )]
 pub struct Config {
     /// HTTP/WS listen address.
@@ -142,21 +173,21 @@ pub struct Config {
     /// PEM private key of CONTROL_CLIENT_CERT_FILE.
     #[arg(long, env = "CONTROL_CLIENT_KEY_FILE")]
     pub control_client_key_file: Option<PathBuf>,
-    /// Bearer token presented to the control plane.
-    #[arg(long, env = "RELAY_CONTROL_TOKEN", hide_env_values = true)]
+    /// Bearer token presented to the control plane (`RELAY_CONTROL_TOKEN[_FILE]`).
+    #[arg(skip)]
     pub control_token: Option<Secret>,
-    /// OpenAI API key.
-    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    /// OpenAI API key (`OPENAI_API_KEY[_FILE]`; empty until read).
+    #[arg(skip = Secret::new(""))]
     pub openai_api_key: Secret,
     /// OpenAI Realtime WebSocket endpoint.
     #[arg(long, env = "OPENAI_REALTIME_URL", default_value = DEFAULT_REALTIME_URL)]
     pub openai_realtime_url: String,
-    /// Twilio auth token, to check X-Twilio-Signature.
-    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    /// Twilio auth token, to check X-Twilio-Signature (`TWILIO_AUTH_TOKEN[_FILE]`).
+    #[arg(skip)]
     pub twilio_auth_token: Option<Secret>,
-    /// Key of the per-stream credentials (at least 32 bytes; the same on every relay).
-    /// Unset: derived from TWILIO_AUTH_TOKEN.
-    #[arg(long, env = "RELAY_STREAM_SECRET", hide_env_values = true)]
+    /// Key of the per-stream credentials (at least 32 bytes; the same on every relay;
+    /// `RELAY_STREAM_SECRET[_FILE]`). Unset: derived from TWILIO_AUTH_TOKEN.
+    #[arg(skip)]
     pub stream_secret: Option<Secret>,
     /// Seconds a stream credential is valid after its TwiML was answered.
     #[arg(long, env = "RELAY_STREAM_CREDENTIAL_TTL_SECS", default_value_t = 60)]
@@ -294,6 +325,9 @@ pub enum ConfigError {
     /// clap could not parse the arguments or environment.
     #[error(transparent)]
     Parse(#[from] clap::Error),
+    /// A secret or its file could not be read.
+    #[error(transparent)]
+    Secret(#[from] callbridge_telemetry::SecretError),
     /// A value parsed but makes no sense.
     #[error("{field}: {reason}")]
     Invalid {
@@ -312,13 +346,31 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Parses flags and environment, then validates.
+    /// Parses flags and environment, reads the secrets, then validates.
     pub fn from_args_and_env<I, T>(args: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let config = Self::try_parse_from(args)?;
+        Self::from_args_and_secrets(args, &callbridge_telemetry::process_env)
+    }
+
+    /// As [`Config::from_args_and_env`], with the secrets looked up in `env` (tests).
+    pub fn from_args_and_secrets<I, T>(
+        args: I,
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut config = Self::try_parse_from(args)?;
+        let [openai, twilio, control, stream] = SECRETS;
+        config.openai_api_key = callbridge_telemetry::read_secret(&openai, env)?
+            .ok_or_else(|| invalid("OPENAI_API_KEY", "required (or OPENAI_API_KEY_FILE)"))?;
+        config.twilio_auth_token = callbridge_telemetry::read_secret(&twilio, env)?;
+        config.control_token = callbridge_telemetry::read_secret(&control, env)?;
+        config.stream_secret = callbridge_telemetry::read_secret(&stream, env)?;
         config.validate()
     }
 
@@ -819,19 +871,32 @@ fn is_loopback(host: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut all = vec!["callbridge-relay"];
-        all.extend_from_slice(args);
-        Config::from_args_and_env(all)
+    /// `NAME=value` entries are the environment the secrets are read from (they are no
+    /// flags); the rest is the command line.
+    fn parse<S: AsRef<str>>(args: &[S]) -> Result<Config, ConfigError> {
+        let is_env = |a: &str| {
+            a.split_once('=').is_some_and(|(k, _)| {
+                !k.is_empty() && k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            })
+        };
+        let mut all = vec!["callbridge-relay".to_owned()];
+        let mut env = std::collections::HashMap::new();
+        for a in args.iter().map(AsRef::as_ref) {
+            match a.split_once('=').filter(|_| is_env(a)) {
+                Some((k, v)) => {
+                    env.insert(k.to_owned(), std::ffi::OsString::from(v));
+                }
+                None => all.push(a.to_owned()),
+            }
+        }
+        Config::from_args_and_secrets(all, &|name| env.get(name).cloned())
     }
 
-    const BASE: [&str; 6] = [
+    const BASE: [&str; 4] = [
         "--public-url",
         "https://relay.example.com/",
-        "--openai-api-key",
-        "sk-1",
-        "--twilio-auth-token",
-        "tok",
+        "OPENAI_API_KEY=sk-1",
+        "TWILIO_AUTH_TOKEN=tok",
     ];
 
     #[test]
@@ -911,9 +976,9 @@ mod tests {
 
     #[test]
     fn missing_auth_token_is_refused_unless_insecure() {
-        let err = parse(&BASE[..4]).unwrap_err();
+        let err = parse(&BASE[..3]).unwrap_err();
         assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"), "{err}");
-        let mut args = BASE[..4].to_vec();
+        let mut args = BASE[..3].to_vec();
         args.extend(["--insecure-skip-signature", "true"]);
         args.extend(["--insecure-allow-public", "true"]);
         assert!(parse(&args).unwrap().insecure_skip_signature);
@@ -924,10 +989,10 @@ mod tests {
     #[test]
     fn control_token_must_be_header_text_and_long_outside_insecure_mode() {
         let with_token = |token: &str, extra: &[&'static str]| {
-            let mut args = BASE.to_vec();
-            args.extend(["--control-url", "http://control:50051"]);
-            args.extend(["--control-token", token]);
-            args.extend(extra.iter().copied());
+            let mut args: Vec<String> = BASE.iter().map(|a| (*a).to_owned()).collect();
+            args.extend(["--control-url", "http://control:50051"].map(String::from));
+            args.push(format!("RELAY_CONTROL_TOKEN={token}"));
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
             parse(&args)
         };
         let c = with_token(LONG_TOKEN, &[]).unwrap();
@@ -947,17 +1012,11 @@ mod tests {
         let err = with_token("short", &[]).unwrap_err();
         assert!(err.to_string().contains("RELAY_CONTROL_TOKEN"), "{err}");
         // The insecure mode (on loopback) accepts a short token.
-        let mut args = vec![
-            "--public-url",
-            "http://127.0.0.1:8080",
-            "--openai-api-key",
-            "sk",
-        ];
+        let mut args = vec!["--public-url", "http://127.0.0.1:8080", "OPENAI_API_KEY=sk"];
         args.extend([
             "--insecure-skip-signature",
             "true",
-            "--control-token",
-            "short",
+            "RELAY_CONTROL_TOKEN=short",
         ]);
         assert!(parse(&args).is_ok());
         // An empty token is no token.
@@ -998,7 +1057,7 @@ mod tests {
     #[test]
     fn insecure_settings_stay_on_loopback_unless_allowed() {
         let insecure = |public: &'static str, model: &'static str, allow: bool| {
-            let mut args = vec!["--public-url", public, "--openai-api-key", "sk-1"];
+            let mut args = vec!["--public-url", public, "OPENAI_API_KEY=sk-1"];
             args.extend(["--openai-realtime-url", model]);
             args.extend(["--insecure-skip-signature", "true"]);
             if allow {
@@ -1124,7 +1183,6 @@ mod tests {
                 "/nonexistent.pem",
                 "RELAY_METRICS_TLS_CERT_FILE",
             ),
-            ("--stream-secret", "too-short", "RELAY_STREAM_SECRET"),
             (
                 "--stream-credential-ttl-secs",
                 "0",
@@ -1168,9 +1226,71 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_no_flags_and_come_from_files_too() {
+        for flag in [
+            "--openai-api-key",
+            "--twilio-auth-token",
+            "--control-token",
+            "--stream-secret",
+        ] {
+            let mut args = BASE.to_vec();
+            args.extend([flag, "a-secret-on-the-command-line-0123456789"]);
+            assert!(
+                matches!(parse(&args), Err(ConfigError::Parse(_))),
+                "{flag} is refused"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("relay-secrets-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "sk-from-a-file\n").unwrap();
+        let stream = dir.join("stream");
+        std::fs::write(&stream, "stream-secret-of-at-least-32-bytes!\n").unwrap();
+        let args = [
+            "--public-url".to_owned(),
+            "https://relay.example.com".to_owned(),
+            format!("OPENAI_API_KEY_FILE={}", key.display()),
+            format!("RELAY_STREAM_SECRET_FILE={}", stream.display()),
+            "TWILIO_AUTH_TOKEN=tok".to_owned(),
+        ];
+        let c = parse(&args).unwrap();
+        assert_eq!(c.openai_api_key.expose(), "sk-from-a-file");
+        assert_eq!(
+            c.stream_secret.as_ref().unwrap().expose(),
+            "stream-secret-of-at-least-32-bytes!"
+        );
+        // Both forms at once, a file that is not there, no key at all: named, not echoed.
+        let mut both = args.to_vec();
+        both.push("OPENAI_API_KEY=sk-inline".to_owned());
+        let err = parse(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("OPENAI_API_KEY_FILE") && !err.contains("sk-"),
+            "{err}"
+        );
+        let missing = [
+            "--public-url",
+            "https://relay.example.com",
+            "OPENAI_API_KEY=sk-1",
+            "TWILIO_AUTH_TOKEN_FILE=/nonexistent/twilio",
+        ];
+        let err = parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("TWILIO_AUTH_TOKEN_FILE"), "{err}");
+        let err = parse(&missing[..2]).unwrap_err().to_string();
+        assert!(err.contains("OPENAI_API_KEY"), "{err}");
+        let mut short = BASE.to_vec();
+        short.push("RELAY_STREAM_SECRET=too-short");
+        let err = parse(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("RELAY_STREAM_SECRET") && !err.contains("too-short"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let mut args = BASE.to_vec();
-        args.extend(["--stream-secret", "stream-secret-of-at-least-32-bytes!"]);
+        args.push("RELAY_STREAM_SECRET=stream-secret-of-at-least-32-bytes!");
         let c = parse(&args).unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("stream-secret-of"), "{dbg}");

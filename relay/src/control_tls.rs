@@ -139,6 +139,7 @@ mod tests {
     fn field(e: ConfigError) -> &'static str {
         match e {
             ConfigError::Invalid { field, .. } => field,
+            ConfigError::Secret(e) => e.var,
             ConfigError::Parse(e) => panic!("unexpected parse error {e}"),
         }
     }

@@ -1110,7 +1110,8 @@ def check_compose(stages: dict[str, str], doc: dict[str, Any]) -> None:
 
 def check_env_examples() -> None:
     secrets = {"OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", "RELAY_CONTROL_TOKEN",
-               "CONTROL_APP_TOKENS", "CONTROL_RELAY_TOKENS"}
+               "CONTROL_APP_TOKENS", "CONTROL_RELAY_TOKENS", "RELAY_STREAM_SECRET",
+               "TWILIO_API_KEY_SECRET"}
     for crate_key in ("relay", "control"):
         path = DEPLOY / "env" / f"{crate_key}.env.example"
         if not R.check(path.exists(), f"{path.relative_to(ROOT)} missing"):
@@ -1134,7 +1135,15 @@ def declared_settings(crate_key: str) -> set[str] | None:
     out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
     declared = set(re.findall(r"\[env: ([A-Z][A-Z0-9_]+)", out.stdout))
     R.check(bool(declared), f"{binary.name} --help lists no [env: …] settings")
+    # The secrets are no flags: --help lists them apart, each with its NAME_FILE twin.
+    for name, file in secret_settings(out.stdout):
+        declared |= {name, file}
     return declared or None
+
+
+def secret_settings(help_text: str) -> list[tuple[str, str]]:
+    """(NAME, NAME_FILE) of each secret in a --help's "Secrets" section."""
+    return re.findall(r"^  ([A-Z][A-Z0-9_]+), ([A-Z][A-Z0-9_]+_FILE)$", help_text, re.M)
 
 
 # Each doc table of settings: (file, heading that opens the table's section, binary).
@@ -1180,7 +1189,10 @@ def check_env_example_complete(crate_key: str, path: Path) -> None:
         for line in path.read_text().splitlines()
         if (m := re.match(r"#?([A-Z][A-Z0-9_]+)=", line.strip()))
     }
-    for name in sorted(declared):
+    # A secret's NAME_FILE is the alternative to NAME: allowed, not required.
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30)
+    file_twins = {file for _, file in secret_settings(out.stdout)}
+    for name in sorted(declared - file_twins):
         R.check(name in listed, f"{path.relative_to(ROOT)}: misses {name}, which {binary.name} reads")
 
 

@@ -3,13 +3,15 @@
 //! export (OTLP/gRPC) when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. With it unset
 //! no exporter is built and nothing changes.
 //!
-//! It also holds [`Secret`], the one redacting string type both binaries' configs use, and
+//! It also holds [`Secret`], the one redacting string type both binaries' configs use,
+//! [`read_secret`], which reads each secret from `NAME` or the file `NAME_FILE` names, and
 //! [`listener`], the HTTP/1.1 accept loop (timeouts, connection cap, optional TLS) both
 //! binaries serve their warp routes with, and [`tls`], server certificates reloaded on
 //! change.
 
 pub mod listener;
 mod secret;
+mod secret_env;
 pub mod tls;
 
 use std::time::Duration;
@@ -22,6 +24,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 pub use crate::secret::{MIN_SECRET_BYTES, Secret, is_header_token};
+pub use crate::secret_env::{SecretError, SecretVar, process_env, read_secret, secrets_help};
 
 /// The OpenTelemetry variables both binaries read straight from the environment (not
 /// through clap), for the end of their `--help`.

@@ -145,6 +145,52 @@ fn control_refuses_short_tokens_outside_the_insecure_mode() {
 }
 
 #[test]
+fn secrets_given_twice_or_in_unreadable_files_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("cb-refused-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key_file = dir.join("openai-api-key");
+    std::fs::write(&key_file, "sk-from-the-file\n").expect("write");
+    let key_file = key_file.to_string_lossy().into_owned();
+    let relay = [
+        ("RELAY_PUBLIC_URL", "https://relay.example.com"),
+        ("TWILIO_AUTH_TOKEN", "twilio-token"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+    ];
+    // Both the variable and its file: which should win is a guess; refused, both named.
+    let mut env = relay.to_vec();
+    env.extend([
+        ("OPENAI_API_KEY", "sk-inline-value"),
+        ("OPENAI_API_KEY_FILE", key_file.as_str()),
+    ]);
+    assert_refused("callbridge-relay", &env, "OPENAI_API_KEY_FILE", Some("sk-"));
+    let (_, stderr) = run_config("callbridge-relay", &env);
+    assert!(stderr.contains("OPENAI_API_KEY or"), "{stderr}");
+    // A file that is not there.
+    let mut env = relay.to_vec();
+    env.push(("OPENAI_API_KEY_FILE", "/nonexistent/openai-api-key"));
+    assert_refused("callbridge-relay", &env, "OPENAI_API_KEY_FILE", None);
+    // No longer a flag: clap refuses it as an unknown argument.
+    let out = std::process::Command::new(bin_dir().join("callbridge-relay"))
+        .args(["--openai-api-key", "sk-on-the-command-line"])
+        .env_clear()
+        .envs(relay)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    let control = [
+        ("CONTROL_APP_TOKENS_FILE", "/nonexistent/app-tokens"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+    ];
+    assert_refused(
+        "callbridge-control",
+        &control,
+        "CONTROL_APP_TOKENS_FILE",
+        None,
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
 fn control_hides_redis_urls_in_help() {
     let out = std::process::Command::new(bin_dir().join("callbridge-control"))
         .arg("--help")

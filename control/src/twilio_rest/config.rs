@@ -11,15 +11,9 @@ pub(crate) struct TwilioArgs {
     /// Twilio account SID (AC…) whose calls control places; unset: control never dials.
     #[arg(long, env = "TWILIO_ACCOUNT_SID")]
     twilio_account_sid: Option<String>,
-    /// The account's auth token (basic-auth password), unless an API key is set.
-    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
-    twilio_auth_token: Option<String>,
     /// An API key SID (SK…) to authenticate with instead of the auth token.
     #[arg(long, env = "TWILIO_API_KEY_SID")]
     twilio_api_key_sid: Option<String>,
-    /// The API key's secret.
-    #[arg(long, env = "TWILIO_API_KEY_SECRET", hide_env_values = true)]
-    twilio_api_key_secret: Option<String>,
     /// Base URL of Twilio's REST API (tests point it at a fake).
     #[arg(
         long,
@@ -54,11 +48,16 @@ fn is_sid(value: &str, prefix: &str) -> bool {
 }
 
 impl TwilioArgs {
-    /// The validated settings; `None` when no account is configured.
-    pub(crate) fn into_config(self) -> Result<Option<TwilioConfig>, ConfigError> {
-        let token = non_empty(self.twilio_auth_token);
+    /// The validated settings, with the two secrets (`TWILIO_AUTH_TOKEN`,
+    /// `TWILIO_API_KEY_SECRET`: no flags, read apart); `None` when no account is configured.
+    pub(crate) fn into_config(
+        self,
+        auth_token: Option<String>,
+        api_key_secret: Option<String>,
+    ) -> Result<Option<TwilioConfig>, ConfigError> {
+        let token = non_empty(auth_token);
         let key_sid = non_empty(self.twilio_api_key_sid);
-        let key_secret = non_empty(self.twilio_api_key_secret);
+        let key_secret = non_empty(api_key_secret);
         let Some(account_sid) = non_empty(self.twilio_account_sid) else {
             if key_sid.is_some() || key_secret.is_some() {
                 return Err(bad(

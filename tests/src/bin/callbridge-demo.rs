@@ -104,19 +104,26 @@ async fn demo() -> anyhow::Result<()> {
     let relay_listener = TcpListener::bind("127.0.0.1:0").await?;
     let relay_addr = relay_listener.local_addr()?;
     let public = format!("http://{relay_addr}");
-    let control_config = callbridge_control::config::Config::from_args_iter([
-        "callbridge-control".to_owned(),
-        "--listen".to_owned(),
-        control_addr.to_string(),
-        "--app-tokens".to_owned(),
-        APP_TOKEN.to_owned(),
-        "--relay-tokens".to_owned(),
-        RELAY_TOKEN.to_owned(),
-        "--metrics-listen".to_owned(),
-        String::new(),
-        "--relay-public-url".to_owned(),
-        public.clone(),
-    ])
+    // Secrets are no flags: the demo's own, then the environment (REDIS_URL above).
+    let secrets = |name: &str| match name {
+        "CONTROL_APP_TOKENS" => Some(APP_TOKEN.into()),
+        "CONTROL_RELAY_TOKENS" | "RELAY_CONTROL_TOKEN" => Some(RELAY_TOKEN.into()),
+        "OPENAI_API_KEY" => Some("sk-demo-not-a-real-key".into()),
+        "TWILIO_AUTH_TOKEN" => Some(TWILIO_TOKEN.into()),
+        _ => std::env::var_os(name),
+    };
+    let control_config = callbridge_control::config::Config::from_args_and_secrets(
+        [
+            "callbridge-control".to_owned(),
+            "--listen".to_owned(),
+            control_addr.to_string(),
+            "--metrics-listen".to_owned(),
+            String::new(),
+            "--relay-public-url".to_owned(),
+            public.clone(),
+        ],
+        &secrets,
+    )
     .map_err(|e| anyhow::anyhow!("control config: {e}"))?;
     let (stop_control, control_stopped) = oneshot::channel::<()>();
     let control = tokio::spawn(callbridge_control::serve(
@@ -137,27 +144,24 @@ async fn demo() -> anyhow::Result<()> {
         .await?;
 
     // The relay, in-process, pointed at control and the fake.
-    let relay_config = callbridge_relay::config::Config::from_args_and_env([
-        "callbridge-relay".to_owned(),
-        "--listen".to_owned(),
-        relay_addr.to_string(),
-        "--public-url".to_owned(),
-        public.clone(),
-        "--control-url".to_owned(),
-        format!("http://{control_addr}"),
-        "--control-token".to_owned(),
-        RELAY_TOKEN.to_owned(),
-        "--openai-api-key".to_owned(),
-        "sk-demo-not-a-real-key".to_owned(),
-        "--openai-realtime-url".to_owned(),
-        fake.url(),
-        "--twilio-auth-token".to_owned(),
-        TWILIO_TOKEN.to_owned(),
-        "--relay-id".to_owned(),
-        "relay-demo".to_owned(),
-        "--metrics-addr".to_owned(),
-        String::new(),
-    ])
+    let relay_config = callbridge_relay::config::Config::from_args_and_secrets(
+        [
+            "callbridge-relay".to_owned(),
+            "--listen".to_owned(),
+            relay_addr.to_string(),
+            "--public-url".to_owned(),
+            public.clone(),
+            "--control-url".to_owned(),
+            format!("http://{control_addr}"),
+            "--openai-realtime-url".to_owned(),
+            fake.url(),
+            "--relay-id".to_owned(),
+            "relay-demo".to_owned(),
+            "--metrics-addr".to_owned(),
+            String::new(),
+        ],
+        &secrets,
+    )
     .map_err(|e| anyhow::anyhow!("relay config: {e}"))?;
     let (stop_relay, relay_stopped) = oneshot::channel::<()>();
     let relay = tokio::spawn(callbridge_relay::run(
