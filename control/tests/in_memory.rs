@@ -23,6 +23,9 @@ async fn serve_with_the_in_memory_store_runs_a_call_and_shuts_down() {
             "",
             "--lease-secs",
             "2",
+            // Below the lease (CONTROL_HEARTBEAT_TIMEOUT_SECS must be).
+            "--heartbeat-timeout-secs",
+            "1",
         ],
         &secrets,
     )
