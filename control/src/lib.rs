@@ -150,7 +150,9 @@ pub async fn serve(
             run(shared, listener, metrics_listener).await
         }
         Some(target) => {
-            let store = connect_redis(&target, &config, &hub, &tracker, &token).await?;
+            let store = connect_redis(&target, &config, &hub, &tracker, &token)
+                .await?
+                .with_latency(metrics.redis_latency.clone());
             let shared = Shared::new(store, hub, metrics, config, token.clone(), tracker.clone());
             run(shared, listener, metrics_listener).await
         }
@@ -371,7 +373,7 @@ async fn run<S: CallStore>(
     result.map_err(ServeError::from)
 }
 
-/// Probes the store every second; drives health, `redis_up` and the latency histogram.
+/// Probes the store every second; drives health and `redis_up`.
 async fn probe_redis<S: CallStore>(
     shared: Arc<Shared<S>>,
     health: tonic_health::server::HealthReporter,
@@ -385,10 +387,8 @@ async fn probe_redis<S: CallStore>(
             _ = tick.tick() => {}
         }
         let up = match tokio::time::timeout(PROBE_TIMEOUT, shared.store.ping()).await {
-            Ok(Ok(latency)) => {
-                shared.metrics.redis_latency.observe(latency.as_secs_f64());
-                true
-            }
+            // The store's connection observes the PING's round trip (`command="ping"`).
+            Ok(Ok(_)) => true,
             Ok(Err(err)) => {
                 shared.note_store_failure();
                 if serving != Some(false) {

@@ -39,6 +39,23 @@ pub struct AuthLabels {
     pub api: &'static str,
 }
 
+/// Labels of `callbridge_control_redis_latency_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    /// The Redis command, lowercase (`ping` is the health probe, `evalsha` the atomic
+    /// scripts, `pipeline` a pipeline; `other` a command not in the list the store uses).
+    pub command: &'static str,
+}
+
+/// Round trips of Redis commands, by command.
+pub type RedisLatency = Family<RedisLabels, Histogram, fn() -> Histogram>;
+
+fn redis_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    ])
+}
+
 /// Every metric of the control plane.
 #[derive(Debug)]
 pub struct Metrics {
@@ -55,8 +72,9 @@ pub struct Metrics {
     pub commands_routed: Counter,
     /// 1 while Redis answers the health probe.
     pub redis_up: Gauge,
-    /// Health probe round trips.
-    pub redis_latency: Histogram,
+    /// Round trips of every Redis command the store sends (the health probe's `ping`
+    /// included), by command.
+    pub redis_latency: RedisLatency,
     /// Calls ended with `RELAY_LOST` by this replica's sweeper.
     pub relay_lost: Counter,
     /// Calls a credential-proven attach took over from a stream still holding the lease.
@@ -85,9 +103,7 @@ impl Metrics {
         let attached_calls = Gauge::default();
         let commands_routed = Counter::default();
         let redis_up = Gauge::default();
-        let redis_latency = Histogram::new([
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        ]);
+        let redis_latency = RedisLatency::new_with_constructor(redis_histogram);
         let relay_lost = Counter::default();
         let lease_takeovers = Counter::default();
         let heartbeat_timeouts = Counter::default();
@@ -125,7 +141,7 @@ impl Metrics {
         );
         registry.register(
             "callbridge_control_redis_latency_seconds",
-            "Round trip of the Redis health probe",
+            "Round trip of each Redis command control sends, by command",
             redis_latency.clone(),
         );
         registry.register(

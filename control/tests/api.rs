@@ -522,6 +522,17 @@ async fn tokens_are_checked_per_api_and_probes_need_none() {
         "{text}"
     );
     assert!(text.contains("callbridge_control_redis_up 1"), "{text}");
+    // Redis latency is measured on the store's real commands, not only the probe's PING.
+    let commands: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("callbridge_control_redis_latency_seconds_count{"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    assert!(commands.contains(&"ping"), "{text}");
+    assert!(
+        commands.iter().any(|c| *c != "ping" && *c != "other"),
+        "a store command is timed: {commands:?}"
+    );
     // 3 refused on Agents, 1 on Calls; 1 on Relay.
     assert!(
         text.contains(r#"callbridge_control_auth_refused_total{api="public"} 4"#),

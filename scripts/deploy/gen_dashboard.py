@@ -141,8 +141,13 @@ panel("Attached calls per control replica", "Attach streams held by each replica
       [(f"sum by (pod) (callbridge_control_attached_calls{{{NS}}})", "{{pod}}")], width=12)
 
 row("Redis")
-panel("Redis latency", "Round trip of control's Redis commands.",
-      quantiles("callbridge_control_redis_latency_seconds"), unit="s", width=12)
+panel("Redis latency", "Round trip of control's Redis commands (the 1 s health-probe PING "
+      "left out), and the p99 of each command.",
+      [(f"histogram_quantile({q}, sum by (le) (rate(callbridge_control_redis_latency_seconds_bucket"
+        f"{{{NS}, command!=\"ping\"}}[5m])))", f"p{int(q * 100)}") for q in (0.5, 0.99)]
+      + [(f"histogram_quantile(0.99, sum by (le, command) (rate("
+          f"callbridge_control_redis_latency_seconds_bucket{{{NS}}}[5m])))", "p99 {{command}}")],
+      unit="s", width=12)
 panel("Redis reachable, per control replica", "1 = reachable.",
       [(f"min by (pod) (callbridge_control_redis_up{{{NS}}})", "{{pod}}")], width=12)
 

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RedisTlsFiles;
+use crate::metrics::{RedisLabels, RedisLatency};
 
 use super::TwilioUpdate;
 use super::keys;
@@ -106,6 +107,99 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// [`Conn`] observing each command's round trip, failures included (a timeout is the
+/// slowest answer of all), in `callbridge_control_redis_latency_seconds{command}`: every
+/// store operation, not only the health probe, so the histogram shows what calls wait on.
+#[derive(Clone)]
+struct Timed {
+    conn: Conn,
+    latency: Option<RedisLatency>,
+}
+
+/// The commands the store sends, as their label (anything else is `other`, so the label's
+/// values stay few).
+const COMMANDS: &[&str] = &[
+    "ping",
+    "evalsha",
+    "eval",
+    "script",
+    "get",
+    "set",
+    "del",
+    "exists",
+    "pexpire",
+    "hget",
+    "hgetall",
+    "hset",
+    "hsetnx",
+    "hdel",
+    "zadd",
+    "zrem",
+    "zrangebylex",
+    "zrangebyscore",
+    "zrevrangebyscore",
+    "xrange",
+    "publish",
+    "spublish",
+];
+
+/// The label of `cmd`: its command name, lowercase, if it is one of [`COMMANDS`].
+fn command_label(cmd: &Cmd) -> &'static str {
+    let Some(redis::Arg::Simple(name)) = cmd.args_iter().next() else {
+        return "other";
+    };
+    COMMANDS
+        .iter()
+        .find(|c| c.as_bytes().eq_ignore_ascii_case(name))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// `request`, its round trip observed under `command` once it answers.
+fn timed<'a, T: Send + 'a>(
+    latency: Option<RedisLatency>,
+    command: &'static str,
+    request: RedisFuture<'a, T>,
+) -> RedisFuture<'a, T> {
+    let Some(latency) = latency else {
+        return request;
+    };
+    let started = tokio::time::Instant::now();
+    Box::pin(async move {
+        let result = request.await;
+        latency
+            .get_or_create(&RedisLabels { command })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    })
+}
+
+impl ConnectionLike for Timed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let latency = self.latency.clone();
+        timed(
+            latency,
+            command_label(cmd),
+            self.conn.req_packed_command(cmd),
+        )
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let latency = self.latency.clone();
+        let request = self.conn.req_packed_commands(pipeline, offset, count);
+        timed(latency, "pipeline", request)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
     }
 }
 
@@ -526,6 +620,7 @@ pub struct RedisStore {
     conn: Conn,
     scripts: Arc<Scripts>,
     retention_ms: i64,
+    latency: Option<RedisLatency>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -613,6 +708,7 @@ impl RedisStore {
             conn,
             scripts: Arc::new(Scripts::new()),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            latency: None,
         };
         let commands = keys::commands_channel(replica_id);
         match target {
@@ -635,8 +731,17 @@ impl RedisStore {
         Ok(store)
     }
 
-    fn conn(&self) -> Conn {
-        self.conn.clone()
+    /// Observes every command's round trip in `latency` from now on.
+    pub fn with_latency(mut self, latency: RedisLatency) -> Self {
+        self.latency = Some(latency);
+        self
+    }
+
+    fn conn(&self) -> Timed {
+        Timed {
+            conn: self.conn.clone(),
+            latency: self.latency.clone(),
+        }
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> StoreResult<T> {
@@ -1826,6 +1931,15 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_are_labelled_by_name_and_unknown_ones_as_other() {
+        assert_eq!(command_label(&redis::cmd("HGETALL")), "hgetall");
+        assert_eq!(command_label(&redis::cmd("ping")), "ping");
+        assert_eq!(command_label(&redis::cmd("FLUSHALL")), "other");
+        // Scripts go out as EVALSHA (SCRIPT LOAD when Redis lacks them).
+        assert_eq!(command_label(&redis::cmd("EVALSHA")), "evalsha");
+    }
 
     #[test]
     fn redis_link_errors_are_outages_and_others_failures() {
