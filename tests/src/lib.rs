@@ -6,6 +6,8 @@
 //!   processes, the fake OpenAI Realtime server, authenticated gRPC clients and callers.
 //! - [`scenario`]: an end-to-end test written as the call it describes
 //!   (`Scenario::inbound().caller_says(..).agent_replies(..).caller_hangs_up()`).
+//! - [`stored_turns`]: which of the turns a caller spoke a call's store lacks, stream by
+//!   stream (failover tests and `bench_faults`).
 //! - `tests/*.rs`: the end-to-end tests.
 //! - `src/bin/callbridge-demo.rs`: the demo (everything in-process, no Redis, no keys).
 //! - `src/bin/bench_control.rs`: the control-plane benchmark.
@@ -28,6 +30,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 pub mod bench;
 pub mod scenario;
+pub mod stored_turns;
 
 pub use callbridge_testkit::with_timeout;
 

@@ -17,7 +17,9 @@ use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{
     CallReport, CallerConfig, CallerHandle, ClosedBy, LoadBalancer, SimCaller,
 };
-use callbridge_tests::{READY, World, agent_settings, expected_transcript, flatten, with_timeout};
+use callbridge_tests::{
+    READY, World, agent_settings, expected_transcript, flatten, stored_turns, with_timeout,
+};
 use serde_json::Value;
 
 const CALL: Duration = Duration::from_secs(90);
@@ -480,6 +482,20 @@ async fn a_killed_relay_s_calls_continue_on_the_others() {
         );
         let events = world.stored_events(&call_id).await;
         check_events(&events, report.legs.len(), 0, &format!("call {n}"));
+        // Every turn spoken after the failover is stored (caller line and answer); of the
+        // killed stream at most its last turn, the one in flight, is lost.
+        let legs: Vec<Vec<usize>> = report.legs.iter().map(|l| l.turns_spoken.clone()).collect();
+        let missing = stored_turns::missing_lines(&events, &legs, &script)
+            .unwrap_or_else(|e| panic!("call {n}: {e}"));
+        let in_flight = (report.legs.len() > 1)
+            .then(|| report.legs[0].turns_spoken.last().copied())
+            .flatten();
+        assert!(
+            missing
+                .iter()
+                .all(|m| m.leg == 0 && m.turn.is_some() && m.turn == in_flight),
+            "call {n}: legs {legs:?}, missing {missing:?}"
+        );
         // What control acknowledged before the kill is all there, once, in order.
         let caller_lines: Vec<String> = flatten(&world.transcript(&call_id).await)
             .into_iter()

@@ -21,8 +21,11 @@
 //! - **transcript lines missing**: lines the store lacks after the calls ended, compared
 //!   with what the script says for the turns the callers spoke. Unlike the column before,
 //!   this counts what was in flight at the fault: a turn whose events a SIGKILLed relay
-//!   had not yet sent is lost with it (the fake model's transcripts follow its script,
-//!   so the line that reads as missing is the last one).
+//!   had not yet sent is lost with it. The fake model names the caller's turns by its
+//!   script, not by the audio, and a resumed stream's session goes on after the last
+//!   stored caller line, so after such a loss every later line is named one turn early;
+//!   the lines are therefore matched stream by stream ([`stored_turns`]), and the turn
+//!   reported missing is the one lost, not the call's last.
 //!
 //! The faults: `sigterm` (relay 0 drains and hands its calls off), `sigkill` (relay 0
 //! killed), `control` (control killed and restarted), `redis` (redis-server stopped with
@@ -34,7 +37,6 @@
 //! abnormal close is an assumption, docs/resilience.md). Usage:
 //! `bench_faults [--calls N] [--turns N] [--only FAULT]`; see scripts/bench-faults.sh.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -46,7 +48,7 @@ use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
 use callbridge_testkit::sim_caller::{CallReport, ClosedBy, LoadBalancer, SimCaller};
 use callbridge_tests::bench::{load_average, machine, percentile, provenance, write_result};
-use callbridge_tests::{World, WorldBuilder, agent_settings, flatten, with_timeout};
+use callbridge_tests::{World, WorldBuilder, agent_settings, stored_turns, with_timeout};
 use serde_json::{Value, json};
 
 const CALL: Duration = Duration::from_secs(180);
@@ -176,36 +178,33 @@ fn completed(report: &CallReport, turns: usize) -> bool {
             .is_some_and(|l| l.closed_by == ClosedBy::Caller)
 }
 
-/// Lines the script puts in the transcript for the turns spoken that the store lacks
-/// (counted as a multiset: a line stored twice does not make up for one missing).
-fn lines_missing(stored: &[(String, String)], report: &CallReport, script: &Conversation) -> usize {
-    let mut expected: Vec<(String, String)> = Vec::new();
-    if let Some(g) = &script.greeting {
-        expected.push(("assistant".to_owned(), g.text.clone()));
-    }
-    for leg in &report.legs {
-        for &n in &leg.turns_spoken {
-            if let Some(t) = script.turns.get(n) {
-                expected.push(("caller".to_owned(), t.caller.text.clone()));
-                expected.push(("assistant".to_owned(), t.agent.text.clone()));
-            }
-        }
-    }
-    let mut have: HashMap<&(String, String), usize> = HashMap::new();
-    for line in stored {
-        *have.entry(line).or_default() += 1;
-    }
-    let mut missing = Vec::new();
-    for line in &expected {
-        match have.get_mut(line) {
-            Some(n) if *n > 0 => *n -= 1,
-            _ => missing.push(line),
-        }
-    }
+/// Lines the script puts in the transcript for the turns spoken that the store lacks,
+/// matched stream by stream with the names each stream's session gives its turns
+/// ([`stored_turns`]): a turn lost whole with a killed relay is reported as itself, not
+/// as the call's last line.
+fn lines_missing(
+    stored: &[pb::CallEvent],
+    report: &CallReport,
+    script: &Conversation,
+) -> anyhow::Result<usize> {
+    let legs: Vec<Vec<usize>> = report
+        .legs
+        .iter()
+        .filter(|l| l.refused_status.is_none())
+        .map(|l| l.turns_spoken.clone())
+        .collect();
+    let missing = stored_turns::missing_lines(stored, &legs, script).map_err(anyhow::Error::msg)?;
     if !missing.is_empty() {
-        eprintln!("  missing from the store: {missing:?}");
+        let lines: Vec<String> = missing
+            .iter()
+            .map(|m| match m.turn {
+                Some(turn) => format!("stream {} turn {turn} {}: {:?}", m.leg, m.who, m.text),
+                None => format!("stream {} greeting: {:?}", m.leg, m.text),
+            })
+            .collect();
+        eprintln!("  missing from the store: {lines:?}");
     }
-    missing.len()
+    Ok(missing.len())
 }
 
 /// The events stored for a live call right now: the call's `last_seq`, then that many
@@ -305,7 +304,9 @@ async fn run_fault(fault: Fault, calls: usize, turns: usize) -> anyhow::Result<R
             bail!("{}: a call without a call id: {report:?}", fault.name());
         };
         world.wait_ended(&call_id, Duration::from_secs(30)).await;
-        let missing = lines_missing(&flatten(&world.transcript(&call_id).await), report, &script);
+        let stored = world.stored_events(&call_id).await;
+        let missing = lines_missing(&stored, report, &script)
+            .with_context(|| format!("{}: call {call_id}", fault.name()))?;
         lines += missing;
     }
     // Acknowledged events lost: stored before the fault, not stored (the same) after it.
