@@ -181,10 +181,15 @@ async fn commands_reach_the_replica_holding_the_call() {
 #[tokio::test]
 async fn relay_reconnects_to_another_replica_and_lost_relays_end_the_call() {
     let redis = RedisServer::unix().expect("redis");
+    // A short lease, and the heartbeat timeout below it as control requires: the test's
+    // relay streams send no heartbeats, so B may release the lease after 2 s of silence,
+    // which ends the call the same way (RELAY_LOST once the lease has run out).
     let mut opts_a = ControlOpts::new(&redis.url(), "lease-a");
     opts_a.lease_secs = 3;
+    opts_a.heartbeat_timeout_secs = 2;
     let mut opts_b = ControlOpts::new(&redis.url(), "lease-b");
     opts_b.lease_secs = 3;
+    opts_b.heartbeat_timeout_secs = 2;
     let mut a = Control::start(opts_a).await;
     let b = Control::start(opts_b).await;
     let mut agents = b.agents().await;

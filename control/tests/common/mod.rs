@@ -138,6 +138,8 @@ pub struct Control {
 pub struct ControlOpts {
     pub redis_url: String,
     pub lease_secs: u64,
+    /// `CONTROL_HEARTBEAT_TIMEOUT_SECS`; must stay below `lease_secs`.
+    pub heartbeat_timeout_secs: u64,
     pub id: String,
     pub extra_env: Vec<(String, String)>,
 }
@@ -147,6 +149,7 @@ impl ControlOpts {
         ControlOpts {
             redis_url: redis_url.to_owned(),
             lease_secs: 15,
+            heartbeat_timeout_secs: 6,
             id: id.to_owned(),
             extra_env: Vec::new(),
         }
@@ -179,6 +182,10 @@ impl Control {
             .env("CONTROL_APP_TOKENS", APP_TOKEN)
             .env("CONTROL_RELAY_TOKENS", RELAY_TOKEN)
             .env("CONTROL_LEASE_SECS", opts.lease_secs.to_string())
+            .env(
+                "CONTROL_HEARTBEAT_TIMEOUT_SECS",
+                opts.heartbeat_timeout_secs.to_string(),
+            )
             .env("CONTROL_ID", &opts.id)
             .env("CONTROL_SHUTDOWN_GRACE_SECS", "2")
             .env("CONTROL_LOG", "info,callbridge_control=debug")
