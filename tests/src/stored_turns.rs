@@ -11,7 +11,24 @@
 //! missing is the turn that really was lost (the one in flight on the killed relay).
 
 use callbridge_proto::pb;
-use callbridge_testkit::conversation::Conversation;
+use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+
+/// A greeting and `turns` numbered turns ("Caller line N", "Agent line N", 300 ms each):
+/// the script of the failover tests and benches, whose lines this module matches.
+pub fn numbered_script(turns: usize) -> Conversation {
+    Conversation {
+        greeting: Some(AgentReply::says("Hello there", 300)),
+        turns: (0..turns)
+            .map(|n| {
+                Turn::new(
+                    format!("Caller line {n}"),
+                    300,
+                    AgentReply::says(format!("Agent line {n}"), 300),
+                )
+            })
+            .collect(),
+    }
+}
 
 /// A line the store lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,21 +124,9 @@ pub fn missing_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use callbridge_testkit::conversation::{AgentReply, Turn};
 
     fn script(turns: usize) -> Conversation {
-        Conversation {
-            greeting: Some(AgentReply::says("Hello there", 300)),
-            turns: (0..turns)
-                .map(|n| {
-                    Turn::new(
-                        format!("Caller line {n}"),
-                        300,
-                        AgentReply::says(format!("Agent line {n}"), 300),
-                    )
-                })
-                .collect(),
-        }
+        numbered_script(turns)
     }
 
     /// Events of `started` and lines: `S` starts a stream, `C n` / `A n` a caller or

@@ -13,13 +13,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::http::{self, HttpResponse, form_body};
 use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, ClosedBy, LoadBalancer, SimCaller};
 use callbridge_testkit::twiml::Twiml;
+use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{PUBLIC_URL, TWILIO_TOKEN, World, agent_settings, with_timeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,21 +27,6 @@ use tokio::net::TcpStream;
 const CALL: Duration = Duration::from_secs(90);
 const IO: Duration = Duration::from_secs(10);
 const HOST: &str = "relay.callbridge.test";
-
-fn script(turns: usize) -> Conversation {
-    Conversation {
-        greeting: Some(AgentReply::says("Hello there", 300)),
-        turns: (0..turns)
-            .map(|n| {
-                Turn::new(
-                    format!("Caller line {n}"),
-                    300,
-                    AgentReply::says(format!("Agent line {n}"), 300),
-                )
-            })
-            .collect(),
-    }
-}
 
 fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -162,24 +147,28 @@ impl HeldRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_answers_every_request_it_took_then_exits() {
-    let mut world = World::builder(FakeRealtime::builder().script(script(30)).speed(2.0))
-        // A second relay, ready: a draining relay hands calls off only when control knows
-        // one (a lone relay keeps them: e2e_heartbeat.rs). Every request here goes to
-        // relay 0.
-        .relays(2)
-        // Long enough that only an answered action request, never the bound, ends the
-        // drain in this test.
-        .relay_env("RELAY_DRAIN_ACTION_WAIT_SECS", "60")
-        .relay_env("RELAY_DRAIN_GRACE_SECS", "30")
-        .start()
-        .await;
+    let mut world = World::builder(
+        FakeRealtime::builder()
+            .script(numbered_script(30))
+            .speed(2.0),
+    )
+    // A second relay, ready: a draining relay hands calls off only when control knows
+    // one (a lone relay keeps them: e2e_heartbeat.rs). Every request here goes to
+    // relay 0.
+    .relays(2)
+    // Long enough that only an answered action request, never the bound, ends the
+    // drain in this test.
+    .relay_env("RELAY_DRAIN_ACTION_WAIT_SECS", "60")
+    .relay_env("RELAY_DRAIN_GRACE_SECS", "30")
+    .start()
+    .await;
     let agent = world
         .default_agent(agent_settings("drain", Some("Hello there")))
         .await;
     let relay = world.relays[0].addr;
     // A live call. This Twilio is slow to ask the action URL: the test asks it instead,
     // once it has looked at the drain.
-    let mut cfg: CallerConfig = world.caller(script(30));
+    let mut cfg: CallerConfig = world.caller(numbered_script(30));
     cfg.relays = LoadBalancer::new(vec![relay]);
     cfg.after_delay = Duration::from_secs(600);
     cfg.answer_wait = Duration::from_secs(5);
@@ -220,7 +209,7 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
     // Draining: readiness off, a new stream refused, webhooks and actions answered.
     assert_eq!(get(relay, "/readyz").await, 503, "/readyz while draining");
     assert_eq!(get(relay, "/healthz").await, 200, "/healthz while draining");
-    let mut new_caller = world.caller(script(1));
+    let mut new_caller = world.caller(numbered_script(1));
     new_caller.relays = LoadBalancer::new(vec![relay]);
     let r = post(
         relay,
@@ -301,19 +290,23 @@ async fn a_draining_relay_answers_every_request_it_took_then_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_handed_to_another_relay_ends_the_wait_after_the_bound() {
-    let mut world = World::builder(FakeRealtime::builder().script(script(8)).speed(2.0))
-        .relays(2)
-        .relay_env("RELAY_DRAIN_ACTION_WAIT_SECS", "2")
-        .relay_env("RELAY_LOG_FORMAT", "json")
-        .start()
-        .await;
+    let mut world = World::builder(
+        FakeRealtime::builder()
+            .script(numbered_script(8))
+            .speed(2.0),
+    )
+    .relays(2)
+    .relay_env("RELAY_DRAIN_ACTION_WAIT_SECS", "2")
+    .relay_env("RELAY_LOG_FORMAT", "json")
+    .start()
+    .await;
     world
         .default_agent(agent_settings("drain-elsewhere", Some("Hello there")))
         .await;
     // The call starts on relay 0.
     let lb = LoadBalancer::new(world.relay_addrs());
     lb.set_in_rotation(world.relays[1].addr, false);
-    let mut cfg = world.caller(script(8));
+    let mut cfg = world.caller(numbered_script(8));
     cfg.relays = lb.clone();
     cfg.follow_streams = 2;
     cfg.answer_wait = Duration::from_secs(5);

@@ -14,13 +14,14 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_relay::call_id::CallId;
 use callbridge_relay::stream_credential::{Segment, StreamKey, now_ms};
-use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{
     CallerConfig, ClosedBy, LoadBalancer, ProbeOutcome, SimCaller,
 };
 use callbridge_testkit::twiml::Twiml;
+use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{PUBLIC_URL, TWILIO_TOKEN, World, agent_settings, with_timeout};
 
 const CALL: Duration = Duration::from_secs(90);
@@ -213,21 +214,6 @@ async fn every_stream_refusal_has_its_own_close_code_and_touches_nothing() {
     );
 }
 
-fn script(turns: usize) -> Conversation {
-    Conversation {
-        greeting: Some(AgentReply::says("Hello there", 300)),
-        turns: (0..turns)
-            .map(|n| {
-                Turn::new(
-                    format!("Caller line {n}"),
-                    300,
-                    AgentReply::says(format!("Agent line {n}"), 300),
-                )
-            })
-            .collect(),
-    }
-}
-
 /// A call that started on relay 0 and was handed off (relay 0 drained) to relay 1, where
 /// it goes on; relay 0 is back in the world but out of rotation.
 struct HandedOff {
@@ -252,7 +238,7 @@ struct HandedOff {
 /// Starts a call of `turns` turns on relay 0, replays its captured stream on both relays,
 /// then drains relay 0 so the call is handed off to relay 1.
 async fn hand_off_a_call(agent: &str, turns: usize) -> HandedOff {
-    let script = script(turns);
+    let script = numbered_script(turns);
     let mut world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
         .relays(2)
         .relay_env("RELAY_DRAIN_GRACE_SECS", "20")

@@ -43,11 +43,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use callbridge_proto::pb;
-use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
 use callbridge_testkit::sim_caller::{CallReport, ClosedBy, LoadBalancer, SimCaller};
 use callbridge_tests::bench::{load_average, machine, percentile, provenance, write_result};
+use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{World, WorldBuilder, agent_settings, stored_turns, with_timeout};
 use serde_json::{Value, json};
 
@@ -90,21 +91,6 @@ impl Fault {
     }
 }
 
-fn script(turns: usize) -> Conversation {
-    Conversation {
-        greeting: Some(AgentReply::says("Hello there", 300)),
-        turns: (0..turns)
-            .map(|n| {
-                Turn::new(
-                    format!("Caller line {n}"),
-                    300,
-                    AgentReply::says(format!("Agent line {n}"), 300),
-                )
-            })
-            .collect(),
-    }
-}
-
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -137,7 +123,9 @@ struct Row {
 }
 
 fn world(fault: Fault, turns: usize) -> WorldBuilder {
-    let mut fake: FakeRealtimeBuilder = FakeRealtime::builder().script(script(turns)).speed(2.0);
+    let mut fake: FakeRealtimeBuilder = FakeRealtime::builder()
+        .script(numbered_script(turns))
+        .speed(2.0);
     if fault == Fault::Model {
         fake = fake.close_after(Duration::from_millis(4000));
     }
@@ -231,7 +219,7 @@ async fn stored_now(world: &World, call_id: &str) -> anyhow::Result<Vec<pb::Call
 }
 
 async fn run_fault(fault: Fault, calls: usize, turns: usize) -> anyhow::Result<Row> {
-    let script = script(turns);
+    let script = numbered_script(turns);
     let mut world = world(fault, turns).start().await;
     world
         .default_agent(agent_settings("bench-faults", Some("Hello there")))

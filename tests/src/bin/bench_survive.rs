@@ -20,29 +20,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
+use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{CallReport, LoadBalancer, SimCaller};
 use callbridge_tests::bench::percentile;
+use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{World, agent_settings, with_timeout};
 
 const CALL: Duration = Duration::from_secs(120);
-
-fn script(turns: usize) -> Conversation {
-    Conversation {
-        greeting: Some(AgentReply::says("Hello there", 300)),
-        turns: (0..turns)
-            .map(|n| {
-                Turn::new(
-                    format!("Caller line {n}"),
-                    300,
-                    AgentReply::says(format!("Agent line {n}"), 300),
-                )
-            })
-            .collect(),
-    }
-}
 
 fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -90,7 +76,7 @@ async fn reconnect_gaps(samples: usize) -> anyhow::Result<Vec<f64>> {
     // lived longer than RELAY_MODEL_RECONNECT_SECS starts a fresh outage, so every
     // sample is a first attempt (no backoff).
     let fake = FakeRealtime::builder()
-        .script(script(turns))
+        .script(numbered_script(turns))
         .speed(2.0)
         .close_after(Duration::from_millis(3000));
     let world = World::builder(fake)
@@ -101,7 +87,7 @@ async fn reconnect_gaps(samples: usize) -> anyhow::Result<Vec<f64>> {
     world
         .default_agent(agent_settings("bench-reconnect", Some("Hello there")))
         .await;
-    let mut cfg = world.caller(script(turns));
+    let mut cfg = world.caller(numbered_script(turns));
     cfg.answer_wait = Duration::from_secs(2);
     let handle = SimCaller::new(cfg).start();
     let fake = &world.fake;
@@ -126,12 +112,16 @@ async fn reconnect_gaps(samples: usize) -> anyhow::Result<Vec<f64>> {
 
 async fn moved_calls(calls: usize, kill: bool) -> anyhow::Result<Vec<CallReport>> {
     let turns = 16;
-    let mut world = World::builder(FakeRealtime::builder().script(script(turns)).speed(2.0))
-        .relays(3)
-        .relay_env("RELAY_DRAIN_GRACE_SECS", "30")
-        .relay_env("RELAY_LOG", "warn")
-        .start()
-        .await;
+    let mut world = World::builder(
+        FakeRealtime::builder()
+            .script(numbered_script(turns))
+            .speed(2.0),
+    )
+    .relays(3)
+    .relay_env("RELAY_DRAIN_GRACE_SECS", "30")
+    .relay_env("RELAY_LOG", "warn")
+    .start()
+    .await;
     world
         .default_agent(agent_settings("bench-move", Some("Hello there")))
         .await;
@@ -141,7 +131,7 @@ async fn moved_calls(calls: usize, kill: bool) -> anyhow::Result<Vec<CallReport>
     lb.set_in_rotation(world.relays[2].addr, false);
     let mut handles = Vec::new();
     for _ in 0..calls {
-        let mut cfg = world.caller(script(turns));
+        let mut cfg = world.caller(numbered_script(turns));
         cfg.relays = lb.clone();
         cfg.follow_streams = 2;
         cfg.assume_action_after_abnormal_close();
