@@ -68,6 +68,7 @@ conformance!(
     agent_versions,
     number_routes,
     twilio_status_moves_one_way,
+    ready_relay_registry,
 );
 
 /// Redis only (the memory store keeps every call): trimming the call index drops the
@@ -1513,4 +1514,46 @@ async fn a_committed_attach_retried_with_its_attempt_is_a_reconnect<S: CallStore
         .await,
         AttachOutcome::CredentialUsed
     );
+}
+
+/// The ready-relay registry: a relay counts the *other* relays that reported within
+/// `alive_ms` and do not drain; a draining or silent relay does not count.
+async fn ready_relay_registry<S: CallStore>(s: &S) {
+    const ALIVE: i64 = 1000;
+    let report = |relay: &'static str, draining: bool, at: i64| async move {
+        let id = RelayId::parse("relay_id", relay).expect("valid");
+        within(
+            "report_presence",
+            s.report_presence(&id, draining, at, ALIVE),
+        )
+        .await
+        .expect("store reachable")
+    };
+    assert_eq!(report("relay-1", false, T0).await, 0, "alone");
+    assert_eq!(
+        report("relay-2", false, T0 + 100).await,
+        1,
+        "relay-1 is ready"
+    );
+    assert_eq!(
+        report("relay-1", false, T0 + 200).await,
+        1,
+        "relay-2 is ready"
+    );
+    // relay-2 drains: it no longer counts for the others, and still sees relay-1.
+    assert_eq!(report("relay-2", true, T0 + 300).await, 1);
+    assert_eq!(
+        report("relay-1", false, T0 + 400).await,
+        0,
+        "relay-2 drains"
+    );
+    assert_eq!(report("relay-3", false, T0 + 500).await, 1, "relay-1 only");
+    // relay-3 last reported at T0 + 500: silent for more than ALIVE at T0 + 1600.
+    assert_eq!(
+        report("relay-1", false, T0 + 1600).await,
+        0,
+        "relay-3 went silent"
+    );
+    // A relay that reports again counts again.
+    assert_eq!(report("relay-3", false, T0 + 1700).await, 1);
 }
