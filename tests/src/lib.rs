@@ -388,19 +388,7 @@ impl World {
 
     /// Relay `i`'s `/metrics` page.
     pub async fn relay_metrics_text(&self, i: usize) -> String {
-        let addr = self.relay_metrics[i];
-        callbridge_testkit::http::request(
-            addr,
-            "GET",
-            &addr.to_string(),
-            "/metrics",
-            &[],
-            None,
-            RPC,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("GET /metrics on relay {i}: {e}"))
-        .body
+        metrics_text(self.relay_metrics[i]).await
     }
 
     /// One sample of relay `i`'s metrics (`series` exactly as exposed, labels included).
@@ -703,4 +691,12 @@ pub fn expected_transcript(script: &Conversation) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// The `/metrics` page served at `addr` (a relay's or control's metrics listener).
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    callbridge_testkit::http::request(addr, "GET", &addr.to_string(), "/metrics", &[], None, RPC)
+        .await
+        .unwrap_or_else(|e| panic!("GET /metrics on {addr}: {e}"))
+        .body
 }

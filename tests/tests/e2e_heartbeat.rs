@@ -19,7 +19,8 @@ use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::procs::free_addr;
 use callbridge_testkit::sim_caller::{CallerCommand, ClosedBy, LoadBalancer, SimCaller};
 use callbridge_tests::{
-    RPC, World, WorldBuilder, agent_settings, expected_transcript, flatten, sample, with_timeout,
+    World, WorldBuilder, agent_settings, expected_transcript, flatten, metrics_text, sample,
+    with_timeout,
 };
 
 /// Bound of every wait here (the machine may be loaded; none of them is a measurement).
@@ -73,18 +74,7 @@ async fn with_control_metrics(builder: WorldBuilder) -> (World, SocketAddr) {
 
 /// One sample of control's metrics (0 when the series is not there yet).
 async fn control_metric(addr: SocketAddr, series: &str) -> f64 {
-    let page = callbridge_testkit::http::request(
-        addr,
-        "GET",
-        &addr.to_string(),
-        "/metrics",
-        &[],
-        None,
-        RPC,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("GET control /metrics: {e}"));
-    sample(&page.body, series).unwrap_or(0.0)
+    sample(&metrics_text(addr).await, series).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
