@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `POST /api/twilio/voice[?callId=]` | voice webhook |
 //! | `POST /api/twilio/after/{callId}?stream=&after=` | `<Connect action>`: what comes after the stream |
+//! | `POST /api/twilio/after-simple?stream=&leg=` | `<Connect action>` of a standalone stream (no control) |
 //! | `POST /api/twilio/status[?callId=]` | Twilio status and async AMD callbacks |
 //! | `POST /api/twilio/fallback` | the number's fallback URL: an apology TwiML from relay config |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
@@ -21,6 +22,8 @@ pub const PREFIX: [&str; 2] = ["api", "twilio"];
 pub const VOICE: &str = "voice";
 /// Segment of the `<Connect action>` route, followed by the call id.
 pub const AFTER: &str = "after";
+/// Last segment of the `<Connect action>` route of standalone streams.
+pub const AFTER_SIMPLE: &str = "after-simple";
 /// Segment of the control-backed media stream, followed by the call id.
 pub const MEDIA_STREAM: &str = "media-stream";
 /// Last segment of the standalone media stream.
@@ -97,6 +100,26 @@ pub fn after_stream(base: &str, call_id: &str, stream: &str, after: Option<&str>
     format!("{}?{}", self::after(base, call_id), query.finish())
 }
 
+/// Query parameter of the standalone `<Connect action>` URL counting the call's streams
+/// (1 for the voice webhook's): fresh streams after a lost one stop at a bound.
+pub const AFTER_LEG_PARAM: &str = "leg";
+
+/// The standalone `<Connect action>` path, without its query.
+pub fn after_simple_path(base: &str) -> String {
+    join(base, AFTER_SIMPLE, None)
+}
+
+/// The `<Connect action>` URL of a standalone stream: `?stream={stream}&leg={leg}`, the
+/// stream's credential id and which stream of the call it is. Twilio signs the whole URL,
+/// so neither can be changed.
+pub fn after_simple(base: &str, stream: &str, leg: u32) -> String {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair(AFTER_STREAM_PARAM, stream)
+        .append_pair(AFTER_LEG_PARAM, &leg.to_string())
+        .finish();
+    format!("{}?{query}", after_simple_path(base))
+}
+
 /// The fallback URL to set on the phone number (Twilio asks it when the voice webhook
 /// fails).
 pub fn fallback(base: &str) -> String {
@@ -135,6 +158,10 @@ mod tests {
         assert_eq!(
             after(base, "call_1"),
             "https://relay.example.com/api/twilio/after/call_1"
+        );
+        assert_eq!(
+            after_simple(base, "0a0b", 2),
+            "https://relay.example.com/api/twilio/after-simple?stream=0a0b&leg=2"
         );
         assert_eq!(
             fallback(base),

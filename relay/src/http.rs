@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /api/twilio/voice` | voice webhook → TwiML (`?callId=` for pre-created calls) |
 //! | `POST /api/twilio/after/{callId}` | `<Connect action>` → TwiML for what comes next |
+//! | `POST /api/twilio/after-simple` | a standalone stream's `<Connect action>` ([`crate::standalone_after`]; 404 when `CONTROL_URL` is set) |
 //! | `WS /api/twilio/media-stream/{callId}` | control-backed media stream |
 //! | `WS /api/twilio/media-stream-simple` | standalone media stream (404 when `CONTROL_URL` is set) |
 //! | `POST /api/twilio/status` | status callbacks ([`crate::status_callback`]) |
@@ -23,7 +24,8 @@
 //! retrying would not help); ended call → 200 `<Hangup/>`; control unreachable or failing
 //! → 503, so Twilio's configured fallback URL takes over. While the model endpoint's
 //! circuit breaker is open ([`crate::model_breaker`]) the webhook answers the agent's
-//! fallback instead of a stream.
+//! fallback instead of a stream (standalone: the apology of [`crate::twilio_fallback`],
+//! with `RELAY_FALLBACK_DIAL`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -163,13 +165,19 @@ async fn voice(
     // it opens goes wherever the load balancer sends it (a 503 here is a call Twilio sends
     // to the fallback URL, not one it retries).
     let Some(control) = &deps.call.control else {
+        // The standalone agent's fallback is the relay's own: the apology, then
+        // RELAY_FALLBACK_DIAL when set.
         if !model_admits(&deps) {
-            return Ok(xml(twiml::fallback(None)));
+            return Ok(xml(crate::twilio_fallback::answer(
+                cfg.fallback_dial.as_deref(),
+            )));
         }
-        let credential = deps.streams.mint(None, Segment::Standalone);
+        let credential = deps.streams.mint_standalone();
         return Ok(xml(twiml::connect_simple(
+            &cfg.public_url,
             &cfg.public_ws_base(),
             &credential,
+            1,
         )));
     };
     let Ok(call_id) =
@@ -246,7 +254,7 @@ async fn voice(
 
 /// Whether a new call may be streamed to the model: not while the endpoint's circuit
 /// breaker is open (the caller would wait out the dial timeout in silence for nothing).
-fn model_admits(deps: &Deps) -> bool {
+pub(crate) fn model_admits(deps: &Deps) -> bool {
     deps.call
         .breakers
         .admits(&deps.call.config.openai_realtime_url, ShortCircuit::Webhook)
@@ -644,6 +652,7 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .and_then(media_stream);
     let status = crate::status_callback::route(deps.clone());
     let fallback = crate::twilio_fallback::route(deps.clone());
+    let after_simple = crate::standalone_after::route(deps.clone());
     let closing = deps.draining.clone();
     let simple = twilio_path(paths::MEDIA_STREAM_SIMPLE)
         .and(warp::path::end())
@@ -662,6 +671,8 @@ pub fn routes(deps: Deps) -> impl Filter<Extract = (Response,), Error = Infallib
         .or(status)
         .unify()
         .or(fallback)
+        .unify()
+        .or(after_simple)
         .unify()
         .or(simple)
         .unify()
@@ -693,6 +704,7 @@ mod tests {
     use crate::config::{Config, Secret};
     use crate::metrics::Metrics;
     use crate::model_breaker::ModelBreakers;
+    use crate::stream_ends::Ended;
     use tokio_util::sync::CancellationToken;
 
     const TOKEN: &str = "twilio-secret";
@@ -721,6 +733,7 @@ mod tests {
                     CancellationToken::new(),
                 )
                 .0,
+                stream_ends: crate::stream_ends::StreamEnds::spawn(),
             },
             draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
@@ -805,7 +818,9 @@ mod tests {
         assert_eq!(r.headers()["x-frame-options"], "DENY");
         assert!(
             body(&r).contains(
-                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\""
+                "<Connect action=\"https://relay.example.com/api/twilio/after-simple?stream="
+            ) && body(&r).contains(
+                "&amp;leg=1\" method=\"POST\"><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\""
             ),
             "{}",
             body(&r)
@@ -822,6 +837,7 @@ mod tests {
             "/api/twilio/voice?callId=c1",
             "/api/twilio/after/c1",
             "/api/twilio/fallback",
+            "/api/twilio/after-simple?stream=0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a&leg=1",
         ] {
             let r = post(path, &[("CallSid", "CA1")], false)
                 .reply(&routes)
@@ -864,6 +880,8 @@ mod tests {
             "callbridge_relay_signature_refusals_total{route=\"action\",reason=\"invalid\"} 1",
             "callbridge_relay_signature_refusals_total{route=\"fallback\",reason=\"missing\"} 1",
             "callbridge_relay_signature_refusals_total{route=\"fallback\",reason=\"invalid\"} 1",
+            "callbridge_relay_signature_refusals_total{route=\"action_simple\",reason=\"missing\"} 1",
+            "callbridge_relay_signature_refusals_total{route=\"action_simple\",reason=\"invalid\"} 1",
         ] {
             assert!(exported.contains(line), "{line} in {exported}");
         }
@@ -909,6 +927,115 @@ mod tests {
             .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{}", body(&r));
         assert_eq!(body(&r), "callId: invalid\n");
+    }
+
+    /// The `stream` id and `leg` of the action URL in a standalone `<Connect>` answer.
+    fn simple_action(twiml: &str) -> (String, String) {
+        let action = twiml
+            .split("<Connect action=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("a <Connect action> in {twiml}"))
+            .replace("&amp;", "&");
+        let query = action
+            .strip_prefix(&format!("{PUBLIC}/api/twilio/after-simple?"))
+            .unwrap_or_else(|| panic!("the standalone action URL: {action}"));
+        (
+            query_param(query, "stream").expect("stream"),
+            query_param(query, "leg").expect("leg"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_standalone_stream_s_action_follows_how_it_ended() {
+        let deps = deps(|c| c.fallback_dial = Some("+14155550111".into()));
+        let ends = deps.call.stream_ends.clone();
+        let metrics = deps.call.metrics.clone();
+        let routes = routes(deps);
+        let r = post("/api/twilio/voice", &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        let (stream, leg) = simple_action(body(&r));
+        assert_eq!(leg, "1");
+        assert!(stream_credential::is_id(&stream), "{stream}");
+        let action = |stream: &str, leg: &str| {
+            format!("/api/twilio/after-simple?stream={stream}&leg={leg}")
+        };
+
+        // No note (its relay is gone): a fresh stream, the next leg, up to the bound.
+        let r = post(&action(&stream, "1"), &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
+        assert_eq!(r.headers()["content-type"], twiml::CONTENT_TYPE);
+        let (fresh, leg) = simple_action(body(&r));
+        assert_eq!(leg, "2");
+        assert_ne!(fresh, stream, "a new credential");
+        let last = crate::standalone_after::MAX_LEGS.to_string();
+        let r = post(&action(&fresh, &last), &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(body(&r), crate::twilio_fallback::answer(Some("+14155550111")));
+
+        // Noted ends.
+        ends.note(&stream, Ended::Failed).await;
+        let r = post(&action(&stream, "1"), &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert_eq!(body(&r), crate::twilio_fallback::answer(Some("+14155550111")));
+        ends.note(&fresh, Ended::Finished).await;
+        let r = post(&action(&fresh, "2"), &[("CallSid", "CA1")], true)
+            .reply(&routes)
+            .await;
+        assert!(body(&r).ends_with("<Response><Hangup/></Response>"), "{}", body(&r));
+
+        // A leg changed after signing fails the signature.
+        let (owned, form_body) = form(&[("CallSid", "CA1")]);
+        let sig = signature::compute(
+            &Secret::new(TOKEN),
+            &format!("{PUBLIC}{}", action(&fresh, "1")),
+            &owned,
+        );
+        let r = warp::test::request()
+            .method("POST")
+            .path(&action(&fresh, "3"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(form_body)
+            .reply(&routes)
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            metrics.encode().contains(
+                "callbridge_relay_signature_refusals_total{route=\"action_simple\",reason=\"invalid\"} 1"
+            )
+        );
+
+        // Bad parameters, signed: 400 naming the parameter.
+        for (path, answer) in [
+            ("/api/twilio/after-simple?leg=1".to_owned(), "stream: missing\n"),
+            (
+                "/api/twilio/after-simple?stream=XYZ&leg=1".to_owned(),
+                "stream: not a stream id (32 lowercase hex digits)\n",
+            ),
+            (
+                format!("/api/twilio/after-simple?stream={stream}"),
+                "leg: missing\n",
+            ),
+            (action(&stream, "0"), "leg: not a whole number from 1 to 3\n"),
+            (action(&stream, "4"), "leg: not a whole number from 1 to 3\n"),
+            (action(&stream, "two"), "leg: not a whole number from 1 to 3\n"),
+        ] {
+            let r = post(&path, &[("CallSid", "CA1")], true).reply(&routes).await;
+            assert_eq!((r.status(), body(&r)), (StatusCode::BAD_REQUEST, answer), "{path}");
+        }
+
+        // With a control plane the route does not exist.
+        let with_control = super::routes(deps_with_control());
+        let r = post(&action(&stream, "1"), &[("CallSid", "CA1")], true)
+            .reply(&with_control)
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
@@ -972,7 +1099,7 @@ mod tests {
         assert_eq!(r.status(), StatusCode::OK, "{}", body(&r));
         assert!(
             body(&r).contains(
-                "<Connect><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\">"
+                "method=\"POST\"><Stream url=\"wss://relay.example.com/api/twilio/media-stream-simple\">"
             ),
             "{}",
             body(&r)

@@ -7,7 +7,9 @@
 //! - [`listen`]: the public and metrics listeners (header timeout, connection cap, TLS for
 //!   `/metrics`); [`capacity`]: `RELAY_MAX_CALLS`.
 //! - [`signature`]: `X-Twilio-Signature` checking.
-//! - [`twiml`]: TwiML answers.
+//! - [`twiml`]: TwiML answers; [`twilio_fallback`]: the number's fallback URL;
+//!   [`standalone_after`]: a standalone stream's `<Connect action>`, answered from
+//!   [`stream_ends`], the note of how each ended.
 //! - [`call_id`]: callbridge's call id, checked where it enters.
 //! - [`stream_credential`]: the per-stream credential TwiML carries and `start` returns;
 //!   [`stream_admission`]: a stream's checks at `start`, before anything is attached or dialled.
@@ -42,9 +44,11 @@ pub mod model_breaker;
 pub mod presence;
 pub mod realtime;
 pub mod signature;
+pub mod standalone_after;
 pub mod status_callback;
 pub mod stream_admission;
 pub mod stream_credential;
+pub mod stream_ends;
 pub mod twilio;
 pub mod twilio_fallback;
 pub mod twiml;
@@ -150,6 +154,7 @@ pub async fn run_with_metrics(
             hard_stop: hard_stop.clone(),
             drain: handoff.clone(),
             actions_due,
+            stream_ends: stream_ends::StreamEnds::spawn(),
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),

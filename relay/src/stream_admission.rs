@@ -244,8 +244,9 @@ pub async fn admit(
             let checked = check_start(&msg, route, deps, creds).await?;
             early.push(msg);
             let setup = match checked {
-                Checked::Standalone => CallSetup {
+                Checked::Standalone(stream) => CallSetup {
                     call_id: None,
+                    standalone_stream: Some(stream),
                     agent: AgentView::standalone(&deps.config),
                     attach: None,
                     upgraded_at,
@@ -269,8 +270,8 @@ pub async fn admit(
 
 /// A `start` that passed the relay's own checks.
 enum Checked {
-    /// A standalone stream, its credential consumed here.
-    Standalone,
+    /// A standalone stream, its credential (named by this id) consumed here.
+    Standalone(String),
     /// A stored call, to attach at control with this proof.
     Attach { call_id: CallId, proof: AttachProof },
 }
@@ -311,7 +312,7 @@ async fn check_start(
     match route {
         Route::Standalone => {
             if creds.used.consume(&cred, now).await {
-                Ok(Checked::Standalone)
+                Ok(Checked::Standalone(cred.id))
             } else {
                 Err(Refusal::CredentialUsed)
             }
@@ -406,6 +407,7 @@ async fn attach(
     };
     Ok(CallSetup {
         call_id: Some(call_id),
+        standalone_stream: None,
         agent,
         attach: Some((ctx, stream)),
         upgraded_at,

@@ -389,6 +389,13 @@ impl StreamCredentials {
         self.key.mint(call_id, segment, now_ms(), self.ttl)
     }
 
+    /// A fresh credential for a TwiML answer that opens a standalone stream, with its id
+    /// (the stream's name in its action URL).
+    pub fn mint_standalone(&self) -> Minted {
+        self.key
+            .mint_after(None, Segment::Standalone, None, now_ms(), self.ttl)
+    }
+
     /// A fresh credential for a TwiML answer that opens a stream of a stored call, with its
     /// id; `after` for a resumed stream (the stream control named).
     pub fn mint_after(&self, call_id: &CallId, segment: Segment, after: Option<&str>) -> Minted {

@@ -105,17 +105,27 @@ pub fn connect_stream(
     })
 }
 
-/// `<Connect><Stream><Parameter credential/></Stream></Connect>` to the standalone stream
-/// (no control, nothing to do afterwards).
-pub fn connect_simple(public_ws_base: &str, credential: &str) -> String {
+/// `<Connect action><Stream><Parameter credential/></Stream></Connect>` to the standalone
+/// stream: the call's `leg`th stream (1 for the voice webhook's). The action URL names the
+/// stream (its credential id) and the leg, both signed by Twilio with the URL
+/// ([`crate::standalone_after`]).
+pub fn connect_simple(
+    public_url: &str,
+    public_ws_base: &str,
+    credential: &Minted,
+    leg: u32,
+) -> String {
+    let action = paths::after_simple(public_url, &credential.id, leg);
     let url = paths::media_stream_simple(public_ws_base);
     doc(|w| {
         w.create_element("Connect")
+            .with_attribute(("action", &*xml_chars(&action)))
+            .with_attribute(("method", "POST"))
             .write_inner_content(|w| {
                 w.create_element("Stream")
                     .with_attribute(("url", &*xml_chars(&url)))
                     .write_inner_content(|w| {
-                        parameter(w, crate::stream_credential::PARAMETER, credential)
+                        parameter(w, crate::stream_credential::PARAMETER, &credential.text)
                     })
                     .map(drop)
             })
@@ -385,10 +395,13 @@ mod tests {
 
     #[test]
     fn simple_and_dial() {
-        assert!(
-            connect_simple("ws://127.0.0.1:1", "cred-2").contains(
-                "<Stream url=\"ws://127.0.0.1:1/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\"cred-2\"/></Stream>"
-            )
+        let cred = Minted {
+            text: "cred-2".into(),
+            id: "0d".repeat(16),
+        };
+        assert_eq!(
+            connect_simple("http://127.0.0.1:1", "ws://127.0.0.1:1", &cred, 2),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect action=\"http://127.0.0.1:1/api/twilio/after-simple?stream=0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d&amp;leg=2\" method=\"POST\"><Stream url=\"ws://127.0.0.1:1/api/twilio/media-stream-simple\"><Parameter name=\"credential\" value=\"cred-2\"/></Stream></Connect></Response>"
         );
         assert!(dial("+1").contains("<Dial>+1</Dial>"));
         assert!(hangup().ends_with("<Response><Hangup/></Response>"));

@@ -482,6 +482,7 @@ mod webhooks {
                         CancellationToken::new(),
                     )
                     .0,
+                    stream_ends: callbridge_relay::stream_ends::StreamEnds::spawn(),
                 },
                 draining: Arc::new(AtomicBool::new(false)),
                 tracker: TaskTracker::new(),

@@ -53,6 +53,7 @@ async fn handlers() -> Handlers {
                 CancellationToken::new(),
             )
             .0,
+            stream_ends: callbridge_relay::stream_ends::StreamEnds::spawn(),
         },
         draining: Arc::new(AtomicBool::new(false)),
         tracker: TaskTracker::new(),

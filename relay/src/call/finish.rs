@@ -17,7 +17,9 @@ use super::dial::{close_model_later, model_close};
 use super::outbox::Outbox;
 use super::phase::Ending;
 use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, TwilioRead, now_ms};
+use crate::call_id::CallId;
 use crate::error::{EndKind, Side};
+use crate::stream_ends::Ended;
 
 impl Call {
     pub(super) async fn finish(mut self, mut link_gone: mpsc::Receiver<()>, tw_read: TwilioRead) {
@@ -76,6 +78,19 @@ impl Call {
             && kind.side() != Side::Twilio
         {
             self.deps.actions_due.expect(call_id);
+        }
+        // A standalone stream's action request is answered from a note of its end
+        // (crate::standalone_after); queued before the close, so it is there in time.
+        if let Some(stream) = &self.standalone_stream
+            && kind.side() != Side::Twilio
+        {
+            if let Some(ended) = Ended::of(ending.reason, &ending.transfer_to) {
+                self.deps.stream_ends.note(stream, ended).await;
+            }
+            // The stream id stands in for the call id standalone calls lack.
+            if let Ok(id) = CallId::parse(&**stream) {
+                self.deps.actions_due.expect(&id);
+            }
         }
         self.close_twilio(ending.reason).await;
         // Apart: the call is over for everyone; only the socket's last bytes are awaited.

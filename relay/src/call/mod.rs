@@ -150,12 +150,17 @@ pub struct CallDeps {
     pub actions_due: crate::drain::ActionsDue,
     /// The model endpoints' circuit breakers, shared by every call.
     pub breakers: ModelBreakers,
+    /// How standalone streams ended, for their action requests.
+    pub stream_ends: crate::stream_ends::StreamEnds,
 }
 
 /// What the HTTP layer learned before the upgrade.
 pub struct CallSetup {
     /// Call id (None for standalone).
     pub call_id: Option<CallId>,
+    /// A standalone stream's credential id, which its action URL names (None for a stored
+    /// call).
+    pub standalone_stream: Option<String>,
     /// The agent.
     pub agent: AgentView,
     /// The open attach stream and its context (None for standalone).
@@ -241,6 +246,9 @@ struct Call {
     deps: CallDeps,
     /// The call id from the path (None for standalone), checked against `start`.
     call_id: Option<CallId>,
+    /// A standalone stream's credential id: its end is noted under it
+    /// ([`crate::stream_ends`]).
+    standalone_stream: Option<Box<str>>,
     agent: AgentView,
     resumed: bool,
     stream_sid: Option<StreamSid>,
@@ -365,6 +373,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
             .admits(&deps.config.openai_realtime_url, ShortCircuit::Stream);
     let mut call = Call::new(
         setup.call_id,
+        setup.standalone_stream.map(String::into_boxed_str),
         setup.agent,
         setup.upgraded_at,
         deps,
@@ -487,6 +496,7 @@ fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
 impl Call {
     fn new(
         call_id: Option<CallId>,
+        standalone_stream: Option<Box<str>>,
         agent: AgentView,
         upgraded_at: Instant,
         deps: CallDeps,
@@ -528,6 +538,7 @@ impl Call {
         );
         Self {
             call_id,
+            standalone_stream,
             resumed,
             stream_sid: None,
             call_sid: None,
