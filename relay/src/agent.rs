@@ -88,6 +88,7 @@ impl AgentView {
             .to_owned(),
             turn_detection: standalone_turn_detection(config),
             dtmf_to_model: config.agent_dtmf_to_model,
+            end_call: config.agent_end_call,
             max_duration: DEFAULT_MAX_DURATION,
             ..Self::default()
         }

@@ -44,6 +44,7 @@
 //! | `AGENT_TURN_DETECTION` | standalone agent: `server_vad`, `semantic_vad` or `none` (the relay commits the caller's turns) | `server_vad` |
 //! | `AGENT_SILENCE_COMMIT_MS` | standalone agent, `none` only: commit the caller's turn after this much silence (200..=10000) | unset |
 //! | `AGENT_DTMF_TO_MODEL` | standalone agent: keys pressed also reach the model (`DTMF: 5`) | `false` |
+//! | `AGENT_END_CALL` | standalone agent: offer the model the built-in `end_call` tool (it hangs up after its goodbye has played; the action request then answers `<Hangup/>`) | `false` |
 //! | `RELAY_METRICS_ADDR` | Prometheus `/metrics` listen address (the public port does not serve it); empty disables | `0.0.0.0:9091` |
 //! | `RELAY_METRICS_TLS_CERT_FILE`, `RELAY_METRICS_TLS_KEY_FILE` | PEM certificate chain and key: `/metrics` over TLS (reloaded when the files change) | unset: plaintext |
 //! | `RELAY_HEADER_TIMEOUT_MS` | a client must send a whole request head this soon after connecting or after its previous answer (slow or idle clients are closed), on both listeners | `5000` |
@@ -291,6 +292,9 @@ pub struct Config {
     /// Standalone agent: keys the caller presses also reach the model.
     #[arg(long, env = "AGENT_DTMF_TO_MODEL", default_value_t = false, action = clap::ArgAction::Set)]
     pub agent_dtmf_to_model: bool,
+    /// Standalone agent: the model may end the call (built-in `end_call` tool).
+    #[arg(long, env = "AGENT_END_CALL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub agent_end_call: bool,
 
     // Listeners and limits (issue 12 item 4): `listen` and `capacity` use them.
     /// Prometheus /metrics listen address, apart from the public port; empty disables it.
@@ -418,6 +422,7 @@ impl Config {
             agent_turn_detection: TurnDetectionMode::ServerVad,
             agent_silence_commit_ms: None,
             agent_dtmf_to_model: false,
+            agent_end_call: false,
             metrics_addr: String::new(),
             metrics_listen: None,
             metrics_tls_cert_file: None,

@@ -780,8 +780,8 @@ mod twiml_docs {
             let nodes = read(&twiml::dial(&b)).map_err(TestCaseError::fail)?;
             prop_assert_eq!(text_of(&nodes, "Dial"), Some(carried(&b)));
             read(&twiml::hangup()).map_err(TestCaseError::fail)?;
-            read(&twiml::connect_simple(&a, &b)).map_err(TestCaseError::fail)?;
             let minted = callbridge_relay::stream_credential::Minted { text: a.clone(), id: "0d".repeat(16) };
+            read(&twiml::connect_simple(&a, &b, &minted, 2)).map_err(TestCaseError::fail)?;
             let nodes = read(&twiml::connect_stream(&a, &b, &id, &minted, Some(&"0e".repeat(16))))
                 .map_err(TestCaseError::fail)?;
             let param = nodes.iter().find(|n| n.0 == "Parameter").unwrap();
