@@ -21,7 +21,7 @@
 //! | `RELAY_DRAIN_GRACE_SECS` | how long live calls may run on after SIGTERM | `30` |
 //! | `RELAY_DRAIN_HANDOFF` | on SIGTERM, hand each live call off to another relay at a quiet moment (else let it run on) | `true` |
 //! | `RELAY_DRAIN_ACTION_WAIT_SECS` | after the last call, how long a draining relay keeps listening for Twilio's action request of each call it ended (hand-offs, calls cut at the grace), counted from that call's end; it stops sooner once each was answered here (0..=60) | `5` |
-//! | `RELAY_FALLBACK_DIAL` | E.164 number `POST /api/twilio/fallback` dials after its apology (the number's fallback URL; needs no control) | unset: apologise and hang up |
+//! | `RELAY_FALLBACK_DIAL` | E.164 number `POST /api/twilio/fallback` dials after its apology (the number's fallback URL; needs no control); standalone, the action request after a model failure dials it too | unset: apologise and hang up |
 //! | `RELAY_MODEL_RECONNECT_SECS` | how long a call may try to get a lost model session back before it ends with `MODEL_UNAVAILABLE` (0: no reconnect) | `10` |
 //! | `RELAY_MODEL_STALL_SECS` | a model session that owes an answer (a response running, or asked for) and sends nothing for this long counts as lost | `10` |
 //! | `RELAY_MODEL_SESSION_SECS` | the model's session limit; a fresh session replaces the old one at a quiet moment before it (0: never) | `3600` |
@@ -211,7 +211,8 @@ pub struct Config {
     /// action request of that call (it may go to another relay).
     #[arg(long, env = "RELAY_DRAIN_ACTION_WAIT_SECS", default_value_t = 5)]
     pub drain_action_wait_secs: u64,
-    /// E.164 number `POST /api/twilio/fallback` dials after its apology (unset: it hangs up).
+    /// E.164 number `POST /api/twilio/fallback` (and, standalone, the action request after a
+    /// model failure) dials after its apology (unset: it hangs up).
     #[arg(long, env = "RELAY_FALLBACK_DIAL")]
     pub fallback_dial: Option<String>,
     /// Seconds a call may try to get a lost model session back (0: no reconnect).
