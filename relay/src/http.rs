@@ -958,9 +958,8 @@ mod tests {
         let (stream, leg) = simple_action(body(&r));
         assert_eq!(leg, "1");
         assert!(stream_credential::is_id(&stream), "{stream}");
-        let action = |stream: &str, leg: &str| {
-            format!("/api/twilio/after-simple?stream={stream}&leg={leg}")
-        };
+        let action =
+            |stream: &str, leg: &str| format!("/api/twilio/after-simple?stream={stream}&leg={leg}");
 
         // No note (its relay is gone): a fresh stream, the next leg, up to the bound.
         let r = post(&action(&stream, "1"), &[("CallSid", "CA1")], true)
@@ -975,19 +974,29 @@ mod tests {
         let r = post(&action(&fresh, &last), &[("CallSid", "CA1")], true)
             .reply(&routes)
             .await;
-        assert_eq!(body(&r), crate::twilio_fallback::answer(Some("+14155550111")));
+        assert_eq!(
+            body(&r),
+            crate::twilio_fallback::answer(Some("+14155550111"))
+        );
 
         // Noted ends.
         ends.note(&stream, Ended::Failed).await;
         let r = post(&action(&stream, "1"), &[("CallSid", "CA1")], true)
             .reply(&routes)
             .await;
-        assert_eq!(body(&r), crate::twilio_fallback::answer(Some("+14155550111")));
+        assert_eq!(
+            body(&r),
+            crate::twilio_fallback::answer(Some("+14155550111"))
+        );
         ends.note(&fresh, Ended::Finished).await;
         let r = post(&action(&fresh, "2"), &[("CallSid", "CA1")], true)
             .reply(&routes)
             .await;
-        assert!(body(&r).ends_with("<Response><Hangup/></Response>"), "{}", body(&r));
+        assert!(
+            body(&r).ends_with("<Response><Hangup/></Response>"),
+            "{}",
+            body(&r)
+        );
 
         // A leg changed after signing fails the signature.
         let (owned, form_body) = form(&[("CallSid", "CA1")]);
@@ -1013,7 +1022,10 @@ mod tests {
 
         // Bad parameters, signed: 400 naming the parameter.
         for (path, answer) in [
-            ("/api/twilio/after-simple?leg=1".to_owned(), "stream: missing\n"),
+            (
+                "/api/twilio/after-simple?leg=1".to_owned(),
+                "stream: missing\n",
+            ),
             (
                 "/api/twilio/after-simple?stream=XYZ&leg=1".to_owned(),
                 "stream: not a stream id (32 lowercase hex digits)\n",
@@ -1022,12 +1034,27 @@ mod tests {
                 format!("/api/twilio/after-simple?stream={stream}"),
                 "leg: missing\n",
             ),
-            (action(&stream, "0"), "leg: not a whole number from 1 to 3\n"),
-            (action(&stream, "4"), "leg: not a whole number from 1 to 3\n"),
-            (action(&stream, "two"), "leg: not a whole number from 1 to 3\n"),
+            (
+                action(&stream, "0"),
+                "leg: not a whole number from 1 to 3\n",
+            ),
+            (
+                action(&stream, "4"),
+                "leg: not a whole number from 1 to 3\n",
+            ),
+            (
+                action(&stream, "two"),
+                "leg: not a whole number from 1 to 3\n",
+            ),
         ] {
-            let r = post(&path, &[("CallSid", "CA1")], true).reply(&routes).await;
-            assert_eq!((r.status(), body(&r)), (StatusCode::BAD_REQUEST, answer), "{path}");
+            let r = post(&path, &[("CallSid", "CA1")], true)
+                .reply(&routes)
+                .await;
+            assert_eq!(
+                (r.status(), body(&r)),
+                (StatusCode::BAD_REQUEST, answer),
+                "{path}"
+            );
         }
 
         // With a control plane the route does not exist.

@@ -160,7 +160,10 @@ mod tests {
         );
         // No note: a fresh stream, up to the bound.
         assert_eq!(next(None, 1, true), Next::Stream { leg: 2 });
-        assert_eq!(next(None, MAX_LEGS - 1, true), Next::Stream { leg: MAX_LEGS });
+        assert_eq!(
+            next(None, MAX_LEGS - 1, true),
+            Next::Stream { leg: MAX_LEGS }
+        );
         assert_eq!(next(None, MAX_LEGS, true), Next::Fallback);
         // With the breaker open a fresh stream would not be dialled anyway.
         assert_eq!(next(None, 1, false), Next::Fallback);

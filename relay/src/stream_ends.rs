@@ -194,10 +194,16 @@ mod tests {
 
     #[test]
     fn end_reasons_map_to_what_comes_next() {
-        assert_eq!(Ended::of(EndReason::ModelUnavailable, ""), Some(Ended::Failed));
+        assert_eq!(
+            Ended::of(EndReason::ModelUnavailable, ""),
+            Some(Ended::Failed)
+        );
         assert_eq!(Ended::of(EndReason::InternalError, ""), Some(Ended::Failed));
         assert_eq!(Ended::of(EndReason::AgentHangup, ""), Some(Ended::Finished));
-        assert_eq!(Ended::of(EndReason::CallerHangup, ""), Some(Ended::Finished));
+        assert_eq!(
+            Ended::of(EndReason::CallerHangup, ""),
+            Some(Ended::Finished)
+        );
         assert_eq!(Ended::of(EndReason::MaxDuration, ""), Some(Ended::Finished));
         assert_eq!(
             Ended::of(EndReason::Transferred, "+14155550111"),
@@ -214,9 +220,15 @@ mod tests {
         let mut r = Record::new(keep, 10);
         r.note("a", Ended::Failed, t0);
         r.note("b", Ended::Finished, t0 + Duration::from_secs(100));
-        assert_eq!(r.get("a", t0 + Duration::from_secs(299)), Some(Ended::Failed));
+        assert_eq!(
+            r.get("a", t0 + Duration::from_secs(299)),
+            Some(Ended::Failed)
+        );
         // Read twice: the same answer.
-        assert_eq!(r.get("a", t0 + Duration::from_secs(299)), Some(Ended::Failed));
+        assert_eq!(
+            r.get("a", t0 + Duration::from_secs(299)),
+            Some(Ended::Failed)
+        );
         assert_eq!(r.get("a", t0 + keep), None, "expired at its keep time");
         assert_eq!(r.len(), 1, "the expired note is gone, not only hidden");
         assert_eq!(

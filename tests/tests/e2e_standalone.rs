@@ -193,7 +193,13 @@ async fn an_agent_that_hangs_up_gets_a_hang_up_and_no_second_stream() {
     let leg = &report.legs[0];
     assert_eq!(leg.turns_spoken, [0, 1]);
     assert!(
-        matches!(leg.closed_by, ClosedBy::Relay { code: Some(1000), .. }),
+        matches!(
+            leg.closed_by,
+            ClosedBy::Relay {
+                code: Some(1000),
+                ..
+            }
+        ),
         "{:?}",
         leg.closed_by
     );
@@ -313,7 +319,10 @@ async fn a_forged_or_unsigned_leg_is_refused() {
     let forged = path.replace("leg=1", "leg=3");
     assert_ne!(forged, path);
     let r = post(forged.clone(), Some(signed.clone())).await;
-    assert_eq!((r.status, r.body.as_str()), (403, "invalid X-Twilio-Signature\n"));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (403, "invalid X-Twilio-Signature\n")
+    );
     let r = post(forged, None).await;
     assert_eq!(r.status, 403);
     // The URL as given, signed: answered (no stream ended: a fresh one, leg 2).

@@ -373,7 +373,6 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
             .admits(&deps.config.openai_realtime_url, ShortCircuit::Stream);
     let mut call = Call::new(
         setup.call_id,
-        setup.standalone_stream.map(String::into_boxed_str),
         setup.agent,
         setup.upgraded_at,
         deps,
@@ -381,6 +380,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
         &mut link,
         !short_circuit,
     );
+    call.standalone_stream = setup.standalone_stream.map(String::into_boxed_str);
     let now = Instant::now();
     for msg in early {
         call.on_twilio(Some(Ok(msg)), now);
@@ -496,7 +496,6 @@ fn scopeguard<F: FnOnce()>(f: F) -> Guard<F> {
 impl Call {
     fn new(
         call_id: Option<CallId>,
-        standalone_stream: Option<Box<str>>,
         agent: AgentView,
         upgraded_at: Instant,
         deps: CallDeps,
@@ -538,7 +537,7 @@ impl Call {
         );
         Self {
             call_id,
-            standalone_stream,
+            standalone_stream: None,
             resumed,
             stream_sid: None,
             call_sid: None,
