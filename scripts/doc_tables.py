@@ -19,8 +19,10 @@ Standard library only.
 """
 import datetime
 import json
+import math
 import os
 import re
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,10 +132,533 @@ def render_faults(doc):
     return "".join(lines)
 
 
-RENDERERS = {"soak": render_soak, "faults": render_faults}
+def num(x, fmt):
+    """A number in `fmt`, or an em dash when it was not measured."""
+    if x is None or (isinstance(x, float) and x != x):
+        return "—"
+    return format(x, fmt)
 
 
-def rewrite(text, path):
+def span(values, fmt):
+    """`a–b` of the values (one value: itself); em dash when there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+# === bench_relay (docs/results/relay.json) ===
+
+HANGUP_NAMES = [
+    ("close_before_start", "close before `start`"),
+    ("close_right_after_start", "close right after `start`"),
+    ("close_idle_after_start", "idle close"),
+    ("stop_mid_media", "`stop` mid-media"),
+    ("drop_tcp_mid_media", "TCP drop mid-media"),
+]
+
+
+def relay_rows(doc):
+    return [r for r in doc["results"] if "error" not in r]
+
+
+def relay_full_rate(doc, r):
+    """Frames a level would send at 50 frames/s per call over the load window."""
+    return r["calls"] * doc["args"]["secs"] * 50
+
+
+def render_relay(doc):
+    args = doc["args"]
+    lines = [
+        f"Levels {', '.join(thousands(n) for n in args['calls'])} calls; paths "
+        f"{', '.join(args['paths'])}; {args['secs']} s load window, {args['idle_secs']} s idle "
+        f"window, ramp {args['ramp_per_sec']} calls/s"
+        f"{'; every caller speaking (`--speaking`)' if args.get('speaking') else ''}"
+        f"{'; TLS on every internal hop' if doc.get('tls') else ''}.\n",
+        "\n",
+        "| path | calls | sent (% of full rate) | lost | RTT p50 / p99 / max (ms) | added p99 | relay CPU-ms / call-s | RSS KiB/call idle / load | gen% | fake% | open after | load avg |\n",
+        "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|\n",
+    ]
+    for r in doc["results"]:
+        if "error" in r:
+            lines.append(f"| {r['path']} | {thousands(r['calls'])} | failed: {r['error']} |||||||||\n")
+            continue
+        fr = r["frames"]
+        rtt = r["rtt_ms"]
+        relay = r.get("relay") or {}
+        baseline = r["path"] == "baseline"
+        added = None if baseline else r.get("added_p99_ms")
+        pct = 100.0 * fr["sent"] / relay_full_rate(doc, r)
+        rss = "—" if baseline else f"{relay['rss_kib_per_call_idle']:.0f} / {relay['rss_kib_per_call_load']:.0f}"
+        lines.append(
+            f"| {r['path']} | {thousands(r['calls'])} | {thousands(fr['sent'])} ({pct:.0f} %) | "
+            f"{thousands(fr['lost'])} | {rtt['p50']:.2f} / {rtt['p99']:.2f} / {rtt['max']:.1f} | "
+            f"{num(added, '.2f')} | {num(relay.get('cpu_ms_per_call_sec'), '.2f')} | {rss} | "
+            f"{r['loadgen_cpu_pct']:.0f} | {r['fake_cpu_pct']:.0f} | {r['upstream_open_after_end']} | "
+            f"{num(r.get('load_average'), '.1f')} |\n"
+        )
+    lines.append("\n")
+    ratios = doc.get("production_vs_standalone") or []
+    if ratios:
+        lines.append(
+            "Production / standalone relay CPU: "
+            + ", ".join(f"{x['cpu_ratio']:.2f}" for x in ratios)
+            + "; RSS per call under load: "
+            + ", ".join(f"{x['rss_ratio']:.2f}" for x in ratios)
+            + f" (at {', '.join(thousands(x['calls']) for x in ratios)} calls).\n\n"
+        )
+    hang = doc.get("hangup_phases")
+    if isinstance(hang, dict) and "error" not in hang:
+        parts = [
+            f"{label} {hang[k]['model_sockets_opened']} opened / {hang[k]['model_sockets_open_after']} open after"
+            for k, label in HANGUP_NAMES
+            if k in hang
+        ]
+        calls = next(iter(hang.values()))["calls"]
+        lines.append(f"Hang-up check ({calls} calls per kind, model sockets): " + "; ".join(parts) + ".\n\n")
+    elif hang:
+        lines.append(f"Hang-up check failed: {hang.get('error')}.\n\n")
+    cold = doc.get("coldstart")
+    if isinstance(cold, dict) and "error" not in cold:
+        parts = []
+        for path, c in cold.items():
+            if "skipped" in c:
+                continue
+            fe = c["first_echo_ms"]
+            parts.append(
+                f"{path}: {thousands(c['frames']['received'])} of {thousands(c['frames']['sent'])} frames "
+                f"echoed ({c['frames']['lost']} lost), first frame back on {c['first_frame_back']} of "
+                f"{c['calls']} calls after {num(fe['p50'], '.1f')} ms (p50) / {num(fe['max'], '.1f')} ms "
+                f"(max), {c['upstream_open_after_end']} model sockets open after"
+            )
+        dial = next(iter(cold.values())).get("model_dial_ms")
+        lines.append(f"Cold-start check (model dial held {dial} ms): " + "; ".join(parts) + ".\n\n")
+    elif cold:
+        lines.append(f"Cold-start check failed: {cold.get('error')}.\n\n")
+    lines.append(source_line(doc))
+    return "".join(lines)
+
+
+def relay_at(doc, path, calls):
+    for r in relay_rows(doc):
+        if r["path"] == path and r["calls"] == calls:
+            return r
+    return None
+
+
+def render_relay_targets(doc):
+    levels = doc["args"]["calls"]
+    top = max(levels)
+    paths = [p for p in ("standalone", "production") if p in doc["args"]["paths"]]
+    lines = ["| target | result | verdict |\n", "|---|---|---|\n"]
+
+    def per_level(metric, fmt, limit):
+        cells, met_at, missed_at = [], [], []
+        for n in levels:
+            vals = [metric(relay_at(doc, p, n)) for p in paths if relay_at(doc, p, n)]
+            vals = [v for v in vals if v is not None]
+            if not vals:
+                continue
+            cells.append(f"{thousands(n)}: " + " / ".join(format(v, fmt) for v in vals))
+            (met_at if all(v <= limit for v in vals) else missed_at).append(thousands(n))
+        return cells, met_at, missed_at
+
+    def verdict(met_at, missed_at):
+        if not missed_at:
+            return "**met**"
+        if not met_at:
+            return "**not met**"
+        return f"**met at {', '.join(met_at)} calls; not met at {', '.join(missed_at)}**"
+
+    who = " / ".join(paths)
+    # Frames lost and full rate at the largest level.
+    tops = [relay_at(doc, p, top) for p in paths]
+    tops = [r for r in tops if r]
+    lost = sum(r["frames"]["lost"] + r["frames"]["misrouted"] for r in tops)
+    connected = all(r["connected"] == r["calls"] for r in tops)
+    offered = " / ".join(f"{100.0 * r['frames']['sent'] / relay_full_rate(doc, r):.0f} %" for r in tops)
+    lines.append(
+        f"| {thousands(top)} concurrent calls through one relay, zero frames lost | "
+        f"{'every call connected' if connected else 'not every call connected'}; {lost} frames lost or "
+        f"misrouted; the box offered {offered} ({who}) of the full 50 frames/s per call | "
+        f"{'**met**' if connected and lost == 0 else '**not met**'}"
+        f"{'' if all(r['frames']['sent'] >= 0.99 * relay_full_rate(doc, r) for r in tops) else ' (full rate not shown on this box)'} |\n"
+    )
+    cells, met, missed = per_level(lambda r: r.get("added_p99_ms"), ".2f", 5.0)
+    lines.append(f"| added round-trip p99 ≤ 5 ms (ms, {who}) | {'; '.join(cells) or '— (no baseline path)'} | {verdict(met, missed) if cells else '—'} |\n")
+    cells, met, missed = per_level(lambda r: r["relay"]["cpu_ms_per_call_sec"], ".2f", 1.0)
+    lines.append(f"| ≤ 1 CPU-ms per call-second ({who}) | {'; '.join(cells)} | {verdict(met, missed)} |\n")
+    rss = [f"{r['path']} {r['relay']['rss_kib_per_call_load']:.0f} KiB" for r in tops]
+    rss_met = all(r["relay"]["rss_kib_per_call_load"] <= 64 for r in tops)
+    speaking = " (every caller speaking)" if doc["args"].get("speaking") else " (listening callers)"
+    lines.append(f"| ≤ 64 KiB RSS per call at {thousands(top)} calls, under load{speaking} | {', '.join(rss)} | {'**met**' if rss_met else '**not met**'} |\n")
+    open_after = sum(r["upstream_open_after_end"] for r in relay_rows(doc))
+    hang = doc.get("hangup_phases")
+    hang_open = None
+    if isinstance(hang, dict) and "error" not in hang:
+        hang_open = sum(h["model_sockets_open_after"] for h in hang.values())
+    cold = doc.get("coldstart")
+    cold_rows = [c for c in cold.values() if "skipped" not in c] if isinstance(cold, dict) and "error" not in cold else []
+    cold_open = sum(c["upstream_open_after_end"] for c in cold_rows)
+    text = f"{open_after} after the levels"
+    text += f", {hang_open} after the hang-up kinds" if hang_open is not None else ", hang-up check not run"
+    text += f", {cold_open} after the cold-start calls" if cold_rows else ""
+    all_open = open_after + (hang_open or 0) + cold_open
+    lines.append(f"| no model socket open after any way a call ends | {text} | {'**met**' if all_open == 0 and hang_open is not None else ('**not met**' if all_open else '—')} |\n")
+    if cold_rows:
+        lost = sum(c["frames"]["lost"] for c in cold_rows)
+        firsts = all(c["first_frame_back"] == c["calls"] for c in cold_rows)
+        parts = ", ".join(
+            f"{path} {c['frames']['received']:,} of {c['frames']['sent']:,}"
+            for path, c in cold.items()
+            if "skipped" not in c
+        )
+        lines.append(f"| no frame dropped at call start | frames echoed: {parts}; first frame back on every call: {'yes' if firsts else 'no'} | {'**met**' if lost == 0 and firsts else '**not met**'} |\n")
+    ratios = doc.get("production_vs_standalone") or []
+    if ratios:
+        cpu = ", ".join(f"{x['cpu_ratio']:.2f}" for x in ratios)
+        rss = ", ".join(f"{x['rss_ratio']:.2f}" for x in ratios)
+        cpu_met = all(x["cpu_ratio"] <= 1.10 for x in ratios)
+        rss_met = all(x["rss_ratio"] <= 1.10 for x in ratios)
+        lines.append(
+            f"| production costs ≤ 10 % more than standalone | CPU ×{cpu}; RSS per call ×{rss} "
+            f"(at {', '.join(thousands(x['calls']) for x in ratios)} calls) | CPU: "
+            f"{'**met**' if cpu_met else '**not met**'}; memory: {'**met**' if rss_met else '**not met**'} |\n"
+        )
+    lines.append("\n")
+    lines.append(source_line(doc))
+    return "".join(lines)
+
+
+# Before/after comparisons: a folder of bench_relay result files named SET-N.json.
+SET_LABELS = {
+    "before": "before",
+    "double-future": "after, future held twice",
+    "after": "after",
+}
+
+
+def render_relay_sets(docs):
+    sets = {}
+    loads = []
+    for name, doc in sorted(docs.items()):
+        set_name = name.rsplit("-", 1)[0]
+        loads.append(doc["machine"].get("load_average_at_start"))
+        for r in relay_rows(doc):
+            if r["path"] == "baseline":
+                continue
+            sets.setdefault(set_name, {}).setdefault((r["path"], r["calls"]), []).append(r)
+    order = [s for s in SET_LABELS if s in sets] + sorted(s for s in sets if s not in SET_LABELS)
+    has_added = any(r.get("added_p99_ms") is not None for s in sets.values() for rs in s.values() for r in rs)
+    head = "| path, calls | set | runs | CPU-ms per call-second | p99 round trip ms |"
+    head += " added p99 ms |" if has_added else ""
+    head += " RSS KiB per call under load |\n"
+    lines = [
+        "Median (range) over the runs of each set:\n",
+        "\n",
+        head,
+        "|---|---|---|---|---|" + ("---|" if has_added else "") + "---|\n",
+    ]
+    keys = sorted({k for s in sets.values() for k in s})
+
+    def cell(values, fmt):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "—"
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+    for key in keys:
+        for s in order:
+            runs = sets[s].get(key, [])
+            if not runs:
+                continue
+            row = (
+                f"| {key[0]} {key[1]} | {SET_LABELS.get(s, s)} | {len(runs)} | "
+                f"{cell([r['relay']['cpu_ms_per_call_sec'] for r in runs], '.2f')} | "
+                f"{cell([r['rtt_ms']['p99'] for r in runs], '.1f')} |"
+            )
+            if has_added:
+                row += f" {cell([r.get('added_p99_ms') for r in runs], '.1f')} |"
+            row += f" {cell([r['relay']['rss_kib_per_call_load'] for r in runs], '.1f')} |\n"
+            lines.append(row)
+    cpu = {d["machine"].get("cpu", "?") for d in docs.values()}
+    counts = ", ".join(f"{s} ×{len({n for n in docs if n.rsplit('-', 1)[0] == s})}" for s in order)
+    lines.append("\n")
+    lines.append(
+        f"*Source:* {len(docs)} `bench_relay --out` files ({counts}), without provenance "
+        f"(written before the bench recorded it); {', '.join(sorted(cpu))}, load average "
+        f"{span(loads, '.1f')} at their starts.\n"
+    )
+    return "".join(lines)
+
+
+# === bench_control (docs/results/control.json) ===
+
+
+def us_ms(q, key):
+    v = q.get(key)
+    return "—" if v is None else f"{v / 1000:.2f}"
+
+
+def render_control(doc):
+    lines = [
+        f"Throughput: window {doc['window']} unacknowledged events per stream, calls spread over "
+        f"{doc['connections']} HTTP/2 connections"
+        f"{'; TLS on both hops' if doc.get('tls') else ''}:\n",
+        "\n",
+        "| calls | events | events/s acknowledged | send → ack p50 / p99 ms | control CPU | Redis CPU | bench client CPU | Redis commands per event |\n",
+        "|---:|---:|---:|---|---:|---:|---:|---:|\n",
+    ]
+    for t in doc["throughput"]:
+        q = t["send_to_ack_under_load"]
+        lines.append(
+            f"| {thousands(t['calls'])} | {thousands(t['events'])} | {t['events_per_sec']:,.0f} | "
+            f"{us_ms(q, 'p50_us')} / {us_ms(q, 'p99_us')} | {t['control_cpu_percent']:.0f} % | "
+            f"{t['redis_cpu_percent']:.0f} % | {t['bench_client_cpu_percent']:.0f} % | "
+            f"{t['redis_commands_per_event']:.2f} |\n"
+        )
+    w = doc["watch"]
+    sw, sa = w["send_to_watch"], w["send_to_ack"]
+    lines += [
+        "\n",
+        f"Watch latency: {thousands(w['calls'])} calls × {w['events_per_call_per_sec']} events/s "
+        f"({thousands(w['offered_events_per_sec'])} events/s offered), {thousands(w['events'])} events, "
+        f"each watched by a `WatchCall` opened before its relay stream:\n",
+        "\n",
+        "| send → watcher p50 ms | p99 ms | max ms | send → ack p99 ms | control CPU | Redis commands per event |\n",
+        "|---:|---:|---:|---:|---:|---:|\n",
+        f"| {us_ms(sw, 'p50_us')} | {us_ms(sw, 'p99_us')} | {us_ms(sw, 'max_us')} | {us_ms(sa, 'p99_us')} | "
+        f"{w['control_cpu_percent']:.0f} % | {w['redis_commands_per_event']:.2f} |\n",
+        "\n",
+    ]
+    bulk = doc.get("bulk") or {}
+    parts = []
+    if "create_calls" in bulk:
+        c, lc = bulk["create_calls"], bulk["list_calls"]
+        parts.append(
+            f"`CreateCalls` of {thousands(c['calls'])} calls (batches of {c['batch']}) {c['ms']:.0f} ms "
+            f"({c['calls_per_sec']:,.0f} calls/s, control CPU {c['control_cpu_ms']:.0f} ms); `ListCalls` "
+            f"of them {lc['ms']:.0f} ms ({lc['pages']} requests of up to {lc['page_size']}, control CPU "
+            f"{lc['control_cpu_ms']:.0f} ms)"
+        )
+    if "serial_events" in bulk:
+        s = bulk["serial_events"]
+        parts.append(
+            f"{thousands(s['events'])} serial events (one in flight) {s['us_per_event']:.0f} µs per event "
+            f"(send → ack p50 {us_ms(s['send_to_ack'], 'p50_us')} ms, p99 {us_ms(s['send_to_ack'], 'p99_us')} ms; "
+            f"control CPU {s['control_cpu_us_per_event']:.0f} µs per event)"
+        )
+    if parts:
+        lines.append("Bulk and serial, one client, nothing else in flight: " + "; ".join(parts) + ".\n\n")
+    rb = doc.get("redis_benchmark") or []
+    if rb:
+        lines.append(
+            "Redis alone (`redis-benchmark` XADD, same server and socket): "
+            + ", ".join(f"{r['xadd_per_sec']:,.0f}/s with {r['clients']} clients and pipeline {r['pipeline']}" for r in rb)
+            + ".\n\n"
+        )
+    lines.append(source_line(doc))
+    return "".join(lines)
+
+
+def render_control_targets(doc):
+    rates = {t["calls"]: t["events_per_sec"] for t in doc["throughput"]}
+    at = [(n, rates[n]) for n in (10, 100) if n in rates]
+    met = bool(at) and all(r >= 50_000 for _, r in at)
+    w = doc["watch"]
+    p99 = w["send_to_watch"].get("p99_us")
+    p99_ms = None if p99 is None else p99 / 1000
+    load = doc["machine"].get("load_average_at_start")
+    lines = [
+        "| target | result | verdict |\n",
+        "|---|---|---|\n",
+        f"| ≥ 50,000 events/s acknowledged with one control process, at 10 and 100 calls | "
+        + "; ".join(f"{r:,.0f} events/s at {n} calls" for n, r in at)
+        + f" | {'**met**' if met else '**not met**'} |\n",
+        f"| watch p99 < 5 ms at {w['calls']} calls (send → watcher) | {num(p99_ms, '.2f')} ms "
+        f"(load average {num(load, '.1f')} at the start) | "
+        f"{'**met**' if p99_ms is not None and p99_ms < 5 else '**not met**'} |\n",
+        "\n",
+        source_line(doc),
+    ]
+    return "".join(lines)
+
+
+# === bench_survive (docs/results/survive.json) ===
+
+SURVIVE_GAPS = [
+    ("reconnect_gap", "reconnect gap", "model socket closed → the new session receives the caller's audio"),
+    ("handoff_gap", "hand-off gap", "old stream closed (1000, after HANDOFF) → new stream open on another relay"),
+    ("failover_gap", "failover gap", "relay SIGKILLed, stream dropped → new stream open on another relay"),
+]
+SURVIVE_OUTAGE = [
+    ("outage_no_breaker", "breaker off (`RELAY_MODEL_BREAKER_FAILURES=0`): every call dials"),
+    ("outage_opening", "breaker at 2: the calls that open it"),
+    ("outage_open", "breaker at 2: the calls after, answered the fallback by the webhook"),
+]
+
+
+def gap_cells(g):
+    if not g.get("n"):
+        return "0 | — | — | —"
+    return f"{g['n']} | {g['p50_ms']:.1f} ms | {g['p99_ms']:.1f} ms | {g['max_ms']:.1f} ms"
+
+
+def render_survive_gaps(doc):
+    f = doc["figures"]
+    a = doc["args"]
+    lines = ["| Figure | What is measured | n | p50 | p99 | max |\n", "|---|---|---|---|---|---|\n"]
+    for key, name, what in SURVIVE_GAPS:
+        lines.append(f"| {name} | {what} | {gap_cells(f[key])} |\n")
+    moved, fin = doc["calls_moved"], doc["finished_by_caller"]
+    lines += [
+        "\n",
+        f"Calls moved: hand-off {moved['handoff']} of {a['calls']}, failover {moved['failover']} of "
+        f"{a['calls']}; ended by the caller: hand-off {fin['handoff']} of {a['calls']}, failover "
+        f"{fin['failover']} of {a['calls']}. {a['profile'].capitalize()} build.\n",
+        "\n",
+        source_line(doc),
+    ]
+    return "".join(lines)
+
+
+def render_survive_outage(doc):
+    f = doc["figures"]
+    lines = ["| Figure | n | p50 | p99 | max |\n", "|---|---|---|---|---|\n"]
+    for key, name in SURVIVE_OUTAGE:
+        lines.append(f"| {name} | {gap_cells(f[key])} |\n")
+    lines += ["\n", source_line(doc)]
+    return "".join(lines)
+
+
+# === HPA and pod requests, from bench_relay's production path ===
+
+HPA_YAML = "deploy/k8s/base/relay/hpa.yaml"
+RELAY_DEPLOYMENT = "deploy/k8s/base/relay/deployment.yaml"
+# Memory request: twice the measured need (allocator slack, a burst of calls still being
+# set up), rounded up to this step.
+MEMORY_HEADROOM = 2.0
+MEMORY_STEP_MIB = 16
+CPU_STEP_M = 50
+
+
+def read_text(rel):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def hpa_targets():
+    text = read_text(HPA_YAML)
+    calls = re.search(r'averageValue:\s*"?(\d+)"?', text)
+    util = re.search(r"averageUtilization:\s*(\d+)", text)
+    if not calls or not util:
+        raise ValueError(f"{HPA_YAML}: no averageValue or averageUtilization")
+    return int(calls.group(1)), int(util.group(1))
+
+
+# The relay container's `requests:` block: cpu and memory lines right under it.
+REQUESTS = re.compile(r"(requests:\n\s+cpu:\s*)(\S+)(\n\s+memory:\s*)(\S+)")
+
+
+def hpa_derivation(doc):
+    calls, util = hpa_targets()
+    row = relay_at(doc, "production", calls)
+    if row is None:
+        raise ValueError(f"no production level at {calls} calls (the HPA target in {HPA_YAML}); run bench_relay with --calls including {calls}")
+    relay = row["relay"]
+    cpu_ms = relay["cpu_ms_per_call_sec"]
+    cores = cpu_ms * calls / 1000
+    cpu_m = math.ceil(cores / (util / 100) * 1000 / CPU_STEP_M) * CPU_STEP_M
+    need_mib = (relay["rss_kib_before"] + calls * relay["rss_kib_per_call_load"]) / 1024
+    mem_mib = math.ceil(need_mib * MEMORY_HEADROOM / MEMORY_STEP_MIB) * MEMORY_STEP_MIB
+    return {
+        "calls": calls,
+        "util": util,
+        "cpu_ms": cpu_ms,
+        "cores": cores,
+        "cpu": f"{cpu_m}m",
+        "cpu_m": cpu_m,
+        "rss_before_mib": relay["rss_kib_before"] / 1024,
+        "rss_per_call": relay["rss_kib_per_call_load"],
+        "need_mib": need_mib,
+        "memory": f"{mem_mib}Mi",
+        "trips_at": cpu_m * util / 100 / cpu_ms,
+    }
+
+
+def render_hpa(doc):
+    d = hpa_derivation(doc)
+    return (
+        f"- HPA target (`{HPA_YAML}`): {d['calls']} calls per pod (`averageValue`), CPU "
+        f"{d['util']} % of the request (`averageUtilization`).\n"
+        f"- Measured, production path at {d['calls']} calls: {d['cpu_ms']:.2f} CPU-ms per "
+        f"call-second, so {d['calls']} calls need {d['cores']:.3f} cores. The fresh relay's RSS is "
+        f"{d['rss_before_mib']:.1f} MiB and each call adds {d['rss_per_call']:.1f} KiB under load: "
+        f"{d['need_mib']:.1f} MiB at {d['calls']} calls.\n"
+        f"- CPU request = {d['cores']:.3f} / {d['util'] / 100:.2f}, rounded up to {CPU_STEP_M}m: "
+        f"**{d['cpu']}**. With it the CPU fallback trips at about {d['trips_at']:.0f} calls per pod, "
+        f"so the calls metric, not CPU, decides.\n"
+        f"- Memory request = {MEMORY_HEADROOM:g} × {d['need_mib']:.1f} MiB, rounded up to "
+        f"{MEMORY_STEP_MIB} Mi: **{d['memory']}**.\n"
+        f"- `{RELAY_DEPLOYMENT}` requests `cpu: {d['cpu']}`, `memory: {d['memory']}` "
+        f"(`scripts/doc_tables.py` writes them there and `--check` fails when they differ).\n"
+        "\n" + source_line(doc)
+    )
+
+
+def sync_deployment(doc, check):
+    """Writes (or, with check, compares) the relay's requests in the base manifest."""
+    d = hpa_derivation(doc)
+    text = read_text(RELAY_DEPLOYMENT)
+    m = REQUESTS.search(text)
+    if m is None:
+        return [f"{RELAY_DEPLOYMENT}: no `requests:` block with cpu and memory"]
+    if (m.group(2), m.group(4)) == (d["cpu"], d["memory"]):
+        return []
+    if check:
+        return [
+            f"{RELAY_DEPLOYMENT}: requests cpu {m.group(2)}, memory {m.group(4)}; the derivation from "
+            f"the relay result file gives cpu {d['cpu']}, memory {d['memory']}; run python3 scripts/doc_tables.py"
+        ]
+    new = text[: m.start()] + m.group(1) + d["cpu"] + m.group(3) + d["memory"] + text[m.end():]
+    with open(os.path.join(ROOT, RELAY_DEPLOYMENT), "w", encoding="utf-8") as f:
+        f.write(new)
+    print(f"doc tables: rewrote {RELAY_DEPLOYMENT} requests (cpu {d['cpu']}, memory {d['memory']})")
+    return []
+
+
+RENDERERS = {
+    "soak": render_soak,
+    "faults": render_faults,
+    "relay": render_relay,
+    "relay_targets": render_relay_targets,
+    "relay_sets": render_relay_sets,
+    "control": render_control,
+    "control_targets": render_control_targets,
+    "survive_gaps": render_survive_gaps,
+    "survive_outage": render_survive_outage,
+    "hpa": render_hpa,
+}
+
+
+def load(file):
+    """A result file, or for a folder every `*.json` in it by name (without `.json`)."""
+    full = os.path.join(ROOT, file)
+    if os.path.isdir(full):
+        docs = {}
+        for name in sorted(os.listdir(full)):
+            if name.endswith(".json"):
+                with open(os.path.join(full, name), encoding="utf-8") as f:
+                    docs[name[: -len(".json")]] = json.load(f)
+        if not docs:
+            raise ValueError("no .json result files in the folder")
+        return docs
+    with open(full, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rewrite(text, path, hpa_docs):
     problems = []
 
     def one(m):
@@ -143,12 +668,14 @@ def rewrite(text, path):
             problems.append(f"{path}: unknown table kind '{kind}'")
             return m.group(0)
         try:
-            with open(os.path.join(ROOT, file), encoding="utf-8") as f:
-                doc = json.load(f)
-        except (OSError, ValueError) as e:
-            problems.append(f"{path}: {file}: {e}")
+            doc = load(file)
+            body = render(doc)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{path}: {kind} {file}: {type(e).__name__}: {e}")
             return m.group(0)
-        return m.group(1) + render(doc) + m.group(5)
+        if kind == "hpa":
+            hpa_docs.append(doc)
+        return m.group(1) + body + m.group(5)
 
     return BLOCK.sub(one, text), problems
 
@@ -156,7 +683,7 @@ def rewrite(text, path):
 def main():
     check = "--check" in sys.argv[1:]
     docs = os.path.join(ROOT, "docs")
-    drift, problems = [], []
+    drift, problems, hpa_docs = [], [], []
     for dirpath, _, files in os.walk(docs):
         for name in sorted(files):
             if not name.endswith(".md"):
@@ -164,13 +691,19 @@ def main():
             path = os.path.join(dirpath, name)
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-            new, errs = rewrite(text, os.path.relpath(path, ROOT))
+            new, errs = rewrite(text, os.path.relpath(path, ROOT), hpa_docs)
             problems += errs
             if new != text:
                 drift.append(os.path.relpath(path, ROOT))
                 if not check:
                     with open(path, "w", encoding="utf-8") as f:
                         f.write(new)
+    # The manifest's requests follow the derivation (the first `hpa` block's file).
+    if hpa_docs:
+        try:
+            problems += sync_deployment(hpa_docs[0], check)
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"{RELAY_DEPLOYMENT}: {e}")
     for p in problems:
         print(f"doc tables: {p}", file=sys.stderr)
     if check and drift:

@@ -30,7 +30,7 @@ use callbridge_testkit::procs::{Proc, env, free_addr};
 use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_tests::bench::{
     clock_ticks_per_sec, create_calls, json_f64 as f, load_average, machine, parse_key_value,
-    percentile, process_cpu_ms, self_cpu_ms,
+    percentile, process_cpu_ms, provenance, self_cpu_ms, write_result,
 };
 use callbridge_tests::{Bearer, CallsClient, WorldTls};
 use clap::Parser;
@@ -1050,11 +1050,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     print_report(&report);
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    write_result(&args.out, &report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("\nwrote {}", args.out.display());
     Ok(())
 }
@@ -1096,10 +1092,15 @@ async fn measure(bench: &Bench, args: &Args) -> anyhow::Result<Value> {
         .map(|l| f(l, &["events_per_sec"]));
     let watch_p99_ms = w_p99_ms(&watch);
     let report = json!({
-        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "bench": "control",
+        "provenance": provenance(),
         "machine": machine,
         "load_average_at_end": load_average(),
         "tls": args.tls,
+        "args": {"events": args.events, "levels": args.levels, "watch_calls": args.watch_calls,
+                 "watch_rate": args.watch_rate, "watch_secs": args.watch_secs,
+                 "bulk_calls": args.bulk_calls, "serial_events": args.serial_events,
+                 "redis_requests": args.redis_requests},
         "window": args.window,
         "connections": args.connections,
         "throughput": throughput,

@@ -47,7 +47,7 @@ use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
 use callbridge_tests::bench::{
     children_named, clock_ticks_per_sec, cpus_allowed, create_calls, json_f64 as f, json_u64 as u,
     load_average, machine, parse_cpu_list, parse_key_value, percentile, pin_process,
-    process_cpu_ms, rss_kib, thread_cpu_ms,
+    process_cpu_ms, provenance, rss_kib, thread_cpu_ms, write_result,
 };
 use callbridge_tests::{Bearer, WorldTls};
 use clap::Parser;
@@ -449,7 +449,9 @@ async fn run(
     });
     let doc = json!({
         "bench": "relay",
+        "provenance": provenance(),
         "machine": machine,
+        "load_average_at_end": load_average(),
         "tls": args.tls,
         "pinning": pinning,
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
@@ -460,10 +462,8 @@ async fn run(
         "hangup_phases": hangups,
         "coldstart": coldstart,
     });
-    if let Some(dir) = std::path::Path::new(&args.out).parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    write_result(std::path::Path::new(&args.out), &doc)
+        .with_context(|| format!("writing {}", args.out))?;
     println!("wrote {}", args.out);
     if !args.svg.is_empty() {
         if let Some(dir) = std::path::Path::new(&args.svg).parent() {

@@ -24,7 +24,8 @@ use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{CallReport, LoadBalancer, SimCaller};
-use callbridge_tests::bench::percentile;
+use callbridge_tests::bench::{load_average, machine, percentile, provenance, write_result};
+use serde_json::{Value, json};
 use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{World, agent_settings, with_timeout};
 
@@ -42,20 +43,29 @@ fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
     }
 }
 
-fn summary(name: &str, mut ms: Vec<f64>) {
+/// Prints one figure's line and returns it for the result file: n, p50, p99, max (ms).
+fn summary(name: &str, mut ms: Vec<f64>) -> Value {
     if ms.is_empty() {
         println!("{name:<16} no samples");
-        return;
+        return json!({"n": 0});
     }
     ms.sort_by(f64::total_cmp);
     let at = |p: f64| percentile(&ms, p).unwrap_or(f64::NAN);
+    let (p50, p99, max) = (at(50.0), at(99.0), ms[ms.len() - 1]);
     println!(
-        "{name:<16} n={:<4} p50={:>7.1} ms  p99={:>7.1} ms  max={:>7.1} ms",
+        "{name:<16} n={:<4} p50={p50:>7.1} ms  p99={p99:>7.1} ms  max={max:>7.1} ms",
         ms.len(),
-        at(50.0),
-        at(99.0),
-        ms[ms.len() - 1]
     );
+    json!({"n": ms.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max})
+}
+
+/// The `--out` argument: where the JSON result goes.
+fn out_path() -> anyhow::Result<std::path::PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--out") {
+        Some(i) => Ok(args.get(i + 1).context("--out takes a path")?.into()),
+        None => Ok("bench-results/survive.json".into()),
+    }
 }
 
 /// Gaps between consecutive legs of each call: old stream closed → new stream open.
@@ -214,13 +224,15 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--help" || a == "-h") {
         println!(
             "bench_survive [--calls N (default 20)] [--reconnects N (default 15)] \
-             [--outage-calls N (default 6)]"
+             [--outage-calls N (default 6)] [--out FILE (default bench-results/survive.json)]"
         );
         return Ok(());
     }
     let calls = arg("--calls", 20)?;
     let reconnects = arg("--reconnects", 15)?;
     let outage_calls = arg("--outage-calls", 6)?;
+    let out = out_path()?;
+    let machine = machine("relays, control, redis-server, fake model and callers share these cores");
     println!(
         "bench_survive: {calls} calls per relay event, {reconnects} model reconnects (loopback, fake model)"
     );
@@ -233,29 +245,41 @@ async fn main() -> anyhow::Result<()> {
     // failures) the calls after those get the fallback from the webhook.
     let (no_breaker, _) = outage_fallbacks(outage_calls, "0").await?;
     let (opening, short_circuited) = outage_fallbacks(outage_calls, "2").await?;
-    summary("reconnect gap", reconnect);
-    summary("hand-off gap", leg_gaps(&handoff));
-    summary("failover gap", leg_gaps(&failover));
-    summary("outage, no brk", no_breaker);
-    summary("outage, opening", opening);
-    summary("outage, open", short_circuited);
+    let figures = json!({
+        "reconnect_gap": summary("reconnect gap", reconnect),
+        "handoff_gap": summary("hand-off gap", leg_gaps(&handoff)),
+        "failover_gap": summary("failover gap", leg_gaps(&failover)),
+        "outage_no_breaker": summary("outage, no brk", no_breaker),
+        "outage_opening": summary("outage, opening", opening),
+        "outage_open": summary("outage, open", short_circuited),
+    });
+    let by_caller = |reports: &[CallReport]| {
+        reports
+            .iter()
+            .filter(|r| {
+                r.legs
+                    .last()
+                    .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller)
+            })
+            .count()
+    };
+    let (handoff_finished, failover_finished) = (by_caller(&handoff), by_caller(&failover));
     println!(
         "calls moved: hand-off {handoff_moved}/{calls}, failover {failover_moved}/{calls}; \
-         finished by the caller: hand-off {}/{calls}, failover {}/{calls}",
-        handoff
-            .iter()
-            .filter(|r| r
-                .legs
-                .last()
-                .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller))
-            .count(),
-        failover
-            .iter()
-            .filter(|r| r
-                .legs
-                .last()
-                .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller))
-            .count(),
+         finished by the caller: hand-off {handoff_finished}/{calls}, failover {failover_finished}/{calls}"
     );
+    let doc = json!({
+        "bench": "survive",
+        "provenance": provenance(),
+        "machine": machine,
+        "load_average_at_end": load_average(),
+        "args": {"calls": calls, "reconnects": reconnects, "outage_calls": outage_calls,
+                 "profile": if cfg!(debug_assertions) { "debug" } else { "release" }},
+        "figures": figures,
+        "calls_moved": {"handoff": handoff_moved, "failover": failover_moved},
+        "finished_by_caller": {"handoff": handoff_finished, "failover": failover_finished},
+    });
+    write_result(&out, &doc).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {}", out.display());
     Ok(())
 }
