@@ -11,8 +11,8 @@
 //! is the script, each line once).
 //!
 //! Real relay, control and redis-server on loopback; the model is the fake and Twilio the
-//! simulated caller. The figures printed (outage, time to catch up, audio gaps) are the
-//! ones docs/resilience.md quotes; nothing here asserts on time.
+//! simulated caller. The figures printed (outage, time to catch up, audio gaps) are for a
+//! reader (`-- --nocapture`; docs/resilience.md says how); nothing here asserts on time.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
