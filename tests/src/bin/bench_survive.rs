@@ -25,9 +25,9 @@ use callbridge_testkit::eventually;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::sim_caller::{CallReport, LoadBalancer, SimCaller};
 use callbridge_tests::bench::{load_average, machine, percentile, provenance, write_result};
-use serde_json::{Value, json};
 use callbridge_tests::stored_turns::numbered_script;
 use callbridge_tests::{World, agent_settings, with_timeout};
+use serde_json::{Value, json};
 
 const CALL: Duration = Duration::from_secs(120);
 
@@ -232,7 +232,8 @@ async fn main() -> anyhow::Result<()> {
     let reconnects = arg("--reconnects", 15)?;
     let outage_calls = arg("--outage-calls", 6)?;
     let out = out_path()?;
-    let machine = machine("relays, control, redis-server, fake model and callers share these cores");
+    let machine =
+        machine("relays, control, redis-server, fake model and callers share these cores");
     println!(
         "bench_survive: {calls} calls per relay event, {reconnects} model reconnects (loopback, fake model)"
     );
@@ -257,9 +258,9 @@ async fn main() -> anyhow::Result<()> {
         reports
             .iter()
             .filter(|r| {
-                r.legs
-                    .last()
-                    .is_some_and(|l| l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller)
+                r.legs.last().is_some_and(|l| {
+                    l.closed_by == callbridge_testkit::sim_caller::ClosedBy::Caller
+                })
             })
             .count()
     };
