@@ -611,9 +611,10 @@ def sync_deployment(doc, check):
     """Writes (or, with check, compares) the relay's requests in the base manifest."""
     d = hpa_derivation(doc)
     text = read_text(RELAY_DEPLOYMENT)
-    m = REQUESTS.search(text)
-    if m is None:
-        return [f"{RELAY_DEPLOYMENT}: no `requests:` block with cpu and memory"]
+    found = list(REQUESTS.finditer(text))
+    if len(found) != 1:
+        return [f"{RELAY_DEPLOYMENT}: expected one `requests:` block with cpu and memory (the relay container's), found {len(found)}"]
+    m = found[0]
     if (m.group(2), m.group(4)) == (d["cpu"], d["memory"]):
         return []
     if check:
