@@ -532,6 +532,56 @@ def render_survive_outage(doc):
     return "".join(lines)
 
 
+# === TLS on the internal hops: a folder with relay-plain, relay-tls, control-plain and
+# control-tls result files (bench_relay / bench_control with and without --tls) ===
+
+
+def render_tls_cost(docs):
+    need = ["relay-plain", "relay-tls", "control-plain", "control-tls"]
+    missing = [n for n in need if n not in docs]
+    if missing:
+        raise ValueError(f"missing {', '.join(n + '.json' for n in missing)}")
+    for n in need:
+        if bool(docs[n].get("tls")) != n.endswith("-tls"):
+            raise ValueError(f"{n}.json: tls is {docs[n].get('tls')}, the name says otherwise")
+    lines = ["| figure | without TLS | with TLS |\n", "|---|---:|---:|\n"]
+    plain, tls = docs["relay-plain"], docs["relay-tls"]
+    for r in relay_rows(plain):
+        if r["path"] != "production":
+            continue
+        t = relay_at(tls, "production", r["calls"])
+        if t is None:
+            continue
+        lines.append(
+            f"| relay CPU-ms per call-second, production, {thousands(r['calls'])} calls | "
+            f"{r['relay']['cpu_ms_per_call_sec']:.2f} | {t['relay']['cpu_ms_per_call_sec']:.2f} |\n"
+        )
+        lines.append(
+            f"| relay RSS KiB per call under load, production, {thousands(r['calls'])} calls | "
+            f"{r['relay']['rss_kib_per_call_load']:.1f} | {t['relay']['rss_kib_per_call_load']:.1f} |\n"
+        )
+    plain, tls = docs["control-plain"], docs["control-tls"]
+    tls_rates = {x["calls"]: x for x in tls["throughput"]}
+    for x in plain["throughput"]:
+        y = tls_rates.get(x["calls"])
+        if y is None:
+            continue
+        lines.append(
+            f"| control: events/s acknowledged at {thousands(x['calls'])} calls | "
+            f"{x['events_per_sec']:,.0f} | {y['events_per_sec']:,.0f} |\n"
+        )
+    a, b = (plain.get("bulk") or {}).get("serial_events"), (tls.get("bulk") or {}).get("serial_events")
+    if a and b:
+        lines.append(
+            f"| control: one event's store-and-ack round trip (window 1), p50 ms | "
+            f"{us_ms(a['send_to_ack'], 'p50_us')} | {us_ms(b['send_to_ack'], 'p50_us')} |\n"
+        )
+    lines.append("\n")
+    for n in need:
+        lines.append(f"{n}: " + source_line(docs[n]) + ("\n" if n != need[-1] else ""))
+    return "".join(lines)
+
+
 # === HPA and pod requests, from bench_relay's production path ===
 
 HPA_YAML = "deploy/k8s/base/relay/hpa.yaml"
@@ -640,6 +690,7 @@ RENDERERS = {
     "survive_gaps": render_survive_gaps,
     "survive_outage": render_survive_outage,
     "hpa": render_hpa,
+    "tls_cost": render_tls_cost,
 }
 
 
