@@ -161,11 +161,19 @@ pub fn machine(note: &str) -> Value {
 }
 
 /// Where a result file came from, so a figure in the docs can be traced: the commit (and
-/// whether the tree had uncommitted changes), the command as run, and when it finished
+/// whether the tree had uncommitted changes, result files under docs/results and
+/// docs/performance aside), the command as run, and when it finished
 /// (seconds since the Unix epoch). `git` missing or no repository: `commit` is "unknown".
 pub fn provenance() -> Value {
+    provenance_at(Path::new("."))
+}
+
+/// [`provenance`] of the repository at `dir`.
+fn provenance_at(dir: &Path) -> Value {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
             .args(args)
             .output()
             .ok()
@@ -177,8 +185,18 @@ pub fn provenance() -> Value {
         .map_or(0, |d| d.as_secs());
     json!({
         "commit": git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".to_owned()),
-        "dirty": git(&["status", "--porcelain", "--untracked-files=no"])
-            .is_some_and(|s| !s.is_empty()),
+        // Result files are not code: a bench that just rewrote docs/results/relay.json must
+        // not mark the next bench's run as made from a changed tree.
+        "dirty": git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":(top)",
+            ":(top,exclude)docs/results",
+            ":(top,exclude)docs/performance",
+        ])
+        .is_some_and(|s| !s.is_empty()),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "finished_unix": finished,
     })
@@ -496,6 +514,41 @@ mod tests {
         assert!(json_f64(&v, &["rtt_ms", "missing"]).is_nan());
         assert_eq!(json_u64(&v, &["rtt_ms", "n"]), 7);
         assert_eq!(json_u64(&v, &["nope"]), 0);
+    }
+
+    #[test]
+    fn provenance_ignores_result_files_but_not_code() {
+        // A scratch repository, so the check does not depend on this worktree's state.
+        let dir = std::env::temp_dir().join(format!("cb-prov-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("docs/results")).expect("dirs");
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
+                .arg(&dir)
+                .args(args)
+                .output()
+                .expect("git")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        std::fs::write(dir.join("docs/results/r.json"), "{}").expect("write");
+        std::fs::write(dir.join("code.rs"), "fn main() {}").expect("write");
+        git(&["init", "-q"]);
+        git(&["add", "."]);
+        git(&["commit", "-qm", "start"]);
+        let dirty = || {
+            provenance_at(&dir)["dirty"]
+                .as_bool()
+                .expect("dirty is a bool")
+        };
+        assert!(!dirty(), "clean tree");
+        std::fs::write(dir.join("docs/results/r.json"), "{\"x\": 1}").expect("write");
+        assert!(!dirty(), "a rewritten result file is not a code change");
+        std::fs::write(dir.join("code.rs"), "fn main() { }").expect("write");
+        assert!(dirty(), "a changed source file is");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
