@@ -582,6 +582,63 @@ def render_tls_cost(docs):
     return "".join(lines)
 
 
+# === Redis per call (scripts/deploy/validate.py --redis-out), docs/operations.md ===
+
+# A typical 3-minute call, and a retention example: arithmetic on the measured figures,
+# labelled as estimates where they are printed.
+TYPICAL_CALL_EVENTS = 60
+EXAMPLE_CALLS_PER_DAY = 10_000
+EXAMPLE_RETENTION_DAYS = 7
+
+
+def render_redis_per_call(doc):
+    keys = doc["keys"]
+
+    def pick(pattern):
+        found = [(k, v) for k, v in keys.items() if re.fullmatch(pattern, k)]
+        if not found:
+            raise ValueError(f"no key matching {pattern}")
+        return found
+
+    calls = pick(r"cb:call:\{[^}]*\}")
+    n = len(calls)
+    call_hash = sum(v["bytes"] for _, v in calls) / n
+    events = pick(r"cb:call:\{[^}]*\}:events")
+    ev_bytes = sum(v["bytes"] for _, v in events)
+    ev_count = sum(v.get("entries", 0) for _, v in events)
+    per_event = ev_bytes / ev_count
+    creds = [v for k, v in keys.items() if re.fullmatch(r"cb:call:\{[^}]*\}:cred:.*", k)]
+    cred = sum(v["bytes"] for v in creds) / n if creds else 0
+    sid = sum(v["bytes"] for _, v in pick(r"cb:sid:\{[^}]*\}")) / n
+    index = sum(v["bytes"] for _, v in pick(r"cb:calls")) / n
+    sample = call_hash + ev_bytes / n + cred + sid + index
+    fixed = call_hash + cred + sid + index
+    typical = fixed + TYPICAL_CALL_EVENTS * per_event
+    kept = EXAMPLE_CALLS_PER_DAY * EXAMPLE_RETENTION_DAYS
+    total_gib = kept * typical / 2**30
+    lines = [
+        f"Measured with `MEMORY USAGE` after {n} simulated call{'s' if n != 1 else ''} (the "
+        f"built-in sample conversation: greeting plus two turns, {ev_count // n} events per call):\n",
+        "\n",
+        "| key | measured | note |\n",
+        "|---|---|---|\n",
+        f"| `cb:call:{{callId}}` hash | {call_hash:,.0f} B | grows a little with app metadata |\n",
+        f"| `cb:call:{{callId}}:events` stream | {ev_bytes / n:,.0f} B for {ev_count // n} events ≈ **{per_event:,.0f} B per event** | transcript events with longer lines cost more |\n",
+        f"| `cb:call:{{callId}}:cred:…` (the stream credential, consumed at attach) | {cred:,.0f} B | |\n",
+        f"| `cb:sid:{{CallSid}}` (Twilio call sid → call id) | {sid:,.0f} B | |\n",
+        f"| `cb:calls` sorted set, per call | {index:,.0f} B | with one call this includes the set's own overhead; `cb:campaign:{{id}}` sets cost about the same per entry |\n",
+        f"| **the sample call** | **≈ {sample / 1024:.1f} KiB** | the keys above |\n",
+        f"| **a typical 3-minute call**, ~{TYPICAL_CALL_EVENTS} events (estimate from the above) | **≈ {typical / 1024:.0f} KiB** | {fixed / 1024:.1f} KiB + {TYPICAL_CALL_EVENTS} × {per_event:,.0f} B |\n",
+        "\n",
+        f"For example (estimate), {thousands(EXAMPLE_CALLS_PER_DAY)} calls a day kept for "
+        f"{EXAMPLE_RETENTION_DAYS} days (`CONTROL_RETENTION_SECS={EXAMPLE_RETENTION_DAYS * 86400}`) hold "
+        f"about {thousands(kept)} calls × {typical / 1024:.0f} KiB ≈ {total_gib:.1f} GiB.\n",
+        "\n",
+        source_line(doc),
+    ]
+    return "".join(lines)
+
+
 # === HPA and pod requests, from bench_relay's production path ===
 
 HPA_YAML = "deploy/k8s/base/relay/hpa.yaml"
@@ -691,6 +748,7 @@ RENDERERS = {
     "survive_outage": render_survive_outage,
     "hpa": render_hpa,
     "tls_cost": render_tls_cost,
+    "redis_per_call": render_redis_per_call,
 }
 
 

@@ -8,6 +8,8 @@ yet and WARN for drift that must not block anyone (a new metric not yet document
     validate.py              everything below
     validate.py --no-live    without starting any process
     validate.py --measure N  only the compose replay, with N concurrent calls; prints figures
+    validate.py --redis-out FILE  also writes the Redis figures of the replay to FILE (JSON,
+                             with provenance) for scripts/doc_tables.py
 
 What it checks:
   render    every kustomize overlay renders with the real kustomize (`kubectl kustomize`)
@@ -72,6 +74,11 @@ from urllib.parse import urlparse
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# The 1-minute load average when the check started (for a `--redis-out` result file).
+try:
+    START_LOAD: float | None = float(Path("/proc/loadavg").read_text().split()[0])
+except (OSError, ValueError, IndexError):
+    START_LOAD = None
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 RENDER_DIR = ROOT / "target" / "deploy-rendered"
@@ -1812,6 +1819,45 @@ def measure_redis(sock: Path) -> None:
           f"(MEMORY USAGE); {events} events in {sum(sizes[k] for k in streams)} bytes of streams")
     for k in sorted(keys):
         print(f"measured:   {k}: {sizes[k]} bytes" + (f", {streams[k]} entries" if k in streams else ""))
+    if "--redis-out" in sys.argv:
+        write_redis_result(Path(sys.argv[sys.argv.index("--redis-out") + 1]), sizes, streams)
+
+
+def write_redis_result(out: Path, sizes: dict[str, int], streams: dict[str, int]) -> None:
+    """The Redis figures as a result file for scripts/doc_tables.py (`redis_per_call`), with
+    where they came from, as the bench binaries write theirs (tests/src/bench.rs)."""
+    def git(*args: str) -> str | None:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=ROOT)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def load() -> float | None:
+        try:
+            return float(Path("/proc/loadavg").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                 ":(top,exclude)docs/results", ":(top,exclude)docs/performance")
+    doc = {
+        "bench": "redis_per_call",
+        "provenance": {
+            "commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(status),
+            "command": " ".join(["scripts/deploy/validate.py", *sys.argv[1:]]),
+            "finished_unix": int(time.time()),
+        },
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": START_LOAD,
+                    "note": "compose replay: relay, control and redis-server on loopback"},
+        "load_average_at_end": load(),
+        "keys": {k: {"bytes": sizes[k], **({"entries": streams[k]} if k in streams else {})}
+                 for k in sorted(sizes)},
+    }
+    out = out if out.is_absolute() else ROOT / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"measured: wrote {out}")
 
 
 
