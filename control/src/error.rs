@@ -186,6 +186,22 @@ pub enum Error {
         ms: u128,
     },
     /// The state store failed.
+    /// No such campaign.
+    #[error("campaign '{0}' not found")]
+    CampaignNotFound(String),
+    /// A campaign id that is taken.
+    #[error("campaign '{0}' already exists")]
+    CampaignExists(String),
+    /// A campaign state change that its current state does not allow.
+    #[error("campaign '{campaign_id}' is {current}; cannot {action} it")]
+    CampaignState {
+        /// The campaign.
+        campaign_id: String,
+        /// Its state now (`draft`, `running`, …).
+        current: &'static str,
+        /// What was asked (`start`, `pause`, …).
+        action: &'static str,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -206,8 +222,11 @@ impl Error {
             Error::CallNotFound(_)
             | Error::AgentNotFound(_)
             | Error::RouteNotFound(_)
-            | Error::NoAgentForNumber(_) => Code::NotFound,
-            Error::AgentExists(_) | Error::LeaseHeldElsewhere(_) => Code::AlreadyExists,
+            | Error::NoAgentForNumber(_)
+            | Error::CampaignNotFound(_) => Code::NotFound,
+            Error::AgentExists(_) | Error::LeaseHeldElsewhere(_) | Error::CampaignExists(_) => {
+                Code::AlreadyExists
+            }
             Error::NoDefaultAgent { .. }
             | Error::CallEnded(_)
             | Error::CallNotLive { .. }
@@ -218,7 +237,8 @@ impl Error {
             | Error::AttachStreamClosed
             | Error::DialingUnavailable(_)
             | Error::WrongTwilioCall(_)
-            | Error::TwilioRefused { .. } => Code::FailedPrecondition,
+            | Error::TwilioRefused { .. }
+            | Error::CampaignState { .. } => Code::FailedPrecondition,
             Error::TwilioUnavailable { .. }
             | Error::ShuttingDown { .. }
             | Error::HeartbeatTimeout(_) => Code::Unavailable,

@@ -23,7 +23,8 @@
 //! - [`tls`]: the gRPC listener over TLS (certificates reloaded on change) and PEM files.
 //!
 //! Background work on every replica: a Redis health probe (1 s; drives `grpc.health.v1`),
-//! the `RELAY_LOST` sweeper, and the pub/sub listener of the bus.
+//! the `RELAY_LOST` sweeper, the pub/sub listener of the bus, and the campaign dialer
+//! (`dialer::campaign`: each campaign is dialled by the one replica holding its lease).
 
 pub mod auth;
 pub mod config;
@@ -226,6 +227,7 @@ async fn run<S: CallStore>(
 
     tracker.spawn(probe_redis(shared.clone(), health.clone()));
     tracker.spawn(sweep(shared.clone()));
+    tracker.spawn(dialer::campaign::run(shared.clone()));
     if let Some(listener) = metrics_listener {
         let tls = match &config.limits.metrics_tls {
             Some(pair) => {

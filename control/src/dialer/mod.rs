@@ -8,6 +8,8 @@
 //! it `BUSY`, `NO_ANSWER`, `FAILED`, `CANCELED` or `COMPLETED`. A call whose stream holds
 //! its lease is ended by that stream, as any other call.
 
+pub(crate) mod campaign;
+
 use callbridge_proto::pb;
 
 use crate::domain::call::{is_final, now_ms};

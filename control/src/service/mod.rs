@@ -3,6 +3,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod calls_api;
+pub(crate) mod campaigns_api;
 pub(crate) mod relay;
 
 use std::future::Future;

@@ -38,6 +38,28 @@ pub(crate) fn campaign_index(campaign_id: &str) -> String {
     format!("{PREFIX}:campaign:{{{campaign_id}}}")
 }
 
+/// Hash: one campaign (settings, state, number count, dialer lease and fencing token).
+/// Shares the hash tag of [`campaign_index`], so one script may touch the campaign and its
+/// numbers together.
+pub(crate) fn campaign(campaign_id: &str) -> String {
+    format!("{PREFIX}:campaign:{{{campaign_id}}}:def")
+}
+
+/// Hash: a campaign's numbers, index → JSON `NumberState`.
+pub(crate) fn campaign_numbers(campaign_id: &str) -> String {
+    format!("{PREFIX}:campaign:{{{campaign_id}}}:numbers")
+}
+
+/// Set: campaigns not settled yet (what the dialers look at).
+pub(crate) fn active_campaigns() -> String {
+    format!("{PREFIX}:campaigns:active")
+}
+
+/// Set: the do-not-call numbers.
+pub(crate) fn do_not_call() -> String {
+    format!("{PREFIX}:dnc")
+}
+
 /// Sorted set: attached calls scored by the time their lease runs out (ms).
 pub(crate) fn leases_index() -> String {
     format!("{PREFIX}:leases")

@@ -10,12 +10,13 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
+    AddNumbers, AdmitOutcome, CampaignChange, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
     CallStore, IndexCursor, StoreResult, TwilioUpdate,
 };
 use crate::domain::call::{
     LeaseClaim, StreamOrigin, is_final, lease_claim, retries_committed_attach, status_rank,
 };
+use crate::domain::campaign::{CampaignRecord, NumberState};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
 use crate::domain::record::{CallRecord, EventEffects};
 use crate::domain::twilio;
@@ -38,6 +39,20 @@ struct State {
     credentials: HashMap<(CallId, String), (i64, String)>,
     /// The ready-relay registry: relay id → (last report ms, draining).
     relays: HashMap<RelayId, (i64, bool)>,
+    /// Campaigns with their numbers and dialer lease.
+    campaign_records: HashMap<CampaignId, StoredCampaign>,
+    /// The do-not-call set.
+    do_not_call: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct StoredCampaign {
+    record: CampaignRecord,
+    numbers: Vec<NumberState>,
+    /// Dialer lease: holder, until (ms), fencing token.
+    holder: String,
+    until_ms: i64,
+    fence: u64,
 }
 
 /// The in-memory store.
@@ -558,6 +573,178 @@ impl CallStore for MemoryStore {
             command: command.clone(),
         });
         Ok(true)
+    }
+
+    async fn create_campaign(&self, campaign: &CampaignRecord) -> StoreResult<bool> {
+        let mut s = self.lock();
+        if s.campaign_records.contains_key(&campaign.campaign_id) {
+            return Ok(false);
+        }
+        s.campaign_records.insert(
+            campaign.campaign_id.clone(),
+            StoredCampaign {
+                record: campaign.clone(),
+                numbers: Vec::new(),
+                holder: String::new(),
+                until_ms: 0,
+                fence: 0,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn get_campaign(&self, campaign_id: &CampaignId) -> StoreResult<Option<CampaignRecord>> {
+        Ok(self
+            .lock()
+            .campaign_records
+            .get(campaign_id)
+            .map(|c| c.record.clone()))
+    }
+
+    async fn add_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        numbers: &[NumberState],
+    ) -> StoreResult<AddNumbers> {
+        let mut s = self.lock();
+        let Some(c) = s.campaign_records.get_mut(campaign_id) else {
+            return Ok(AddNumbers::NotFound);
+        };
+        if !crate::domain::campaign::is_open(c.record.state) {
+            return Ok(AddNumbers::Closed(c.record.state));
+        }
+        c.numbers.extend_from_slice(numbers);
+        c.record.numbers = u32::try_from(c.numbers.len()).unwrap_or(u32::MAX);
+        Ok(AddNumbers::Added(c.record.numbers))
+    }
+
+    async fn change_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        from: &[pb::CampaignState],
+        to: pb::CampaignState,
+        now_ms: i64,
+    ) -> StoreResult<CampaignChange> {
+        let mut s = self.lock();
+        let Some(c) = s.campaign_records.get_mut(campaign_id) else {
+            return Ok(CampaignChange::NotFound);
+        };
+        if !from.contains(&c.record.state) {
+            return Ok(CampaignChange::Refused(c.record.state));
+        }
+        c.record.state = to;
+        c.record.updated_at_ms = now_ms;
+        Ok(CampaignChange::Done)
+    }
+
+    async fn campaign_numbers(&self, campaign_id: &CampaignId) -> StoreResult<Vec<NumberState>> {
+        Ok(self
+            .lock()
+            .campaign_records
+            .get(campaign_id)
+            .map(|c| c.numbers.clone())
+            .unwrap_or_default())
+    }
+
+    async fn active_campaigns(&self) -> StoreResult<Vec<CampaignId>> {
+        let s = self.lock();
+        let mut ids: Vec<CampaignId> = s
+            .campaign_records
+            .values()
+            .filter(|c| !c.record.settled)
+            .map(|c| c.record.campaign_id.clone())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn campaign_lease(
+        &self,
+        campaign_id: &CampaignId,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Option<u64>> {
+        let mut s = self.lock();
+        let Some(c) = s.campaign_records.get_mut(campaign_id) else {
+            return Ok(None);
+        };
+        if c.holder != holder {
+            if !c.holder.is_empty() && c.until_ms > now_ms {
+                return Ok(None);
+            }
+            c.fence += 1;
+            c.holder = holder.to_owned();
+        }
+        c.until_ms = now_ms + lease_ms;
+        Ok(Some(c.fence))
+    }
+
+    async fn write_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: &[(u32, NumberState)],
+    ) -> StoreResult<bool> {
+        let mut s = self.lock();
+        let Some(c) = s.campaign_records.get_mut(campaign_id) else {
+            return Ok(false);
+        };
+        if c.fence != fence {
+            return Ok(false);
+        }
+        for (i, n) in numbers {
+            if let Some(slot) = c.numbers.get_mut(*i as usize) {
+                *slot = n.clone();
+            }
+        }
+        Ok(true)
+    }
+
+    async fn settle_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: u32,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut s = self.lock();
+        let Some(c) = s.campaign_records.get_mut(campaign_id) else {
+            return Ok(false);
+        };
+        if c.record.settled {
+            return Ok(true);
+        }
+        if c.fence != fence || c.record.numbers != numbers {
+            return Ok(false);
+        }
+        match c.record.state {
+            pb::CampaignState::Running => {
+                c.record.state = pb::CampaignState::Completed;
+                c.record.updated_at_ms = now_ms;
+            }
+            pb::CampaignState::Canceled => {}
+            _ => return Ok(false),
+        }
+        c.record.settled = true;
+        Ok(true)
+    }
+
+    async fn set_do_not_call(&self, numbers: &[String], listed: bool) -> StoreResult<()> {
+        let mut s = self.lock();
+        for n in numbers {
+            if listed {
+                s.do_not_call.insert(n.clone());
+            } else {
+                s.do_not_call.remove(n);
+            }
+        }
+        Ok(())
+    }
+
+    async fn do_not_call(&self, numbers: &[String]) -> StoreResult<Vec<bool>> {
+        let s = self.lock();
+        Ok(numbers.iter().map(|n| s.do_not_call.contains(n)).collect())
     }
 
     async fn ping(&self) -> StoreResult<Duration> {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use crate::domain::call::StreamOrigin;
+use crate::domain::campaign::{CampaignRecord, NumberState};
 use crate::domain::ids::{
     AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId,
 };
@@ -155,6 +156,28 @@ pub struct TwilioUpdate {
     pub error: Option<(u32, String)>,
     /// AMD verdict; the first one stays.
     pub answered_by: Option<String>,
+}
+
+/// Outcome of a campaign state change ([`CallStore::change_campaign`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CampaignChange {
+    /// Changed.
+    Done,
+    /// No such campaign.
+    NotFound,
+    /// The campaign is in this state, not one the change leaves from.
+    Refused(pb::CampaignState),
+}
+
+/// Outcome of adding numbers to a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddNumbers {
+    /// Added; the campaign now has this many numbers.
+    Added(u32),
+    /// No such campaign.
+    NotFound,
+    /// The campaign completed or was canceled (its state).
+    Closed(pb::CampaignState),
 }
 
 /// The state store, shared by every RPC of one replica.
@@ -335,6 +358,81 @@ pub trait CallStore: Send + Sync + 'static {
         &self,
         sid: &CallSid,
     ) -> impl Future<Output = StoreResult<Option<CallId>>> + Send;
+
+    // --- campaigns ---
+
+    /// Stores a new campaign (with no numbers) and lists it among the active ones; `false`
+    /// if the id is taken.
+    fn create_campaign(
+        &self,
+        campaign: &CampaignRecord,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// One campaign.
+    fn get_campaign(
+        &self,
+        campaign_id: &CampaignId,
+    ) -> impl Future<Output = StoreResult<Option<CampaignRecord>>> + Send;
+    /// Appends numbers (indexes `numbers..numbers + len`) unless the campaign completed or
+    /// was canceled, in one atomic step.
+    fn add_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        numbers: &[NumberState],
+    ) -> impl Future<Output = StoreResult<AddNumbers>> + Send;
+    /// Moves the campaign to `to` if it is in one of `from` (atomic compare-and-set).
+    fn change_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        from: &[pb::CampaignState],
+        to: pb::CampaignState,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<CampaignChange>> + Send;
+    /// Every number of a campaign, by index.
+    fn campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+    ) -> impl Future<Output = StoreResult<Vec<NumberState>>> + Send;
+    /// Campaigns that may still need a dialer (not settled).
+    fn active_campaigns(&self) -> impl Future<Output = StoreResult<Vec<CampaignId>>> + Send;
+    /// The campaign's dialer lease: taken by `holder` when free, run out or already its
+    /// own, for `lease_ms` from `now_ms`. Returns the fencing token while `holder` holds
+    /// it (it grows by one each time the lease changes hands), `None` when another holder
+    /// has it or there is no such campaign.
+    fn campaign_lease(
+        &self,
+        campaign_id: &CampaignId,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> impl Future<Output = StoreResult<Option<u64>>> + Send;
+    /// Writes numbers (index, state) if `fence` is still the campaign's fencing token; a
+    /// dialer that lost its lease writes nothing (`false`).
+    fn write_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: &[(u32, NumberState)],
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Marks a campaign settled (every one of its `numbers` numbers has its outcome): a
+    /// running one completes, a canceled one stays canceled; a paused one, a campaign with
+    /// more numbers than `numbers`, or a stale `fence` changes nothing (`false`); one settled
+    /// before is `true` again. A settled campaign leaves the active list and expires after
+    /// the retention.
+    fn settle_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: u32,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Adds numbers to (`listed`) or removes them from the do-not-call set.
+    fn set_do_not_call(
+        &self,
+        numbers: &[String],
+        listed: bool,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Whether each number is on the do-not-call set.
+    fn do_not_call(&self, numbers: &[String]) -> impl Future<Output = StoreResult<Vec<bool>>> + Send;
 
     // --- bus ---
 

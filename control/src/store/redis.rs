@@ -27,10 +27,11 @@ use crate::metrics::{RedisLabels, RedisLatency};
 use super::TwilioUpdate;
 use super::keys;
 use super::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
+    AddNumbers, AdmitOutcome, AgentCas, CampaignChange, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
     CallStore, IndexCursor, StoreResult, USAGE_FIELDS,
 };
 use crate::domain::call::{StreamOrigin, status_rank};
+use crate::domain::campaign::{CampaignRecord, NumberState};
 use crate::domain::ids::{
     AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId, StreamSid,
     or_empty,
@@ -213,6 +214,11 @@ struct Scripts {
     agent_cas: redis::Script,
     twilio: redis::Script,
     presence: redis::Script,
+    campaign_add: redis::Script,
+    campaign_change: redis::Script,
+    campaign_lease: redis::Script,
+    campaign_write: redis::Script,
+    campaign_settle: redis::Script,
 }
 
 impl Scripts {
@@ -228,6 +234,11 @@ impl Scripts {
             agent_cas: script(AGENT_CAS_LUA),
             twilio: script(TWILIO_LUA),
             presence: script(PRESENCE_LUA),
+            campaign_add: script(CAMPAIGN_ADD_LUA),
+            campaign_change: script(CAMPAIGN_CHANGE_LUA),
+            campaign_lease: script(CAMPAIGN_LEASE_LUA),
+            campaign_write: script(CAMPAIGN_WRITE_LUA),
+            campaign_settle: script(CAMPAIGN_SETTLE_LUA),
         }
     }
 }
@@ -613,6 +624,118 @@ if ARGV[6] ~= '' and (redis.call('HGET', KEYS[1], 'amd') or '') == '' then
 end
 return changed
 ";
+
+/// Appends campaign numbers. KEYS: campaign hash, numbers hash. ARGV: the two closed
+/// states (completed, canceled), then each number's JSON. Returns {1, count} added,
+/// {-1, 0} no such campaign, {-2, state} closed.
+const CAMPAIGN_ADD_LUA: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, 0} end
+if state == ARGV[1] or state == ARGV[2] then return {-2, tonumber(state)} end
+local n = tonumber(redis.call('HGET', KEYS[1], 'numbers') or '0')
+for i = 3, #ARGV do
+  redis.call('HSET', KEYS[2], n, ARGV[i])
+  n = n + 1
+end
+redis.call('HSET', KEYS[1], 'numbers', n)
+return {1, n}
+";
+
+/// Campaign state compare-and-set. KEYS: campaign hash. ARGV: new state, now ms, then the
+/// states it may leave from. Returns {1, new} done, {-1, 0} not found, {-2, current}.
+const CAMPAIGN_CHANGE_LUA: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, 0} end
+for i = 3, #ARGV do
+  if state == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+    return {1, tonumber(ARGV[1])}
+  end
+end
+return {-2, tonumber(state)}
+";
+
+/// The dialer lease of a campaign, as the relay call leases: one holder until it runs
+/// out, plus a fencing token that grows each time the lease changes hands. KEYS: campaign
+/// hash. ARGV: holder, now ms, lease ms. Returns the token while `holder` holds the lease,
+/// 0 otherwise (held elsewhere, or no such campaign).
+const CAMPAIGN_LEASE_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local holder = redis.call('HGET', KEYS[1], 'd_holder') or ''
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'd_until') or '0')
+local now = tonumber(ARGV[2])
+local fence = tonumber(redis.call('HGET', KEYS[1], 'd_fence') or '0')
+if holder ~= ARGV[1] then
+  if holder ~= '' and lease_until > now then return 0 end
+  fence = redis.call('HINCRBY', KEYS[1], 'd_fence', 1)
+  redis.call('HSET', KEYS[1], 'd_holder', ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'd_until', now + tonumber(ARGV[3]))
+return fence
+";
+
+/// Fenced number writes. KEYS: campaign hash, numbers hash. ARGV: fencing token, then
+/// index and JSON pairs. Returns 1 written, 0 fenced out.
+const CAMPAIGN_WRITE_LUA: &str = r"
+if tonumber(redis.call('HGET', KEYS[1], 'd_fence') or '0') ~= tonumber(ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+return 1
+";
+
+/// Settles a campaign. KEYS: campaign hash, numbers hash. ARGV: fencing token, number
+/// count, running, completed, canceled (states), now ms, ttl ms. Returns 1 settled (now or
+/// before), 0 not.
+const CAMPAIGN_SETTLE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'settled') == '1' then return 1 end
+if tonumber(redis.call('HGET', KEYS[1], 'd_fence') or '0') ~= tonumber(ARGV[1]) then return 0 end
+if (redis.call('HGET', KEYS[1], 'numbers') or '0') ~= ARGV[2] then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == ARGV[3] then
+  redis.call('HSET', KEYS[1], 'state', ARGV[4], 'updated', ARGV[6])
+elseif state ~= ARGV[5] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'settled', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+return 1
+";
+
+fn campaign_state(n: i64) -> pb::CampaignState {
+    i32::try_from(n)
+        .ok()
+        .and_then(|n| pb::CampaignState::try_from(n).ok())
+        .unwrap_or_default()
+}
+
+fn campaign_from_fields(
+    campaign_id: &CampaignId,
+    mut h: HashMap<String, String>,
+) -> StoreResult<Option<CampaignRecord>> {
+    use base64::Engine as _;
+    let Some(raw) = h.remove("pb") else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .map_err(|e| StoreError::Corrupt(format!("campaign settings: {e}")))?;
+    let settings = pb::CampaignSettings::decode(bytes.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("campaign settings: {e}")))?;
+    let num = |h: &mut HashMap<String, String>, k: &str| -> i64 {
+        h.remove(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    Ok(Some(CampaignRecord {
+        campaign_id: campaign_id.clone(),
+        settings,
+        state: campaign_state(num(&mut h, "state")),
+        created_at_ms: num(&mut h, "created"),
+        updated_at_ms: num(&mut h, "updated"),
+        numbers: u32::try_from(num(&mut h, "numbers")).unwrap_or(0),
+        settled: num(&mut h, "settled") == 1,
+    }))
+}
 
 /// The Redis store.
 #[derive(Clone)]
@@ -1795,6 +1918,212 @@ impl CallStore for RedisStore {
             )
             .await?;
         Ok(receivers > 0)
+    }
+
+    async fn create_campaign(&self, campaign: &CampaignRecord) -> StoreResult<bool> {
+        use base64::Engine as _;
+        let id = campaign.campaign_id.as_str();
+        let settings =
+            base64::engine::general_purpose::STANDARD.encode(campaign.settings.encode_to_vec());
+        let created: bool = self
+            .query(
+                redis::cmd("HSETNX")
+                    .arg(keys::campaign(id))
+                    .arg("pb")
+                    .arg(settings),
+            )
+            .await?;
+        if !created {
+            return Ok(false);
+        }
+        let mut hset = redis::cmd("HSET");
+        hset.arg(keys::campaign(id))
+            .arg("state")
+            .arg(campaign.state as i32)
+            .arg("created")
+            .arg(campaign.created_at_ms)
+            .arg("updated")
+            .arg(campaign.updated_at_ms)
+            .arg("numbers")
+            .arg(0);
+        let mut active = redis::cmd("SADD");
+        active.arg(keys::active_campaigns()).arg(id);
+        self.run_all(vec![hset, active]).await?;
+        Ok(true)
+    }
+
+    async fn get_campaign(&self, campaign_id: &CampaignId) -> StoreResult<Option<CampaignRecord>> {
+        let h: HashMap<String, String> = self
+            .query(redis::cmd("HGETALL").arg(keys::campaign(campaign_id.as_str())))
+            .await?;
+        campaign_from_fields(campaign_id, h)
+    }
+
+    async fn add_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        numbers: &[NumberState],
+    ) -> StoreResult<AddNumbers> {
+        let id = campaign_id.as_str();
+        let mut invocation = self.scripts.campaign_add.key(keys::campaign(id));
+        invocation
+            .key(keys::campaign_numbers(id))
+            .arg(pb::CampaignState::Completed as i32)
+            .arg(pb::CampaignState::Canceled as i32);
+        for n in numbers {
+            invocation.arg(n.encode());
+        }
+        let mut conn = self.conn();
+        let (code, value): (i64, i64) = invocation.invoke_async(&mut conn).await?;
+        Ok(match code {
+            1 => AddNumbers::Added(u32::try_from(value).unwrap_or(u32::MAX)),
+            -2 => AddNumbers::Closed(campaign_state(value)),
+            _ => AddNumbers::NotFound,
+        })
+    }
+
+    async fn change_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        from: &[pb::CampaignState],
+        to: pb::CampaignState,
+        now_ms: i64,
+    ) -> StoreResult<CampaignChange> {
+        let mut invocation = self
+            .scripts
+            .campaign_change
+            .key(keys::campaign(campaign_id.as_str()));
+        invocation.arg(to as i32).arg(now_ms);
+        for state in from {
+            invocation.arg(*state as i32);
+        }
+        let mut conn = self.conn();
+        let (code, value): (i64, i64) = invocation.invoke_async(&mut conn).await?;
+        Ok(match code {
+            1 => CampaignChange::Done,
+            -2 => CampaignChange::Refused(campaign_state(value)),
+            _ => CampaignChange::NotFound,
+        })
+    }
+
+    async fn campaign_numbers(&self, campaign_id: &CampaignId) -> StoreResult<Vec<NumberState>> {
+        let h: HashMap<u32, String> = self
+            .query(redis::cmd("HGETALL").arg(keys::campaign_numbers(campaign_id.as_str())))
+            .await?;
+        let mut numbers: Vec<(u32, NumberState)> = Vec::with_capacity(h.len());
+        for (i, raw) in h {
+            let n = NumberState::decode(&raw).ok_or_else(|| {
+                StoreError::Corrupt(format!("campaign '{campaign_id}' number {i}"))
+            })?;
+            numbers.push((i, n));
+        }
+        numbers.sort_by_key(|(i, _)| *i);
+        Ok(numbers.into_iter().map(|(_, n)| n).collect())
+    }
+
+    async fn active_campaigns(&self) -> StoreResult<Vec<CampaignId>> {
+        let mut ids: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(keys::active_campaigns()))
+            .await?;
+        ids.sort();
+        Ok(ids.into_iter().map(CampaignId::from_stored).collect())
+    }
+
+    async fn campaign_lease(
+        &self,
+        campaign_id: &CampaignId,
+        holder: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> StoreResult<Option<u64>> {
+        let mut conn = self.conn();
+        let fence: u64 = self
+            .scripts
+            .campaign_lease
+            .key(keys::campaign(campaign_id.as_str()))
+            .arg(holder)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((fence > 0).then_some(fence))
+    }
+
+    async fn write_campaign_numbers(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: &[(u32, NumberState)],
+    ) -> StoreResult<bool> {
+        if numbers.is_empty() {
+            return Ok(true);
+        }
+        let id = campaign_id.as_str();
+        let mut invocation = self.scripts.campaign_write.key(keys::campaign(id));
+        invocation.key(keys::campaign_numbers(id)).arg(fence);
+        for (i, n) in numbers {
+            invocation.arg(*i).arg(n.encode());
+        }
+        let mut conn = self.conn();
+        let written: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(written == 1)
+    }
+
+    async fn settle_campaign(
+        &self,
+        campaign_id: &CampaignId,
+        fence: u64,
+        numbers: u32,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let id = campaign_id.as_str();
+        let mut conn = self.conn();
+        let settled: i64 = self
+            .scripts
+            .campaign_settle
+            .key(keys::campaign(id))
+            .key(keys::campaign_numbers(id))
+            .arg(fence)
+            .arg(numbers)
+            .arg(pb::CampaignState::Running as i32)
+            .arg(pb::CampaignState::Completed as i32)
+            .arg(pb::CampaignState::Canceled as i32)
+            .arg(now_ms)
+            .arg(self.retention_ms.saturating_add(DAY_MS))
+            .invoke_async(&mut conn)
+            .await?;
+        if settled == 1 {
+            let _: i64 = self
+                .query(redis::cmd("SREM").arg(keys::active_campaigns()).arg(id))
+                .await?;
+        }
+        Ok(settled == 1)
+    }
+
+    async fn set_do_not_call(&self, numbers: &[String], listed: bool) -> StoreResult<()> {
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd(if listed { "SADD" } else { "SREM" });
+        cmd.arg(keys::do_not_call());
+        for n in numbers {
+            cmd.arg(n);
+        }
+        let _: i64 = self.query(&cmd).await?;
+        Ok(())
+    }
+
+    async fn do_not_call(&self, numbers: &[String]) -> StoreResult<Vec<bool>> {
+        if numbers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("SMISMEMBER");
+        cmd.arg(keys::do_not_call());
+        for n in numbers {
+            cmd.arg(n);
+        }
+        let flags: Vec<i64> = self.query(&cmd).await?;
+        Ok(flags.into_iter().map(|f| f == 1).collect())
     }
 
     async fn ping(&self) -> StoreResult<Duration> {
