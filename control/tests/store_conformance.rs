@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_control::domain::call::{StreamOrigin, event_effects};
+use callbridge_control::domain::campaign::{CampaignRecord, NumberState, Outcome, Phase};
 use callbridge_control::domain::ids::{
     AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId,
 };
@@ -21,8 +22,8 @@ use callbridge_control::hub::Hub;
 use callbridge_control::store::memory::MemoryStore;
 use callbridge_control::store::redis::{RedisStore, RedisTarget};
 use callbridge_control::store::{
-    AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CallStore, IndexCursor,
-    TwilioUpdate,
+    AddNumbers, AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CallStore,
+    CampaignChange, IndexCursor, TwilioUpdate,
 };
 use callbridge_proto::pb;
 use callbridge_testkit::redis_server::RedisServer;
@@ -69,6 +70,9 @@ conformance!(
     number_routes,
     twilio_status_moves_one_way,
     ready_relay_registry,
+    campaign_states_and_numbers,
+    campaign_dialer_lease_is_fenced,
+    do_not_call_set,
 );
 
 /// Redis only (the memory store keeps every call): trimming the call index drops the
@@ -1556,4 +1560,230 @@ async fn ready_relay_registry<S: CallStore>(s: &S) {
     );
     // A relay that reports again counts again.
     assert_eq!(report("relay-3", false, T0 + 1700).await, 1);
+}
+
+fn campaign(id: &str) -> CampaignRecord {
+    CampaignRecord {
+        campaign_id: CampaignId::parse("campaign_id", id).expect("valid"),
+        settings: pb::CampaignSettings {
+            agent_id: "a1".into(),
+            from: "+14155550100".into(),
+            calls_per_second: 2.5,
+            max_concurrent: 3,
+            retry: Some(pb::RetryPolicy {
+                busy: true,
+                max_attempts: 2,
+                delay_ms: 100,
+                ..Default::default()
+            }),
+            dial: None,
+        },
+        state: pb::CampaignState::Draft,
+        created_at_ms: 1000,
+        updated_at_ms: 1000,
+        numbers: 0,
+        settled: false,
+    }
+}
+
+fn number(to: &str) -> NumberState {
+    NumberState::new(to.to_owned(), BTreeMap::from([("k".into(), to.to_owned())]))
+}
+
+/// Create, get, add numbers, the state machine as compare-and-set, closed campaigns.
+async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
+    use pb::CampaignState as St;
+    let c = campaign("q3");
+    let id = c.campaign_id.clone();
+    assert!(s.create_campaign(&c).await.expect("store"));
+    assert!(!s.create_campaign(&c).await.expect("store"), "id taken");
+    assert_eq!(s.get_campaign(&id).await.expect("store"), Some(c.clone()));
+    let missing = CampaignId::parse("campaign_id", "nope").expect("valid");
+    assert_eq!(s.get_campaign(&missing).await.expect("store"), None);
+    assert_eq!(
+        s.add_campaign_numbers(&missing, &[number("+14155550001")])
+            .await
+            .expect("store"),
+        AddNumbers::NotFound
+    );
+    let first: Vec<NumberState> = (1..=3)
+        .map(|i| number(&format!("+1415555000{i}")))
+        .collect();
+    assert_eq!(
+        s.add_campaign_numbers(&id, &first).await.expect("store"),
+        AddNumbers::Added(3)
+    );
+    assert_eq!(
+        s.add_campaign_numbers(&id, &[number("+14155550004")])
+            .await
+            .expect("store"),
+        AddNumbers::Added(4)
+    );
+    let stored = s.campaign_numbers(&id).await.expect("store");
+    assert_eq!(stored.len(), 4);
+    assert_eq!(stored[0], first[0]);
+    assert_eq!(stored[3].to, "+14155550004");
+    assert!(s.active_campaigns().await.expect("store").contains(&id));
+
+    // Pause from draft is refused with the current state; start, pause, resume go.
+    assert_eq!(
+        s.change_campaign(&id, &[St::Running], St::Paused, 2000)
+            .await
+            .expect("store"),
+        CampaignChange::Refused(St::Draft)
+    );
+    for (from, to) in [
+        (St::Draft, St::Running),
+        (St::Running, St::Paused),
+        (St::Paused, St::Running),
+    ] {
+        assert_eq!(
+            s.change_campaign(&id, &[from], to, 2000)
+                .await
+                .expect("store"),
+            CampaignChange::Done
+        );
+    }
+    let running = s.get_campaign(&id).await.expect("store").expect("exists");
+    assert_eq!(running.state, St::Running);
+    assert_eq!(running.updated_at_ms, 2000);
+    assert_eq!(running.numbers, 4);
+    assert_eq!(
+        s.change_campaign(&missing, &[St::Draft], St::Running, 0)
+            .await
+            .expect("store"),
+        CampaignChange::NotFound
+    );
+    assert_eq!(
+        s.change_campaign(
+            &id,
+            &[St::Draft, St::Running, St::Paused],
+            St::Canceled,
+            3000
+        )
+        .await
+        .expect("store"),
+        CampaignChange::Done
+    );
+    assert_eq!(
+        s.add_campaign_numbers(&id, &[number("+14155550005")])
+            .await
+            .expect("store"),
+        AddNumbers::Closed(St::Canceled)
+    );
+}
+
+/// One dialer at a time: the lease has one holder until it runs out, the fencing token
+/// grows when it changes hands, and a writer with an old token writes nothing.
+async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
+    let c = campaign("fenced");
+    let id = c.campaign_id.clone();
+    assert!(s.create_campaign(&c).await.expect("store"));
+    let numbers = [number("+14155550001"), number("+14155550002")];
+    assert_eq!(
+        s.add_campaign_numbers(&id, &numbers).await.expect("store"),
+        AddNumbers::Added(2)
+    );
+    let a = s
+        .campaign_lease(&id, "a", 10_000, 3000)
+        .await
+        .expect("store");
+    let a = a.expect("a takes the free lease");
+    assert_eq!(
+        s.campaign_lease(&id, "b", 12_000, 3000)
+            .await
+            .expect("store"),
+        None
+    );
+    assert_eq!(
+        s.campaign_lease(&id, "a", 12_000, 3000)
+            .await
+            .expect("store"),
+        Some(a),
+        "renewed, same token"
+    );
+    let placed = NumberState {
+        attempts: 1,
+        phase: Phase::Placed {
+            call_id: "c1".into(),
+            claimed_at_ms: 12_000,
+        },
+        ..numbers[0].clone()
+    };
+    assert!(
+        s.write_campaign_numbers(&id, a, &[(0, placed.clone())])
+            .await
+            .expect("store")
+    );
+    // a's lease ran out at 15 000: b takes over with a larger token, a is fenced out.
+    let b = s
+        .campaign_lease(&id, "b", 15_001, 3000)
+        .await
+        .expect("store")
+        .expect("b takes the lapsed lease");
+    assert!(b > a);
+    assert_eq!(
+        s.campaign_lease(&id, "a", 15_002, 3000)
+            .await
+            .expect("store"),
+        None
+    );
+    let done = NumberState {
+        phase: Phase::Done {
+            outcome: Outcome::Busy,
+        },
+        ..placed.clone()
+    };
+    assert!(
+        !s.write_campaign_numbers(&id, a, &[(0, done.clone())])
+            .await
+            .expect("store"),
+        "the old holder writes nothing"
+    );
+    assert!(!s.settle_campaign(&id, a, 2, 15_003).await.expect("store"));
+    assert_eq!(s.campaign_numbers(&id).await.expect("store")[0], placed);
+    assert!(
+        s.write_campaign_numbers(&id, b, &[(0, done.clone()), (1, done.clone())])
+            .await
+            .expect("store")
+    );
+    // Settling needs a running (or canceled) campaign with exactly the numbers seen.
+    assert!(
+        !s.settle_campaign(&id, b, 2, 15_004).await.expect("store"),
+        "draft"
+    );
+    s.change_campaign(
+        &id,
+        &[pb::CampaignState::Draft],
+        pb::CampaignState::Running,
+        15_004,
+    )
+    .await
+    .expect("store");
+    assert!(
+        !s.settle_campaign(&id, b, 1, 15_005).await.expect("store"),
+        "count differs"
+    );
+    assert!(s.settle_campaign(&id, b, 2, 15_006).await.expect("store"));
+    assert!(
+        s.settle_campaign(&id, b, 2, 15_007).await.expect("store"),
+        "again: still settled"
+    );
+    let settled = s.get_campaign(&id).await.expect("store").expect("kept");
+    assert_eq!(settled.state, pb::CampaignState::Completed);
+    assert!(settled.settled);
+    assert!(!s.active_campaigns().await.expect("store").contains(&id));
+}
+
+async fn do_not_call_set<S: CallStore>(s: &S) {
+    let numbers = vec!["+14155550001".to_owned(), "+14155550002".to_owned()];
+    assert_eq!(
+        s.do_not_call(&numbers).await.expect("store"),
+        [false, false]
+    );
+    s.set_do_not_call(&numbers, true).await.expect("store");
+    s.set_do_not_call(&numbers[..1], false)
+        .await
+        .expect("store");
+    assert_eq!(s.do_not_call(&numbers).await.expect("store"), [false, true]);
 }

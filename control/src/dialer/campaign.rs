@@ -407,17 +407,25 @@ async fn adopt_or_create<S: CallStore>(
 ) -> Result<(), Error> {
     let (twilio, _) = super::dialer(shared)?;
     let mut known: HashSet<String> = HashSet::new();
-    for earlier in shared.store.get_calls(previous).await?.into_iter().flatten() {
+    for earlier in shared
+        .store
+        .get_calls(previous)
+        .await?
+        .into_iter()
+        .flatten()
+    {
         if let Some(sid) = earlier.twilio_call_sid {
             known.insert(sid.as_str().to_owned());
         }
     }
-    let listed = twilio.list_calls_to(&call.to).await.map_err(|source| {
-        Error::TwilioUnavailable {
-            call_id: call.call_id.to_string(),
-            source,
-        }
-    })?;
+    let listed =
+        twilio
+            .list_calls_to(&call.to)
+            .await
+            .map_err(|source| Error::TwilioUnavailable {
+                call_id: call.call_id.to_string(),
+                source,
+            })?;
     // Our own call may have been recorded meanwhile (a status callback).
     let fresh = shared.call(&call.call_id).await?;
     if fresh.twilio_call_sid.is_some() || fresh.twilio_status.is_some() {

@@ -278,10 +278,7 @@ pub fn check_numbers(numbers: &[pb::CampaignNumber]) -> Result<(), Error> {
 
 /// Attempts a number gets in all.
 pub fn max_attempts(settings: &pb::CampaignSettings) -> u32 {
-    settings
-        .retry
-        .as_ref()
-        .map_or(1, |r| r.max_attempts.max(1))
+    settings.retry.as_ref().map_or(1, |r| r.max_attempts.max(1))
 }
 
 /// The outcome of an attempt whose call has ended, from its final record.
@@ -456,9 +453,9 @@ mod tests {
     #[test]
     fn the_bucket_never_starts_more_than_one_plus_rate_times_window() {
         let mut bucket = TokenBucket::new(10.0, 0);
-        // Asked every millisecond for 10 s.
-        let starts: Vec<i64> = (0..10_000).filter(|&t| bucket.take(t)).collect();
-        assert_eq!(starts.len(), 100 + 1);
+        // Asked every millisecond from 0 to 10 s inclusive: 1 + 10·10 starts.
+        let starts: Vec<i64> = (0..=10_000).filter(|&t| bucket.take(t)).collect();
+        assert_eq!(starts.len(), 1 + 100);
         for window in starts.windows(11) {
             assert!(window[10] - window[0] >= 1000, "{window:?}");
         }
@@ -549,7 +546,8 @@ mod tests {
         ];
         let err = check_numbers(&numbers).expect_err("refused");
         assert!(
-            err.to_string().starts_with("numbers[1].number: '4155550002'"),
+            err.to_string()
+                .starts_with("numbers[1].number: '4155550002'"),
             "{err}"
         );
         let n = NumberState {
@@ -558,7 +556,10 @@ mod tests {
                 call_id: "c1".into(),
                 claimed_at_ms: 5,
             },
-            ..NumberState::new("+14155550001".into(), BTreeMap::from([("k".into(), "v".into())]))
+            ..NumberState::new(
+                "+14155550001".into(),
+                BTreeMap::from([("k".into(), "v".into())]),
+            )
         };
         assert_eq!(NumberState::decode(&n.encode()), Some(n));
     }

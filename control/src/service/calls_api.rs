@@ -13,8 +13,8 @@ use tracing::Instrument;
 
 use super::{Shared, decode_token, encode_token};
 use crate::config::Config;
-use crate::domain::campaign::Action;
 use crate::domain::call::{self as rules, call_to_pb, is_final, is_final_event, now_ms};
+use crate::domain::campaign::Action;
 use crate::domain::ids::{AgentId, CallId, CampaignId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
@@ -300,7 +300,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CreateCampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "CreateCampaign", "", super::campaigns_api::create(&self.0, req)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "CreateCampaign",
+                "",
+                super::campaigns_api::create(&self.0, req),
+            )
+            .await
     }
 
     async fn add_campaign_numbers(
@@ -308,7 +315,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::AddCampaignNumbersRequest>,
     ) -> Result<Response<pb::AddCampaignNumbersResponse>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "AddCampaignNumbers", "", super::campaigns_api::add_numbers(&self.0, req)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "AddCampaignNumbers",
+                "",
+                super::campaigns_api::add_numbers(&self.0, req),
+            )
+            .await
     }
 
     async fn get_campaign(
@@ -316,7 +330,12 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "GetCampaign", "", async { let id = CampaignId::parse("campaign_id", req.campaign_id)?; super::campaigns_api::get(&self.0, &id).await }).await
+        self.0
+            .rpc(SERVICE, "GetCampaign", "", async {
+                let id = CampaignId::parse("campaign_id", req.campaign_id)?;
+                super::campaigns_api::get(&self.0, &id).await
+            })
+            .await
     }
 
     async fn start_campaign(
@@ -324,7 +343,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "StartCampaign", "", super::campaigns_api::change(&self.0, req, Action::Start)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "StartCampaign",
+                "",
+                super::campaigns_api::change(&self.0, req, Action::Start),
+            )
+            .await
     }
 
     async fn pause_campaign(
@@ -332,7 +358,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "PauseCampaign", "", super::campaigns_api::change(&self.0, req, Action::Pause)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "PauseCampaign",
+                "",
+                super::campaigns_api::change(&self.0, req, Action::Pause),
+            )
+            .await
     }
 
     async fn resume_campaign(
@@ -340,7 +373,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "ResumeCampaign", "", super::campaigns_api::change(&self.0, req, Action::Resume)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "ResumeCampaign",
+                "",
+                super::campaigns_api::change(&self.0, req, Action::Resume),
+            )
+            .await
     }
 
     async fn cancel_campaign(
@@ -348,7 +388,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "CancelCampaign", "", super::campaigns_api::change(&self.0, req, Action::Cancel)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "CancelCampaign",
+                "",
+                super::campaigns_api::change(&self.0, req, Action::Cancel),
+            )
+            .await
     }
 
     async fn add_do_not_call(
@@ -356,7 +403,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::DoNotCallRequest>,
     ) -> Result<Response<pb::DoNotCallResponse>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "AddDoNotCall", "", super::campaigns_api::do_not_call(&self.0, req, true)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "AddDoNotCall",
+                "",
+                super::campaigns_api::do_not_call(&self.0, req, true),
+            )
+            .await
     }
 
     async fn remove_do_not_call(
@@ -364,7 +418,14 @@ impl<S: CallStore> Calls for CallsApi<S> {
         request: Request<pb::DoNotCallRequest>,
     ) -> Result<Response<pb::DoNotCallResponse>, Status> {
         let req = request.into_inner();
-        self.0.rpc(SERVICE, "RemoveDoNotCall", "", super::campaigns_api::do_not_call(&self.0, req, false)).await
+        self.0
+            .rpc(
+                SERVICE,
+                "RemoveDoNotCall",
+                "",
+                super::campaigns_api::do_not_call(&self.0, req, false),
+            )
+            .await
     }
 
     async fn create_calls(

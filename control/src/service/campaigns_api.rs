@@ -32,7 +32,10 @@ pub(crate) async fn create<S: CallStore>(
     req: pb::CreateCampaignRequest,
 ) -> Result<pb::Campaign, Error> {
     let campaign_id = if req.campaign_id.is_empty() {
-        CampaignId::parse("campaign_id", crate::domain::ids::CallId::generate().to_string())?
+        CampaignId::parse(
+            "campaign_id",
+            crate::domain::ids::CallId::generate().to_string(),
+        )?
     } else {
         CampaignId::parse("campaign_id", req.campaign_id)?
     };

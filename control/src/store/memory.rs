@@ -10,8 +10,8 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use super::{
-    AddNumbers, AdmitOutcome, CampaignChange, AgentCas, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
-    CallStore, IndexCursor, StoreResult, TwilioUpdate,
+    AddNumbers, AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome,
+    CREDENTIAL_RECORD_GRACE_MS, CallStore, CampaignChange, IndexCursor, StoreResult, TwilioUpdate,
 };
 use crate::domain::call::{
     LeaseClaim, StreamOrigin, is_final, lease_claim, retries_committed_attach, status_rank,

@@ -432,7 +432,10 @@ pub trait CallStore: Send + Sync + 'static {
         listed: bool,
     ) -> impl Future<Output = StoreResult<()>> + Send;
     /// Whether each number is on the do-not-call set.
-    fn do_not_call(&self, numbers: &[String]) -> impl Future<Output = StoreResult<Vec<bool>>> + Send;
+    fn do_not_call(
+        &self,
+        numbers: &[String],
+    ) -> impl Future<Output = StoreResult<Vec<bool>>> + Send;
 
     // --- bus ---
 

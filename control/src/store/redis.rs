@@ -27,8 +27,8 @@ use crate::metrics::{RedisLabels, RedisLatency};
 use super::TwilioUpdate;
 use super::keys;
 use super::{
-    AddNumbers, AdmitOutcome, AgentCas, CampaignChange, AppendOutcome, AttachChecks, AttachOutcome, CREDENTIAL_RECORD_GRACE_MS,
-    CallStore, IndexCursor, StoreResult, USAGE_FIELDS,
+    AddNumbers, AdmitOutcome, AgentCas, AppendOutcome, AttachChecks, AttachOutcome,
+    CREDENTIAL_RECORD_GRACE_MS, CallStore, CampaignChange, IndexCursor, StoreResult, USAGE_FIELDS,
 };
 use crate::domain::call::{StreamOrigin, status_rank};
 use crate::domain::campaign::{CampaignRecord, NumberState};
