@@ -28,6 +28,9 @@ use crate::store::CallStore;
 /// How often the loop looks at its campaigns (the pacing resolution).
 const TICK: Duration = Duration::from_millis(50);
 
+/// How long an ended call whose final Twilio status has not arrived still counts as live.
+const TWILIO_END_GRACE_MS: i64 = 5000;
+
 /// What this replica keeps about a campaign while it holds its lease.
 struct Local {
     fence: u64,
@@ -196,6 +199,16 @@ async fn step<S: CallStore>(
             None => {
                 next.attempts = next.attempts.saturating_sub(1);
                 next.phase = Phase::Pending { not_before_ms: 0 };
+            }
+            // Ended here but not yet at Twilio (a stream's end comes before Twilio's
+            // `completed` callback): the slot stays taken a little longer, so Twilio never
+            // sees more live calls than the limit.
+            Some(call)
+                if is_final(call.status)
+                    && !call.twilio_status.is_some_and(TwilioCallStatus::is_final)
+                    && now.saturating_sub(call.ended_at_ms) < TWILIO_END_GRACE_MS =>
+            {
+                continue;
             }
             Some(call) if is_final(call.status) => {
                 next.phase = match rules::after_attempt(settings, number, &call, now) {
