@@ -13,7 +13,7 @@
 //! | `RELAY_PUBLIC_URL` | public `https://` base URL of the relays, for webhook/stream URLs | unset: URLs left empty |
 //! | `CONTROL_LOG` | log filter (`tracing` env-filter syntax) | `info` |
 //! | `CONTROL_LOG_FORMAT` | `text` or `json` | `text` |
-//! | `CONTROL_LEASE_SECS` | attach lease; a live call unleased this long ends `RELAY_LOST` | `15` |
+//! | `CONTROL_LEASE_SECS` | attach lease; a live call unleased this long ends `RELAY_LOST`. Also the campaign dialer lease (another replica takes a dead dialer's campaigns over within it) | `15` |
 //! | `CONTROL_HEARTBEAT_TIMEOUT_SECS` | a call's lease is released when its relay's attach stream was silent this long (relays send a heartbeat every third of it); also how recently a relay must have reported to count as ready. Less than `CONTROL_LEASE_SECS` | `6` |
 //! | `CONTROL_RETENTION_SECS` | how long finished calls are kept | `604800` (7 days) |
 //! | `CONTROL_METRICS_LISTEN` | address of the HTTP listener for Prometheus `/metrics` and the `/healthz`, `/readyz` probes (plaintext unless `CONTROL_METRICS_TLS_*`); empty disables | `0.0.0.0:9090` |
