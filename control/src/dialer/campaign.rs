@@ -28,6 +28,10 @@ use crate::store::CallStore;
 /// How often the loop looks at its campaigns (the pacing resolution).
 const TICK: Duration = Duration::from_millis(50);
 
+/// How long an attempt may stay without word from Twilio before Twilio is asked about
+/// it, and how often it is asked again.
+const RECONCILE_AFTER_MS: i64 = 2000;
+
 /// How long an ended call whose final Twilio status has not arrived still counts as live.
 const TWILIO_END_GRACE_MS: i64 = 5000;
 
@@ -37,6 +41,8 @@ struct Local {
     bucket: TokenBucket,
     /// The numbers as last written under `fence` (only the holder writes them).
     numbers: Vec<NumberState>,
+    /// When each unrecorded attempt was last looked up at Twilio (ms).
+    looked_up: HashMap<String, i64>,
 }
 
 /// Calls this replica is asking Twilio about right now (create or reconcile), shared with
@@ -164,6 +170,7 @@ async fn step<S: CallStore>(
                 fence,
                 bucket,
                 numbers,
+                looked_up: HashMap::new(),
             },
         );
     }
@@ -225,7 +232,13 @@ async fn step<S: CallStore>(
             }
             Some(call) => {
                 let unrecorded = call.twilio_call_sid.is_none() && call.twilio_status.is_none();
-                if unrecorded && !busy_contains(busy, call_id.as_str()) {
+                // Twilio's first callback usually records the call: ask Twilio only about
+                // an attempt that stayed unrecorded a while, and not on every tick.
+                let last = local.looked_up.get(call_id.as_str()).copied();
+                let due = now.saturating_sub(claimed_at_ms) >= RECONCILE_AFTER_MS
+                    && last.is_none_or(|at| now.saturating_sub(at) >= RECONCILE_AFTER_MS);
+                if unrecorded && due && !busy_contains(busy, call_id.as_str()) {
+                    local.looked_up.insert(call_id.to_string(), now);
                     reconcile(shared, busy, &call, number, settings, claimed_at_ms, now);
                 }
                 continue;
