@@ -651,3 +651,80 @@ async fn the_dialer_moves_to_another_replica_when_its_holder_dies() {
         "each attempt created once at Twilio"
     );
 }
+
+/// The holder dies after Twilio created an attempt's call and before it learnt the sid,
+/// and Twilio sends no callback: the replica taking over finds the call at Twilio (calls
+/// to the number) and adopts it instead of dialling the number again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_created_but_not_recorded_is_adopted_not_dialled_again() {
+    let twilio = fake_twilio().await;
+    let world = World::builder(FakeRealtime::builder())
+        .control_env("CONTROL_LEASE_SECS", "3")
+        .control_env("CONTROL_HEARTBEAT_TIMEOUT_SECS", "2")
+        .start()
+        .await;
+    route_to_relays(&twilio, &world);
+    let agent = world
+        .create_agent("adopter", agent_settings("adopter", None))
+        .await;
+    let mut replicas = vec![
+        dialer_replica(&world, &twilio, "dialer-d"),
+        dialer_replica(&world, &twilio, "dialer-e"),
+    ];
+    for r in &mut replicas {
+        r.wait_grpc_serving(READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let to = number(500);
+    twilio.script(&to, Lifecycle::Busy { ring_ms: 100 });
+    twilio.silence_callbacks(&to);
+    // Longer than the client's timeout: the holder never sees the answer.
+    twilio.delay_create_answers(Duration::from_secs(20));
+    let mut calls = client_of(&replicas[0]).await;
+    create_campaign(
+        &mut calls,
+        "adopt",
+        settings(&agent, 5.0, 1, pb::RetryPolicy::default()),
+        std::slice::from_ref(&to),
+    )
+    .await;
+    calls.start_campaign(req("adopt")).await.expect("start");
+    assert!(
+        twilio
+            .wait_calls(LIMIT, |calls| calls.iter().any(|c| c.to == to))
+            .await,
+        "Twilio has the call"
+    );
+    let holder = replicas
+        .iter()
+        .position(|r| r.log_text().contains("Dialing campaign (lease taken)."))
+        .expect("one replica dials");
+    replicas[holder].kill();
+    let survivor = 1 - holder;
+    let mut calls = client_of(&replicas[survivor]).await;
+    let done = with_timeout(
+        LIMIT,
+        "campaign completes on the survivor",
+        wait_campaign(&mut calls, "adopt", "completed", |c| {
+            state(c) == pb::CampaignState::Completed
+        }),
+    )
+    .await;
+    let p = progress(&done);
+    assert_eq!((p.busy, p.dialled, p.remaining), (1, 1, 0), "{p:?}");
+    assert!(
+        replicas[survivor]
+            .log_text()
+            .contains("Adopting the call Twilio placed for an unrecorded attempt."),
+        "the survivor adopted the call"
+    );
+    let created = creates(&twilio);
+    assert_eq!(created.len(), 1, "dialled once: {created:?}");
+    let all = campaign_calls(&mut calls, "adopt").await;
+    assert_eq!(all.len(), 1);
+    let fake_sid = twilio.calls()[0].sid.clone();
+    assert_eq!(all[0].twilio_call_sid, fake_sid);
+    assert_eq!(all[0].twilio_status, "busy");
+    assert!(twilio.callbacks().is_empty(), "no callback recorded it");
+}

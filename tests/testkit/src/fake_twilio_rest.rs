@@ -208,6 +208,10 @@ struct State {
     recent_creates: VecDeque<Instant>,
     /// Numbers whose status callbacks go out in reverse order.
     scrambled: HashSet<String>,
+    /// Numbers whose status callbacks are never posted.
+    silent: HashSet<String>,
+    /// How long an accepted create waits before it is answered (the call exists at once).
+    create_answer_delay: Duration,
     live_streams: usize,
     max_live_streams: usize,
     sid_counter: u64,
@@ -284,7 +288,14 @@ impl FakeTwilio {
                 .then(
                     move |method, path: warp::path::FullPath, query, auth, body| {
                         let inner = inner.clone();
-                        async move { handle(inner, method, path.as_str(), query, auth, body) }
+                        async move {
+                            let (reply, delay) =
+                                handle(inner, method, path.as_str(), query, auth, body);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            reply
+                        }
                     },
                 )
         };
@@ -338,6 +349,18 @@ impl FakeTwilio {
     /// Status callbacks of calls to `to` are posted newest first.
     pub fn scramble_callbacks(&self, to: &str) {
         self.inner.lock().scrambled.insert(to.to_owned());
+    }
+
+    /// Status callbacks of calls to `to` are never posted (the call is only visible by
+    /// fetching or listing it).
+    pub fn silence_callbacks(&self, to: &str) {
+        self.inner.lock().silent.insert(to.to_owned());
+    }
+
+    /// From now on, an accepted create creates the call at once but is answered only after
+    /// `delay` (a client that dies meanwhile never learns the sid).
+    pub fn delay_create_answers(&self, delay: Duration) {
+        self.inner.lock().create_answer_delay = delay;
     }
 
     /// Every request so far.
@@ -568,7 +591,7 @@ fn handle(
     query: String,
     auth: Option<String>,
     body: bytes::Bytes,
-) -> warp::reply::WithStatus<warp::reply::Json> {
+) -> (warp::reply::WithStatus<warp::reply::Json>, Duration) {
     let at = inner.started.elapsed();
     let method = method.as_str().to_owned();
     let params: Vec<(String, String)> = if method == "GET" {
@@ -580,17 +603,29 @@ fn handle(
         Ok((status, value)) => (status, value),
         Err(err) => err.reply(),
     };
-    inner.lock().log.push(LoggedRequest {
-        at,
-        method,
-        path: path.to_owned(),
-        params,
-        status,
-    });
+    let created = method == "POST" && path.ends_with("/Calls.json") && status == 201;
+    let delay = {
+        let mut s = inner.lock();
+        s.log.push(LoggedRequest {
+            at,
+            method,
+            path: path.to_owned(),
+            params,
+            status,
+        });
+        if created {
+            s.create_answer_delay
+        } else {
+            Duration::ZERO
+        }
+    };
     inner.changed.notify_waiters();
-    warp::reply::with_status(
-        warp::reply::json(&value),
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    (
+        warp::reply::with_status(
+            warp::reply::json(&value),
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        ),
+        delay,
     )
 }
 
@@ -1097,6 +1132,10 @@ async fn flush(inner: &Arc<Inner>, sid: &str, pending: &mut Vec<Vec<(String, Str
     let (url, events, scrambled) = {
         let s = inner.lock();
         let Some(call) = s.calls.get(sid) else { return };
+        if s.silent.contains(&call.to) {
+            pending.clear();
+            return;
+        }
         let events: Vec<String> = call
             .params
             .iter()
