@@ -2,8 +2,10 @@
 # Supply-chain policy (deny.toml, docs/supply-chain.md): banned crates (OpenSSL, a second
 # TLS or crypto stack), licences outside the allowed list, sources other than crates.io.
 #   bash scripts/checks/deny.sh
-# Needs no network once the crates are fetched (the build before it fetched them). The
-# advisories check needs the RustSec database: see docs/supply-chain.md.
+# Reads every crate of Cargo.lock, for every target: the build fetched only those of this
+# platform, so `cargo fetch` gets the rest first (from the registry, once per machine; a
+# no-op offline when they are there). The advisories check needs the RustSec database:
+# see docs/supply-chain.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,4 +16,5 @@ if ! command -v cargo-deny >/dev/null 2>&1 \
   echo "deny: installing cargo-deny $DENY_VERSION (a few minutes, once per machine)"
   cargo install --locked --quiet cargo-deny --version "$DENY_VERSION"
 fi
+cargo fetch --locked --quiet
 cargo deny --offline --log-level error check bans licenses sources
