@@ -1577,12 +1577,19 @@ fn campaign(id: &str) -> CampaignRecord {
                 ..Default::default()
             }),
             dial: None,
+            calling_window: Some(pb::CallingWindow {
+                start: "09:00".into(),
+                end: "20:30".into(),
+                days: vec![1, 2, 3, 4, 5],
+                time_zone: "America/Chicago".into(),
+            }),
         },
         state: pb::CampaignState::Draft,
         created_at_ms: 1000,
         updated_at_ms: 1000,
         numbers: 0,
         settled: false,
+        revision: 0,
     }
 }
 
@@ -1606,13 +1613,18 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
             .expect("store"),
         AddNumbers::NotFound
     );
-    let first: Vec<NumberState> = (1..=3)
+    let mut first: Vec<NumberState> = (1..=3)
         .map(|i| number(&format!("+1415555000{i}")))
         .collect();
+    first[1].time_zone = "Asia/Kolkata".into();
+    let rev = |c: Option<CampaignRecord>| c.expect("exists").revision;
+    let before = rev(s.get_campaign(&id).await.expect("store"));
     assert_eq!(
         s.add_campaign_numbers(&id, &first).await.expect("store"),
         AddNumbers::Added(3)
     );
+    let added = rev(s.get_campaign(&id).await.expect("store"));
+    assert!(added > before, "adding numbers moves the revision");
     assert_eq!(
         s.add_campaign_numbers(&id, &[number("+14155550004")])
             .await
@@ -1622,7 +1634,9 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
     let stored = s.campaign_numbers(&id).await.expect("store");
     assert_eq!(stored.len(), 4);
     assert_eq!(stored[0], first[0]);
+    assert_eq!(stored[1], first[1], "the number's time zone is kept");
     assert_eq!(stored[3].to, "+14155550004");
+    let added = rev(s.get_campaign(&id).await.expect("store"));
     assert!(s.active_campaigns().await.expect("store").contains(&id));
 
     // Pause from draft is refused with the current state; start, pause, resume go.
@@ -1631,6 +1645,11 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
             .await
             .expect("store"),
         CampaignChange::Refused(St::Draft)
+    );
+    assert_eq!(
+        rev(s.get_campaign(&id).await.expect("store")),
+        added,
+        "a refused change is no change"
     );
     for (from, to) in [
         (St::Draft, St::Running),
@@ -1645,6 +1664,11 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
         );
     }
     let running = s.get_campaign(&id).await.expect("store").expect("exists");
+    assert_eq!(running.settings, c.settings, "the calling window is kept");
+    assert!(
+        running.revision >= added + 3,
+        "each state change moves the revision"
+    );
     assert_eq!(running.state, St::Running);
     assert_eq!(running.updated_at_ms, 2000);
     assert_eq!(running.numbers, 4);
@@ -1734,12 +1758,15 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
         },
         ..placed.clone()
     };
+    let rev = |c: Option<CampaignRecord>| c.expect("exists").revision;
+    let written = rev(s.get_campaign(&id).await.expect("store"));
     assert!(
         !s.write_campaign_numbers(&id, a, &[(0, done.clone())])
             .await
             .expect("store"),
         "the old holder writes nothing"
     );
+    assert_eq!(rev(s.get_campaign(&id).await.expect("store")), written);
     assert!(!s.settle_campaign(&id, a, 2, 15_003).await.expect("store"));
     assert_eq!(s.campaign_numbers(&id).await.expect("store")[0], placed);
     assert!(
@@ -1747,6 +1774,7 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
             .await
             .expect("store")
     );
+    let written = rev(s.get_campaign(&id).await.expect("store"));
     // Settling needs a running (or canceled) campaign with exactly the numbers seen.
     assert!(
         !s.settle_campaign(&id, b, 2, 15_004).await.expect("store"),
@@ -1770,6 +1798,7 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
         "again: still settled"
     );
     let settled = s.get_campaign(&id).await.expect("store").expect("kept");
+    assert!(settled.revision > written, "settling moves the revision");
     assert_eq!(settled.state, pb::CampaignState::Completed);
     assert!(settled.settled);
     assert!(!s.active_campaigns().await.expect("store").contains(&id));

@@ -615,6 +615,7 @@ impl CallStore for MemoryStore {
         }
         c.numbers.extend_from_slice(numbers);
         c.record.numbers = u32::try_from(c.numbers.len()).unwrap_or(u32::MAX);
+        c.record.revision += 1;
         Ok(AddNumbers::Added(c.record.numbers))
     }
 
@@ -634,6 +635,7 @@ impl CallStore for MemoryStore {
         }
         c.record.state = to;
         c.record.updated_at_ms = now_ms;
+        c.record.revision += 1;
         Ok(CampaignChange::Done)
     }
 
@@ -698,6 +700,9 @@ impl CallStore for MemoryStore {
                 *slot = n.clone();
             }
         }
+        if !numbers.is_empty() {
+            c.record.revision += 1;
+        }
         Ok(true)
     }
 
@@ -727,6 +732,7 @@ impl CallStore for MemoryStore {
             _ => return Ok(false),
         }
         c.record.settled = true;
+        c.record.revision += 1;
         Ok(true)
     }
 

@@ -367,7 +367,8 @@ pub trait CallStore: Send + Sync + 'static {
         &self,
         campaign: &CampaignRecord,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// One campaign.
+    /// One campaign. Its `revision` grows with every change made through this trait to
+    /// it or its numbers (numbers added, a state change, a fenced number write, settling).
     fn get_campaign(
         &self,
         campaign_id: &CampaignId,

@@ -638,6 +638,7 @@ for i = 3, #ARGV do
   n = n + 1
 end
 redis.call('HSET', KEYS[1], 'numbers', n)
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return {1, n}
 ";
 
@@ -649,6 +650,7 @@ if not state then return {-1, 0} end
 for i = 3, #ARGV do
   if state == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+    redis.call('HINCRBY', KEYS[1], 'rev', 1)
     return {1, tonumber(ARGV[1])}
   end
 end
@@ -681,6 +683,7 @@ if tonumber(redis.call('HGET', KEYS[1], 'd_fence') or '0') ~= tonumber(ARGV[1]) 
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return 1
 ";
 
@@ -698,6 +701,7 @@ elseif state ~= ARGV[5] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'settled', '1')
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return 1
@@ -734,6 +738,7 @@ fn campaign_from_fields(
         updated_at_ms: num(&mut h, "updated"),
         numbers: u32::try_from(num(&mut h, "numbers")).unwrap_or(0),
         settled: num(&mut h, "settled") == 1,
+        revision: u64::try_from(num(&mut h, "rev")).unwrap_or(0),
     }))
 }
 
