@@ -61,6 +61,7 @@ conformance!(
     stream_credentials_and_call_sids,
     leases,
     a_fresh_credential_takes_a_held_lease_over,
+    an_orphaned_stream_is_claimed_for_a_redirect_once,
     replayed_webhooks_and_action_requests_are_superseded,
     a_committed_attach_retried_with_its_attempt_is_a_reconnect,
     event_append_with_sequence_gaps_and_duplicates,
@@ -774,6 +775,61 @@ async fn leases<S: CallStore>(s: &S) {
 /// ago, or froze): the first attach consuming a fresh credential takes the call over and
 /// fences the old holder; a reconnect, a replayed credential or an ended call are still
 /// refused, and a refusal writes nothing (not even the credential).
+/// A call whose stream's lease was released may be claimed for a REST redirect once per
+/// lost stream, and not while a stream holds it.
+async fn an_orphaned_stream_is_claimed_for_a_redirect_once<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let cred = |id: &str| AttachChecks {
+        credential: Some((stream(id), T0 + 60_000)),
+        origin: StreamOrigin::Unspecified,
+        attempt: None,
+        twilio_call_sid: None,
+    };
+    let claim = |id: &'static str, now: i64| async move {
+        within(
+            "claim_orphan_redirect",
+            s.claim_orphan_redirect(&cid("c1"), &stream(id), now),
+        )
+        .await
+        .expect("ok")
+    };
+    assert_eq!(
+        attach_checked(s, "c1", "r1", false, "x/1", T0, &cred("a1")).await,
+        AttachOutcome::Attached
+    );
+    assert!(!claim("a1", T0 + 10).await, "held: not orphaned");
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("x/1"), T0 + 20, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert!(!claim("b2", T0 + 30).await, "not the call's last stream");
+    assert!(claim("a1", T0 + 30).await, "released: claimed");
+    assert!(!claim("a1", T0 + 40).await, "once per lost stream");
+    // The call comes back on a new stream, which is lost in turn: claimed again.
+    assert_eq!(
+        attach_checked(s, "c1", "r2", false, "y/2", T0 + 50, &cred("b2")).await,
+        AttachOutcome::Attached
+    );
+    assert!(!claim("b2", T0 + 60).await, "held again");
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("y/2"), T0 + 70, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert!(claim("b2", T0 + 80).await);
+    assert!(
+        !within(
+            "claim_orphan_redirect",
+            s.claim_orphan_redirect(&cid("missing"), &stream("b2"), T0)
+        )
+        .await
+        .expect("ok")
+    );
+}
+
 async fn a_fresh_credential_takes_a_held_lease_over<S: CallStore>(s: &S) {
     create(s, &[record("c1", 1, "")]).await;
     let cred = |id: &str| AttachChecks {

@@ -210,6 +210,7 @@ struct Scripts {
     attach: redis::Script,
     renew: redis::Script,
     release: redis::Script,
+    orphan_claim: redis::Script,
     admit: redis::Script,
     agent_cas: redis::Script,
     twilio: redis::Script,
@@ -230,6 +231,7 @@ impl Scripts {
             attach: script(ATTACH_LUA),
             renew: script(RENEW_LUA),
             release: script(RELEASE_LUA),
+            orphan_claim: script(ORPHAN_CLAIM_LUA),
             admit: script(ADMIT_LUA),
             agent_cas: script(AGENT_CAS_LUA),
             twilio: script(TWILIO_LUA),
@@ -530,6 +532,17 @@ return 1
 ";
 
 /// KEYS: call hash. ARGV: holder, now ms, lease ms (grace for a reconnect).
+/// KEYS: call hash. ARGV: the lost stream. Returns 1 when this caller may redirect the
+/// call (no holder, `stream` still its last, not redirected for it before), else 0.
+const ORPHAN_CLAIM_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= '' then return 0 end
+if (redis.call('HGET', KEYS[1], 'lease_stream') or '') ~= ARGV[1] then return 0 end
+if (redis.call('HGET', KEYS[1], 'orphan_redirect') or '') == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'orphan_redirect', ARGV[1])
+return 1
+";
+
 const RELEASE_LUA: &str = r"
 if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'lease_holder', '', 'lease_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
@@ -1629,6 +1642,23 @@ impl CallStore for RedisStore {
             .holder_script(&self.scripts.renew, call_id, holder, now_ms, lease_ms)
             .await?;
         Ok(code == 1)
+    }
+
+    async fn claim_orphan_redirect(
+        &self,
+        call_id: &CallId,
+        stream: &StreamCredentialId,
+        _now_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let claimed: i64 = self
+            .scripts
+            .orphan_claim
+            .key(keys::call(call_id.as_str()))
+            .arg(stream.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(claimed == 1)
     }
 
     async fn release_lease(
