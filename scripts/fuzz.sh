@@ -30,6 +30,7 @@ targets=(
   callbridge-control:ids
   callbridge-control:agent_settings
   callbridge-control:relay_events
+  callbridge-control:calling_windows
 )
 
 # The test executables, built once (cargo prints "Executable … (path)").

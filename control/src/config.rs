@@ -35,7 +35,7 @@
 //! | `CONTROL_GRPC_MAX_CONCURRENT_STREAMS` | gRPC streams per HTTP/2 connection (a relay's attach streams share one connection) | `8192` |
 //! | `CONTROL_GRPC_UNARY_TIMEOUT_MS` | a unary call answers `DEADLINE_EXCEEDED` after this long; streams are never timed | `30000` |
 //! | `CONTROL_GRPC_MAX_HEADER_LIST_BYTES` | largest gRPC metadata a client may send | `16384` |
-//! | `CONTROL_WATCH_STREAMS_PER_TOKEN` | `WatchCall` + `WatchCalls` streams one app token may hold open per replica (`RESOURCE_EXHAUSTED` above) | `100` |
+//! | `CONTROL_WATCH_STREAMS_PER_TOKEN` | `WatchCall` + `WatchCalls` + `WatchCampaign` streams one app token may hold open per replica (`RESOURCE_EXHAUSTED` above) | `100` |
 //! | `CONTROL_GRPC_REFLECTION` | serve gRPC reflection | on only with `CONTROL_INSECURE_NO_AUTH=true` |
 //!
 //! Invalid configuration makes the binary exit with code 64 before any socket opens.

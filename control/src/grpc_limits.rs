@@ -191,6 +191,7 @@ mod tests {
             "/callbridge.v1.Relay/Attach",
             "/callbridge.v1.Calls/WatchCall",
             "/callbridge.v1.Calls/WatchCalls",
+            "/callbridge.v1.Calls/WatchCampaign",
             "/grpc.health.v1.Health/Watch",
         ] {
             assert!(streaming.contains(method), "{method} in {streaming:?}");

@@ -228,6 +228,7 @@ async fn run<S: CallStore>(
     tracker.spawn(probe_redis(shared.clone(), health.clone()));
     tracker.spawn(sweep(shared.clone()));
     tracker.spawn(dialer::campaign::run(shared.clone()));
+    tracker.spawn(dialer::orphans::run(shared.clone()));
     if let Some(listener) = metrics_listener {
         let tls = match &config.limits.metrics_tls {
             Some(pair) => {

@@ -40,7 +40,8 @@ pub(crate) struct LimitsArgs {
     )]
     grpc_max_concurrent_streams: u32,
     /// Milliseconds a unary gRPC call may take before it answers DEADLINE_EXCEEDED
-    /// (streaming calls — Attach, WatchCall, WatchCalls, health Watch — are never timed).
+    /// (streaming calls — Attach, WatchCall, WatchCalls, WatchCampaign, health Watch — are
+    /// never timed).
     #[arg(long, env = "CONTROL_GRPC_UNARY_TIMEOUT_MS", default_value = "30000")]
     grpc_unary_timeout_ms: u64,
     /// Largest HTTP/2 header list (metadata) a gRPC client may send, in bytes.
@@ -50,8 +51,8 @@ pub(crate) struct LimitsArgs {
         default_value = "16384"
     )]
     grpc_max_header_list_bytes: u32,
-    /// WatchCall + WatchCalls streams one application token may hold open at once on a
-    /// replica; above it RESOURCE_EXHAUSTED.
+    /// WatchCall + WatchCalls + WatchCampaign streams one application token may hold open
+    /// at once on a replica; above it RESOURCE_EXHAUSTED.
     #[arg(long, env = "CONTROL_WATCH_STREAMS_PER_TOKEN", default_value = "100")]
     watch_streams_per_token: usize,
     /// Serve gRPC reflection (true/false). Unset: on only with CONTROL_INSECURE_NO_AUTH=true.

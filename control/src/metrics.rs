@@ -77,6 +77,8 @@ pub struct Metrics {
     pub redis_latency: RedisLatency,
     /// Calls ended with `RELAY_LOST` by this replica's sweeper.
     pub relay_lost: Counter,
+    /// Orphaned calls (relay gone, no action request) this replica redirected by REST.
+    pub orphans_redirected: Counter,
     /// Calls a credential-proven attach took over from a stream still holding the lease.
     pub lease_takeovers: Counter,
     /// Attach streams whose relay was silent for the heartbeat timeout (lease released).
@@ -105,6 +107,7 @@ impl Metrics {
         let redis_up = Gauge::default();
         let redis_latency = RedisLatency::new_with_constructor(redis_histogram);
         let relay_lost = Counter::default();
+        let orphans_redirected = Counter::default();
         let lease_takeovers = Counter::default();
         let heartbeat_timeouts = Counter::default();
         let no_ready_relay = Counter::default();
@@ -150,6 +153,11 @@ impl Metrics {
             relay_lost.clone(),
         );
         registry.register(
+            "callbridge_control_orphans_redirected",
+            "Calls whose relay vanished without an action request, redirected by Twilio REST to their action URL",
+            orphans_redirected.clone(),
+        );
+        registry.register(
             "callbridge_control_lease_takeovers",
             "Calls taken over by a new stream (fresh stream credential) from a stream that still held the lease",
             lease_takeovers.clone(),
@@ -179,6 +187,7 @@ impl Metrics {
             redis_up,
             redis_latency,
             relay_lost,
+            orphans_redirected,
             lease_takeovers,
             heartbeat_timeouts,
             no_ready_relay,

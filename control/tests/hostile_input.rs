@@ -544,3 +544,93 @@ mod relay_events {
         }
     }
 }
+
+mod calling_windows {
+    use super::*;
+    use callbridge_control::domain::calling_window::{Window, WindowClock, check_number_zones};
+
+    /// `HH:MM` or `HH:MM:SS` on a 24-hour clock (and `24:00[:00]` as an end), written out
+    /// independently of the code under test.
+    fn time_oracle(s: &str, end: bool) -> bool {
+        if end && (s == "24:00" || s == "24:00:00") {
+            return true;
+        }
+        let parts: Vec<&str> = s.split(':').collect();
+        let two_digits = |p: &&str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit());
+        if !(2..=3).contains(&parts.len()) || !parts.iter().all(two_digits) {
+            return false;
+        }
+        let n = |i: usize| parts.get(i).map_or(0, |p| p.parse::<u32>().unwrap_or(99));
+        n(0) <= 23 && n(1) <= 59 && n(2) <= 59
+    }
+
+    fn time_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            hostile_text(),
+            "[0-9]{1,3}:[0-9]{1,3}(:[0-9]{1,3})?",
+            "(2[0-4]|[01][0-9]):[0-5][0-9]",
+            Just("24:00".to_owned()),
+        ]
+    }
+
+    fn zone_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            hostile_text(),
+            Just("America/New_York".to_owned()),
+            Just("Asia/Kolkata".to_owned()),
+            Just("UTC".to_owned()),
+            "(Europe|America|Asia)/[A-Za-z_]{0,12}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Any window: accepted only in shape, else refused naming a field under
+        /// `settings.calling_window`; an accepted one answers any instant without panic.
+        #[test]
+        fn windows_are_accepted_only_in_shape(
+            start in time_text(),
+            end in time_text(),
+            days in proptest::collection::vec(0u32..10, 0..9),
+            zone in zone_text(),
+            now_ms in prop_oneof![any::<i64>(), 0i64..4_102_444_800_000],
+            number_zone in zone_text(),
+        ) {
+            let settings = pb::CampaignSettings {
+                calling_window: Some(pb::CallingWindow {
+                    start: start.clone(),
+                    end: end.clone(),
+                    days: days.clone(),
+                    time_zone: zone.clone(),
+                }),
+                ..Default::default()
+            };
+            match Window::from_settings(&settings) {
+                Err(err) => prop_assert!(
+                    names_field_under(&err, "settings.calling_window."),
+                    "{}", err
+                ),
+                Ok(window) => {
+                    prop_assert!(window.is_some());
+                    prop_assert!(time_oracle(&start, false), "{:?}", start);
+                    prop_assert!(time_oracle(&end, true), "{:?}", end);
+                    prop_assert!(start != end);
+                    prop_assert!(days.iter().all(|d| (1..=7).contains(d)), "{:?}", days);
+                    let mut clock = WindowClock::new(&settings);
+                    let _ = clock.is_open("", now_ms);
+                    let _ = clock.is_open(&number_zone, now_ms);
+                }
+            }
+            let numbers = vec![pb::CampaignNumber {
+                number: "+14155550123".into(),
+                metadata: HashMap::new(),
+                time_zone: number_zone.clone(),
+            }];
+            if let Err(err) = check_number_zones(&numbers) {
+                prop_assert!(names_field_under(&err, "numbers[0].time_zone"), "{}", err);
+                prop_assert!(!number_zone.is_empty());
+            }
+        }
+    }
+}

@@ -61,6 +61,7 @@ conformance!(
     stream_credentials_and_call_sids,
     leases,
     a_fresh_credential_takes_a_held_lease_over,
+    an_orphaned_stream_is_claimed_for_a_redirect_once,
     replayed_webhooks_and_action_requests_are_superseded,
     a_committed_attach_retried_with_its_attempt_is_a_reconnect,
     event_append_with_sequence_gaps_and_duplicates,
@@ -774,6 +775,61 @@ async fn leases<S: CallStore>(s: &S) {
 /// ago, or froze): the first attach consuming a fresh credential takes the call over and
 /// fences the old holder; a reconnect, a replayed credential or an ended call are still
 /// refused, and a refusal writes nothing (not even the credential).
+/// A call whose stream's lease was released may be claimed for a REST redirect once per
+/// lost stream, and not while a stream holds it.
+async fn an_orphaned_stream_is_claimed_for_a_redirect_once<S: CallStore>(s: &S) {
+    create(s, &[record("c1", 1, "")]).await;
+    let cred = |id: &str| AttachChecks {
+        credential: Some((stream(id), T0 + 60_000)),
+        origin: StreamOrigin::Unspecified,
+        attempt: None,
+        twilio_call_sid: None,
+    };
+    let claim = |id: &'static str, now: i64| async move {
+        within(
+            "claim_orphan_redirect",
+            s.claim_orphan_redirect(&cid("c1"), &stream(id), now),
+        )
+        .await
+        .expect("ok")
+    };
+    assert_eq!(
+        attach_checked(s, "c1", "r1", false, "x/1", T0, &cred("a1")).await,
+        AttachOutcome::Attached
+    );
+    assert!(!claim("a1", T0 + 10).await, "held: not orphaned");
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("x/1"), T0 + 20, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert!(!claim("b2", T0 + 30).await, "not the call's last stream");
+    assert!(claim("a1", T0 + 30).await, "released: claimed");
+    assert!(!claim("a1", T0 + 40).await, "once per lost stream");
+    // The call comes back on a new stream, which is lost in turn: claimed again.
+    assert_eq!(
+        attach_checked(s, "c1", "r2", false, "y/2", T0 + 50, &cred("b2")).await,
+        AttachOutcome::Attached
+    );
+    assert!(!claim("b2", T0 + 60).await, "held again");
+    within(
+        "release_lease",
+        s.release_lease(&cid("c1"), &holder("y/2"), T0 + 70, LEASE),
+    )
+    .await
+    .expect("ok");
+    assert!(claim("b2", T0 + 80).await);
+    assert!(
+        !within(
+            "claim_orphan_redirect",
+            s.claim_orphan_redirect(&cid("missing"), &stream("b2"), T0)
+        )
+        .await
+        .expect("ok")
+    );
+}
+
 async fn a_fresh_credential_takes_a_held_lease_over<S: CallStore>(s: &S) {
     create(s, &[record("c1", 1, "")]).await;
     let cred = |id: &str| AttachChecks {
@@ -1577,12 +1633,19 @@ fn campaign(id: &str) -> CampaignRecord {
                 ..Default::default()
             }),
             dial: None,
+            calling_window: Some(pb::CallingWindow {
+                start: "09:00".into(),
+                end: "20:30".into(),
+                days: vec![1, 2, 3, 4, 5],
+                time_zone: "America/Chicago".into(),
+            }),
         },
         state: pb::CampaignState::Draft,
         created_at_ms: 1000,
         updated_at_ms: 1000,
         numbers: 0,
         settled: false,
+        revision: 0,
     }
 }
 
@@ -1606,13 +1669,18 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
             .expect("store"),
         AddNumbers::NotFound
     );
-    let first: Vec<NumberState> = (1..=3)
+    let mut first: Vec<NumberState> = (1..=3)
         .map(|i| number(&format!("+1415555000{i}")))
         .collect();
+    first[1].time_zone = "Asia/Kolkata".into();
+    let rev = |c: Option<CampaignRecord>| c.expect("exists").revision;
+    let before = rev(s.get_campaign(&id).await.expect("store"));
     assert_eq!(
         s.add_campaign_numbers(&id, &first).await.expect("store"),
         AddNumbers::Added(3)
     );
+    let added = rev(s.get_campaign(&id).await.expect("store"));
+    assert!(added > before, "adding numbers moves the revision");
     assert_eq!(
         s.add_campaign_numbers(&id, &[number("+14155550004")])
             .await
@@ -1622,7 +1690,9 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
     let stored = s.campaign_numbers(&id).await.expect("store");
     assert_eq!(stored.len(), 4);
     assert_eq!(stored[0], first[0]);
+    assert_eq!(stored[1], first[1], "the number's time zone is kept");
     assert_eq!(stored[3].to, "+14155550004");
+    let added = rev(s.get_campaign(&id).await.expect("store"));
     assert!(s.active_campaigns().await.expect("store").contains(&id));
 
     // Pause from draft is refused with the current state; start, pause, resume go.
@@ -1631,6 +1701,11 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
             .await
             .expect("store"),
         CampaignChange::Refused(St::Draft)
+    );
+    assert_eq!(
+        rev(s.get_campaign(&id).await.expect("store")),
+        added,
+        "a refused change is no change"
     );
     for (from, to) in [
         (St::Draft, St::Running),
@@ -1645,6 +1720,11 @@ async fn campaign_states_and_numbers<S: CallStore>(s: &S) {
         );
     }
     let running = s.get_campaign(&id).await.expect("store").expect("exists");
+    assert_eq!(running.settings, c.settings, "the calling window is kept");
+    assert!(
+        running.revision >= added + 3,
+        "each state change moves the revision"
+    );
     assert_eq!(running.state, St::Running);
     assert_eq!(running.updated_at_ms, 2000);
     assert_eq!(running.numbers, 4);
@@ -1734,12 +1814,15 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
         },
         ..placed.clone()
     };
+    let rev = |c: Option<CampaignRecord>| c.expect("exists").revision;
+    let written = rev(s.get_campaign(&id).await.expect("store"));
     assert!(
         !s.write_campaign_numbers(&id, a, &[(0, done.clone())])
             .await
             .expect("store"),
         "the old holder writes nothing"
     );
+    assert_eq!(rev(s.get_campaign(&id).await.expect("store")), written);
     assert!(!s.settle_campaign(&id, a, 2, 15_003).await.expect("store"));
     assert_eq!(s.campaign_numbers(&id).await.expect("store")[0], placed);
     assert!(
@@ -1747,6 +1830,7 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
             .await
             .expect("store")
     );
+    let written = rev(s.get_campaign(&id).await.expect("store"));
     // Settling needs a running (or canceled) campaign with exactly the numbers seen.
     assert!(
         !s.settle_campaign(&id, b, 2, 15_004).await.expect("store"),
@@ -1770,6 +1854,7 @@ async fn campaign_dialer_lease_is_fenced<S: CallStore>(s: &S) {
         "again: still settled"
     );
     let settled = s.get_campaign(&id).await.expect("store").expect("kept");
+    assert!(settled.revision > written, "settling moves the revision");
     assert_eq!(settled.state, pb::CampaignState::Completed);
     assert!(settled.settled);
     assert!(!s.active_campaigns().await.expect("store").contains(&id));

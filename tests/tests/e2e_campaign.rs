@@ -72,6 +72,7 @@ fn settings(agent: &str, cps: f64, max: u32, retry: pb::RetryPolicy) -> pb::Camp
             timeout_secs: 5,
             ..Default::default()
         }),
+        calling_window: None,
     }
 }
 
@@ -97,6 +98,7 @@ async fn create_campaign(
                 .map(|n| pb::CampaignNumber {
                     number: n.clone(),
                     metadata: [("crm_id".to_owned(), format!("crm-{n}"))].into(),
+                    time_zone: String::new(),
                 })
                 .collect(),
         })
@@ -727,4 +729,468 @@ async fn an_attempt_created_but_not_recorded_is_adopted_not_dialled_again() {
     assert_eq!(all[0].twilio_call_sid, fake_sid);
     assert_eq!(all[0].twilio_status, "busy");
     assert!(twilio.callbacks().is_empty(), "no callback recorded it");
+}
+
+// --- calling windows -----------------------------------------------------------------
+
+/// The local date and time in `zone` now.
+fn local_now(zone: &str) -> jiff::civil::DateTime {
+    jiff::tz::TimeZone::get(zone)
+        .expect("a zone of the bundled tz database")
+        .to_datetime(jiff::Timestamp::now())
+}
+
+fn minute_of_day(t: jiff::civil::DateTime) -> i32 {
+    i32::from(t.hour()) * 60 + i32::from(t.minute())
+}
+
+fn hhmm(minutes: i32) -> String {
+    let m = minutes.rem_euclid(24 * 60);
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+/// A window open now in Tokyo (its local time ± 2 h, on today and yesterday there, so it
+/// holds across a local midnight) and therefore closed in Phoenix (16 h behind, no
+/// daylight saving in either): true at any hour the test runs.
+fn tokyo_window() -> pb::CallingWindow {
+    let tokyo = local_now("Asia/Tokyo");
+    let phoenix = local_now("America/Phoenix");
+    let (t, p) = (minute_of_day(tokyo), minute_of_day(phoenix));
+    let apart = (t - p).rem_euclid(24 * 60).min((p - t).rem_euclid(24 * 60));
+    assert!(
+        apart > 150,
+        "Phoenix {p} min is outside Tokyo {t} min ± 2 h"
+    );
+    let today = u32::try_from(tokyo.weekday().to_monday_one_offset()).expect("1..=7");
+    let yesterday = (today + 5) % 7 + 1;
+    pb::CallingWindow {
+        start: hhmm(t - 120),
+        end: hhmm(t + 120),
+        days: vec![yesterday, today],
+        time_zone: "Asia/Tokyo".to_owned(),
+    }
+}
+
+/// Numbers 0-3 in the window's default zone (Tokyo), 4-7 in Phoenix, 8-9 in Tokyo named.
+fn zoned_numbers(base: usize) -> (Vec<pb::CampaignNumber>, Vec<String>, Vec<String>) {
+    let mut all = Vec::new();
+    let (mut open, mut closed) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let n = number(base + i);
+        let zone = match i {
+            0..=3 => "",
+            4..=7 => "America/Phoenix",
+            _ => "Asia/Tokyo",
+        };
+        if zone == "America/Phoenix" {
+            closed.push(n.clone());
+        } else {
+            open.push(n.clone());
+        }
+        all.push(pb::CampaignNumber {
+            number: n,
+            metadata: Default::default(),
+            time_zone: zone.to_owned(),
+        });
+    }
+    (all, open, closed)
+}
+
+/// Dials a campaign whose numbers are half in an open window and half in a closed one:
+/// the open ones are dialled, the closed ones are not and stay pending, counted as
+/// waiting; canceling ends them `canceled`. Returns nothing; asserts on the way.
+async fn window_splits_numbers(
+    calls: &mut CallsClient,
+    twilio: &FakeTwilio,
+    agent: &str,
+    id: &str,
+    base: usize,
+) {
+    let (numbers, open, closed) = zoned_numbers(base);
+    for n in numbers.iter() {
+        twilio.script(&n.number, Lifecycle::Busy { ring_ms: 100 });
+    }
+    let mut s = settings(agent, 20.0, 10, pb::RetryPolicy::default());
+    s.calling_window = Some(tokyo_window());
+    calls
+        .create_campaign(pb::CreateCampaignRequest {
+            campaign_id: id.to_owned(),
+            settings: Some(s),
+        })
+        .await
+        .expect("CreateCampaign");
+    calls
+        .add_campaign_numbers(pb::AddCampaignNumbersRequest {
+            campaign_id: id.to_owned(),
+            numbers,
+        })
+        .await
+        .expect("AddCampaignNumbers");
+    let draft = progress(&get_campaign(calls, id).await);
+    assert_eq!(draft.waiting_for_window, 4, "{draft:?}");
+    calls.start_campaign(req(id)).await.expect("start");
+    let p = progress(
+        &wait_campaign(calls, id, "the open numbers dialled", |c| {
+            progress(c).dialled as usize >= open.len()
+        })
+        .await,
+    );
+    assert_eq!(p.waiting_for_window, 4, "{p:?}");
+    // Long past a 20/s pace for ten numbers: the closed ones are still not dialled.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dialled: Vec<String> = creates(twilio)
+        .into_iter()
+        .map(|(_, _, to)| to)
+        .filter(|to| open.contains(to) || closed.contains(to))
+        .collect();
+    for n in &open {
+        assert_eq!(
+            dialled.iter().filter(|d| *d == n).count(),
+            1,
+            "{n} dialled once"
+        );
+    }
+    for n in &closed {
+        assert!(!dialled.contains(n), "{n} dialled outside its window");
+    }
+    let c = get_campaign(calls, id).await;
+    let p = progress(&c);
+    assert_eq!(state(&c), pb::CampaignState::Running);
+    assert_eq!(
+        (p.dialled, p.waiting_for_window, p.failed, p.canceled),
+        (6, 4, 0, 0),
+        "the closed ones stay pending: {p:?}"
+    );
+    assert!(p.remaining >= 4, "{p:?}");
+    calls.cancel_campaign(req(id)).await.expect("cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_are_dialled_only_inside_their_calling_window_in_their_zone() {
+    let twilio = fake_twilio().await;
+    let mut builder = World::builder(FakeRealtime::builder());
+    for (k, v) in twilio_env(&twilio) {
+        builder = builder.control_env(k, &v);
+    }
+    let world = builder.start().await;
+    route_to_relays(&twilio, &world);
+    let agent = world
+        .create_agent("windowed", agent_settings("windowed", None))
+        .await;
+    let mut calls = world.calls();
+
+    // Refusals name the field.
+    let mut bad = settings(&agent, 5.0, 2, pb::RetryPolicy::default());
+    bad.calling_window = Some(pb::CallingWindow {
+        start: "9am".into(),
+        end: "17:00".into(),
+        days: vec![],
+        time_zone: "Europe/Paris".into(),
+    });
+    let err = calls
+        .create_campaign(pb::CreateCampaignRequest {
+            campaign_id: "bad-window".into(),
+            settings: Some(bad.clone()),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("settings.calling_window.start:"),
+        "{}",
+        err.message()
+    );
+    if let Some(w) = bad.calling_window.as_mut() {
+        w.start = "09:00".into();
+        w.time_zone = "Europe/Pariss".into();
+    }
+    let err = calls
+        .create_campaign(pb::CreateCampaignRequest {
+            campaign_id: "bad-zone".into(),
+            settings: Some(bad),
+        })
+        .await
+        .expect_err("refused");
+    assert!(
+        err.message()
+            .starts_with("settings.calling_window.time_zone:"),
+        "{}",
+        err.message()
+    );
+    create_campaign(
+        &mut calls,
+        "zones",
+        settings(&agent, 5.0, 2, pb::RetryPolicy::default()),
+        &[number(700)],
+    )
+    .await;
+    let err = calls
+        .add_campaign_numbers(pb::AddCampaignNumbersRequest {
+            campaign_id: "zones".into(),
+            numbers: vec![
+                pb::CampaignNumber {
+                    number: number(701),
+                    metadata: Default::default(),
+                    time_zone: "Asia/Tokyo".into(),
+                },
+                pb::CampaignNumber {
+                    number: number(702),
+                    metadata: Default::default(),
+                    time_zone: "Atlantis/Capital".into(),
+                },
+            ],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("numbers[1].time_zone:"),
+        "{}",
+        err.message()
+    );
+
+    window_splits_numbers(&mut calls, &twilio, &agent, "window", 600).await;
+    let canceled = wait_campaign(&mut calls, "window", "settled", |c| {
+        progress(c).remaining == 0
+    })
+    .await;
+    let p = progress(&canceled);
+    assert_eq!(
+        (p.busy, p.canceled, p.waiting_for_window),
+        (6, 4, 0),
+        "{p:?}"
+    );
+
+    // A window that opens during the test (UTC, to the second): nothing is dialled
+    // before it, everything after.
+    // On a whole second: the window's start has no fraction.
+    let opens =
+        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 6).expect("in range");
+    let start = jiff::tz::TimeZone::UTC.to_datetime(opens);
+    let end = start + jiff::SignedDuration::from_hours(1);
+    let fmt =
+        |t: jiff::civil::DateTime| format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second());
+    let later: Vec<String> = (650..653).map(number).collect();
+    for n in &later {
+        twilio.script(n, Lifecycle::Busy { ring_ms: 100 });
+    }
+    let mut s = settings(&agent, 20.0, 5, pb::RetryPolicy::default());
+    s.calling_window = Some(pb::CallingWindow {
+        start: fmt(start),
+        end: fmt(end),
+        days: vec![],
+        time_zone: "UTC".into(),
+    });
+    create_campaign(&mut calls, "opens", s, &later).await;
+    calls.start_campaign(req("opens")).await.expect("start");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = progress(&get_campaign(&mut calls, "opens").await);
+    let seen = creates(&twilio);
+    assert!(
+        jiff::Timestamp::now() < opens,
+        "the checks before the opening ran before it (slow machine?)"
+    );
+    assert_eq!(
+        (before.dialled, before.waiting_for_window),
+        (0, 3),
+        "{before:?}"
+    );
+    assert!(
+        !seen.iter().any(|(_, _, to)| later.contains(to)),
+        "dialled before the window opened"
+    );
+    let done = wait_campaign(&mut calls, "opens", "completed once open", |c| {
+        state(c) == pb::CampaignState::Completed
+    })
+    .await;
+    assert_eq!(progress(&done).busy, 3, "{done:?}");
+    assert!(jiff::Timestamp::now() >= opens);
+}
+
+/// The same on the in-memory store: one control, no Redis (its calls never end here —
+/// no relay forwards Twilio's callbacks —, which is enough to see what it dials).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_calling_window_holds_on_the_in_memory_store() {
+    let twilio = fake_twilio().await;
+    let addr = free_addr().expect("a free port");
+    let mut env: Vec<(String, String)> = vec![
+        ("CONTROL_LISTEN".into(), addr.to_string()),
+        ("CONTROL_APP_TOKENS".into(), APP_TOKEN.into()),
+        ("CONTROL_RELAY_TOKENS".into(), RELAY_TOKEN.into()),
+        ("CONTROL_METRICS_LISTEN".into(), String::new()),
+        ("RELAY_PUBLIC_URL".into(), PUBLIC_URL.into()),
+        ("CONTROL_ID".into(), "memory-dialer".into()),
+    ];
+    env.extend(
+        twilio_env(&twilio)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut control = Proc::spawn("callbridge-control", env, addr).expect("control spawns");
+    control
+        .wait_grpc_serving(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("control reachable");
+    let mut agents =
+        pb::agents_client::AgentsClient::with_interceptor(channel.clone(), Bearer::new(APP_TOKEN));
+    let agent = agents
+        .create_agent(pb::CreateAgentRequest {
+            agent_id: "memory".into(),
+            settings: Some(agent_settings("memory", None)),
+        })
+        .await
+        .expect("CreateAgent")
+        .into_inner()
+        .agent_id;
+    let mut calls =
+        pb::calls_client::CallsClient::with_interceptor(channel, Bearer::new(APP_TOKEN));
+    window_splits_numbers(&mut calls, &twilio, &agent, "memory-window", 800).await;
+    let canceled = wait_campaign(&mut calls, "memory-window", "pending ones canceled", |c| {
+        progress(c).canceled == 4
+    })
+    .await;
+    assert_eq!(state(&canceled), pb::CampaignState::Canceled);
+    let p = progress(&canceled);
+    assert_eq!((p.canceled, p.waiting_for_window), (4, 0), "{p:?}");
+}
+
+// --- progress watch ------------------------------------------------------------------
+
+/// Reads a `WatchCampaign` stream to its end (bounded).
+async fn drain_watch(stream: &mut tonic::Streaming<pb::Campaign>, what: &str) -> Vec<pb::Campaign> {
+    let mut seen = Vec::new();
+    with_timeout(LIMIT, what.to_owned(), async {
+        while let Some(c) = stream.message().await.expect("watch stream") {
+            seen.push(c);
+        }
+    })
+    .await;
+    seen
+}
+
+/// The watch is served by a replica that does not dial (the world's control has no
+/// Twilio account); the dialer is another replica on the same Redis. The watcher sees the
+/// campaign at once, each change after, and the stream ends with the completed campaign.
+/// A second watcher reads nothing until the end and still gets the last view, and the
+/// campaign is not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_campaign_streams_progress_across_replicas_until_it_settles() {
+    let twilio = fake_twilio().await;
+    let world = World::builder(FakeRealtime::builder()).start().await;
+    route_to_relays(&twilio, &world);
+    let agent = world
+        .create_agent("watched", agent_settings("watched", None))
+        .await;
+    let mut dialer = dialer_replica(&world, &twilio, "dialer-w");
+    dialer
+        .wait_grpc_serving(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let numbers: Vec<String> = (900..912).map(number).collect();
+    for n in &numbers {
+        twilio.script(n, Lifecycle::Busy { ring_ms: 200 });
+    }
+    let mut dialer_calls = client_of(&dialer).await;
+    create_campaign(
+        &mut dialer_calls,
+        "watched",
+        settings(&agent, 4.0, 3, pb::RetryPolicy::default()),
+        &numbers,
+    )
+    .await;
+
+    let mut calls = world.calls();
+    // Refusals: no token, no campaign, a bad id.
+    let channel = tonic::transport::Endpoint::from_shared(world.control_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("control reachable");
+    let err = pb::calls_client::CallsClient::new(channel)
+        .watch_campaign(req("watched"))
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = calls
+        .watch_campaign(req("nope"))
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = calls
+        .watch_campaign(req("no way"))
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let mut watch = calls
+        .watch_campaign(req("watched"))
+        .await
+        .expect("WatchCampaign")
+        .into_inner();
+    let first = with_timeout(LIMIT, "first view", watch.message())
+        .await
+        .expect("stream")
+        .expect("a first view at once");
+    assert_eq!(state(&first), pb::CampaignState::Draft);
+    assert_eq!(
+        (progress(&first).numbers, progress(&first).dialled),
+        (12, 0)
+    );
+    let mut idle = world
+        .calls()
+        .watch_campaign(req("watched"))
+        .await
+        .expect("WatchCampaign")
+        .into_inner();
+
+    dialer_calls
+        .start_campaign(req("watched"))
+        .await
+        .expect("start");
+    let rest = drain_watch(&mut watch, "the watch ends when the campaign settles").await;
+    let last = rest.last().expect("views after the first");
+    assert_eq!(state(last), pb::CampaignState::Completed, "{last:?}");
+    let p = progress(last);
+    assert_eq!((p.busy, p.remaining, p.in_flight), (12, 0, 0), "{p:?}");
+    // Each change came as it happened: the counts only move forward, no view is sent
+    // twice in a row, and the run was seen in between, not only its end.
+    let mut views = vec![first];
+    views.extend(rest.iter().cloned());
+    for pair in views.windows(2) {
+        let (a, b) = (progress(&pair[0]), progress(&pair[1]));
+        assert!(
+            b.dialled >= a.dialled && b.busy >= a.busy,
+            "{a:?} then {b:?}"
+        );
+        assert!(b.remaining <= a.remaining, "{a:?} then {b:?}");
+        assert_ne!(pair[0], pair[1], "a view sent twice");
+    }
+    let midway = views
+        .iter()
+        .filter(|c| state(c) == pb::CampaignState::Running && progress(c).dialled > 0)
+        .count();
+    assert!(midway >= 2, "progress while running: {views:?}");
+
+    // The reader that took nothing until now gets the final view last, then the end.
+    let late = drain_watch(&mut idle, "the idle watcher's stream ends").await;
+    let final_view = late.last().expect("views");
+    assert_eq!(state(final_view), pb::CampaignState::Completed);
+    assert_eq!(progress(final_view).busy, 12);
+    // A settled campaign: one view, then the end.
+    let settled = drain_watch(
+        &mut calls
+            .watch_campaign(req("watched"))
+            .await
+            .expect("WatchCampaign")
+            .into_inner(),
+        "a settled campaign's watch ends",
+    )
+    .await;
+    assert_eq!(settled.len(), 1);
+    assert_eq!(state(&settled[0]), pb::CampaignState::Completed);
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 
 use crate::domain::call::{is_final, now_ms};
+use crate::domain::calling_window::WindowClock;
 use crate::domain::campaign::{self as rules, NumberState, Outcome, Phase, TokenBucket};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId};
 use crate::domain::record::CallRecord;
@@ -43,6 +44,8 @@ struct Local {
     numbers: Vec<NumberState>,
     /// When each unrecorded attempt was last looked up at Twilio (ms).
     looked_up: HashMap<String, i64>,
+    /// The campaign's calling window, per number's zone.
+    clock: WindowClock,
 }
 
 /// Calls this replica is asking Twilio about right now (create or reconcile), shared with
@@ -171,6 +174,7 @@ async fn step<S: CallStore>(
                 bucket,
                 numbers,
                 looked_up: HashMap::new(),
+                clock: WindowClock::new(&record.settings),
             },
         );
     }
@@ -271,11 +275,14 @@ async fn step<S: CallStore>(
             .filter(|n| n.placed_call().is_some())
             .count();
         let max = settings.max_concurrent as usize;
+        // A number outside its calling window stays pending; the ones behind it go on.
+        let clock = &mut local.clock;
         let due: Vec<usize> = local
             .numbers
             .iter()
             .enumerate()
             .filter(|(_, n)| matches!(n.phase, Phase::Pending { not_before_ms } if not_before_ms <= now))
+            .filter(|(_, n)| clock.is_open(&n.time_zone, now))
             .map(|(i, _)| i)
             .collect();
         let agent_id = AgentId::from_stored(settings.agent_id.clone());

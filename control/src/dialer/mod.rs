@@ -9,6 +9,7 @@
 //! its lease is ended by that stream, as any other call.
 
 pub(crate) mod campaign;
+pub(crate) mod orphans;
 
 use callbridge_proto::pb;
 

@@ -39,6 +39,9 @@ pub struct CampaignRecord {
     pub numbers: u32,
     /// Every number has its final outcome and no dialer needs to look at it again.
     pub settled: bool,
+    /// Grows with every stored change of the campaign or of its numbers, so a watcher
+    /// re-reads the numbers only when it moved.
+    pub revision: u64,
 }
 
 impl CampaignRecord {
@@ -108,6 +111,9 @@ pub struct NumberState {
     /// Copied onto each call.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
+    /// IANA zone of the calling window; empty: the window's own.
+    #[serde(default, rename = "tz", skip_serializing_if = "String::is_empty")]
+    pub time_zone: String,
     /// Attempts claimed so far.
     #[serde(default)]
     pub attempts: u32,
@@ -125,6 +131,7 @@ impl NumberState {
         NumberState {
             to,
             meta,
+            time_zone: String::new(),
             attempts: 0,
             previous: Vec::new(),
             phase: Phase::Pending { not_before_ms: 0 },
@@ -255,6 +262,7 @@ pub fn check_settings(settings: &pb::CampaignSettings) -> Result<(), Error> {
     if let Some(dial) = &settings.dial {
         crate::dialer::check_dial("settings.", pb::Direction::Outbound, dial)?;
     }
+    super::calling_window::Window::from_settings(settings)?;
     Ok(())
 }
 
@@ -273,7 +281,7 @@ pub fn check_numbers(numbers: &[pb::CampaignNumber]) -> Result<(), Error> {
         crate::validate::e164(&format!("numbers[{i}].number"), &n.number)?;
         crate::validate::metadata(&format!("numbers[{i}].metadata"), &n.metadata)?;
     }
-    Ok(())
+    super::calling_window::check_number_zones(numbers)
 }
 
 /// Attempts a number gets in all.
@@ -433,6 +441,7 @@ mod tests {
             max_concurrent: 5,
             retry: Some(retry),
             dial: None,
+            calling_window: None,
         }
     }
 

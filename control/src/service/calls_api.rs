@@ -271,6 +271,7 @@ async fn watch_calls<S: CallStore>(
 impl<S: CallStore> Calls for CallsApi<S> {
     type WatchCallStream = EventStream;
     type WatchCallsStream = EventStream;
+    type WatchCampaignStream = ReceiverStream<Result<pb::Campaign, Status>>;
 
     async fn create_call(
         &self,
@@ -334,6 +335,34 @@ impl<S: CallStore> Calls for CallsApi<S> {
             .rpc(SERVICE, "GetCampaign", "", async {
                 let id = CampaignId::parse("campaign_id", req.campaign_id)?;
                 super::campaigns_api::get(&self.0, &id).await
+            })
+            .await
+    }
+
+    async fn watch_campaign(
+        &self,
+        request: Request<pb::CampaignRequest>,
+    ) -> Result<Response<Self::WatchCampaignStream>, Status> {
+        let token = watch_token(&request);
+        let req = request.into_inner();
+        let shared = self.0.clone();
+        self.0
+            .rpc(SERVICE, "WatchCampaign", "", async {
+                let campaign_id = CampaignId::parse("campaign_id", req.campaign_id)?;
+                let slot = shared.watch_slots.acquire(token)?;
+                let first = super::campaigns_api::snapshot(&shared, &campaign_id).await?;
+                // One message in flight: a slow reader gets the latest view, not a backlog.
+                let (tx, rx) = mpsc::channel(1);
+                let span = tracing::info_span!("watch_campaign", campaign_id = %campaign_id);
+                let task = super::campaigns_api::watch(shared.clone(), campaign_id, first, tx);
+                shared.tracker.spawn(
+                    async move {
+                        let _slot = slot;
+                        task.await;
+                    }
+                    .instrument(span),
+                );
+                Ok(ReceiverStream::new(rx))
             })
             .await
     }

@@ -17,7 +17,9 @@ use crate::domain::call::{
     LeaseClaim, StreamOrigin, is_final, lease_claim, retries_committed_attach, status_rank,
 };
 use crate::domain::campaign::{CampaignRecord, NumberState};
-use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId};
+use crate::domain::ids::{
+    AgentId, CallId, CallSid, CampaignId, LeaseHolder, RelayId, StreamCredentialId,
+};
 use crate::domain::record::{CallRecord, EventEffects};
 use crate::domain::twilio;
 use crate::hub::{BusMessage, Hub};
@@ -43,6 +45,8 @@ struct State {
     campaign_records: HashMap<CampaignId, StoredCampaign>,
     /// The do-not-call set.
     do_not_call: BTreeSet<String>,
+    /// Calls redirected by REST after losing a stream: the stream each was redirected for.
+    orphan_redirects: HashMap<CallId, StreamCredentialId>,
 }
 
 #[derive(Debug, Clone)]
@@ -427,6 +431,26 @@ impl CallStore for MemoryStore {
         Ok(true)
     }
 
+    async fn claim_orphan_redirect(
+        &self,
+        call_id: &CallId,
+        stream: &StreamCredentialId,
+        _now_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut s = self.lock();
+        let Some(call) = s.calls.get(call_id) else {
+            return Ok(false);
+        };
+        if call.lease_holder.is_some() || call.lease_stream.as_ref() != Some(stream) {
+            return Ok(false);
+        }
+        if s.orphan_redirects.get(call_id) == Some(stream) {
+            return Ok(false);
+        }
+        s.orphan_redirects.insert(call_id.clone(), stream.clone());
+        Ok(true)
+    }
+
     async fn release_lease(
         &self,
         call_id: &CallId,
@@ -615,6 +639,7 @@ impl CallStore for MemoryStore {
         }
         c.numbers.extend_from_slice(numbers);
         c.record.numbers = u32::try_from(c.numbers.len()).unwrap_or(u32::MAX);
+        c.record.revision += 1;
         Ok(AddNumbers::Added(c.record.numbers))
     }
 
@@ -634,6 +659,7 @@ impl CallStore for MemoryStore {
         }
         c.record.state = to;
         c.record.updated_at_ms = now_ms;
+        c.record.revision += 1;
         Ok(CampaignChange::Done)
     }
 
@@ -698,6 +724,9 @@ impl CallStore for MemoryStore {
                 *slot = n.clone();
             }
         }
+        if !numbers.is_empty() {
+            c.record.revision += 1;
+        }
         Ok(true)
     }
 
@@ -727,6 +756,7 @@ impl CallStore for MemoryStore {
             _ => return Ok(false),
         }
         c.record.settled = true;
+        c.record.revision += 1;
         Ok(true)
     }
 

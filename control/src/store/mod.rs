@@ -289,6 +289,15 @@ pub trait CallStore: Send + Sync + 'static {
         now_ms: i64,
         lease_ms: i64,
     ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Claims the REST redirect of a call orphaned by the loss of `stream`: `true` once per
+    /// (call, stream), and only while no stream holds the call's lease and `stream` is
+    /// still the call's last one.
+    fn claim_orphan_redirect(
+        &self,
+        call_id: &CallId,
+        stream: &StreamCredentialId,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
     /// Stores a run of one call's events in order, each (call, seq) once, applying
     /// `effects[i]` with `events[i]`, and sends every stored event to the watchers on
     /// every replica (`campaign_id` for their filters; best effort, watchers catch up
@@ -367,7 +376,8 @@ pub trait CallStore: Send + Sync + 'static {
         &self,
         campaign: &CampaignRecord,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// One campaign.
+    /// One campaign. Its `revision` grows with every change made through this trait to
+    /// it or its numbers (numbers added, a state change, a fenced number write, settling).
     fn get_campaign(
         &self,
         campaign_id: &CampaignId,

@@ -210,6 +210,7 @@ struct Scripts {
     attach: redis::Script,
     renew: redis::Script,
     release: redis::Script,
+    orphan_claim: redis::Script,
     admit: redis::Script,
     agent_cas: redis::Script,
     twilio: redis::Script,
@@ -230,6 +231,7 @@ impl Scripts {
             attach: script(ATTACH_LUA),
             renew: script(RENEW_LUA),
             release: script(RELEASE_LUA),
+            orphan_claim: script(ORPHAN_CLAIM_LUA),
             admit: script(ADMIT_LUA),
             agent_cas: script(AGENT_CAS_LUA),
             twilio: script(TWILIO_LUA),
@@ -530,6 +532,17 @@ return 1
 ";
 
 /// KEYS: call hash. ARGV: holder, now ms, lease ms (grace for a reconnect).
+/// KEYS: call hash. ARGV: the lost stream. Returns 1 when this caller may redirect the
+/// call (no holder, `stream` still its last, not redirected for it before), else 0.
+const ORPHAN_CLAIM_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= '' then return 0 end
+if (redis.call('HGET', KEYS[1], 'lease_stream') or '') ~= ARGV[1] then return 0 end
+if (redis.call('HGET', KEYS[1], 'orphan_redirect') or '') == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'orphan_redirect', ARGV[1])
+return 1
+";
+
 const RELEASE_LUA: &str = r"
 if (redis.call('HGET', KEYS[1], 'lease_holder') or '') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'lease_holder', '', 'lease_until', tonumber(ARGV[2]) + tonumber(ARGV[3]))
@@ -638,6 +651,7 @@ for i = 3, #ARGV do
   n = n + 1
 end
 redis.call('HSET', KEYS[1], 'numbers', n)
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return {1, n}
 ";
 
@@ -649,6 +663,7 @@ if not state then return {-1, 0} end
 for i = 3, #ARGV do
   if state == ARGV[i] then
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+    redis.call('HINCRBY', KEYS[1], 'rev', 1)
     return {1, tonumber(ARGV[1])}
   end
 end
@@ -681,6 +696,7 @@ if tonumber(redis.call('HGET', KEYS[1], 'd_fence') or '0') ~= tonumber(ARGV[1]) 
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return 1
 ";
 
@@ -698,6 +714,7 @@ elseif state ~= ARGV[5] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'settled', '1')
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return 1
@@ -734,6 +751,7 @@ fn campaign_from_fields(
         updated_at_ms: num(&mut h, "updated"),
         numbers: u32::try_from(num(&mut h, "numbers")).unwrap_or(0),
         settled: num(&mut h, "settled") == 1,
+        revision: u64::try_from(num(&mut h, "rev")).unwrap_or(0),
     }))
 }
 
@@ -1624,6 +1642,23 @@ impl CallStore for RedisStore {
             .holder_script(&self.scripts.renew, call_id, holder, now_ms, lease_ms)
             .await?;
         Ok(code == 1)
+    }
+
+    async fn claim_orphan_redirect(
+        &self,
+        call_id: &CallId,
+        stream: &StreamCredentialId,
+        _now_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let claimed: i64 = self
+            .scripts
+            .orphan_claim
+            .key(keys::call(call_id.as_str()))
+            .arg(stream.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(claimed == 1)
     }
 
     async fn release_lease(

@@ -212,6 +212,9 @@ struct State {
     silent: HashSet<String>,
     /// How long an accepted create waits before it is answered (the call exists at once).
     create_answer_delay: Duration,
+    /// How long a call whose stream was lost (no action request) waits in progress for a
+    /// REST redirect before it completes; zero: it completes at once.
+    redirect_wait: Duration,
     live_streams: usize,
     max_live_streams: usize,
     sid_counter: u64,
@@ -355,6 +358,14 @@ impl FakeTwilio {
     /// fetching or listing it).
     pub fn silence_callbacks(&self, to: &str) {
         self.inner.lock().silent.insert(to.to_owned());
+    }
+
+    /// From now on, a call whose media stream ends abnormally with no action request (the
+    /// relay target's `after_on_abnormal_close` off) stays `in-progress` up to `wait` for a
+    /// REST redirect (`Url`); one that comes is followed as Twilio would: a signed POST to
+    /// the URL, and the `<Stream>` its TwiML names is played with the call's script.
+    pub fn await_redirects(&self, wait: Duration) {
+        self.inner.lock().redirect_wait = wait;
     }
 
     /// From now on, an accepted create creates the call at once but is answered only after
@@ -999,7 +1010,19 @@ async fn run_call(inner: Arc<Inner>, sid: String, lifecycle: Lifecycle) {
             amd_callback(&inner, &sid, &answered_by, detect_ms).await;
         });
     }
-    let report = media(&inner, &sid, script).await;
+    let mut report = media(&inner, &sid, script.clone()).await;
+    // A lost stream with no action request: Twilio has nothing to run until a redirect.
+    while let Ok(r) = &report {
+        let lost = r.legs.last().is_some_and(|l| l.closed_by.is_abnormal())
+            && r.after.len() < r.legs.len();
+        if !lost {
+            break;
+        }
+        let Some(url) = wait_for_redirect(&inner, &sid).await else {
+            break;
+        };
+        report = follow_redirect(&inner, &sid, &url, script.clone()).await;
+    }
     // The stream is over: Twilio hangs up unless the call was redirected elsewhere.
     set_status(&inner, &sid, &["in-progress"], "completed");
     {
@@ -1016,6 +1039,127 @@ async fn run_call(inner: Arc<Inner>, sid: String, lifecycle: Lifecycle) {
         &[("CallDuration", duration.as_str())],
     ));
     flush(&inner, &sid, &mut pending).await;
+}
+
+/// The `Url` of a redirect that arrives within the redirect wait while the call is still
+/// in progress.
+async fn wait_for_redirect(inner: &Arc<Inner>, sid: &str) -> Option<String> {
+    let (wait, seen) = {
+        let s = inner.lock();
+        (
+            s.redirect_wait,
+            s.calls.get(sid).map_or(0, |c| c.updates.len()),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = inner.changed.notified();
+        {
+            let s = inner.lock();
+            let call = s.calls.get(sid)?;
+            if call.status != "in-progress" {
+                return None;
+            }
+            let redirect = call
+                .updates
+                .iter()
+                .skip(seen)
+                .find_map(|u| u.iter().find(|(k, _)| k == "Url").map(|(_, v)| v.clone()));
+            if redirect.is_some() {
+                return redirect;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Follows a redirect: the signed POST to `url` (on the next relay), then the stream its
+/// TwiML names, with a fresh run of `script`.
+async fn follow_redirect(
+    inner: &Arc<Inner>,
+    sid: &str,
+    url: &str,
+    script: Conversation,
+) -> Result<CallReport, CallerError> {
+    let cfg = caller_config(inner, sid, script.clone())?;
+    let caller = SimCaller::new(cfg);
+    let exchange = caller
+        .post_signed(url, &caller.cfg.call_params("in-progress"))
+        .await?;
+    let mut report = CallReport {
+        webhook: exchange.clone(),
+        legs: Vec::new(),
+        after: Vec::new(),
+    };
+    let Some(twiml) = exchange.twiml else {
+        return Ok(report);
+    };
+    let Some(stream_url) = twiml.stream_url.clone() else {
+        return Ok(report);
+    };
+    let (_commands_tx, mut commands) = tokio::sync::mpsc::channel(1);
+    let live = crate::sim_caller::LiveStats::default();
+    let mut state = crate::sim_caller::ScriptState::new(&script);
+    inner.lock().live_streams += 1;
+    let leg = caller
+        .stream(
+            &stream_url,
+            &twiml.parameters,
+            &mut state,
+            &mut commands,
+            &live,
+        )
+        .await;
+    inner.lock().live_streams -= 1;
+    report.legs.push(leg?);
+    Ok(report)
+}
+
+/// A sim caller's settings for one of the fake's calls (to the relay target).
+fn caller_config(
+    inner: &Arc<Inner>,
+    sid: &str,
+    script: Conversation,
+) -> Result<CallerConfig, CallerError> {
+    let Some(target) = &inner.relay() else {
+        return Err(CallerError::Config("no relay configured".into()));
+    };
+    let (url, from, to) = {
+        let s = inner.lock();
+        let call = s
+            .calls
+            .get(sid)
+            .ok_or_else(|| CallerError::Config("call vanished".into()))?;
+        (
+            call.param("Url").unwrap_or_default().to_owned(),
+            call.from.clone(),
+            call.to.clone(),
+        )
+    };
+    let call_id = url
+        .split_once("callId=")
+        .map(|(_, id)| id.split('&').next().unwrap_or(id).to_owned());
+    let mut cfg = CallerConfig::new(
+        &target.public_base,
+        target.relays.pick()?,
+        Some(&inner.cfg.auth_token),
+    );
+    cfg.relays = target.relays.clone();
+    cfg.call_id = call_id;
+    cfg.call_sid = sid.to_owned();
+    cfg.account_sid = inner.cfg.account_sid.clone();
+    // Twilio's From/To of an outbound call: our number calls theirs.
+    cfg.from = from;
+    cfg.to = to;
+    cfg.direction = "outbound-api".into();
+    cfg.script = script;
+    cfg.playback_speed = 4.0;
+    cfg.follow_streams = 3;
+    cfg.after_on_abnormal_close = target.after_on_abnormal_close;
+    cfg.max_call = Duration::from_secs(120);
+    Ok(cfg)
 }
 
 /// Runs the voice webhook and media stream with a sim caller; `Ok` with nothing to say
