@@ -17,6 +17,17 @@ type EndpointLabels = [(&'static str, String); 1];
 /// A model endpoint and where a call was sent to the fallback.
 type ShortCircuitLabels = [(&'static str, String); 2];
 
+/// A call socket's counters, handed to the code that reads or writes it.
+#[derive(Clone, Debug, Default)]
+pub struct SocketCounters {
+    /// WebSocket messages read.
+    pub messages_in: Counter,
+    /// WebSocket messages written.
+    pub messages_out: Counter,
+    /// Flushes that wrote one or more messages (about one `write` system call each).
+    pub writes: Counter,
+}
+
 /// All relay metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -29,6 +40,8 @@ struct Inner {
     calls_total: Family<Labels, Counter>,
     frames_c2m: Counter,
     frames_m2c: Counter,
+    twilio_socket: SocketCounters,
+    model_socket: SocketCounters,
     dropped_c2m: Counter,
     dropped_m2c: Counter,
     barge_ins: Counter,
@@ -68,6 +81,14 @@ fn resolve(family: &Family<Labels, Counter>, label: (&'static str, &'static str)
     guard.clone()
 }
 
+fn resolve2(
+    family: &Family<[(&'static str, &'static str); 2], Counter>,
+    labels: [(&'static str, &'static str); 2],
+) -> Counter {
+    let guard = family.get_or_create(&labels);
+    guard.clone()
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -102,6 +123,31 @@ impl Metrics {
             "Audio frames relayed, by direction",
             frames.clone(),
         );
+        let ws_messages = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "ws_messages",
+            "WebSocket messages of calls, by socket (twilio, model) and direction (in, out)",
+            ws_messages.clone(),
+        );
+        let ws_writes = Family::<Labels, Counter>::default();
+        registry.register(
+            "ws_writes",
+            "Flushes of a call socket that wrote one or more messages (about one write system call each), by socket",
+            ws_writes.clone(),
+        );
+        // One statement per `get_or_create` (see below).
+        let socket = |name: &'static str| {
+            let messages_in = resolve2(&ws_messages, [("socket", name), ("direction", "in")]);
+            let messages_out = resolve2(&ws_messages, [("socket", name), ("direction", "out")]);
+            let writes = resolve(&ws_writes, ("socket", name));
+            SocketCounters {
+                messages_in,
+                messages_out,
+                writes,
+            }
+        };
+        let twilio_socket = socket("twilio");
+        let model_socket = socket("model");
         let dropped = Family::<Labels, Counter>::default();
         registry.register(
             "frames_dropped",
@@ -264,6 +310,8 @@ impl Metrics {
         let inner = Inner {
             frames_c2m,
             frames_m2c,
+            twilio_socket,
+            model_socket,
             dropped_c2m,
             dropped_m2c,
             bad_twilio,
@@ -322,6 +370,14 @@ impl Metrics {
     pub fn call_ended(&self, reason: &'static str) {
         let counter = resolve(&self.inner.calls_total, ("reason", reason));
         counter.inc();
+    }
+    /// The Twilio socket's counters.
+    pub fn twilio_socket(&self) -> &SocketCounters {
+        &self.inner.twilio_socket
+    }
+    /// The model socket's counters.
+    pub fn model_socket(&self) -> &SocketCounters {
+        &self.inner.model_socket
     }
     /// Caller→model frames.
     pub fn frames_c2m(&self) -> &Counter {
@@ -476,6 +532,7 @@ mod tests {
     fn exposition_names_every_metric() {
         let m = Metrics::new();
         m.frames_c2m().inc();
+        m.twilio_socket().messages_in.inc();
         m.call_ended("caller_hangup");
         m.time_to_first_audio().observe(0.2);
         m.stream_refused("credential_used");
@@ -509,6 +566,9 @@ mod tests {
             "callbridge_relay_max_calls",
             "callbridge_relay_stream_refusals_total{reason=\"credential_used\"} 1",
             "callbridge_relay_media_frames_dropped_total{reason=\"rate\"} 0",
+            "callbridge_relay_ws_messages_total{socket=\"twilio\",direction=\"in\"} 1",
+            "callbridge_relay_ws_messages_total{socket=\"model\",direction=\"out\"} 0",
+            "callbridge_relay_ws_writes_total{socket=\"model\"} 0",
             "callbridge_relay_model_breaker_open{endpoint=\"ws://model/v1/realtime\"} 1",
             "callbridge_relay_model_breaker_opened_total{endpoint=\"ws://model/v1/realtime\"} 1",
             "callbridge_relay_model_breaker_short_circuits_total{endpoint=\"ws://model/v1/realtime\",at=\"webhook\"} 1",

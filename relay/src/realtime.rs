@@ -133,14 +133,19 @@ pub fn update_instructions(instructions: &str) -> String {
     .to_string()
 }
 
-/// `{"type":"input_audio_buffer.append","audio":…}`; `payload` is checked base64.
+/// `{"type":"input_audio_buffer.append","audio":…}` in parts, to be joined where the frame
+/// is built; `payload` is checked base64.
+pub fn append_parts(payload: &str) -> [&str; 3] {
+    [
+        r#"{"type":"input_audio_buffer.append","audio":""#,
+        payload,
+        "\"}",
+    ]
+}
+
+/// [`append_parts`] joined.
 pub fn append(payload: &str) -> String {
-    const A: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
-    let mut s = String::with_capacity(A.len() + payload.len() + 2);
-    s.push_str(A);
-    s.push_str(payload);
-    s.push_str("\"}");
-    s
+    append_parts(payload).concat()
 }
 
 /// `conversation.item.truncate` at `audio_end_ms` of content 0.

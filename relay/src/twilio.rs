@@ -219,19 +219,35 @@ pub fn is_safe_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
-/// `{"event":"media","streamSid":…,"media":{"payload":…}}`. `payload` must be valid base64
-/// and `sid` a safe id (both checked by the caller), so no escaping is needed.
+/// `{"event":"media","streamSid":…,"media":{"payload":…}}` in parts, to be joined where
+/// the frame is built ([`crate::call::frame_arena`]). `payload` must be valid base64 and
+/// `sid` a safe id (both checked by the caller), so no escaping is needed.
+pub fn media_parts<'a>(sid: &'a str, payload: &'a str) -> [&'a str; 5] {
+    [
+        r#"{"event":"media","streamSid":""#,
+        sid,
+        r#"","media":{"payload":""#,
+        payload,
+        r#""}}"#,
+    ]
+}
+
+/// [`media_parts`] joined.
 pub fn media_frame(sid: &str, payload: &str) -> String {
-    const A: &str = r#"{"event":"media","streamSid":""#;
-    const B: &str = r#"","media":{"payload":""#;
-    const C: &str = r#""}}"#;
-    let mut s = String::with_capacity(A.len() + sid.len() + B.len() + payload.len() + C.len());
-    s.push_str(A);
-    s.push_str(sid);
-    s.push_str(B);
-    s.push_str(payload);
-    s.push_str(C);
-    s
+    media_parts(sid, payload).concat()
+}
+
+/// `{"event":"mark","streamSid":…,"mark":{"name":…}}` in parts, when `name` needs no JSON
+/// escaping (the relay's own names, unless a model item id has quotes or controls).
+pub fn mark_parts<'a>(sid: &'a str, name: &'a str) -> Option<[&'a str; 5]> {
+    let plain = name.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\');
+    plain.then_some([
+        r#"{"event":"mark","streamSid":""#,
+        sid,
+        r#"","mark":{"name":""#,
+        name,
+        r#""}}"#,
+    ])
 }
 
 /// `{"event":"mark","streamSid":…,"mark":{"name":…}}`; the name is JSON-escaped.
@@ -326,6 +342,12 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&mark_frame("MZ1", "g1:20:it\"em")).unwrap();
         assert_eq!(v["mark"]["name"], "g1:20:it\"em");
+        // The fast path joins parts only for names that need no escaping.
+        assert!(mark_parts("MZ1", "g1:20:it\"em").is_none());
+        let plain = mark_parts("MZ1", "g1:20:item_1").expect("plain").concat();
+        assert_eq!(plain, mark_frame("MZ1", "g1:20:item_1"));
+        let v: serde_json::Value = serde_json::from_str(&plain).unwrap();
+        assert_eq!(v["mark"]["name"], "g1:20:item_1");
         let v: serde_json::Value = serde_json::from_str(&clear_frame("MZ1")).unwrap();
         assert_eq!(v["event"], "clear");
         assert!(is_safe_id("MZ0123abc"));

@@ -804,9 +804,11 @@ mod twiml_docs {
 mod call_phase {
     use super::*;
     use std::collections::{HashMap, VecDeque};
+    use std::time::Duration;
 
     use callbridge_proto::pb::EndReason;
     use callbridge_relay::call::phase::{Delta, Ending, Lifecycle, Out, Playback, parse_mark};
+    use tokio::time::Instant;
 
     /// One fact the call loop feeds the playback state.
     #[derive(Debug, Clone)]
@@ -860,33 +862,48 @@ mod call_phase {
             let mut sent: HashMap<String, u64> = HashMap::new();
             let mut queue: VecDeque<String> = VecDeque::new();
             let (mut resp, mut item) = (0u32, 0u32);
+            // The playback clock moves 7 ms per event: echoes, barge-ins and the end fall
+            // anywhere between marks.
+            let mut now = Instant::now();
+            let closing_marks = |outs: &[Out], queue: &mut VecDeque<String>| {
+                for out in outs {
+                    if let Out::MarkTwilio { name } = out {
+                        queue.push_back(name.clone());
+                    }
+                }
+            };
             p.response_created("r0");
             for op in ops {
+                now += Duration::from_millis(7);
                 match op {
                     Op::Delta { new_item, bytes } => {
                         item += u32::from(new_item);
                         let (r, i) = (format!("r{resp}"), format!("i{item}"));
-                        if let Delta::Forward { mark } = p.audio_delta(&r, &i, bytes) {
-                            prop_assert!(parse_mark(&mark).is_some(), "{}", mark);
+                        if let Delta::Forward { mark } = p.audio_delta(&r, &i, bytes, now) {
+                            if let Some(at) = mark {
+                                let mut name = String::new();
+                                at.write_name(&i, &mut name);
+                                prop_assert!(parse_mark(&name).is_some(), "{}", name);
+                                queue.push_back(name);
+                            }
                             *sent.entry(i).or_default() += bytes as u64;
-                            queue.push_back(mark);
                         }
                     }
                     Op::Echo => {
                         if let Some(m) = queue.pop_front() {
-                            check_speech(&p.mark_echoed(&m).unwrap(), &sent)?;
+                            check_speech(&p.mark_echoed(&m, now).unwrap(), &sent)?;
                         }
                     }
                     Op::ForeignMark(name) => {
                         let before = p.outstanding_marks();
-                        if let Some(outs) = p.mark_echoed(&name) {
+                        if let Some(outs) = p.mark_echoed(&name, now) {
                             check_speech(&outs, &sent)?;
                         }
                         prop_assert!(p.outstanding_marks() <= before);
                     }
                     Op::Speech => {
                         let generation = p.generation();
-                        let outs = p.speech_started();
+                        let outs = p.speech_started(now);
                         for out in &outs {
                             if let Out::Truncate { item_id, audio_end_ms } = out {
                                 let s = sent.get(item_id).copied().unwrap_or(0);
@@ -898,13 +915,15 @@ mod call_phase {
                         if p.generation() != generation {
                             // Twilio flushes every queued mark back at once: all ignored.
                             for m in queue.drain(..) {
-                                prop_assert_eq!(p.mark_echoed(&m), Some(vec![]));
+                                prop_assert_eq!(p.mark_echoed(&m, now), Some(vec![]));
                             }
                             prop_assert_eq!(p.outstanding_marks(), 0);
                         }
                     }
                     Op::NextResponse => {
-                        check_speech(&p.response_done(&format!("r{resp}")), &sent)?;
+                        let outs = p.response_done(&format!("r{resp}"));
+                        closing_marks(&outs, &mut queue);
+                        check_speech(&outs, &sent)?;
                         resp += 1;
                         p.response_created(&format!("r{resp}"));
                     }
@@ -913,13 +932,15 @@ mod call_phase {
                         check_speech(&p.transcript_done(&i, "text"), &sent)?;
                     }
                     Op::AudioDone => {
-                        check_speech(&p.audio_done(&format!("i{item}")), &sent)?;
+                        let outs = p.audio_done(&format!("i{item}"));
+                        closing_marks(&outs, &mut queue);
+                        check_speech(&outs, &sent)?;
                     }
                     Op::ModelLost => {
-                        check_speech(&p.model_lost(), &sent)?;
+                        check_speech(&p.model_lost(now), &sent)?;
                         // The old session's marks prove nothing now.
                         for m in queue.drain(..) {
-                            prop_assert_eq!(p.mark_echoed(&m), Some(vec![]));
+                            prop_assert_eq!(p.mark_echoed(&m, now), Some(vec![]));
                         }
                         resp += 1;
                         p.response_created(&format!("r{resp}"));
@@ -927,8 +948,8 @@ mod call_phase {
                 }
                 prop_assert!(p.outstanding_marks() as usize <= queue.len());
             }
-            check_speech(&p.flush(), &sent)?;
-            prop_assert!(p.flush().is_empty(), "a second flush reports nothing");
+            check_speech(&p.flush(now), &sent)?;
+            prop_assert!(p.flush(now).is_empty(), "a second flush reports nothing");
         }
 
         /// Any order of start, ends and playback going idle: one end is decided, it never

@@ -222,6 +222,19 @@ const TASKSET: &str = "/usr/bin/taskset";
 
 /// Checks a CPU list as `taskset -c` takes it (`1`, `0,1`, `0-3,6`), so a typo fails at
 /// argument parsing rather than after the bench has started processes.
+/// How many CPUs a list checked by [`parse_cpu_list`] names (`0-3,6` → 5).
+pub fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => match (a.parse::<usize>(), b.parse::<usize>()) {
+                (Ok(a), Ok(b)) => b.saturating_sub(a) + 1,
+                _ => 0,
+            },
+            None => 1,
+        })
+        .sum()
+}
+
 pub fn parse_cpu_list(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.split(',').all(|part| {
@@ -558,5 +571,160 @@ mod tests {
         assert_eq!(m["cores"].as_u64(), Some(cores() as u64));
         assert!(cores() >= 1);
         assert!(load_average().is_some_and(|l| l >= 0.0));
+    }
+}
+
+// === Counting what a process does, per frame ===
+
+/// Samples of Prometheus counters: `name{labels}` → value, for every line of `text` whose
+/// name starts with `prefix`.
+pub fn prometheus_samples(text: &str, prefix: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// System calls, context switches and (when `perf probe` could place them) heap
+/// allocations of a process over a window, counted by `perf stat` in the kernel: no
+/// sampling, no change to the process. Absent when `perf` is not installed or may not
+/// trace (then the bench prints `-`).
+#[derive(Debug, Clone)]
+pub struct PerfCounts {
+    events: Vec<&'static str>,
+}
+
+/// Every system call, and the ones the relay's audio path makes.
+const SYSCALL_EVENTS: [&str; 10] = [
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_futex",
+    "syscalls:sys_enter_sched_yield",
+    "context-switches",
+];
+/// glibc's allocation entry points, as `perf probe` names them.
+const ALLOC_EVENTS: [&str; 3] = [
+    "probe_libc:malloc",
+    "probe_libc:realloc",
+    "probe_libc:calloc",
+];
+/// Where glibc lives on the distributions the bench runs on.
+const LIBC_PATHS: [&str; 4] = [
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib/aarch64-linux-gnu/libc.so.6",
+    "/lib64/libc.so.6",
+];
+
+fn perf_can_count(events: &[&str]) -> bool {
+    std::process::Command::new("perf")
+        .args(["stat", "-x,", "-e", &events.join(","), "--", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl PerfCounts {
+    /// What this machine lets `perf stat` count; `None` without perf or tracepoints.
+    /// Places uprobes on glibc's allocator when they are missing (needs root; without,
+    /// allocations are not counted).
+    pub fn detect() -> Option<Self> {
+        if !perf_can_count(&SYSCALL_EVENTS) {
+            return None;
+        }
+        let mut events = SYSCALL_EVENTS.to_vec();
+        if !perf_can_count(&ALLOC_EVENTS)
+            && let Some(libc) = LIBC_PATHS.iter().find(|p| Path::new(p).exists())
+        {
+            let _ = std::process::Command::new("perf")
+                .args([
+                    "probe", "-q", "-x", libc, "--add", "malloc", "--add", "realloc",
+                ])
+                .args(["--add", "calloc"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        if perf_can_count(&ALLOC_EVENTS) {
+            events.extend(ALLOC_EVENTS);
+        }
+        Some(Self { events })
+    }
+
+    /// Whether allocations are counted.
+    pub fn counts_allocations(&self) -> bool {
+        self.events.contains(&ALLOC_EVENTS[0])
+    }
+
+    /// Counts the events of process `pid` (every thread) for `window`; blocks.
+    pub fn count(&self, pid: u32, window: Duration) -> io::Result<BTreeMap<String, u64>> {
+        let out = std::process::Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                &self.events.join(","),
+                "-p",
+                &pid.to_string(),
+            ])
+            .args(["--", "sleep", &format!("{:.3}", window.as_secs_f64())])
+            .stdout(std::process::Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "perf stat: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(parse_perf_csv(&String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// `perf stat -x,` output: `count,unit,event,…` per line; uncounted events are left out.
+pub fn parse_perf_csv(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            let count = f.next()?.trim().parse().ok()?;
+            let _unit = f.next()?;
+            Some((f.next()?.trim().to_owned(), count))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod counting_tests {
+    use super::*;
+
+    #[test]
+    fn counts_cpus_in_a_list() {
+        assert_eq!(cpu_count("1"), 1);
+        assert_eq!(cpu_count("0-3,6"), 5);
+        assert_eq!(cpu_count("0,1"), 2);
+    }
+
+    #[test]
+    fn reads_prometheus_samples_and_perf_csv() {
+        let text = "# HELP x\ncallbridge_relay_ws_messages_total{socket=\"twilio\",direction=\"in\"} 42\ncallbridge_relay_frames_total{direction=\"caller_to_model\"} 7\nother 1\n";
+        let m = prometheus_samples(text, "callbridge_relay_");
+        assert_eq!(
+            m.get("callbridge_relay_ws_messages_total{socket=\"twilio\",direction=\"in\"}"),
+            Some(&42.0)
+        );
+        assert_eq!(m.len(), 2);
+        let csv = "1234,,raw_syscalls:sys_enter,2000000,100.00,,\n<not counted>,,probe_libc:malloc,0,100.00,,\n17,,context-switches,2000000,100.00,,\n";
+        let c = parse_perf_csv(csv);
+        assert_eq!(c.get("raw_syscalls:sys_enter"), Some(&1234));
+        assert_eq!(c.get("context-switches"), Some(&17));
+        assert!(!c.contains_key("probe_libc:malloc"));
     }
 }

@@ -104,7 +104,7 @@ impl Call {
     /// What the application must still hear: what the caller heard of the assistant, a
     /// fatal model error, and the tool calls that will never be answered.
     fn report_loose_ends(&mut self, ending: &Ending) {
-        let outs = self.playback.flush();
+        let outs = self.playback.flush(Instant::now());
         self.apply(outs);
         if ending.reason == EndReason::ModelUnavailable {
             self.deps.metrics.model_errors().inc();

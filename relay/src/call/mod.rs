@@ -28,11 +28,13 @@ pub mod counters;
 pub mod deadlines;
 mod dial;
 mod finish;
+pub mod frame_arena;
 pub mod media_rate;
 pub mod model_session;
 mod model_side;
 pub mod outbox;
 pub mod phase;
+pub mod playhead;
 pub mod replay;
 pub mod tools;
 pub mod turn_commit;
@@ -72,6 +74,7 @@ use counters::Counters;
 use deadlines::Deadlines;
 pub(crate) use dial::probe_dial;
 use dial::{close_model_later, spawn_model};
+use frame_arena::FrameArena;
 use media_rate::MediaRate;
 use model_session::{Action, Limits, ModelSession, Turn};
 use outbox::Outbox;
@@ -259,6 +262,10 @@ struct Call {
     tw: Outbox<TwilioSink>,
     /// The current model session's write half (once dialled) and what waits for it.
     model: Outbox<ModelSink>,
+    /// Where audio frames to either socket are built.
+    frames: FrameArena,
+    /// A mark's name, built here for each mark.
+    mark_name: String,
     links: ModelLinks,
     session: ModelSession,
     /// Dials and closes of model sessions (aborted when the call is over).
@@ -544,8 +551,8 @@ impl Call {
             life: Lifecycle::default(),
             playback: Playback::new(agent.barge_in_enabled()),
             agent,
-            tw: Outbox::new(tw_sink, TWILIO_SLOTS),
-            model: Outbox::pending(MODEL_SLOTS),
+            tw: Outbox::new(tw_sink, TWILIO_SLOTS).counted(deps.metrics.twilio_socket()),
+            model: Outbox::pending(MODEL_SLOTS).counted(deps.metrics.model_socket()),
             links: ModelLinks {
                 dial,
                 ..ModelLinks::default()
@@ -567,6 +574,8 @@ impl Call {
             rate_limits: RateLimits::default(),
             handoff_wanted: false,
             partial_transcript: None,
+            frames: FrameArena::default(),
+            mark_name: String::new(),
             upgraded_at,
             end_kind: None,
             pending_kind: None,
@@ -639,7 +648,8 @@ impl Call {
                 let Some((sink, read)) = self.links.standby.take() else {
                     return;
                 };
-                let old = std::mem::replace(&mut self.model, Outbox::new(sink, MODEL_SLOTS));
+                let new = Outbox::new(sink, MODEL_SLOTS).counted(self.deps.metrics.model_socket());
+                let old = std::mem::replace(&mut self.model, new);
                 close_model_later(&mut self.tasks, old);
                 // The old read half goes: nothing of the old session matters any more.
                 self.links.read = Some(read);
@@ -659,7 +669,7 @@ impl Call {
             let outs = self.playback.transcript_done(&item, &text);
             self.apply(outs);
         }
-        let outs = self.playback.model_lost();
+        let outs = self.playback.model_lost(Instant::now());
         self.apply(outs);
         self.caller_speaking = false;
         self.awaiting_answer = None;
@@ -680,7 +690,7 @@ impl Call {
             &mut self.sent,
         );
         self.links.dial = Some(rx);
-        let mut queue = Outbox::pending(MODEL_SLOTS);
+        let mut queue = Outbox::pending(MODEL_SLOTS).counted(self.deps.metrics.model_socket());
         let mut resent = 0;
         for append in self.caller.resend() {
             if queue.push(Message::text(append)).is_ok() {
@@ -854,6 +864,12 @@ impl Call {
     fn apply(&mut self, outs: Vec<Out>) {
         for out in outs {
             match out {
+                Out::MarkTwilio { name } => {
+                    if let Some(sid) = &self.stream_sid {
+                        let f = twilio::mark_frame(sid.as_str(), &name);
+                        self.send_twilio(f);
+                    }
+                }
                 Out::ClearTwilio => {
                     if let Some(sid) = &self.stream_sid {
                         let f = twilio::clear_frame(sid.as_str());

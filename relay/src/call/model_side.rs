@@ -61,6 +61,7 @@ impl Call {
             Some(Ok(m)) => m,
         };
         self.session.heard(now);
+        self.deps.metrics.model_socket().messages_in.inc();
         let text = match &msg {
             Message::Text(t) => t.as_str(),
             Message::Close(frame) => {
@@ -89,7 +90,7 @@ impl Call {
             RealtimeEventKind::OutputAudioTranscriptDone => self.on_transcript_done(&ev),
             RealtimeEventKind::ResponseCreated => self.on_response_created(&ev),
             RealtimeEventKind::ResponseDone => self.on_response_done(ev, now),
-            RealtimeEventKind::SpeechStarted => self.on_speech_started(),
+            RealtimeEventKind::SpeechStarted => self.on_speech_started(now),
             RealtimeEventKind::SpeechStopped => self.on_speech_stopped(now),
             RealtimeEventKind::InputCommitted => self.on_input_committed(),
             RealtimeEventKind::InputTranscriptionCompleted => self.on_caller_transcript(&ev),
@@ -125,17 +126,23 @@ impl Call {
             self.deps.metrics.dropped_m2c().inc();
             return;
         };
-        let media = twilio::media_frame(sid.as_str(), delta);
         let Delta::Forward { mark } =
             self.playback
-                .audio_delta(response_id, item_id, twilio::decoded_len(delta))
+                .audio_delta(response_id, item_id, twilio::decoded_len(delta), now)
         else {
             return;
         };
-        let mark = twilio::mark_frame(sid.as_str(), &mark);
+        let media = self.frames.text(&twilio::media_parts(sid.as_str(), delta));
+        let mark = mark.map(|at| {
+            self.mark_name.clear();
+            at.write_name(item_id, &mut self.mark_name);
+            match twilio::mark_parts(sid.as_str(), &self.mark_name) {
+                Some(parts) => self.frames.text(&parts),
+                None => Message::text(twilio::mark_frame(sid.as_str(), &self.mark_name)),
+            }
+        });
         // Cannot fail with the room checked above (this loop is the only writer).
-        if self.tw.push(Message::text(media)).is_err() || self.tw.push(Message::text(mark)).is_err()
-        {
+        if self.tw.push(media).is_err() || mark.is_some_and(|m| self.tw.push(m).is_err()) {
             self.deps.metrics.dropped_m2c().inc();
             return;
         }
@@ -218,10 +225,10 @@ impl Call {
         }
     }
 
-    fn on_speech_started(&mut self) {
+    fn on_speech_started(&mut self, now: Instant) {
         self.caller_speaking = true;
         self.caller.speech_started();
-        let outs = self.playback.speech_started();
+        let outs = self.playback.speech_started(now);
         if outs
             .iter()
             .any(|o| matches!(o, Out::ClearTwilio | Out::Truncate { .. }))

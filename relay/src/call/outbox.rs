@@ -18,6 +18,8 @@ use std::task::{Context, Poll, ready};
 use futures_util::{Sink, SinkExt};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use crate::metrics::SocketCounters;
+
 /// The queue is full; the frame was not taken.
 #[derive(Debug, thiserror::Error)]
 #[error("write queue full")]
@@ -30,6 +32,7 @@ pub struct Outbox<S> {
     slots: usize,
     /// Frames were handed to the sink since its last flush.
     unflushed: bool,
+    counters: Option<SocketCounters>,
 }
 
 impl<S> Outbox<S>
@@ -43,7 +46,14 @@ where
             queue: VecDeque::new(),
             slots,
             unflushed: false,
+            counters: None,
         }
+    }
+
+    /// Counts what this outbox writes.
+    pub fn counted(mut self, counters: &SocketCounters) -> Self {
+        self.counters = Some(counters.clone());
+        self
     }
 
     /// An outbox on an open socket.
@@ -92,10 +102,16 @@ where
             let msg = self.queue.pop_front().expect("checked non-empty");
             Pin::new(&mut *sink).start_send(msg)?;
             self.unflushed = true;
+            if let Some(c) = &self.counters {
+                c.messages_out.inc();
+            }
         }
         if self.unflushed {
             ready!(Pin::new(&mut *sink).poll_flush(cx))?;
             self.unflushed = false;
+            if let Some(c) = &self.counters {
+                c.writes.inc();
+            }
         }
         Poll::Ready(Ok(()))
     }

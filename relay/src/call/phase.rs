@@ -2,21 +2,32 @@
 //! barge-in (`docs/protocols.md`, "Barge-in"). No IO, no clocks: the call loop feeds it facts and
 //! executes the [`Out`]s it returns, in order.
 //!
-//! Playback model: every model audio delta forwarded to Twilio is followed by a mark named
+//! Playback model: model audio forwarded to Twilio is followed, about every
+//! [`MARK_EVERY_MS`] of an item's audio and at the item's end, by a mark named
 //! `g{generation}:{cumulative ms of the item}:{item id}`. Twilio echoes a mark when the
 //! audio queued before it has played, so the largest echoed ms of an item is what the
-//! caller heard. A Twilio `clear` flushes every pending mark back at once; those echoes do
-//! not prove anything was heard, so a barge-in bumps the generation and echoes of older
-//! generations are ignored.
+//! caller had heard by then; between echoes the [`Playhead`] follows playback by the
+//! clock. A mark per delta would cost a message out and an echo in for every 20 ms of
+//! audio: a third of the relay's wake-ups (docs/performance.md). A Twilio `clear` flushes
+//! every pending mark back at once; those echoes do not prove anything was heard, so a
+//! barge-in bumps the generation and echoes of older generations are ignored.
+//!
+//! The call loop passes `now` in; nothing here reads a clock.
 
 use std::collections::VecDeque;
 
 use callbridge_proto::pb::EndReason;
+use tokio::time::Instant;
+
+use super::playhead::Playhead;
 
 /// Items kept per call while their playback or transcript is pending.
 const MAX_ITEMS: usize = 32;
 /// Discarded (interrupted) response ids remembered to drop their late deltas.
 const MAX_DISCARDED: usize = 8;
+/// Audio of an item between two marks, ms: the echoes anchor the playback clock this
+/// often, and an item's last mark follows its last delta whatever its length.
+pub const MARK_EVERY_MS: u32 = 100;
 
 /// Something the call loop must do, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +50,11 @@ pub enum Out {
         /// Sent of it.
         audio_ms: u32,
     },
+    /// Send Twilio a mark with this name (an item's last audio is in).
+    MarkTwilio {
+        /// Mark name.
+        name: String,
+    },
     /// Report the assistant's speech for an item, now that its heard portion is known.
     AssistantSpeech {
         /// Item.
@@ -54,13 +70,32 @@ pub enum Out {
     },
 }
 
+/// A mark to send: its generation and the item's cumulative ms; with the item id, its
+/// name is `g{generation}:{ms}:{item id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkAt {
+    /// Mark generation.
+    pub generation: u32,
+    /// The item's audio up to the mark, ms.
+    pub ms: u32,
+}
+
+impl MarkAt {
+    /// Writes the mark's name for `item_id` into `out` (after what is there).
+    pub fn write_name(self, item_id: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        // Writing into a String cannot fail.
+        let _ = write!(out, "g{}:{}:{item_id}", self.generation, self.ms);
+    }
+}
+
 /// What to do with one model audio delta.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delta {
-    /// Forward it, then send a mark with this name.
+    /// Forward it, then send a mark there if there is one.
     Forward {
-        /// Mark name.
-        mark: String,
+        /// The mark.
+        mark: Option<MarkAt>,
     },
     /// It belongs to an interrupted response: drop it.
     Drop,
@@ -72,6 +107,10 @@ struct Item {
     response_id: String,
     sent_bytes: u64,
     heard_ms: u32,
+    /// Where the item's audio starts on the [`Playhead`].
+    start_pos: u32,
+    /// The item's audio up to its last mark, ms.
+    marked_ms: u32,
     audio_done: bool,
     interrupted: bool,
     transcript: Option<String>,
@@ -87,6 +126,30 @@ impl Item {
     fn resolved(&self) -> bool {
         self.interrupted || self.fully_heard()
     }
+    /// Heard of this item when the playhead is at `pos`: by echoes, or by the clock.
+    fn heard_at(&self, pos: u32) -> u32 {
+        self.heard_ms
+            .max(pos.saturating_sub(self.start_pos))
+            .min(self.sent_ms())
+    }
+    /// The item's closing mark, when audio followed its last mark.
+    fn final_mark(&mut self, generation: u32, playhead: &mut Playhead) -> Option<Out> {
+        let sent = self.sent_ms();
+        if self.interrupted || self.sent_bytes == 0 || self.marked_ms >= sent {
+            return None;
+        }
+        self.marked_ms = sent;
+        playhead.marked();
+        Some(Out::MarkTwilio {
+            name: mark_name(generation, sent, &self.item_id),
+        })
+    }
+}
+
+fn mark_name(generation: u32, ms: u32, item_id: &str) -> String {
+    let mut name = String::new();
+    MarkAt { generation, ms }.write_name(item_id, &mut name);
+    name
 }
 
 /// Barge-in and playback bookkeeping of one call.
@@ -98,6 +161,7 @@ pub struct Playback {
     active_response: Option<String>,
     discarded: VecDeque<String>,
     barge_in_enabled: bool,
+    playhead: Playhead,
 }
 
 impl Playback {
@@ -159,14 +223,18 @@ impl Playback {
         if self.active_response.as_deref() == Some(response_id) {
             self.active_response = None;
         }
+        let mut out = Vec::new();
         for it in self
             .items
             .iter_mut()
             .filter(|i| i.response_id == response_id)
         {
             it.audio_done = true;
+            out.extend(it.final_mark(self.generation, &mut self.playhead));
         }
-        self.drain_resolved()
+        self.outstanding_marks += out.len() as u32;
+        out.extend(self.drain_resolved());
+        out
     }
 
     /// Whether a delta of this response would be dropped.
@@ -174,9 +242,15 @@ impl Playback {
         self.is_discarded(response_id)
     }
 
-    /// `response.output_audio.delta` of `bytes` decoded bytes. Call only when the delta and
-    /// its mark can both be queued to Twilio.
-    pub fn audio_delta(&mut self, response_id: &str, item_id: &str, bytes: usize) -> Delta {
+    /// `response.output_audio.delta` of `bytes` decoded bytes, sent at `now`. Call only when
+    /// the delta and a mark can both be queued to Twilio.
+    pub fn audio_delta(
+        &mut self,
+        response_id: &str,
+        item_id: &str,
+        bytes: usize,
+        now: Instant,
+    ) -> Delta {
         if self.is_discarded(response_id) {
             return Delta::Drop;
         }
@@ -192,6 +266,8 @@ impl Playback {
                     response_id: response_id.to_owned(),
                     sent_bytes: 0,
                     heard_ms: 0,
+                    start_pos: self.playhead.sent_ms(),
+                    marked_ms: 0,
                     audio_done: false,
                     interrupted: false,
                     transcript: None,
@@ -200,23 +276,38 @@ impl Playback {
             }
         };
         let item = &mut self.items[idx];
+        let before = item.sent_ms();
         item.sent_bytes += bytes as u64;
+        let sent = item.sent_ms();
+        self.playhead.sent(sent - before, now);
+        if sent - item.marked_ms < MARK_EVERY_MS {
+            return Delta::Forward { mark: None };
+        }
+        item.marked_ms = sent;
+        self.playhead.marked();
         self.outstanding_marks += 1;
         Delta::Forward {
-            mark: format!("g{}:{}:{}", self.generation, item.sent_ms(), item_id),
+            mark: Some(MarkAt {
+                generation: self.generation,
+                ms: sent,
+            }),
         }
     }
 
     /// `response.output_audio.done` for an item.
     pub fn audio_done(&mut self, item_id: &str) -> Vec<Out> {
+        let mut out = Vec::new();
         if let Some(it) = self.items.iter_mut().rev().find(|i| i.item_id == item_id) {
             it.audio_done = true;
+            out.extend(it.final_mark(self.generation, &mut self.playhead));
         }
-        self.drain_resolved()
+        self.outstanding_marks += out.len() as u32;
+        out.extend(self.drain_resolved());
+        out
     }
 
-    /// A Twilio `mark` echo. Returns `None` for a name this relay did not produce.
-    pub fn mark_echoed(&mut self, name: &str) -> Option<Vec<Out>> {
+    /// A Twilio `mark` echo at `now`. Returns `None` for a name this relay did not produce.
+    pub fn mark_echoed(&mut self, name: &str, now: Instant) -> Option<Vec<Out>> {
         let (generation, ms, item_id) = parse_mark(name)?;
         if generation != self.generation {
             // Flushed by a `clear`: proves nothing about what was heard.
@@ -224,7 +315,9 @@ impl Playback {
         }
         self.outstanding_marks = self.outstanding_marks.saturating_sub(1);
         if let Some(it) = self.items.iter_mut().rev().find(|i| i.item_id == item_id) {
-            it.heard_ms = it.heard_ms.max(ms.min(it.sent_ms()));
+            let ms = ms.min(it.sent_ms());
+            it.heard_ms = it.heard_ms.max(ms);
+            self.playhead.echoed(it.start_pos.saturating_add(ms), now);
         }
         Some(self.drain_resolved())
     }
@@ -247,14 +340,17 @@ impl Playback {
         }
     }
 
-    /// `input_audio_buffer.speech_started`: the barge-in, if the assistant is talking.
-    pub fn speech_started(&mut self) -> Vec<Out> {
-        let talking = self.outstanding_marks > 0 || self.active_response.is_some();
+    /// `input_audio_buffer.speech_started` at `now`: the barge-in, if the assistant is
+    /// talking.
+    pub fn speech_started(&mut self, now: Instant) -> Vec<Out> {
+        let pos = self.playhead.heard(now);
+        let playing = self.outstanding_marks > 0 || pos < self.playhead.sent_ms();
+        let talking = playing || self.active_response.is_some();
         if !self.barge_in_enabled || !talking {
             return Vec::new();
         }
         let mut out = Vec::new();
-        if self.outstanding_marks > 0 {
+        if playing {
             // Clear first: it stops the sound fastest.
             out.push(Out::ClearTwilio);
         }
@@ -271,7 +367,7 @@ impl Playback {
                 continue; // truncating an item without audio is an error (pitfall 3)
             }
             // Items queued behind the one playing were not heard at all: heard_ms is 0.
-            let heard = it.heard_ms.min(sent);
+            let heard = it.heard_at(pos);
             it.heard_ms = heard;
             out.push(Out::Truncate {
                 item_id: it.item_id.clone(),
@@ -294,6 +390,11 @@ impl Playback {
         }
         self.generation = self.generation.wrapping_add(1);
         self.outstanding_marks = 0;
+        if playing {
+            self.playhead.clear();
+        } else {
+            self.playhead.forget_marks();
+        }
         out.extend(self.drain_resolved());
         out
     }
@@ -302,25 +403,33 @@ impl Playback {
     /// Audio already queued at Twilio plays on, but nothing of the old session is waited
     /// for: its marks belong to an old generation from now on. Reports each item whose
     /// transcript is known with what was heard so far; the rest is forgotten.
-    pub fn model_lost(&mut self) -> Vec<Out> {
-        let out = self.flush();
+    pub fn model_lost(&mut self, now: Instant) -> Vec<Out> {
+        let out = self.flush(now);
         self.active_response = None;
         self.outstanding_marks = 0;
+        self.playhead.forget_marks();
         self.generation = self.generation.wrapping_add(1);
         out
     }
 
-    /// Reports every item still waiting (call end): what was heard so far.
-    pub fn flush(&mut self) -> Vec<Out> {
+    /// Reports every item still waiting (call end): what was heard so far at `now`.
+    pub fn flush(&mut self, now: Instant) -> Vec<Out> {
+        let pos = self.playhead.heard(now);
         let mut out = Vec::new();
         while let Some(it) = self.items.pop_front() {
+            // An interrupted item's heard portion was settled at the barge-in.
+            let heard_ms = if it.interrupted {
+                it.heard_ms
+            } else {
+                it.heard_at(pos)
+            };
             if let Some(text) = it.transcript {
                 let audio_ms = u32::try_from(it.sent_bytes / 8).unwrap_or(u32::MAX);
                 out.push(Out::AssistantSpeech {
                     item_id: it.item_id,
                     text,
-                    interrupted: it.interrupted || it.heard_ms < audio_ms,
-                    heard_ms: it.heard_ms,
+                    interrupted: it.interrupted || heard_ms < audio_ms,
+                    heard_ms,
                     audio_ms,
                 });
             }
@@ -445,14 +554,41 @@ impl Lifecycle {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
     use super::*;
 
-    /// Sends `n` deltas of `bytes` each for an item and returns their mark names.
+    /// One instant for a test: the clock never moves unless a test says so, so `heard`
+    /// comes from echoes alone.
+    fn t0() -> Instant {
+        static T0: OnceLock<Instant> = OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// 100 ms of pcmu: one delta per mark.
+    const D100: usize = 800;
+
+    /// Sends `n` deltas of `bytes` each for an item at `t0` and returns the marks they
+    /// brought.
     fn send(p: &mut Playback, resp: &str, item: &str, n: usize, bytes: usize) -> Vec<String> {
         (0..n)
-            .map(|_| match p.audio_delta(resp, item, bytes) {
-                Delta::Forward { mark } => mark,
+            .filter_map(|_| match p.audio_delta(resp, item, bytes, t0()) {
+                Delta::Forward { mark } => mark.map(|m| mark_name(m.generation, m.ms, item)),
                 Delta::Drop => panic!("unexpected drop"),
+            })
+            .collect()
+    }
+
+    fn echo(p: &mut Playback, name: &str) -> Vec<Out> {
+        p.mark_echoed(name, t0()).expect("our mark")
+    }
+
+    fn marks(out: &[Out]) -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::MarkTwilio { name } => Some(name.clone()),
+                _ => None,
             })
             .collect()
     }
@@ -476,9 +612,9 @@ mod tests {
     fn mark_names_encode_generation_cumulative_ms_and_item() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let marks = send(&mut p, "r1", "item_a", 3, 160);
-        assert_eq!(marks, ["g0:20:item_a", "g0:40:item_a", "g0:60:item_a"]);
-        assert_eq!(parse_mark("g0:60:item_a"), Some((0, 60, "item_a")));
+        let marks = send(&mut p, "r1", "item_a", 3, D100);
+        assert_eq!(marks, ["g0:100:item_a", "g0:200:item_a", "g0:300:item_a"]);
+        assert_eq!(parse_mark("g0:300:item_a"), Some((0, 300, "item_a")));
         assert_eq!(parse_mark("g1:5:it:em"), Some((1, 5, "it:em")));
         assert_eq!(parse_mark("responsePart"), None);
         assert_eq!(parse_mark("gx:1:a"), None);
@@ -486,25 +622,63 @@ mod tests {
     }
 
     #[test]
+    fn marks_go_out_every_100_ms_of_audio_and_at_the_item_end() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        // 20 ms deltas: a mark with every fifth.
+        assert_eq!(
+            send(&mut p, "r1", "item_a", 12, 160),
+            ["g0:100:item_a", "g0:200:item_a"]
+        );
+        // The item's last 40 ms get their own mark when its audio is done, once.
+        let out = p.audio_done("item_a");
+        assert_eq!(marks(&out), ["g0:240:item_a"]);
+        assert!(marks(&p.response_done("r1")).is_empty());
+        assert_eq!(p.outstanding_marks(), 3);
+        // An item whose audio ends on a mark needs no other.
+        p.response_created("r2");
+        send(&mut p, "r2", "item_b", 5, 160);
+        assert!(marks(&p.response_done("r2")).is_empty());
+    }
+
+    #[test]
+    fn between_echoes_the_clock_says_what_was_heard() {
+        let mut p = Playback::new(true);
+        p.response_created("r1");
+        // 400 ms sent at once, marks at 100..400.
+        let m = send(&mut p, "r1", "item_a", 20, 160);
+        p.mark_echoed(&m[0], t0() + Duration::from_millis(100));
+        // 30 ms after the echo of 100 ms: 130 ms heard (not 100), within a frame.
+        let out = p.speech_started(t0() + Duration::from_millis(130));
+        assert!(
+            out.contains(&Out::Truncate {
+                item_id: "item_a".into(),
+                audio_end_ms: 130
+            }),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn barge_in_truncates_at_heard_from_echoed_marks() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let marks = send(&mut p, "r1", "item_a", 5, 160); // 100 ms sent
-        p.mark_echoed(&marks[0]).unwrap();
-        p.mark_echoed(&marks[1]).unwrap(); // 40 ms heard
-        let out = p.speech_started();
+        let marks = send(&mut p, "r1", "item_a", 5, D100); // 500 ms sent
+        echo(&mut p, &marks[0]);
+        echo(&mut p, &marks[1]); // 200 ms heard
+        let out = p.speech_started(t0());
         assert_eq!(
             out,
             vec![
                 Out::ClearTwilio,
                 Out::Truncate {
                     item_id: "item_a".into(),
-                    audio_end_ms: 40
+                    audio_end_ms: 200
                 },
                 Out::Interrupted {
                     item_id: "item_a".into(),
-                    heard_ms: 40,
-                    audio_ms: 100
+                    heard_ms: 200,
+                    audio_ms: 500
                 },
             ]
         );
@@ -512,14 +686,14 @@ mod tests {
         assert_eq!(p.outstanding_marks(), 0);
         // Marks flushed by the clear come back with the old generation: ignored.
         for m in &marks[2..] {
-            assert_eq!(p.mark_echoed(m), Some(vec![]));
+            assert_eq!(echo(&mut p, m), vec![]);
         }
         // Late deltas of the interrupted response are dropped.
-        assert_eq!(p.audio_delta("r1", "item_a", 160), Delta::Drop);
+        assert_eq!(p.audio_delta("r1", "item_a", 160, t0()), Delta::Drop);
         assert!(p.drops("r1"));
         // Its transcript then reports the heard portion, interrupted.
         let out = p.transcript_done("item_a", "Hello there, how");
-        assert_eq!(speech(&out), vec![("item_a".into(), true, 40, 100)]);
+        assert_eq!(speech(&out), vec![("item_a".into(), true, 200, 500)]);
     }
 
     #[test]
@@ -528,8 +702,8 @@ mod tests {
         p.response_created("r1");
         send(&mut p, "r1", "item_a", 2, 100); // 200 bytes = 25 ms
         // A forged echo claiming more than was sent is capped.
-        p.mark_echoed("g0:9999:item_a").unwrap();
-        let out = p.speech_started();
+        echo(&mut p, "g0:9999:item_a");
+        let out = p.speech_started(t0() + Duration::from_secs(5));
         assert!(out.contains(&Out::Truncate {
             item_id: "item_a".into(),
             audio_end_ms: 25
@@ -539,17 +713,18 @@ mod tests {
     #[test]
     fn no_barge_in_when_nothing_plays() {
         let mut p = Playback::new(true);
-        assert!(p.speech_started().is_empty());
+        assert!(p.speech_started(t0()).is_empty());
         // A finished, fully played turn: no clear, no truncate (the "already shorter" bug).
         p.response_created("r1");
-        let marks = send(&mut p, "r1", "item_a", 2, 160);
-        p.audio_done("item_a");
+        let mut marks = send(&mut p, "r1", "item_a", 3, 160);
+        marks.extend(super::tests::marks(&p.audio_done("item_a")));
         p.response_done("r1");
+        assert_eq!(marks, ["g0:60:item_a"]);
         for m in &marks {
-            p.mark_echoed(m).unwrap();
+            echo(&mut p, m);
         }
         assert!(p.idle());
-        assert!(p.speech_started().is_empty());
+        assert!(p.speech_started(t0()).is_empty());
         assert_eq!(p.generation(), 0);
     }
 
@@ -557,12 +732,15 @@ mod tests {
     fn barge_in_disabled_by_agent() {
         let mut p = Playback::new(false);
         p.response_created("r1");
-        send(&mut p, "r1", "item_a", 2, 160);
-        assert!(p.speech_started().is_empty());
+        send(&mut p, "r1", "item_a", 2, D100);
+        assert!(p.speech_started(t0()).is_empty());
         assert_eq!(
-            p.audio_delta("r1", "item_a", 160),
+            p.audio_delta("r1", "item_a", D100, t0()),
             Delta::Forward {
-                mark: "g0:60:item_a".into()
+                mark: Some(MarkAt {
+                    generation: 0,
+                    ms: 300
+                })
             }
         );
     }
@@ -571,33 +749,33 @@ mod tests {
     fn response_active_without_audio_discards_it_without_truncate() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let out = p.speech_started();
+        let out = p.speech_started(t0());
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(p.generation(), 1);
-        assert_eq!(p.audio_delta("r1", "item_a", 160), Delta::Drop);
+        assert_eq!(p.audio_delta("r1", "item_a", 160, t0()), Delta::Drop);
         // The next response plays normally with the new generation.
         p.response_created("r2");
-        assert_eq!(send(&mut p, "r2", "item_b", 1, 160), ["g1:20:item_b"]);
+        assert_eq!(send(&mut p, "r2", "item_b", 1, D100), ["g1:100:item_b"]);
     }
 
     #[test]
     fn new_item_resets_per_item_state() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let a = send(&mut p, "r1", "item_a", 3, 160);
+        let a = send(&mut p, "r1", "item_a", 3, D100);
         p.audio_done("item_a");
         p.response_done("r1");
         for m in &a {
-            p.mark_echoed(m).unwrap();
+            echo(&mut p, m);
         }
         p.response_created("r2");
-        let b = send(&mut p, "r2", "item_b", 2, 160);
-        assert_eq!(b, ["g0:20:item_b", "g0:40:item_b"]);
-        p.mark_echoed(&b[0]).unwrap();
-        let out = p.speech_started();
+        let b = send(&mut p, "r2", "item_b", 2, D100);
+        assert_eq!(b, ["g0:100:item_b", "g0:200:item_b"]);
+        echo(&mut p, &b[0]);
+        let out = p.speech_started(t0());
         assert!(out.contains(&Out::Truncate {
             item_id: "item_b".into(),
-            audio_end_ms: 20
+            audio_end_ms: 100
         }));
         assert!(
             !out.iter()
@@ -609,21 +787,21 @@ mod tests {
     fn later_queued_items_truncate_at_zero() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let a = send(&mut p, "r1", "item_a", 2, 160);
-        send(&mut p, "r1", "item_b", 2, 160);
-        p.mark_echoed(&a[0]).unwrap();
-        let out = p.speech_started();
+        let a = send(&mut p, "r1", "item_a", 2, D100);
+        send(&mut p, "r1", "item_b", 2, D100);
+        echo(&mut p, &a[0]);
+        let out = p.speech_started(t0());
         assert_eq!(
             out[1..],
             [
                 Out::Truncate {
                     item_id: "item_a".into(),
-                    audio_end_ms: 20
+                    audio_end_ms: 100
                 },
                 Out::Interrupted {
                     item_id: "item_a".into(),
-                    heard_ms: 20,
-                    audio_ms: 40
+                    heard_ms: 100,
+                    audio_ms: 200
                 },
                 Out::Truncate {
                     item_id: "item_b".into(),
@@ -637,15 +815,15 @@ mod tests {
     fn speech_reported_after_playback_completes() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let m = send(&mut p, "r1", "item_a", 2, 160);
+        let m = send(&mut p, "r1", "item_a", 2, D100);
         p.audio_done("item_a");
         // Transcript arrives before playback finished: held back.
         assert!(p.transcript_done("item_a", "Hi!").is_empty());
         assert!(p.response_done("r1").is_empty());
-        assert!(p.mark_echoed(&m[0]).unwrap().is_empty());
+        assert!(echo(&mut p, &m[0]).is_empty());
         assert!(!p.idle());
-        let out = p.mark_echoed(&m[1]).unwrap();
-        assert_eq!(speech(&out), vec![("item_a".into(), false, 40, 40)]);
+        let out = echo(&mut p, &m[1]);
+        assert_eq!(speech(&out), vec![("item_a".into(), false, 200, 200)]);
         assert!(p.idle());
     }
 
@@ -660,43 +838,56 @@ mod tests {
     fn flush_reports_pending_items_at_call_end() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let m = send(&mut p, "r1", "item_a", 3, 160);
+        let m = send(&mut p, "r1", "item_a", 3, D100);
         p.transcript_done("item_a", "partial");
-        p.mark_echoed(&m[0]).unwrap();
-        assert_eq!(speech(&p.flush()), vec![("item_a".into(), true, 20, 60)]);
-        assert!(p.flush().is_empty());
+        echo(&mut p, &m[0]);
+        assert_eq!(
+            speech(&p.flush(t0())),
+            vec![("item_a".into(), true, 100, 300)]
+        );
+        assert!(p.flush(t0()).is_empty());
+        // By the clock: 50 ms after the echo of 100 ms, 150 ms were heard.
+        p.response_created("r2");
+        let m = send(&mut p, "r2", "item_b", 3, D100);
+        p.transcript_done("item_b", "partial");
+        p.mark_echoed(&m[0], t0() + Duration::from_millis(400))
+            .expect("ours");
+        assert_eq!(
+            speech(&p.flush(t0() + Duration::from_millis(450))),
+            vec![("item_b".into(), true, 150, 300)]
+        );
     }
 
     #[test]
     fn a_lost_model_session_leaves_playback_idle_and_ignores_its_marks() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        let m = send(&mut p, "r1", "item_a", 3, 160);
+        let m = send(&mut p, "r1", "item_a", 3, D100);
         assert!(p.has_item("item_a"));
         p.transcript_done("item_a", "partial");
-        p.mark_echoed(&m[0]).unwrap();
+        echo(&mut p, &m[0]);
         assert!(!p.idle());
         assert_eq!(
-            speech(&p.model_lost()),
-            vec![("item_a".into(), true, 20, 60)]
+            speech(&p.model_lost(t0())),
+            vec![("item_a".into(), true, 100, 300)]
         );
         assert!(p.idle(), "nothing of the old session is waited for");
         assert!(!p.has_item("item_a"), "its items are settled");
         // Echoes of the old session's audio prove nothing now.
-        assert_eq!(p.mark_echoed(&m[1]), Some(vec![]));
+        assert_eq!(echo(&mut p, &m[1]), vec![]);
         assert_eq!(p.outstanding_marks(), 0);
         // The new session's audio is tracked as usual.
         p.response_created("r2");
-        let m2 = send(&mut p, "r2", "item_b", 1, 160);
+        let m2 = send(&mut p, "r2", "item_b", 1, D100);
         assert!(m2[0].starts_with("g1:"), "{m2:?}");
     }
 
     #[test]
     fn unknown_marks_are_reported_as_foreign() {
         let mut p = Playback::new(true);
-        assert_eq!(p.mark_echoed("whatever"), None);
+        assert_eq!(p.mark_echoed("whatever", t0()), None);
         // A valid-looking mark never sent does not underflow.
-        assert_eq!(p.mark_echoed("g0:20:item_z"), Some(vec![]));
+        assert_eq!(echo(&mut p, "g0:20:item_z"), vec![]);
         assert_eq!(p.outstanding_marks(), 0);
     }
 
@@ -704,18 +895,18 @@ mod tests {
     fn second_barge_in_uses_new_generation() {
         let mut p = Playback::new(true);
         p.response_created("r1");
-        send(&mut p, "r1", "item_a", 2, 160);
-        p.speech_started();
+        send(&mut p, "r1", "item_a", 2, D100);
+        p.speech_started(t0());
         p.response_done("r1");
         p.response_created("r2");
-        let m = send(&mut p, "r2", "item_b", 3, 160);
+        let m = send(&mut p, "r2", "item_b", 3, D100);
         assert!(m[0].starts_with("g1:"));
-        p.mark_echoed(&m[0]).unwrap();
-        p.mark_echoed(&m[1]).unwrap();
-        let out = p.speech_started();
+        echo(&mut p, &m[0]);
+        echo(&mut p, &m[1]);
+        let out = p.speech_started(t0());
         assert!(out.contains(&Out::Truncate {
             item_id: "item_b".into(),
-            audio_end_ms: 40
+            audio_end_ms: 200
         }));
         assert_eq!(p.generation(), 2);
     }
@@ -748,19 +939,20 @@ mod tests {
                         }
                         let (r, i) = (format!("r{resp}"), format!("i{item}"));
                         let bytes = 1 + rnd(400) as usize;
-                        if let Delta::Forward { mark } = p.audio_delta(&r, &i, bytes) {
+                        if let Delta::Forward { mark } = p.audio_delta(&r, &i, bytes, t0()) {
+                            queue.extend(mark.map(|m| mark_name(m.generation, m.ms, &i)));
                             *sent.entry(i).or_default() += bytes as u64;
-                            queue.push_back(mark);
                         }
                     }
                     2 => {
                         if let Some(m) = queue.pop_front() {
-                            p.mark_echoed(&m).unwrap();
+                            echo(&mut p, &m);
                         }
                     }
                     3 => {
                         let generation = p.generation();
-                        for out in p.speech_started() {
+                        let at = t0() + Duration::from_millis(rnd(2_000));
+                        for out in p.speech_started(at) {
                             if let Out::Truncate {
                                 item_id,
                                 audio_end_ms,
@@ -774,12 +966,12 @@ mod tests {
                         if p.generation() != generation {
                             // Everything still queued is flushed back, old generation.
                             for m in queue.drain(..) {
-                                assert_eq!(p.mark_echoed(&m), Some(vec![]));
+                                assert_eq!(echo(&mut p, &m), vec![]);
                             }
                         }
                     }
                     4 => {
-                        p.response_done(&format!("r{resp}"));
+                        queue.extend(marks(&p.response_done(&format!("r{resp}"))));
                         resp += 1;
                         p.response_created(&format!("r{resp}"));
                     }

@@ -3,7 +3,7 @@
 
 use callbridge_proto::pb;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
 use super::turn_commit::Heard;
@@ -34,6 +34,7 @@ impl Call {
             Some(Ok(m)) => m,
         };
         self.counters.read_ok();
+        self.deps.metrics.twilio_socket().messages_in.inc();
         let text = match &msg {
             Message::Text(text) => text.as_str(),
             Message::Close(_) => return self.end(EndKind::CallerHangup, "caller socket closed"),
@@ -48,7 +49,7 @@ impl Call {
         };
         match parsed.event {
             TwilioEventKind::Media => self.on_media(parsed, now),
-            TwilioEventKind::Mark => self.on_mark(parsed),
+            TwilioEventKind::Mark => self.on_mark(parsed, now),
             TwilioEventKind::Dtmf => self.on_dtmf(parsed, now),
             TwilioEventKind::Start => self.on_start(parsed, now),
             TwilioEventKind::Stop => self.end(EndKind::CallerHangup, "Twilio stop"),
@@ -94,9 +95,8 @@ impl Call {
         if self.deps.config.model_reconnect_secs > 0 {
             self.caller.remember(&media.payload);
         }
-        // Exact capacity: the String becomes shared bytes without a copy.
-        let frame = Utf8Bytes::from(realtime::append(&media.payload));
-        if self.model.push(Message::Text(frame)).is_ok() {
+        let frame = self.frames.text(&realtime::append_parts(&media.payload));
+        if self.model.push(frame).is_ok() {
             self.counters.frames_in += 1;
             self.deps.metrics.frames_c2m().inc();
         } else {
@@ -117,11 +117,11 @@ impl Call {
         }
     }
 
-    fn on_mark(&mut self, parsed: Inbound<'_>) {
+    fn on_mark(&mut self, parsed: Inbound<'_>, now: Instant) {
         let Some(mark) = parsed.mark else {
             return self.bad_twilio("mark without body");
         };
-        match self.playback.mark_echoed(&mark.name) {
+        match self.playback.mark_echoed(&mark.name, now) {
             Some(outs) => self.apply(outs),
             None => self.bad_twilio("unknown mark"),
         }

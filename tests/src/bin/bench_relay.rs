@@ -45,9 +45,10 @@ use callbridge_testkit::redis_server::{RedisServer, RedisTls};
 use callbridge_testkit::signature::twilio_signature;
 use callbridge_testkit::sim_caller::{CallerConfig, SimCaller};
 use callbridge_tests::bench::{
-    children_named, clock_ticks_per_sec, cpus_allowed, create_calls, json_f64 as f, json_u64 as u,
-    load_average, machine, parse_cpu_list, parse_key_value, percentile, pin_process,
-    process_cpu_ms, provenance, rss_kib, thread_cpu_ms, write_result,
+    PerfCounts, children_named, clock_ticks_per_sec, cpu_count, cpus_allowed, create_calls,
+    json_f64 as f, json_u64 as u, load_average, machine, parse_cpu_list, parse_key_value,
+    percentile, pin_process, process_cpu_ms, prometheus_samples, provenance, rss_kib,
+    thread_cpu_ms, write_result,
 };
 use callbridge_tests::{Bearer, WorldTls};
 use clap::Parser;
@@ -73,6 +74,8 @@ const FRAME: Duration = Duration::from_millis(20);
 /// 16 base64 characters, so they can be patched into a pre-encoded payload.
 const STAMP_BYTES: usize = 12;
 const STAMP_CHARS: usize = 16;
+/// The "call index" of the unstamped frames a call sends to flush a joining fake.
+const FILLER: u32 = u32::MAX;
 /// Bound on any single setup step (HTTP, handshake, RPC).
 const STEP: Duration = Duration::from_secs(20);
 
@@ -135,6 +138,16 @@ struct Args {
     /// stops), so every call keeps its whole resend window, as during a real utterance.
     #[arg(long)]
     speaking: bool,
+    /// Sizes of the model's audio deltas, ms, comma-separated (multiples of 20): every
+    /// level runs once per size. The echo fake joins the caller's 20 ms appends into
+    /// deltas this long (the real API sends larger deltas than Twilio's frames).
+    #[arg(long, value_delimiter = ',', default_value = "20")]
+    delta_ms: Vec<u32>,
+    /// Seconds of the counting window after each load window (calls keep streaming):
+    /// system calls, context switches and allocations of the relay per frame, counted by
+    /// `perf stat` when it is installed and allowed to trace (0: skip).
+    #[arg(long, default_value_t = 2)]
+    count_secs: u64,
     /// Production path with TLS on every internal hop: Redis on `rediss://` with a client
     /// certificate, control's gRPC over TLS with client certificates, the relay on an
     /// `https://` CONTROL_URL presenting one (certificates from a CA generated for the run).
@@ -169,6 +182,15 @@ fn main() -> anyhow::Result<()> {
         (1..=120).contains(&args.secs) && args.idle_secs <= 60 && args.ramp_per_sec > 0,
         "--secs 1..=120, --idle-secs ≤ 60, --ramp-per-sec > 0"
     );
+    ensure!(
+        !args.delta_ms.is_empty()
+            && args
+                .delta_ms
+                .iter()
+                .all(|&d| (20..=1000).contains(&d) && d % 20 == 0),
+        "--delta-ms: each size a multiple of 20 within 20..=1000"
+    );
+    ensure!(args.count_secs <= 30, "--count-secs ≤ 30");
     ensure!(
         args.hangup_calls <= 1000 && args.coldstart_calls <= 1000 && args.coldstart_dial_ms <= 4000,
         "--hangup-calls ≤ 1000, --coldstart-calls ≤ 1000, --coldstart-dial-ms ≤ 4000 (below the relay's 5 s model connect timeout)"
@@ -208,20 +230,57 @@ fn main() -> anyhow::Result<()> {
         .thread_name("loadgen")
         .enable_all()
         .build()?;
-    let fake = fake_rt.block_on(async {
-        let builder = FakeRealtime::builder();
-        let builder = if args.speaking {
-            builder.echo_speaking()
-        } else {
-            builder.echo()
-        };
-        builder.start().await
-    })?;
-    let r = rt.block_on(run(&args, &paths, &fake, machine));
+    let echo_fake = |delta_ms: Option<u32>| {
+        let speaking = args.speaking;
+        async move {
+            let builder = FakeRealtime::builder();
+            let builder = if speaking {
+                builder.echo_speaking()
+            } else {
+                builder.echo()
+            };
+            match delta_ms {
+                Some(ms) => builder.chunk_ms(ms),
+                None => builder,
+            }
+            .start()
+            .await
+        }
+    };
+    // One fake per delta size; the 20 ms one (each append echoed as it came) also serves
+    // the hang-up and cold-start checks.
+    let fake = fake_rt.block_on(echo_fake(None))?;
+    let mut larger = Vec::new();
+    for &d in args.delta_ms.iter().filter(|&&d| d != 20) {
+        larger.push((d, fake_rt.block_on(echo_fake(Some(d)))?));
+    }
+    let fakes = Fakes {
+        plain: &fake,
+        larger: &larger,
+    };
+    let r = rt.block_on(run(&args, &paths, &fakes, machine));
+    drop(larger);
     drop(fake);
     rt.shutdown_timeout(Duration::from_secs(2));
     fake_rt.shutdown_timeout(Duration::from_secs(2));
     r
+}
+
+/// The echo fakes, by delta size.
+struct Fakes<'a> {
+    /// Each append echoed as it came (20 ms deltas).
+    plain: &'a FakeRealtime,
+    /// Appends joined into larger deltas, by size (ms).
+    larger: &'a [(u32, FakeRealtime)],
+}
+
+impl Fakes<'_> {
+    fn for_delta(&self, ms: u32) -> &FakeRealtime {
+        self.larger
+            .iter()
+            .find(|(d, _)| *d == ms)
+            .map_or(self.plain, |(_, f)| f)
+    }
 }
 
 /// Control + Redis for the production path; kept for the whole run.
@@ -322,28 +381,38 @@ impl ControlSide {
     }
 }
 
-async fn run(
-    args: &Args,
-    paths: &[Path],
-    fake: &FakeRealtime,
-    machine: Value,
-) -> anyhow::Result<()> {
+async fn run(args: &Args, paths: &[Path], fakes: &Fakes<'_>, machine: Value) -> anyhow::Result<()> {
+    let fake = fakes.plain;
     let clk_tck = clock_ticks_per_sec();
+    let perf = if args.count_secs > 0 {
+        PerfCounts::detect()
+    } else {
+        None
+    };
+    let counting = match &perf {
+        Some(p) if p.counts_allocations() => "system calls and allocations counted by perf stat",
+        Some(_) => "system calls counted by perf stat (allocations: no uprobes)",
+        None => "perf stat unavailable: no system call or allocation counts",
+    };
     let control = if paths.contains(&Path::Production) {
         Some(start_control(args.relay_cpus.as_deref(), args.tls).await?)
     } else {
         None
     };
     println!(
-        "relay bench: {} CPUs, load average {:?}, {} s load per level, ramp {} calls/s",
+        "relay bench: {} CPUs, load average {:?}, {} s load per level, ramp {} calls/s; {counting}",
         machine["cores"],
         load_average(),
         args.secs,
         args.ramp_per_sec
     );
     println!(
-        "{:>10} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5}",
+        "per frame (one 20 ms caller frame and its echo): msg = WebSocket messages the relay read and wrote, wr = socket writes, sys = system calls, alloc = heap allocations"
+    );
+    println!(
+        "{:>10} {:>4} {:>5} {:>5} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5} {:>5} {:>6} {:>6}",
         "path",
+        "dms",
         "calls",
         "conn",
         "sent",
@@ -359,49 +428,72 @@ async fn run(
         "KiBidle",
         "gen%",
         "fake%",
-        "open"
+        "open",
+        "msg",
+        "wr",
+        "sys",
+        "alloc"
     );
     let mut results = Vec::new();
-    for &n in &args.calls {
-        let mut base_p99 = f64::NAN;
-        for &path in paths {
-            let r = run_level(args, path, n, fake, control.as_ref(), clk_tck).await;
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    println!("{:>10} {n:>5} failed: {e:#}", path.name());
-                    results
-                        .push(json!({"path": path.name(), "calls": n, "error": format!("{e:#}")}));
-                    continue;
+    for &delta in &args.delta_ms {
+        for &n in &args.calls {
+            let mut base_p99 = f64::NAN;
+            for &path in paths {
+                let level = Level {
+                    path,
+                    calls: n,
+                    delta_ms: delta,
+                };
+                let r = run_level(
+                    args,
+                    level,
+                    fakes.for_delta(delta),
+                    control.as_ref(),
+                    perf.as_ref(),
+                    clk_tck,
+                )
+                .await;
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        println!("{:>10} {delta:>4} {n:>5} failed: {e:#}", path.name());
+                        results.push(json!({"path": path.name(), "calls": n, "delta_ms": delta,
+                                        "error": format!("{e:#}")}));
+                        continue;
+                    }
+                };
+                let p99 = f(&r, &["rtt_ms", "p99"]);
+                if path == Path::Baseline {
+                    base_p99 = p99;
                 }
-            };
-            let p99 = f(&r, &["rtt_ms", "p99"]);
-            if path == Path::Baseline {
-                base_p99 = p99;
+                let added = p99 - base_p99;
+                let mut r = r;
+                r["added_p99_ms"] = json!(if added.is_finite() { Some(added) } else { None });
+                println!(
+                    "{:>10} {delta:>4} {n:>5} {:>5} {:>8} {:>8} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>8.1} {:>8.1} {:>6.0} {:>6.0} {:>5} {:>5.2} {:>5.2} {:>6.2} {:>6.2}",
+                    path.name(),
+                    u(&r, &["connected"]),
+                    u(&r, &["frames", "sent"]),
+                    u(&r, &["frames", "received"]),
+                    u(&r, &["frames", "lost"]),
+                    f(&r, &["rtt_ms", "p50"]),
+                    p99,
+                    f(&r, &["rtt_ms", "max"]),
+                    added,
+                    f(&r, &["relay", "cpu_ms_per_call_sec"]),
+                    f(&r, &["relay", "idle_cpu_ms_per_call_sec"]),
+                    f(&r, &["relay", "rss_kib_per_call_load"]),
+                    f(&r, &["relay", "rss_kib_per_call_idle"]),
+                    f(&r, &["loadgen_cpu_pct"]),
+                    f(&r, &["fake_cpu_pct"]),
+                    u(&r, &["upstream_open_after_end"]),
+                    f(&r, &["per_frame", "messages"]),
+                    f(&r, &["per_frame", "writes"]),
+                    f(&r, &["counted", "per_frame", "syscalls"]),
+                    f(&r, &["counted", "per_frame", "allocations"]),
+                );
+                results.push(r);
             }
-            let added = p99 - base_p99;
-            let mut r = r;
-            r["added_p99_ms"] = json!(if added.is_finite() { Some(added) } else { None });
-            println!(
-                "{:>10} {n:>5} {:>5} {:>8} {:>8} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.3} {:>8.3} {:>8.1} {:>8.1} {:>6.0} {:>6.0} {:>5}",
-                path.name(),
-                u(&r, &["connected"]),
-                u(&r, &["frames", "sent"]),
-                u(&r, &["frames", "received"]),
-                u(&r, &["frames", "lost"]),
-                f(&r, &["rtt_ms", "p50"]),
-                p99,
-                f(&r, &["rtt_ms", "max"]),
-                added,
-                f(&r, &["relay", "cpu_ms_per_call_sec"]),
-                f(&r, &["relay", "idle_cpu_ms_per_call_sec"]),
-                f(&r, &["relay", "rss_kib_per_call_load"]),
-                f(&r, &["relay", "rss_kib_per_call_idle"]),
-                f(&r, &["loadgen_cpu_pct"]),
-                f(&r, &["fake_cpu_pct"]),
-                u(&r, &["upstream_open_after_end"]),
-            );
-            results.push(r);
         }
     }
     let hangups = if args.hangup_calls > 0 {
@@ -422,19 +514,28 @@ async fn run(
     };
     // Production vs standalone, per level.
     let mut ratios = Vec::new();
-    for &n in &args.calls {
-        let get = |p: &str| {
-            results
-                .iter()
-                .find(|r| r["path"] == p && r["calls"] == n && r.get("error").is_none())
-        };
-        if let (Some(s), Some(p)) = (get("standalone"), get("production")) {
-            let cs = f(s, &["relay", "cpu_ms_per_call_sec"]);
-            let cp = f(p, &["relay", "cpu_ms_per_call_sec"]);
-            let ratio = cp / cs;
-            println!("production/standalone relay CPU at {n} calls: {ratio:.2}");
-            ratios.push(json!({"calls": n, "cpu_ratio": ratio,
-                "rss_ratio": f(p, &["relay", "rss_kib_per_call_load"]) / f(s, &["relay", "rss_kib_per_call_load"])}));
+    for &delta in &args.delta_ms {
+        for &n in &args.calls {
+            let get = |p: &str| {
+                results.iter().find(|r| {
+                    r["path"] == p
+                        && r["calls"] == n
+                        && r["delta_ms"] == delta
+                        && r.get("error").is_none()
+                })
+            };
+            if let (Some(s), Some(p)) = (get("standalone"), get("production")) {
+                let cs = f(s, &["relay", "cpu_ms_per_call_sec"]);
+                let cp = f(p, &["relay", "cpu_ms_per_call_sec"]);
+                let ratio = cp / cs;
+                let rss = |r: &Value| f(r, &["relay", "rss_kib_per_call_load"]);
+                let rss_ratio = rss(p) / rss(s);
+                println!(
+                    "production/standalone relay at {n} calls, {delta} ms deltas: CPU {ratio:.2}, memory {rss_ratio:.2}"
+                );
+                ratios.push(json!({"calls": n, "delta_ms": delta, "cpu_ratio": ratio,
+                    "rss_ratio": rss_ratio}));
+            }
         }
     }
     let pinning = json!({
@@ -456,7 +557,9 @@ async fn run(
         "pinning": pinning,
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec,
-                 "speaking": args.speaking},
+                 "speaking": args.speaking, "delta_ms": args.delta_ms,
+                 "count_secs": args.count_secs},
+        "counting": counting,
         "results": results,
         "production_vs_standalone": ratios,
         "hangup_phases": hangups,
@@ -486,6 +589,12 @@ struct Shared {
     connected: AtomicU64,
     /// How long each call streams once it may.
     stream: Duration,
+    /// The load window's length: frames sent within it count for CPU per call-second
+    /// (calls stream on through the counting window).
+    load: Duration,
+    /// Unstamped frames a call sends after its last one, so that a fake joining appends
+    /// into larger deltas echoes everything it holds.
+    flush_frames: u32,
     /// How long a call waits for its last echoes after it stopped streaming.
     drain: Duration,
     /// Cold start: every call streams right after its `start` (no `go`, no clock spread).
@@ -498,6 +607,8 @@ struct Shared {
 struct CallOut {
     connected: bool,
     sent: u64,
+    /// Frames sent within the load window.
+    sent_load: u64,
     received: u64,
     misrouted: u64,
     marks: u64,
@@ -652,6 +763,8 @@ async fn coldstart_path(
         go: go_rx,
         connected: AtomicU64::new(0),
         stream: COLD_STREAM,
+        load: COLD_STREAM,
+        flush_frames: 0,
         drain: COLD_DRAIN,
         cold: true,
         epoch: Instant::now(),
@@ -802,6 +915,8 @@ async fn hang_up_one(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
 struct RelaySide {
     proc: Proc,
     pid: u32,
+    /// Its `/metrics` listener.
+    metrics: SocketAddr,
     /// The relay's threads' CPU lists after `--relay-cpus` pinning (`None`: not pinned).
     cpus_allowed: Option<Vec<String>>,
 }
@@ -813,11 +928,12 @@ async fn start_relay(
     control: Option<&ControlSide>,
 ) -> anyhow::Result<RelaySide> {
     let addr = free_addr()?;
+    let metrics = free_addr()?;
     let public = format!("http://{addr}");
     let mut e = env([
         ("RELAY_LISTEN", &addr.to_string()),
-        // No metrics listener: nothing here scrapes it, and a fixed port could be taken.
-        ("RELAY_METRICS_ADDR", ""),
+        // Scraped around the load and counting windows (messages, writes, frames).
+        ("RELAY_METRICS_ADDR", &metrics.to_string()),
         ("RELAY_PUBLIC_URL", &public),
         ("OPENAI_API_KEY", OPENAI_KEY),
         ("OPENAI_REALTIME_URL", model_url),
@@ -835,6 +951,14 @@ async fn start_relay(
             e.extend(tls.relay_env());
         }
         e.push(("RELAY_CONTROL_TOKEN".to_owned(), RELAY_TOKEN.to_owned()));
+    }
+    // Pinned after it starts (below), the relay would otherwise size its runtime for every
+    // core of the machine and run more workers than it has CPUs.
+    if let Some(cpus) = &args.relay_cpus {
+        e.push((
+            "TOKIO_WORKER_THREADS".to_owned(),
+            cpu_count(cpus).to_string(),
+        ));
     }
     e.extend(args.relay_env.iter().cloned());
     let mut proc = Proc::spawn("callbridge-relay", e, addr)
@@ -855,6 +979,7 @@ async fn start_relay(
     Ok(RelaySide {
         proc,
         pid,
+        metrics,
         cpus_allowed,
     })
 }
@@ -891,14 +1016,112 @@ async fn wait_model_sockets_closed(fake: &FakeRealtime, open_before: u64) -> (u6
     )
 }
 
+/// One level of the bench: a path, a number of calls, a delta size.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    path: Path,
+    calls: usize,
+    delta_ms: u32,
+}
+
+/// The relay's counters of messages, writes and frames (`/metrics`).
+async fn relay_counters(relay: Option<&RelaySide>) -> Option<BTreeMap<String, f64>> {
+    let addr = relay?.metrics;
+    let page = callbridge_testkit::http::request(
+        addr,
+        "GET",
+        &addr.to_string(),
+        "/metrics",
+        &[],
+        None,
+        STEP,
+    )
+    .await
+    .ok()?;
+    Some(prometheus_samples(&page.body, "callbridge_relay_"))
+}
+
+/// Messages and writes per caller frame between two scrapes, with the frames counted.
+fn per_frame(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Value {
+    let d = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let frames = d(r#"callbridge_relay_frames_total{direction="caller_to_model"}"#).max(1.0);
+    let msg = |socket: &str, dir: &str| {
+        d(&format!(
+            r#"callbridge_relay_ws_messages_total{{socket="{socket}",direction="{dir}"}}"#
+        )) / frames
+    };
+    let writes = |socket: &str| {
+        d(&format!(
+            r#"callbridge_relay_ws_writes_total{{socket="{socket}"}}"#
+        )) / frames
+    };
+    let by_socket = json!({
+        "twilio_in": msg("twilio", "in"), "twilio_out": msg("twilio", "out"),
+        "model_in": msg("model", "in"), "model_out": msg("model", "out"),
+    });
+    json!({
+        "frames": frames,
+        "messages": msg("twilio", "in") + msg("twilio", "out") + msg("model", "in") + msg("model", "out"),
+        "messages_by_socket": by_socket,
+        "writes": writes("twilio") + writes("model"),
+        "writes_by_socket": {"twilio": writes("twilio"), "model": writes("model")},
+    })
+}
+
+/// The counting window: `perf stat` on the relay while the calls stream on.
+async fn counting_window(
+    perf: &PerfCounts,
+    relay: &RelaySide,
+    window: Duration,
+) -> anyhow::Result<Value> {
+    let before = relay_counters(Some(relay))
+        .await
+        .context("relay /metrics")?;
+    let (perf, pid) = (perf.clone(), relay.pid);
+    let counts = tokio::task::spawn_blocking(move || perf.count(pid, window)).await??;
+    let after = relay_counters(Some(relay))
+        .await
+        .context("relay /metrics")?;
+    let frames = per_frame(&before, &after)["frames"].as_f64().unwrap_or(1.0);
+    let c = |keys: &[&str]| -> Option<f64> {
+        let mut sum = None;
+        for k in keys {
+            if let Some(&v) = counts.get(*k) {
+                *sum.get_or_insert(0.0) += v as f64;
+            }
+        }
+        sum.map(|v| v / frames)
+    };
+    Ok(json!({
+        "secs": window.as_secs_f64(),
+        "frames": frames,
+        "per_frame": {
+            "syscalls": c(&["raw_syscalls:sys_enter"]),
+            "reads": c(&["syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read"]),
+            "writes": c(&["syscalls:sys_enter_sendto", "syscalls:sys_enter_write", "syscalls:sys_enter_writev"]),
+            "epoll_waits": c(&["syscalls:sys_enter_epoll_wait"]),
+            "futex": c(&["syscalls:sys_enter_futex"]),
+            "sched_yield": c(&["syscalls:sys_enter_sched_yield"]),
+            "context_switches": c(&["context-switches"]),
+            "allocations": c(&["probe_libc:malloc", "probe_libc:realloc", "probe_libc:calloc"]),
+        },
+        "raw": counts,
+    }))
+}
+
 async fn run_level(
     args: &Args,
-    path: Path,
-    n: usize,
+    level: Level,
     fake: &FakeRealtime,
     control: Option<&ControlSide>,
+    perf: Option<&PerfCounts>,
     clk_tck: f64,
 ) -> anyhow::Result<Value> {
+    let Level {
+        path,
+        calls: n,
+        delta_ms,
+    } = level;
     let relay = match path {
         Path::Baseline => None,
         Path::Standalone => Some(start_relay(args, &fake.url(), None).await?),
@@ -915,10 +1138,19 @@ async fn run_level(
     let open_before = fake.connections_open();
 
     let (go_tx, go_rx) = watch::channel(None);
+    let load = Duration::from_secs(args.secs);
+    // The counting window follows the load window, while the calls stream on (a second
+    // more covers the scrapes around it).
+    let count = match (&relay, perf) {
+        (Some(_), Some(_)) => Some(Duration::from_secs(args.count_secs)),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         go: go_rx,
         connected: AtomicU64::new(0),
-        stream: Duration::from_secs(args.secs),
+        stream: load + count.map_or(Duration::ZERO, |c| c + Duration::from_secs(1)),
+        load,
+        flush_frames: delta_ms / 20 - 1,
         drain: Duration::from_secs(2),
         cold: false,
         epoch: Instant::now(),
@@ -959,6 +1191,7 @@ async fn run_level(
     let idle_cpu1 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
 
     // Load window.
+    let m0 = relay_counters(relay.as_ref()).await;
     let threads0 = thread_cpu_ms(clk_tck);
     let cpu0 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
     let started = Instant::now();
@@ -974,6 +1207,14 @@ async fn run_level(
     let cpu1 = relay_pid.map(|p| process_cpu_ms(p, clk_tck)).transpose()?;
     let threads1 = thread_cpu_ms(clk_tck);
     let load_secs = started.elapsed().as_secs_f64();
+    let m1 = relay_counters(relay.as_ref()).await;
+    let counted = match (&relay, perf, count) {
+        (Some(r), Some(p), Some(window)) => match counting_window(p, r, window).await {
+            Ok(v) => v,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        },
+        _ => Value::Null,
+    };
 
     // Calls drain, hang up and report.
     let mut outs = collect_calls(tasks, n).await;
@@ -990,10 +1231,12 @@ async fn run_level(
     };
 
     let mut rtts: Vec<u32> = Vec::new();
-    let (mut sent, mut received, mut misrouted, mut marks) = (0u64, 0u64, 0u64, 0u64);
+    let (mut sent, mut sent_load, mut received, mut misrouted, mut marks) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for o in &mut outs {
         sent += o.sent;
+        sent_load += o.sent_load;
         received += o.received;
         misrouted += o.misrouted;
         marks += o.marks;
@@ -1007,7 +1250,7 @@ async fn run_level(
     let call_secs = n as f64 * load_secs;
     // Call-seconds of audio actually carried: when the machine falls behind, calls send
     // fewer than 50 frames/s, and dividing by wall time would flatter the relay.
-    let audio_secs = (sent as f64 * FRAME.as_secs_f64()).max(1e-9);
+    let audio_secs = (sent_load as f64 * FRAME.as_secs_f64()).max(1e-9);
     let idle_secs = args.idle_secs.max(1) as f64;
     let gen_ms = threads1.get("loadgen").copied().unwrap_or(0.0)
         - threads0.get("loadgen").copied().unwrap_or(0.0);
@@ -1028,15 +1271,23 @@ async fn run_level(
         }),
         _ => Value::Null,
     };
+    let per_frame = match (&m0, &m1) {
+        (Some(a), Some(b)) => per_frame(a, b),
+        _ => Value::Null,
+    };
     let mut level = json!({
         "path": path.name(),
         "calls": n,
+        "delta_ms": delta_ms,
+        "per_frame": per_frame,
+        "counted": counted,
         "connected": connected,
         "model_sockets_opened": model_sockets,
         "ramp_secs": ramp_secs,
         "load_secs": load_secs,
-        "frames": {"sent": sent, "received": received, "lost": sent.saturating_sub(received),
-                   "misrouted": misrouted, "marks_echoed": marks},
+        "frames": {"sent": sent, "sent_in_load_window": sent_load, "received": received,
+                   "lost": sent.saturating_sub(received), "misrouted": misrouted,
+                   "marks_echoed": marks},
         "rtt_ms": {"samples": rtts.len(), "p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0),
                    "p999": pct(99.9), "max": rtts.last().map(|&v| f64::from(v) / 1000.0)},
         "relay": relay_json,
@@ -1128,6 +1379,8 @@ async fn call_inner(
         FRAME.mul_f64(f64::from(idx % 97) / 97.0)
     };
     let end = start + shared.stream;
+    let load_end = start + shared.load;
+    let mut flush_left = shared.flush_frames;
     let mut tick = tokio::time::interval_at((start + offset).into(), FRAME);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let drain_until = end + shared.drain;
@@ -1137,20 +1390,31 @@ async fn call_inner(
     loop {
         tokio::select! {
             _ = tick.tick(), if sending => {
-                if Instant::now() >= end {
+                let now = Instant::now();
+                let filler = now >= end;
+                if filler && flush_left == 0 {
                     sending = false;
                     continue;
                 }
                 let us = shared.epoch.elapsed().as_micros() as u64;
-                out.first_sent_us.get_or_insert(us);
-                buf[..4].copy_from_slice(&idx.to_be_bytes());
+                let from = if filler {
+                    flush_left -= 1;
+                    FILLER
+                } else {
+                    out.first_sent_us.get_or_insert(us);
+                    out.sent += 1;
+                    if now < load_end {
+                        out.sent_load += 1;
+                    }
+                    idx
+                };
+                buf[..4].copy_from_slice(&from.to_be_bytes());
                 buf[4..].copy_from_slice(&us.to_be_bytes());
                 B64.encode_slice(buf, &mut stamp).map_err(|e| anyhow!("stamp: {e}"))?;
                 let mut frame = template.clone();
                 // Both are ASCII base64 of the same length: the frame keeps its size.
                 frame.replace_range(stamp_at..stamp_at + STAMP_CHARS, std::str::from_utf8(&stamp)?);
                 tx.send(Message::text(frame)).await?;
-                out.sent += 1;
             }
             msg = rx.next() => {
                 let text = match msg {
@@ -1194,28 +1458,35 @@ async fn on_frame(
         r#""delta":""#
     };
     if let Some(at) = text.find(key) {
-        let b64 = text
-            .get(at + key.len()..at + key.len() + STAMP_CHARS)
-            .context("short payload")?;
-        let mut buf = [0u8; STAMP_BYTES];
-        if B64.decode_slice(b64, &mut buf).ok() != Some(STAMP_BYTES) {
-            bail!("payload stamp is not base64");
-        }
-        let from = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        let mut us = [0u8; 8];
-        us.copy_from_slice(&buf[4..]);
-        let sent_us = u64::from_be_bytes(us);
-        if from != idx {
-            out.misrouted += 1;
-            return Ok(());
-        }
+        let from_here = &text[at + key.len()..];
+        let b64 = &from_here[..from_here.find('"').context("unterminated payload")?];
+        // One 20 ms frame per 160 bytes, each with its stamp (a larger delta joins several).
+        let audio = B64.decode(b64).context("payload is not base64")?;
+        ensure!(
+            !audio.is_empty() && audio.len() % FRAME_BYTES == 0,
+            "payload of {} bytes is not whole 20 ms frames",
+            audio.len()
+        );
         let now_us = shared.epoch.elapsed().as_micros() as u64;
-        let rtt = u32::try_from(now_us.saturating_sub(sent_us)).unwrap_or(u32::MAX);
-        out.received += 1;
-        out.rtts_us.push(rtt);
-        // Stamps grow with every frame, so the first frame's stamp is unique.
-        if out.first_sent_us == Some(sent_us) {
-            out.first_rtt_us = Some(rtt);
+        for frame in audio.chunks_exact(FRAME_BYTES) {
+            let from = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+            let mut us = [0u8; 8];
+            us.copy_from_slice(&frame[4..STAMP_BYTES]);
+            let sent_us = u64::from_be_bytes(us);
+            if from == FILLER {
+                continue;
+            }
+            if from != idx {
+                out.misrouted += 1;
+                continue;
+            }
+            let rtt = u32::try_from(now_us.saturating_sub(sent_us)).unwrap_or(u32::MAX);
+            out.received += 1;
+            out.rtts_us.push(rtt);
+            // Stamps grow with every frame, so the first frame's stamp is unique.
+            if out.first_sent_us == Some(sent_us) {
+                out.first_rtt_us = Some(rtt);
+            }
         }
         return Ok(());
     }

@@ -147,7 +147,8 @@ impl FakeRealtimeBuilder {
 
     /// Milliseconds of audio in every `response.output_audio.delta`, for tests that need
     /// one fixed size. By default the sizes vary as the real API's do
-    /// ([`DELTA_MS_CYCLE`]).
+    /// ([`DELTA_MS_CYCLE`]). In echo mode, appends are held until this much audio came in
+    /// and then echoed as one delta (by default each append is echoed as it came).
     pub fn chunk_ms(mut self, ms: u32) -> Self {
         self.chunk_ms = Some(ms.max(1));
         self
@@ -895,6 +896,8 @@ struct Session {
     greeted: bool,
     counter: u64,
     appended_bytes: u64,
+    /// Echo mode with `chunk_ms`: audio appended and not echoed yet.
+    echo_held: Vec<u8>,
     speech: Option<Speech>,
     last_item: Option<String>,
     active: Option<Active>,
@@ -929,6 +932,7 @@ impl Session {
             greeted: false,
             counter: 0,
             appended_bytes: 0,
+            echo_held: Vec::new(),
             speech: None,
             last_item: None,
             active: None,
@@ -1209,10 +1213,23 @@ impl Session {
                 self.emit(json!({"type": "input_audio_buffer.speech_started",
                     "item_id": "item_caller", "audio_start_ms": 0}));
             }
-            self.emit(
-                json!({"type": "response.output_audio.delta", "response_id": "resp_echo",
-                "item_id": "item_echo", "output_index": 0, "content_index": 0, "delta": audio}),
-            );
+            let Some(ms) = self.cfg.chunk_ms else {
+                self.emit(
+                    json!({"type": "response.output_audio.delta", "response_id": "resp_echo",
+                    "item_id": "item_echo", "output_index": 0, "content_index": 0, "delta": audio}),
+                );
+                return;
+            };
+            let chunk = ms as usize * audio::BYTES_PER_MS;
+            self.echo_held.extend_from_slice(&bytes);
+            while self.echo_held.len() >= chunk {
+                let delta = audio::b64(&self.echo_held[..chunk]);
+                self.echo_held.drain(..chunk);
+                self.emit(
+                    json!({"type": "response.output_audio.delta", "response_id": "resp_echo",
+                    "item_id": "item_echo", "output_index": 0, "content_index": 0, "delta": delta}),
+                );
+            }
             return;
         }
         if !self.vad_on() {
@@ -2243,6 +2260,38 @@ mod tests {
         .await;
         let got = until(&mut ws, "response.output_audio.delta").await;
         assert_eq!(got.last().expect("delta")["delta"], payload);
+    }
+
+    #[tokio::test]
+    async fn echo_mode_with_chunk_ms_joins_appends_into_larger_deltas() {
+        let fake = FakeRealtime::builder()
+            .echo()
+            .chunk_ms(40)
+            .start()
+            .await
+            .expect("start");
+        let mut ws = connect(&fake, Some("k")).await.expect("connect");
+        until(&mut ws, "session.created").await;
+        let frames: Vec<Vec<u8>> = (0..3)
+            .map(|i| audio::tone(500.0 + 100.0 * f64::from(i), 20, 0))
+            .collect();
+        for f in &frames {
+            send(
+                &mut ws,
+                json!({"type": "input_audio_buffer.append", "audio": audio::b64(f)}),
+            )
+            .await;
+        }
+        // Two 20 ms appends make one 40 ms delta; the third waits for a fourth.
+        let got = until(&mut ws, "response.output_audio.delta").await;
+        let delta = got.last().expect("delta")["delta"]
+            .as_str()
+            .expect("text")
+            .to_owned();
+        assert_eq!(
+            audio::unb64(&delta),
+            Some([frames[0].clone(), frames[1].clone()].concat())
+        );
     }
 
     #[tokio::test]
