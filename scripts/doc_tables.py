@@ -168,6 +168,11 @@ def relay_full_rate(doc, r):
     return r["calls"] * doc["args"]["secs"] * 50
 
 
+def sent_in_load(r):
+    """Frames sent in the load window (later files also stream through a counting window)."""
+    return r["frames"].get("sent_in_load_window", r["frames"]["sent"])
+
+
 def render_relay(doc):
     args = doc["args"]
     lines = [
@@ -189,7 +194,7 @@ def render_relay(doc):
         relay = r.get("relay") or {}
         baseline = r["path"] == "baseline"
         added = None if baseline else r.get("added_p99_ms")
-        pct = 100.0 * fr["sent"] / relay_full_rate(doc, r)
+        pct = 100.0 * sent_in_load(r) / relay_full_rate(doc, r)
         rss = "—" if baseline else f"{relay['rss_kib_per_call_idle']:.0f} / {relay['rss_kib_per_call_load']:.0f}"
         lines.append(
             f"| {r['path']} | {thousands(r['calls'])} | {thousands(fr['sent'])} ({pct:.0f} %) | "
@@ -277,13 +282,13 @@ def render_relay_targets(doc):
     tops = [r for r in tops if r]
     lost = sum(r["frames"]["lost"] + r["frames"]["misrouted"] for r in tops)
     connected = all(r["connected"] == r["calls"] for r in tops)
-    offered = " / ".join(f"{100.0 * r['frames']['sent'] / relay_full_rate(doc, r):.0f} %" for r in tops)
+    offered = " / ".join(f"{100.0 * sent_in_load(r) / relay_full_rate(doc, r):.0f} %" for r in tops)
     lines.append(
         f"| {thousands(top)} concurrent calls through one relay, zero frames lost | "
         f"{'every call connected' if connected else 'not every call connected'}; {lost} frames lost or "
         f"misrouted; the box offered {offered} ({who}) of the full 50 frames/s per call | "
         f"{'**met**' if connected and lost == 0 else '**not met**'}"
-        f"{'' if all(r['frames']['sent'] >= 0.99 * relay_full_rate(doc, r) for r in tops) else ' (full rate not shown on this box)'} |\n"
+        f"{'' if all(sent_in_load(r) >= 0.99 * relay_full_rate(doc, r) for r in tops) else ' (full rate not shown on this box)'} |\n"
     )
     cells, met, missed = per_level(lambda r: r.get("added_p99_ms"), ".2f", 5.0)
     lines.append(f"| added round-trip p99 ≤ 5 ms (ms, {who}) | {'; '.join(cells) or '— (no baseline path)'} | {verdict(met, missed) if cells else '—'} |\n")
@@ -736,7 +741,142 @@ def sync_deployment(doc, check):
     return []
 
 
+def relay_level(doc, path, calls, delta):
+    for r in relay_rows(doc):
+        if r["path"] == path and r["calls"] == calls and r.get("delta_ms", 20) == delta:
+            return r
+    return None
+
+
+def arrow(before, after, fmt):
+    if before is None and after is None:
+        return "—"
+    if before is None:
+        return f"— → {after:{fmt}}"
+    if after is None:
+        return f"{before:{fmt}} → —"
+    return f"{before:{fmt}} → {after:{fmt}}"
+
+
+def per_frame(r, *keys):
+    v = r
+    for k in keys:
+        v = (v or {}).get(k) if isinstance(v, dict) else None
+    return v
+
+
+def render_relay_before_after(docs):
+    """A folder with `before.json` and `after.json`: the same bench, one sitting, two builds."""
+    before, after = docs["before"], docs["after"]
+    lines = [
+        "Relay pinned to one core (`--relay-cpus 1`, one runtime worker), the bench on the other; "
+        f"{after['args']['secs']} s load window per level; counts per 20 ms caller frame and its "
+        "echo (messages and writes from the relay's own counters; system calls, context switches "
+        "and allocations from `perf stat` over a "
+        f"{after['args'].get('count_secs', 0)} s window after the load window).\n",
+        "\n",
+        "| deltas | calls | path | CPU-ms / call-s | ratio | added p99 ms | lost | RSS KiB/call (load) | messages | writes | system calls | context switches | allocations |\n",
+        "|---:|---:|---|---|---:|---|---|---|---:|---:|---|---|---|\n",
+    ]
+    deltas = after["args"].get("delta_ms", [20])
+    for d in deltas:
+        for n in after["args"]["calls"]:
+            for path in ("standalone", "production"):
+                a = relay_level(after, path, n, d)
+                b = relay_level(before, path, n, d)
+                if a is None or b is None:
+                    continue
+                cpu_b = b["relay"]["cpu_ms_per_call_sec"]
+                cpu_a = a["relay"]["cpu_ms_per_call_sec"]
+                lost = lambda r: r["frames"]["lost"] + r["frames"]["misrouted"]
+                pf = lambda r, k: per_frame(r, "counted", "per_frame", k)
+                lines.append(
+                    f"| {d} ms | {thousands(n)} | {path} | {cpu_b:.2f} → {cpu_a:.2f} | {cpu_a / cpu_b:.2f} | "
+                    f"{arrow(b.get('added_p99_ms'), a.get('added_p99_ms'), '.1f')} | {lost(b)} → {lost(a)} | "
+                    f"{b['relay']['rss_kib_per_call_load']:.0f} → {a['relay']['rss_kib_per_call_load']:.0f} | "
+                    f"{num(per_frame(a, 'per_frame', 'messages'), '.2f')} | {num(per_frame(a, 'per_frame', 'writes'), '.2f')} | "
+                    f"{arrow(pf(b, 'syscalls'), pf(a, 'syscalls'), '.2f')} | "
+                    f"{arrow(pf(b, 'context_switches'), pf(a, 'context_switches'), '.2f')} | "
+                    f"{arrow(pf(b, 'allocations'), pf(a, 'allocations'), '.2f')} |\n"
+                )
+    lines.append("\n")
+    lines.append("*Before:* " + source_line(before) + f"relay and control from `{before.get('bin_dir') or 'the same build'}`.\n")
+    lines.append("\n")
+    lines.append("*After:* " + source_line(after))
+    return "".join(lines)
+
+
+def render_relay_issue16_targets(docs):
+    """The performance round's targets, checked against `after.json` (and `before.json`)."""
+    before, after = docs["before"], docs["after"]
+    lines = ["| target | result | verdict |\n", "|---|---|---|\n"]
+    paths = ("standalone", "production")
+
+    def met(ok):
+        return "**met**" if ok else "**not met**"
+
+    def cpu_target(delta, limit):
+        rows = [relay_level(after, p, 300, delta) for p in paths]
+        rows = [r for r in rows if r]
+        if not rows:
+            return
+        vals = [r["relay"]["cpu_ms_per_call_sec"] for r in rows]
+        lines.append(
+            f"| ≤ {limit} CPU-ms per call-second at 300 calls, {delta} ms deltas | "
+            + " / ".join(f"{v:.2f}" for v in vals)
+            + f" ({' / '.join(r['path'] for r in rows)}) | {met(all(v <= limit for v in vals))} |\n"
+        )
+
+    cpu_target(20, 1.2)
+    cpu_target(100, 0.8)
+    top = [relay_level(after, p, 400, 20) for p in paths]
+    top = [r for r in top if r]
+    if top:
+        lost = [r["frames"]["lost"] + r["frames"]["misrouted"] for r in top]
+        added = [r.get("added_p99_ms") for r in top]
+        ok = all(l == 0 for l in lost) and all(a is not None and a <= 5.0 for a in added)
+        lines.append(
+            "| 400 calls on one core: 0 frames lost, added p99 ≤ 5 ms, both paths (20 ms deltas) | "
+            + "; ".join(f"{r['path']}: {l} lost, +{num(a, '.1f')} ms" for r, l, a in zip(top, lost, added))
+            + f" | {met(ok)} |\n"
+        )
+    ratios = [x for x in after.get("production_vs_standalone", []) if x.get("calls") in (300, 400)]
+    if ratios:
+        cpu = [x["cpu_ratio"] for x in ratios]
+        rss = [x["rss_ratio"] for x in ratios]
+        where = ", ".join(f"{x['calls']}/{x.get('delta_ms', 20)} ms" for x in ratios)
+        lines.append(
+            f"| production/standalone ≤ 1.10 CPU | {min(cpu):.2f}–{max(cpu):.2f} ({where}) | {met(max(cpu) <= 1.10)} |\n"
+        )
+        lines.append(
+            f"| production/standalone ≤ 1.15 memory per call | {min(rss):.2f}–{max(rss):.2f} | {met(max(rss) <= 1.15)} |\n"
+        )
+    # No regression in the hang-up and cold-start checks.
+    hb, ha = before.get("hangup_phases") or {}, after.get("hangup_phases") or {}
+    if ha and hb:
+        open_b = sum(v.get("model_sockets_open_after", 0) for v in hb.values() if isinstance(v, dict))
+        open_a = sum(v.get("model_sockets_open_after", 0) for v in ha.values() if isinstance(v, dict))
+        lines.append(
+            f"| hang-up check: no model socket left open | {open_b} before, {open_a} after ({len(ha)} ways, "
+            f"{next(iter(ha.values())).get('calls', '?')} calls each) | {met(open_a <= open_b and open_a == 0)} |\n"
+        )
+    cb, ca = before.get("coldstart") or {}, after.get("coldstart") or {}
+    for path in paths:
+        b, a = cb.get(path) or {}, ca.get(path) or {}
+        if "frames" in a and "frames" in b:
+            ok = a["frames"]["lost"] <= b["frames"]["lost"] and a["first_frame_back"] >= b["first_frame_back"]
+            lines.append(
+                f"| cold start ({path}): frames lost, first frames back | {b['frames']['lost']} → {a['frames']['lost']}, "
+                f"{b['first_frame_back']} → {a['first_frame_back']} of {a['calls']} | {met(ok)} |\n"
+            )
+    lines.append("\n")
+    lines.append(source_line(after))
+    return "".join(lines)
+
+
 RENDERERS = {
+    "relay_before_after": render_relay_before_after,
+    "relay_issue16_targets": render_relay_issue16_targets,
     "soak": render_soak,
     "faults": render_faults,
     "relay": render_relay,

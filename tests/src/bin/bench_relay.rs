@@ -555,6 +555,9 @@ async fn run(args: &Args, paths: &[Path], fakes: &Fakes<'_>, machine: Value) -> 
         "load_average_at_end": load_average(),
         "tls": args.tls,
         "pinning": pinning,
+        // Where the relay and control binaries came from: a before/after comparison runs
+        // this bench against an older build's directory.
+        "bin_dir": std::env::var("CALLBRIDGE_BIN_DIR").ok(),
         "args": {"calls": args.calls, "paths": args.paths, "secs": args.secs,
                  "idle_secs": args.idle_secs, "ramp_per_sec": args.ramp_per_sec,
                  "speaking": args.speaking, "delta_ms": args.delta_ms,
