@@ -353,7 +353,8 @@ def render_relay_sets(docs):
         for r in relay_rows(doc):
             if r["path"] == "baseline":
                 continue
-            sets.setdefault(set_name, {}).setdefault((r["path"], r["calls"]), []).append(r)
+            key = (r["path"], r["calls"], r.get("delta_ms") or 0)
+            sets.setdefault(set_name, {}).setdefault(key, []).append(r)
     order = [s for s in SET_LABELS if s in sets] + sorted(s for s in sets if s not in SET_LABELS)
     has_added = any(r.get("added_p99_ms") is not None for s in sets.values() for rs in s.values() for r in rs)
     head = "| path, calls | set | runs | CPU-ms per call-second | p99 round trip ms |"
@@ -378,8 +379,9 @@ def render_relay_sets(docs):
             runs = sets[s].get(key, [])
             if not runs:
                 continue
+            deltas = f", {key[2]} ms deltas" if key[2] else ""
             row = (
-                f"| {key[0]} {key[1]} | {SET_LABELS.get(s, s)} | {len(runs)} | "
+                f"| {key[0]} {key[1]}{deltas} | {SET_LABELS.get(s, s)} | {len(runs)} | "
                 f"{cell([r['relay']['cpu_ms_per_call_sec'] for r in runs], '.2f')} | "
                 f"{cell([r['rtt_ms']['p99'] for r in runs], '.1f')} |"
             )
@@ -390,10 +392,20 @@ def render_relay_sets(docs):
     cpu = {d["machine"].get("cpu", "?") for d in docs.values()}
     counts = ", ".join(f"{s} ×{len({n for n in docs if n.rsplit('-', 1)[0] == s})}" for s in order)
     lines.append("\n")
+    provs = [d.get("provenance") for d in docs.values()]
+    if all(provs):
+        commits = sorted({p.get("commit", "unknown")[:10] for p in provs})
+        dirty = " (with uncommitted changes)" if any(p.get("dirty") for p in provs) else ""
+        bins = sorted({f"{name.rsplit('-', 1)[0]}: `{d.get('bin_dir') or 'its own build'}`" for name, d in docs.items()})
+        where = (
+            f"`{provs[0].get('command', '?')}` at commit {', '.join(f'`{c}`' for c in commits)}{dirty}; "
+            f"relay and control binaries from {'; '.join(bins)}"
+        )
+    else:
+        where = "without provenance (written before the bench recorded it)"
     lines.append(
-        f"*Source:* {len(docs)} `bench_relay --out` files ({counts}), without provenance "
-        f"(written before the bench recorded it); {', '.join(sorted(cpu))}, load average "
-        f"{span(loads, '.1f')} at their starts.\n"
+        f"*Source:* {len(docs)} `bench_relay --out` files ({counts}), {where}; "
+        f"{', '.join(sorted(cpu))}, load average {span(loads, '.1f')} at their starts.\n"
     )
     return "".join(lines)
 
