@@ -232,11 +232,6 @@ pub fn media_parts<'a>(sid: &'a str, payload: &'a str) -> [&'a str; 5] {
     ]
 }
 
-/// [`media_parts`] joined.
-pub fn media_frame(sid: &str, payload: &str) -> String {
-    media_parts(sid, payload).concat()
-}
-
 /// `{"event":"mark","streamSid":…,"mark":{"name":…}}` in parts, when `name` needs no JSON
 /// escaping (the relay's own names, unless a model item id has quotes or controls).
 pub fn mark_parts<'a>(sid: &'a str, name: &'a str) -> Option<[&'a str; 5]> {
@@ -334,7 +329,8 @@ mod tests {
 
     #[test]
     fn frames_are_valid_json() {
-        let v: serde_json::Value = serde_json::from_str(&media_frame("MZ1", "QUJD")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&media_parts("MZ1", "QUJD").concat()).unwrap();
         assert_eq!(v["event"], "media");
         assert_eq!(v["streamSid"], "MZ1");
         assert_eq!(v["media"]["payload"], "QUJD");

@@ -18,6 +18,7 @@ use crate::domain::campaign::Action;
 use crate::domain::ids::{AgentId, CallId, CampaignId};
 use crate::domain::record::CallRecord;
 use crate::error::Error;
+use crate::grpc_limits::WatchSlot;
 use crate::store::{CallStore, IndexCursor};
 use crate::validate;
 
@@ -355,13 +356,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 let (tx, rx) = mpsc::channel(1);
                 let span = tracing::info_span!("watch_campaign", campaign_id = %campaign_id);
                 let task = super::campaigns_api::watch(shared.clone(), campaign_id, first, tx);
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        task.await;
-                    }
-                    .instrument(span),
-                );
+                spawn_watch(&shared, slot, span, task);
                 Ok(ReceiverStream::new(rx))
             })
             .await
@@ -696,13 +691,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_call", call_id = %call_id);
                 let task = watch_call(shared.clone(), call_id, req.after_seq, live, tx);
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        task.await;
-                    }
-                    .instrument(span),
-                );
+                spawn_watch(&shared, slot, span, task);
                 Ok(ReceiverStream::new(rx))
             })
             .await
@@ -724,13 +713,7 @@ impl<S: CallStore> Calls for CallsApi<S> {
                 let (tx, rx) = mpsc::channel(WATCH_BUFFER);
                 let span = tracing::info_span!("watch_calls", campaign_id = %req.campaign_id);
                 let task = watch_calls(shared.clone(), campaign_id, live, tx);
-                shared.tracker.spawn(
-                    async move {
-                        let _slot = slot;
-                        task.await;
-                    }
-                    .instrument(span),
-                );
+                spawn_watch(&shared, slot, span, task);
                 Ok(ReceiverStream::new(rx))
             })
             .await
@@ -799,6 +782,22 @@ pub(crate) async fn read_all_events<S: CallStore>(
             return Ok(events);
         }
     }
+}
+
+/// Runs a watch stream's task in `span`, holding its slot until the stream ends.
+fn spawn_watch<S>(
+    shared: &Shared<S>,
+    slot: WatchSlot,
+    span: tracing::Span,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    shared.tracker.spawn(
+        async move {
+            let _slot = slot;
+            task.await;
+        }
+        .instrument(span),
+    );
 }
 
 #[cfg(test)]

@@ -1169,47 +1169,23 @@ async fn media(
     sid: &str,
     script: Conversation,
 ) -> Result<CallReport, CallerError> {
-    let (url, from, to) = {
+    let Some(target) = &inner.relay() else {
+        return Err(CallerError::Config("no relay configured".into()));
+    };
+    let url = {
         let s = inner.lock();
         let call = s
             .calls
             .get(sid)
             .ok_or_else(|| CallerError::Config("call vanished".into()))?;
-        (
-            call.param("Url").unwrap_or_default().to_owned(),
-            call.from.clone(),
-            call.to.clone(),
-        )
+        call.param("Url").unwrap_or_default().to_owned()
     };
-    let Some(target) = &inner.relay() else {
-        return Err(CallerError::Config("no relay configured".into()));
-    };
-    let call_id = url
-        .split_once("callId=")
-        .map(|(_, id)| id.split('&').next().unwrap_or(id).to_owned());
     if !url.starts_with(&format!("{}/api/twilio/voice", target.public_base)) {
         return Err(CallerError::Config(format!(
             "Url {url} is not the relay's voice webhook"
         )));
     }
-    let mut cfg = CallerConfig::new(
-        &target.public_base,
-        target.relays.pick()?,
-        Some(&inner.cfg.auth_token),
-    );
-    cfg.relays = target.relays.clone();
-    cfg.call_id = call_id;
-    cfg.call_sid = sid.to_owned();
-    cfg.account_sid = inner.cfg.account_sid.clone();
-    // Twilio's From/To of an outbound call: our number calls theirs.
-    cfg.from = from;
-    cfg.to = to;
-    cfg.direction = "outbound-api".into();
-    cfg.script = script;
-    cfg.playback_speed = 4.0;
-    cfg.follow_streams = 3;
-    cfg.after_on_abnormal_close = target.after_on_abnormal_close;
-    cfg.max_call = Duration::from_secs(120);
+    let cfg = caller_config(inner, sid, script)?;
     {
         let mut s = inner.lock();
         s.live_streams += 1;
