@@ -54,10 +54,12 @@ def source_line(doc):
 
 SOAK_SERIES = [
     ("relay RSS", "relay_rss_kib", "MiB"),
+    ("relay RSS anonymous", "relay_anon_kib", "MiB"),
     ("relay open FDs", "relay_fds", None),
     ("relay runtime tasks", "relay_tasks", None),
     ("relay threads", "relay_threads", None),
     ("control RSS", "control_rss_kib", "MiB"),
+    ("control RSS anonymous", "control_anon_kib", "MiB"),
     ("control open FDs", "control_fds", None),
     ("Redis used_memory", "redis_used_kib", "MiB"),
 ]
@@ -68,15 +70,19 @@ def render_soak(doc):
     slopes = doc["slopes_after_warmup"]
     after = doc.get("after_last_call", {})
     args = doc["args"]
+    control_env = args.get("control_env") or []
+    env_text = f" Control ran with `{' '.join(control_env)}`." if control_env else ""
     lines = [
         f"{args['calls']} call slots for {args['minutes']:g} minutes, warm-up "
         f"{args['warmup_minutes']:g} minutes: {thousands(doc['calls_completed'])} calls "
-        f"completed, {doc['calls_failed']} failed.\n",
+        f"completed, {doc['calls_failed']} failed.{env_text}\n",
         "\n",
         "| Figure | mean after warm-up | slope (% of mean / 10 min) | verdict | after the last call |\n",
         "|---|---|---|---|---|\n",
     ]
     for name, key, unit in SOAK_SERIES:
+        if name not in slopes:
+            continue  # a series older result files did not record
         s = slopes.get(name, {})
         mean, pct = s.get("mean"), s.get("slope_pct_per_10min")
         if mean is None:
@@ -886,7 +892,33 @@ def render_relay_issue16_targets(docs):
     return "".join(lines)
 
 
+def render_dialer(doc):
+    """bench_dialer: the dialer's pace per configured rate, from the fake Twilio's log."""
+    args = doc["args"]
+    lines = [
+        f"{thousands(args['numbers'])} numbers queued per campaign, {args['secs']} s of "
+        f"dialling per rate, at most {args['max_concurrent']} live, every number busy after "
+        f"{args['ring_ms']} ms.\n",
+        "\n",
+        "| configured calls/s | creates | sustained calls/s | ratio | most in 1 s (bound) "
+        "| gap ideal / p50 / p99 / max (ms) | refused | control CPU ms per create |\n",
+        "|---|---|---|---|---|---|---|---|\n",
+    ]
+    for r in doc["rates"]:
+        lines.append(
+            f"| {r['configured_cps']:g} | {thousands(r['creates'])} | {r['sustained_cps']:.2f} "
+            f"| {r['accuracy']:.3f} | {r['max_starts_in_1s']} ({r['bucket_bound_1s']}) "
+            f"| {r['gap_ideal_ms']:.1f} / {num(r['gap_p50_ms'], '.1f')} / "
+            f"{num(r['gap_p99_ms'], '.1f')} / {num(r['gap_max_ms'], '.1f')} "
+            f"| {r['creates_refused']} | {num(r['control_cpu_ms_per_create'], '.3f')} |\n"
+        )
+    lines.append("\n")
+    lines.append(source_line(doc))
+    return "".join(lines)
+
+
 RENDERERS = {
+    "dialer": render_dialer,
     "relay_before_after": render_relay_before_after,
     "relay_issue16_targets": render_relay_issue16_targets,
     "soak": render_soak,

@@ -317,7 +317,88 @@ pub fn agent_settings(settings: Option<pb::AgentSettings>) -> Result<pb::AgentSe
             None => {}
         }
     }
+    if let Some(v) = &s.voicemail {
+        voicemail(v)?;
+    }
     Ok(s)
+}
+
+/// Longest `<Play>` URL, bytes.
+const MAX_PLAY_URL: usize = 2048;
+
+/// The agent's voicemail: one message, each form checked like its kin elsewhere.
+fn voicemail(v: &pb::Voicemail) -> Result {
+    use pb::voicemail::Message;
+    match &v.message {
+        None => Err(Error::invalid(
+            "settings.voicemail.message",
+            "set spoken_text, say or play_url (leave voicemail unset to hang up on machines)",
+        )),
+        Some(Message::SpokenText(t)) => {
+            if t.trim().is_empty() {
+                return Err(Error::invalid(
+                    "settings.voicemail.spoken_text",
+                    "is required",
+                ));
+            }
+            // Spoken as written, like the greeting.
+            match callbridge_proto::greeting_problem(t) {
+                Some(problem) => Err(Error::invalid("settings.voicemail.spoken_text", problem)),
+                None => Ok(()),
+            }
+        }
+        Some(Message::Say(say)) => {
+            if say.text.trim().is_empty() {
+                return Err(Error::invalid("settings.voicemail.say.text", "is required"));
+            }
+            text("settings.voicemail.say.text", &say.text, MAX_TEXT)?;
+            text("settings.voicemail.say.voice", &say.voice, 64)?;
+            text("settings.voicemail.say.language", &say.language, 16)
+        }
+        Some(Message::PlayUrl(url)) => play_url("settings.voicemail.play_url", url),
+    }
+}
+
+/// An absolute https URL Twilio can fetch audio from.
+fn play_url(field: &str, url: &str) -> Result {
+    text(field, url, MAX_PLAY_URL)?;
+    if url.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "contains a control character"));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| Error::invalid(field, format!("is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+        return Err(Error::invalid(field, "must be an absolute https URL"));
+    }
+    Ok(())
+}
+
+/// Twilio's `AnsweredBy` values (its docs list no others).
+pub const ANSWERED_BY: [&str; 7] = [
+    "human",
+    "machine_start",
+    "machine_end_beep",
+    "machine_end_silence",
+    "machine_end_other",
+    "fax",
+    "unknown",
+];
+
+/// One of [`ANSWERED_BY`].
+pub fn answered_by(field: &str, value: &str) -> Result {
+    if ANSWERED_BY.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "'{}' is not one of {}",
+                truncate(value),
+                ANSWERED_BY.join(", ")
+            ),
+        ))
+    }
 }
 
 /// A live command.
@@ -352,6 +433,9 @@ pub fn command(command: Option<&pb::Command>) -> Result {
         }
         // Nothing to check; whether there is audio to commit is the relay's to say.
         Some(Kind::CommitInput(_)) => Ok(()),
+        Some(Kind::AnsweringMachine(m)) => {
+            answered_by("command.answering_machine.answered_by", &m.answered_by)
+        }
         Some(Kind::UpdateInstructions(u)) => {
             if u.instructions.trim().is_empty() {
                 return Err(Error::invalid(
@@ -556,6 +640,93 @@ mod tests {
             field_of(agent_settings(None).expect_err("missing")),
             "settings"
         );
+    }
+
+    #[test]
+    fn a_voicemail_is_one_message_each_checked_like_its_kin() {
+        use pb::voicemail::Message;
+        let with = |message: Option<Message>| pb::AgentSettings {
+            voicemail: Some(pb::Voicemail { message }),
+            ..good()
+        };
+        let say = |text: &str| {
+            Message::Say(pb::Say {
+                text: text.into(),
+                voice: "Polly.Joanna".into(),
+                language: "en-US".into(),
+            })
+        };
+        for ok in [
+            Message::SpokenText("Hi, this is Acme. Please call us back.".into()),
+            say("Please call us back."),
+            Message::PlayUrl("https://media.example.com/vm.mp3?v=2".into()),
+        ] {
+            agent_settings(Some(with(Some(ok.clone())))).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for (bad, field) in [
+            (None, "settings.voicemail.message"),
+            (
+                Some(Message::SpokenText(" ".into())),
+                "settings.voicemail.spoken_text",
+            ),
+            (
+                Some(Message::SpokenText("Hi\nthere".into())),
+                "settings.voicemail.spoken_text",
+            ),
+            (
+                Some(Message::SpokenText(
+                    "a".repeat(callbridge_proto::MAX_GREETING_CHARS + 1),
+                )),
+                "settings.voicemail.spoken_text",
+            ),
+            (Some(say("")), "settings.voicemail.say.text"),
+            (
+                Some(Message::PlayUrl("http://media.example.com/vm.mp3".into())),
+                "settings.voicemail.play_url",
+            ),
+            (
+                Some(Message::PlayUrl("/vm.mp3".into())),
+                "settings.voicemail.play_url",
+            ),
+            (
+                Some(Message::PlayUrl("https://".into())),
+                "settings.voicemail.play_url",
+            ),
+            (
+                Some(Message::PlayUrl(format!(
+                    "https://a.test/{}",
+                    "v".repeat(2048)
+                ))),
+                "settings.voicemail.play_url",
+            ),
+        ] {
+            assert_eq!(
+                field_of(agent_settings(Some(with(bad.clone()))).expect_err("invalid")),
+                field,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_verdict_command_names_a_twilio_verdict() {
+        let verdict = |v: &str| pb::Command {
+            command_id: String::new(),
+            kind: Some(pb::command::Kind::AnsweringMachine(
+                pb::AnsweringMachineCommand {
+                    answered_by: v.into(),
+                },
+            )),
+        };
+        for ok in ANSWERED_BY {
+            command(Some(&verdict(ok))).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "Human", "machine", "robot"] {
+            assert_eq!(
+                field_of(command(Some(&verdict(bad))).expect_err("invalid")),
+                "command.answering_machine.answered_by"
+            );
+        }
     }
 
     #[test]

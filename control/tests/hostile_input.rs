@@ -198,6 +198,21 @@ mod agent_settings {
                     preamble: b,
                 }
             });
+        let voicemail =
+            (proptest::option::of(0u8..3), hostile_text(), hostile_text()).prop_map(|(k, a, b)| {
+                use pb::voicemail::Message;
+                pb::Voicemail {
+                    message: k.map(|k| match k {
+                        0 => Message::SpokenText(a.clone()),
+                        1 => Message::Say(pb::Say {
+                            text: a.clone(),
+                            voice: b.clone(),
+                            language: b.clone(),
+                        }),
+                        _ => Message::PlayUrl(a.clone()),
+                    }),
+                }
+            });
         (
             (
                 sized_text(200),
@@ -218,7 +233,7 @@ mod agent_settings {
                     any::<bool>(),
                     proptest::collection::vec(hostile_text(), 0..3),
                 )),
-                (any::<u32>(), any::<bool>()),
+                (any::<u32>(), any::<bool>(), proptest::option::of(voicemail)),
                 proptest::option::of(fallback),
             ),
         )
@@ -226,7 +241,7 @@ mod agent_settings {
                 |(
                     (name, model, voice, instructions),
                     (temperature, greeting, turn_detection, itm),
-                    (tools, builtin, (max, dtmf_to_model), fallback),
+                    (tools, builtin, (max, dtmf_to_model, voicemail), fallback),
                 )| {
                     pb::AgentSettings {
                         name,
@@ -249,6 +264,7 @@ mod agent_settings {
                         fallback,
                         realtime_enabled: None,
                         dtmf_to_model,
+                        voicemail,
                     }
                 },
             )
@@ -428,6 +444,20 @@ mod agent_settings {
                         ok.fallback.as_ref().and_then(|f| f.action.as_ref())
                     {
                         prop_assert!(validate::is_e164(n), "{}", n);
+                    }
+                    // What the model is asked to say, and what goes into TwiML.
+                    match ok.voicemail.as_ref().map(|v| v.message.as_ref()) {
+                        None => {}
+                        Some(None) => prop_assert!(false, "a voicemail with no message"),
+                        Some(Some(pb::voicemail::Message::SpokenText(t))) => {
+                            prop_assert!(callbridge_proto::greeting_problem(t).is_none(), "{:?}", t);
+                        }
+                        Some(Some(pb::voicemail::Message::Say(say))) => {
+                            prop_assert!(!say.text.trim().is_empty());
+                        }
+                        Some(Some(pb::voicemail::Message::PlayUrl(u))) => {
+                            prop_assert!(u.starts_with("https://") && !u.chars().any(char::is_control), "{:?}", u);
+                        }
                     }
                 }
             }

@@ -39,6 +39,8 @@ pub struct AgentView {
     pub max_duration: Duration,
     /// A key the caller presses also goes to the model (as a user message).
     pub dtmf_to_model: bool,
+    /// The message for an answering machine; `None`: hang up on machines.
+    pub voicemail: Option<pb::voicemail::Message>,
 }
 
 impl AgentView {
@@ -67,6 +69,7 @@ impl AgentView {
                 n => Duration::from_secs(u64::from(n)),
             },
             dtmf_to_model: s.dtmf_to_model,
+            voicemail: s.voicemail.and_then(|v| v.message),
         }
     }
 

@@ -135,6 +135,10 @@ pub enum EndKind {
     Handoff,
     /// A fault of the relay's own.
     InternalError,
+    /// Answered by a machine, and the agent has no message for it.
+    AnsweringMachine,
+    /// Answered by a machine; the agent's voicemail was left.
+    VoicemailLeft,
 }
 
 impl EndKind {
@@ -154,6 +158,8 @@ impl EndKind {
             Self::Drain => EndReason::Drain,
             Self::Handoff => EndReason::Handoff,
             Self::InternalError => EndReason::InternalError,
+            Self::AnsweringMachine => EndReason::AnsweringMachine,
+            Self::VoicemailLeft => EndReason::VoicemailLeft,
         }
     }
 
@@ -166,7 +172,10 @@ impl EndKind {
             | Self::StartTimeout
             | Self::MediaTimeout => Side::Twilio,
             Self::AgentHangup | Self::AgentTransfer | Self::ModelUnavailable => Side::Realtime,
-            Self::AppHangup | Self::AppTransfer => Side::Control,
+            // Twilio's detection says who answered; control hands its verdict on.
+            Self::AppHangup | Self::AppTransfer | Self::AnsweringMachine | Self::VoicemailLeft => {
+                Side::Control
+            }
             Self::MaxDuration | Self::Drain | Self::Handoff | Self::InternalError => Side::Internal,
         }
     }
@@ -208,6 +217,8 @@ impl EndKind {
             EndReason::MediaTimeout => Self::MediaTimeout,
             EndReason::Drain => Self::Drain,
             EndReason::Handoff => Self::Handoff,
+            EndReason::AnsweringMachine => Self::AnsweringMachine,
+            EndReason::VoicemailLeft => Self::VoicemailLeft,
             // The DIAL_* reasons are control's, for calls that never reached a relay.
             EndReason::RelayLost
             | EndReason::InternalError
@@ -237,6 +248,8 @@ pub fn reason_label(r: EndReason) -> &'static str {
         EndReason::Drain => "drain",
         EndReason::Handoff => "handoff",
         EndReason::InternalError => "internal_error",
+        EndReason::AnsweringMachine => "answering_machine",
+        EndReason::VoicemailLeft => "voicemail_left",
         // Control's reasons for dialled calls that never had a stream; a relay never
         // ends a call with them.
         EndReason::DialBusy
@@ -251,7 +264,7 @@ pub fn reason_label(r: EndReason) -> &'static str {
 mod tests {
     use super::*;
 
-    const ALL: [EndKind; 14] = [
+    const ALL: [EndKind; 16] = [
         EndKind::CallerHangup,
         EndKind::TwilioWriteFailed,
         EndKind::TwilioReadFailed,
@@ -266,6 +279,8 @@ mod tests {
         EndKind::Drain,
         EndKind::Handoff,
         EndKind::InternalError,
+        EndKind::AnsweringMachine,
+        EndKind::VoicemailLeft,
     ];
 
     #[test]

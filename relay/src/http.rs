@@ -315,6 +315,7 @@ async fn after(
             Some(Next::Hangup(_)) | None => twiml::hangup(),
             Some(Next::DialNumber(n)) => twiml::dial(&n),
             Some(Next::Fallback(f)) => twiml::fallback(Some(&f)),
+            Some(Next::Voicemail(v)) => twiml::voicemail(&v),
             Some(Next::Resume(resume)) => {
                 // A new segment of the call (a hand-off or failover): a new credential,
                 // bound to the stream control says it takes the call over from.

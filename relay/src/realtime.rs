@@ -173,6 +173,11 @@ pub fn response_create() -> String {
     r#"{"type":"response.create"}"#.to_owned()
 }
 
+/// `{"type":"response.cancel"}`: the running response stops (a voicemail replaces it).
+pub fn response_cancel() -> String {
+    r#"{"type":"response.cancel"}"#.to_owned()
+}
+
 /// `{"type":"input_audio_buffer.commit"}`: the caller's audio so far becomes a user item
 /// (turn detection off: the relay ends the caller's turns).
 pub fn commit() -> String {
@@ -840,6 +845,7 @@ mod tests {
             system_text("say hi"),
             user_text("DTMF: 5"),
             response_create(),
+            response_cancel(),
             commit(),
             function_output("call_1", "{\"ok\":true}"),
         ];

@@ -62,7 +62,11 @@ impl Ended {
             | R::DialNoAnswer
             | R::DialFailed
             | R::DialCanceled
-            | R::DialCompleted => Some(Self::Finished),
+            | R::DialCompleted
+            // Standalone streams have no answering-machine verdicts; were one to come,
+            // the call is over.
+            | R::AnsweringMachine
+            | R::VoicemailLeft => Some(Self::Finished),
         }
     }
 }

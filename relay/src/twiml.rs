@@ -164,6 +164,20 @@ pub fn dial(number: &str) -> String {
     doc(|w| element_text(w, "Dial", number))
 }
 
+/// The agent's voicemail, said (`<Say>`) or played (`<Play>`), then `<Hangup/>`. A spoken
+/// one (left on the stream) or none: just the hang-up.
+pub fn voicemail(v: &pb::Voicemail) -> String {
+    use pb::voicemail::Message;
+    doc(|w| {
+        match &v.message {
+            Some(Message::Say(s)) => say(w, s)?,
+            Some(Message::PlayUrl(url)) => element_text(w, "Play", url)?,
+            Some(Message::SpokenText(_)) | None => {}
+        }
+        empty(w, "Hangup")
+    })
+}
+
 /// The agent's fallback (say then hang up; dial; conference), or the default apology.
 pub fn fallback(f: Option<&pb::Fallback>) -> String {
     use pb::fallback::Action;
@@ -351,6 +365,26 @@ mod tests {
     fn control_characters_are_dropped() {
         let s = say_and_hangup("a\u{0}b\u{1b}c\u{7f}d\te");
         assert!(s.contains("<Say>abcd\te</Say>"), "{s}");
+    }
+
+    #[test]
+    fn voicemails_are_said_or_played_then_hung_up() {
+        use pb::voicemail::Message;
+        let vm = |m| pb::Voicemail { message: Some(m) };
+        let played = read(&voicemail(&vm(Message::PlayUrl(
+            "https://a.test/vm.mp3?x=1&y=2".into(),
+        ))));
+        assert_eq!(find(&played, "Play").text, "https://a.test/vm.mp3?x=1&y=2");
+        assert!(played.iter().any(|n| n.name == "Hangup"));
+        let said = voicemail(&vm(Message::Say(pb::Say {
+            text: "Call <us> back".into(),
+            voice: "Polly.Joanna".into(),
+            language: String::new(),
+        })));
+        assert!(said.ends_with(
+            "<Response><Say voice=\"Polly.Joanna\">Call &lt;us&gt; back</Say><Hangup/></Response>"
+        ));
+        assert_eq!(voicemail(&vm(Message::SpokenText("Hi".into()))), hangup());
     }
 
     #[test]

@@ -1372,3 +1372,114 @@ async fn with_the_model_breaker_open_new_calls_get_the_fallback_without_dialling
         assert!(text.contains(&series), "{series} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_voicemail_cuts_the_agent_waits_for_the_cancel_and_ends_once_played() {
+    let mut w = world(|_| {}).await;
+    let mut with_voicemail = settings();
+    with_voicemail.voicemail = Some(pb::Voicemail {
+        message: Some(pb::voicemail::Message::SpokenText(
+            "Please call us back.".into(),
+        )),
+    });
+    w.control.state.lock().unwrap().agent = agent(with_voicemail);
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
+    w.control.state.lock().unwrap().commands = Some(cmd_rx);
+    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
+        .await
+        .unwrap();
+    send_json(&mut tw, start_msg()).await;
+    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
+    model.next_of("session.update").await;
+    // The agent is talking to the machine's greeting when the verdict comes.
+    let delta = delta_100ms();
+    model
+        .send(json!({"type":"response.created","response":{"id":"r1","status":"in_progress"}}))
+        .await;
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"r1","item_id":"i1","delta": delta}))
+        .await;
+    assert_eq!(next_twilio(&mut tw).await.unwrap()["event"], "media");
+    assert_eq!(next_twilio(&mut tw).await.unwrap()["event"], "mark");
+    let verdict = |id: &str, answered_by: &str| pb::Command {
+        command_id: id.to_owned(),
+        kind: Some(pb::command::Kind::AnsweringMachine(
+            pb::AnsweringMachineCommand {
+                answered_by: answered_by.into(),
+            },
+        )),
+    };
+    cmd_tx
+        .send(verdict("v1", "machine_end_beep"))
+        .await
+        .unwrap();
+    // Cut as a barge-in cuts: Twilio's queue cleared, the response cancelled, the item
+    // truncated; the words go in, and the response for them waits for the cancelled one.
+    assert_eq!(
+        next_twilio(&mut tw).await.unwrap(),
+        json!({"event":"clear","streamSid":"MZ1"})
+    );
+    model.next_of("response.cancel").await;
+    let words = model.next_of("conversation.item.create").await;
+    assert!(
+        words["item"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("\"Please call us back.\""),
+        "{words}"
+    );
+    // A second verdict changes nothing.
+    cmd_tx.send(verdict("v2", "human")).await.unwrap();
+    model
+        .send(json!({"type":"response.done","response":{"id":"r1","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}))
+        .await;
+    model.next_of("response.create").await;
+    assert!(
+        !w.control.kinds().contains(&"ended".to_owned()),
+        "not before the message"
+    );
+    // The message plays; once Twilio says it was heard, the call ends.
+    model
+        .send(json!({"type":"response.created","response":{"id":"r2","status":"in_progress"}}))
+        .await;
+    model
+        .send(json!({"type":"response.output_audio.delta","response_id":"r2","item_id":"i2","delta": delta}))
+        .await;
+    model
+        .send(json!({"type":"response.done","response":{"id":"r2","status":"completed"}}))
+        .await;
+    assert_eq!(next_twilio(&mut tw).await.unwrap()["event"], "media");
+    let mut mark = next_twilio(&mut tw).await.unwrap();
+    // The item's final mark (after the cadence one).
+    while let Ok(Ok(next)) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), next_twilio(&mut tw)).await
+    {
+        mark = next;
+    }
+    assert_eq!(mark["event"], "mark");
+    assert!(!w.control.kinds().contains(&"ended".to_owned()));
+    send_json(
+        &mut tw,
+        json!({"event":"mark","streamSid":"MZ1","mark":{"name": mark["mark"]["name"]}}),
+    )
+    .await;
+    let ended = wait_ended(&w.control).await;
+    assert_eq!(ended.reason, EndReason::VoicemailLeft as i32);
+    let events = w.control.events();
+    let verdicts: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::call_event::Kind::AnsweringMachine(m)) => {
+                Some((m.answered_by.clone(), m.action))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![(
+            "machine_end_beep".to_owned(),
+            pb::answering_machine::Action::LeaveMessage as i32
+        )]
+    );
+}

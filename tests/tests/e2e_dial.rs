@@ -51,11 +51,15 @@ async fn dialing(script: &Conversation) -> Dialing {
 
 impl Dialing {
     async fn dial(&self, to: &str, dial: pb::DialOptions) -> pb::Call {
+        self.dial_as(&self.agent, to, dial).await
+    }
+
+    async fn dial_as(&self, agent: &str, to: &str, dial: pb::DialOptions) -> pb::Call {
         with_timeout(
             LIMIT,
             "CreateCall with dial",
             self.world.calls().create_call(pb::CreateCallRequest {
-                agent_id: self.agent.clone(),
+                agent_id: agent.to_owned(),
                 from: "+14155550100".to_owned(),
                 to: to.to_owned(),
                 dial: Some(dial),
@@ -291,4 +295,265 @@ async fn dialling_needs_an_outbound_call_and_sane_options() {
         err.message()
     );
     assert!(d.twilio.requests().is_empty(), "nothing reached Twilio");
+}
+
+/// The `answering_machine` events of a call, as (answered_by, action).
+fn verdicts(events: &[pb::CallEvent]) -> Vec<(String, pb::answering_machine::Action)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::call_event::Kind::AnsweringMachine(m)) => Some((
+                m.answered_by.clone(),
+                pb::answering_machine::Action::try_from(m.action).unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_get_the_agents_voicemail_or_a_hang_up_and_people_a_call() {
+    use pb::answering_machine::Action;
+    use pb::voicemail::Message;
+    let script = Conversation::sample();
+    let d = dialing(&script).await;
+    let greeting = script.greeting.as_ref().map(|g| g.text.as_str());
+    const WORDS: &str = "Hi, this is Acme calling about your order. Please call us back.";
+    const PLAY: &str = "https://media.example.test/voicemail.mp3";
+    let with_voicemail = |name: &str, message: Message| {
+        let mut s = agent_settings(name, greeting);
+        s.voicemail = Some(pb::Voicemail {
+            message: Some(message),
+        });
+        s
+    };
+    let spoken = d
+        .world
+        .create_agent(
+            "spoken",
+            with_voicemail("spoken", Message::SpokenText(WORDS.into())),
+        )
+        .await;
+    let played = d
+        .world
+        .create_agent(
+            "played",
+            with_voicemail("played", Message::PlayUrl(PLAY.into())),
+        )
+        .await;
+    // A machine plays its greeting (here: silence after the agent's) and records until the
+    // call is ended for it.
+    let machine_greeting = Conversation {
+        greeting: script.greeting.clone(),
+        turns: Vec::new(),
+    };
+    let machine = |detect_ms: u64, answered_by: &str| Lifecycle::Machine {
+        ring_ms: 50,
+        detect_ms,
+        answered_by: answered_by.to_owned(),
+        script: machine_greeting.clone(),
+    };
+    let message_end = pb::DialOptions {
+        machine_detection: pb::MachineDetection::DetectMessageEnd as i32,
+        ..Default::default()
+    };
+    let enable = pb::DialOptions {
+        machine_detection: pb::MachineDetection::Enable as i32,
+        ..Default::default()
+    };
+    let no_detection = pb::DialOptions::default();
+    // (number, agent, options, lifecycle, expected verdict, action, end reason)
+    let cases = [
+        // The verdict mid-call: the model speaks the message, then the call ends.
+        (
+            "+14155550021",
+            &spoken,
+            &message_end,
+            machine(1500, "machine_end_beep"),
+            "machine_end_beep",
+            Action::LeaveMessage,
+            pb::EndReason::VoicemailLeft,
+        ),
+        // The verdict at once, likely before the stream attached (the call's context).
+        (
+            "+14155550022",
+            &spoken,
+            &message_end,
+            machine(0, "machine_end_silence"),
+            "machine_end_silence",
+            Action::LeaveMessage,
+            pb::EndReason::VoicemailLeft,
+        ),
+        // Twilio plays the message after the stream.
+        (
+            "+14155550023",
+            &played,
+            &message_end,
+            machine(1000, "machine_end_other"),
+            "machine_end_other",
+            Action::LeaveMessage,
+            pb::EndReason::VoicemailLeft,
+        ),
+        // No message: hang up.
+        (
+            "+14155550024",
+            &d.agent,
+            &message_end,
+            machine(1000, "machine_end_beep"),
+            "machine_end_beep",
+            Action::HangUp,
+            pb::EndReason::AnsweringMachine,
+        ),
+        // `Enable` cannot wait for the beep (the fake answers machine_start): hang up.
+        (
+            "+14155550025",
+            &spoken,
+            &enable,
+            machine(1000, "machine_end_beep"),
+            "machine_start",
+            Action::HangUp,
+            pb::EndReason::AnsweringMachine,
+        ),
+        // A person: the conversation goes on (the verdict at once: the scripted call is
+        // short).
+        (
+            "+14155550026",
+            &spoken,
+            &message_end,
+            Lifecycle::Machine {
+                ring_ms: 50,
+                detect_ms: 0,
+                answered_by: "human".into(),
+                script: script.clone(),
+            },
+            "human",
+            Action::Proceed,
+            pb::EndReason::CallerHangup,
+        ),
+        // No detection asked of Twilio: the application sends its own verdict.
+        (
+            "+14155550027",
+            &spoken,
+            &no_detection,
+            machine(0, "machine_end_beep"),
+            "machine_end_beep",
+            Action::LeaveMessage,
+            pb::EndReason::VoicemailLeft,
+        ),
+    ];
+    let mut placed = Vec::new();
+    for (to, agent, options, lifecycle, ..) in &cases {
+        d.twilio.script(to, lifecycle.clone());
+        placed.push(d.dial_as(agent, to, (*options).clone()).await);
+    }
+    let by_app = &placed[6];
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while status(&d.world.get_call(&by_app.call_id).await) != pb::CallStatus::InProgress {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let verdict = |answered_by: &str| pb::SendCommandRequest {
+        call_id: by_app.call_id.clone(),
+        command: Some(pb::Command {
+            command_id: String::new(),
+            kind: Some(pb::command::Kind::AnsweringMachine(
+                pb::AnsweringMachineCommand {
+                    answered_by: answered_by.into(),
+                },
+            )),
+        }),
+    };
+    let err = d
+        .world
+        .calls()
+        .send_command(verdict("robot"))
+        .await
+        .expect_err("not a Twilio verdict");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    with_timeout(
+        LIMIT,
+        "SendCommand verdict",
+        d.world.calls().send_command(verdict("machine_end_beep")),
+    )
+    .await
+    .expect("the application's verdict is taken");
+    for ((to, agent, _, _, answered_by, action, end), call) in cases.iter().zip(&placed) {
+        let ended = d.world.wait_ended(&call.call_id, LIMIT).await;
+        assert_eq!(reason(&ended), *end, "{to}: {ended:?}");
+        assert_eq!(status(&ended), pb::CallStatus::Completed, "{to}");
+        assert_eq!(
+            ended.answered_by, *answered_by,
+            "{to}: the verdict is stored"
+        );
+        let events = d.world.stored_events(&call.call_id).await;
+        assert_eq!(
+            verdicts(&events),
+            vec![((*answered_by).to_owned(), *action)],
+            "{to}: reported once"
+        );
+        // What Twilio ran after the stream: the action request's TwiML.
+        assert!(
+            d.twilio
+                .wait_calls(LIMIT, |calls| calls
+                    .iter()
+                    .any(|c| c.sid == ended.twilio_call_sid && c.report.is_some()))
+                .await,
+            "{to}: the fake call finished"
+        );
+        let report = d
+            .twilio
+            .call(&ended.twilio_call_sid)
+            .and_then(|c| c.report)
+            .expect("a report")
+            .expect("the media ran");
+        let after: Vec<_> = report
+            .after
+            .iter()
+            .filter_map(|a| a.twiml.clone())
+            .collect();
+        match end {
+            pb::EndReason::CallerHangup => {
+                let transcript = d.world.transcript(&call.call_id).await;
+                assert_eq!(flatten(&transcript), expected_transcript(&script), "{to}");
+            }
+            _ => {
+                assert_eq!(after.len(), 1, "{to}: one action request: {report:?}");
+                assert!(after[0].hangup, "{to}: hung up after the stream");
+                let plays = if **agent == played {
+                    vec![PLAY.to_owned()]
+                } else {
+                    vec![]
+                };
+                assert_eq!(after[0].plays, plays, "{to}");
+                assert!(after[0].says.is_empty(), "{to}");
+            }
+        }
+        if **agent == spoken && *action == Action::LeaveMessage {
+            let transcript = flatten(&d.world.transcript(&call.call_id).await);
+            assert!(
+                transcript
+                    .last()
+                    .is_some_and(|(who, line)| who == "assistant" && line.contains(WORDS)),
+                "{to}: the message was the last thing said: {transcript:?}"
+            );
+        }
+    }
+    // The model was asked for the message once per spoken voicemail, and never on a call
+    // that hung up or went on.
+    let sessions_with_message = d
+        .world
+        .fake
+        .connections()
+        .iter()
+        .map(|c| {
+            c.items_created
+                .iter()
+                .filter(|i| i.to_string().contains(WORDS))
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(sessions_with_message, 3, "the three spoken voicemails");
 }

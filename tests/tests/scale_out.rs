@@ -503,6 +503,7 @@ fn kind_name(e: &pb::CallEvent) -> &'static str {
         Some(K::Ended(_)) => "ended",
         Some(K::ResponseEnded(_)) => "response_ended",
         Some(K::TranscriptionFailed(_)) => "transcription_failed",
+        Some(K::AnsweringMachine(_)) => "answering_machine",
         None => "none",
     }
 }

@@ -80,6 +80,19 @@ impl Report {
                 "a report needs a call status or an answering-machine verdict",
             ));
         }
+        // Twilio's word goes into the record, logs and a command: only a plain word.
+        if !req.answered_by.is_empty()
+            && (req.answered_by.len() > 32
+                || !req
+                    .answered_by
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'))
+        {
+            return Err(Error::invalid(
+                "answered_by",
+                "at most 32 lowercase letters and underscores",
+            ));
+        }
         Ok(Report {
             call_id,
             sid,
@@ -285,8 +298,11 @@ pub(crate) async fn apply_report<S: CallStore>(
         )
         .await?
         .ok_or_else(|| Error::CallNotFound(call_id.to_string()))?;
-    if let Some(answered_by) = &report.answered_by {
+    if let Some(answered_by) = &report.answered_by
+        && call.answered_by.is_none()
+    {
         tracing::info!(call_id = %call_id, answered_by = %answered_by, "Answering-machine verdict.");
+        verdict_to_stream(shared, &call, answered_by, None).await;
     }
     // A final status ends a call that has no stream; the rank check makes a stale or
     // repeated callback a no-op.
@@ -301,6 +317,85 @@ pub(crate) async fn apply_report<S: CallStore>(
         ended = end_without_stream(shared, &call_id, reason, detail).await?;
     }
     Ok(changed || ended)
+}
+
+/// Hands a call's first answering-machine verdict to the relay carrying its stream, which
+/// reports it and acts on it (the agent's `voicemail`). A call with no stream yet gets it
+/// with its context when the stream attaches (`Call.answered_by`); one that is over has no
+/// use for it.
+async fn verdict_to_stream<S: CallStore>(
+    shared: &Shared<S>,
+    call: &CallRecord,
+    answered_by: &str,
+    command_id: Option<String>,
+) {
+    // The attach registers its stream for commands before its lease names it, and reads
+    // the context after: a verdict stored before that read is in the context, one stored
+    // after finds the lease held and the command waits for the stream. The relay applies
+    // the first it gets.
+    if is_final(call.status)
+        || !call.lease_held(now_ms())
+        || crate::validate::answered_by("answered_by", answered_by).is_err()
+    {
+        return;
+    }
+    let command = pb::Command {
+        command_id: command_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+        kind: Some(pb::command::Kind::AnsweringMachine(
+            pb::AnsweringMachineCommand {
+                answered_by: answered_by.to_owned(),
+            },
+        )),
+    };
+    match shared
+        .store
+        .publish_command(call.lease_replica(), &call.call_id, &command)
+        .await
+    {
+        Ok(true) => {}
+        // The stream is moving (hand-off, failover): the next one reads the stored verdict.
+        Ok(false) => {
+            tracing::debug!(call_id = %call.call_id, "No stream took the verdict; its next stream reads it.");
+        }
+        Err(err) => {
+            tracing::warn!(call_id = %call.call_id, error = %err, "Could not hand the verdict to the stream.");
+        }
+    }
+}
+
+/// An application's own answering-machine verdict (`SendCommand`): stored like Twilio's,
+/// first one wins, and handed to the call's stream (now, or in the context of the stream
+/// to come). A call that is over gets `CallNotLive`.
+pub(crate) async fn app_verdict<S: CallStore>(
+    shared: &Shared<S>,
+    call: &CallRecord,
+    answered_by: &str,
+    command_id: String,
+) -> Result<(), Error> {
+    if is_final(call.status) {
+        return Err(Error::CallNotLive {
+            call_id: call.call_id.to_string(),
+            status: call.status.as_str_name(),
+            attached: call.lease_held(now_ms()),
+        });
+    }
+    // Only the verdict is written: "changed" means it was the first.
+    let first = shared
+        .store
+        .record_twilio(
+            &call.call_id,
+            &TwilioUpdate {
+                answered_by: Some(answered_by.to_owned()),
+                ..TwilioUpdate::default()
+            },
+        )
+        .await?
+        .ok_or_else(|| Error::CallNotFound(call.call_id.to_string()))?;
+    if first {
+        tracing::info!(call_id = %call.call_id, answered_by = %answered_by, "Answering-machine verdict from the application.");
+        verdict_to_stream(shared, call, answered_by, Some(command_id)).await;
+    }
+    Ok(())
 }
 
 /// An application `Hangup` of a dialled call that has no live stream: cancel it at

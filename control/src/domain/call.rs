@@ -319,6 +319,17 @@ pub fn after(
             }
             // DRAIN: a relay shut down before it found a quiet moment to hand the call
             // off; the caller is better off with the agent's fallback than a hang-up.
+            // A voicemail Twilio says or plays (a spoken one was left on the stream).
+            pb::EndReason::VoicemailLeft => agent
+                .and_then(|a| a.settings.as_ref())
+                .and_then(|s| s.voicemail.clone())
+                .filter(|v| {
+                    matches!(
+                        v.message,
+                        Some(pb::voicemail::Message::Say(_) | pb::voicemail::Message::PlayUrl(_))
+                    )
+                })
+                .map_or(Next::Hangup(pb::HangupNext {}), Next::Voicemail),
             pb::EndReason::ModelUnavailable
             | pb::EndReason::InternalError
             | pb::EndReason::Drain => Next::Fallback(
@@ -658,6 +669,30 @@ mod tests {
         call.end_reason = Some(pb::EndReason::Drain);
         assert!(matches!(after(&call, None, &current), Next::Fallback(f) if f.action.is_some()));
         call.end_reason = Some(pb::EndReason::CallerHangup);
+        assert!(matches!(after(&call, None, &current), Next::Hangup(_)));
+        // A voicemail for Twilio to say or play comes after the stream; a spoken one (or
+        // none) was on it.
+        call.end_reason = Some(pb::EndReason::VoicemailLeft);
+        let agent_with = |message| pb::Agent {
+            settings: Some(pb::AgentSettings {
+                voicemail: Some(pb::Voicemail {
+                    message: Some(message),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use pb::voicemail::Message;
+        let play = agent_with(Message::PlayUrl("https://a.test/vm.mp3".into()));
+        assert!(matches!(
+            after(&call, Some(&play), &current),
+            Next::Voicemail(pb::Voicemail { message: Some(Message::PlayUrl(u)) }) if u == "https://a.test/vm.mp3"
+        ));
+        let spoken = agent_with(Message::SpokenText("Call us back.".into()));
+        assert!(matches!(
+            after(&call, Some(&spoken), &current),
+            Next::Hangup(_)
+        ));
         assert!(matches!(after(&call, None, &current), Next::Hangup(_)));
         // A live call resumes whatever its lease says: released, held by a relay that may
         // be dead, lapsed, or never released; the new stream is to take over stream 1.

@@ -303,7 +303,14 @@ pub fn attempt_outcome(call: &CallRecord) -> Outcome {
     }
 }
 
+/// Twilio's codes for a create it could not take then (too many requests, its own
+/// error, unavailable), still there after the client's own retries. The number never
+/// rang: it is not a failed call of the number.
+pub const TWILIO_BUSY_CODES: [u32; 3] = [20429, 20500, 20503];
+
 /// Whether the policy dials again after `outcome` (the attempt count is checked apart).
+/// A create Twilio could not take then ([`TWILIO_BUSY_CODES`]) is dialled again whenever
+/// attempts are left, whatever `failed` says.
 pub fn retries(settings: &pb::CampaignSettings, outcome: Outcome, error_code: u32) -> bool {
     let Some(policy) = &settings.retry else {
         return false;
@@ -311,6 +318,7 @@ pub fn retries(settings: &pb::CampaignSettings, outcome: Outcome, error_code: u3
     match outcome {
         Outcome::Busy => policy.busy,
         Outcome::NoAnswer => policy.no_answer,
+        Outcome::Failed if TWILIO_BUSY_CODES.contains(&error_code) => true,
         Outcome::Failed => {
             policy.failed
                 && (error_code == 0 || policy.retryable_failed_codes.contains(&error_code))
@@ -518,6 +526,38 @@ mod tests {
                 "code {code}"
             );
         }
+        // Twilio too busy to take the create (after the client's retries): the number
+        // never rang, so it is dialled again even when failures do not retry.
+        let no_failures = settings(pb::RetryPolicy {
+            failed: false,
+            max_attempts: 2,
+            ..Default::default()
+        });
+        for (code, retried) in [
+            (20429, true),
+            (20500, true),
+            (20503, true),
+            (21211, false),
+            (0, false),
+        ] {
+            let failed = ended(pb::CallStatus::Failed, code, None);
+            assert_eq!(
+                matches!(
+                    after_attempt(&no_failures, &n, &failed, 0),
+                    Phase::Pending { .. }
+                ),
+                retried,
+                "code {code}"
+            );
+        }
+        n.attempts = 2;
+        let throttled = ended(pb::CallStatus::Failed, 20429, None);
+        assert!(matches!(
+            after_attempt(&no_failures, &n, &throttled, 0),
+            Phase::Done {
+                outcome: Outcome::Failed
+            }
+        ));
         let machine = ended(pb::CallStatus::Completed, 0, Some("machine_end_beep"));
         assert_eq!(attempt_outcome(&machine), Outcome::Machine);
         let human = ended(pb::CallStatus::Completed, 0, Some("human"));

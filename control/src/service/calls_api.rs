@@ -733,6 +733,19 @@ impl<S: CallStore> Calls for CallsApi<S> {
                     command.command_id = uuid::Uuid::new_v4().simple().to_string();
                 }
                 let call = self.0.call(&call_id).await?;
+                // A verdict is kept on the call whether or not a stream is attached now.
+                if let Some(pb::command::Kind::AnsweringMachine(m)) = &command.kind {
+                    crate::dialer::app_verdict(
+                        &self.0,
+                        &call,
+                        &m.answered_by,
+                        command.command_id.clone(),
+                    )
+                    .await?;
+                    return Ok(pb::SendCommandResponse {
+                        command_id: command.command_id,
+                    });
+                }
                 let live = call.status == pb::CallStatus::InProgress && call.lease_held(now_ms());
                 // A call with no stream to hang up may still be ringing or connected at
                 // Twilio: end it there.

@@ -116,6 +116,7 @@ impl Call {
             Kind::Transfer(t) => self.app_transfer(t.number),
             Kind::ToolResult(r) => self.app_tool_result(r, now),
             Kind::CommitInput(_) => self.commit_input(now),
+            Kind::AnsweringMachine(m) => self.on_answered_by(m.answered_by, now),
             Kind::UpdateInstructions(u) => {
                 self.agent.instructions = u.instructions;
                 let update = realtime::update_instructions(&self.agent.instructions);

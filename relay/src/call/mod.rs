@@ -21,6 +21,7 @@
 //! tasks, with writer tasks behind channels) keeps every audio frame at one task wake-up
 //! and needs no locks.
 
+pub mod answering_machine;
 pub mod client_events;
 mod commands;
 pub mod control_link;
@@ -304,6 +305,8 @@ struct Call {
     /// How the call ended, when it ended at once; an end after playback is `pending_kind`.
     end_kind: Option<EndKind>,
     pending_kind: Option<EndKind>,
+    /// Twilio's answering-machine verdict, until acted on.
+    verdict: answering_machine::Verdict,
 }
 
 /// The control link of a call, when control stores it.
@@ -317,6 +320,8 @@ struct LinkParts {
     task: JoinSet<()>,
     resumed: bool,
     history: Vec<pb::Turn>,
+    /// `Call.answered_by` in the context (empty: no verdict yet).
+    answered_by: String,
 }
 
 fn start_link(
@@ -332,6 +337,7 @@ fn start_link(
         task: JoinSet::new(),
         resumed: false,
         history: Vec::new(),
+        answered_by: String::new(),
     };
     let (Some((ctx, stream)), Some(control), Some(call_id)) =
         (attach, deps.control.clone(), call_id)
@@ -345,6 +351,7 @@ fn start_link(
     parts.resumed =
         ctx.call.as_ref().is_some_and(|c| c.started_at_ms > 0) || !ctx.history.is_empty();
     parts.history = ctx.history;
+    parts.answered_by = ctx.call.map(|c| c.answered_by).unwrap_or_default();
     let link = LinkSetup {
         call_id: call_id.clone(),
         relay_id: deps.relay_id.to_string(),
@@ -579,6 +586,7 @@ impl Call {
             upgraded_at,
             end_kind: None,
             pending_kind: None,
+            verdict: answering_machine::Verdict::from_context(&link.answered_by, resumed),
             deps,
         }
     }
@@ -588,7 +596,10 @@ impl Call {
     /// The rules after every turn: a goodbye that has played ends the call; then the model
     /// session decides (redial a lost session, hand off, switch or start a rollover).
     fn after_turn(&mut self, now: Instant) {
-        if self.life.has_pending() && self.playback.idle() {
+        // A voicemail ends the call once played: not before its response has begun.
+        let message_due = matches!(self.verdict, answering_machine::Verdict::Leaving)
+            && (self.awaiting_answer.is_some() || self.answer_after_response);
+        if self.life.has_pending() && self.playback.idle() && !message_due {
             self.life.playback_idle();
         }
         let turn = Turn {

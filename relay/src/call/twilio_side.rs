@@ -186,7 +186,8 @@ impl Call {
 
     /// After `start`: the greeting (not on a resumed call).
     fn opening_turn(&mut self, now: Instant) {
-        if self.resumed {
+        // A machine verdict that came first takes the greeting's place.
+        if self.apply_verdict(now) || self.resumed {
             // The model session was told the conversation so far (as items) when it was
             // set up; the greeting was said on the first line.
             return;

@@ -115,6 +115,7 @@ pub fn kind_name(e: &pb::CallEvent) -> String {
         Some(Kind::Ended(_)) => "ended",
         Some(Kind::ResponseEnded(_)) => "response_ended",
         Some(Kind::TranscriptionFailed(_)) => "transcription_failed",
+        Some(Kind::AnsweringMachine(_)) => "answering_machine",
         None => "none",
     }
     .to_owned()

@@ -7,7 +7,10 @@
 //! hangs up then) and the next starts at once, so about `--calls` calls are always live.
 //! Every minute it prints the relay's RSS, open FDs, runtime tasks and threads, control's
 //! RSS and FDs, and Redis's `used_memory`; at the end, the slope of each after the
-//! warm-up, as % of its mean per 10 minutes (flat: under 1 %).
+//! warm-up, as % of its mean per 10 minutes (flat: under 1 %). Each RSS is also split:
+//! its anonymous part (heap, stacks: where a leak shows) apart from the binary's own file
+//! pages, which the kernel maps in as code paths first run (they grow and settle however
+//! long the process lives, and are dropped under memory pressure).
 //!
 //! Finished calls are kept by control for `CONTROL_RETENTION_SECS`; the soak sets it to
 //! 60 s so that Redis reaches its steady state (calls expiring as fast as they are stored)
@@ -44,6 +47,23 @@ fn arg(name: &str, default: f64) -> anyhow::Result<f64> {
             .with_context(|| format!("{name} takes a number")),
         None => Ok(default),
     }
+}
+
+/// Every `--control-env KEY=VALUE`: extra env for control, e.g. the allocator settings its
+/// deployment sets, so a soak runs control the way production does.
+fn control_envs() -> anyhow::Result<Vec<(String, String)>> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if a == "--control-env" {
+            let kv = args.get(i + 1).context("--control-env takes KEY=VALUE")?;
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--control-env takes KEY=VALUE, got '{kv}'"))?;
+            out.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    Ok(out)
 }
 
 /// A conversation longer than any call: the caller's hang-up ends it.
@@ -90,10 +110,14 @@ struct Sample {
     minute: f64,
     live: f64,
     relay_rss_kib: f64,
+    /// Anonymous part of the RSS (heap, stacks): where a leak shows. The rest is the
+    /// binary's own pages, mapped in as code paths first run.
+    relay_anon_kib: f64,
     relay_fds: f64,
     relay_tasks: f64,
     relay_threads: f64,
     control_rss_kib: f64,
+    control_anon_kib: f64,
     control_fds: f64,
     redis_used_kib: f64,
 }
@@ -104,10 +128,12 @@ impl Sample {
             "minute": finite(self.minute),
             "live": finite(self.live),
             "relay_rss_kib": finite(self.relay_rss_kib),
+            "relay_anon_kib": finite(self.relay_anon_kib),
             "relay_fds": finite(self.relay_fds),
             "relay_tasks": finite(self.relay_tasks),
             "relay_threads": finite(self.relay_threads),
             "control_rss_kib": finite(self.control_rss_kib),
+            "control_anon_kib": finite(self.control_anon_kib),
             "control_fds": finite(self.control_fds),
             "redis_used_kib": finite(self.redis_used_kib),
         })
@@ -149,10 +175,12 @@ async fn take_sample(world: &World, minute: f64) -> Sample {
         minute,
         live: sample(&metrics, "callbridge_relay_active_calls").unwrap_or(f64::NAN),
         relay_rss_kib: proc_status(relay, "VmRSS:"),
+        relay_anon_kib: proc_status(relay, "RssAnon:"),
         relay_fds: open_fds(relay),
         relay_tasks: sample(&metrics, "callbridge_relay_runtime_tasks").unwrap_or(f64::NAN),
         relay_threads: proc_status(relay, "Threads:"),
         control_rss_kib: proc_status(control, "VmRSS:"),
+        control_anon_kib: proc_status(control, "RssAnon:"),
         control_fds: open_fds(control),
         redis_used_kib: used / 1024.0,
     }
@@ -180,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
     let slots = arg("--calls", 200.0)? as usize;
     let warmup = arg("--warmup-minutes", 3.0)?;
     let out = out_path();
+    let extra_control_env = control_envs()?;
     let machine = machine("relay, control, redis-server, fake model and callers share these cores");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -192,7 +221,11 @@ async fn main() -> anyhow::Result<()> {
             .join(" ")
     );
 
-    let world = World::builder(FakeRealtime::builder().script(script()))
+    let mut builder = World::builder(FakeRealtime::builder().script(script()));
+    for (k, v) in &extra_control_env {
+        builder = builder.control_env(k, v);
+    }
+    let world = builder
         .redis_aof("everysec")
         .control_env("CONTROL_RETENTION_SECS", "60")
         .control_env("CONTROL_LOG", "warn")
@@ -234,7 +267,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "{:>6} {:>5} {:>9} {:>9} {:>6} {:>7} {:>7} {:>9} {:>6} {:>10} {:>8}",
+        "{:>6} {:>5} {:>9} {:>9} {:>6} {:>7} {:>7} {:>9} {:>10} {:>6} {:>10} {:>10} {:>8}",
         "min",
         "live",
         "completed",
@@ -243,8 +276,10 @@ async fn main() -> anyhow::Result<()> {
         "r_tasks",
         "r_thr",
         "r_rss_KiB",
+        "r_anon_KiB",
         "c_fds",
         "c_rss_KiB",
+        "c_anon_KiB",
         "redis_KiB"
     );
     let mut samples = Vec::new();
@@ -255,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
         let minute = started.elapsed().as_secs_f64() / 60.0;
         let s = take_sample(&world, minute).await;
         println!(
-            "{:>6.1} {:>5} {:>9} {:>9} {:>6} {:>7} {:>7} {:>9} {:>6} {:>10} {:>8.0}",
+            "{:>6.1} {:>5} {:>9} {:>9} {:>6} {:>7} {:>7} {:>9} {:>10} {:>6} {:>10} {:>10} {:>8.0}",
             s.minute,
             s.live,
             tally.completed.load(Ordering::Relaxed),
@@ -264,8 +299,10 @@ async fn main() -> anyhow::Result<()> {
             s.relay_tasks,
             s.relay_threads,
             s.relay_rss_kib,
+            s.relay_anon_kib,
             s.control_fds,
             s.control_rss_kib,
+            s.control_anon_kib,
             s.redis_used_kib
         );
         samples.push(s);
@@ -289,12 +326,14 @@ async fn main() -> anyhow::Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let steady: Vec<&Sample> = samples.iter().filter(|s| s.minute >= warmup).collect();
-    let series: [Series; 7] = [
+    let series: [Series; 9] = [
         ("relay RSS", |s| s.relay_rss_kib),
+        ("relay RSS anonymous", |s| s.relay_anon_kib),
         ("relay open FDs", |s| s.relay_fds),
         ("relay runtime tasks", |s| s.relay_tasks),
         ("relay threads", |s| s.relay_threads),
         ("control RSS", |s| s.control_rss_kib),
+        ("control RSS anonymous", |s| s.control_anon_kib),
         ("control open FDs", |s| s.control_fds),
         ("Redis used_memory", |s| s.redis_used_kib),
     ];
@@ -344,7 +383,15 @@ async fn main() -> anyhow::Result<()> {
         "provenance": provenance(),
         "machine": machine,
         "load_average_at_end": callbridge_tests::bench::load_average(),
-        "args": {"minutes": minutes, "calls": slots, "warmup_minutes": warmup},
+        "args": {
+            "minutes": minutes,
+            "calls": slots,
+            "warmup_minutes": warmup,
+            "control_env": extra_control_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        },
         "calls_completed": tally.completed.load(Ordering::Relaxed),
         "calls_failed": tally.failed.load(Ordering::Relaxed),
         "samples": samples.iter().map(|s| s.to_json()).collect::<Vec<_>>(),

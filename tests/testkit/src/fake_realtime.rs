@@ -1515,6 +1515,12 @@ impl Session {
         } else if !self.greeted
             && self.next_turn == 0
             && let Some(greeting) = self.script.greeting.clone()
+            // An instruction to say something else (a voicemail instead of the greeting)
+            // is answered with its words, as the real model would.
+            && self
+                .last_user_text
+                .as_deref()
+                .is_none_or(|t| t.contains(greeting.text.as_str()))
         {
             self.greeted = true;
             // The instruction that asked for the greeting is used up by it.

@@ -44,8 +44,10 @@ pub enum Lifecycle {
     /// Rings for `ring_ms`, is answered, gets the voice webhook and plays `script` on the
     /// media stream; `completed` when the stream ends.
     Answer { ring_ms: u64, script: Conversation },
-    /// Answered by a machine: like `Answer`, and the async AMD callback says `answered_by`
-    /// after `detect_ms`.
+    /// Answered by a machine: it plays `script` (its greeting) and then records, staying
+    /// on the line until the call is ended for it; the async AMD callback says
+    /// `answered_by` after `detect_ms` (a `machine_end_*` verdict becomes `machine_start`
+    /// when the request asked for `Enable`, as with Twilio).
     Machine {
         ring_ms: u64,
         detect_ms: u64,
@@ -1002,6 +1004,10 @@ async fn run_call(inner: Arc<Inner>, sid: String, lifecycle: Lifecycle) {
         } => (script, Some((detect_ms, answered_by))),
         _ => (Conversation::default(), None),
     };
+    // A person (or a verdict Twilio could not reach) talks and hangs up like any caller.
+    let machine = amd
+        .as_ref()
+        .is_some_and(|(_, v)| v.starts_with("machine") || v == "fax");
     if let Some((detect_ms, answered_by)) = amd {
         let inner = inner.clone();
         let sid = sid.clone();
@@ -1010,7 +1016,7 @@ async fn run_call(inner: Arc<Inner>, sid: String, lifecycle: Lifecycle) {
             amd_callback(&inner, &sid, &answered_by, detect_ms).await;
         });
     }
-    let mut report = media(&inner, &sid, script.clone()).await;
+    let mut report = media(&inner, &sid, script.clone(), machine).await;
     // A lost stream with no action request: Twilio has nothing to run until a redirect.
     while let Ok(r) = &report {
         let lost = r.legs.last().is_some_and(|l| l.closed_by.is_abnormal())
@@ -1021,7 +1027,7 @@ async fn run_call(inner: Arc<Inner>, sid: String, lifecycle: Lifecycle) {
         let Some(url) = wait_for_redirect(&inner, &sid).await else {
             break;
         };
-        report = follow_redirect(&inner, &sid, &url, script.clone()).await;
+        report = follow_redirect(&inner, &sid, &url, script.clone(), machine).await;
     }
     // The stream is over: Twilio hangs up unless the call was redirected elsewhere.
     set_status(&inner, &sid, &["in-progress"], "completed");
@@ -1082,8 +1088,9 @@ async fn follow_redirect(
     sid: &str,
     url: &str,
     script: Conversation,
+    machine: bool,
 ) -> Result<CallReport, CallerError> {
-    let cfg = caller_config(inner, sid, script.clone())?;
+    let cfg = caller_config(inner, sid, script.clone(), machine)?;
     let caller = SimCaller::new(cfg);
     let exchange = caller
         .post_signed(url, &caller.cfg.call_params("in-progress"))
@@ -1117,11 +1124,14 @@ async fn follow_redirect(
     Ok(report)
 }
 
-/// A sim caller's settings for one of the fake's calls (to the relay target).
+/// A sim caller's settings for one of the fake's calls (to the relay target). A `machine`
+/// plays its greeting (`script`) and then records: it stays on the line until the call is
+/// ended for it.
 fn caller_config(
     inner: &Arc<Inner>,
     sid: &str,
     script: Conversation,
+    machine: bool,
 ) -> Result<CallerConfig, CallerError> {
     let Some(target) = &inner.relay() else {
         return Err(CallerError::Config("no relay configured".into()));
@@ -1159,6 +1169,10 @@ fn caller_config(
     cfg.follow_streams = 3;
     cfg.after_on_abnormal_close = target.after_on_abnormal_close;
     cfg.max_call = Duration::from_secs(120);
+    if machine {
+        cfg.hang_up_at_end = false;
+        cfg.max_call = Duration::from_secs(60);
+    }
     Ok(cfg)
 }
 
@@ -1168,6 +1182,7 @@ async fn media(
     inner: &Arc<Inner>,
     sid: &str,
     script: Conversation,
+    machine: bool,
 ) -> Result<CallReport, CallerError> {
     let Some(target) = &inner.relay() else {
         return Err(CallerError::Config("no relay configured".into()));
@@ -1185,7 +1200,7 @@ async fn media(
             "Url {url} is not the relay's voice webhook"
         )));
     }
-    let cfg = caller_config(inner, sid, script)?;
+    let cfg = caller_config(inner, sid, script, machine)?;
     {
         let mut s = inner.lock();
         s.live_streams += 1;
@@ -1293,12 +1308,19 @@ async fn flush(inner: &Arc<Inner>, sid: &str, pending: &mut Vec<Vec<(String, Str
     }
 }
 
-async fn amd_callback(inner: &Arc<Inner>, sid: &str, answered_by: &str, detect_ms: u64) {
+async fn amd_callback(inner: &Arc<Inner>, sid: &str, mut answered_by: &str, detect_ms: u64) {
     let url = {
         let mut s = inner.lock();
         let Some(call) = s.calls.get_mut(sid) else {
             return;
         };
+        // `Enable` answers as soon as it can tell: a machine is `machine_start`, never
+        // one of the `machine_end_*` verdicts that wait for the greeting's end.
+        if call.param("MachineDetection") == Some("Enable")
+            && answered_by.starts_with("machine_end_")
+        {
+            answered_by = "machine_start";
+        }
         call.answered_by = Some(answered_by.to_owned());
         if call.param("AsyncAmd") != Some("true") {
             return;

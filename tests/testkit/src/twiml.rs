@@ -15,6 +15,8 @@ pub struct Twiml {
     pub parameters: Vec<(String, String)>,
     /// Texts of `<Say>` verbs, in order.
     pub says: Vec<String>,
+    /// URLs of `<Play>` verbs, in order.
+    pub plays: Vec<String>,
     /// `<Dial>`: its number (text, or a `<Number>` child).
     pub dial_number: Option<String>,
     /// `<Dial><Conference>` room.
@@ -74,6 +76,7 @@ impl Twiml {
                 text.clear();
                 match name {
                     "Say" => out.says.push(body),
+                    "Play" => out.plays.push(body),
                     "Number" => out.dial_number = Some(body),
                     "Conference" => out.conference = Some(body),
                     "Dial" if !body.is_empty() && out.dial_number.is_none() => {
