@@ -477,7 +477,7 @@ async fn a_campaign_paces_caps_retries_and_gives_every_number_one_outcome() {
         );
     }
 
-    // Pacing: at most 1 + rate·window starts in any window (the bucket holds one token).
+    // Pacing: at most 1 + rate·window starts in any window (one slot per 1/rate).
     let times: Vec<Duration> = creates(&twilio).iter().map(|c| c.0).collect();
     let refused = per_kind as usize;
     let storm_failed: usize = storm_hits.values().sum();

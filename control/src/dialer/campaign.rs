@@ -18,7 +18,7 @@ use callbridge_proto::pb;
 
 use crate::domain::call::{is_final, now_ms};
 use crate::domain::calling_window::WindowClock;
-use crate::domain::campaign::{self as rules, NumberState, Outcome, Phase, TokenBucket};
+use crate::domain::campaign::{self as rules, NumberState, Outcome, Pacer, Phase};
 use crate::domain::ids::{AgentId, CallId, CallSid, CampaignId};
 use crate::domain::record::CallRecord;
 use crate::domain::twilio::TwilioCallStatus;
@@ -26,7 +26,8 @@ use crate::error::Error;
 use crate::service::Shared;
 use crate::store::CallStore;
 
-/// How often the loop looks at its campaigns (the pacing resolution).
+/// How often the loop looks at its campaigns. Each look takes every start slot inside the
+/// next tick, and each start waits for its slot: the pace is kept finer than the tick.
 const TICK: Duration = Duration::from_millis(50);
 
 /// How long an attempt may stay without word from Twilio before Twilio is asked about
@@ -39,7 +40,7 @@ const TWILIO_END_GRACE_MS: i64 = 5000;
 /// What this replica keeps about a campaign while it holds its lease.
 struct Local {
     fence: u64,
-    bucket: TokenBucket,
+    pacer: Pacer,
     /// The numbers as last written under `fence` (only the holder writes them).
     numbers: Vec<NumberState>,
     /// When each unrecorded attempt was last looked up at Twilio (ms).
@@ -133,6 +134,9 @@ async fn step<S: CallStore>(
     busy: &Busy,
 ) -> Result<(), Error> {
     let now = now_ms();
+    // The same moment on the monotonic clock: start slots are offsets from it.
+    let now_instant = tokio::time::Instant::now();
+    let tick_ms = i64::try_from(TICK.as_millis()).unwrap_or(50);
     let Some(fence) = shared
         .store
         .campaign_lease(campaign_id, holder, now, lease_ms)
@@ -159,19 +163,19 @@ async fn step<S: CallStore>(
         .is_none_or(|l| l.fence != fence || l.numbers.len() != record.numbers as usize);
     if stale {
         let numbers = shared.store.campaign_numbers(campaign_id).await?;
-        let bucket = match held.remove(campaign_id) {
+        let pacer = match held.remove(campaign_id) {
             // Same holder, more numbers: the pace goes on.
-            Some(l) if l.fence == fence => l.bucket,
+            Some(l) if l.fence == fence => l.pacer,
             _ => {
                 tracing::info!(%campaign_id, fence, "Dialing campaign (lease taken).");
-                TokenBucket::new(record.settings.calls_per_second, now)
+                Pacer::new(record.settings.calls_per_second, now)
             }
         };
         held.insert(
             campaign_id.clone(),
             Local {
                 fence,
-                bucket,
+                pacer,
                 numbers,
                 looked_up: HashMap::new(),
                 clock: WindowClock::new(&record.settings),
@@ -181,7 +185,7 @@ async fn step<S: CallStore>(
     let Some(local) = held.get_mut(campaign_id) else {
         return Ok(());
     };
-    local.bucket.set_rate(record.settings.calls_per_second);
+    local.pacer.set_rate(record.settings.calls_per_second);
     let settings = &record.settings;
     let canceled = record.state == pb::CampaignState::Canceled;
     let mut updates: Vec<(u32, NumberState)> = Vec::new();
@@ -267,7 +271,8 @@ async fn step<S: CallStore>(
     }
 
     // New attempts, paced, up to the concurrency limit.
-    let mut claims: Vec<(u32, NumberState, CallRecord)> = Vec::new();
+    // (number index, its new state, the attempt's call, its start slot in ms)
+    let mut claims: Vec<(u32, NumberState, CallRecord, i64)> = Vec::new();
     if record.state == pb::CampaignState::Running {
         let mut in_flight = local
             .numbers
@@ -287,7 +292,7 @@ async fn step<S: CallStore>(
             .collect();
         let agent_id = AgentId::from_stored(settings.agent_id.clone());
         for i in due {
-            if in_flight >= max || local.bucket.wait_ms(now) > 0 {
+            if in_flight >= max || local.pacer.wait_ms(now) >= tick_ms {
                 break;
             }
             let number = &local.numbers[i];
@@ -306,9 +311,9 @@ async fn step<S: CallStore>(
                 updates.push((index(i), next));
                 continue;
             }
-            if !local.bucket.take(now) {
+            let Some(slot) = local.pacer.slot_before(now, now + tick_ms) else {
                 break;
-            }
+            };
             let call_id = rules::attempt_call_id();
             let mut next = number.clone();
             next.attempts += 1;
@@ -330,11 +335,11 @@ async fn step<S: CallStore>(
                     now,
                 )
             };
-            claims.push((index(i), next, call));
+            claims.push((index(i), next, call, slot));
             in_flight += 1;
         }
     }
-    updates.extend(claims.iter().map(|(i, n, _)| (*i, n.clone())));
+    updates.extend(claims.iter().map(|(i, n, _, _)| (*i, n.clone())));
     apply(&mut local.numbers, &updates);
 
     // The claims are stored before any create: they are the attempts' request keys.
@@ -348,15 +353,18 @@ async fn step<S: CallStore>(
         return Ok(());
     }
     if !claims.is_empty() {
-        let records: Vec<CallRecord> = claims.iter().map(|(_, _, c)| c.clone()).collect();
+        let records: Vec<CallRecord> = claims.iter().map(|(_, _, c, _)| c.clone()).collect();
         shared.store.create_calls(&records).await?;
         let dial = settings.dial.clone().unwrap_or_default();
-        for call in records {
+        for (call, (_, _, _, slot)) in records.into_iter().zip(&claims) {
             busy_insert(busy, call.call_id.as_str());
             let shared = shared.clone();
             let busy = busy.clone();
             let dial = dial.clone();
+            let start_at =
+                now_instant + Duration::from_millis(u64::try_from(slot - now).unwrap_or(0));
             shared.tracker.clone().spawn(async move {
+                tokio::time::sleep_until(start_at).await;
                 if let Err(err) = super::place(&shared, &call, &dial).await {
                     tracing::warn!(call_id = %call.call_id, error = %err, "Campaign call not placed.");
                 }

@@ -1,6 +1,6 @@
 //! What a campaign is, and the rules the dialer follows: the state machine, what becomes
 //! of a number after each attempt (retry or final outcome), the progress counts, and the
-//! pacing bucket. Free of gRPC services and stores, like the rest of the domain.
+//! pacer. Free of gRPC services and stores, like the rest of the domain.
 
 use std::collections::BTreeMap;
 
@@ -382,57 +382,66 @@ pub fn attempt_call_id() -> CallId {
     CallId::generate()
 }
 
-/// Paces call starts: at most `rate` per second, with no burst beyond one call (the
-/// bucket holds one token), so any window of `t` seconds sees at most `1 + rate·t`.
+/// Paces call starts at most `rate` per second by giving each a start slot: the first at
+/// once, each next one `1/rate` after the one before, never in the past. Idle time builds
+/// no burst, so any window of `t` seconds holds at most `1 + rate·t` slots (the generic
+/// cell rate algorithm with a depth of one start). Slots may be handed out ahead, up to
+/// a horizon: the dialer looks once per tick and takes every slot inside the next tick,
+/// so a rate above one start per tick is kept too.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate_per_ms: f64,
-    tokens: f64,
-    last_ms: i64,
+pub struct Pacer {
+    interval_ms: f64,
+    next_ms: f64,
 }
 
-impl TokenBucket {
-    /// A full bucket (one token) at `now_ms`.
+impl Pacer {
+    /// A pacer whose first slot is `now_ms`.
     pub fn new(rate_per_second: f64, now_ms: i64) -> Self {
-        TokenBucket {
-            rate_per_ms: rate_per_second / 1000.0,
-            tokens: 1.0,
-            last_ms: now_ms,
-        }
+        let mut p = Pacer {
+            interval_ms: 0.0,
+            // Precision loss on ms counts is irrelevant here.
+            #[allow(clippy::cast_precision_loss)]
+            next_ms: now_ms as f64,
+        };
+        p.set_rate(rate_per_second);
+        p
     }
 
-    /// Changes the rate from now on.
+    /// Changes the rate from the next slot on.
     pub fn set_rate(&mut self, rate_per_second: f64) {
-        self.rate_per_ms = rate_per_second / 1000.0;
+        self.interval_ms = if rate_per_second > 0.0 {
+            1000.0 / rate_per_second
+        } else {
+            f64::INFINITY
+        };
     }
 
-    /// Takes a token if one is there at `now_ms`.
-    pub fn take(&mut self, now_ms: i64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms).max(0);
-        // Precision loss on ms counts is irrelevant here.
+    /// Takes the next slot if it starts before `horizon_ms`: its time (ms, at or after
+    /// `now_ms`). `None`: the next slot is at or beyond the horizon.
+    pub fn slot_before(&mut self, now_ms: i64, horizon_ms: i64) -> Option<i64> {
         #[allow(clippy::cast_precision_loss)]
-        let refill = elapsed as f64 * self.rate_per_ms;
-        self.tokens = (self.tokens + refill).min(1.0);
-        self.last_ms = self.last_ms.max(now_ms);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+        let slot = self.next_ms.max(now_ms as f64);
+        #[allow(clippy::cast_precision_loss)]
+        if !slot.is_finite() || slot >= horizon_ms as f64 {
+            return None;
         }
+        self.next_ms = slot + self.interval_ms;
+        #[allow(clippy::cast_possible_truncation)]
+        Some(slot.ceil() as i64)
     }
 
-    /// Milliseconds until the next token at `now_ms` (0 if one is there).
+    /// Milliseconds from `now_ms` until the next slot (0 if it is due).
     pub fn wait_ms(&self, now_ms: i64) -> i64 {
-        let elapsed = now_ms.saturating_sub(self.last_ms).max(0);
         #[allow(clippy::cast_precision_loss)]
-        let have = (self.tokens + elapsed as f64 * self.rate_per_ms).min(1.0);
-        if have >= 1.0 || self.rate_per_ms <= 0.0 {
+        let wait = self.next_ms - now_ms as f64;
+        if wait <= 0.0 {
             0
-        } else {
+        } else if wait.is_finite() {
             #[allow(clippy::cast_possible_truncation)]
-            let ms = ((1.0 - have) / self.rate_per_ms).ceil() as i64;
+            let ms = wait.ceil() as i64;
             ms
+        } else {
+            i64::MAX
         }
     }
 }
@@ -468,19 +477,49 @@ mod tests {
     }
 
     #[test]
-    fn the_bucket_never_starts_more_than_one_plus_rate_times_window() {
-        let mut bucket = TokenBucket::new(10.0, 0);
-        // Asked every millisecond from 0 to 10 s inclusive: 1 + 10·10 starts.
-        let starts: Vec<i64> = (0..=10_000).filter(|&t| bucket.take(t)).collect();
-        assert_eq!(starts.len(), 1 + 100);
-        for window in starts.windows(11) {
-            assert!(window[10] - window[0] >= 1000, "{window:?}");
+    fn the_pacer_never_starts_more_than_one_plus_rate_times_window() {
+        // Looked at every 50 ms (the dialer's tick), taking every slot inside the next
+        // tick: 10 s at 10, 33.3 and 100 starts per second.
+        for rate in [10.0, 100.0 / 3.0, 100.0] {
+            let mut pacer = Pacer::new(rate, 0);
+            let mut slots = Vec::new();
+            for now in (0..10_000).step_by(50) {
+                while let Some(slot) = pacer.slot_before(now, now + 50) {
+                    assert!(slot >= now, "never in the past");
+                    slots.push(slot);
+                }
+            }
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let expected = (rate * 10.0).ceil() as usize;
+            assert_eq!(slots.len(), expected, "rate {rate}");
+            for secs in [1i64, 2, 5] {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    clippy::cast_precision_loss
+                )]
+                let bound = 1 + (rate * secs as f64) as usize;
+                let most = slots
+                    .iter()
+                    .map(|&a| {
+                        slots
+                            .iter()
+                            .filter(|&&b| b >= a && b < a + secs * 1000)
+                            .count()
+                    })
+                    .max()
+                    .unwrap_or(0);
+                assert!(most <= bound, "rate {rate}: {most} in {secs} s");
+            }
         }
-        let mut idle = TokenBucket::new(10.0, 0);
+        let mut idle = Pacer::new(10.0, 0);
         // A long idle time does not build a burst.
-        assert!(idle.take(60_000));
-        assert!(!idle.take(60_001));
+        assert_eq!(idle.slot_before(60_000, 60_050), Some(60_000));
+        assert_eq!(idle.slot_before(60_001, 60_050), None);
         assert_eq!(idle.wait_ms(60_001), 99);
+        // A slot at the horizon belongs to the next look.
+        assert_eq!(idle.slot_before(60_050, 60_100), None);
+        assert_eq!(idle.slot_before(60_100, 60_150), Some(60_100));
     }
 
     #[test]
