@@ -317,8 +317,6 @@ pub fn after(
             pb::EndReason::Transferred if call.transfer_to.is_some() => {
                 Next::DialNumber(call.transfer_to.clone().unwrap_or_default())
             }
-            // DRAIN: a relay shut down before it found a quiet moment to hand the call
-            // off; the caller is better off with the agent's fallback than a hang-up.
             // A voicemail Twilio says or plays (a spoken one was left on the stream).
             pb::EndReason::VoicemailLeft => agent
                 .and_then(|a| a.settings.as_ref())
@@ -330,6 +328,8 @@ pub fn after(
                     )
                 })
                 .map_or(Next::Hangup(pb::HangupNext {}), Next::Voicemail),
+            // DRAIN: a relay shut down before it found a quiet moment to hand the call
+            // off; the caller is better off with the agent's fallback than a hang-up.
             pb::EndReason::ModelUnavailable
             | pb::EndReason::InternalError
             | pb::EndReason::Drain => Next::Fallback(

@@ -87,15 +87,15 @@ impl Call {
     /// Acts on a waiting verdict. Whether the opening turn is taken care of (the greeting
     /// is not said: the call ends, or the message is left instead).
     pub(super) fn apply_verdict(&mut self, now: Instant) -> bool {
-        if !matches!(self.verdict, Verdict::Waiting { .. }) {
-            return false;
-        }
-        let Verdict::Waiting {
-            answered_by,
-            reported,
-        } = std::mem::replace(&mut self.verdict, Verdict::Applied)
-        else {
-            return false;
+        let (answered_by, reported) = match std::mem::replace(&mut self.verdict, Verdict::Applied) {
+            Verdict::Waiting {
+                answered_by,
+                reported,
+            } => (answered_by, reported),
+            other => {
+                self.verdict = other;
+                return false;
+            }
         };
         let action = decide(&answered_by, self.agent.voicemail.as_ref());
         info!(%answered_by, ?action, "Answering-machine verdict.");
