@@ -19,6 +19,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::{FakeRealtime, FakeRealtimeBuilder};
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, RelayTarget};
 use callbridge_testkit::pki::{PemPair, TestCa, Usage};
 use callbridge_testkit::procs::{Proc, free_addr};
 use callbridge_testkit::redis_cluster::RedisCluster;
@@ -256,6 +257,17 @@ impl World {
         self.relays.iter().map(|r| r.addr).collect()
     }
 
+    /// The fake Twilio's answered calls and callbacks come to this world's relays (round
+    /// robin, at the public URL the relays sign with). It asks no action URL after a
+    /// stream that ended abnormally (`after_on_abnormal_close` off).
+    pub fn answer_from(&self, twilio: &FakeTwilio) {
+        twilio.set_relay(RelayTarget {
+            public_base: PUBLIC_URL.to_owned(),
+            relays: LoadBalancer::new(self.relay_addrs()),
+            after_on_abnormal_close: false,
+        });
+    }
+
     /// A caller for this world (signing with the Twilio token, round robin over relays).
     pub fn caller(&self, script: Conversation) -> CallerConfig {
         let mut cfg = CallerConfig::new(PUBLIC_URL, self.relays[0].addr, Some(TWILIO_TOKEN));
@@ -426,6 +438,13 @@ impl WorldBuilder {
     pub fn control_env(mut self, k: &str, v: &str) -> Self {
         self.control_env.push((k.to_owned(), v.to_owned()));
         self
+    }
+
+    /// Control places calls through the fake Twilio: its account, token and base URL.
+    pub fn dials_through(self, twilio: &FakeTwilio) -> Self {
+        self.control_env("TWILIO_ACCOUNT_SID", twilio.account_sid())
+            .control_env("TWILIO_AUTH_TOKEN", twilio.auth_token())
+            .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
     }
 
     /// An extra env var for every relay.

@@ -13,9 +13,8 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle, RelayTarget};
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_testkit::procs::{Proc, free_addr};
-use callbridge_testkit::sim_caller::LoadBalancer;
 use callbridge_tests::{
     APP_TOKEN, Bearer, PUBLIC_URL, READY, RELAY_TOKEN, TWILIO_TOKEN, World, agent_settings,
     flatten, with_timeout,
@@ -32,8 +31,8 @@ type CallsClient = pb::calls_client::CallsClient<
 
 fn twilio_env(twilio: &FakeTwilio) -> Vec<(&'static str, String)> {
     vec![
-        ("TWILIO_ACCOUNT_SID", ACCOUNT.to_owned()),
-        ("TWILIO_AUTH_TOKEN", TWILIO_TOKEN.to_owned()),
+        ("TWILIO_ACCOUNT_SID", twilio.account_sid().to_owned()),
+        ("TWILIO_AUTH_TOKEN", twilio.auth_token().to_owned()),
         ("TWILIO_API_BASE_URL", twilio.base_url()),
         // A create is over (answered or given up) within ~3 s, so a take-over may create
         // an unrecorded attempt soon.
@@ -46,14 +45,6 @@ async fn fake_twilio() -> FakeTwilio {
     FakeTwilio::start(FakeTwilioConfig::new(ACCOUNT, TWILIO_TOKEN))
         .await
         .expect("fake twilio starts")
-}
-
-fn route_to_relays(twilio: &FakeTwilio, world: &World) {
-    twilio.set_relay(RelayTarget {
-        public_base: PUBLIC_URL.to_owned(),
-        relays: LoadBalancer::new(world.relay_addrs()),
-        after_on_abnormal_close: false,
-    });
 }
 
 fn number(i: usize) -> String {
@@ -283,7 +274,7 @@ async fn a_campaign_paces_caps_retries_and_gives_every_number_one_outcome() {
         builder = builder.control_env(k, &v);
     }
     let world = builder.start().await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let greeting = script.greeting.as_ref().map(|g| g.text.as_str());
     let mut agent_config = agent_settings("campaigner", greeting);
     agent_config.voicemail = Some(pb::Voicemail {
@@ -537,7 +528,7 @@ async fn pause_resume_cancel_and_refusals() {
         builder = builder.control_env(k, &v);
     }
     let world = builder.start().await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("pauser", agent_settings("pauser", None))
         .await;
@@ -691,7 +682,7 @@ async fn the_dialer_moves_to_another_replica_when_its_holder_dies() {
         .control_env("CONTROL_HEARTBEAT_TIMEOUT_SECS", "2")
         .start()
         .await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("replicas", agent_settings("replicas", None))
         .await;
@@ -773,7 +764,7 @@ async fn an_attempt_created_but_not_recorded_is_adopted_not_dialled_again() {
         .control_env("CONTROL_HEARTBEAT_TIMEOUT_SECS", "2")
         .start()
         .await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("adopter", agent_settings("adopter", None))
         .await;
@@ -981,7 +972,7 @@ async fn numbers_are_dialled_only_inside_their_calling_window_in_their_zone() {
         builder = builder.control_env(k, &v);
     }
     let world = builder.start().await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("windowed", agent_settings("windowed", None))
         .await;
@@ -1190,7 +1181,7 @@ async fn drain_watch(stream: &mut tonic::Streaming<pb::Campaign>, what: &str) ->
 async fn watch_campaign_streams_progress_across_replicas_until_it_settles() {
     let twilio = fake_twilio().await;
     let world = World::builder(FakeRealtime::builder()).start().await;
-    route_to_relays(&twilio, &world);
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("watched", agent_settings("watched", None))
         .await;

@@ -8,10 +8,9 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle, RelayTarget};
-use callbridge_testkit::sim_caller::LoadBalancer;
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_tests::{
-    PUBLIC_URL, TWILIO_TOKEN, World, agent_settings, expected_transcript, flatten, with_timeout,
+    TWILIO_TOKEN, World, agent_settings, expected_transcript, flatten, with_timeout,
 };
 
 const ACCOUNT: &str = "AC00000000000000000000000000000e2e";
@@ -28,16 +27,10 @@ async fn dialing(script: &Conversation) -> Dialing {
         .await
         .expect("fake twilio starts");
     let world = World::builder(FakeRealtime::builder().script(script.clone()).speed(4.0))
-        .control_env("TWILIO_ACCOUNT_SID", ACCOUNT)
-        .control_env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-        .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
+        .dials_through(&twilio)
         .start()
         .await;
-    twilio.set_relay(RelayTarget {
-        public_base: PUBLIC_URL.to_owned(),
-        relays: LoadBalancer::new(world.relay_addrs()),
-        after_on_abnormal_close: false,
-    });
+    world.answer_from(&twilio);
     let greeting = script.greeting.as_ref().map(|g| g.text.as_str());
     let agent = world
         .create_agent("dialer", agent_settings("dialer", greeting))

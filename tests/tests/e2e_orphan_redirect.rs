@@ -11,8 +11,7 @@ use std::time::Duration;
 use callbridge_proto::pb;
 use callbridge_testkit::conversation::{AgentReply, Conversation, Turn};
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle, RelayTarget};
-use callbridge_testkit::sim_caller::LoadBalancer;
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_tests::{PUBLIC_URL, TWILIO_TOKEN, World, agent_settings, with_timeout};
 
 const ACCOUNT: &str = "AC00000000000000000000000000000a0f";
@@ -41,20 +40,14 @@ async fn a_call_whose_relay_died_without_an_action_request_is_redirected_by_rest
         .expect("fake twilio starts");
     let mut world = World::builder(FakeRealtime::builder().script(script.clone()).speed(2.0))
         .relays(2)
-        .control_env("TWILIO_ACCOUNT_SID", ACCOUNT)
-        .control_env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-        .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
+        .dials_through(&twilio)
         // Redirect after 9/3 + 1 = 4 s of orphanhood, well before the lease runs out.
         .control_env("CONTROL_LEASE_SECS", "9")
         .control_env("CONTROL_HEARTBEAT_TIMEOUT_SECS", "3")
         .start()
         .await;
-    twilio.set_relay(RelayTarget {
-        public_base: PUBLIC_URL.to_owned(),
-        relays: LoadBalancer::new(world.relay_addrs()),
-        // Twilio does not ask the action URL after the lost stream.
-        after_on_abnormal_close: false,
-    });
+    // Twilio does not ask the action URL after the lost stream.
+    world.answer_from(&twilio);
     twilio.await_redirects(Duration::from_secs(30));
     let to = "+14155557001";
     twilio.script(

@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle, RelayTarget};
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_testkit::http;
-use callbridge_testkit::sim_caller::LoadBalancer;
-use callbridge_tests::{APP_TOKEN, PUBLIC_URL, TWILIO_TOKEN, World, with_timeout};
+use callbridge_tests::{APP_TOKEN, TWILIO_TOKEN, World, with_timeout};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -127,16 +126,10 @@ async fn the_express_example_starts_a_campaign_and_streams_its_progress() {
         .await
         .expect("fake twilio starts");
     let world = World::builder(FakeRealtime::builder())
-        .control_env("TWILIO_ACCOUNT_SID", ACCOUNT)
-        .control_env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-        .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
+        .dials_through(&twilio)
         .start()
         .await;
-    twilio.set_relay(RelayTarget {
-        public_base: PUBLIC_URL.to_owned(),
-        relays: LoadBalancer::new(world.relay_addrs()),
-        after_on_abnormal_close: false,
-    });
+    world.answer_from(&twilio);
     let numbers: Vec<String> = (0..8).map(|i| format!("+1415555{:04}", 7700 + i)).collect();
     for n in &numbers {
         twilio.script(n, Lifecycle::Busy { ring_ms: 200 });

@@ -20,13 +20,12 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use callbridge_proto::pb;
 use callbridge_testkit::fake_realtime::FakeRealtime;
-use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle, RelayTarget};
-use callbridge_testkit::sim_caller::LoadBalancer;
+use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_tests::bench::{
     clock_ticks_per_sec, load_average, machine, percentile, process_cpu_ms, provenance,
     write_result,
 };
-use callbridge_tests::{PUBLIC_URL, TWILIO_TOKEN, World, agent_settings};
+use callbridge_tests::{TWILIO_TOKEN, World, agent_settings};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -220,18 +219,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let twilio = FakeTwilio::start(cfg).await.context("fake Twilio")?;
     let world = World::builder(FakeRealtime::builder())
-        .control_env("TWILIO_ACCOUNT_SID", ACCOUNT)
-        .control_env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-        .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
+        .dials_through(&twilio)
         .control_env("CONTROL_LOG", "warn")
         .relay_env("RELAY_LOG", "warn")
         .start()
         .await;
-    twilio.set_relay(RelayTarget {
-        public_base: PUBLIC_URL.to_owned(),
-        relays: LoadBalancer::new(world.relay_addrs()),
-        after_on_abnormal_close: false,
-    });
+    world.answer_from(&twilio);
     let agent = world
         .create_agent("dialer", agent_settings("dialer", None))
         .await;

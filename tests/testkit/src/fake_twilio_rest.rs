@@ -325,6 +325,16 @@ impl FakeTwilio {
         format!("http://{}", self.addr)
     }
 
+    /// The account the fake serves (control's `TWILIO_ACCOUNT_SID`).
+    pub fn account_sid(&self) -> &str {
+        &self.inner.cfg.account_sid
+    }
+
+    /// The account's auth token (control's `TWILIO_AUTH_TOKEN`; it also signs callbacks).
+    pub fn auth_token(&self) -> &str {
+        &self.inner.cfg.auth_token
+    }
+
     /// Sends answered calls and callbacks to these relays from now on.
     pub fn set_relay(&self, target: RelayTarget) {
         *self
