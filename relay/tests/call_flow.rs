@@ -797,9 +797,11 @@ async fn transfer_tool_checks_the_allow_list() {
     assert_eq!(ended.transfer_to, "+15550001");
 }
 
-#[tokio::test]
-async fn app_tools_and_commands_round_trip() {
-    let mut w = world(|c| c.tool_timeout_secs = 1).await;
+/// A call whose attach stream passes down what is sent on the returned sender, started
+/// and with its model session set up.
+async fn call_taking_commands(
+    w: &mut World,
+) -> (tokio::sync::mpsc::Sender<pb::Command>, Ws, ModelConn) {
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
     w.control.state.lock().unwrap().commands = Some(cmd_rx);
     let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
@@ -808,6 +810,13 @@ async fn app_tools_and_commands_round_trip() {
     send_json(&mut tw, start_msg()).await;
     let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
     model.next_of("session.update").await;
+    (cmd_tx, tw, model)
+}
+
+#[tokio::test]
+async fn app_tools_and_commands_round_trip() {
+    let mut w = world(|c| c.tool_timeout_secs = 1).await;
+    let (cmd_tx, _tw, mut model) = call_taking_commands(&mut w).await;
 
     // An application tool goes up as an event; the result comes down as a command.
     model
@@ -1383,14 +1392,7 @@ async fn a_voicemail_cuts_the_agent_waits_for_the_cancel_and_ends_once_played() 
         )),
     });
     w.control.state.lock().unwrap().agent = agent(with_voicemail);
-    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(8);
-    w.control.state.lock().unwrap().commands = Some(cmd_rx);
-    let mut tw = twilio_ws(&w.relay, "/api/twilio/media-stream/call_1")
-        .await
-        .unwrap();
-    send_json(&mut tw, start_msg()).await;
-    let mut model = within("model dialled", w.model.conns.recv()).await.unwrap();
-    model.next_of("session.update").await;
+    let (cmd_tx, mut tw, mut model) = call_taking_commands(&mut w).await;
     // The agent is talking to the machine's greeting when the verdict comes.
     let delta = delta_100ms();
     model

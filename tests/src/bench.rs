@@ -338,6 +338,22 @@ pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// The most of `times` (in any order) that fall in one window of length `window`: the
+/// busiest stretch of a paced series.
+pub fn max_in_window(times: &[Duration], window: Duration) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end] - sorted[start] >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
 /// A number deep in a JSON result (`&["rtt_ms", "p99"]`); NaN when absent.
 pub fn json_f64(v: &Value, path: &[&str]) -> f64 {
     path.iter()
@@ -414,6 +430,21 @@ mod tests {
         assert_eq!((s.utime_ticks, s.stime_ticks), (1234, 56));
         assert!((s.cpu_ms(100.0) - 12_900.0).abs() < 1e-9);
         assert!((s.cpu_ms(250.0) - 5_160.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_busiest_window_counts_unsorted_times_and_excludes_its_end() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
+        let times = ms(&[900, 0, 100, 1_000, 1_050, 1_999]);
+        // 100, 900, 1000 and 1050 share a second; 0 and 1000 do not (a window excludes
+        // its end), nor 1050 and 1999.
+        assert_eq!(max_in_window(&times, Duration::from_secs(1)), 4);
+        assert_eq!(max_in_window(&times, Duration::from_millis(100)), 2);
+        assert_eq!(max_in_window(&[], Duration::from_secs(1)), 0);
     }
 
     #[test]

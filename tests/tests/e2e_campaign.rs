@@ -15,6 +15,7 @@ use callbridge_testkit::conversation::Conversation;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_testkit::procs::{Proc, free_addr};
+use callbridge_tests::bench::max_in_window;
 use callbridge_tests::{
     APP_TOKEN, Bearer, PUBLIC_URL, READY, RELAY_TOKEN, TWILIO_TOKEN, World, agent_settings,
     flatten, with_timeout,
@@ -196,21 +197,6 @@ fn creates(twilio: &FakeTwilio) -> Vec<(Duration, String, String)> {
             )
         })
         .collect()
-}
-
-/// The most accepted creates in any window of `window`.
-fn max_in_window(times: &[Duration], window: Duration) -> usize {
-    let mut sorted = times.to_vec();
-    sorted.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..sorted.len() {
-        while sorted[end] - sorted[start] >= window {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
 }
 
 /// The most calls live at Twilio at once: each from its create to its final callback.

@@ -529,7 +529,7 @@ async fn machines_get_the_agents_voicemail_or_a_hang_up_and_people_a_call() {
             assert!(
                 transcript
                     .last()
-                    .is_some_and(|(who, line)| who == "assistant" && line.contains(WORDS)),
+                    .is_some_and(|(who, line)| who == "assistant" && line == WORDS),
                 "{to}: the message was the last thing said: {transcript:?}"
             );
         }

@@ -97,11 +97,6 @@ fn say_text(n: usize) -> String {
     format!("Special offer for caller {n}")
 }
 
-/// The text the fake model speaks for a `say` (the relay's instruction, echoed).
-fn say_spoken(n: usize) -> String {
-    format!("Say this to the caller now: \"{}\"", say_text(n))
-}
-
 fn script(n: usize) -> Conversation {
     Conversation {
         greeting: Some(AgentReply::says(format!("Hello caller {n}"), 200)),
@@ -815,7 +810,7 @@ async fn run() {
         let mut expected = expected_transcript(&d.script);
         let mut heard_ms = script_audio_ms(&d.script);
         if d.kind == Kind::SayThenHangup {
-            expected.push(("assistant".to_owned(), say_spoken(n)));
+            expected.push(("assistant".to_owned(), say_text(n)));
             heard_ms += SAY_AUDIO_MS;
         }
         // Exactly its own agent's audio, every byte, once.
@@ -927,7 +922,7 @@ async fn run() {
             // The say's answer comes after it was applied.
             let at = applied.iter().find(|(_, id)| id == say_id).map(|(i, _)| *i);
             let answer = events.iter().position(|e| {
-                matches!(&e.kind, Some(pb::call_event::Kind::Assistant(a)) if a.text == say_spoken(n))
+                matches!(&e.kind, Some(pb::call_event::Kind::Assistant(a)) if a.text == say_text(n))
             });
             assert!(
                 at < answer,

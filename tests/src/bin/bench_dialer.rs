@@ -22,8 +22,8 @@ use callbridge_proto::pb;
 use callbridge_testkit::fake_realtime::FakeRealtime;
 use callbridge_testkit::fake_twilio_rest::{FakeTwilio, FakeTwilioConfig, Lifecycle};
 use callbridge_tests::bench::{
-    clock_ticks_per_sec, load_average, machine, percentile, process_cpu_ms, provenance,
-    write_result,
+    clock_ticks_per_sec, load_average, machine, max_in_window, percentile, process_cpu_ms,
+    provenance, write_result,
 };
 use callbridge_tests::{TWILIO_TOKEN, World, agent_settings};
 use clap::Parser;
@@ -76,18 +76,6 @@ fn create_times(twilio: &FakeTwilio, prefix: &str) -> (Vec<Duration>, usize) {
     }
     accepted.sort();
     (accepted, refused)
-}
-
-fn max_in_window(times: &[Duration], window: Duration) -> usize {
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= window {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
 }
 
 async fn run_rate(

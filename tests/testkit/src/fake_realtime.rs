@@ -1515,19 +1515,19 @@ impl Session {
         } else if !self.greeted
             && self.next_turn == 0
             && let Some(greeting) = self.script.greeting.clone()
-            // An instruction to say something else (a voicemail instead of the greeting)
-            // is answered with its words, as the real model would.
+            // Only an instruction that quotes the greeting word for word asks for it; one
+            // to say something else (a voicemail) is answered with its own words.
             && self
                 .last_user_text
                 .as_deref()
-                .is_none_or(|t| t.contains(greeting.text.as_str()))
+                .is_none_or(|t| quoted_words(t) == greeting.text)
         {
             self.greeted = true;
             // The instruction that asked for the greeting is used up by it.
             self.last_user_text = None;
             greeting
         } else if let Some(text) = self.last_user_text.take().or(inline) {
-            AgentReply::says(text, self.cfg.say_audio_ms)
+            AgentReply::says(quoted_words(&text), self.cfg.say_audio_ms)
         } else {
             self.cfg.fallback_reply.clone()
         };
@@ -1829,6 +1829,16 @@ fn merge(base: &mut Value, patch: &Value) {
     }
 }
 
+/// What an instruction asks the model to say: the words it quotes at its end (`… saying:
+/// "Hello."` → `Hello.`), as the real model would say just those; the whole text when it
+/// quotes nothing.
+fn quoted_words(instruction: &str) -> &str {
+    instruction
+        .strip_suffix('"')
+        .and_then(|head| head.split_once(": \""))
+        .map_or(instruction, |(_, words)| words)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1840,6 +1850,25 @@ mod tests {
     >;
 
     const LIMIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn an_instruction_that_quotes_its_words_is_answered_with_them_alone() {
+        assert_eq!(
+            quoted_words(
+                "Leave this voicemail message now, saying exactly: \"Call us: \"back\".\""
+            ),
+            "Call us: \"back\"."
+        );
+        assert_eq!(
+            quoted_words("Greet the caller now by saying: \"Hi.\""),
+            "Hi."
+        );
+        assert_eq!(
+            quoted_words("Tell them the order shipped."),
+            "Tell them the order shipped."
+        );
+        assert_eq!(quoted_words("a \"quote\" inside"), "a \"quote\" inside");
+    }
 
     async fn connect(fake: &FakeRealtime, key: Option<&str>) -> Result<Ws, String> {
         let mut req = format!("{}?model=gpt-realtime", fake.url())
