@@ -2,9 +2,10 @@
 //!
 //! tonic gives every RPC an 8 KiB encode buffer and an 8 KiB decode buffer. A relay keeps
 //! one attach stream per live call (control one per call it serves), and their messages
-//! are events, acks and commands of a few hundred bytes, so at a thousand calls the
-//! default buffers were most of the production path's extra memory per call
-//! (docs/performance.md). Buffers grow when a message is larger.
+//! are events, acks and commands, most under 256 bytes (an ack is a few), so at a
+//! thousand calls the default buffers were most of the production path's extra memory per
+//! call (docs/performance.md). Buffers grow when a message is larger; events come a few a
+//! second at most, so the odd reallocation costs nothing the audio path would notice.
 
 use std::marker::PhantomData;
 
@@ -13,7 +14,7 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// Initial encode and decode buffer per RPC (bytes).
-pub const BUFFER_BYTES: usize = 1024;
+pub const BUFFER_BYTES: usize = 256;
 /// Bytes a streaming encoder batches before it yields (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

@@ -1,5 +1,6 @@
 //! The relay's client of control's internal `Relay` service (Admit, Attach, After).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use callbridge_proto::pb;
@@ -139,10 +140,12 @@ impl AttachProof {
     }
 }
 
-/// Control's `Relay` API; clone-cheap (the tonic `Channel` multiplexes).
+/// Control's `Relay` API; clone-cheap (the tonic `Channel` multiplexes). The client sits
+/// behind an `Arc`: every call's control link keeps a handle for reconnects, and the
+/// client itself (channel, interceptor, origin URI) is ~300 bytes.
 #[derive(Clone)]
 pub struct Control {
-    client: RelayClient<InterceptedService<Channel, Auth>>,
+    client: Arc<RelayClient<InterceptedService<Channel, Auth>>>,
     timeout: Duration,
 }
 
@@ -188,14 +191,14 @@ impl Control {
         };
         let client = RelayClient::with_interceptor(endpoint.connect_lazy(), Auth(token));
         Ok(Some(Self {
-            client,
+            client: Arc::new(client),
             timeout: config.connect_timeout(),
         }))
     }
 
     /// `Relay.Admit`.
     pub async fn admit(&self, req: pb::AdmitRequest) -> Result<pb::AdmitResponse, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = RelayClient::clone(&self.client);
         match tokio::time::timeout(self.timeout, client.admit(req)).await {
             Ok(r) => Ok(r?.into_inner()),
             Err(_) => Err(ControlError::Timeout(self.timeout)),
@@ -208,7 +211,7 @@ impl Control {
         call_id: &CallId,
         stream: &ActionStream,
     ) -> Result<pb::AfterResponse, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = RelayClient::clone(&self.client);
         let req = pb::AfterRequest {
             call_id: call_id.as_str().to_owned(),
             stream_id: stream.stream.clone().unwrap_or_default(),
@@ -225,7 +228,7 @@ impl Control {
         &self,
         req: pb::TwilioStatusReport,
     ) -> Result<pb::TwilioStatusAck, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = RelayClient::clone(&self.client);
         match tokio::time::timeout(self.timeout, client.report_twilio_status(req)).await {
             Ok(r) => Ok(r?.into_inner()),
             Err(_) => Err(ControlError::Timeout(self.timeout)),
@@ -239,7 +242,7 @@ impl Control {
         relay_id: &str,
         draining: bool,
     ) -> Result<pb::RelayPresenceAck, ControlError> {
-        let mut client = self.client.clone();
+        let mut client = RelayClient::clone(&self.client);
         let req = pb::RelayPresence {
             relay_id: relay_id.to_owned(),
             draining,
@@ -287,7 +290,7 @@ impl Control {
             tx.send(Box::new(open))
                 .await
                 .map_err(|_| ControlError::NoContext)?;
-            let mut client = self.client.clone();
+            let mut client = RelayClient::clone(&self.client);
             let up = ReceiverStream::new(rx).map(|r| *r);
             let mut stream = client.attach(up).await?.into_inner();
             loop {

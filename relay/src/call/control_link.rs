@@ -76,12 +76,31 @@ fn permanent(code: Code) -> bool {
     )
 }
 
-async fn next_response(
-    rx: &mut Option<Streaming<pb::AttachResponse>>,
-) -> Result<Option<pb::AttachResponse>, tonic::Status> {
-    match rx.as_mut() {
-        Some(rx) => rx.message().await,
-        None => std::future::pending().await,
+/// What came down the attach stream, reduced to what the link acts on. Kept small on
+/// purpose: the select's output is part of the link task for the call's whole life, and a
+/// raw response has room for a call context (~1 KiB inline).
+enum Incoming {
+    Acked(u64),
+    Command(Box<pb::Command>),
+    /// Nothing for the link (a context, an empty message).
+    Nothing,
+    /// The stream ended or failed: why.
+    Lost(String),
+}
+
+async fn next_response(rx: &mut Option<Streaming<pb::AttachResponse>>) -> Incoming {
+    let Some(rx) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    match rx.message().await {
+        Ok(Some(pb::AttachResponse { msg: Some(msg) })) => match msg {
+            pb::attach_response::Msg::AckedSeq(n) => Incoming::Acked(n),
+            pb::attach_response::Msg::Command(c) => Incoming::Command(Box::new(c)),
+            pb::attach_response::Msg::Context(_) => Incoming::Nothing,
+        },
+        Ok(Some(_)) => Incoming::Nothing,
+        Ok(None) => Incoming::Lost("closed".to_owned()),
+        Err(s) => Incoming::Lost(format!("{:?}: {}", s.code(), s.message())),
     }
 }
 
@@ -114,15 +133,17 @@ async fn reserve(
     }
 }
 
+/// Events are boxed: a deque keeps its capacity after it empties, and a call's first event
+/// gives each deque room for four, so inline events would hold ~1.3 KiB per call for good.
 struct Buffer {
-    events: VecDeque<pb::CallEvent>,
+    events: VecDeque<Box<pb::CallEvent>>,
     /// How many of `events` went out on the current stream.
     sent: usize,
     next_seq: u64,
     final_seq: Option<u64>,
     /// Acknowledged events of the last [`RETAIN`], oldest first, with when they were
     /// acknowledged: what a store that lost its newest writes is sent again.
-    recent: VecDeque<(Instant, pb::CallEvent)>,
+    recent: VecDeque<(Instant, Box<pb::CallEvent>)>,
     /// The highest seq control acknowledged.
     acked: u64,
     /// Most events kept in `recent`.
@@ -243,13 +264,20 @@ struct Link {
 
 /// Runs the link until the `ended` event is acknowledged, or the call is gone and nothing
 /// is left to send, or control refused the call for good.
-pub async fn run(
+pub fn run(
     setup: LinkSetup,
     first: AttachStream,
-    mut events: mpsc::Receiver<LinkIn>,
+    events: mpsc::Receiver<LinkIn>,
     commands: mpsc::Sender<Box<pb::Command>>,
-) {
-    let mut link = Link::new(setup, first, commands);
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    serve(Box::new(Link::new(setup, first, commands)), events)
+}
+
+/// The link's loop. The link comes built and boxed: an async fn keeps its arguments for
+/// its whole life, and a second copy of any it uses across an await
+/// (rust-lang/rust#62958), so the setup, the first stream and the link built from them
+/// were all part of every call's link task.
+async fn serve(mut link: Box<Link>, mut events: mpsc::Receiver<LinkIn>) {
     while !link.done() {
         let connected = link.tx.is_some();
         let to_send = connected && link.buf.sent < link.buf.events.len();
@@ -258,10 +286,8 @@ pub async fn run(
             // The call's events: always drained first, so the call's try_send rarely fails.
             msg = events.recv(), if link.call_open => link.on_event(msg),
             // Acks and commands from control; a broken stream schedules a reconnect.
-            resp = next_response(&mut link.rx), if connected => {
-                // Only the boxed command is held across the send: an inline response
-                // (with its call context) would sit in every link task's future.
-                if let Some(c) = link.on_response(resp) {
+            incoming = next_response(&mut link.rx), if connected => {
+                if let Some(c) = link.on_response(incoming) {
                     // The call reads commands promptly; if it is gone, drop them.
                     let _ = link.commands.send(c).await;
                 }
@@ -337,44 +363,34 @@ impl Link {
         if is_final {
             self.buf.final_seq = Some(seq);
         }
-        self.buf.events.push_back(pb::CallEvent {
+        self.buf.events.push_back(Box::new(pb::CallEvent {
             call_id: self.call_id.as_str().to_owned(),
             seq,
             at_ms,
             kind: Some(*kind),
-        });
+        }));
         self.metrics.event_queue_depth().inc();
     }
 
     /// An ack, a command (returned, for the call) or the stream's end.
-    fn on_response(
-        &mut self,
-        resp: Result<Option<pb::AttachResponse>, tonic::Status>,
-    ) -> Option<Box<pb::Command>> {
-        let msg = match resp {
-            Ok(Some(pb::AttachResponse { msg: Some(msg) })) => msg,
-            Ok(Some(_)) => return None,
-            Ok(None) => return self.stream_lost("closed".to_owned()),
-            Err(s) => return self.stream_lost(format!("{:?}: {}", s.code(), s.message())),
-        };
-        match msg {
-            pb::attach_response::Msg::AckedSeq(n) => {
+    fn on_response(&mut self, incoming: Incoming) -> Option<Box<pb::Command>> {
+        match incoming {
+            Incoming::Acked(n) => {
                 self.buf.ack(n);
                 self.backoff = BACKOFF_MIN;
                 None
             }
-            pb::attach_response::Msg::Command(c) => Some(Box::new(c)),
-            pb::attach_response::Msg::Context(_) => None,
+            Incoming::Command(c) => Some(c),
+            Incoming::Nothing => None,
+            Incoming::Lost(why) => {
+                warn!(
+                    call_id = %self.call_id,
+                    why, "Attach stream lost; reconnecting."
+                );
+                self.disconnect();
+                None
+            }
         }
-    }
-
-    fn stream_lost(&mut self, why: String) -> Option<Box<pb::Command>> {
-        warn!(
-            call_id = %self.call_id,
-            why, "Attach stream lost; reconnecting."
-        );
-        self.disconnect();
-        None
     }
 
     fn disconnect(&mut self) {
@@ -399,9 +415,9 @@ impl Link {
             return self.disconnect();
         };
         permit.send(Box::new(pb::AttachRequest {
-            msg: Some(pb::attach_request::Msg::Event(
-                self.buf.events[self.buf.sent].clone(),
-            )),
+            msg: Some(pb::attach_request::Msg::Event(pb::CallEvent::clone(
+                &self.buf.events[self.buf.sent],
+            ))),
         }));
         self.buf.sent += 1;
     }
@@ -463,10 +479,10 @@ mod tests {
     fn buffer_with(seqs: std::ops::RangeInclusive<u64>) -> Buffer {
         let mut buf = Buffer::new(*seqs.start(), 8, Metrics::new());
         for seq in seqs {
-            buf.events.push_back(pb::CallEvent {
+            buf.events.push_back(Box::new(pb::CallEvent {
                 seq,
                 ..Default::default()
-            });
+            }));
             buf.next_seq = seq + 1;
         }
         buf

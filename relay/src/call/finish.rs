@@ -5,7 +5,6 @@
 use callbridge_proto::pb;
 use callbridge_proto::pb::EndReason;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -16,13 +15,13 @@ use super::control_link::LinkIn;
 use super::dial::{close_model_later, model_close};
 use super::outbox::Outbox;
 use super::phase::Ending;
-use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, TwilioRead, now_ms};
+use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, LinkTask, TwilioRead, now_ms};
 use crate::call_id::CallId;
 use crate::error::{EndKind, Side};
 use crate::stream_ends::Ended;
 
 impl Call {
-    pub(super) async fn finish(mut self, mut link_gone: mpsc::Receiver<()>, tw_read: TwilioRead) {
+    pub(super) async fn finish(mut self, link: &mut LinkTask, tw_read: TwilioRead) {
         let ending = self
             .life
             .ending()
@@ -64,7 +63,7 @@ impl Call {
             .await;
             drop(tx);
             if matches!(sent, Ok(Ok(())))
-                && tokio::time::timeout(ENDED_ACK_WAIT, link_gone.recv())
+                && tokio::time::timeout(ENDED_ACK_WAIT, link.ended())
                     .await
                     .is_err()
             {

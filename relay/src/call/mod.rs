@@ -58,6 +58,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, trace, warn};
 
 use crate::agent::AgentView;
@@ -309,15 +310,27 @@ struct Call {
     verdict: answering_machine::Verdict,
 }
 
+/// The control link's task, apart from the call's other tasks: it outlives them until
+/// its events are acknowledged (see `flush_link`). Aborted when dropped. Its handle is
+/// polled directly (no lock, no channel), once per wake-up at most.
+struct LinkTask(Option<AbortOnDropHandle<()>>);
+
+impl LinkTask {
+    /// Resolves once the task has ended: at once if it already has, or never ran.
+    async fn ended(&mut self) {
+        if let Some(handle) = self.0.as_mut() {
+            // A panic in the link is the link's end too; the call goes on without it.
+            let _ = handle.await;
+            self.0 = None;
+        }
+    }
+}
+
 /// The control link of a call, when control stores it.
 struct LinkParts {
     tx: Option<mpsc::Sender<LinkIn>>,
     commands: Option<mpsc::Receiver<Box<pb::Command>>>,
-    gone: mpsc::Receiver<()>,
-    // The control link has a set of its own: it outlives the call's other tasks, until
-    // its events are acknowledged (see `flush_link`). Its end is reported on a channel,
-    // so the call loop does not poll the JoinSet's lock for every frame.
-    task: JoinSet<()>,
+    task: LinkTask,
     resumed: bool,
     history: Vec<pb::Turn>,
     /// `Call.answered_by` in the context (empty: no verdict yet).
@@ -329,12 +342,10 @@ fn start_link(
     attach: Option<(pb::CallContext, AttachStream)>,
     deps: &CallDeps,
 ) -> LinkParts {
-    let (gone_tx, gone) = mpsc::channel::<()>(1);
     let mut parts = LinkParts {
         tx: None,
         commands: None,
-        gone,
-        task: JoinSet::new(),
+        task: LinkTask(None),
         resumed: false,
         history: Vec::new(),
         answered_by: String::new(),
@@ -361,10 +372,9 @@ fn start_link(
         last_seq: ctx.last_seq,
         heartbeat_interval_ms: ctx.heartbeat_interval_ms,
     };
-    parts.task.spawn(async move {
-        control_link::run(link, stream, rx, cmd_tx).await;
-        let _ = gone_tx.send(()).await;
-    });
+    parts.task = LinkTask(Some(AbortOnDropHandle::new(tokio::spawn(
+        control_link::run(link, stream, rx, cmd_tx),
+    ))));
     parts
 }
 
@@ -407,7 +417,7 @@ pub async fn run(ws: TwilioWs, setup: CallSetup, early: Vec<Message>, deps: Call
     call_loop(&mut call, &mut tw_read, &mut link).await;
     // Boxed, like the link flush: they run once, at the end; inline, their state would be
     // part of every call's future from its start.
-    Box::pin(call.finish(link.gone, tw_read)).await;
+    Box::pin(call.finish(&mut link.task, tw_read)).await;
     // The call is over for Twilio and the model; only its events may be left to deliver.
     // Commands arriving meanwhile have no call to go to (and must not fill up and block
     // the link).
@@ -436,7 +446,7 @@ async fn call_loop(call: &mut Call, tw_read: &mut TwilioRead, link: &mut LinkPar
             r = call.model.drive(), if call.model.wants_drive() => Wake::ModelWritten(r),
             ev = call.links.next() => Wake::Model(ev),
             cmd = recv(&mut link.commands) => Wake::Command(cmd),
-            _ = link.gone.recv(), if link_open => Wake::LinkGone,
+            () = link.task.ended(), if link_open => Wake::LinkGone,
             () = &mut timer => Wake::Timer,
         };
         let now = Instant::now();
@@ -480,12 +490,12 @@ async fn recv(rx: &mut Option<mpsc::Receiver<Box<pb::Command>>>) -> Option<Box<p
 /// `ended` is acknowledged, or control refuses the call for good), for at most
 /// [`EVENT_FLUSH_MAX`] or until the hard stop. The call's tracker token is held
 /// meanwhile, so a drain waits for this too.
-async fn flush_link(mut link_task: JoinSet<()>, hard_stop: CancellationToken) {
-    if link_task.is_empty() {
+async fn flush_link(mut link_task: LinkTask, hard_stop: CancellationToken) {
+    if link_task.0.is_none() {
         return;
     }
     tokio::select! {
-        _ = link_task.join_next() => {}
+        () = link_task.ended() => {}
         () = hard_stop.cancelled() => {
             warn!("Hard stop: the call's unacknowledged events are dropped.");
         }
