@@ -311,8 +311,8 @@ struct Call {
 }
 
 /// The control link's task, apart from the call's other tasks: it outlives them until
-/// its events are acknowledged (see `flush_link`). Aborted when dropped. Its handle is
-/// polled directly (no lock, no channel), once per wake-up at most.
+/// its events are acknowledged (see `flush_link`). Aborted when dropped. The call loop
+/// polls its handle directly: no lock (a `JoinSet` takes one) and no end-of-link channel.
 struct LinkTask(Option<AbortOnDropHandle<()>>);
 
 impl LinkTask {
