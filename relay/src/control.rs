@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use callbridge_proto::pb;
 use callbridge_proto::pb::relay_client::RelayClient;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use futures_channel::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -263,7 +262,7 @@ impl Control {
         proof: Option<AttachProof>,
     ) -> Result<(pb::CallContext, AttachStream), ControlError> {
         let fut = async {
-            let (tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
+            let (mut tx, rx) = mpsc::channel(ATTACH_OUT_SLOTS);
             let proof = proof.unwrap_or(AttachProof {
                 credential_id: String::new(),
                 origin: pb::StreamOrigin::Unspecified,
@@ -291,7 +290,7 @@ impl Control {
                 .await
                 .map_err(|_| ControlError::NoContext)?;
             let mut client = RelayClient::clone(&self.client);
-            let up = ReceiverStream::new(rx).map(|r| *r);
+            let up = rx.map(|r| *r);
             let mut stream = client.attach(up).await?.into_inner();
             loop {
                 match stream.message().await? {

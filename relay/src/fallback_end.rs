@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use callbridge_proto::pb;
-use tokio::sync::mpsc;
+use futures_channel::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -66,7 +66,7 @@ pub fn spawn(
                 return;
             }
         };
-        let (tx, rx) = mpsc::channel(2);
+        let (mut tx, rx) = mpsc::channel(2);
         // Commands have no call to go to; a closed channel is how the link learns that.
         let (commands, _) = mpsc::channel(1);
         let setup = LinkSetup {
@@ -92,7 +92,7 @@ pub fn spawn(
             }),
         ];
         for kind in events {
-            let _ = tx.try_send(LinkIn::Event(now_ms(), Box::new(kind)));
+            let _ = tx.try_send(LinkIn::now(kind));
         }
         drop(tx);
         control_link::run(setup, stream, rx, commands).await;

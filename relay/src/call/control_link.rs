@@ -19,7 +19,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use callbridge_proto::pb;
-use tokio::sync::mpsc;
+use futures_channel::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tonic::{Code, Streaming};
 use tracing::{debug, info, warn};
@@ -27,14 +28,24 @@ use tracing::{debug, info, warn};
 use crate::call_id::CallId;
 use crate::control::{AttachStream, Control};
 use crate::metrics::Metrics;
+use crate::stream_credential::now_ms;
 
-/// What the call hands to the link. Boxed: a channel allocates its slots 32 at a time,
-/// and at a thousand calls 32 inline events per call were ~3 KiB each, held for the
-/// whole call (docs/performance.md).
+/// An event the call hands to the link, timed when it happened; the link numbers it and
+/// keeps this same box until control acknowledges it. One pointer: the channel keeps a
+/// node of its item's size for the whole call (docs/performance.md).
 #[derive(Debug)]
-pub enum LinkIn {
-    /// An event, with its time.
-    Event(i64, Box<pb::call_event::Kind>),
+pub struct LinkIn(Box<pb::CallEvent>);
+
+impl LinkIn {
+    /// `kind`, happening now.
+    pub fn now(kind: pb::call_event::Kind) -> Self {
+        Self(Box::new(pb::CallEvent {
+            call_id: String::new(),
+            seq: 0,
+            at_ms: now_ms(),
+            kind: Some(kind),
+        }))
+    }
 }
 
 /// Everything the link needs besides its channels.
@@ -124,11 +135,12 @@ fn heartbeat_every(interval_ms: u32) -> Option<tokio::time::Interval> {
     })
 }
 
-async fn reserve(
-    tx: Option<mpsc::Sender<Box<pb::AttachRequest>>>,
-) -> Option<mpsc::OwnedPermit<Box<pb::AttachRequest>>> {
-    match tx {
-        Some(tx) => tx.reserve_owned().await.ok(),
+/// The stream has room for one more request (`Err`: it is gone).
+async fn room(
+    tx: &mut Option<mpsc::Sender<Box<pb::AttachRequest>>>,
+) -> Result<(), mpsc::SendError> {
+    match tx.as_mut() {
+        Some(tx) => std::future::poll_fn(|cx| tx.poll_ready(cx)).await,
         None => std::future::pending().await,
     }
 }
@@ -284,7 +296,7 @@ async fn serve(mut link: Box<Link>, mut events: mpsc::Receiver<LinkIn>) {
         tokio::select! {
             biased;
             // The call's events: always drained first, so the call's try_send rarely fails.
-            msg = events.recv(), if link.call_open => link.on_event(msg),
+            msg = events.next(), if link.call_open => link.on_event(msg),
             // Acks and commands from control; a broken stream schedules a reconnect.
             incoming = next_response(&mut link.rx), if connected => {
                 if let Some(c) = link.on_response(incoming) {
@@ -295,7 +307,7 @@ async fn serve(mut link: Box<Link>, mut events: mpsc::Receiver<LinkIn>) {
             // "Alive": control releases the lease of a stream silent for its timeout.
             () = beat(&mut link.heartbeat), if connected => link.on_beat(),
             // Send the next unsent event when the stream has room.
-            permit = reserve(link.tx.clone()), if to_send => link.on_room(permit),
+            ready = room(&mut link.tx), if to_send => link.on_room(ready),
             // Reconnect with backoff, to whichever control replica answers.
             () = sleep_until(link.retry_at), if !connected && !link.gave_up => {
                 link.reconnect().await;
@@ -347,11 +359,11 @@ impl Link {
 
     /// An event from the call: numbered and kept until acknowledged.
     fn on_event(&mut self, msg: Option<LinkIn>) {
-        let Some(LinkIn::Event(at_ms, kind)) = msg else {
+        let Some(LinkIn(mut event)) = msg else {
             self.call_open = false;
             return;
         };
-        let is_final = matches!(*kind, pb::call_event::Kind::Ended(_));
+        let is_final = matches!(event.kind, Some(pb::call_event::Kind::Ended(_)));
         // Control refused the call for good (this event cannot be stored), or the buffer is
         // full (`ended` is always kept).
         if self.gave_up || (self.buf.events.len() >= self.capacity && !is_final) {
@@ -363,12 +375,9 @@ impl Link {
         if is_final {
             self.buf.final_seq = Some(seq);
         }
-        self.buf.events.push_back(Box::new(pb::CallEvent {
-            call_id: self.call_id.as_str().to_owned(),
-            seq,
-            at_ms,
-            kind: Some(*kind),
-        }));
+        event.call_id = self.call_id.as_str().to_owned();
+        event.seq = seq;
+        self.buf.events.push_back(event);
         self.metrics.event_queue_depth().inc();
     }
 
@@ -403,22 +412,24 @@ impl Link {
     /// One tiny message; skipped when the stream's queue is full (then it is moving
     /// events, or it is stuck and control is right to stop counting on it).
     fn on_beat(&mut self) {
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = &mut self.tx {
             let _ = tx.try_send(Box::new(pb::AttachRequest {
                 msg: Some(pb::attach_request::Msg::Heartbeat(pb::AttachHeartbeat {})),
             }));
         }
     }
 
-    fn on_room(&mut self, permit: Option<mpsc::OwnedPermit<Box<pb::AttachRequest>>>) {
-        let Some(permit) = permit else {
+    fn on_room(&mut self, ready: Result<(), mpsc::SendError>) {
+        let Some(tx) = self.tx.as_mut().filter(|_| ready.is_ok()) else {
             return self.disconnect();
         };
-        permit.send(Box::new(pb::AttachRequest {
-            msg: Some(pb::attach_request::Msg::Event(pb::CallEvent::clone(
-                &self.buf.events[self.buf.sent],
-            ))),
-        }));
+        let event = pb::CallEvent::clone(&self.buf.events[self.buf.sent]);
+        let request = Box::new(pb::AttachRequest {
+            msg: Some(pb::attach_request::Msg::Event(event)),
+        });
+        if tx.start_send(request).is_err() {
+            return self.disconnect();
+        }
         self.buf.sent += 1;
     }
 

@@ -4,7 +4,7 @@
 
 use callbridge_proto::pb;
 use callbridge_proto::pb::EndReason;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -15,7 +15,7 @@ use super::control_link::LinkIn;
 use super::dial::{close_model_later, model_close};
 use super::outbox::Outbox;
 use super::phase::Ending;
-use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, LinkTask, TwilioRead, now_ms};
+use super::{CLOSE_WAIT, Call, ENDED_ACK_WAIT, LinkTask, TwilioRead};
 use crate::call_id::CallId;
 use crate::error::{EndKind, Side};
 use crate::stream_ends::Ended;
@@ -50,17 +50,13 @@ impl Call {
         // Report the end and wait briefly for its ack, before Twilio is let go: Twilio
         // fetches the <Connect action> as soon as the socket closes, and control must
         // already know how the call ended to answer it.
-        if let Some(tx) = self.link_tx.take() {
+        if let Some(mut tx) = self.link_tx.take() {
             let ended = pb::call_event::Kind::Ended(pb::Ended {
                 reason: ending.reason as i32,
                 detail: ending.detail.clone(),
                 transfer_to: ending.transfer_to.clone(),
             });
-            let sent = tokio::time::timeout(
-                ENDED_ACK_WAIT,
-                tx.send(LinkIn::Event(now_ms(), Box::new(ended))),
-            )
-            .await;
+            let sent = tokio::time::timeout(ENDED_ACK_WAIT, tx.send(LinkIn::now(ended))).await;
             drop(tx);
             if matches!(sent, Ok(Ok(())))
                 && tokio::time::timeout(ENDED_ACK_WAIT, link.ended())

@@ -49,10 +49,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use callbridge_proto::pb;
+use futures_channel::mpsc;
 use futures_util::StreamExt;
 use futures_util::stream::{SplitSink, SplitStream};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -172,13 +173,6 @@ pub struct CallSetup {
     pub attach: Option<(pb::CallContext, AttachStream)>,
     /// When the upgrade was accepted.
     pub upgraded_at: Instant,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The model's socket handles, as the model session's state wants them: the dial in
@@ -481,7 +475,7 @@ async fn call_loop(call: &mut Call, tw_read: &mut TwilioRead, link: &mut LinkPar
 
 async fn recv(rx: &mut Option<mpsc::Receiver<Box<pb::Command>>>) -> Option<Box<pb::Command>> {
     match rx.as_mut() {
-        Some(rx) => rx.recv().await,
+        Some(rx) => rx.next().await,
         None => std::future::pending().await,
     }
 }
@@ -837,14 +831,11 @@ impl Call {
 
     fn event(&mut self, kind: pb::call_event::Kind) {
         self.replay.record(&kind);
-        let Some(tx) = &self.link_tx else {
+        let Some(tx) = &mut self.link_tx else {
             trace!(?kind, "Event (standalone, not stored).");
             return;
         };
-        if tx
-            .try_send(LinkIn::Event(now_ms(), Box::new(kind)))
-            .is_err()
-        {
+        if tx.try_send(LinkIn::now(kind)).is_err() {
             self.deps.metrics.events_overflow().inc();
         }
     }
