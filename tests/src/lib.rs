@@ -442,9 +442,10 @@ impl WorldBuilder {
 
     /// Control places calls through the fake Twilio: its account, token and base URL.
     pub fn dials_through(self, twilio: &FakeTwilio) -> Self {
-        self.control_env("TWILIO_ACCOUNT_SID", twilio.account_sid())
-            .control_env("TWILIO_AUTH_TOKEN", twilio.auth_token())
-            .control_env("TWILIO_API_BASE_URL", &twilio.base_url())
+        twilio
+            .control_env()
+            .into_iter()
+            .fold(self, |world, (k, v)| world.control_env(k, &v))
     }
 
     /// An extra env var for every relay.

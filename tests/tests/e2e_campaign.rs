@@ -31,15 +31,12 @@ type CallsClient = pb::calls_client::CallsClient<
 >;
 
 fn twilio_env(twilio: &FakeTwilio) -> Vec<(&'static str, String)> {
-    vec![
-        ("TWILIO_ACCOUNT_SID", twilio.account_sid().to_owned()),
-        ("TWILIO_AUTH_TOKEN", twilio.auth_token().to_owned()),
-        ("TWILIO_API_BASE_URL", twilio.base_url()),
-        // A create is over (answered or given up) within ~3 s, so a take-over may create
-        // an unrecorded attempt soon.
-        ("TWILIO_HTTP_TIMEOUT_MS", "1000".to_owned()),
-        ("TWILIO_MAX_RETRIES", "1".to_owned()),
-    ]
+    let mut env = Vec::from(twilio.control_env());
+    // A create is over (answered or given up) within ~3 s, so a take-over may create an
+    // unrecorded attempt soon.
+    env.push(("TWILIO_HTTP_TIMEOUT_MS", "1000".to_owned()));
+    env.push(("TWILIO_MAX_RETRIES", "1".to_owned()));
+    env
 }
 
 async fn fake_twilio() -> FakeTwilio {

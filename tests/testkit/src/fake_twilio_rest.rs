@@ -335,6 +335,15 @@ impl FakeTwilio {
         &self.inner.cfg.auth_token
     }
 
+    /// The variables that point control's dialer at this fake.
+    pub fn control_env(&self) -> [(&'static str, String); 3] {
+        [
+            ("TWILIO_ACCOUNT_SID", self.account_sid().to_owned()),
+            ("TWILIO_AUTH_TOKEN", self.auth_token().to_owned()),
+            ("TWILIO_API_BASE_URL", self.base_url()),
+        ]
+    }
+
     /// Sends answered calls and callbacks to these relays from now on.
     pub fn set_relay(&self, target: RelayTarget) {
         *self
