@@ -203,7 +203,7 @@ def render_relay(doc):
         pct = 100.0 * sent_in_load(r) / relay_full_rate(doc, r)
         rss = "—" if baseline else f"{relay['rss_kib_per_call_idle']:.0f} / {relay['rss_kib_per_call_load']:.0f}"
         lines.append(
-            f"| {r['path']} | {thousands(r['calls'])} | {thousands(fr['sent'])} ({pct:.0f} %) | "
+            f"| {r['path']} | {thousands(r['calls'])} | {thousands(sent_in_load(r))} ({pct:.0f} %) | "
             f"{thousands(fr['lost'])} | {rtt['p50']:.2f} / {rtt['p99']:.2f} / {rtt['max']:.1f} | "
             f"{num(added, '.2f')} | {num(relay.get('cpu_ms_per_call_sec'), '.2f')} | {rss} | "
             f"{r['loadgen_cpu_pct']:.0f} | {r['fake_cpu_pct']:.0f} | {r['upstream_open_after_end']} | "
